@@ -1,0 +1,29 @@
+"""mefacial: facial-prior-guided micro-expression generation (FOMM / MRAA with EWP / AWP priors,
+and a training-free landmark warp).
+
+    import mefacial
+    engine = mefacial.Engine(device="auto", precision="fp32")
+    result = engine.animate("face.png", "clip.mp4", variant="warp")
+"""
+
+from .engine import AnimationResult, Engine
+from .errors import (
+    CheckpointError,
+    ConfigError,
+    InputError,
+    InputTooLargeError,
+    MefacialError,
+    NoFaceError,
+    NotAnImageError,
+    UnknownVariantError,
+    UnreadableVideoError,
+    WeightsNotFoundError,
+)
+from .variants import get_variant, list_variants
+
+__version__ = "0.1.0"
+__all__ = [
+    "AnimationResult", "Engine", "list_variants", "get_variant",
+    "MefacialError", "ConfigError", "UnknownVariantError", "CheckpointError", "WeightsNotFoundError",
+    "InputError", "NotAnImageError", "UnreadableVideoError", "InputTooLargeError", "NoFaceError",
+]
