@@ -179,6 +179,7 @@ def render_grid(columns: list[Column], tile: int = TILE, heatmaps: bool = False,
 # ---- the facial prior drawn over a face (the app's Prior tab) -----------------------------------
 
 LANDMARK_COLOR = (80, 220, 120)
+PRIOR_MAP_SCALE = 0.25  # prior maps live at the keypoint detector's resolution (scale_factor of the published configs)
 AU_COLOR = (255, 70, 70)
 
 
@@ -209,17 +210,20 @@ def overlay_map(image: np.ndarray, values: np.ndarray, alpha: float = 0.6) -> np
     return (image * (1 - weight) + colorize(resized) * weight).round().astype(np.uint8)
 
 
-def prior_panels(face: np.ndarray, landmarks: np.ndarray, image_size: int, map_size: int, sigma: float = 0.75,
+def prior_panels(face: np.ndarray, landmarks: np.ndarray, image_size: int, map_size: int | None = None, sigma: float = 0.75,
                  distance: str = "l2", awp: np.ndarray | None = None, awp_reason: str | None = None,
                  title: str = "source") -> list[tuple[np.ndarray, str]]:
     """The prior of one face as captioned pictures: 68 landmarks, 18 AU points, EWP map, AWP map (or why not).
 
     face: H x W x 3 uint8 as the model sees it; landmarks: 68 x 2 pixels of `face`.
     The AU points and the EWP map come from `mefacial.prior` (the arithmetic the
-    models use); `awp` is a fused map computed by an AWP model, when one has weights.
+    models use) at `map_size` (default: the keypoint detector's resolution,
+    PRIOR_MAP_SCALE of the frame); `awp` is a fused map computed by an AWP model,
+    when one has weights.
     """
     from . import prior
 
+    map_size = map_size or round(image_size * PRIOR_MAP_SCALE)
     points = torch.as_tensor(np.asarray(landmarks, dtype=np.float32))[None]  # 1 x 68 x 2
     au = prior.au_points_from_landmarks(points)  # 1 x 18 x 2
     scale = image_size / face.shape[0]  # the maps are defined on the model frame
