@@ -1,0 +1,568 @@
+"""mefacial demo: animate a face with a micro-expression clip, inspect the facial prior, compare every variant.
+
+    python app.py                      # http://127.0.0.1:7860
+    python app.py --checkpoint fomm-awp=weights/fomm-awp.pth.tar --device cuda
+
+The UI only calls the engine (`mefacial.Engine`) and renders its results; any
+`MefacialError` becomes a `gr.Error` with the engine's message (cause and remedy).
+Handlers share no mutable state: each request writes into its own temporary folder.
+Every action has an `api_name`, so `gradio_client` can call it (see the README).
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import functools
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import gradio as gr
+
+import mefacial
+from mefacial import checkpoints as weights_registry
+from mefacial.errors import MefacialError, WeightsNotFoundError
+from mefacial.grid import Column, prior_panels, render_grid
+from mefacial.video import Limits as VideoLimits
+from mefacial.video import read_clip, read_image, write_video
+
+log = logging.getLogger("mefacial.app")
+
+REPO = Path(__file__).resolve().parent
+EXAMPLES = REPO / "examples"
+EXAMPLE_FACE = EXAMPLES / "astronaut.png"
+EXAMPLE_CLIP = EXAMPLES / "brow_raise.mp4"
+CLIP_TYPES = [".mp4", ".gif", ".webm", ".avi", ".mov", ".mkv", ".m4v"]
+NO_WEIGHTS = "no weights: see checkpoints/README.md"
+
+BACKBONES = {"warp": "Training-free warp", "fomm": "FOMM", "mraa": "MRAA"}
+PRIORS = {"none": "none", "ewp": "EWP", "awp": "AWP", "ewp-mm21": "EWP (ACM MM 2021)"}
+MOTIONS = {"relative": "relative", "absolute": "absolute", "standard": "absolute (standard)", "avd": "AVD"}
+LANDMARKS = {"dlib": "dlib (fast, CPU)", "fan": "FAN (face-alignment)", "auto": "auto"}
+
+
+def data_dir() -> Path:
+    """Real micro-expression clips: $MEFACIAL_DATA, default ../shared/data/microexpression next to the repo."""
+    return Path(os.environ.get("MEFACIAL_DATA") or REPO / "../shared/data/microexpression").resolve()
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for; uploads larger than max_upload_mb are refused by the server."""
+
+    max_upload_mb: int = 50
+    max_frames: int = 300
+    max_seconds: float = 60.0
+    queue_size: int = 16
+    output_max_age_s: int = 3600
+
+    @property
+    def files(self) -> VideoLimits:
+        """The same limits for mefacial.video's readers (checked from file headers before decoding)."""
+        return VideoLimits(max_frames=self.max_frames, max_seconds=self.max_seconds,
+                           max_bytes=self.max_upload_mb * 2**20)
+
+
+# ---- variants -----------------------------------------------------------------------------------
+
+
+def prior_key(variant: dict) -> str:
+    """The prior choice a variant answers to: "ewp" for fomm-ewp, "ewp-mm21" for fomm-ewp-mm21, "none" for warp."""
+    return variant["id"].split("-", 1)[1] if "-" in variant["id"] else "none"
+
+
+def variant_id(variants: list[dict], backbone: str, prior: str) -> str:
+    """The id of the variant with this backbone and prior choice, or a gr.Error listing the valid choices."""
+    for v in variants:
+        if v["backbone"] == backbone and prior_key(v) == prior:
+            return v["id"]
+    valid = [f"{v['backbone']}/{prior_key(v)}" for v in variants]
+    raise gr.Error(f"no variant for backbone {backbone!r} with prior {prior!r}; valid backbone/prior pairs: {valid}")
+
+
+def weights_status(engine: mefacial.Engine, variants: list[dict], allow_download: bool = True) -> dict[str, str | None]:
+    """Variant id -> None when it can run (weights present, given, downloadable or not needed), else why not.
+
+    Looks only at local files and the registry (no network).
+    """
+    rows = {row["variant"]: row for row in weights_registry.list_checkpoints()}
+    status: dict[str, str | None] = {}
+    for v in variants:
+        row = rows.get(v["id"], {})
+        downloadable = allow_download and row.get("hub") and not weights_registry.hub_offline()
+        if not v["needs_weights"] or v["id"] in engine.checkpoint_overrides or row.get("present") or downloadable:
+            status[v["id"]] = None
+        else:
+            status[v["id"]] = NO_WEIGHTS
+    return status
+
+
+def variants_markdown(engine: mefacial.Engine, variants: list[dict]) -> str:
+    """A table of every variant, with where its weights come from or why it cannot run."""
+    rows = {row["variant"]: row for row in weights_registry.list_checkpoints()}
+    lines = ["| variant | backbone | prior | motion modes | weights |", "|---|---|---|---|---|"]
+    for v in variants:
+        row = rows.get(v["id"], {})
+        if not v["needs_weights"]:
+            where = "none needed"
+        elif v["id"] in engine.checkpoint_overrides:
+            where = f"`{Path(engine.checkpoint_overrides[v['id']]).name}` (--checkpoint)"
+        elif row.get("present"):
+            where = f"`{Path(row['path']).name}` ({row['source']})"
+        elif row.get("hub"):
+            where = f"downloads on first use ({row['hub']})"
+        else:
+            where = f"**missing**: {NO_WEIGHTS}"
+        lines.append(f"| `{v['id']}` | {BACKBONES.get(v['backbone'], v['backbone'])} | "
+                     f"{PRIORS.get(prior_key(v), prior_key(v))} | {', '.join(v['motion_modes'])} | {where} |")
+    return "\n".join(lines)
+
+
+# ---- requests -----------------------------------------------------------------------------------
+
+
+def upload_path(payload: Any, what: str) -> str:
+    """The server-side path of an uploaded file (a FileData dict from an unprocessed input), or a gr.Error."""
+    path = payload.get("path") if isinstance(payload, dict) else payload
+    if not path:
+        raise gr.Error(f"No {what}: upload one (or pick an example) and try again.")
+    return str(path)
+
+
+def number(value: Any, what: str, low: float, high: float) -> float:
+    """A float option within [low, high], or a gr.Error naming the allowed range."""
+    try:
+        result = float(value)
+    except (TypeError, ValueError):
+        raise gr.Error(f"{what} must be a number between {low} and {high}, got {value!r}") from None
+    if not low <= result <= high:
+        raise gr.Error(f"{what} must be between {low} and {high}, got {result}")
+    return result
+
+
+def choice(value: Any, options: dict | list, what: str) -> str:
+    if value not in options:
+        raise gr.Error(f"{what} must be one of {list(options)}, got {value!r}")
+    return value
+
+
+def user_errors(fn: Callable) -> Callable:
+    """Turn engine errors into gr.Error messages (cause and remedy); the server keeps serving."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except gr.Error:
+            raise
+        except MefacialError as exc:
+            raise gr.Error(str(exc), title=type(exc).__name__) from exc
+        except MemoryError as exc:
+            raise gr.Error("Out of memory: use a shorter clip, a smaller face image, or start the app with "
+                           "--precision bf16 (CPU) / fp16 (GPU).", title="Out of memory") from exc
+        except RuntimeError as exc:  # torch reports CUDA out-of-memory as a RuntimeError subclass
+            if "out of memory" in str(exc).lower():
+                raise gr.Error("The GPU ran out of memory: use a shorter clip or start the app with "
+                               "--precision fp16.", title="Out of memory") from exc
+            log.exception("unexpected error in %s", fn.__name__)
+            raise gr.Error(f"Unexpected {type(exc).__name__}; the server log has the details. "
+                           "Please report it with the inputs that caused it.") from exc
+
+    return wrapper
+
+
+class Demo:
+    """The handlers of the demo, bound to one engine; the only state is the read-only configuration."""
+
+    def __init__(self, engine: mefacial.Engine, limits: Limits):
+        self.engine = engine
+        self.limits = limits
+        self.variants = mefacial.list_variants()
+        self.root = Path(tempfile.mkdtemp(prefix="mefacial-app-"))
+        atexit.register(shutil.rmtree, self.root, ignore_errors=True)
+
+    # ---- per-request output folders ------------------------------------------------------------
+    def request_dir(self) -> Path:
+        """A new folder for one request's outputs; folders older than output_max_age_s are removed."""
+        cutoff = time.time() - self.limits.output_max_age_s
+        for old in self.root.iterdir():
+            try:
+                if old.stat().st_mtime < cutoff:
+                    shutil.rmtree(old, ignore_errors=True)
+            except FileNotFoundError:  # another request removed it first
+                pass
+        return Path(tempfile.mkdtemp(prefix="req-", dir=self.root))
+
+    def progress_fn(self, progress: gr.Progress) -> Callable[[float, str], None]:
+        return lambda fraction, message: progress(fraction, desc=message)
+
+    def read_inputs(self, source: Any, driving: Any) -> tuple[Any, Any]:
+        """The uploaded face (H x W x 3 uint8) and clip (frames and fps), read within the limits."""
+        image = read_image(upload_path(source, "source face"), limits=self.limits.files)
+        clip = read_clip(upload_path(driving, "driving clip"), limits=self.limits.files)
+        return image, clip
+
+    def animate_options(self, crop, paste_back, landmarks, smooth) -> dict:
+        return {"crop": bool(crop), "paste_back": bool(paste_back),
+                "landmarks": choice(landmarks, LANDMARKS, "landmark backend"), "smooth": bool(smooth)}
+
+    # ---- Generate -------------------------------------------------------------------------------
+    def generate(self, source, driving, backbone="warp", prior="none", confine=False, motion="relative",
+                 adapt_scale=False, magnify=1.0, crop=True, paste_back=False, landmarks="dlib", smooth=True,
+                 slowdown=1.0, format="mp4", progress=gr.Progress()):
+        """Animate the face with the clip; returns (result mp4, side-by-side mp4, download file, status)."""
+        variant = variant_id(self.variants, choice(backbone, BACKBONES, "backbone"), prior)
+        slowdown = number(slowdown, "slow-down factor", 1, 20)
+        format = choice(format, ["mp4", "gif"], "output format")
+        options = self.animate_options(crop, paste_back, landmarks, smooth)
+        image, clip = self.read_inputs(source, driving)
+        result = self.engine.animate(
+            image, clip.frames, variant=variant, motion=motion, adapt_scale=bool(adapt_scale),
+            magnify=number(magnify, "magnification", 1, 5), fps=clip.fps, confine_to_prior=bool(confine),
+            progress=self.progress_fn(progress), **options)
+        out = self.request_dir()
+        video = write_video(out / "result.mp4", result.frames, result.fps, slowdown=slowdown)
+        download = video if format == "mp4" else write_video(out / "result.gif", result.frames, result.fps,
+                                                            slowdown=slowdown)
+        columns = [Column("source", result.model_source), Column("driving", result.model_driving),
+                   Column(f"result: {variant}", result.frames)]
+        grid = write_video(out / "side_by_side.mp4", render_grid(columns), result.fps, slowdown=slowdown)
+        return str(video), str(grid), str(download), self.status_line(result, slowdown)
+
+    def status_line(self, result, slowdown: float) -> str:
+        timings = result.timings
+        speed = "real time" if slowdown == 1 else f"slowed down x{slowdown:g}"
+        return (f"**{result.variant}**: {result.num_frames} frames in {timings.get('total_s', 0):.2f} s "
+                f"({timings.get('ms_per_frame', 0):.0f} ms/frame) on {self.engine.device} {self.engine.precision} · "
+                f"landmarks: {result.landmark_backend or 'none'} · weights: {result.weights} · "
+                f"{result.fps:g} fps, {speed}")
+
+    # ---- Compare --------------------------------------------------------------------------------
+    def compare(self, source, driving, variants=None, magnify=1.0, crop=True, paste_back=False, landmarks="dlib",
+                smooth=True, heatmaps=False, slowdown=1.0, progress=gr.Progress()):
+        """Every chosen variant on one face and clip -> (grid mp4, status table); unavailable ones show why."""
+        known = [v["id"] for v in self.variants]
+        chosen = [v for v in known if v in (variants or known)]
+        unknown = sorted(set(variants or []) - set(known))
+        if unknown or not chosen:
+            raise gr.Error(f"choose variants among {known}; unknown: {unknown}" if unknown else "choose at least one variant")
+        slowdown = number(slowdown, "slow-down factor", 1, 20)
+        status = weights_status(self.engine, self.variants)
+        runnable = [v for v in chosen if status[v] is None]
+        options = self.animate_options(crop, paste_back, landmarks, smooth)
+        image, clip = self.read_inputs(source, driving)
+        results = self.engine.compare(
+            image, clip.frames, variants=runnable, motion="relative", magnify=number(magnify, "magnification", 1, 5),
+            fps=clip.fps, progress=self.progress_fn(progress), **options)
+        done = [r for r in results.values() if not isinstance(r, MefacialError)]
+        if not done:  # the inputs themselves are the problem (no face, unreadable clip): say so
+            errors = [r for r in results.values() if isinstance(r, MefacialError)]
+            raise errors[0] if errors else gr.Error("no variant can run: " + NO_WEIGHTS)
+        labels = {v["id"]: v["label"] for v in self.variants}
+        columns, lines = [Column("driving", done[0].model_driving)], ["| variant | result |", "|---|---|"]
+        for v in chosen:
+            outcome = results.get(v)
+            if outcome is None or isinstance(outcome, MefacialError):
+                reason = status[v] or short_reason(outcome)
+                columns.append(Column(labels[v], reason=reason))
+                lines.append(f"| `{v}` | not run: {status[v] or first_line(outcome)} |")
+            else:
+                columns.append(Column(labels[v], outcome.frames))
+                lines.append(f"| `{v}` | {outcome.timings.get('total_s', 0):.2f} s, landmarks "
+                             f"{outcome.landmark_backend or 'none'}, weights {outcome.weights} |")
+        out = self.request_dir()
+        grid = write_video(out / "compare.mp4", render_grid(columns, heatmaps=bool(heatmaps)), done[0].fps,
+                           slowdown=slowdown)
+        return str(grid), "\n".join(lines)
+
+    # ---- Prior ----------------------------------------------------------------------------------
+    def prior(self, source, driving=None, frame=0, landmarks="dlib", crop=True):
+        """Landmarks, AU points and prior maps over the face (and a driving frame) -> (gallery, status).
+
+        The landmarks and crops come from the engine (a one-frame `warp` animation); the AWP
+        map from an AWP model's learned fusion when one has weights on this machine.
+        """
+        image = read_image(upload_path(source, "face"), limits=self.limits.files)
+        options = self.animate_options(crop, False, landmarks, False)
+        index = None
+        if driving is not None:
+            clip = read_clip(upload_path(driving, "driving clip"), limits=self.limits.files)
+            index = min(int(number(frame, "driving frame", 0, self.limits.max_frames - 1)), clip.num_frames - 1)
+            still = clip.frames[index:index + 1]
+        else:
+            still = image[None]  # 1 x H x W x 3: the face drives itself
+        result = self.engine.animate(image, still, variant="warp", **options)
+        if result.source_landmarks is None or result.driving_landmarks is None:
+            raise gr.Error("the engine returned no landmarks for this face; try the other landmark backend")
+        faces = [(result.model_source, result.source_landmarks, "source")]
+        if index is not None:
+            faces.append((result.model_driving[0], result.driving_landmarks[0], f"driving frame {index}"))
+        awp_variant, awp_reason = self.awp_model()
+        gallery = []
+        for face, points, title in faces:
+            awp = None
+            if awp_variant is not None:
+                awp = self.engine.animate(face, face[None], variant=awp_variant, crop=False,
+                                          landmarks=options["landmarks"], smooth=False).prior_map
+            config = mefacial.get_variant("fomm-ewp").config
+            gallery += prior_panels(face, points, image_size=config.image_size, sigma=config.prior_sigma,
+                                    distance=config.prior_distance, awp=awp, awp_reason=awp_reason, title=title)
+        status = (f"landmarks: {result.landmark_backend or 'none'} · AWP: "
+                  + (f"{awp_variant} ({self.engine.model(awp_variant)[1]})" if awp_variant else awp_reason))
+        return gallery, status
+
+    def awp_model(self) -> tuple[str | None, str | None]:
+        """An AWP variant whose learned fusion can draw the AWP map here (FOMM computes it), or why there is none."""
+        status = weights_status(self.engine, self.variants, allow_download=False)
+        for v in self.variants:
+            if v["prior"] == "awp" and v["backbone"] == "fomm" and status[v["id"]] is None:
+                return v["id"], None
+        return None, "the AWP map is the learned fusion of an AWP model (fomm-awp) and its weights are not on this " \
+                     "machine: see checkpoints/README.md"
+
+    # ---- Driving preview ------------------------------------------------------------------------
+    def preview(self, driving):
+        """The uploaded clip as a playable mp4 (GIFs and other formats do not play in every browser) + its size."""
+        if driving is None:
+            return None, ""
+        clip = read_clip(upload_path(driving, "driving clip"), limits=self.limits.files)
+        out = self.request_dir()
+        video = write_video(out / "driving.mp4", clip.frames, clip.fps)
+        t, h, w, _ = clip.frames.shape
+        return str(video), f"{t} frames, {w}x{h}, {clip.fps:g} fps ({t / clip.fps:.2f} s)"
+
+
+def first_line(error: Exception | None) -> str:
+    return str(error).strip().splitlines()[0] if error is not None and str(error).strip() else "failed"
+
+
+def short_reason(error: Exception | None) -> str:
+    """The text of a placeholder tile: short, with what to do."""
+    if isinstance(error, WeightsNotFoundError):
+        return NO_WEIGHTS
+    return first_line(error)[:160]
+
+
+# ---- layout -------------------------------------------------------------------------------------
+
+
+def examples() -> list[list[str]]:
+    """(face, clip) pairs that work offline: the bundled ones, plus the real clips of MEFACIAL_DATA when present."""
+    pairs = []
+    if EXAMPLE_FACE.exists() and EXAMPLE_CLIP.exists():
+        pairs.append([str(EXAMPLE_FACE), str(EXAMPLE_CLIP)])
+    data = data_dir()
+    clips = sorted((data / "driving").glob("*.gif")) if data.is_dir() else []
+    faces = sorted((data / "faces").glob("*.png")) if data.is_dir() else []
+    for i, clip in enumerate(clips):
+        face = faces[i % len(faces)] if faces and i % 2 else EXAMPLE_FACE
+        if face.exists():
+            pairs.append([str(face), str(clip)])
+    if faces and EXAMPLE_CLIP.exists():
+        pairs.append([str(faces[0]), str(EXAMPLE_CLIP)])
+    return pairs
+
+
+def build_demo(engine: mefacial.Engine, limits: Limits | None = None) -> gr.Blocks:
+    """The Blocks app: Generate, Prior and Compare tabs over `engine`. Launch it with `launch(demo, ...)`."""
+    limits = limits or Limits()
+    demo_state = Demo(engine, limits)
+    variants = demo_state.variants
+    pairs = examples()
+    by_backbone = {b: [v for v in variants if v["backbone"] == b] for b in BACKBONES}
+
+    def prior_choices(backbone: str | None = None) -> list[tuple[str, str]]:
+        """The prior choices of one backbone (all of them when None or warp, shown disabled for warp)."""
+        keys = [prior_key(v) for v in variants if backbone in (None, "warp") or v["backbone"] == backbone]
+        return [(PRIORS.get(k, k), k) for k in dict.fromkeys(["none", *keys])]
+
+    def motion_choices(backbone: str | None = None) -> list[tuple[str, str]]:
+        modes = [m for v in variants if backbone in (None, "warp") or v["backbone"] == backbone for m in v["motion_modes"]]
+        return [(MOTIONS.get(m, m), m) for m in dict.fromkeys(["relative", *modes])]
+
+    def on_backbone(backbone: str):
+        """Offer only what this backbone has: its priors and motion modes; warp has the EWP confinement instead."""
+        is_warp = backbone == "warp"
+        return (gr.update(choices=prior_choices(backbone), value="none", interactive=not is_warp),
+                gr.update(visible=is_warp, value=False),
+                gr.update(choices=motion_choices(backbone), value="relative", interactive=not is_warp),
+                gr.update(interactive=not is_warp, value=False))
+
+    with gr.Blocks(title="mefacial: micro-expression generation", delete_cache=(1800, limits.output_max_age_s)) as demo:
+        gr.Markdown("# mefacial: facial-prior-guided micro-expression generation\n"
+                    "Give a face and a micro-expression clip; get the face performing that micro-expression. "
+                    "Backbones FOMM and MRAA with a facial prior (none, EWP, AWP), or a training-free landmark warp "
+                    "that needs no weights.")
+        with gr.Tab("Generate", id="generate"):
+            with gr.Row():
+                with gr.Column(scale=1):
+                    with gr.Row():
+                        g_source = gr.Image(label="Source face", type="filepath", sources=["upload", "webcam", "clipboard"],
+                                            image_mode=None, height=256, elem_id="g-source")
+                        with gr.Column():
+                            g_driving = gr.File(label="Driving clip (mp4, gif, webm, avi, mov)", file_types=CLIP_TYPES,
+                                                elem_id="g-driving", height=140)
+                            g_preview = gr.Video(label="Driving clip", interactive=False, autoplay=True, loop=True,
+                                                 height=160, elem_id="g-preview")
+                            g_clip_info = gr.Markdown(label="Clip", elem_id="g-clip-info")
+                    if pairs:
+                        gr.Examples(pairs, inputs=[g_source, g_driving], label="Examples (offline)")
+                    with gr.Group():
+                        with gr.Row():
+                            g_backbone = gr.Radio([(label, b) for b, label in BACKBONES.items()], value="warp",
+                                                  label="Backbone", elem_id="g-backbone")
+                            g_prior = gr.Radio(prior_choices(), value="none", label="Facial prior",
+                                               interactive=False, elem_id="g-prior")
+                        g_confine = gr.Checkbox(False, label="Confine the warp to the face (EWP map)", visible=True)
+                        with gr.Row():
+                            g_motion = gr.Radio(motion_choices(), value="relative", label="Motion",
+                                                interactive=False)
+                            g_adapt = gr.Checkbox(False, label="Movement-scale adaptation", interactive=False)
+                        g_magnify = gr.Slider(1, 5, value=1, step=0.5, label="Magnification (1 = faithful)")
+                    with gr.Accordion("Face and output", open=False):
+                        with gr.Row():
+                            g_crop = gr.Checkbox(True, label="Crop around the face")
+                            g_paste = gr.Checkbox(False, label="Paste back into the full image")
+                            g_smooth = gr.Checkbox(True, label="Smooth landmark tracks")
+                        g_landmarks = gr.Radio([(label, k) for k, label in LANDMARKS.items()], value="dlib",
+                                               label="Landmark backend")
+                        with gr.Row():
+                            g_slowdown = gr.Slider(1, 20, value=1, step=1, label="Playback: slow down by (1 = real time)")
+                            g_format = gr.Radio(["mp4", "gif"], value="mp4", label="Download format")
+                    g_button = gr.Button("Generate", variant="primary", elem_id="g-button")
+                with gr.Column(scale=1):
+                    g_result = gr.Video(label="Result", interactive=False, autoplay=True, loop=True, elem_id="g-result")
+                    g_grid = gr.Video(label="Source | driving | result", interactive=False, autoplay=True, loop=True,
+                                      elem_id="g-grid")
+                    g_download = gr.File(label="Download", interactive=False, height=70, elem_id="g-download")
+                    g_status = gr.Markdown(label="Status", elem_id="g-status")
+
+        with gr.Tab("Prior", id="prior"):
+            gr.Markdown("What guides the motion: the 68 landmarks, the 18 action-unit (AU) points derived from them, "
+                        "and the prior maps built from the AU points, drawn over the face as the model sees it.")
+            with gr.Row():
+                p_source = gr.Image(label="Face", type="filepath", sources=["upload", "webcam", "clipboard"],
+                                    image_mode=None, height=256, elem_id="p-source")
+                with gr.Column():
+                    p_driving = gr.File(label="Driving clip (optional)", file_types=CLIP_TYPES, height=140,
+                                        elem_id="p-driving")
+                    p_frame = gr.Slider(0, limits.max_frames - 1, value=0, step=1, label="Driving frame")
+                    p_landmarks = gr.Radio([(label, k) for k, label in LANDMARKS.items()], value="dlib",
+                                           label="Landmark backend")
+                    p_crop = gr.Checkbox(True, label="Crop around the face")
+                    p_button = gr.Button("Show the prior", variant="primary", elem_id="p-button")
+            if pairs:
+                gr.Examples(pairs, inputs=[p_source, p_driving], label="Examples")
+            p_gallery = gr.Gallery(label="Prior", columns=4, height="auto", elem_id="p-gallery")
+            p_status = gr.Markdown(label="Status", elem_id="p-status")
+
+        with gr.Tab("Compare", id="compare"):
+            gr.Markdown("One face and one clip through every variant, as one synchronised video: the driving clip "
+                        "first, then a labelled column per variant. Variants that cannot run show why.")
+            with gr.Row():
+                with gr.Column(scale=1):
+                    with gr.Row():
+                        c_source = gr.Image(label="Source face", type="filepath",
+                                            sources=["upload", "webcam", "clipboard"], image_mode=None, height=256,
+                                            elem_id="c-source")
+                        c_driving = gr.File(label="Driving clip", file_types=CLIP_TYPES, height=140,
+                                            elem_id="c-driving")
+                    if pairs:
+                        gr.Examples(pairs, inputs=[c_source, c_driving], label="Examples")
+                    c_variants = gr.CheckboxGroup([(v["label"], v["id"]) for v in variants],
+                                                  value=[v["id"] for v in variants], label="Variants")
+                    with gr.Row():
+                        c_magnify = gr.Slider(1, 5, value=1, step=0.5, label="Magnification")
+                        c_slowdown = gr.Slider(1, 20, value=1, step=1, label="Slow down by")
+                    with gr.Row():
+                        c_crop = gr.Checkbox(True, label="Crop around the face")
+                        c_paste = gr.Checkbox(False, label="Paste back")
+                        c_smooth = gr.Checkbox(True, label="Smooth landmarks")
+                        c_heatmaps = gr.Checkbox(False, label="Motion heatmaps row")
+                    c_landmarks = gr.Radio([(label, k) for k, label in LANDMARKS.items()], value="dlib",
+                                           label="Landmark backend")
+                    c_button = gr.Button("Compare", variant="primary", elem_id="c-button")
+                with gr.Column(scale=2):
+                    c_grid = gr.Video(label="Comparison", interactive=False, autoplay=True, loop=True, elem_id="c-grid")
+                    c_status = gr.Markdown(label="Status", elem_id="c-status")
+
+        with gr.Accordion("Variants and weights", open=False):
+            v_table = gr.Markdown(variants_markdown(engine, variants), elem_id="variants")
+
+        # ---- events: preprocess=False so every upload reaches the engine's own readers and errors ----
+        raw = {"preprocess": False}
+        g_backbone.change(on_backbone, g_backbone, [g_prior, g_confine, g_motion, g_adapt], api_name=False,
+                          queue=False)
+        g_driving.change(user_errors(demo_state.preview), g_driving, [g_preview, g_clip_info],
+                         api_name="preview_driving", **raw)
+        g_button.click(
+            user_errors(demo_state.generate),
+            [g_source, g_driving, g_backbone, g_prior, g_confine, g_motion, g_adapt, g_magnify, g_crop, g_paste,
+             g_landmarks, g_smooth, g_slowdown, g_format],
+            [g_result, g_grid, g_download, g_status], api_name="generate", concurrency_limit=1, **raw)
+        p_button.click(user_errors(demo_state.prior), [p_source, p_driving, p_frame, p_landmarks, p_crop],
+                       [p_gallery, p_status], api_name="prior", concurrency_limit=1, **raw)
+        c_button.click(
+            user_errors(demo_state.compare),
+            [c_source, c_driving, c_variants, c_magnify, c_crop, c_paste, c_landmarks, c_smooth, c_heatmaps,
+             c_slowdown],
+            [c_grid, c_status], api_name="compare", concurrency_limit=1, **raw)
+        demo.load(functools.partial(variants_markdown, engine, variants), None, v_table, api_name="variants",
+                  queue=False)
+    demo.queue(max_size=limits.queue_size, default_concurrency_limit=1)
+    demo.mefacial_limits = limits  # read by launch()
+    return demo
+
+
+def launch(demo: gr.Blocks, host: str | None = None, port: int | None = None, share: bool = False, **kwargs):
+    """Launch with the upload limit of the demo's Limits (the server refuses larger files)."""
+    limits: Limits = getattr(demo, "mefacial_limits", Limits())
+    return demo.launch(server_name=host, server_port=port, share=share, max_file_size=f"{limits.max_upload_mb}mb",
+                       **kwargs)
+
+
+def parse_checkpoint(text: str) -> tuple[str, str]:
+    variant, sep, path = text.partition("=")
+    if not sep or not variant or not path:
+        raise argparse.ArgumentTypeError(f"expected VARIANT=PATH (e.g. fomm-awp=weights/fomm-awp.pth.tar), got {text!r}")
+    return variant, path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1, or $GRADIO_SERVER_NAME)")
+    parser.add_argument("--port", type=int, default=None, help="port (default 7860, or $GRADIO_SERVER_PORT)")
+    parser.add_argument("--share", action="store_true", help="also serve on a temporary public gradio.live link")
+    parser.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:1, mps")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--landmarks", default="auto", choices=sorted(LANDMARKS), help="default landmark backend")
+    parser.add_argument("--checkpoint", action="append", default=[], type=parse_checkpoint, metavar="VARIANT=PATH",
+                        help="weights of a variant (repeatable); overrides checkpoints/ and the Hub")
+    parser.add_argument("--queue-size", type=int, default=Limits.queue_size, help="requests waiting at most")
+    parser.add_argument("--max-upload-mb", type=int, default=Limits.max_upload_mb, help="largest upload accepted")
+    parser.add_argument("--max-frames", type=int, default=Limits.max_frames, help="longest driving clip, in frames")
+    parser.add_argument("--max-seconds", type=float, default=Limits.max_seconds, help="longest driving clip, in seconds")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        engine = mefacial.Engine(device=args.device, precision=args.precision, landmarks=args.landmarks,
+                                 checkpoints=dict(args.checkpoint))
+    except MefacialError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    limits = Limits(max_upload_mb=args.max_upload_mb, max_frames=args.max_frames, max_seconds=args.max_seconds,
+                    queue_size=args.queue_size)
+    launch(build_demo(engine, limits), host=args.host, port=args.port, share=args.share)
+
+
+if __name__ == "__main__":
+    main()
