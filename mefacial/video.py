@@ -1,0 +1,687 @@
+"""Images and clips in, videos out, and the face crop between them.
+
+Reading (`read_image`, `read_clip`, `iter_clip_chunks`) turns whatever a user
+brings (a photo of any size and mode, an mp4 / webm / avi / mov / mkv, a GIF, a
+folder of frames) into RGB uint8 arrays with the clip's real frame rate, and
+checks the `Limits` before decoding wherever the header allows. Every failure
+is a typed error of the package (`NotAnImageError`, `UnreadableVideoError`,
+`InputTooLargeError`) whose message names the cause and the remedy.
+
+Writing (`write_video`) makes an H.264 mp4 (yuv420p, even size, faststart:
+plays in browsers) or a GIF, at real time or slowed down by a factor: a
+micro-expression filmed at 200 fps lasts a fraction of a second and is only
+visible slowed down, as the paper's figures are.
+
+The face crop follows the paper's preprocessing: one square box per clip from
+the onset (first) frame (`face_box`), every frame cropped to it and resized to
+the model size (`crop_to_model`); `paste_back` blends a generated face back into
+the full source picture with a feathered edge.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import re
+import warnings
+from fractions import Fraction
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps, ImageSequence, UnidentifiedImageError
+
+from .errors import InputError, InputTooLargeError, MefacialError, NotAnImageError, UnreadableVideoError
+
+logger = logging.getLogger("mefacial")
+
+DEFAULT_FPS = 25.0  # when a container or a folder of frames carries no frame rate
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+ANIMATED_IMAGE_EXTENSIONS = (".gif", ".webp", ".apng")  # decoded by Pillow, frame durations from the file
+MP4_EXTENSIONS = (".mp4", ".m4v", ".mov")
+GIF_MIN_DELAY_MS = 20  # browsers play shorter GIF frame delays at 100 ms
+GIF_DELAY_STEP_MS = 10  # GIF delays are stored in centiseconds
+ALPHA_BACKGROUND = 255  # transparent pixels become white
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """Input limits, checked before decoding wherever the file header allows.
+
+    The defaults fit a 24 GiB CPU machine: a 50-megapixel photo, a clip of
+    2000 frames (10 s at 200 fps) and at most 6 GiB of decoded frames held at
+    once by `read_clip` (`iter_clip_chunks` streams longer clips instead).
+    """
+
+    max_frames: int = 2000
+    max_pixels: int = 50_000_000  # of one image or frame
+    max_bytes: int = 2 * 1024**3  # file size
+    max_seconds: float = 600.0  # clip duration
+    max_clip_bytes: int = 6 * 1024**3  # decoded frames that read_clip holds at once
+
+
+DEFAULT_LIMITS = Limits()
+
+
+@dataclasses.dataclass(frozen=True)
+class Clip:
+    """Frames of a clip (T x H x W x 3 uint8 RGB) and its frame rate."""
+
+    frames: np.ndarray
+    fps: float
+    fps_source: str = "default"  # "container" | "gif" | "user" | "default"
+
+    @property
+    def num_frames(self) -> int:
+        return int(self.frames.shape[0])
+
+    @property
+    def duration(self) -> float:
+        return self.num_frames / self.fps
+
+
+# ----------------------------------------------------------------------------- pixels
+
+
+def as_rgb(image: np.ndarray) -> np.ndarray:
+    """Any image array -> RGB uint8 (H x W x 3, or T x H x W x 3 for a stack).
+
+    Accepts H x W (grey), H x W x C and T x H x W x C with C in 1 (grey), 2 (grey +
+    alpha), 3 (RGB), 4 (RGBA); alpha is composited over white. Values: uint8 as is,
+    uint16 (and wider integers above 255) scaled from 0..65535, floats and bools
+    read as 0..1.
+    """
+    image = np.asarray(image)
+    if image.ndim == 2:
+        image = image[..., None]
+    if image.ndim not in (3, 4) or image.shape[-1] not in (1, 2, 3, 4) or 0 in image.shape:
+        raise InputError(f"expected an image H x W (x C with C in 1..4) or a stack T x H x W x C, "
+                         f"got shape {image.shape}; pass RGB, RGBA or greyscale pixels")
+    image = _to_unit_range(image)  # ... x C float32 in [0, 1]
+    channels = image.shape[-1]
+    if channels in (2, 4):
+        colour, alpha = image[..., :-1], image[..., -1:]
+        image = colour * alpha + (ALPHA_BACKGROUND / 255.0) * (1.0 - alpha)
+    if image.shape[-1] == 1:
+        image = np.repeat(image, 3, axis=-1)
+    return np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8)
+
+
+def _to_unit_range(image: np.ndarray) -> np.ndarray:
+    """Pixel values of any dtype -> float32 in [0, 1] (see `as_rgb`)."""
+    if image.dtype == np.uint8:
+        return image.astype(np.float32) / 255.0
+    if image.dtype == np.bool_:
+        return image.astype(np.float32)
+    if np.issubdtype(image.dtype, np.integer):
+        scale = 255.0 if image.dtype.itemsize == 1 or image.max(initial=0) <= 255 else 65535.0
+        return np.clip(image.astype(np.float32) / scale, 0.0, 1.0)
+    if np.issubdtype(image.dtype, np.floating):
+        return np.clip(np.nan_to_num(image.astype(np.float32)), 0.0, 1.0)
+    raise InputError(f"unsupported pixel type {image.dtype}; pass uint8, uint16 or float pixels in [0, 1]")
+
+
+def _pil_to_rgb(image: Image.Image) -> np.ndarray:
+    """A decoded Pillow image of any mode -> H x W x 3 uint8."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):  # 16-bit (PNG, TIFF) greyscale
+        return as_rgb(np.asarray(image))
+    if image.mode == "F":  # 32-bit float TIFF: 0..1 or 0..255
+        pixels = np.asarray(image, dtype=np.float32)
+        return as_rgb(pixels / 255.0 if pixels.max(initial=0) > 1.0 else pixels)
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (image.mode == "P" and "transparency" in image.info):
+        return as_rgb(np.asarray(image.convert("RGBA")))
+    return np.asarray(image.convert("RGB"))  # L, 1, P, CMYK, YCbCr, LAB, HSV, RGBX, RGB
+
+
+# ----------------------------------------------------------------------------- images
+
+
+def read_image(source: str | os.PathLike | np.ndarray | Image.Image, limits: Limits = DEFAULT_LIMITS) -> np.ndarray:
+    """A photo (path, array or Pillow image) -> H x W x 3 uint8 RGB.
+
+    The EXIF orientation is applied; 16-bit, CMYK, palette, RGBA and greyscale
+    images become 8-bit RGB; an animated file gives its first frame. The pixel
+    count is checked from the header before decoding.
+    """
+    if isinstance(source, np.ndarray):
+        _check_pixels(source.shape[1] if source.ndim > 1 else 0, source.shape[0], limits, "the source image")
+        return as_rgb(source)
+    if isinstance(source, Image.Image):
+        _check_pixels(*source.size, limits, "the source image")
+        return _pil_to_rgb(ImageOps.exif_transpose(source))
+    path = Path(source)
+    what = f"the source image {path}"
+    if not path.is_file():
+        reason = "is a folder" if path.is_dir() else "does not exist"
+        raise NotAnImageError(f"cannot read {what}: it {reason}. Pass the path of a photo (PNG, JPEG, ...).")
+    _check_file_size(path, limits, what, NotAnImageError)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # `limits` decides instead
+            with Image.open(path) as image:
+                _check_pixels(*image.size, limits, what)
+                return _pil_to_rgb(ImageOps.exif_transpose(image))
+    except MefacialError:
+        raise
+    except Image.DecompressionBombError as err:
+        raise InputTooLargeError(f"{what} has too many pixels to decode safely ({err}); "
+                                 "downscale it to a few megapixels first.") from err
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        hint = " It looks like a video: pass it as the driving clip, or a still frame of it." \
+            if path.suffix.lower() in MP4_EXTENSIONS + (".webm", ".avi", ".mkv") else ""
+        raise NotAnImageError(f"cannot read {what}: it is not an image Pillow can decode ({err}).{hint} "
+                              "Use a PNG or JPEG photo.") from err
+
+
+def _check_pixels(width: int, height: int, limits: Limits, what: str) -> None:
+    if width * height > limits.max_pixels:
+        raise InputTooLargeError(
+            f"{what} is {width}x{height} = {width * height / 1e6:.1f} megapixels, above the limit of "
+            f"{limits.max_pixels / 1e6:.1f}; downscale it (the face is cropped to the model size anyway) "
+            "or raise Limits.max_pixels.")
+
+
+def _check_file_size(path: Path, limits: Limits, what: str, empty_error: type[MefacialError]) -> None:
+    size = path.stat().st_size
+    if size == 0:
+        raise empty_error(f"cannot read {what}: the file is empty (0 bytes); was the upload or copy interrupted?")
+    if size > limits.max_bytes:
+        raise InputTooLargeError(f"{what} is {size / 2**20:.0f} MiB, above the limit of "
+                                 f"{limits.max_bytes / 2**20:.0f} MiB; trim or re-encode it, "
+                                 "or raise Limits.max_bytes.")
+
+
+# ----------------------------------------------------------------------------- clips
+
+
+def natural_key(name: str) -> tuple:
+    """Sort key that orders embedded numbers by value: frame2 < frame10 (case-insensitive)."""
+    parts = re.split(r"(\d+)", name.lower())
+    return tuple(int(p) if i % 2 else p for i, p in enumerate(parts)), name
+
+
+def list_frame_files(folder: str | os.PathLike) -> list[Path]:
+    """The image files of a folder of frames, in natural order (hidden files skipped)."""
+    files = [p for p in Path(folder).iterdir()
+             if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS]
+    return sorted(files, key=lambda p: natural_key(p.name))
+
+
+def read_clip(source: str | os.PathLike | np.ndarray | Clip, fps: float | None = None,
+              limits: Limits = DEFAULT_LIMITS) -> Clip:
+    """A clip (video file, GIF, folder of frames, or a T x H x W x C array) -> `Clip`.
+
+    `fps` overrides the frame rate of the file (frames are not resampled); without
+    it the rate comes from the container, the GIF frame delays, or DEFAULT_FPS.
+    Clips whose decoded frames would exceed `limits.max_clip_bytes` are refused:
+    stream them with `iter_clip_chunks`.
+    """
+    if isinstance(source, Clip):
+        return source if fps is None else dataclasses.replace(source, fps=_check_fps(fps), fps_source="user")
+    if isinstance(source, np.ndarray):
+        frames = as_rgb(source if source.ndim == 4 else source[None])
+        _check_frames(frames.shape[0], frames.shape[2], frames.shape[1], limits, "the driving clip")
+        return Clip(frames, _check_fps(fps) if fps else DEFAULT_FPS, "user" if fps else "default")
+    chunks = list(iter_clip_chunks(source, fps=fps, limits=limits, _max_bytes=limits.max_clip_bytes))
+    return Clip(np.concatenate([c.frames for c in chunks]), chunks[0].fps, chunks[0].fps_source)
+
+
+def iter_clip_chunks(path: str | os.PathLike, chunk: int = 64, fps: float | None = None,
+                     limits: Limits = DEFAULT_LIMITS, *, _max_bytes: int | None = None) -> Iterator[Clip]:
+    """Stream a clip as consecutive `Clip`s of at most `chunk` frames (all with the clip's fps).
+
+    Only one chunk of decoded frames is held at a time. The frame, duration and
+    pixel limits apply to the whole clip; a file that turns out truncated raises
+    UnreadableVideoError when the stream ends early.
+    """
+    if chunk < 1:
+        raise InputError(f"chunk must be at least 1 frame, got {chunk}")
+    path = Path(path)
+    what = f"the driving clip {path}"
+    if path.is_dir():
+        stream = _FolderStream(path, limits)
+    elif not path.is_file():
+        raise UnreadableVideoError(f"cannot read {what}: it does not exist. "
+                                   "Pass a video file, a GIF or a folder of frames.")
+    else:
+        _check_file_size(path, limits, what, UnreadableVideoError)
+        stream = _PillowStream(path, limits) if path.suffix.lower() in ANIMATED_IMAGE_EXTENSIONS \
+            else _FfmpegStream(path, limits)
+    rate, rate_source = (_check_fps(fps), "user") if fps else (stream.fps, stream.fps_source)
+    if stream.duration and stream.duration > limits.max_seconds:
+        raise InputTooLargeError(f"{what} lasts {stream.duration:.1f} s, above the limit of "
+                                 f"{limits.max_seconds:.0f} s; trim it to the micro-expression (onset to offset) "
+                                 "or raise Limits.max_seconds.")
+    frame_bytes = stream.width * stream.height * 3
+    if _max_bytes is not None and stream.expected_frames * frame_bytes > _max_bytes:
+        _raise_too_many_bytes(what, stream.expected_frames, frame_bytes, _max_bytes)
+    buffer: list[np.ndarray] = []
+    count = 0
+    with stream:
+        for frame in stream:
+            count += 1
+            if count > limits.max_frames:
+                raise InputTooLargeError(
+                    f"{what} has more than {limits.max_frames} frames; trim it to the micro-expression "
+                    "(onset to offset), or raise Limits.max_frames.")
+            if _max_bytes is not None and count * frame_bytes > _max_bytes:
+                _raise_too_many_bytes(what, count, frame_bytes, _max_bytes)
+            buffer.append(frame)
+            if len(buffer) == chunk:
+                yield Clip(np.stack(buffer), rate, rate_source)
+                buffer = []
+    if buffer:
+        yield Clip(np.stack(buffer), rate, rate_source)
+    if count == 0:
+        raise UnreadableVideoError(f"cannot read {what}: it holds no video frames. Re-export it as mp4 (H.264) or GIF.")
+    stream.check_complete(count)
+
+
+def _raise_too_many_bytes(what: str, frames: int, frame_bytes: int, limit: int) -> None:
+    raise InputTooLargeError(
+        f"{what} decodes to {frames * frame_bytes / 2**30:.1f} GiB or more ({frames} frames of "
+        f"{frame_bytes / 2**20:.1f} MiB), above the {limit / 2**30:.1f} GiB held in memory at once; "
+        "downscale or trim it, stream it with iter_clip_chunks, or raise Limits.max_clip_bytes.")
+
+
+def _check_fps(fps: float) -> float:
+    if not (isinstance(fps, (int, float)) and math.isfinite(fps) and fps > 0):
+        raise InputError(f"fps must be a positive number, got {fps!r}")
+    return float(fps)
+
+
+def _check_frames(count: int, width: int, height: int, limits: Limits, what: str) -> None:
+    _check_pixels(width, height, limits, f"a frame of {what}")
+    if count > limits.max_frames:
+        raise InputTooLargeError(f"{what} has {count} frames, above the limit of {limits.max_frames}; "
+                                 "trim it to the micro-expression (onset to offset), or raise Limits.max_frames.")
+
+
+class _FolderStream:
+    """Frames from a folder of images, naturally sorted; all frames must share one size."""
+
+    fps, fps_source, duration = DEFAULT_FPS, "default", None
+
+    def __init__(self, folder: Path, limits: Limits):
+        self.files = list_frame_files(folder)
+        self.limits = limits
+        if not self.files:
+            raise UnreadableVideoError(f"cannot read the driving clip {folder}: the folder holds no image files "
+                                       f"({', '.join(IMAGE_EXTENSIONS)}). Put the frames there, or pass a video file.")
+        self.expected_frames = len(self.files)
+        first = self._read(self.files[0])
+        self.height, self.width = first.shape[:2]
+        _check_frames(len(self.files), self.width, self.height, limits, f"the driving clip {folder}")
+
+    def _read(self, path: Path) -> np.ndarray:
+        try:
+            return read_image(path, self.limits)
+        except NotAnImageError as err:
+            raise UnreadableVideoError(f"cannot read frame {path.name} of the folder {path.parent}: {err}") from err
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        for path in self.files:
+            frame = self._read(path)
+            if frame.shape[:2] != (self.height, self.width):
+                raise UnreadableVideoError(
+                    f"frame {path.name} of {path.parent} is {frame.shape[1]}x{frame.shape[0]}, the first frame "
+                    f"{self.width}x{self.height}; all frames of a clip must have one size.")
+            yield frame
+
+    def check_complete(self, count: int) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+class _PillowStream:
+    """Frames of an animated GIF / WebP / APNG, decoded by Pillow, as a constant-rate clip.
+
+    A GIF is variable-rate: each frame has its own delay, and encoders merge
+    identical consecutive frames into one longer frame. The clip's base delay is
+    the shortest one that at least a tenth of the frames have; a frame shown k
+    times that long is repeated k times (rounded), which restores the original
+    frame sequence, and the rate is frames over total duration.
+    """
+
+    fps_source = "gif"
+
+    def __init__(self, path: Path, limits: Limits):
+        what = f"the driving clip {path}"
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                self.image = Image.open(path)
+            self.width, self.height = self.image.size
+            _check_pixels(self.width, self.height, limits, f"a frame of {what}")
+            delays = []
+            for index in range(getattr(self.image, "n_frames", 1)):
+                if index >= limits.max_frames * 2:  # merged frames may expand; stop counting far beyond the limit
+                    break
+                self.image.seek(index)
+                delays.append(float(self.image.info.get("duration") or 0.0))
+            self.image.seek(0)
+        except InputTooLargeError:
+            raise
+        except Image.DecompressionBombError as err:
+            raise InputTooLargeError(f"{what} has too many pixels per frame ({err}); downscale it.") from err
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as err:
+            raise UnreadableVideoError(f"cannot read {what}: not a readable animation ({err}). "
+                                       "Re-export it as GIF or mp4 (H.264).") from err
+        positive = [d for d in delays if d > 0]
+        if positive:
+            values, counts = np.unique(np.asarray(positive), return_counts=True)
+            common = values[counts >= 0.1 * len(positive)]  # ignore a rare odd delay
+            base = float(common.min() if len(common) else values[np.argmax(counts)])
+            self.repeats = [max(1, round(d / base)) if d > 0 else 1 for d in delays]
+            self.duration = sum(delays) / 1000.0
+            self.fps = 1000.0 * sum(self.repeats) / sum(max(d, base) for d in delays)
+        else:
+            self.repeats, self.duration = [1] * len(delays), None
+            self.fps, self.fps_source = DEFAULT_FPS, "default"
+        self.expected_frames = sum(self.repeats)
+        _check_frames(self.expected_frames, self.width, self.height, limits, what)
+        self.what = what
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        try:
+            for frame, repeat in zip(ImageSequence.Iterator(self.image), self.repeats):
+                pixels = _pil_to_rgb(frame)
+                for _ in range(repeat):
+                    yield pixels
+        except (OSError, SyntaxError, ValueError, EOFError) as err:
+            raise UnreadableVideoError(f"cannot decode {self.what}: the file is corrupt or truncated ({err}). "
+                                       "Re-export it as GIF or mp4 (H.264).") from err
+
+    def check_complete(self, count: int) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.image.close()
+
+
+class _FfmpegStream:
+    """Frames of a video container (mp4, webm, avi, mov, mkv, ...) decoded by imageio-ffmpeg's ffmpeg.
+
+    ffmpeg applies the rotation metadata of phone videos; the frame rate is the
+    stream's (DEFAULT_FPS when the container has none).
+    """
+
+    fps_source = "container"
+
+    def __init__(self, path: Path, limits: Limits):
+        import imageio_ffmpeg
+
+        self.what = f"the driving clip {path}"
+        self._reader = imageio_ffmpeg.read_frames(str(path), pix_fmt="rgb24")
+        try:
+            meta = next(self._reader)
+        except Exception as err:  # imageio-ffmpeg raises OSError, RuntimeError, IndexError on bad input
+            self._reader.close()
+            raise UnreadableVideoError(
+                f"cannot read {self.what}: ffmpeg finds no decodable video stream ({_first_line(err)}). "
+                "The file may be empty, truncated or not a video; re-export it as mp4 (H.264) or GIF.") from err
+        self.width, self.height = meta["size"]
+        self.duration = float(meta.get("duration") or 0.0) or None
+        self.fps = float(meta.get("fps") or 0.0)
+        if not 0 < self.fps <= 1000:
+            self.fps, self.fps_source = DEFAULT_FPS, "default"
+            logger.info("%s has no frame rate in its container; using %s fps (pass fps= to override)",
+                        self.what, DEFAULT_FPS)
+        self.expected_frames = round(self.duration * self.fps) if self.duration else 0
+        try:
+            _check_frames(self.expected_frames, self.width, self.height, limits, self.what)
+        except InputTooLargeError:
+            self._reader.close()
+            raise
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        shape = (self.height, self.width, 3)
+        try:
+            for data in self._reader:
+                yield np.frombuffer(data, dtype=np.uint8).reshape(shape)
+        except Exception as err:  # imageio-ffmpeg's RuntimeError when ffmpeg stops mid-frame
+            raise UnreadableVideoError(f"cannot decode {self.what}: the file is corrupt or truncated "
+                                       f"({_first_line(err)}); re-export it as mp4 (H.264) or GIF.") from err
+
+    def check_complete(self, count: int) -> None:
+        """A file cut short keeps its header: fewer frames than it declares means truncated."""
+        if self.expected_frames and count < 0.9 * self.expected_frames - 2:
+            raise UnreadableVideoError(
+                f"{self.what} declares about {self.expected_frames} frames but only {count} could be decoded: "
+                "the file is truncated or corrupt. Copy or download it again, or re-export it.")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._reader.close()  # stops ffmpeg
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def write_video(path: str | os.PathLike, frames: np.ndarray | Sequence[np.ndarray], fps: float,
+                slowdown: float = 1.0, quality: int = 8) -> Path:
+    """Write frames (T x H x W x C) as H.264 mp4 (.mp4 / .m4v / .mov) or GIF (.gif); return the path.
+
+    The file plays at `fps / slowdown` frames per second: `slowdown=1` is real
+    time, `slowdown=8` shows a 200 fps clip at 25 fps. Every frame is kept in an
+    mp4 (odd sizes are padded by one edge row / column to the even size yuv420p
+    needs). GIF frame delays are whole centiseconds and browsers slow delays under
+    20 ms down to 100 ms, so a GIF faster than 50 fps keeps every k-th frame (k as
+    small as reaches 20 ms) and delays are rounded on a running clock, keeping
+    the total duration. `quality` (1..10) sets the mp4 compression.
+    """
+    path = Path(path)
+    frames = as_rgb(np.stack(frames) if not isinstance(frames, np.ndarray) else frames)
+    if frames.ndim != 4:
+        frames = frames[None]
+    playback_fps = _check_fps(fps) / _check_fps(slowdown)
+    suffix = path.suffix.lower()
+    if suffix == ".gif":
+        _write_gif(path, frames, playback_fps)
+    elif suffix in MP4_EXTENSIONS:
+        _write_mp4(path, frames, playback_fps, quality)
+    else:
+        raise InputError(f"cannot write {path}: unknown video type {suffix!r}; use .mp4 (H.264) or .gif")
+    return path
+
+
+def gif_schedule(num_frames: int, fps: float) -> tuple[np.ndarray, np.ndarray]:
+    """Which frames a GIF at `fps` keeps, and their delays in ms (multiples of 10, at least 20)."""
+    period = 1000.0 / fps
+    step = max(1, math.ceil(GIF_MIN_DELAY_MS / period - 1e-9))  # drop frames only above 50 fps
+    kept = np.arange(0, num_frames, step)
+    clock = np.rint(np.arange(1, len(kept) + 1) * period * step / GIF_DELAY_STEP_MS) * GIF_DELAY_STEP_MS
+    delays = np.diff(clock, prepend=0.0).astype(int)
+    return kept, delays
+
+
+def _write_gif(path: Path, frames: np.ndarray, fps: float) -> None:
+    kept, delays = gif_schedule(len(frames), fps)
+    if len(kept) < len(frames):
+        logger.info("GIF at %.1f fps keeps every %d-th frame (browsers need delays of at least %d ms); "
+                    "slow it down or write mp4 to keep all %d frames",
+                    fps, kept[1] - kept[0] if len(kept) > 1 else 1, GIF_MIN_DELAY_MS, len(frames))
+    images = [Image.fromarray(frames[i]) for i in kept]
+    try:
+        images[0].save(path, save_all=True, append_images=images[1:], duration=[int(d) for d in delays],
+                       loop=0, optimize=False)
+    except OSError as err:
+        raise MefacialError(f"cannot write {path}: {err}; check that the folder exists and is writable.") from err
+
+
+def _write_mp4(path: Path, frames: np.ndarray, fps: float, quality: int) -> None:
+    import imageio_ffmpeg
+
+    height, width = frames.shape[1:3]
+    pad = ((0, 0), (0, height % 2), (0, width % 2), (0, 0))  # yuv420p needs even sizes
+    if any(p[1] for p in pad):
+        frames = np.pad(frames, pad, mode="edge")
+    writer = imageio_ffmpeg.write_frames(
+        str(path), (frames.shape[2], frames.shape[1]), fps=Fraction(fps).limit_denominator(1001),
+        codec="libx264", pix_fmt_out="yuv420p", quality=quality, macro_block_size=1,
+        ffmpeg_log_level="error", output_params=["-movflags", "+faststart"])
+    try:
+        writer.send(None)  # starts ffmpeg
+        for frame in frames:
+            writer.send(np.ascontiguousarray(frame))
+        writer.close()
+    except (OSError, RuntimeError) as err:
+        writer.close()
+        raise MefacialError(f"cannot write {path}: ffmpeg failed ({_first_line(err)}); check that the folder "
+                            "exists, is writable and has space.") from err
+
+
+# ----------------------------------------------------------------------------- face crop
+
+
+FOREHEAD = 0.1  # the 68 points stop at the brows: the box adds this fraction of the face above them
+
+
+@dataclasses.dataclass(frozen=True)
+class FaceBox:
+    """A square crop box in pixels of the original frame; may reach past its borders (padded)."""
+
+    x0: int
+    y0: int
+    size: int
+
+    @property
+    def x1(self) -> int:
+        return self.x0 + self.size
+
+    @property
+    def y1(self) -> int:
+        return self.y0 + self.size
+
+    def to_crop(self, points: np.ndarray, out_size: int) -> np.ndarray:
+        """(x, y) pixel positions in the original frame -> the same points in the `out_size` crop (pixel centres)."""
+        scale = out_size / self.size
+        offset = np.array([self.x0, self.y0], dtype=np.float32)
+        return ((np.asarray(points, dtype=np.float32) - offset + 0.5) * scale - 0.5).astype(np.float32)
+
+    def from_crop(self, points: np.ndarray, out_size: int) -> np.ndarray:
+        """Inverse of `to_crop`."""
+        scale = self.size / out_size
+        offset = np.array([self.x0, self.y0], dtype=np.float32)
+        return ((np.asarray(points, dtype=np.float32) + 0.5) * scale - 0.5 + offset).astype(np.float32)
+
+
+def face_box(landmarks: np.ndarray, image_shape: Sequence[int], margin: float = 0.0) -> FaceBox:
+    """One square box around a face from its 68 landmarks (68 x 2, (x, y)) in an image of `image_shape` (H, W, ...).
+
+    The box holds every landmark, plus FOREHEAD x the face size above the brows,
+    plus `margin` x the face size on every side. `margin=0` frames the face about
+    as the paper's preprocessing does (the onset frame's dlib detector box,
+    which is some 10% tighter and cuts the jaw line); about 0.3 gives the looser
+    VoxCeleb framing. The box is shifted inside the image where the image is
+    large enough (landmarks inside the image stay inside the box), and reaches
+    past the border (to be padded) only where it is not.
+    """
+    points = np.asarray(landmarks, dtype=np.float64).reshape(-1, 2)
+    if not np.isfinite(points).all() or len(points) < 2:
+        raise InputError("face_box needs the finite landmarks of one face (68 x 2)")
+    low, high = points.min(axis=0), points.max(axis=0)
+    extent = float(max(high - low))
+    side = extent * (1.0 + 2.0 * margin + FOREHEAD)
+    size = math.ceil(side) + 1  # + 1: the last landmark's pixel is inside
+    centre = (low + high) / 2.0 - np.array([0.0, FOREHEAD * extent / 2.0])
+    height, width = int(image_shape[0]), int(image_shape[1])
+    corner = []
+    for c, limit in zip(centre, (width, height)):
+        start = math.floor(c - side / 2.0)
+        start = min(max(start, 0), limit - size) if size <= limit else (limit - size) // 2
+        corner.append(start)
+    return FaceBox(corner[0], corner[1], size)
+
+
+def _cut(frames: np.ndarray, box: FaceBox) -> np.ndarray:
+    """The box region of T x H x W x 3 frames, edge-padded where the box reaches past the border."""
+    height, width = frames.shape[1:3]
+    ys, xs = slice(max(box.y0, 0), min(box.y1, height)), slice(max(box.x0, 0), min(box.x1, width))
+    region = frames[:, ys, xs]
+    pad = ((0, 0), (ys.start - box.y0, box.y1 - ys.stop), (xs.start - box.x0, box.x1 - xs.stop), (0, 0))
+    return np.pad(region, pad, mode="edge") if any(p != (0, 0) for p in pad) else region
+
+
+def _resize(frames: np.ndarray, size: int | tuple[int, int]) -> torch.Tensor:
+    """T x h x w x 3 uint8 -> T x 3 x H x W float32 in [0, 255] (bilinear, anti-aliased when shrinking)."""
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    batch = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()  # T x 3 x h x w
+    if tuple(batch.shape[-2:]) == size:
+        return batch
+    return F.interpolate(batch, size=size, mode="bilinear", align_corners=False, antialias=True)
+
+
+def _to_uint8(batch: torch.Tensor) -> np.ndarray:
+    """T x 3 x H x W float in [0, 255] -> T x H x W x 3 uint8."""
+    return batch.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def resize_frames(frames: np.ndarray, height: int, width: int, chunk: int = 64) -> np.ndarray:
+    """T x h x w x 3 uint8 -> T x height x width x 3 uint8 (bilinear, anti-aliased when shrinking)."""
+    return np.concatenate([_to_uint8(_resize(frames[i:i + chunk], (height, width)))
+                           for i in range(0, len(frames), chunk)])
+
+
+def crop_to_model(frames: np.ndarray, box: FaceBox, size: int, chunk: int = 64) -> np.ndarray:
+    """Crop frames (T x H x W x C or one H x W x C, any mode) to `box` and resize to size x size RGB uint8."""
+    single = np.asarray(frames).ndim in (2, 3)
+    frames = as_rgb(frames)
+    frames = frames[None] if single else frames
+    out = np.concatenate([_to_uint8(_resize(_cut(frames[i:i + chunk], box), size))
+                          for i in range(0, len(frames), chunk)])  # T x size x size x 3
+    return out[0] if single else out
+
+
+def feather_mask(size: int, feather: float) -> torch.Tensor:
+    """size x size weights: 1 inside, easing to 0 at the border over `feather` x size pixels (smoothstep)."""
+    ramp_px = max(feather * size, 1e-6)
+    centres = torch.arange(size, dtype=torch.float32) + 0.5
+    distance = torch.minimum(centres, size - centres)  # to the nearest edge, per row / column
+    ramp = (distance / ramp_px).clamp(0, 1)
+    ramp = ramp * ramp * (3 - 2 * ramp)
+    return ramp[:, None] * ramp[None, :]  # size x size
+
+
+def paste_back(generated: np.ndarray, original: np.ndarray, box: FaceBox, feather: float = 0.1,
+               chunk: int = 64) -> np.ndarray:
+    """Blend generated crops (T x s x s x C or s x s x C) into the original picture at `box`.
+
+    Returns T x H x W x 3 (or H x W x 3) uint8: the original outside the box, the
+    generated face inside, mixed over a feathered edge of `feather` x box size.
+    """
+    single = np.asarray(generated).ndim in (2, 3)
+    generated = as_rgb(generated)
+    generated = generated[None] if single else generated
+    original = as_rgb(original)
+    height, width = original.shape[:2]
+    ys, xs = slice(max(box.y0, 0), min(box.y1, height)), slice(max(box.x0, 0), min(box.x1, width))
+    if ys.start >= ys.stop or xs.start >= xs.stop:
+        raise InputError(f"the face box {box} lies outside the {width}x{height} picture")
+    inner = (slice(ys.start - box.y0, ys.stop - box.y0), slice(xs.start - box.x0, xs.stop - box.x0))
+    mask = feather_mask(box.size, feather)[inner]  # h x w
+    background = torch.from_numpy(np.ascontiguousarray(original[ys, xs])).permute(2, 0, 1).float()  # 3 x h x w
+    out = np.repeat(original[None], len(generated), axis=0)  # T x H x W x 3
+    for i in range(0, len(generated), chunk):
+        face = _resize(generated[i:i + chunk], box.size)[:, :, inner[0], inner[1]]  # t x 3 x h x w
+        out[i:i + chunk, ys, xs] = _to_uint8(face * mask + background * (1 - mask))
+    return out[0] if single else out

@@ -1,0 +1,288 @@
+"""Clip and image I/O, limits and typed errors, face crop and paste-back (mefacial.video).
+
+Real inputs: the shared micro-expression GIFs and skimage's astronaut (512x512 colour).
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import DATA, require
+from mefacial import video
+from mefacial.errors import InputTooLargeError, NotAnImageError, UnreadableVideoError
+from mefacial.video import Limits
+
+
+@pytest.fixture(scope="module")
+def driving_gifs() -> list[Path]:
+    clips = sorted(require(DATA / "driving", "micro-expression clips").glob("*.gif"))
+    assert clips, "no driving GIFs in the shared data"
+    return clips
+
+
+@pytest.fixture(scope="module")
+def clip(driving_gifs) -> video.Clip:
+    return video.read_clip(driving_gifs[0])
+
+
+@pytest.fixture(scope="module")
+def astronaut() -> np.ndarray:
+    from skimage.data import astronaut
+
+    return astronaut()
+
+
+# ----------------------------------------------------------------------------- reading clips
+
+
+def test_driving_gifs_read_with_their_frame_rate(driving_gifs):
+    for path in driving_gifs:
+        with Image.open(path) as gif:
+            count, delay = gif.n_frames, gif.info["duration"]
+        clip = video.read_clip(path)
+        assert clip.frames.dtype == np.uint8 and clip.frames.ndim == 4 and clip.frames.shape[-1] == 3
+        # consecutive identical frames may be stored merged; they come back as separate frames
+        assert clip.num_frames >= count
+        assert clip.fps == pytest.approx(1000.0 / delay) and clip.fps_source == "gif"
+
+
+@pytest.mark.parametrize("suffix", [".mp4", ".gif"])
+@pytest.mark.parametrize("fps, slowdown", [(50.0, 1.0), (200.0, 8.0), (30.0, 1.0)])
+def test_written_clip_reads_back_with_frame_count_and_fps(tmp_path, clip, suffix, fps, slowdown):
+    path = video.write_video(tmp_path / f"out{suffix}", clip.frames, fps, slowdown=slowdown)
+    back = video.read_clip(path)
+    assert back.num_frames == clip.num_frames
+    # mp4 stores the rate as a rational; GIF delays are whole centiseconds
+    assert back.fps == pytest.approx(fps / slowdown, rel=0.01 if suffix == ".gif" else 1e-3)
+    error = np.abs(back.frames.astype(int) - clip.frames).mean()
+    assert error < (0.5 if suffix == ".gif" else 3.0), f"{suffix} frames changed by {error:.2f} on average"
+
+
+def test_fast_gif_drops_frames_to_the_browser_minimum_delay(tmp_path, clip):
+    kept, delays = video.gif_schedule(100, 200.0)
+    assert list(kept[:3]) == [0, 4, 8] and set(delays) == {20}
+    kept, delays = video.gif_schedule(90, 30.0)
+    assert len(kept) == 90 and set(delays) <= {30, 40} and delays.sum() == 3000
+    back = video.read_clip(video.write_video(tmp_path / "fast.gif", clip.frames, 200.0))
+    assert back.num_frames == len(range(0, clip.num_frames, 4)) and back.fps == pytest.approx(50.0)
+
+
+def test_mp4_is_h264_yuv420p_with_even_size(tmp_path):
+    import imageio_ffmpeg
+
+    frames = np.random.default_rng(0).integers(0, 256, (5, 37, 51, 3), dtype=np.uint8)
+    path = video.write_video(tmp_path / "odd.mp4", frames, 25.0)
+    reader = imageio_ffmpeg.read_frames(str(path))
+    meta = next(reader)
+    reader.close()
+    assert meta["codec"] == "h264" and meta["pix_fmt"].startswith("yuv420p")
+    assert meta["size"] == (52, 38)  # padded by one edge column / row
+    assert video.read_clip(path).num_frames == 5
+
+
+def test_folder_of_frames_is_sorted_naturally(tmp_path):
+    for index in (10, 2, 1, 33):
+        Image.fromarray(np.full((8, 10), index, np.uint8)).save(tmp_path / f"frame{index}.png")
+    (tmp_path / "notes.txt").write_text("not a frame")
+    (tmp_path / ".hidden.png").write_bytes(b"")
+    clip = video.read_clip(tmp_path)
+    assert [int(f[0, 0, 0]) for f in clip.frames] == [1, 2, 10, 33]
+    assert clip.fps == video.DEFAULT_FPS and clip.fps_source == "default"
+    assert video.read_clip(tmp_path, fps=200).fps == 200.0
+    assert sorted(["img_b10", "IMG_b9", "img_a100"], key=video.natural_key) == ["img_a100", "IMG_b9", "img_b10"]
+
+
+def test_chunks_stream_the_same_frames(clip, driving_gifs):
+    chunks = list(video.iter_clip_chunks(driving_gifs[0], chunk=16))
+    assert all(len(c.frames) <= 16 for c in chunks) and all(c.fps == clip.fps for c in chunks)
+    assert np.array_equal(np.concatenate([c.frames for c in chunks]), clip.frames)
+    frame_bytes = clip.frames[0].nbytes
+    with pytest.raises(InputTooLargeError, match="iter_clip_chunks"):
+        video.read_clip(driving_gifs[0], limits=Limits(max_clip_bytes=frame_bytes * 10))
+    streamed = video.iter_clip_chunks(driving_gifs[0], chunk=8, limits=Limits(max_clip_bytes=frame_bytes * 10))
+    assert sum(len(c.frames) for c in streamed) == clip.num_frames
+
+
+def test_array_input_and_fps_override(clip):
+    grey = clip.frames[..., 0]
+    out = video.read_clip(grey[..., None], fps=200)
+    assert out.frames.shape == clip.frames.shape and out.fps == 200 and out.fps_source == "user"
+    assert video.read_clip(out, fps=100).fps == 100
+
+
+# ----------------------------------------------------------------------------- bad inputs
+
+
+@pytest.fixture
+def mp4_file(tmp_path, clip) -> Path:
+    return video.write_video(tmp_path / "good.mp4", clip.frames, 50.0)
+
+
+def test_bad_video_files_raise_unreadable(tmp_path, mp4_file):
+    empty = tmp_path / "empty.mp4"
+    empty.write_bytes(b"")
+    text = tmp_path / "notes.mp4"
+    text.write_text("this is not a video\n" * 200)
+    data = mp4_file.read_bytes()
+    truncated = tmp_path / "truncated.mp4"
+    truncated.write_bytes(data[: len(data) // 2])
+    garbage_gif = tmp_path / "broken.gif"
+    garbage_gif.write_bytes(b"GIF89a" + bytes(40))
+    for path, words in [(empty, "empty"), (text, "no decodable video"), (truncated, "truncated"),
+                        (garbage_gif, "animation"), (tmp_path / "missing.mp4", "does not exist"),
+                        (tmp_path, "no image files")]:
+        with pytest.raises(UnreadableVideoError, match=words):
+            video.read_clip(path)
+
+
+def test_folder_with_frames_of_different_sizes(tmp_path):
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "1.png")
+    Image.fromarray(np.zeros((9, 8), np.uint8)).save(tmp_path / "2.png")
+    with pytest.raises(UnreadableVideoError, match="one size"):
+        video.read_clip(tmp_path)
+
+
+def test_clip_limits(tmp_path, driving_gifs, mp4_file, clip):
+    for path in (driving_gifs[0], mp4_file):
+        with pytest.raises(InputTooLargeError, match="frames"):
+            video.read_clip(path, limits=Limits(max_frames=10))
+        with pytest.raises(InputTooLargeError, match="megapixels"):
+            video.read_clip(path, limits=Limits(max_pixels=100 * 100))
+        with pytest.raises(InputTooLargeError, match="MiB"):
+            video.read_clip(path, limits=Limits(max_bytes=1000))
+        with pytest.raises(InputTooLargeError, match="lasts"):
+            video.read_clip(path, limits=Limits(max_seconds=0.5))
+    for i in range(4):
+        Image.fromarray(clip.frames[i]).save(tmp_path / f"{i}.png")
+    with pytest.raises(InputTooLargeError, match="frames"):
+        video.read_clip(tmp_path, limits=Limits(max_frames=3))
+
+
+def _png_header_only(path: Path, width: int, height: int) -> None:
+    """A PNG whose header claims width x height but which holds no pixel data."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
+
+
+def test_bad_images(tmp_path, mp4_file):
+    text = tmp_path / "face.png"
+    text.write_text("not an image")
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    for path, words in [(text, "not an image"), (empty, "empty"), (mp4_file, "looks like a video"),
+                        (tmp_path / "missing.png", "does not exist"), (tmp_path, "folder")]:
+        with pytest.raises(NotAnImageError, match=words):
+            video.read_image(path)
+    # the pixel count comes from the header: a huge image is refused before any decoding
+    huge = tmp_path / "huge.png"
+    _png_header_only(huge, 9000, 9000)
+    with pytest.raises(InputTooLargeError, match="megapixels"):
+        video.read_image(huge)
+    _png_header_only(huge, 30000, 30000)  # beyond Pillow's own decompression-bomb guard
+    with pytest.raises(InputTooLargeError):
+        video.read_image(huge)
+    with pytest.raises(InputTooLargeError):
+        video.read_image(np.zeros((200, 200, 3), np.uint8), limits=Limits(max_pixels=1000))
+
+
+# ----------------------------------------------------------------------------- image modes
+
+
+def test_image_modes_become_rgb(tmp_path, astronaut):
+    grey = astronaut.mean(axis=-1).astype(np.uint8)
+    rgba = np.dstack([astronaut, np.full(astronaut.shape[:2], 255, np.uint8)])
+    rgba[:10, :10, 3] = 0  # transparent corner -> white
+    cases = {
+        "grey.png": (Image.fromarray(grey), np.dstack([grey] * 3)),
+        "rgba.png": (Image.fromarray(rgba), None),
+        "grey16.png": (Image.fromarray(grey.astype(np.uint16) * 257), np.dstack([grey] * 3)),
+        "palette.gif": (Image.fromarray(grey).convert("P"), np.dstack([grey] * 3)),
+        "cmyk.jpg": (Image.fromarray(astronaut).convert("CMYK"), None),
+    }
+    for name, (image, expected) in cases.items():
+        image.save(tmp_path / name)
+        out = video.read_image(tmp_path / name)
+        assert out.shape == astronaut.shape and out.dtype == np.uint8, name
+        if expected is not None:
+            assert np.array_equal(out, expected), name
+    out = video.read_image(tmp_path / "rgba.png")
+    assert (out[:10, :10] == 255).all() and np.array_equal(out[20:, 20:], astronaut[20:, 20:])
+    assert np.abs(video.read_image(tmp_path / "cmyk.jpg").astype(int) - astronaut).mean() < 10
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    pixels = np.zeros((20, 40, 3), np.uint8)
+    pixels[:, :20] = 255  # left half white
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    Image.fromarray(pixels).save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    out = video.read_image(tmp_path / "phone.jpg")
+    assert out.shape == (40, 20, 3)
+    assert out[:20].mean() > 200 and out[20:].mean() < 50  # the white half is now on top
+
+
+def test_arrays_of_any_type_become_rgb_uint8(astronaut):
+    assert np.array_equal(video.as_rgb(astronaut / 255.0), astronaut)
+    assert np.array_equal(video.as_rgb(astronaut.astype(np.uint16) * 257), astronaut)
+    assert video.as_rgb(astronaut[..., 0]).shape == astronaut.shape
+    assert np.array_equal(video.read_image(Image.fromarray(astronaut)), astronaut)
+
+
+# ----------------------------------------------------------------------------- face crop and paste-back
+
+
+def _inside(points: np.ndarray, box: video.FaceBox) -> bool:
+    x, y = np.asarray(points).T
+    return bool(((x >= box.x0) & (x < box.x1) & (y >= box.y0) & (y < box.y1)).all())
+
+
+def test_face_box_is_square_inside_the_image_and_holds_the_face():
+    points = np.array([[100.0, 120.0], [180.0, 120.0], [140.0, 200.0], [100.0, 190.0]])  # face size 80
+    box = video.face_box(points, (400, 300))
+    assert _inside(points, box) and 80 < box.size <= 80 * 1.2
+    assert box.y0 <= 120 - 8 and box.y1 <= 200 + 4  # room above the brows for the forehead
+    wide = video.face_box(points, (400, 300), margin=0.25)
+    assert _inside(points, wide) and wide.x0 <= 100 - 20 and wide.x1 >= 180 + 20
+    near_edge = points - [98, 0]
+    box = video.face_box(near_edge, (400, 300))
+    assert box.x0 == 0 and _inside(near_edge, box)  # shifted inside rather than padded
+    too_big = video.face_box(points, (90, 300), margin=0.5)
+    assert too_big.size > 90 and too_big.y0 < 0 and too_big.y1 > 90  # centred, to be padded
+
+
+def test_crop_and_paste_back_round_trip(astronaut):
+    points = np.array([[180.0, 90.0], [265.0, 95.0], [225.0, 170.0]])  # around the astronaut's face
+    box = video.face_box(points, astronaut.shape)
+    crop = video.crop_to_model(astronaut, box, 256)
+    assert crop.shape == (256, 256, 3) and crop.dtype == np.uint8
+    mapped = box.to_crop(points, 256)
+    assert np.allclose(box.from_crop(mapped, 256), points, atol=1e-3)
+    assert ((mapped >= 0) & (mapped < 256)).all()
+    pasted = video.paste_back(crop, astronaut, box)
+    outside = np.ones(astronaut.shape[:2], bool)
+    outside[box.y0:box.y1, box.x0:box.x1] = False
+    assert np.array_equal(pasted[outside], astronaut[outside])
+    inside = (slice(box.y0, box.y1), slice(box.x0, box.x1))
+    assert np.abs(pasted[inside].astype(int) - astronaut[inside]).mean() < 3  # resize there and back
+    grey_face = np.full((2, 64, 64), 128, np.uint8)  # greyscale generated frames, a stack of two
+    out = video.paste_back(grey_face[..., None], astronaut, box)
+    centre = (box.y0 + box.size // 2, box.x0 + box.size // 2)
+    assert out.shape == (2,) + astronaut.shape and (out[:, centre[0], centre[1]] == 128).all()
+    edge = out[0, box.y0, box.x0 + box.size // 2].astype(int)
+    assert np.abs(edge - astronaut[box.y0, box.x0 + box.size // 2]).max() <= 2  # feathered to the original
+
+
+def test_crop_pads_a_box_past_the_border(clip):
+    box = video.FaceBox(-10, -10, clip.frames.shape[1] + 20)
+    crops = video.crop_to_model(clip.frames[:3], box, 64)
+    assert crops.shape == (3, 64, 64, 3)
+    rgba = np.dstack([clip.frames[0], np.full(clip.frames.shape[1:3], 255, np.uint8)])
+    assert np.array_equal(video.crop_to_model(rgba, box, 64), crops[0])
