@@ -1,0 +1,553 @@
+"""Weights: registry, the resolver against a local Hub stand-in, both formats, conversion,
+publishing and the CLI. No test touches the internet: the Hub is tests/hub_server.py on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shlex
+import socket
+from pathlib import Path
+
+import huggingface_hub
+import pytest
+import torch
+import yaml
+from hub_server import FakeHub, resolve_path
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from conftest import fixture_meta, model_fixture_dirs
+from mefacial import checkpoints as ck
+from mefacial.config import CONFIG_DIR, config_from_reference, load_config
+from mefacial.errors import CheckpointError, UnknownVariantError, WeightsNotFoundError
+
+PARTS = ("generator", "kp_detector")
+REPO = "lab/tiny-weights"
+
+
+# ---- helpers and fixtures ------------------------------------------------------------------------
+
+
+class Tiny(nn.Module):
+    """Stands in for a backbone: sub-modules named like checkpoint parts, BatchNorm buffers included."""
+
+    def __init__(self, width: int = 4):
+        super().__init__()
+        self.generator = nn.Sequential(nn.Conv2d(3, width, 3), nn.BatchNorm2d(width))
+        self.kp_detector = nn.Linear(width, 2)
+
+
+def tiny_checkpoint(seed: int = 0, width: int = 4) -> dict:
+    """An original-layout checkpoint: parts, an optimiser state, an epoch counter."""
+    torch.manual_seed(seed)
+    model = Tiny(width)
+    model.generator[1].running_mean.uniform_()
+    optimizer = torch.optim.Adam(model.parameters())
+    return {"generator": model.generator.state_dict(), "kp_detector": model.kp_detector.state_dict(),
+            "discriminator": {"conv.weight": torch.randn(2, 2)}, "optimizer_generator": optimizer.state_dict(),
+            "epoch": 7}
+
+
+def checkpoint_bytes(tmp_path: Path, seed: int) -> bytes:
+    path = tmp_path / f"blob-{seed}.pth.tar"
+    torch.save(tiny_checkpoint(seed), path)
+    return path.read_bytes()
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    assert sorted(a) == sorted(b)
+    for key in a:
+        assert a[key].dtype == b[key].dtype, key
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.fixture
+def isolated(tmp_path, monkeypatch) -> Path:
+    """Cache, checkpoints folder and registry under tmp_path; nothing inherited from the caller's environment."""
+    for name in list(os.environ):
+        if name.startswith(ck.ENV_VARIANT_PREFIX) or name in (
+                "HF_HUB_CACHE", "HF_HUB_OFFLINE", "HF_TOKEN", "HF_ENDPOINT", "HF_HUB_ETAG_TIMEOUT", ck.ENV_REGISTRY):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    monkeypatch.delenv("HF_OIDC_RESOURCE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "hf" / "token"))  # no stored login
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv(ck.ENV_CHECKPOINT_DIR, str(tmp_path / "ckpts"))
+    (tmp_path / "ckpts").mkdir()
+    return tmp_path
+
+
+@pytest.fixture
+def hub(isolated, monkeypatch):
+    server = FakeHub().start()
+    monkeypatch.setenv("HF_ENDPOINT", server.endpoint)
+    yield server
+    server.stop()
+
+
+def use_registry(tmp_path: Path, monkeypatch, entries: dict) -> None:
+    """Point the resolver at a registry made of `entries` (variant -> fields)."""
+    path = tmp_path / "registry.yaml"
+    path.write_text(yaml.safe_dump(entries))
+    monkeypatch.setenv(ck.ENV_REGISTRY, str(path))
+
+
+def hub_entry(filename: str = "weights/tiny.pth.tar", revision: str = "main", sha256: str | None = None,
+              repo_type: str = "model", repo_id: str = REPO) -> dict:
+    return {"config": "fomm-vox256", "licence": "mit", "how_to_get": "ask the lab",
+            "weights": {"repo_id": repo_id, "repo_type": repo_type, "filename": filename,
+                        "revision": revision, "sha256": sha256}}
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_cli(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser()
+    ck.register_cli(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+# ---- registry -----------------------------------------------------------------------------------
+
+
+def test_registry_covers_every_learned_variant_with_a_real_config():
+    from mefacial.variants import get_variant, variant_ids
+
+    registry = ck.load_registry()
+    learned = {v: get_variant(v).config_name for v in variant_ids() if get_variant(v).needs_weights}
+    assert set(registry) == set(learned)
+    for variant, spec in registry.items():
+        assert spec.config == learned[variant], variant
+        assert (CONFIG_DIR / f"{spec.config}.yaml").is_file()
+        assert spec.licence and spec.origin.get("paper") and spec.how_to_get, variant
+        load_config(spec.config)
+
+
+def test_registry_default_for_fomm_none_is_the_vox_adv_space():
+    spec = ck.load_registry()["fomm-none"]
+    assert spec.weights == ck.HubWeights(repo_id="abhishek/first-order-motion-model", repo_type="space",
+                                         filename="weights/vox-adv-cpk.pth.tar", revision="main", sha256=None)
+    assert all(s.weights is None for v, s in ck.load_registry().items() if v != "fomm-none")
+
+
+@pytest.mark.parametrize("bad, field", [
+    ({"weights": None}, "config"),
+    ({"config": "fomm-vox256", "weights": {"repo_id": "a/b"}}, "weights"),
+    ({"config": "fomm-vox256", "weights": {"repo_id": "a/b", "filename": "f", "sha256": "abc"}}, "sha256"),
+    ({"config": "fomm-vox256", "weights": {"repo_id": "a/b", "filename": "f", "repo_type": "bucket"}}, "repo_type"),
+    ({"config": "fomm-vox256", "weights": None, "licnce": "mit"}, "licnce"),
+])
+def test_registry_errors_name_the_field(tmp_path, bad, field):
+    path = tmp_path / "registry.yaml"
+    path.write_text(yaml.safe_dump({"v": bad}))
+    with pytest.raises(ck.ConfigError, match=field):
+        ck.load_registry(path)
+
+
+def test_env_var_name_and_unknown_variant(isolated):
+    assert ck.checkpoint_env_var("fomm-ewp-mm21") == "MEFACIAL_CHECKPOINT_FOMM_EWP_MM21"
+    with pytest.raises(UnknownVariantError, match="fomm-none"):
+        ck.resolve_checkpoint("fomm-nope")
+
+
+# ---- resolver: local sources --------------------------------------------------------------------
+
+
+def test_resolution_order_explicit_env_local_cache(isolated, monkeypatch, hub):
+    hub.add_file(REPO, "weights/tiny.pth.tar", checkpoint_bytes(isolated, 0))
+    use_registry(isolated, monkeypatch, {"tiny": hub_entry()})
+    assert ck.resolve_checkpoint("tiny", progress=False).source == "hub"
+    assert ck.resolve_checkpoint("tiny").source == "hf-cache"
+
+    local = isolated / "ckpts" / "tiny.pth.tar"
+    torch.save(tiny_checkpoint(1), local)
+    assert ck.resolve_checkpoint("tiny") == ck.ResolvedWeights(local, "local", None, ck.get_spec("tiny"))
+
+    env_file = isolated / "env.pth.tar"
+    torch.save(tiny_checkpoint(2), env_file)
+    monkeypatch.setenv("MEFACIAL_CHECKPOINT_TINY", str(env_file))
+    assert (ck.resolve_checkpoint("tiny").path, ck.resolve_checkpoint("tiny").source) == (env_file, "env")
+
+    explicit = isolated / "mine.pth.tar"
+    torch.save(tiny_checkpoint(3), explicit)
+    assert (ck.resolve_checkpoint("tiny", explicit).path, ck.resolve_checkpoint("tiny", str(explicit)).source) == (explicit, "explicit")
+
+
+def test_missing_explicit_or_env_path_never_falls_back(isolated, monkeypatch):
+    torch.save(tiny_checkpoint(), isolated / "ckpts" / "fomm-none.pth.tar")  # would be found otherwise
+    with pytest.raises(WeightsNotFoundError, match="typo.pth.tar does not exist"):
+        ck.resolve_checkpoint("fomm-none", isolated / "typo.pth.tar")
+    monkeypatch.setenv("MEFACIAL_CHECKPOINT_FOMM_NONE", str(isolated / "gone.pth.tar"))
+    with pytest.raises(WeightsNotFoundError, match="MEFACIAL_CHECKPOINT_FOMM_NONE"):
+        ck.resolve_checkpoint("fomm-none")
+
+
+def test_local_folder_prefers_safetensors_and_registry_basename(isolated):
+    folder = isolated / "ckpts"
+    torch.save(tiny_checkpoint(), folder / "vox-adv-cpk.pth.tar")  # the registry filename's basename
+    assert ck.resolve_checkpoint("fomm-none", offline=True).path == folder / "vox-adv-cpk.pth.tar"
+    torch.save(tiny_checkpoint(), folder / "fomm-none.pth.tar")
+    assert ck.resolve_checkpoint("fomm-none", offline=True).path == folder / "fomm-none.pth.tar"
+    converted = ck.convert_to_safetensors(folder / "fomm-none.pth.tar", None, "fomm-vox256", "fomm-none")
+    assert converted == folder / "fomm-none.safetensors"
+    assert ck.resolve_checkpoint("fomm-none", offline=True).path == converted
+    assert ck.resolve_checkpoint("fomm-none", folder / "fomm-none.pth.tar").path == converted  # same stem
+
+
+def test_variant_without_public_weights_says_how_to_get_them(isolated):
+    with pytest.raises(WeightsNotFoundError) as info:
+        ck.resolve_checkpoint("fomm-awp")
+    message = str(info.value)
+    assert "no public weights" in message and "python -m train" in message
+    assert str(isolated / "ckpts" / "fomm-awp.pth.tar") in message and "MEFACIAL_CHECKPOINT_FOMM_AWP" in message
+
+
+# ---- resolver: the Hub ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("lfs", [False, True], ids=["git-file", "lfs-via-cdn"])
+def test_download_then_served_from_cache_without_requests(hub, isolated, monkeypatch, lfs):
+    data = checkpoint_bytes(isolated, 0)
+    hub.add_file(REPO, "weights/tiny.pth.tar", data, lfs=lfs)
+    use_registry(isolated, monkeypatch, {"tiny": hub_entry()})
+
+    first = ck.resolve_checkpoint("tiny", progress=False)
+    assert first.source == "hub" and first.path.read_bytes() == data
+    assert first.path.is_relative_to(isolated / "hf" / "hub")  # HF_HOME honoured
+    assert hub.count("GET") == 1 and any(r.path.startswith("/cdn/") for r in hub.requests) == lfs
+    seen = hub.count()
+
+    second = ck.resolve_checkpoint("tiny", progress=False)
+    assert (second.source, second.path) == ("hf-cache", first.path)
+    assert hub.count() == seen  # the second call made no request
+    model = Tiny()
+    assert ck.load_weights(model, second.path, PARTS) == {"epoch": 7}
+
+
+def test_space_repo_and_revision_pinning(hub, isolated, monkeypatch):
+    v1, v2 = checkpoint_bytes(isolated, 1), checkpoint_bytes(isolated, 2)
+    commit_v1 = hub.add_file(REPO, "w.pth.tar", v1, repo_type="space")
+    hub.add_file(REPO, "w.pth.tar", v2, repo_type="space", revision="v2")
+    use_registry(isolated, monkeypatch, {
+        "main": hub_entry("w.pth.tar", repo_type="space"),
+        "tag": hub_entry("w.pth.tar", revision="v2", repo_type="space"),
+        "commit": hub_entry("w.pth.tar", revision=commit_v1, repo_type="space"),
+    })
+    assert ck.resolve_checkpoint("tag", progress=False).path.read_bytes() == v2
+    assert ck.resolve_checkpoint("main", progress=False).path.read_bytes() == v1
+    assert ck.resolve_checkpoint("commit", progress=False).path.read_bytes() == v1
+    assert any(r.path == resolve_path(REPO, "w.pth.tar", "v2", "space") for r in hub.requests)
+
+
+def test_sha256_verified_and_mismatch_is_a_checkpoint_error(hub, isolated, monkeypatch):
+    data = checkpoint_bytes(isolated, 0)
+    hub.add_file(REPO, "w.pth.tar", data)
+    good, bad = hashlib.sha256(data).hexdigest(), "0" * 64
+    use_registry(isolated, monkeypatch, {"good": hub_entry("w.pth.tar", sha256=good),
+                                         "bad": hub_entry("w.pth.tar", sha256=bad)})
+    assert ck.resolve_checkpoint("good", progress=False).sha256 == good
+    with pytest.raises(CheckpointError) as info:
+        ck.resolve_checkpoint("bad", progress=False)  # served from the cache now: checked there too
+    assert not isinstance(info.value, WeightsNotFoundError)
+    assert good in str(info.value) and bad in str(info.value) and "w.pth.tar" in str(info.value)
+
+
+@pytest.mark.parametrize("entry, expected", [
+    (hub_entry("missing.pth.tar"), "file 'missing.pth.tar' does not exist"),
+    (hub_entry(repo_id="lab/nope"), "not found on http://127.0.0.1"),
+    (hub_entry(revision="v9"), "revision 'v9' does not exist"),
+], ids=["file", "repo", "revision"])
+def test_not_found_on_the_hub_is_a_helpful_error(hub, isolated, monkeypatch, entry, expected):
+    hub.add_file(REPO, "weights/tiny.pth.tar", b"data")
+    use_registry(isolated, monkeypatch, {"tiny": entry})
+    with pytest.raises(WeightsNotFoundError) as info:
+        ck.resolve_checkpoint("tiny", progress=False)
+    message = str(info.value)
+    assert expected in message
+    for place in ("MEFACIAL_CHECKPOINT_TINY", str(isolated / "ckpts" / "tiny.pth.tar"), str(isolated / "hf" / "hub"),
+                  "ask the lab", "HF_ENDPOINT"):
+        assert place in message
+
+
+def test_private_repo_needs_a_token(hub, isolated, monkeypatch):
+    data = checkpoint_bytes(isolated, 0)
+    hub.add_file(REPO, "weights/tiny.pth.tar", data, token="hf_secret")
+    use_registry(isolated, monkeypatch, {"tiny": hub_entry()})
+    with pytest.raises(WeightsNotFoundError, match="HF_TOKEN"):
+        ck.resolve_checkpoint("tiny", progress=False)
+    monkeypatch.setenv("HF_TOKEN", "hf_secret")
+    assert ck.resolve_checkpoint("tiny", progress=False).path.read_bytes() == data
+    assert hub.requests[-1].authorization == "Bearer hf_secret"
+
+
+@pytest.mark.timeout(60)  # hang guard: the call must return (with an error) instead of retrying for minutes
+def test_server_down_fails_with_an_error(isolated, monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed_port()}")
+    use_registry(isolated, monkeypatch, {"tiny": hub_entry()})
+    with pytest.raises(WeightsNotFoundError, match="Hub unreachable") as info:
+        ck.resolve_checkpoint("tiny", progress=False)
+    assert "weights/tiny.pth.tar" in str(info.value)
+
+
+@pytest.mark.timeout(60)
+def test_server_that_never_answers_times_out(isolated, monkeypatch):
+    with socket.socket() as silent:  # accepts connections (backlog) and never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(4)
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{silent.getsockname()[1]}")
+        monkeypatch.setenv("HF_HUB_ETAG_TIMEOUT", "1")
+        use_registry(isolated, monkeypatch, {"tiny": hub_entry()})
+        with pytest.raises(WeightsNotFoundError, match="Hub unreachable.*Timeout"):
+            ck.resolve_checkpoint("tiny", progress=False)
+
+
+def test_offline_mode_fails_at_once_and_lists_where_it_looked(hub, isolated, monkeypatch):
+    hub.add_file(REPO, "weights/tiny.pth.tar", b"data")
+    use_registry(isolated, monkeypatch, {"tiny": hub_entry()})
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(WeightsNotFoundError) as info:
+        ck.resolve_checkpoint("tiny")
+    message = str(info.value)
+    for place in ("MEFACIAL_CHECKPOINT_TINY", str(isolated / "ckpts"), str(isolated / "hf" / "hub"), "offline"):
+        assert place in message
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    with pytest.raises(WeightsNotFoundError, match="offline"):
+        ck.resolve_checkpoint("tiny", offline=True)
+    assert hub.count() == 0
+
+
+# ---- loading and conversion ----------------------------------------------------------------------
+
+
+def test_both_formats_load_the_same_weights_and_sidecar_describes_them(isolated):
+    src = isolated / "orig.pth.tar"
+    checkpoint = tiny_checkpoint(5)
+    checkpoint["generator"] = {f"module.{k}": v for k, v in checkpoint["generator"].items()}  # saved from DDP
+    shared = torch.randn(2, 4)
+    checkpoint["kp_detector"] = {"weight": shared.t().contiguous().t(), "bias": torch.zeros(2)}  # strided
+    checkpoint["discriminator"] = {"a": shared, "b": shared}  # one storage, two names
+    torch.save(checkpoint, src)
+
+    from_pickle, from_safetensors = Tiny(), Tiny()
+    assert ck.load_weights(from_pickle, src, PARTS) == {"epoch": 7}
+    dst = ck.convert_to_safetensors(src, isolated / "out" / "tiny", "fomm-vox256", "fomm-none")
+    assert dst == isolated / "out" / "tiny.safetensors"
+    sidecar = ck.load_weights(from_safetensors, dst, PARTS)
+    assert_same_state(from_pickle.state_dict(), from_safetensors.state_dict())
+    assert torch.equal(from_safetensors.kp_detector.weight, shared)
+
+    assert sidecar == json.loads((isolated / "out" / "tiny.json").read_text())
+    assert sidecar["variant"] == "fomm-none" and sidecar["config"] == load_config("fomm-vox256").to_dict()
+    assert sidecar["metadata"]["epoch"] == 7 and sidecar["metadata"]["dropped"] == ["optimizer_generator"]
+    assert sidecar["metadata"]["source_sha256"] == ck.sha256_file(src)
+    assert sorted(load_file(dst)) == sorted(f"{p}.{k}" for p in ("generator", "kp_detector", "discriminator")
+                                              for k in {"generator": from_pickle.generator.state_dict(),
+                                                        "kp_detector": {"weight": 0, "bias": 0},
+                                                        "discriminator": {"a": 0, "b": 0}}[p])
+
+
+def test_safetensors_with_wrapper_prefixes_loads(isolated):
+    model = Tiny()
+    state = {f"module.{k}": v.clone() for k, v in Tiny().state_dict().items()}
+    save_file(state, isolated / "ddp.safetensors")
+    ck.load_weights(model, isolated / "ddp.safetensors", PARTS)
+    assert_same_state({f"module.{k}": v for k, v in model.state_dict().items()}, state)
+
+
+def test_not_a_checkpoint_and_other_architectures_are_refused(isolated):
+    text = isolated / "notes.pth.tar"
+    text.write_text("not weights")
+    with pytest.raises(CheckpointError, match="not a loadable checkpoint"):
+        ck.load_weights(Tiny(), text, PARTS)
+    image = isolated / "face.safetensors"
+    image.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))
+    with pytest.raises(CheckpointError):
+        ck.load_weights(Tiny(), image, PARTS)
+
+    mraa_like = isolated / "mraa.pth.tar"
+    torch.save({"generator": {}, "region_predictor": {}, "bg_predictor": {}}, mraa_like)
+    with pytest.raises(CheckpointError, match="kp_detector"):
+        ck.load_weights(Tiny(), mraa_like, PARTS)
+    with pytest.raises(CheckpointError, match="kp_detector"):
+        ck.convert_to_safetensors(mraa_like, isolated / "x", "fomm-vox256", "fomm-none")
+
+    wider = isolated / "wider.safetensors"
+    save_file({f"{p}": t for p, t in Tiny(width=6).state_dict().items()}, wider)
+    with pytest.raises(CheckpointError, match="mis-shaped keys"):
+        ck.load_weights(Tiny(), wider, PARTS)
+
+
+def test_pickle_that_runs_code_is_refused(isolated):
+    marker = isolated / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {shlex.quote(str(marker))}",)
+
+    evil = isolated / "evil.pth.tar"
+    torch.save({"generator": {"weight": Payload()}, "kp_detector": {}}, evil)
+    with pytest.raises(CheckpointError, match="weights_only"):
+        ck.load_weights(Tiny(), evil, PARTS)
+    with pytest.raises(CheckpointError):
+        ck.convert_to_safetensors(evil, isolated / "x", "fomm-vox256", "fomm-none")
+    assert ck.resolve_checkpoint("fomm-none", evil).path == evil  # resolving only finds it; loading refuses it
+    assert not marker.exists()
+
+
+def _fixture_config(folder: Path):
+    return config_from_reference(yaml.safe_load((folder / "config.yaml").read_text()), fixture_meta(folder), name=folder.name)
+
+
+def _run_model(model: nn.Module, tensors: dict) -> torch.Tensor:
+    """Prediction of `model` for the fixture's source and last driving frame, through the backbone protocol."""
+    source, driving = tensors["inputs.source"], tensors["inputs.driving"]
+    au = tensors.get("au_points_pixels")  # see meta.json: [source, initial, driving...] or [source, driving] fixed
+    au_source = au_init = au_driving = None
+    if au is not None:
+        au_source, au_init, au_driving = au[:1], au[1:2], au[-1:]
+    first, driving = driving[:1], driving[-1:]  # one driving frame keeps the test fast
+    with torch.inference_mode():
+        src = model.detect(source, au_source)
+        init = model.detect(first, au_init)
+        drv = model.detect(driving, au_driving)
+        cache = model.encode_source(source)
+        new = model.transfer(src, drv, init, mode="relative")
+        return model.generate(source, cache, src, new)["prediction"]
+
+
+@pytest.mark.parametrize("folder", [pytest.param(d, id=d.name) for d in model_fixture_dirs()]
+                         or [pytest.param(None, id="no-fixtures")])
+def test_reference_checkpoints_round_trip_through_safetensors(folder, tmp_path, fixtures_dir):
+    """Resolve (explicit path) -> convert -> load both formats: same tensors, same model outputs."""
+    from mefacial.models import CHECKPOINT_PARTS, INFERENCE_PARTS, build_model
+
+    if folder is None:
+        pytest.fail(f"no model fixtures under {fixtures_dir}")
+    config = _fixture_config(folder)
+    variant = f"{config.backbone}-{config.prior}"
+    original = ck.resolve_checkpoint(variant, folder / "checkpoint.pth.tar")
+    assert (original.path, original.source) == (folder / "checkpoint.pth.tar", "explicit")
+    converted = ck.resolve_checkpoint(variant, ck.convert_to_safetensors(original.path, tmp_path / "converted", config, None))
+    assert converted.path == tmp_path / "converted.safetensors"
+    assert_same_state(ck.flatten_parts(ck.read_pickled_checkpoint(original.path), CHECKPOINT_PARTS[config.backbone]),
+                      load_file(converted.path))
+    assert ck.read_sidecar(converted.path)["config"] == config.to_dict()
+
+    models = []
+    for resolved in (original, converted):
+        model = build_model(config).eval()
+        ck.load_weights(model, resolved.path, INFERENCE_PARTS[config.backbone])
+        models.append(model)
+    assert_same_state(models[0].state_dict(), models[1].state_dict())
+    tensors = load_file(folder / "tensors.safetensors")
+    assert torch.equal(_run_model(models[0], tensors), _run_model(models[1], tensors))
+
+
+# ---- publishing -----------------------------------------------------------------------------------
+
+
+class FakeApi:
+    """Records what push_to_hub asks of huggingface_hub.HfApi (and the folder it uploads)."""
+
+    calls: list = []
+
+    def __init__(self, **kwargs):
+        FakeApi.calls.append(("init", kwargs))
+
+    def create_repo(self, repo_id, **kwargs):
+        FakeApi.calls.append(("create_repo", repo_id, kwargs))
+        return huggingface_hub.RepoUrl(f"https://hub.example/{repo_id}", endpoint="https://hub.example")
+
+    def upload_folder(self, **kwargs):
+        files = {p.name: p.read_bytes() for p in Path(kwargs["folder_path"]).iterdir()}
+        FakeApi.calls.append(("upload_folder", kwargs, files))
+        return argparse.Namespace(oid="c0ffee" * 6 + "c0ff")
+
+
+@pytest.fixture
+def fake_api(monkeypatch):
+    FakeApi.calls = []
+    monkeypatch.setattr(ck, "HfApi", FakeApi)
+    return FakeApi
+
+
+@pytest.mark.parametrize("start_from", ["pth", "safetensors"])
+def test_push_uploads_safetensors_config_and_model_card(isolated, fake_api, tmp_path, start_from):
+    src = tmp_path / "trained.pth.tar"
+    torch.save(tiny_checkpoint(9), src)
+    if start_from == "safetensors":
+        src = ck.convert_to_safetensors(src, tmp_path / "trained", "fomm-ewp", "fomm-ewp")
+    published = ck.push_to_hub("fomm-ewp", src, "me/fomm-ewp", private=True, token="hf_tok",
+                               metrics={"psnr": 28.5, "ssim": 0.91})
+
+    (_, init), (_, repo_id, create), (_, upload, files) = fake_api.calls
+    assert init["token"] == "hf_tok" and repo_id == "me/fomm-ewp"
+    assert create == {"private": True, "exist_ok": True, "repo_type": "model"}
+    assert upload["repo_id"] == "me/fomm-ewp" and upload["repo_type"] == "model"
+    assert sorted(files) == ["README.md", "config.json", "model.safetensors"]
+
+    expected = Tiny()
+    ck.load_weights(expected, tmp_path / "trained.pth.tar", PARTS)
+    uploaded = tmp_path / "uploaded.safetensors"
+    uploaded.write_bytes(files["model.safetensors"])
+    got = Tiny()
+    ck.load_weights(got, uploaded, PARTS)
+    assert_same_state(expected.state_dict(), got.state_dict())
+
+    config = json.loads(files["config.json"])
+    assert config["variant"] == "fomm-ewp" and config["config"] == load_config("fomm-ewp").to_dict()
+    assert config["metrics"] == {"psnr": 28.5, "ssim": 0.91}
+
+    card = files["README.md"].decode()
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["library_name"] == "mefacial" and front["license"] == "mit" and "micro-expression" in front["tags"]
+    assert "fomm-ewp" in card and "equal-weighted prior" in card and "| psnr | 28.5 |" in card
+    assert "CASME II" in card  # training data from the registry
+
+    assert published.sha256 == hashlib.sha256(files["model.safetensors"]).hexdigest()
+    assert published.registry_entry() == {"repo_id": "me/fomm-ewp", "repo_type": "model", "filename": "model.safetensors",
+                                          "revision": "c0ffee" * 6 + "c0ff", "sha256": published.sha256}
+
+
+def test_cli_push_prints_a_registry_entry(isolated, fake_api, tmp_path, capsys):
+    src = tmp_path / "trained.pth.tar"
+    torch.save(tiny_checkpoint(), src)
+    metrics = tmp_path / "metrics.json"
+    metrics.write_text(json.dumps({"l1": 0.05}))
+    assert run_cli(["checkpoints", "push", "--variant", "fomm-awp", "--file", str(src), "--repo", "me/awp",
+                    "--metrics", str(metrics)]) == 0
+    printed = capsys.readouterr().out
+    entry = yaml.safe_load(printed.split("registry entry (checkpoints/registry.yaml):")[1])
+    assert entry["fomm-awp"]["weights"]["repo_id"] == "me/awp"
+    assert fake_api.calls[1][2] == {"private": False, "exist_ok": True, "repo_type": "model"}
+
+
+# ---- CLI: list and convert ------------------------------------------------------------------------
+
+
+def test_cli_convert_then_list_without_network(isolated, hub, capsys, tmp_path):
+    src = tmp_path / "vox.pth.tar"
+    torch.save(tiny_checkpoint(), src)
+    assert run_cli(["checkpoints", "convert", str(src), "--variant", "fomm-none"]) == 0
+    assert (isolated / "ckpts" / "fomm-none.safetensors").is_file() and (isolated / "ckpts" / "fomm-none.json").is_file()
+    capsys.readouterr()
+
+    assert run_cli(["checkpoints", "list", "--json", "--hash"]) == 0
+    rows = {row["variant"]: row for row in json.loads(capsys.readouterr().out)}
+    assert set(rows) == set(ck.load_registry())
+    assert rows["fomm-none"]["present"] and rows["fomm-none"]["source"] == "local"
+    assert rows["fomm-none"]["sha256"] == ck.sha256_file(isolated / "ckpts" / "fomm-none.safetensors")
+    assert not rows["fomm-awp"]["present"] and "python -m train" in rows["fomm-awp"]["how_to_get"]
+    assert run_cli(["checkpoints", "list"]) == 0
+    assert "fomm-none" in capsys.readouterr().out
+    assert hub.count() == 0
