@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from .errors import InputError
+from .prior import precise_dtype
 
 KP = dict  # {"value": B x K x 2, "jacobian": B x K x 2 x 2, ...}
 
@@ -28,13 +29,13 @@ KP = dict  # {"value": B x K x 2, "jacobian": B x K x 2 x 2, ...}
 def convex_hull_area(points: torch.Tensor) -> torch.Tensor:
     """Area of the convex hull of ... x N x 2 points (0 for fewer than 3 or collinear points), batched.
 
-    Computes what `scipy.spatial.ConvexHull(points).volume` computes, in float64:
+    Computes what `scipy.spatial.ConvexHull(points).volume` computes, in float64 (float32 on MPS):
     a directed edge i -> j is a hull edge (counter-clockwise) when every other point
     lies strictly left of it or on the segment itself, and the area is the
     shoelace sum over hull edges. O(N^3) per batch item, which is nothing for the
     handful of keypoints it is used on.
     """
-    p = points.to(torch.float64)  # ... x N x 2
+    p = points.to(precise_dtype(points.device))  # ... x N x 2
     n = p.shape[-2]
     eye = torch.eye(n, dtype=torch.bool, device=p.device)
     # Only the first of several identical points takes part in edges.
@@ -52,11 +53,18 @@ def convex_hull_area(points: torch.Tensor) -> torch.Tensor:
     return 0.5 * (shoelace * edge).sum(dim=(-2, -1))
 
 
+def inverse(matrices: torch.Tensor) -> torch.Tensor:
+    """Batched matrix inverse; half-precision inputs are inverted in float32 (torch has no bf16/fp16 inverse)."""
+    if matrices.dtype in (torch.float32, torch.float64):
+        return torch.inverse(matrices)
+    return torch.inverse(matrices.float()).to(matrices.dtype)
+
+
 def movement_scale(kp_source: KP, kp_driving_initial: KP) -> torch.Tensor:
     """sqrt(source hull area) / sqrt(initial driving hull area): B x 1 x 1 (1 where the latter is degenerate)."""
     source_area = convex_hull_area(kp_source["value"])
     driving_area = convex_hull_area(kp_driving_initial["value"])
-    ratio = torch.sqrt(source_area) / torch.sqrt(driving_area.clamp_min(torch.finfo(torch.float64).tiny))
+    ratio = torch.sqrt(source_area) / torch.sqrt(driving_area.clamp_min(torch.finfo(driving_area.dtype).tiny))
     ratio = torch.where(driving_area > 0, ratio, torch.ones_like(ratio))
     return ratio.to(kp_source["value"].dtype)[..., None, None]
 
@@ -86,11 +94,8 @@ def normalize_kp(
         displacement = displacement * magnify
     kp_new["value"] = displacement + kp_source["value"]
     if use_relative_jacobian and "jacobian" in kp_driving:
-        relative = torch.matmul(kp_driving["jacobian"], torch.inverse(kp_driving_initial["jacobian"]))  # B x K x 2 x 2
-        if magnify != 1.0:
-            identity = torch.eye(2, dtype=relative.dtype, device=relative.device)
-            relative = identity + magnify * (relative - identity)
-        kp_new["jacobian"] = torch.matmul(relative, kp_source["jacobian"])
+        relative = torch.matmul(kp_driving["jacobian"], inverse(kp_driving_initial["jacobian"]))  # B x K x 2 x 2
+        kp_new["jacobian"] = torch.matmul(extrapolate_deformation(relative, magnify), kp_source["jacobian"])
     return kp_new
 
 

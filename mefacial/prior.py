@@ -56,8 +56,8 @@ def au_points_from_landmarks(landmarks: torch.Tensor) -> torch.Tensor:
     return landmarks[..., index, :] + offsets * half_eye[..., None, None]  # ... x 18 x 2
 
 
-def _map_dtype(device: torch.device) -> torch.dtype:
-    """The reference computes the maps in float64 (numpy); do so where the device supports it."""
+def precise_dtype(device: torch.device) -> torch.dtype:
+    """float64 where the device supports it (not MPS): the references compute the maps and hull areas in numpy."""
     return torch.float32 if device.type == "mps" else torch.float64
 
 
@@ -65,7 +65,7 @@ def _distance_maps(au_points_px: torch.Tensor, image_size: int, map_size: int, s
     """Per-AU maps in the reference's float64 precision (float32 on MPS): B x P x map x map."""
     if distance not in DISTANCES:
         raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
-    dtype = _map_dtype(au_points_px.device)
+    dtype = precise_dtype(au_points_px.device)
     # The reference scales in the points' own precision (float32) before going to float64.
     points = (au_points_px.float() * map_size / image_size).to(dtype)  # B x P x 2, (x, y) in map pixels
     index = torch.arange(1, map_size + 1, dtype=dtype, device=points.device)  # 1-based pixel indices

@@ -198,7 +198,7 @@ class DenseMotionNetwork(nn.Module):
         identity = make_coordinate_grid(spatial_size, value_s.dtype, value_s.device)  # h x w x 2
         coords = identity - value_d[:, :, None, None, :]  # B x K x h x w x 2
         if "jacobian" in kp_driving:
-            jacobian = torch.matmul(kp_source["jacobian"], torch.inverse(kp_driving["jacobian"]))  # B x K x 2 x 2
+            jacobian = torch.matmul(kp_source["jacobian"], motion.inverse(kp_driving["jacobian"]))  # B x K x 2 x 2
             coords = torch.matmul(jacobian[:, :, None, None], coords.unsqueeze(-1)).squeeze(-1)
         driving_to_source = coords + value_s[:, :, None, None, :]
         background = identity.expand(driving_to_source.shape[0], 1, *identity.shape)
