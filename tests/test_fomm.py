@@ -197,3 +197,18 @@ def test_config_errors_name_the_key():
         FOMM(ModelConfig(name="typo", backbone="fomm", model_params=params))
     with pytest.raises(ConfigError, match="num_kp"):
         FOMM(ModelConfig(name="awp-10", backbone="fomm", prior="awp", model_params=config.model_params))
+
+
+@pytest.mark.parametrize("sn", [False, True])
+def test_discriminator_scales_and_spectral_norm(sn):
+    from mefacial.models.discriminator import MultiScaleDiscriminator
+
+    disc = MultiScaleDiscriminator(scales=(1, 0.5), block_expansion=4, max_features=16, num_blocks=3, sn=sn,
+                                   use_kp=True, num_kp=5).eval()
+    assert sorted(disc.discs) == ["0-5", "1"]
+    assert ("discs.1.conv.weight_orig" in disc.state_dict()) == sn
+    torch.manual_seed(0)
+    pyramid = {"prediction_1": torch.rand(2, 3, 64, 64), "prediction_0.5": torch.rand(2, 3, 32, 32)}
+    out = disc(pyramid, kp=_random_kp(2, num_kp=5))
+    assert out["prediction_map_1"].shape[:2] == (2, 1) and len(out["feature_maps_0.5"]) == 3
+    assert out["prediction_map_0.5"].shape[-1] < out["prediction_map_1"].shape[-1]

@@ -29,6 +29,13 @@ def make_coordinate_grid(
     return torch.stack([xx, yy], dim=-1)  # H x W x 2
 
 
+def kp2gaussian(value: torch.Tensor, spatial_size: tuple[int, int], kp_variance: float) -> torch.Tensor:
+    """Isotropic Gaussians at keypoints: B x K x 2 values in [-1, 1] -> B x K x H x W."""
+    grid = make_coordinate_grid(spatial_size, value.dtype, value.device)  # H x W x 2
+    mean_sub = grid - value[..., None, None, :]  # B x K x H x W x 2
+    return torch.exp(-0.5 * (mean_sub**2).sum(-1) / kp_variance)
+
+
 class ResBlock2d(nn.Module):
     """Pre-activation residual block (BN-ReLU-conv twice), spatial size preserved."""
 

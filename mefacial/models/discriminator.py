@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .blocks import kp2gaussian
+
 
 class DiscriminatorBlock(nn.Module):
     """conv (4x4, no padding) -> optional instance norm -> leaky ReLU(0.2) -> optional 2x2 average pooling."""
@@ -55,8 +57,6 @@ class Discriminator(nn.Module):
     def forward(self, x: torch.Tensor, kp: dict | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
         out = x
         if self.use_kp:
-            from .fomm import kp2gaussian
-
             out = torch.cat([out, kp2gaussian(kp["value"], tuple(x.shape[2:]), self.kp_variance)], dim=1)
         feature_maps = []
         for down_block in self.down_blocks:

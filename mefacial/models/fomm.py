@@ -37,18 +37,12 @@ from .blocks import (
     ResBlock2d,
     SameBlock2d,
     UpBlock2d,
+    kp2gaussian,
     make_coordinate_grid,
 )
 from .discriminator import MultiScaleDiscriminator
 
 KP = dict  # {"value": B x K x 2, "jacobian": B x K x 2 x 2, ...}
-
-
-def kp2gaussian(value: torch.Tensor, spatial_size: tuple[int, int], kp_variance: float) -> torch.Tensor:
-    """Isotropic Gaussians at keypoints: B x K x 2 values in [-1, 1] -> B x K x H x W."""
-    grid = make_coordinate_grid(spatial_size, value.dtype, value.device)  # H x W x 2
-    mean_sub = grid - value[..., None, None, :]  # B x K x H x W x 2
-    return torch.exp(-0.5 * (mean_sub**2).sum(-1) / kp_variance)
 
 
 def heatmap_expectation(heatmap: torch.Tensor) -> torch.Tensor:
