@@ -43,7 +43,7 @@ NO_WEIGHTS = "no weights: see checkpoints/README.md"
 
 BACKBONES = {"warp": "Training-free warp", "fomm": "FOMM", "mraa": "MRAA"}
 PRIORS = {"none": "none", "ewp": "EWP", "awp": "AWP", "ewp-mm21": "EWP (ACM MM 2021)"}
-MOTIONS = {"relative": "relative", "absolute": "absolute", "standard": "absolute (standard)", "avd": "AVD"}
+MOTIONS = {"relative": "relative", "absolute": "absolute", "standard": "standard (MRAA's absolute)", "avd": "AVD"}
 LANDMARKS = {"dlib": "dlib (fast, CPU)", "fan": "FAN (face-alignment)", "auto": "auto"}
 
 
@@ -152,6 +152,15 @@ def choice(value: Any, options: dict | list, what: str) -> str:
     return value
 
 
+def user_message(exc: Exception, uploads: list[Any]) -> str:
+    """The error's message with server-side upload paths replaced by the names the user uploaded."""
+    message = str(exc)
+    for payload in uploads:
+        if isinstance(payload, dict) and payload.get("path") and payload.get("orig_name"):
+            message = message.replace(str(payload["path"]), str(payload["orig_name"]))
+    return message
+
+
 def user_errors(fn: Callable) -> Callable:
     """Turn engine errors into gr.Error messages (cause and remedy); the server keeps serving."""
 
@@ -162,7 +171,7 @@ def user_errors(fn: Callable) -> Callable:
         except gr.Error:
             raise
         except MefacialError as exc:
-            raise gr.Error(str(exc), title=type(exc).__name__) from exc
+            raise gr.Error(user_message(exc, [*args, *kwargs.values()]), title=type(exc).__name__) from exc
         except MemoryError as exc:
             raise gr.Error("Out of memory: use a shorter clip, a smaller face image, or start the app with "
                            "--precision bf16 (CPU) / fp16 (GPU).", title="Out of memory") from exc
@@ -437,9 +446,10 @@ def build_demo(engine: mefacial.Engine, limits: Limits | None = None) -> gr.Bloc
                             g_format = gr.Radio(["mp4", "gif"], value="mp4", label="Download format")
                     g_button = gr.Button("Generate", variant="primary", elem_id="g-button")
                 with gr.Column(scale=1):
-                    g_result = gr.Video(label="Result", interactive=False, autoplay=True, loop=True, elem_id="g-result")
-                    g_grid = gr.Video(label="Source | driving | result", interactive=False, autoplay=True, loop=True,
-                                      elem_id="g-grid")
+                    g_result = gr.Video(label="Result", interactive=False, autoplay=True, loop=True, height=360,
+                                        elem_id="g-result")
+                    g_grid = gr.Video(label="Source | driving | result", show_label=False, interactive=False,
+                                      autoplay=True, loop=True, elem_id="g-grid")
                     g_download = gr.File(label="Download", interactive=False, height=70, elem_id="g-download")
                     g_status = gr.Markdown(label="Status", elem_id="g-status")
 
@@ -489,7 +499,8 @@ def build_demo(engine: mefacial.Engine, limits: Limits | None = None) -> gr.Bloc
                                            label="Landmark backend")
                     c_button = gr.Button("Compare", variant="primary", elem_id="c-button")
                 with gr.Column(scale=2):
-                    c_grid = gr.Video(label="Comparison", interactive=False, autoplay=True, loop=True, elem_id="c-grid")
+                    c_grid = gr.Video(label="Comparison", show_label=False, interactive=False, autoplay=True, loop=True,
+                                      elem_id="c-grid")
                     c_status = gr.Markdown(label="Status", elem_id="c-status")
 
         with gr.Accordion("Variants and weights", open=False):

@@ -1,0 +1,65 @@
+"""Run `python app.py` in a subprocess on a free loopback port, for the app tests (gradio_client, browser).
+
+The app runs on the CPU with dlib landmarks, offline, with an empty weights folder,
+so every learned variant is "missing weights" whatever the machine has.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Iterator
+
+REPO = Path(__file__).resolve().parent.parent
+STARTUP_TIMEOUT_S = 180
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_until_up(url: str, process: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"app.py exited with status {process.returncode}:\n{log.read_text()[-4000:]}")
+        try:
+            with urllib.request.urlopen(url + "config", timeout=2):
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise RuntimeError(f"app.py did not answer on {url} within {STARTUP_TIMEOUT_S} s:\n{log.read_text()[-4000:]}")
+
+
+@contextlib.contextmanager
+def running_app(tmp: Path, *flags: str) -> Iterator[str]:
+    """Start app.py with `flags`; yield its URL (ending in /); stop it afterwards."""
+    port = free_port()
+    weights = tmp / "no-weights"
+    weights.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "MEFACIAL_CHECKPOINT_DIR": str(weights), "HF_HUB_OFFLINE": "1",
+           "GRADIO_ANALYTICS_ENABLED": "False", "GRADIO_TEMP_DIR": str(tmp / "gradio")}
+    log = tmp / "app.log"
+    with open(log, "w") as out:
+        process = subprocess.Popen(
+            [sys.executable, str(REPO / "app.py"), "--host", "127.0.0.1", "--port", str(port), "--device", "cpu",
+             "--landmarks", "dlib", *flags], cwd=tmp, env=env, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        _wait_until_up(url, process, log)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

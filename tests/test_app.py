@@ -1,0 +1,138 @@
+"""The demo's API through gradio_client, against `python app.py` running in a subprocess.
+
+CPU, dlib landmarks, offline, no weights (every learned variant must say so),
+the training-free warp variant on the bundled examples (16 frames).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+from pathlib import Path
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+
+from app_server import REPO, running_app
+from mefacial import list_variants
+from mefacial.grid import HEADER, TILE
+from mefacial.video import read_clip, write_video
+
+pytestmark = pytest.mark.slow
+
+FACE = REPO / "examples" / "astronaut.png"
+CLIP = REPO / "examples" / "brow_raise.mp4"
+MAX_FRAMES = 40
+
+
+@pytest.fixture(scope="module")
+def app_url(tmp_path_factory) -> str:
+    tmp = tmp_path_factory.mktemp("app")
+    with running_app(tmp, "--max-frames", str(MAX_FRAMES), "--queue-size", "8") as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(app_url: str) -> Client:
+    return Client(app_url, verbose=False)
+
+
+@pytest.fixture(scope="module")
+def clip():
+    return read_clip(CLIP)
+
+
+def frames_of(path: str) -> np.ndarray:
+    return iio.imread(path)  # T x H x W x 3
+
+
+def test_generate_returns_a_playable_video_of_every_frame(client, clip):
+    video, grid, download, status = client.predict(source=handle_file(FACE), driving=handle_file(CLIP),
+                                                   backbone="warp", landmarks="dlib", api_name="/generate")
+    result = frames_of(video)
+    assert result.shape[0] == clip.num_frames and result.shape[-1] == 3
+    assert iio.immeta(video)["fps"] == pytest.approx(clip.fps, rel=0.01)
+    assert np.abs(result[-1].astype(int) - result[0].astype(int)).mean() > 0.05  # the face moved
+    side_by_side = frames_of(grid)
+    assert side_by_side.shape[0] == clip.num_frames
+    assert side_by_side.shape[1:3] == (HEADER + TILE, 3 * TILE)  # source | driving | result
+    assert Path(download).suffix == ".mp4"
+    assert "warp" in status and "dlib" in status and f"{clip.num_frames} frames" in status
+
+
+def test_gif_download_at_a_slower_playback(client, clip):
+    video, _, download, status = client.predict(source=handle_file(FACE), driving=handle_file(CLIP), slowdown=4,
+                                                format="gif", api_name="/generate")
+    assert Path(download).suffix == ".gif"
+    assert frames_of(download).shape[0] == clip.num_frames  # 25 / 4 fps: no frame dropped
+    assert iio.immeta(video)["fps"] == pytest.approx(clip.fps / 4, rel=0.01)
+    assert "slowed down x4" in status
+
+
+def test_compare_renders_one_grid_with_a_column_per_variant(client, clip):
+    variants = [v["id"] for v in list_variants()]
+    grid, table = client.predict(source=handle_file(FACE), driving=handle_file(CLIP), api_name="/compare")
+    frames = frames_of(grid)
+    assert frames.shape[0] == clip.num_frames
+    assert frames.shape[1:3] == (HEADER + TILE, (1 + len(variants)) * TILE)  # the driving clip first
+    for variant in variants:
+        assert f"`{variant}`" in table
+    assert table.count("no weights") == len(variants) - 1  # every learned variant, none hidden
+    tiles = frames[:, HEADER:].reshape(len(frames), TILE, 1 + len(variants), TILE, 3)
+    change = np.abs(tiles.astype(int) - tiles[:1].astype(int)).mean(axis=(0, 1, 3, 4))  # per column
+    warp_column = 1 + variants.index("warp")
+    assert change[warp_column] > 5 * change[warp_column + 1]  # results move, placeholders stand still
+
+
+def test_compare_with_heatmaps_adds_a_row(client, clip):
+    grid, _ = client.predict(source=handle_file(FACE), driving=handle_file(CLIP), variants=["warp", "fomm-awp"],
+                             heatmaps=True, api_name="/compare")
+    assert frames_of(grid).shape[1:3] == (HEADER + 2 * TILE, 3 * TILE)
+
+
+def test_bad_uploads_are_answered_with_their_cause_and_the_server_keeps_serving(client, tmp_path, clip):
+    text = tmp_path / "face.png"
+    text.write_text("this is not an image")
+    with pytest.raises(AppError, match="not an image"):
+        client.predict(source=handle_file(text), driving=handle_file(CLIP), api_name="/generate")
+    fake_clip = tmp_path / "clip.mp4"
+    fake_clip.write_text("this is not a video")
+    with pytest.raises(AppError, match="clip"):
+        client.predict(source=handle_file(FACE), driving=handle_file(fake_clip), api_name="/generate")
+    preview, info = client.predict(driving=handle_file(CLIP), api_name="/preview_driving")
+    assert frames_of(preview).shape[0] == clip.num_frames and f"{clip.num_frames} frames" in info
+
+
+def test_clip_longer_than_the_limit_is_refused(client, tmp_path):
+    long_clip = tmp_path / "long.gif"
+    write_video(long_clip, np.zeros((MAX_FRAMES + 1, 32, 32, 3), dtype=np.uint8), fps=25)
+    with pytest.raises(AppError, match=str(MAX_FRAMES)):
+        client.predict(source=handle_file(FACE), driving=handle_file(long_clip), api_name="/generate")
+
+
+def test_missing_weights_say_what_to_do(client):
+    with pytest.raises(AppError, match="(?s)fomm-awp.*checkpoint"):
+        client.predict(source=handle_file(FACE), driving=handle_file(CLIP), backbone="fomm", prior="awp",
+                       api_name="/generate")
+
+
+def test_prior_draws_landmarks_au_points_and_maps(client):
+    gallery, status = client.predict(source=handle_file(FACE), driving=handle_file(CLIP), frame=5, api_name="/prior")
+    captions = [item["caption"] for item in gallery]
+    assert len(gallery) == 8  # source and driving frame: landmarks, AU points, EWP, AWP (or why not)
+    assert any("driving frame 5" in c for c in captions) and any("EWP" in c for c in captions)
+    assert "weights" in status  # no AWP model here: the reason is given
+    assert iio.imread(gallery[0]["image"]).ndim == 3
+
+
+def test_concurrent_users_get_their_own_results(app_url, tmp_path, clip):
+    short = tmp_path / "short.mp4"
+    write_video(short, clip.frames[: clip.num_frames // 2], clip.fps)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        jobs = {n: pool.submit(Client(app_url, verbose=False).predict, source=handle_file(FACE),
+                               driving=handle_file(path), api_name="/generate")
+                for n, path in ((clip.num_frames, CLIP), (clip.num_frames // 2, short))}
+        for expected, job in jobs.items():
+            assert frames_of(job.result(timeout=300)[0]).shape[0] == expected
