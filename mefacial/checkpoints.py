@@ -131,8 +131,8 @@ def flatten_parts(checkpoint: Mapping, parts: tuple[str, ...]) -> dict[str, torc
     return flat
 
 
-def load_state_dict_strict(model: nn.Module, state: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:
-    """Load `state` into `model`; on any mismatch raise one error naming every bad key."""
+def _fit_report(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> str | None:
+    """None when `state` fits `model` key for key and shape for shape; else a message naming every bad key."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -141,19 +141,28 @@ def load_state_dict_strict(model: nn.Module, state: Mapping[str, torch.Tensor], 
         for k in set(expected) & set(state)
         if tuple(state[k].shape) != tuple(expected[k].shape)
     )
-    if missing or unexpected or misshaped:
-        def head(items: list[str]) -> str:
-            return ", ".join(items[:8]) + (f" ... (+{len(items) - 8} more)" if len(items) > 8 else "")
+    if not (missing or unexpected or misshaped):
+        return None
 
-        lines = [f"{source} does not fit this architecture ({type(model).__name__}, config {getattr(getattr(model, 'config', None), 'name', '?')!r})."]
-        if missing:
-            lines.append(f"missing keys ({len(missing)}): {head(missing)}")
-        if unexpected:
-            lines.append(f"unexpected keys ({len(unexpected)}): {head(unexpected)}")
-        if misshaped:
-            lines.append(f"mis-shaped keys ({len(misshaped)}): {head(misshaped)}")
-        lines.append("Pick the variant/config that the checkpoint was trained with (see `python -m mefacial checkpoints list`).")
-        raise CheckpointError("\n".join(lines))
+    def head(items: list[str]) -> str:
+        return ", ".join(items[:8]) + (f" ... (+{len(items) - 8} more)" if len(items) > 8 else "")
+
+    lines = [f"{source} does not fit this architecture ({type(model).__name__}, config {getattr(getattr(model, 'config', None), 'name', '?')!r})."]
+    if missing:
+        lines.append(f"missing keys ({len(missing)}): {head(missing)}")
+    if unexpected:
+        lines.append(f"unexpected keys ({len(unexpected)}): {head(unexpected)}")
+    if misshaped:
+        lines.append(f"mis-shaped keys ({len(misshaped)}): {head(misshaped)}")
+    lines.append("Pick the variant/config that the checkpoint was trained with (see `python -m mefacial checkpoints list`).")
+    return "\n".join(lines)
+
+
+def load_state_dict_strict(model: nn.Module, state: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """Load `state` into `model`; on any mismatch raise one error naming every bad key."""
+    report = _fit_report(model, state, source)
+    if report:
+        raise CheckpointError(report)
     model.load_state_dict(state, strict=True)
 
 
@@ -589,6 +598,19 @@ def _tensor_parts(checkpoint: Mapping) -> tuple[dict[str, torch.Tensor], dict[st
     return flat, extras, dropped
 
 
+def check_architecture(checkpoint: Mapping, config: Any, source: str = "checkpoint") -> None:
+    """CheckpointError unless the checkpoint's inference parts fit `config`'s model, key for key and shape
+    for shape. The model is built on the meta device: no memory for weights, no computation."""
+    from .models import INFERENCE_PARTS, build_model
+
+    flat = flatten_parts(checkpoint, INFERENCE_PARTS[config.backbone])
+    with torch.device("meta"):
+        model = build_model(config)
+    report = _fit_report(model, flat, source)
+    if report:
+        raise CheckpointError(report)
+
+
 def _config_of(config: Any, variant: str | None):
     """A ModelConfig from a config object, a name/path, or the variant's registry entry."""
     from .config import ModelConfig, load_config
@@ -610,12 +632,10 @@ def convert_to_safetensors(src: str | Path, dst: str | Path | None = None, confi
     that is a state dict is kept (discriminator included, for fine-tuning); optimiser states are dropped.
     `dst` defaults to checkpoints/<variant>.safetensors, where the resolver finds it.
     """
-    from .models import INFERENCE_PARTS
-
     src = Path(src)
     model_config = _config_of(config, variant)
     checkpoint = read_pickled_checkpoint(src)
-    flatten_parts(checkpoint, INFERENCE_PARTS[model_config.backbone])  # wrong architecture -> CheckpointError
+    check_architecture(checkpoint, model_config, str(src))
     flat, extras, dropped = _tensor_parts(checkpoint)
     if dst is None:
         dst = checkpoint_dir() / f"{variant or model_config.name}{SAFETENSORS_SUFFIX}"
@@ -718,12 +738,12 @@ def push_to_hub(variant: str, file: str | Path, repo_id: str, private: bool = Fa
     with tempfile.TemporaryDirectory(prefix="mefacial-push-") as tmp:
         staged = Path(tmp) / HUB_WEIGHTS_FILENAME
         if is_safetensors(file):
-            read_safetensors(file)  # refuse a broken file before uploading it
-            shutil.copyfile(file, staged)
             previous = read_sidecar(file) or {}
             if config is None and isinstance(previous.get("config"), dict):
                 config = _config_from_dict(previous["config"])
             model_config = _config_of(config, variant)
+            check_architecture(_unflatten_parts(read_safetensors(file)), model_config, str(file))  # before uploading
+            shutil.copyfile(file, staged)
             sidecar = {**previous, "format": FORMAT_NAME, "format_version": FORMAT_VERSION,
                        "variant": variant, "config": model_config.to_dict()}
         else:

@@ -24,6 +24,7 @@ from conftest import fixture_meta, model_fixture_dirs
 from mefacial import checkpoints as ck
 from mefacial.config import CONFIG_DIR, config_from_reference, load_config
 from mefacial.errors import CheckpointError, UnknownVariantError, WeightsNotFoundError
+from mefacial.models import CHECKPOINT_PARTS, INFERENCE_PARTS, build_model
 
 PARTS = ("generator", "kp_detector")
 REPO = "lab/tiny-weights"
@@ -50,6 +51,39 @@ def tiny_checkpoint(seed: int = 0, width: int = 4) -> dict:
     return {"generator": model.generator.state_dict(), "kp_detector": model.kp_detector.state_dict(),
             "discriminator": {"conv.weight": torch.randn(2, 2)}, "optimizer_generator": optimizer.state_dict(),
             "epoch": 7}
+
+
+def small_config(tmp_path: Path, base: str = "fomm-vox256") -> Path:
+    """A config file with the architecture of `base` at tiny widths (fast to build and run)."""
+    data = load_config(base).to_dict()
+    params = data["model_params"]
+    params["kp_detector_params"].update(block_expansion=4, max_features=16)
+    params["generator_params"].update(block_expansion=4, max_features=16, num_bottleneck_blocks=1)
+    params["generator_params"]["dense_motion_params"].update(block_expansion=4, max_features=16)
+    params["discriminator_params"].update(block_expansion=4, max_features=16)
+    data["name"] = f"small-{base}"
+    path = tmp_path / f"{data['name']}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def small_checkpoint(config_path: Path, seed: int = 0) -> dict:
+    """An original-layout FOMM checkpoint of that config, as the training code saves it."""
+    torch.manual_seed(seed)
+    model = build_model(load_config(config_path), for_training=True)
+    for name, buffer in model.named_buffers():
+        if name.endswith(("running_mean", "running_var")):
+            buffer.uniform_(0.5, 1.5)  # not the defaults, so a lost buffer shows
+    checkpoint = {part: getattr(model, part).state_dict() for part in CHECKPOINT_PARTS["fomm"]}
+    checkpoint["optimizer_generator"] = torch.optim.Adam(model.generator.parameters()).state_dict()
+    checkpoint["epoch"] = 7
+    return checkpoint
+
+
+def loaded(config_path: Path, weights: Path) -> nn.Module:
+    model = build_model(load_config(config_path))
+    ck.load_weights(model, weights, "fomm")
+    return model
 
 
 def checkpoint_bytes(tmp_path: Path, seed: int) -> bytes:
@@ -198,7 +232,8 @@ def test_local_folder_prefers_safetensors_and_registry_basename(isolated):
     assert ck.resolve_checkpoint("fomm-none", offline=True).path == folder / "vox-adv-cpk.pth.tar"
     torch.save(tiny_checkpoint(), folder / "fomm-none.pth.tar")
     assert ck.resolve_checkpoint("fomm-none", offline=True).path == folder / "fomm-none.pth.tar"
-    converted = ck.convert_to_safetensors(folder / "fomm-none.pth.tar", None, "fomm-vox256", "fomm-none")
+    torch.save(small_checkpoint(small_config(isolated)), folder / "fomm-none.pth.tar")
+    converted = ck.convert_to_safetensors(folder / "fomm-none.pth.tar", None, small_config(isolated), "fomm-none")
     assert converted == folder / "fomm-none.safetensors"
     assert ck.resolve_checkpoint("fomm-none", offline=True).path == converted
     assert ck.resolve_checkpoint("fomm-none", folder / "fomm-none.pth.tar").path == converted  # same stem
@@ -330,30 +365,30 @@ def test_offline_mode_fails_at_once_and_lists_where_it_looked(hub, isolated, mon
 
 
 def test_both_formats_load_the_same_weights_and_sidecar_describes_them(isolated):
-    src = isolated / "orig.pth.tar"
-    checkpoint = tiny_checkpoint(5)
+    config = small_config(isolated)
+    checkpoint = small_checkpoint(config)
     checkpoint["generator"] = {f"module.{k}": v for k, v in checkpoint["generator"].items()}  # saved from DDP
+    kp_weight = checkpoint["kp_detector"]["kp.weight"]
+    checkpoint["kp_detector"]["kp.weight"] = kp_weight.transpose(0, 1).contiguous().transpose(0, 1)  # strided
     shared = torch.randn(2, 4)
-    checkpoint["kp_detector"] = {"weight": shared.t().contiguous().t(), "bias": torch.zeros(2)}  # strided
-    checkpoint["discriminator"] = {"a": shared, "b": shared}  # one storage, two names
+    checkpoint["discriminator"] = {"a": shared, "b": shared}  # one storage under two names (not loaded)
+    src = isolated / "orig.pth.tar"
     torch.save(checkpoint, src)
 
-    from_pickle, from_safetensors = Tiny(), Tiny()
-    assert ck.load_weights(from_pickle, src, PARTS) == {"epoch": 7}
-    dst = ck.convert_to_safetensors(src, isolated / "out" / "tiny", "fomm-vox256", "fomm-none")
-    assert dst == isolated / "out" / "tiny.safetensors"
-    sidecar = ck.load_weights(from_safetensors, dst, PARTS)
+    dst = ck.convert_to_safetensors(src, isolated / "out" / "small", config, "fomm-none")
+    assert dst == isolated / "out" / "small.safetensors"
+    from_pickle, from_safetensors = loaded(config, src), loaded(config, dst)
     assert_same_state(from_pickle.state_dict(), from_safetensors.state_dict())
-    assert torch.equal(from_safetensors.kp_detector.weight, shared)
+    assert torch.equal(from_safetensors.kp_detector.kp.weight, kp_weight)
+    stored = load_file(dst)
+    assert torch.equal(stored["discriminator.a"], shared) and torch.equal(stored["discriminator.b"], shared)
+    assert ck.load_weights(build_model(load_config(config)), src, "fomm") == {"epoch": 7}
 
-    assert sidecar == json.loads((isolated / "out" / "tiny.json").read_text())
-    assert sidecar["variant"] == "fomm-none" and sidecar["config"] == load_config("fomm-vox256").to_dict()
+    sidecar = ck.load_weights(build_model(load_config(config)), dst, "fomm")
+    assert sidecar == json.loads((isolated / "out" / "small.json").read_text())
+    assert sidecar["variant"] == "fomm-none" and sidecar["config"] == load_config(config).to_dict()
     assert sidecar["metadata"]["epoch"] == 7 and sidecar["metadata"]["dropped"] == ["optimizer_generator"]
     assert sidecar["metadata"]["source_sha256"] == ck.sha256_file(src)
-    assert sorted(load_file(dst)) == sorted(f"{p}.{k}" for p in ("generator", "kp_detector", "discriminator")
-                                              for k in {"generator": from_pickle.generator.state_dict(),
-                                                        "kp_detector": {"weight": 0, "bias": 0},
-                                                        "discriminator": {"a": 0, "b": 0}}[p])
 
 
 def test_safetensors_with_wrapper_prefixes_loads(isolated):
@@ -380,6 +415,12 @@ def test_not_a_checkpoint_and_other_architectures_are_refused(isolated):
         ck.load_weights(Tiny(), mraa_like, PARTS)
     with pytest.raises(CheckpointError, match="kp_detector"):
         ck.convert_to_safetensors(mraa_like, isolated / "x", "fomm-vox256", "fomm-none")
+
+    tiny = isolated / "tiny.pth.tar"
+    torch.save(tiny_checkpoint(), tiny)
+    with pytest.raises(CheckpointError, match="does not fit"):  # its sidecar would describe another model
+        ck.convert_to_safetensors(tiny, isolated / "x", "fomm-vox256", "fomm-none")
+    assert not (isolated / "x.safetensors").exists()
 
     wider = isolated / "wider.safetensors"
     save_file({f"{p}": t for p, t in Tiny(width=6).state_dict().items()}, wider)
@@ -429,8 +470,6 @@ def _run_model(model: nn.Module, tensors: dict) -> torch.Tensor:
                          or [pytest.param(None, id="no-fixtures")])
 def test_reference_checkpoints_round_trip_through_safetensors(folder, tmp_path, fixtures_dir):
     """Resolve (explicit path) -> convert -> load both formats: same tensors, same model outputs."""
-    from mefacial.models import CHECKPOINT_PARTS, INFERENCE_PARTS, build_model
-
     if folder is None:
         pytest.fail(f"no model fixtures under {fixtures_dir}")
     config = _fixture_config(folder)
@@ -483,12 +522,13 @@ def fake_api(monkeypatch):
 
 @pytest.mark.parametrize("start_from", ["pth", "safetensors"])
 def test_push_uploads_safetensors_config_and_model_card(isolated, fake_api, tmp_path, start_from):
+    config = small_config(tmp_path, "fomm-ewp")
     src = tmp_path / "trained.pth.tar"
-    torch.save(tiny_checkpoint(9), src)
-    if start_from == "safetensors":
-        src = ck.convert_to_safetensors(src, tmp_path / "trained", "fomm-ewp", "fomm-ewp")
+    torch.save(small_checkpoint(config, 9), src)
+    if start_from == "safetensors":  # its sidecar says which config
+        src = ck.convert_to_safetensors(src, tmp_path / "trained", config, "fomm-ewp")
     published = ck.push_to_hub("fomm-ewp", src, "me/fomm-ewp", private=True, token="hf_tok",
-                               metrics={"psnr": 28.5, "ssim": 0.91})
+                               metrics={"psnr": 28.5, "ssim": 0.91}, config=None if start_from == "safetensors" else config)
 
     (_, init), (_, repo_id, create), (_, upload, files) = fake_api.calls
     assert init["token"] == "hf_tok" and repo_id == "me/fomm-ewp"
@@ -496,17 +536,13 @@ def test_push_uploads_safetensors_config_and_model_card(isolated, fake_api, tmp_
     assert upload["repo_id"] == "me/fomm-ewp" and upload["repo_type"] == "model"
     assert sorted(files) == ["README.md", "config.json", "model.safetensors"]
 
-    expected = Tiny()
-    ck.load_weights(expected, tmp_path / "trained.pth.tar", PARTS)
     uploaded = tmp_path / "uploaded.safetensors"
     uploaded.write_bytes(files["model.safetensors"])
-    got = Tiny()
-    ck.load_weights(got, uploaded, PARTS)
-    assert_same_state(expected.state_dict(), got.state_dict())
+    assert_same_state(loaded(config, tmp_path / "trained.pth.tar").state_dict(), loaded(config, uploaded).state_dict())
 
-    config = json.loads(files["config.json"])
-    assert config["variant"] == "fomm-ewp" and config["config"] == load_config("fomm-ewp").to_dict()
-    assert config["metrics"] == {"psnr": 28.5, "ssim": 0.91}
+    described = json.loads(files["config.json"])
+    assert described["variant"] == "fomm-ewp" and described["config"] == load_config(config).to_dict()
+    assert described["metrics"] == {"psnr": 28.5, "ssim": 0.91}
 
     card = files["README.md"].decode()
     front = yaml.safe_load(card.split("---")[1])
@@ -520,12 +556,16 @@ def test_push_uploads_safetensors_config_and_model_card(isolated, fake_api, tmp_
 
 
 def test_cli_push_prints_a_registry_entry(isolated, fake_api, tmp_path, capsys):
+    config = small_config(tmp_path, "fomm-awp")
     src = tmp_path / "trained.pth.tar"
-    torch.save(tiny_checkpoint(), src)
+    torch.save(small_checkpoint(config), src)
     metrics = tmp_path / "metrics.json"
     metrics.write_text(json.dumps({"l1": 0.05}))
+    with pytest.raises(CheckpointError, match="does not fit"):  # the variant's full-size config
+        run_cli(["checkpoints", "push", "--variant", "fomm-awp", "--file", str(src), "--repo", "me/awp"])
+    assert fake_api.calls == []  # nothing uploaded
     assert run_cli(["checkpoints", "push", "--variant", "fomm-awp", "--file", str(src), "--repo", "me/awp",
-                    "--metrics", str(metrics)]) == 0
+                    "--config", str(config), "--metrics", str(metrics)]) == 0
     printed = capsys.readouterr().out
     entry = yaml.safe_load(printed.split("registry entry (checkpoints/registry.yaml):")[1])
     assert entry["fomm-awp"]["weights"]["repo_id"] == "me/awp"
@@ -536,9 +576,10 @@ def test_cli_push_prints_a_registry_entry(isolated, fake_api, tmp_path, capsys):
 
 
 def test_cli_convert_then_list_without_network(isolated, hub, capsys, tmp_path):
+    config = small_config(tmp_path)
     src = tmp_path / "vox.pth.tar"
-    torch.save(tiny_checkpoint(), src)
-    assert run_cli(["checkpoints", "convert", str(src), "--variant", "fomm-none"]) == 0
+    torch.save(small_checkpoint(config), src)
+    assert run_cli(["checkpoints", "convert", str(src), "--variant", "fomm-none", "--config", str(config)]) == 0
     assert (isolated / "ckpts" / "fomm-none.safetensors").is_file() and (isolated / "ckpts" / "fomm-none.json").is_file()
     capsys.readouterr()
 
