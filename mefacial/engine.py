@@ -21,12 +21,14 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import prior as prior_lib
+from . import video
 from .checkpoints import load_weights, resolve_checkpoint
+from .config import ModelConfig
 from .errors import InputError, MefacialError
+from .landmarks import get_detector, smooth_tracks
 from .models import build_model
 from .variants import Variant, get_variant
 
@@ -34,6 +36,7 @@ log = logging.getLogger("mefacial")
 
 ProgressFn = Callable[[float, str], None]
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+MAX_MAGNIFY = 10.0
 
 
 @dataclasses.dataclass
@@ -95,25 +98,31 @@ def to_uint8(frames: torch.Tensor) -> np.ndarray:
     return (frames.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def resize_frames(frames: np.ndarray, size: int) -> np.ndarray:
-    """T x H x W x 3 uint8 -> T x size x size x 3 uint8 (antialiased), no-op at that size."""
-    if frames.shape[1:3] == (size, size):
-        return frames
-    tensor = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()
-    resized = F.interpolate(tensor, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return resized.clamp(0, 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+@dataclasses.dataclass
+class _Prepared:
+    """Inputs at the model size and their landmarks (pixels of those frames)."""
+
+    source: np.ndarray  # H x W x 3 uint8
+    driving: np.ndarray  # T x H x W x 3 uint8
+    source_points: np.ndarray | None  # 1 x P x 2
+    driving_points: np.ndarray | None  # T x P x 2
+    source_box: video.FaceBox | None
+    driving_box: video.FaceBox | None
+    backend: str | None
 
 
 class Engine:
     """Animate faces with any variant; device, precision and the model cache are held here."""
 
     def __init__(self, device: str | torch.device = "auto", precision: str = "fp32", batch_size: int | None = None,
-                 landmarks: str = "auto", checkpoints: dict[str, str | Path] | None = None):
+                 landmarks: str = "auto", checkpoints: dict[str, str | Path] | None = None,
+                 limits: video.Limits = video.DEFAULT_LIMITS):
         self.device = pick_device(device)
         self.precision = precision
         self.dtype = check_precision(precision, self.device)
         self.batch_size = batch_size or (32 if self.device.type == "cuda" else 8)
         self.landmarks = landmarks
+        self.limits = limits
         self.checkpoint_overrides = dict(checkpoints or {})
         self._models: dict[tuple[str, str], tuple[nn.Module, str]] = {}
         self._lock = threading.Lock()
@@ -153,75 +162,127 @@ class Engine:
     def animate(self, source: Any, driving: Any, variant: str = "warp", checkpoint: str | Path | None = None,
                 motion: str = "relative", adapt_scale: bool = False, source_landmarks: np.ndarray | None = None,
                 driving_landmarks: np.ndarray | None = None, progress: ProgressFn | None = None, *,
-                magnify: float = 1.0, fps: float | None = None, batch_size: int | None = None,
-                confine_to_prior: bool = False) -> AnimationResult:
-        """Animate `source` (H x W x 3 uint8 at the model size) with `driving` (T x H x W x 3 uint8).
+                magnify: float = 1.0, fps: float | None = None, crop: bool = True, paste_back: bool = False,
+                landmarks: str | None = None, smooth: bool = True, margin: float = 0.0,
+                batch_size: int | None = None, confine_to_prior: bool = False) -> AnimationResult:
+        """Animate the face in `source` with the motion of the face in `driving`.
 
-        `source_landmarks` (68 x 2, or 18 x 2 AU points) and `driving_landmarks`
-        (T x 68 x 2 or T x 18 x 2), in pixels of those frames, feed the prior and
-        warp variants. `motion` is one of the variant's motion modes; `magnify`
-        multiplies the relative motion (1 = faithful).
+        `source`: an image path or an H x W x C array of any size; `driving`: a
+        video / GIF path, a folder of frames, or a T x H x W x C array. With
+        `crop` both are cut to one square face box (the clip's from its first,
+        onset frame) and resized to the model size; without it they are resized
+        as they are. Optional `source_landmarks` (68 x 2, or 18 x 2 AU points)
+        and `driving_landmarks` (T x 68 x 2 / T x 18 x 2), in pixels of the given
+        frames, replace detection with the `landmarks` backend ("auto", "dlib",
+        "fan"); `smooth` removes landmark jitter over time. `motion` is one of
+        the variant's modes; `magnify` multiplies the relative motion (1 =
+        faithful). `paste_back` puts the generated face back into the source
+        picture. `progress(fraction, message)` is called after each batch.
         """
         spec = get_variant(variant)
         if motion not in spec.motion_modes:
             raise InputError(f"motion mode {motion!r} is not available for {spec.id}; choose one of {spec.motion_modes}")
-        if not 0 < float(magnify) <= 10:
-            raise InputError(f"magnify must be in (0, 10], got {magnify}")
+        if not 0 < float(magnify) <= MAX_MAGNIFY:
+            raise InputError(f"magnify must be in (0, {MAX_MAGNIFY}], got {magnify}")
+        if paste_back and not crop:
+            raise InputError("paste_back needs crop=True (the face is pasted back into the box it was cut from)")
         timings: dict[str, float] = {}
         started = time.perf_counter()
         report = progress or (lambda fraction, message: None)
-        size = spec.config.image_size
-        source = resize_frames(np.asarray(source)[None], size)[0] if np.asarray(source).ndim == 3 else None
-        if source is None:
-            raise InputError("source must be one image of shape (H, W, 3)")
-        driving = np.asarray(driving)
-        if driving.ndim != 4 or driving.shape[0] < 1:
-            raise InputError(f"driving must be frames of shape (T, H, W, 3) with T >= 1, got {driving.shape}")
-        driving = resize_frames(driving, size)
+        report(0.0, "reading inputs")
+        source_image = video.read_image(source, self.limits)
+        clip = video.read_clip(driving, fps=fps, limits=self.limits)
+        timings["read_s"] = time.perf_counter() - started
 
-        model, weights = self.model(spec, checkpoint)
-        src_points, drv_points = self._landmark_inputs(spec, source_landmarks, driving_landmarks, len(driving))
-        src_au, drv_au = self._au_points(spec, src_points, drv_points)
+        model, weights = self.model(spec, checkpoint)  # fail on missing weights before any detection
+        config = getattr(model, "config", spec.config)  # an injected model may have its own (e.g. tiny) config
+        prepared = self._prepare(spec, config.image_size, source_image, clip.frames, source_landmarks, driving_landmarks,
+                                 crop, margin, landmarks or self.landmarks, smooth, report, timings)
+        src_au, drv_au = self._au_points(config, prepared.source_points, prepared.driving_points)
 
-        report(0.0, f"{spec.id}: {len(driving)} frames")
-        frames, prior_map = self._run(spec, model, source, driving, src_points, drv_points, src_au, drv_au,
-                                      motion, adapt_scale, magnify, batch_size or self.batch_size, confine_to_prior,
-                                      report, timings)
+        report(0.05, f"{spec.id}: {clip.num_frames} frames")
+        frames, prior_map = self._run(spec, model, prepared.source, prepared.driving, prepared.source_points,
+                                      prepared.driving_points, src_au, drv_au, motion, adapt_scale, magnify,
+                                      batch_size or self.batch_size, confine_to_prior, report, timings)
+        if paste_back:
+            frames = video.paste_back(frames, source_image, prepared.source_box)
         timings["total_s"] = time.perf_counter() - started
-        timings["ms_per_frame"] = 1000 * timings["total_s"] / len(driving)
+        timings["ms_per_frame"] = 1000 * timings["total_s"] / clip.num_frames
+        points68 = lambda p: None if p is None or p.shape[-2] != prior_lib.NUM_LANDMARKS else p  # noqa: E731
         return AnimationResult(
-            frames=frames, fps=float(fps or 25.0), variant=spec.id, weights=weights,
-            source_landmarks=None if src_points is None or src_points.shape[-2] != 68 else src_points[0],
-            driving_landmarks=None if drv_points is None or drv_points.shape[-2] != 68 else drv_points,
+            frames=frames, fps=clip.fps, variant=spec.id, weights=weights,
+            source_landmarks=None if points68(prepared.source_points) is None else prepared.source_points[0],
+            driving_landmarks=points68(prepared.driving_points),
             source_au=None if src_au is None else src_au[0].cpu().numpy(),
             driving_au=None if drv_au is None else drv_au.cpu().numpy(),
-            prior_map=prior_map, model_source=source, model_driving=driving, timings=timings,
+            prior_map=prior_map, model_source=prepared.source, model_driving=prepared.driving,
+            landmark_backend=prepared.backend, crop_box=prepared.source_box, timings=timings,
         )
 
-    def _landmark_inputs(self, spec: Variant, source_landmarks, driving_landmarks, num_frames: int):
-        """Validate given landmarks: source 1 x P x 2 and driving T x P x 2 numpy (P = 68 or 18)."""
-        if not spec.needs_landmarks:
-            return None, None
-        if source_landmarks is None or driving_landmarks is None:
-            raise InputError(f"{spec.id} needs landmarks of the source and of every driving frame")
-        src = np.asarray(source_landmarks, dtype=np.float32).reshape(1, -1, 2)
-        drv = np.asarray(driving_landmarks, dtype=np.float32)
-        drv = drv.reshape(num_frames, -1, 2) if drv.size == num_frames * drv.shape[-2] * 2 else drv
-        if drv.shape[0] != num_frames or src.shape[1] not in (18, 68) or drv.shape[1:] != src.shape[1:]:
-            raise InputError(f"landmarks must be (68 or 18) x 2 for the source and T x (68 or 18) x 2 for the clip; "
-                             f"got {src.shape[1:]} and {drv.shape} for {num_frames} frames")
-        if spec.backbone == "warp" and src.shape[1] != 68:
-            raise InputError("the warp variant needs the 68 landmarks, not AU points")
-        return src, drv
+    def _prepare(self, spec: Variant, size: int, source: np.ndarray, driving: np.ndarray, source_landmarks, driving_landmarks,
+                 crop: bool, margin: float, backend: str, smooth: bool, report: ProgressFn,
+                 timings: dict[str, float]) -> "_Prepared":
+        """Crop / resize both inputs to the model size and find the landmarks the variant needs, in crop pixels."""
+        t0 = time.perf_counter()
+        detector = None
+        if spec.needs_landmarks and (source_landmarks is None or driving_landmarks is None) or (
+                crop and (source_landmarks is None or driving_landmarks is None)):
+            detector = get_detector(backend, self.device)
+        given_src = None if source_landmarks is None else np.asarray(source_landmarks, np.float32).reshape(-1, 2)
+        given_drv = None if driving_landmarks is None else np.asarray(driving_landmarks, np.float32)
+        if given_drv is not None and (given_drv.ndim != 3 or len(given_drv) != len(driving)):
+            raise InputError(f"driving_landmarks must be T x P x 2 for the {len(driving)} frames, got {given_drv.shape}")
+        source_box = driving_box = None
+        if crop:
+            report(0.01, "finding the faces")
+            src_face = given_src if given_src is not None and len(given_src) == prior_lib.NUM_LANDMARKS else \
+                detector.detect(source, role="source").points[0]
+            drv_face = given_drv[0] if given_drv is not None and given_drv.shape[1] == prior_lib.NUM_LANDMARKS else \
+                detector.detect(driving[:1], role="driving").points[0]
+            source_box = video.face_box(src_face, source.shape, margin=margin)
+            driving_box = video.face_box(drv_face, driving.shape[1:], margin=margin)
+            model_source = video.crop_to_model(source, source_box, size)
+            model_driving = video.crop_to_model(driving, driving_box, size)
+            to_model_src = lambda p: source_box.to_crop(p, size)  # noqa: E731
+            to_model_drv = lambda p: driving_box.to_crop(p, size)  # noqa: E731
+        else:
+            model_source = video.resize_frames(source[None], size, size)[0]
+            model_driving = video.resize_frames(driving, size, size)
+            scale_src = np.array([size / source.shape[1], size / source.shape[0]], np.float32)
+            scale_drv = np.array([size / driving.shape[2], size / driving.shape[1]], np.float32)
+            to_model_src = lambda p: ((p + 0.5) * scale_src - 0.5).astype(np.float32)  # noqa: E731
+            to_model_drv = lambda p: ((p + 0.5) * scale_drv - 0.5).astype(np.float32)  # noqa: E731
+        source_points = driving_points = None
+        if spec.needs_landmarks:
+            report(0.02, "landmarks")
+            source_points = (to_model_src(given_src) if given_src is not None
+                             else detector.detect(model_source, role="source").points[0])[None]  # 1 x P x 2
+            driving_points = (to_model_drv(given_drv) if given_drv is not None
+                              else detector.detect(model_driving, role="driving").points)  # T x P x 2
+            if smooth and given_drv is None and len(driving_points) >= 3:
+                driving_points = smooth_tracks(driving_points)
+            self._check_points(spec, source_points, driving_points)
+        timings["landmarks_s"] = time.perf_counter() - t0
+        backend_name = detector.name if detector is not None else ("given" if spec.needs_landmarks else None)
+        return _Prepared(model_source, model_driving, source_points, driving_points, source_box, driving_box,
+                         backend_name)
 
-    def _au_points(self, spec: Variant, src_points, drv_points):
+    @staticmethod
+    def _check_points(spec: Variant, src: np.ndarray, drv: np.ndarray) -> None:
+        """Source 1 x P x 2 and driving T x P x 2 with P = 68 landmarks (or 18 AU points for prior variants)."""
+        allowed = (prior_lib.NUM_LANDMARKS,) if spec.backbone == "warp" else (prior_lib.NUM_LANDMARKS, prior_lib.NUM_AU_POINTS)
+        if src.shape[1] not in allowed or drv.shape[1:] != src.shape[1:]:
+            raise InputError(f"{spec.id} needs {' or '.join(map(str, allowed))} points per face, source and clip "
+                             f"alike; got {src.shape[1]} and {drv.shape[1]}")
+
+    def _au_points(self, config: ModelConfig, src_points, drv_points):
         """AU points (pixels) of source 1 x 18 x 2 and clip T x 18 x 2; fixed to frame 0 for MM 2021 configs."""
-        if spec.prior == "none" or src_points is None:
+        if config.backbone == "warp" or config.prior == "none" or src_points is None:
             return None, None
         src, drv = (torch.from_numpy(p).to(self.device) for p in (src_points, drv_points))
         if src.shape[1] == 68:
             src, drv = prior_lib.au_points_from_landmarks(src), prior_lib.au_points_from_landmarks(drv)
-        if spec.config.au_points == "first_frame":
+        if config.au_points == "first_frame":
             drv = drv[:1].expand_as(drv)
         return src.float(), drv.float()
 

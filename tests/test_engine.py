@@ -1,0 +1,122 @@
+"""The engine drives every backbone as the reference fixtures' models do, on arrays and on files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from conftest import DATA, fixture_meta, model_fixture_dirs, require
+from mefacial import Engine, InputError, WeightsNotFoundError
+from mefacial.checkpoints import load_original_checkpoint
+from mefacial.config import config_from_reference
+from mefacial.engine import to_tensor, to_uint8
+from mefacial.models import CHECKPOINT_PARTS, build_model
+
+
+def fixture_variant(config) -> str:
+    """The engine's variant id for a fixture's config."""
+    if config.backbone == "fomm" and config.prior == "ewp" and config.au_points == "first_frame":
+        return "fomm-ewp-mm21"
+    return f"{config.backbone}-{config.prior}"
+
+
+def load_fixture(folder: Path):
+    from safetensors.torch import load_file
+
+    meta = fixture_meta(folder)
+    config = config_from_reference(yaml.safe_load((folder / "config.yaml").read_text()), meta, name=folder.name)
+    model = build_model(config, for_training=True)
+    load_original_checkpoint(model, folder / "checkpoint.pth.tar", CHECKPOINT_PARTS[config.backbone])
+    return config, model.eval(), load_file(str(folder / "tensors.safetensors")), meta
+
+
+def au_inputs(tensors, num_frames: int):
+    """Source 18 x 2 and driving T x 18 x 2 AU points of a prior fixture (None without prior)."""
+    points = tensors.get("au_points_pixels")
+    if points is None:
+        return None, None
+    if points.shape[0] == num_frames + 2:  # source, initial, each driving frame
+        return points[0].numpy(), points[2:].numpy()
+    return points[0].numpy(), points[1:2].expand(num_frames, -1, -1).numpy()  # fixed per clip
+
+
+@pytest.mark.parametrize("folder", [pytest.param(d, id=d.name) for d in model_fixture_dirs()] or
+                         [pytest.param(None, id="no-fixtures")])
+def test_engine_matches_direct_model_calls(folder):
+    """Engine.animate (batched, source encoded once) == one direct pass of the model over the whole clip."""
+    if folder is None:
+        require(Path("/nonexistent-fixtures"), "reference fixtures")
+    config, model, tensors, meta = load_fixture(folder)
+    if meta["driving_frame_indices_in_clip"][0] != 0:
+        pytest.skip("the engine takes the clip's first frame as the initial frame")
+    source = to_uint8(tensors["inputs.source"])[0]  # H x W x 3
+    driving = to_uint8(tensors["inputs.driving"])  # T x H x W x 3
+    au_source, au_driving = au_inputs(tensors, len(driving))
+    mode = "relative"
+
+    engine = Engine(device="cpu", batch_size=1)  # batch 1: every frame in its own batch
+    variant = fixture_variant(config)
+    engine.use_model(variant, model)
+    result = engine.animate(source, driving, variant=variant, motion=mode, crop=False,
+                            source_landmarks=au_source, driving_landmarks=au_driving)
+
+    with torch.inference_mode():
+        src_t, drv_t = to_tensor(source, torch.device("cpu")), to_tensor(driving, torch.device("cpu"))
+        as_t = lambda a: None if a is None else torch.from_numpy(np.asarray(a)).float()  # noqa: E731
+        au_src = None if au_source is None else as_t(au_source)[None]
+        au_drv = as_t(au_driving)
+        src = model.detect(src_t, au_src)
+        init = model.detect(drv_t[:1], None if au_drv is None else au_drv[:1])
+        drv = model.detect(drv_t, au_drv)
+        new = model.transfer(src, drv, init, mode=mode)
+        expected = to_uint8(model.generate(src_t, model.encode_source(src_t), src, new)["prediction"])
+    assert result.frames.shape == driving.shape
+    assert np.abs(result.frames.astype(int) - expected.astype(int)).max() <= 1
+    # and, on inputs quantised to uint8, still close to what the original code produced from float inputs
+    reference = to_uint8(tensors[f"{mode}.prediction"])
+    assert np.abs(result.frames.astype(float) - reference).mean() < 2.0
+    if au_source is not None:
+        assert result.source_au.shape == (18, 2) and result.prior_map is not None
+
+
+def tiny_fomm():
+    folder = next((d for d in model_fixture_dirs() if fixture_meta(d)["backbone"] == "fomm"
+                   and fixture_meta(d)["prior"] == "none"), None)
+    if folder is None:
+        require(Path("/nonexistent-fixtures"), "a FOMM reference fixture")
+    return load_fixture(folder)[1]
+
+
+def test_engine_on_files_crops_faces_and_keeps_fps(data_dir, tmp_path):
+    from mefacial.video import read_clip, write_video
+
+    original = read_clip(sorted((data_dir / "driving").glob("*.gif"))[0])
+    clip = write_video(tmp_path / "clip.mp4", original.frames[:10], original.fps)  # a short real clip, as a file
+    face = next((data_dir / "faces").glob("*.png"))
+    engine = Engine(device="cpu", landmarks="dlib")
+    engine.use_model("fomm-none", tiny_fomm())
+    fractions = []
+    result = engine.animate(face, clip, variant="fomm-none", progress=lambda f, m: fractions.append(f))
+    assert result.frames.shape == (10, 256, 256, 3)
+    assert result.fps == pytest.approx(original.fps, rel=1e-3)
+    assert result.crop_box is not None and result.landmark_backend == "dlib"
+    assert fractions[-1] == pytest.approx(1.0) and fractions == sorted(fractions)
+    pasted = engine.animate(face, clip, variant="fomm-none", paste_back=True)
+    assert pasted.frames.shape[1:3] == original.frames.shape[1:3]  # the source picture's size
+
+
+def test_engine_errors_name_the_problem(tmp_path, monkeypatch):
+    engine = Engine(device="cpu")
+    face = np.zeros((64, 64, 3), np.uint8)
+    with pytest.raises(InputError, match="motion mode"):
+        engine.animate(face, face[None], variant="fomm-none", motion="avd")
+    with pytest.raises(InputError, match="magnify"):
+        engine.animate(face, face[None], variant="fomm-none", magnify=0)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("MEFACIAL_CHECKPOINT_MRAA_AWP", raising=False)
+    with pytest.raises(WeightsNotFoundError):
+        engine.animate(face, face[None], variant="mraa-awp")
