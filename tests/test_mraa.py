@@ -245,3 +245,21 @@ def test_a_fomm_fixture_checkpoint_is_refused(folder):
     config = config_from_reference(yaml.safe_load((mraa_dir / "config.yaml").read_text()), fixture_meta(mraa_dir))
     with pytest.raises(CheckpointError):
         load_original_checkpoint(MRAA(config), folder / "checkpoint.pth.tar", CHECKPOINT_PARTS["mraa"])
+
+
+@torch.no_grad()
+def test_region_geometry_stays_float32_under_autocast():
+    """bf16 autocast runs the networks in bf16, but regions, inverses and SVDs in float32 (all modes work)."""
+    model = tiny_model("awp")
+    source, driving, au_source, au_driving = inputs(2)
+    src, init, drv = model.detect(source, au_source), model.detect(driving[:1], au_driving[:1]), model.detect(driving, au_driving)
+    exact = {mode: model.generate(source, None, src, model.transfer(src, drv, init, mode))["prediction"]
+             for mode in MRAA.MOTION_MODES}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        src, init, drv = model.detect(source, au_source), model.detect(driving[:1], au_driving[:1]), model.detect(driving, au_driving)
+        cache = model.encode_source(source)
+        for mode in MRAA.MOTION_MODES:
+            new = model.transfer(src, drv, init, mode)
+            assert all(new[k].dtype == torch.float32 for k in ("shift", "affine", "covar")), mode
+            prediction = model.generate(source, cache, src, new)["prediction"]
+            torch.testing.assert_close(prediction.float(), exact[mode], atol=0.05, rtol=0)

@@ -50,6 +50,15 @@ Regions = dict[str, torch.Tensor]
 
 # ---- geometry helpers ---------------------------------------------------------------------
 
+def full_precision(device: torch.device):
+    """Region geometry (moments, SVD, inverses, coordinate maps) runs in float32, also under autocast."""
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
+def _float(regions: Regions) -> Regions:
+    return {k: v.float() for k, v in regions.items()}
+
+
 def _weighted_moments(heatmap: torch.Tensor, shift: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and second moment of B x K x h x w weights over the [-1, 1] grid.
 
@@ -74,7 +83,7 @@ def covar_sqrt(covar: torch.Tensor) -> torch.Tensor:
     the signs of the singular vectors are part of what the published models
     learned, and GPU solvers may pick others.
     """
-    u, s, _ = torch.linalg.svd(covar.cpu(), full_matrices=False)
+    u, s, _ = torch.linalg.svd(covar.float().cpu(), full_matrices=False)
     u, s = u.to(covar.device), s.to(covar.device)
     return u @ torch.diag_embed(s**0.5)  # ... x 2 x 2
 
@@ -178,30 +187,34 @@ class RegionPredictor(nn.Module):
         x = self.down(frames) if self.scale_factor != 1 else frames  # B x C x h x w
         if self.prior == "none":
             feature_map = self.predictor(x)
-            logits = self.regions(feature_map)  # B x K x h x w
+            logits = self.regions(feature_map).float()  # B x K x h x w
             heatmap = F.softmax(logits.flatten(2) / self.temperature, dim=2).view_as(logits)
-            shift, covar = _weighted_moments(heatmap)
+            with full_precision(x.device):
+                shift, covar = _weighted_moments(heatmap)
             params = {"shift": shift, "covar": covar, "heatmap": heatmap}
         else:
             if au_points is None:
                 raise InputError("this model has a facial prior: pass the 18 AU points of every frame (B x 18 x 2 pixels)")
             heatmap = prior_lib.per_au_maps(au_points, image_size=size[0], map_size=x.shape[2],
-                                            sigma=self.prior_sigma, distance=self.prior_distance).to(x.dtype)
-            frame_wh = torch.tensor([size[1], size[0]], dtype=au_points.dtype, device=au_points.device)
-            shift = (au_points * 2 / frame_wh - 1).to(x.dtype)  # B x K x 2, the original's `kp * 2 / 256 - 1`
-            _, covar = _weighted_moments(heatmap, shift)
-            fused = self.fused_prior(heatmap)  # B x 1 x h x w
+                                            sigma=self.prior_sigma, distance=self.prior_distance)  # B x K x h x w
+            frame_wh = torch.tensor([size[1], size[0]], dtype=torch.float32, device=au_points.device)
+            shift = au_points.float() * 2 / frame_wh - 1  # B x K x 2, the original's `kp * 2 / 256 - 1`
+            with full_precision(x.device):
+                _, covar = _weighted_moments(heatmap, shift)
+            fused = self.fused_prior(heatmap.to(x.dtype))  # B x 1 x h x w
             params = {"shift": shift, "covar": covar, "heatmap": heatmap, "prior": fused}
-            feature_map = self.predictor(torch.cat([x, fused], dim=1)) if self.jacobian is not None else None
+            feature_map = self.predictor(torch.cat([x, fused.to(x.dtype)], dim=1)) if self.jacobian is not None else None
 
         if self.jacobian is not None:
-            jacobian_map = self.jacobian(feature_map)  # B x 4 x h x w
+            jacobian_map = self.jacobian(feature_map).float()  # B x 4 x h x w
             weighted = heatmap.unsqueeze(2) * jacobian_map.unsqueeze(1)  # B x K x 4 x h x w
             affine = weighted.flatten(3).sum(dim=-1).view(*heatmap.shape[:2], 2, 2)  # B x K x 2 x 2
             params["affine"] = affine
-            params["covar"] = affine @ affine.transpose(-1, -2)
+            with full_precision(x.device):
+                params["covar"] = affine @ affine.transpose(-1, -2)
         elif self.pca_based:
-            params["affine"] = covar_sqrt(params["covar"])
+            with full_precision(x.device):
+                params["affine"] = covar_sqrt(params["covar"])
         return params
 
 
@@ -313,19 +326,22 @@ class PixelwiseFlowPredictor(nn.Module):
         """source_down 1 or B x C x h x w; region params of B frames -> optical_flow, occlusion_map."""
         h, w = source_down.shape[2:]
         bs = driving["shift"].shape[0]
-        heatmap = self.heatmap_representation((h, w), source, driving)  # B x K+1 x 1 x h x w
-        sparse = self.sparse_motions((h, w), source, driving, bg_params)  # B x K+1 x h x w x 2
-        if self.use_deformed_source:
-            deformed = shared_grid_sample(source_down, sparse, self.align_corners)  # B x K+1 x C x h x w
-            predictor_input = torch.cat([heatmap, deformed], dim=2)
-        else:
-            predictor_input = heatmap
+        with full_precision(source_down.device):
+            source, driving = _float(source), _float(driving)
+            bg_params = None if bg_params is None else bg_params.float()
+            heatmap = self.heatmap_representation((h, w), source, driving)  # B x K+1 x 1 x h x w
+            sparse = self.sparse_motions((h, w), source, driving, bg_params)  # B x K+1 x h x w x 2
+            if self.use_deformed_source:
+                deformed = shared_grid_sample(source_down.float(), sparse, self.align_corners)  # B x K+1 x C x h x w
+                predictor_input = torch.cat([heatmap, deformed], dim=2)
+            else:
+                predictor_input = heatmap
         prediction = self.hourglass(predictor_input.view(bs, -1, h, w))
-        mask = F.softmax(self.mask(prediction), dim=1)  # B x K+1 x h x w
+        mask = F.softmax(self.mask(prediction).float(), dim=1)  # B x K+1 x h x w
         flow = (sparse * mask.unsqueeze(-1)).sum(dim=1)  # B x h x w x 2
         out = {"optical_flow": flow}
         if self.occlusion is not None:
-            out["occlusion_map"] = torch.sigmoid(self.occlusion(prediction))  # B x 1 x h x w
+            out["occlusion_map"] = torch.sigmoid(self.occlusion(prediction).float())  # B x 1 x h x w
         return out
 
 
@@ -455,15 +471,19 @@ class AVDNetwork(nn.Module):
     def forward(self, x_id: Regions, x_pose: Regions) -> Regions:
         """Identity regions (1 or B frames) and pose regions (B frames) -> shift, affine, covar of B frames."""
         bs = x_pose["shift"].shape[0]
+        device = x_pose["shift"].device
         id_shift, id_affine = x_id["shift"].expand(bs, -1, -1), x_id["affine"].expand(bs, -1, -1, -1)
         if self.revert_axis_swap:
-            sign = torch.sign((id_affine @ torch.inverse(x_pose["affine"]))[:, :, 0:1, 0:1])
+            with full_precision(device):
+                sign = torch.sign((id_affine.float() @ torch.inverse(x_pose["affine"].float()))[:, :, 0:1, 0:1])
             id_affine = id_affine * sign
         pose_emb = self.pose_encoder(self._embed(x_pose))
         id_emb = self.id_encoder(self._embed({"shift": id_shift, "affine": id_affine}))
-        rec = self.decoder(torch.cat([pose_emb, id_emb], dim=1)).view(bs, self.num_regions, 6)
+        rec = self.decoder(torch.cat([pose_emb, id_emb], dim=1)).float().view(bs, self.num_regions, 6)
         affine = rec[:, :, 2:].reshape(bs, self.num_regions, 2, 2)
-        return {"shift": rec[:, :, :2], "affine": affine, "covar": affine @ affine.transpose(-1, -2)}
+        with full_precision(device):
+            covar = affine @ affine.transpose(-1, -2)
+        return {"shift": rec[:, :, :2], "affine": affine, "covar": covar}
 
 
 # ---- the backbone ---------------------------------------------------------------------------------
@@ -510,8 +530,9 @@ class MRAA(nn.Module):
         """Region params to animate the source with (see `mefacial.motion.transfer_regions`)."""
         if mode not in self.MOTION_MODES:
             raise InputError(f"motion mode {mode!r} is not one of MRAA's {self.MOTION_MODES}")
-        return motion.transfer_regions(src, drv, init, mode, adapt_scale=adapt_scale, magnify=magnify,
-                                       avd_network=self.avd_network)
+        with full_precision(drv["shift"].device):
+            return motion.transfer_regions(src, drv, init, mode, adapt_scale=adapt_scale, magnify=magnify,
+                                           avd_network=self.avd_network)
 
     def background_motion(self, source: torch.Tensor, driving: torch.Tensor) -> torch.Tensor:
         """3 x 3 background transform from the source (1 or B frames) to each of B driving frames."""
