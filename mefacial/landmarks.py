@@ -33,6 +33,7 @@ import functools
 import importlib.util
 import logging
 import os
+import pickle
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -271,8 +272,13 @@ def _build_detector(name: str, device: str) -> LandmarkDetector:
         return FanDetector(device)
     missing = fan_missing_weights()
     if not missing:
+        try:
+            detector = FanDetector(device)
+        except (OSError, RuntimeError, ValueError, pickle.UnpicklingError) as err:  # a cached file torch cannot load
+            logger.warning("landmarks: dlib HOG + 68-point predictor (face-alignment failed to load: %s)", err)
+            return DlibDetector()
         logger.info("landmarks: face-alignment FAN on %s (its weights are in the torch hub cache)", device)
-        return FanDetector(device)
+        return detector
     logger.info("landmarks: dlib HOG + 68-point predictor (face-alignment weights not cached: %s; "
                 "nothing is downloaded)", ", ".join(p.name for p in missing))
     return DlibDetector()

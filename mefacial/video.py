@@ -101,6 +101,8 @@ def as_rgb(image: np.ndarray) -> np.ndarray:
     if image.ndim not in (3, 4) or image.shape[-1] not in (1, 2, 3, 4) or 0 in image.shape:
         raise InputError(f"expected an image H x W (x C with C in 1..4) or a stack T x H x W x C, "
                          f"got shape {image.shape}; pass RGB, RGBA or greyscale pixels")
+    if image.dtype == np.uint8 and image.shape[-1] in (1, 3):  # the common case, without a float copy
+        return image if image.shape[-1] == 3 else np.repeat(image, 3, axis=-1)
     image = _to_unit_range(image)  # ... x C float32 in [0, 1]
     channels = image.shape[-1]
     if channels in (2, 4):
@@ -251,17 +253,20 @@ def iter_clip_chunks(path: str | os.PathLike, chunk: int = 64, fps: float | None
         _check_file_size(path, limits, what, UnreadableVideoError)
         stream = _PillowStream(path, limits) if path.suffix.lower() in ANIMATED_IMAGE_EXTENSIONS \
             else _FfmpegStream(path, limits)
-    rate, rate_source = (_check_fps(fps), "user") if fps else (stream.fps, stream.fps_source)
-    if stream.duration and stream.duration > limits.max_seconds:
-        raise InputTooLargeError(f"{what} lasts {stream.duration:.1f} s, above the limit of "
-                                 f"{limits.max_seconds:.0f} s; trim it to the micro-expression (onset to offset) "
-                                 "or raise Limits.max_seconds.")
-    frame_bytes = stream.width * stream.height * 3
-    if _max_bytes is not None and stream.expected_frames * frame_bytes > _max_bytes:
-        _raise_too_many_bytes(what, stream.expected_frames, frame_bytes, _max_bytes)
-    buffer: list[np.ndarray] = []
-    count = 0
-    with stream:
+    with stream:  # closes the decoder (and stops ffmpeg) on every way out
+        rate, rate_source = (_check_fps(fps), "user") if fps else (stream.fps, stream.fps_source)
+        if rate_source == "default":
+            logger.info("%s carries no frame rate; using %s fps (pass fps= to override; micro-expression "
+                        "datasets were filmed at 100-200 fps)", what, DEFAULT_FPS)
+        if stream.duration and stream.duration > limits.max_seconds:
+            raise InputTooLargeError(f"{what} lasts {stream.duration:.1f} s, above the limit of "
+                                     f"{limits.max_seconds:.0f} s; trim it to the micro-expression (onset to "
+                                     "offset) or raise Limits.max_seconds.")
+        frame_bytes = stream.width * stream.height * 3
+        if _max_bytes is not None and stream.expected_frames * frame_bytes > _max_bytes:
+            _raise_too_many_bytes(what, stream.expected_frames, frame_bytes, _max_bytes)
+        buffer: list[np.ndarray] = []
+        count = 0
         for frame in stream:
             count += 1
             if count > limits.max_frames:
@@ -274,11 +279,12 @@ def iter_clip_chunks(path: str | os.PathLike, chunk: int = 64, fps: float | None
             if len(buffer) == chunk:
                 yield Clip(np.stack(buffer), rate, rate_source)
                 buffer = []
-    if buffer:
-        yield Clip(np.stack(buffer), rate, rate_source)
-    if count == 0:
-        raise UnreadableVideoError(f"cannot read {what}: it holds no video frames. Re-export it as mp4 (H.264) or GIF.")
-    stream.check_complete(count)
+        if buffer:
+            yield Clip(np.stack(buffer), rate, rate_source)
+        if count == 0:
+            raise UnreadableVideoError(f"cannot read {what}: it holds no video frames. "
+                                       "Re-export it as mp4 (H.264) or GIF.")
+        stream.check_complete(count)
 
 
 def _raise_too_many_bytes(what: str, frames: int, frame_bytes: int, limit: int) -> None:
@@ -355,26 +361,35 @@ class _PillowStream:
     fps_source = "gif"
 
     def __init__(self, path: Path, limits: Limits):
-        what = f"the driving clip {path}"
+        self.what = f"the driving clip {path}"
         try:
             with warnings.catch_warnings():
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # `limits` decides instead
                 self.image = Image.open(path)
-            self.width, self.height = self.image.size
-            _check_pixels(self.width, self.height, limits, f"a frame of {what}")
-            delays = []
+        except Image.DecompressionBombError as err:
+            raise InputTooLargeError(f"{self.what} has too many pixels per frame ({err}); downscale it.") from err
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+            raise UnreadableVideoError(f"cannot read {self.what}: not a readable animation ({err}). "
+                                       "Re-export it as GIF or mp4 (H.264).") from err
+        try:
+            self._read_timing(limits)
+        except BaseException:
+            self.image.close()
+            raise
+
+    def _read_timing(self, limits: Limits) -> None:
+        self.width, self.height = self.image.size
+        _check_pixels(self.width, self.height, limits, f"a frame of {self.what}")
+        delays = []
+        try:
             for index in range(getattr(self.image, "n_frames", 1)):
-                if index >= limits.max_frames * 2:  # merged frames may expand; stop counting far beyond the limit
+                if index >= 2 * limits.max_frames:  # far beyond the limit already: stop counting
                     break
                 self.image.seek(index)
                 delays.append(float(self.image.info.get("duration") or 0.0))
             self.image.seek(0)
-        except InputTooLargeError:
-            raise
-        except Image.DecompressionBombError as err:
-            raise InputTooLargeError(f"{what} has too many pixels per frame ({err}); downscale it.") from err
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as err:
-            raise UnreadableVideoError(f"cannot read {what}: not a readable animation ({err}). "
+        except (OSError, SyntaxError, ValueError, EOFError) as err:
+            raise UnreadableVideoError(f"cannot read {self.what}: not a readable animation ({err}). "
                                        "Re-export it as GIF or mp4 (H.264).") from err
         positive = [d for d in delays if d > 0]
         if positive:
@@ -388,8 +403,7 @@ class _PillowStream:
             self.repeats, self.duration = [1] * len(delays), None
             self.fps, self.fps_source = DEFAULT_FPS, "default"
         self.expected_frames = sum(self.repeats)
-        _check_frames(self.expected_frames, self.width, self.height, limits, what)
-        self.what = what
+        _check_frames(self.expected_frames, self.width, self.height, limits, self.what)
 
     def __iter__(self) -> Iterator[np.ndarray]:
         try:
@@ -437,8 +451,6 @@ class _FfmpegStream:
         self.fps = float(meta.get("fps") or 0.0)
         if not 0 < self.fps <= 1000:
             self.fps, self.fps_source = DEFAULT_FPS, "default"
-            logger.info("%s has no frame rate in its container; using %s fps (pass fps= to override)",
-                        self.what, DEFAULT_FPS)
         self.expected_frames = round(self.duration * self.fps) if self.duration else 0
         try:
             _check_frames(self.expected_frames, self.width, self.height, limits, self.what)

@@ -173,6 +173,18 @@ def test_auto_picks_dlib_offline_without_network(tmp_path, monkeypatch, no_netwo
         lm.get_detector("mediapipe")
 
 
+def test_auto_falls_back_to_dlib_when_cached_fan_weights_are_broken(tmp_path, monkeypatch, no_network, caplog):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    for path in lm.fan_weight_files():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"an interrupted download")
+    assert lm.fan_missing_weights() == []
+    with caplog.at_level(logging.INFO, logger="mefacial"):
+        assert isinstance(lm.get_detector("auto", device="cpu"), lm.DlibDetector)
+    assert any("failed to load" in r.message for r in caplog.records)
+    assert no_network == []
+
+
 @pytest.fixture(scope="module")
 def fake_fan_home(tmp_path_factory):
     """A torch hub cache holding randomly initialised FAN (one hourglass) and S3FD weights under the real names."""
