@@ -89,8 +89,10 @@ def read_pickled_checkpoint(path: str | Path) -> dict:
     except FileNotFoundError:
         raise
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for bad files
+        lines = str(exc).splitlines() or [""]
+        detail = next((line.strip() for line in lines if "GLOBAL" in line), lines[0])  # the refused class
         raise CheckpointError(
-            f"{path} is not a loadable checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0][:300]}). "
+            f"{path} is not a loadable checkpoint ({type(exc).__name__}: {detail[:300]}). "
             "Only plain tensor checkpoints load (torch.load weights_only=True); re-save it as a state dict "
             "or convert it with `python -m mefacial checkpoints convert`."
         ) from None
@@ -580,15 +582,23 @@ def load_weights(model: nn.Module, path: str | Path, parts: str | Sequence[str])
 # ---- conversion ---------------------------------------------------------------------------------
 
 
-def _tensor_parts(checkpoint: Mapping) -> tuple[dict[str, torch.Tensor], dict[str, Any], list[str]]:
-    """Split an original checkpoint into flat tensors (every part that is a state dict), JSON-able
-    extras (epoch, ...) and the names of what was dropped (optimiser states)."""
+# Keys of a train/ checkpoint that describe the run rather than hold weights (see train/checkpointing.py).
+_TRAINING_CONFIG_KEYS = ("config", "model_config_json")
+
+
+def _tensor_parts(checkpoint: Mapping, parts: Sequence[str]) -> tuple[dict[str, torch.Tensor], dict[str, Any], list[str]]:
+    """Split an original or train/ checkpoint into flat tensors of the architecture's `parts` present,
+    JSON-able extras (epoch, step, ...) and the names of what was dropped (optimiser and RNG states)."""
     flat: dict[str, torch.Tensor] = {}
     extras: dict[str, Any] = {}
     dropped: list[str] = []
     for part, value in checkpoint.items():
-        if isinstance(value, Mapping) and value and all(isinstance(v, torch.Tensor) for v in value.values()):
+        if part in _TRAINING_CONFIG_KEYS:
+            continue
+        if part in parts and isinstance(value, Mapping):
             for key, tensor in value.items():
+                if not isinstance(tensor, torch.Tensor):
+                    raise CheckpointError(f"checkpoint part {part!r} holds a {type(tensor).__name__} at {key!r}, not a tensor")
                 # own, contiguous storage: safetensors refuses shared or strided tensors
                 flat[f"{part}.{_strip_prefixes(key)}"] = tensor.detach().clone(memory_format=torch.contiguous_format)
         elif isinstance(value, (int, float, str, bool)) or value is None:
@@ -611,14 +621,18 @@ def check_architecture(checkpoint: Mapping, config: Any, source: str = "checkpoi
         raise CheckpointError(report)
 
 
-def _config_of(config: Any, variant: str | None):
-    """A ModelConfig from a config object, a name/path, or the variant's registry entry."""
+def _config_of(config: Any, variant: str | None, checkpoint: Mapping | None = None):
+    """A ModelConfig from, in order: a config object or name/path, the architecture a train/ checkpoint
+    records (`model_config_json`), the variant's registry entry."""
     from .config import ModelConfig, load_config
 
     if isinstance(config, ModelConfig):
         return config
     if config is not None:
         return load_config(config)
+    own = checkpoint.get("model_config_json") if checkpoint is not None else None
+    if isinstance(own, str):
+        return _config_from_dict(json.loads(own))
     if variant is None:
         raise ConfigError("give a variant or a config to describe the checkpoint")
     return load_config(get_spec(variant).config)
@@ -628,15 +642,18 @@ def convert_to_safetensors(src: str | Path, dst: str | Path | None = None, confi
                            variant: str | None = None) -> Path:
     """Turn an original `.pth.tar` into `<dst>.safetensors` + `<dst>.json` (config, variant, provenance).
 
-    `config` is a ModelConfig, a config name or path (default: the variant's registry config). Every part
-    that is a state dict is kept (discriminator included, for fine-tuning); optimiser states are dropped.
-    `dst` defaults to checkpoints/<variant>.safetensors, where the resolver finds it.
+    `config` is a ModelConfig, a config name or path (default: the architecture a train/ checkpoint records,
+    else the variant's registry config); it must fit the weights. Every part of the architecture is kept
+    (discriminator included, for fine-tuning); optimiser and RNG states are dropped. `dst` defaults to
+    checkpoints/<variant>.safetensors, where the resolver finds it.
     """
+    from .models import CHECKPOINT_PARTS
+
     src = Path(src)
-    model_config = _config_of(config, variant)
     checkpoint = read_pickled_checkpoint(src)
+    model_config = _config_of(config, variant, checkpoint)
     check_architecture(checkpoint, model_config, str(src))
-    flat, extras, dropped = _tensor_parts(checkpoint)
+    flat, extras, dropped = _tensor_parts(checkpoint, CHECKPOINT_PARTS[model_config.backbone])
     if dst is None:
         dst = checkpoint_dir() / f"{variant or model_config.name}{SAFETENSORS_SUFFIX}"
     dst = Path(dst)
@@ -646,7 +663,7 @@ def convert_to_safetensors(src: str | Path, dst: str | Path | None = None, confi
     sidecar = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
-        "variant": variant,
+        "variant": variant or extras.get("variant"),
         "config": model_config.to_dict(),
         "metadata": {
             "converted_from": src.name,
@@ -657,7 +674,10 @@ def convert_to_safetensors(src: str | Path, dst: str | Path | None = None, confi
             **extras,
         },
     }
-    save_safetensors(flat, str(dst), metadata={"format": FORMAT_NAME, "variant": variant or "", "config": model_config.name})
+    if isinstance(checkpoint.get("config"), Mapping):  # a train/ checkpoint: keep its recipe with the weights
+        sidecar["training_config"] = json.loads(json.dumps(checkpoint["config"], default=str))
+    save_safetensors(flat, str(dst), metadata={"format": FORMAT_NAME, "variant": sidecar["variant"] or "",
+                                               "config": model_config.name})
     sidecar_path(dst).write_text(json.dumps(sidecar, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return dst
 
@@ -712,7 +732,7 @@ def model_card(variant: str, config: Any, *, repo_id: str, metrics: Mapping[str,
         lines += ["", "## Metrics", "", "| metric | value |", "| --- | --- |"]
         lines += [f"| {name} | {value} |" for name, value in metrics.items()]
     if provenance:
-        lines += ["", "## Provenance", ""] + [f"- {k}: {v}" for k, v in provenance.items() if k in ("converted_from", "source_sha256", "epoch")]
+        lines += ["", "## Provenance", ""] + [f"- {k}: {v}" for k, v in provenance.items() if k in ("converted_from", "source_sha256", "epoch", "step")]
     if spec and spec.licence_note:
         lines += ["", "## Licence", "", spec.licence_note.strip()]
     lines += ["", "## Use", "", "```bash",
@@ -747,8 +767,8 @@ def push_to_hub(variant: str, file: str | Path, repo_id: str, private: bool = Fa
             sidecar = {**previous, "format": FORMAT_NAME, "format_version": FORMAT_VERSION,
                        "variant": variant, "config": model_config.to_dict()}
         else:
-            model_config = _config_of(config, variant)
-            convert_to_safetensors(file, staged, model_config, variant)
+            convert_to_safetensors(file, staged, config, variant)
+            model_config = _config_from_dict(read_sidecar(staged)["config"])
             sidecar = json.loads(sidecar_path(staged).read_text(encoding="utf-8"))
             sidecar_path(staged).unlink()  # published as config.json instead
         if metrics:
