@@ -143,18 +143,12 @@ class Reference:
                 self.check(key, out[field], "prediction_max_abs")
 
 
-_CACHE: dict[Path, Reference] = {}
-
-
-@pytest.fixture(params=fixture_params("mraa"))
+@pytest.fixture(scope="module", params=fixture_params("mraa"))
 def reference(request) -> Reference:
+    """Module scope: pytest groups the tests by fixture folder, so each model is built and run once."""
     if request.param is None:
         require(Path("/nonexistent-mraa-fixtures"), "MRAA reference fixtures")
-    folder = request.param
-    if folder not in _CACHE:
-        _CACHE.clear()  # one model in memory at a time
-        _CACHE[folder] = Reference(folder)
-    return _CACHE[folder]
+    return Reference(request.param)
 
 
 def test_regions(reference):
