@@ -725,7 +725,8 @@ def model_card(variant: str, config: Any, *, repo_id: str, metrics: Mapping[str,
              f"{config.image_size}x{config.image_size} frames, grid_sample align_corners={config.grid_sample_align_corners})",
              f"- files: `{HUB_WEIGHTS_FILENAME}` (flat `part.key` tensors), `{HUB_CONFIG_FILENAME}` (full config and provenance)",
              "", "## Training data", "",
-             f"- {origin.get('dataset', 'not stated by the uploader')}"]
+             f"- {origin.get('dataset', 'not stated by the uploader')} (the variant's registered data; "
+             f"`{HUB_CONFIG_FILENAME}` holds the run's own training config when it came from `train/`)"]
     if origin.get("paper"):
         lines += ["", "## Origin", "", f"- paper: {origin['paper']}"] + ([f"- code: {origin['code']}"] if origin.get("code") else [])
     if metrics:
@@ -734,10 +735,12 @@ def model_card(variant: str, config: Any, *, repo_id: str, metrics: Mapping[str,
     if provenance:
         lines += ["", "## Provenance", ""] + [f"- {k}: {v}" for k, v in provenance.items() if k in ("converted_from", "source_sha256", "epoch", "step")]
     if spec and spec.licence_note:
-        lines += ["", "## Licence", "", spec.licence_note.strip()]
+        lines += ["", "## Licence", "", f"`{licence}`. Upstream code and data, from the mefacial checkpoint registry: "
+                  + " ".join(spec.licence_note.split())]
     lines += ["", "## Use", "", "```bash",
-              f"python -m mefacial animate --variant {variant} --checkpoint \"$(python -c \"from huggingface_hub import "
-              f"hf_hub_download; print(hf_hub_download('{repo_id}', '{HUB_WEIGHTS_FILENAME}'))\")\" SOURCE DRIVING",
+              f"python -m mefacial animate --variant {variant} --source face.png --driving clip.mp4 --out out.mp4 \\",
+              f"    --checkpoint \"$(python -c \"from huggingface_hub import hf_hub_download; "
+              f"print(hf_hub_download('{repo_id}', '{HUB_WEIGHTS_FILENAME}'))\")\"",
               "```", "",
               "or add it to `checkpoints/registry.yaml` (`python -m mefacial checkpoints push` prints the entry).", ""]
     return "\n".join(lines)
@@ -768,9 +771,9 @@ def push_to_hub(variant: str, file: str | Path, repo_id: str, private: bool = Fa
                        "variant": variant, "config": model_config.to_dict()}
         else:
             convert_to_safetensors(file, staged, config, variant)
-            model_config = _config_from_dict(read_sidecar(staged)["config"])
-            sidecar = json.loads(sidecar_path(staged).read_text(encoding="utf-8"))
+            sidecar = read_sidecar(staged) or {}
             sidecar_path(staged).unlink()  # published as config.json instead
+            model_config = _config_from_dict(sidecar["config"])
         if metrics:
             sidecar["metrics"] = dict(metrics)
         (Path(tmp) / HUB_CONFIG_FILENAME).write_text(json.dumps(sidecar, indent=2, sort_keys=True) + "\n", encoding="utf-8")
