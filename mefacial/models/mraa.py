@@ -12,6 +12,8 @@ checkpoints load strictly:
   around the point. The original still runs its hourglass on the frame and the
   fused prior map and throws the result away when the affine comes from the
   SVD; here the hourglass runs only where its output is used (regressed affine).
+  AWP fuses the per-AU maps with two learned convs (`region1`, `region2`); EWP,
+  which has no original MRAA code, puts the equal-weighted map in their place.
 * `bg_predictor`: (source, driving) -> 3 x 3 background motion.
 * `generator`: pixelwise flow from region pairs, then an encoder-decoder that
   warps the source features (with skips); the source encoding is computed once
@@ -102,9 +104,9 @@ def region_gaussians(shift: torch.Tensor, covar: torch.Tensor | float, spatial_s
 def shared_grid_sample(inp: torch.Tensor, grid: torch.Tensor, align_corners: bool) -> torch.Tensor:
     """`grid_sample` of S inputs by B sampling grids, B a multiple of S; grid B x N x h x w x 2 -> B x N x C x h x w.
 
-    Grids b*S/B.. share input b // (B / S): the grids of one input are stacked
-    along the height, so a batch-1 source is never copied B times. Each output
-    pixel is the same bilinear sample as with a per-grid copy of the input.
+    Grid b samples input b // (B / S). The grids of one input are stacked along
+    the height, so a batch-1 source is never copied B times; each output pixel
+    is the same bilinear sample as with a per-grid copy of the input.
     """
     s = inp.shape[0]
     b, n, h, w, _ = grid.shape
