@@ -64,6 +64,23 @@ def test_written_clip_reads_back_with_frame_count_and_fps(tmp_path, clip, suffix
     assert error < (0.5 if suffix == ".gif" else 3.0), f"{suffix} frames changed by {error:.2f} on average"
 
 
+@pytest.mark.parametrize("suffix, codec", [(".webm", "libvpx-vp9"), (".avi", "mpeg4"), (".mov", "libx264")])
+def test_other_containers_read_with_their_frame_rate(tmp_path, clip, suffix, codec):
+    import imageio_ffmpeg
+
+    path = tmp_path / f"clip{suffix}"
+    frames = clip.frames[:12]
+    writer = imageio_ffmpeg.write_frames(str(path), frames.shape[2:0:-1], fps=30, codec=codec, macro_block_size=1,
+                                         ffmpeg_log_level="error")
+    writer.send(None)
+    for frame in frames:
+        writer.send(np.ascontiguousarray(frame))
+    writer.close()
+    back = video.read_clip(path)
+    assert back.num_frames == len(frames) and back.fps == pytest.approx(30) and back.fps_source == "container"
+    assert np.abs(back.frames.astype(int) - frames).mean() < 8
+
+
 def test_fast_gif_drops_frames_to_the_browser_minimum_delay(tmp_path, clip):
     kept, delays = video.gif_schedule(100, 200.0)
     assert list(kept[:3]) == [0, 4, 8] and set(delays) == {20}
