@@ -53,15 +53,16 @@ class Limits:
     """Input limits, checked before decoding wherever the file header allows.
 
     The defaults fit a 24 GiB CPU machine: a 50-megapixel photo, a clip of
-    2000 frames (10 s at 200 fps) and at most 6 GiB of decoded frames held at
-    once by `read_clip` (`iter_clip_chunks` streams longer clips instead).
+    2000 frames (10 s at 200 fps) and at most 4 GiB of decoded frames held by
+    `read_clip` (about twice that at its peak, while assembling the array;
+    `iter_clip_chunks` streams larger clips instead).
     """
 
     max_frames: int = 2000
     max_pixels: int = 50_000_000  # of one image or frame
     max_bytes: int = 2 * 1024**3  # file size
     max_seconds: float = 600.0  # clip duration
-    max_clip_bytes: int = 6 * 1024**3  # decoded frames that read_clip holds at once
+    max_clip_bytes: int = 4 * 1024**3  # decoded frames that read_clip returns in one array
 
 
 DEFAULT_LIMITS = Limits()
