@@ -37,6 +37,9 @@ log = logging.getLogger("mefacial")
 ProgressFn = Callable[[float, str], None]
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MAX_MAGNIFY = 10.0
+# What the original demos do in relative mode: FOMM adapts the movement scale only when asked,
+# MRAA always does.
+ADAPT_SCALE_DEFAULT = {"fomm": False, "mraa": True, "warp": False}
 
 
 @dataclasses.dataclass
@@ -160,7 +163,7 @@ class Engine:
 
     # ---- animation ----------------------------------------------------------------------
     def animate(self, source: Any, driving: Any, variant: str = "warp", checkpoint: str | Path | None = None,
-                motion: str = "relative", adapt_scale: bool = False, source_landmarks: np.ndarray | None = None,
+                motion: str = "relative", adapt_scale: bool | None = None, source_landmarks: np.ndarray | None = None,
                 driving_landmarks: np.ndarray | None = None, progress: ProgressFn | None = None, *,
                 magnify: float = 1.0, fps: float | None = None, crop: bool = True, paste_back: bool = False,
                 landmarks: str | None = None, smooth: bool = True, margin: float = 0.0,
@@ -175,8 +178,10 @@ class Engine:
         and `driving_landmarks` (T x 68 x 2 / T x 18 x 2), in pixels of the given
         frames, replace detection with the `landmarks` backend ("auto", "dlib",
         "fan"); `smooth` removes landmark jitter over time. `motion` is one of
-        the variant's modes; `magnify` multiplies the relative motion (1 =
-        faithful). `paste_back` puts the generated face back into the source
+        the variant's modes; `adapt_scale` scales the motion by the ratio of the
+        faces' keypoint hull areas (default: as the original code of the backbone
+        does, off for FOMM, on for MRAA); `magnify` multiplies the relative
+        motion (1 = faithful). `paste_back` puts the generated face back into the source
         picture. `progress(fraction, message)` is called after each batch.
         """
         spec = get_variant(variant)
@@ -186,6 +191,8 @@ class Engine:
             raise InputError(f"magnify must be in (0, {MAX_MAGNIFY}], got {magnify}")
         if paste_back and not crop:
             raise InputError("paste_back needs crop=True (the face is pasted back into the box it was cut from)")
+        if adapt_scale is None:
+            adapt_scale = ADAPT_SCALE_DEFAULT[spec.backbone]
         timings: dict[str, float] = {}
         started = time.perf_counter()
         report = progress or (lambda fraction, message: None)

@@ -72,7 +72,7 @@ def test_engine_matches_direct_model_calls(folder):
         src = model.detect(src_t, au_src)
         init = model.detect(drv_t[:1], None if au_drv is None else au_drv[:1])
         drv = model.detect(drv_t, au_drv)
-        new = model.transfer(src, drv, init, mode=mode)
+        new = model.transfer(src, drv, init, mode=mode, adapt_scale=config.backbone == "mraa")
         expected = to_uint8(model.generate(src_t, model.encode_source(src_t), src, new)["prediction"])
     assert result.frames.shape == driving.shape
     assert np.abs(result.frames.astype(int) - expected.astype(int)).max() <= 1
