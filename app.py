@@ -40,6 +40,7 @@ EXAMPLE_FACE = EXAMPLES / "astronaut.png"
 EXAMPLE_CLIP = EXAMPLES / "brow_raise.mp4"
 CLIP_TYPES = [".mp4", ".gif", ".webm", ".avi", ".mov", ".mkv", ".m4v"]
 NO_WEIGHTS = "no weights: see checkpoints/README.md"
+GRID_LABEL_CHARS = 18  # longer variant labels show as their id in grid headers
 
 BACKBONES = {"warp": "Training-free warp", "fomm": "FOMM", "mraa": "MRAA"}
 PRIORS = {"none": "none", "ewp": "EWP", "awp": "AWP", "ewp-mm21": "EWP (ACM MM 2021)"}
@@ -270,11 +271,12 @@ class Demo:
             image, clip.frames, variants=runnable, motion="relative", magnify=number(magnify, "magnification", 1, 5),
             fps=clip.fps, progress=self.progress_fn(progress), **options)
         done = [r for r in results.values() if not isinstance(r, MefacialError)]
-        if not done:  # the inputs themselves are the problem (no face, unreadable clip): say so
-            errors = [r for r in results.values() if isinstance(r, MefacialError)]
-            raise errors[0] if errors else gr.Error("no variant can run: " + NO_WEIGHTS)
-        labels = {v["id"]: v["label"] for v in self.variants}
-        columns, lines = [Column("driving", done[0].model_driving)], ["| variant | result |", "|---|---|"]
+        errors = [r for r in results.values() if isinstance(r, MefacialError)]
+        if errors and not done:  # every variant that could run failed: the inputs are the problem (no face, ...)
+            raise errors[0]
+        labels = {v["id"]: v["label"] if len(v["label"]) <= GRID_LABEL_CHARS else v["id"] for v in self.variants}
+        driving_frames = done[0].model_driving if done else clip.frames  # as the models saw it, when one ran
+        columns, lines = [Column("driving", driving_frames)], ["| variant | result |", "|---|---|"]
         for v in chosen:
             outcome = results.get(v)
             if outcome is None or isinstance(outcome, MefacialError):
@@ -286,7 +288,7 @@ class Demo:
                 lines.append(f"| `{v}` | {outcome.timings.get('total_s', 0):.2f} s, landmarks "
                              f"{outcome.landmark_backend or 'none'}, weights {outcome.weights} |")
         out = self.request_dir()
-        grid = write_video(out / "compare.mp4", render_grid(columns, heatmaps=bool(heatmaps)), done[0].fps,
+        grid = write_video(out / "compare.mp4", render_grid(columns, heatmaps=bool(heatmaps)), clip.fps,
                            slowdown=slowdown)
         return str(grid), "\n".join(lines)
 
@@ -313,13 +315,13 @@ class Demo:
         if index is not None:
             faces.append((result.model_driving[0], result.driving_landmarks[0], f"driving frame {index}"))
         awp_variant, awp_reason = self.awp_model()
+        config = mefacial.get_variant("fomm-ewp").config  # sigma and distance of the TIP 2024 EWP
         gallery = []
         for face, points, title in faces:
             awp = None
             if awp_variant is not None:
                 awp = self.engine.animate(face, face[None], variant=awp_variant, crop=False,
                                           landmarks=options["landmarks"], smooth=False).prior_map
-            config = mefacial.get_variant("fomm-ewp").config
             gallery += prior_panels(face, points, image_size=config.image_size, sigma=config.prior_sigma,
                                     distance=config.prior_distance, awp=awp, awp_reason=awp_reason, title=title)
         status = (f"landmarks: {result.landmark_backend or 'none'} · AWP: "
@@ -384,6 +386,7 @@ def build_demo(engine: mefacial.Engine, limits: Limits | None = None) -> gr.Bloc
     demo_state = Demo(engine, limits)
     variants = demo_state.variants
     pairs = examples()
+    default_landmarks = engine.landmarks if engine.landmarks in LANDMARKS and engine.landmarks != "auto" else "dlib"
     by_backbone = {b: [v for v in variants if v["backbone"] == b] for b in BACKBONES}
 
     def prior_choices(backbone: str | None = None) -> list[tuple[str, str]]:
@@ -420,8 +423,6 @@ def build_demo(engine: mefacial.Engine, limits: Limits | None = None) -> gr.Bloc
                             g_preview = gr.Video(label="Driving clip", interactive=False, autoplay=True, loop=True,
                                                  height=160, elem_id="g-preview")
                             g_clip_info = gr.Markdown(label="Clip", elem_id="g-clip-info")
-                    if pairs:
-                        gr.Examples(pairs, inputs=[g_source, g_driving], label="Examples (offline)")
                     with gr.Group():
                         with gr.Row():
                             g_backbone = gr.Radio([(label, b) for b, label in BACKBONES.items()], value="warp",
@@ -439,12 +440,14 @@ def build_demo(engine: mefacial.Engine, limits: Limits | None = None) -> gr.Bloc
                             g_crop = gr.Checkbox(True, label="Crop around the face")
                             g_paste = gr.Checkbox(False, label="Paste back into the full image")
                             g_smooth = gr.Checkbox(True, label="Smooth landmark tracks")
-                        g_landmarks = gr.Radio([(label, k) for k, label in LANDMARKS.items()], value="dlib",
+                        g_landmarks = gr.Radio([(label, k) for k, label in LANDMARKS.items()], value=default_landmarks,
                                                label="Landmark backend")
                         with gr.Row():
                             g_slowdown = gr.Slider(1, 20, value=1, step=1, label="Playback: slow down by (1 = real time)")
                             g_format = gr.Radio(["mp4", "gif"], value="mp4", label="Download format")
                     g_button = gr.Button("Generate", variant="primary", elem_id="g-button")
+                    if pairs:
+                        gr.Examples(pairs, inputs=[g_source, g_driving], label="Examples (work offline)")
                 with gr.Column(scale=1):
                     g_result = gr.Video(label="Result", interactive=False, autoplay=True, loop=True, height=360,
                                         elem_id="g-result")
@@ -463,7 +466,7 @@ def build_demo(engine: mefacial.Engine, limits: Limits | None = None) -> gr.Bloc
                     p_driving = gr.File(label="Driving clip (optional)", file_types=CLIP_TYPES, height=140,
                                         elem_id="p-driving")
                     p_frame = gr.Slider(0, limits.max_frames - 1, value=0, step=1, label="Driving frame")
-                    p_landmarks = gr.Radio([(label, k) for k, label in LANDMARKS.items()], value="dlib",
+                    p_landmarks = gr.Radio([(label, k) for k, label in LANDMARKS.items()], value=default_landmarks,
                                            label="Landmark backend")
                     p_crop = gr.Checkbox(True, label="Crop around the face")
                     p_button = gr.Button("Show the prior", variant="primary", elem_id="p-button")
@@ -476,32 +479,29 @@ def build_demo(engine: mefacial.Engine, limits: Limits | None = None) -> gr.Bloc
             gr.Markdown("One face and one clip through every variant, as one synchronised video: the driving clip "
                         "first, then a labelled column per variant. Variants that cannot run show why.")
             with gr.Row():
+                c_source = gr.Image(label="Source face", type="filepath", sources=["upload", "webcam", "clipboard"],
+                                    image_mode=None, height=256, scale=1, elem_id="c-source")
                 with gr.Column(scale=1):
-                    with gr.Row():
-                        c_source = gr.Image(label="Source face", type="filepath",
-                                            sources=["upload", "webcam", "clipboard"], image_mode=None, height=256,
-                                            elem_id="c-source")
-                        c_driving = gr.File(label="Driving clip", file_types=CLIP_TYPES, height=140,
-                                            elem_id="c-driving")
-                    if pairs:
-                        gr.Examples(pairs, inputs=[c_source, c_driving], label="Examples")
+                    c_driving = gr.File(label="Driving clip", file_types=CLIP_TYPES, height=140, elem_id="c-driving")
+                    c_landmarks = gr.Radio([(label, k) for k, label in LANDMARKS.items()], value=default_landmarks,
+                                           label="Landmark backend")
+                with gr.Column(scale=2):
                     c_variants = gr.CheckboxGroup([(v["label"], v["id"]) for v in variants],
                                                   value=[v["id"] for v in variants], label="Variants")
                     with gr.Row():
                         c_magnify = gr.Slider(1, 5, value=1, step=0.5, label="Magnification")
-                        c_slowdown = gr.Slider(1, 20, value=1, step=1, label="Slow down by")
+                        c_slowdown = gr.Slider(1, 20, value=1, step=1, label="Slow down by (1 = real time)")
                     with gr.Row():
                         c_crop = gr.Checkbox(True, label="Crop around the face")
                         c_paste = gr.Checkbox(False, label="Paste back")
                         c_smooth = gr.Checkbox(True, label="Smooth landmarks")
                         c_heatmaps = gr.Checkbox(False, label="Motion heatmaps row")
-                    c_landmarks = gr.Radio([(label, k) for k, label in LANDMARKS.items()], value="dlib",
-                                           label="Landmark backend")
                     c_button = gr.Button("Compare", variant="primary", elem_id="c-button")
-                with gr.Column(scale=2):
-                    c_grid = gr.Video(label="Comparison", show_label=False, interactive=False, autoplay=True, loop=True,
-                                      elem_id="c-grid")
-                    c_status = gr.Markdown(label="Status", elem_id="c-status")
+            c_grid = gr.Video(label="Comparison", show_label=False, interactive=False, autoplay=True, loop=True,
+                              elem_id="c-grid")
+            c_status = gr.Markdown(label="Status", elem_id="c-status")
+            if pairs:
+                gr.Examples(pairs, inputs=[c_source, c_driving], label="Examples")
 
         with gr.Accordion("Variants and weights", open=False):
             v_table = gr.Markdown(variants_markdown(engine, variants), elem_id="variants")

@@ -163,9 +163,9 @@ def render_grid(columns: list[Column], tile: int = TILE, heatmaps: bool = False,
     grid = np.empty((total, HEADER + rows * tile, len(columns) * tile, 3), dtype=np.uint8)  # T x H x W x 3
     for i, column in enumerate(columns):
         x = slice(i * tile, (i + 1) * tile)
-        grid[:, :HEADER, x] = text_tile(column.label, tile, HEADER, background=BACKGROUND, color=TEXT, font_size=18)
-        if column.frames is None:
-            grid[:, HEADER:HEADER + tile, x] = text_tile(column.reason or "", tile, tile)
+        grid[:, :HEADER, x] = text_tile(column.label, tile, HEADER, background=BACKGROUND, color=TEXT, font_size=22)
+        if column.frames is None:  # large text: grids of many columns are shown scaled down
+            grid[:, HEADER:HEADER + tile, x] = text_tile(column.reason or "", tile, tile, font_size=20)
             if heatmaps:
                 grid[:, HEADER + tile:, x] = BACKGROUND
             continue

@@ -6,6 +6,7 @@ so every learned variant is "missing weights" whatever the machine has.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import socket
@@ -18,6 +19,9 @@ from typing import Iterator
 
 REPO = Path(__file__).resolve().parent.parent
 STARTUP_TIMEOUT_S = 180
+MAX_FRAMES = 40  # the app's clip limit in the tests (the examples are shorter)
+SHARED_FLAGS = ("--max-frames", str(MAX_FRAMES), "--queue-size", "8")
+_shared: dict[str, str] = {}
 
 
 def free_port() -> int:
@@ -63,3 +67,12 @@ def running_app(tmp: Path, *flags: str) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def shared_app(tmp: Path) -> str:
+    """One app for all test modules of the session: started on first use, stopped when the session exits."""
+    if "url" not in _shared:
+        context = running_app(tmp, *SHARED_FLAGS)
+        _shared["url"] = context.__enter__()
+        atexit.register(context.__exit__, None, None, None)
+    return _shared["url"]

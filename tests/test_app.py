@@ -15,7 +15,7 @@ import pytest
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 
-from app_server import REPO, running_app
+from app_server import MAX_FRAMES, REPO, shared_app
 from mefacial import list_variants
 from mefacial.grid import HEADER, TILE
 from mefacial.video import read_clip, write_video
@@ -24,14 +24,11 @@ pytestmark = pytest.mark.slow
 
 FACE = REPO / "examples" / "astronaut.png"
 CLIP = REPO / "examples" / "brow_raise.mp4"
-MAX_FRAMES = 40
 
 
 @pytest.fixture(scope="module")
 def app_url(tmp_path_factory) -> str:
-    tmp = tmp_path_factory.mktemp("app")
-    with running_app(tmp, "--max-frames", str(MAX_FRAMES), "--queue-size", "8") as url:
-        yield url
+    return shared_app(tmp_path_factory.getbasetemp() / "app")
 
 
 @pytest.fixture(scope="module")
@@ -86,10 +83,14 @@ def test_compare_renders_one_grid_with_a_column_per_variant(client, clip):
     assert change[warp_column] > 5 * change[warp_column + 1]  # results move, placeholders stand still
 
 
-def test_compare_with_heatmaps_adds_a_row(client, clip):
-    grid, _ = client.predict(source=handle_file(FACE), driving=handle_file(CLIP), variants=["warp", "fomm-awp"],
-                             heatmaps=True, api_name="/compare")
-    assert frames_of(grid).shape[1:3] == (HEADER + 2 * TILE, 3 * TILE)
+def test_compare_of_unavailable_variants_still_shows_them_with_heatmaps(client, clip):
+    grid, table = client.predict(source=handle_file(FACE), driving=handle_file(CLIP),
+                                 variants=["fomm-awp", "mraa-none"], heatmaps=True, api_name="/compare")
+    frames = frames_of(grid)
+    assert frames.shape == (clip.num_frames, HEADER + 2 * TILE, 3 * TILE, 3)  # driving + 2 placeholders, 2 rows
+    assert table.count("no weights") == 2
+    with pytest.raises(AppError, match="unknown"):
+        client.predict(source=handle_file(FACE), driving=handle_file(CLIP), variants=["nope"], api_name="/compare")
 
 
 def test_bad_uploads_are_answered_with_their_cause_and_the_server_keeps_serving(client, tmp_path, clip):
