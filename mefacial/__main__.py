@@ -58,6 +58,64 @@ def _cmd_animate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _split_variants(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def _checkpoint_overrides(items: list[str] | None) -> dict[str, str]:
+    """--checkpoint VARIANT=PATH (repeatable) -> {variant: path}."""
+    from .errors import InputError
+
+    overrides = {}
+    for item in items or []:
+        variant, sep, path = item.partition("=")
+        if not sep or not variant or not path:
+            raise InputError(f"--checkpoint expects VARIANT=PATH (e.g. fomm-awp=weights/fomm-awp.pth.tar), got {item!r}")
+        overrides[variant.strip()] = path.strip()
+    return overrides
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from . import generate as gen
+    from .engine import Engine
+    from .errors import InputError
+
+    if args.merge:
+        path = gen.merge_manifest(args.out)
+        print(f"{path}: {gen.manifest_totals(path)}")
+        return 0
+    if not args.pairs and not args.megc:
+        raise InputError("give the pairs: --pairs CSV or --megc FACES_DIR CLIPS_DIR (or --merge to merge manifests)")
+    pairs = gen.read_pairs(args.pairs) if args.pairs else gen.megc_pairs(*args.megc)
+    if args.write_pairs:
+        print(f"{gen.write_pairs(pairs, args.write_pairs)}: {len(pairs)} pairs")
+        return 0
+    variants = _split_variants(args.variants)
+    settings = gen.Settings(motion=args.motion, adapt_scale=args.adapt_scale, magnify=args.magnify, crop=args.crop,
+                            margin=args.margin, smooth=args.smooth, paste_back=args.paste_back, fps=args.fps,
+                            slowdown=args.slowdown, format=args.format, landmarks=args.landmarks,
+                            precision=args.precision)
+    checkpoints = _checkpoint_overrides(args.checkpoint)
+    ranks = gen.Ranks.from_env()
+    total = len(ranks.shard(range(len(pairs) * len(variants))))
+    bar = tqdm(total=total, desc=f"rank {ranks.rank}/{ranks.world}", unit="video", position=ranks.local_rank,
+               disable=None)
+
+    def make_engine(device: str) -> Engine:
+        return Engine(device=device, precision=args.precision, batch_size=args.batch_size, landmarks=args.landmarks,
+                      checkpoints=checkpoints)
+
+    with bar:
+        summary = gen.run(pairs, variants, args.out, make_engine, settings, device=args.device,
+                          on_item=lambda record: bar.update(1))
+    print(f"rank {ranks.rank}/{ranks.world}: {summary.describe()}")
+    if summary.manifest is not None:
+        print(f"{summary.manifest}: {gen.manifest_totals(summary.manifest)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m mefacial", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the engine decides")
@@ -74,6 +132,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_animation_options(animate)
     _add_engine_options(animate)
     animate.set_defaults(func=_cmd_animate)
+    generate = sub.add_parser("generate", help="generate a dataset: pairs x variants -> videos + manifest "
+                              "(shards over ranks under torchrun)")
+    pairs = generate.add_mutually_exclusive_group(required=False)
+    pairs.add_argument("--pairs", help="CSV with a header: source,driving[,label]; paths relative to the CSV")
+    pairs.add_argument("--megc", nargs=2, metavar=("FACES_DIR", "CLIPS_DIR"),
+                       help="every target face x every source clip (MEGC layout; labels from clip names)")
+    generate.add_argument("--variants", default="warp", help="comma-separated variant ids (see `variants`)")
+    generate.add_argument("--out", required=True, help="output folder: <variant>/<label>/<clip>-<face>.<format>")
+    generate.add_argument("--format", default="mp4", choices=["mp4", "gif"])
+    generate.add_argument("--checkpoint", action="append", metavar="VARIANT=PATH",
+                          help="weights of one variant (repeatable; default: resolved from the registry)")
+    generate.add_argument("--paste-back", action="store_true", help="paste the face back into the source picture")
+    generate.add_argument("--merge", action="store_true", help="only merge the ranks' manifest parts and exit")
+    generate.add_argument("--write-pairs", metavar="CSV", help="write the pairs as a CSV and exit (e.g. for --megc)")
+    _add_animation_options(generate)
+    _add_engine_options(generate)
+    generate.set_defaults(func=_cmd_generate)
+
     from . import checkpoints
 
     checkpoints.register_cli(sub)

@@ -1,0 +1,622 @@
+"""Dataset generation: many (source face, driving clip) pairs x variants -> videos + a manifest.
+
+    python -m mefacial generate --pairs pairs.csv --variants warp,fomm-awp --out DIR
+    torchrun --nproc_per_node=4 -m mefacial generate --pairs pairs.csv --variants ... --out DIR
+
+Pairs come from a CSV (`read_pairs`: columns source, driving and optionally
+label, relative paths resolved against the CSV's folder) or from the MEGC
+layout (`megc_pairs`: every target face x every source clip, the emotion label
+taken from the clip's name, `Positive_022_3_3`, or from a label folder).
+
+Each pair and variant gives one video at `DIR/<variant>/<label>/<clip>-<face>.mp4`
+(the naming of the published results, `022_3_3-normalized_asianFemale.gif`) and
+one JSON line in the manifest (`DIR/manifest.jsonl`): the pair, the variant, the
+output, the weights' path and sha256, the settings, the timings, and `status`
+"ok" or "error" with the error. A failed pair is recorded and the run goes on.
+
+Runs are resumable: a pair whose output exists and whose latest manifest line
+is ok with the same settings (and weights) is skipped. Videos are written to
+`DIR/.partial/` and renamed into place, and manifest lines are appended after
+the rename, so a killed run never leaves a half-written video counted as done.
+
+Sharding: under torchrun every rank (RANK of WORLD_SIZE) takes every
+WORLD_SIZE-th work item of the full, deterministic list (so ranks agree without
+talking, and no item is done twice or skipped), writes its own manifest part
+`DIR/manifest.parts/rank-NNNNN.jsonl`, and after a barrier rank 0 merges the
+parts into `DIR/manifest.jsonl` (`merge_manifest`, also `--merge`).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import re
+import socket
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+from .errors import InputError, MefacialError
+from .video import ANIMATED_IMAGE_EXTENSIONS, IMAGE_EXTENSIONS, MP4_EXTENSIONS, list_frame_files, natural_key
+
+log = logging.getLogger("mefacial")
+
+MANIFEST = "manifest.jsonl"
+PARTS_DIR = "manifest.parts"
+PARTIAL_DIR = ".partial"
+UNLABELLED = "unlabelled"
+OUTPUT_FORMATS = ("mp4", "gif")
+# Emotion labels of MEGC 2021 / 2022 (positive, negative, surprise) and the classes of CASME II / SAMM,
+# recognised as a clip-name prefix ("Positive_022_3_3") or a folder name ("clips/positive/022_3_3.gif").
+KNOWN_LABELS = ("positive", "negative", "surprise", "others", "happiness", "disgust", "repression", "fear",
+                "sadness", "anger", "contempt")
+CLIP_EXTENSIONS = tuple(e for e in ANIMATED_IMAGE_EXTENSIONS if e != ".webp") + MP4_EXTENSIONS + (
+    ".webm", ".avi", ".mkv", ".mpg", ".mpeg", ".wmv")
+CSV_COLUMNS = ("source", "driving", "label", "name")
+BARRIER_TIMEOUT = dt.timedelta(hours=48)  # ranks wait this long for the slowest one before the merge
+
+
+# ---- pairs ----------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Pair:
+    """One source face and one driving clip, with the label and the output name they go under."""
+
+    source: str
+    driving: str
+    label: str = UNLABELLED
+    name: str = ""  # output file stem, <clip>-<face>; set by `name_pairs`
+    row: int | None = None  # data row in the pairs CSV (1 = first row after the header)
+    error: str | None = None  # why the row itself is unusable (then no engine call is made)
+
+    def output(self, variant: str, fmt: str = "mp4") -> str:
+        """Output path relative to the output folder: <variant>/<label>/<name>.<fmt>."""
+        return f"{variant}/{self.label}/{self.name}.{fmt}"
+
+    def key(self, variant: str) -> str:
+        """What identifies this pair x variant in the manifest."""
+        return f"{variant}/{self.label}/{self.name}"
+
+
+def safe_name(text: str) -> str:
+    """A file-system-safe path component: letters, digits, '.', '_', '-' (others become '_')."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", text.strip()).strip("._")
+    return cleaned or "_"
+
+
+def _stem(path: str) -> str:
+    p = Path(path)
+    return p.stem if p.suffix.lower() in CLIP_EXTENSIONS + IMAGE_EXTENSIONS else p.name
+
+
+def _strip_label(stem: str, label: str) -> str:
+    """'Positive_022_3_3' under label 'positive' -> '022_3_3' (the published results' clip names)."""
+    prefix = f"{label}_"
+    return stem[len(prefix):] if label != UNLABELLED and stem.lower().startswith(prefix.lower()) else stem
+
+
+def unique_names(paths: Iterable[str], stem: Callable[[str], str] = _stem) -> dict[str, str]:
+    """Path -> short name: its stem, extended by parent folders ('sub01_EP02_01f') where stems collide."""
+    paths = sorted(set(paths))
+    depth = {p: 0 for p in paths}
+    while True:
+        names = {}
+        for p in paths:
+            parents = [q.name for q in Path(p).parents][: depth[p]][::-1]
+            names[p] = "_".join([*parents, stem(p)])
+        groups: dict[str, list[str]] = {}
+        for p, n in names.items():
+            groups.setdefault(n, []).append(p)
+        clashes = [ps for ps in groups.values() if len(ps) > 1]
+        grown = False
+        for ps in clashes:
+            for p in ps:
+                if depth[p] < len(Path(p).parents) - 1:
+                    depth[p] += 1
+                    grown = True
+        if not clashes or not grown:
+            return {p: safe_name(n) for p, n in names.items()}
+
+
+def name_pairs(pairs: Sequence[Pair], face_names: dict[str, str] | None = None) -> list[Pair]:
+    """Give each pair its output name <clip>-<face>, unique per label; drop exact duplicates (logged).
+
+    Clip names lose a prefix equal to their label ('Positive_022_3_3' -> '022_3_3')
+    unless that makes two names clash. `face_names` maps a source path to its name
+    (default: `unique_names` of the sources). A name already set (a `name` column) is kept.
+    """
+    usable = [p for p in pairs if not p.error]
+    faces = face_names or unique_names(p.source for p in usable)
+    clip_label: dict[str, str] = {}
+    for pair in usable:
+        clip_label.setdefault(pair.driving, pair.label)
+    clips = unique_names(clip_label, stem=lambda path: _strip_label(_stem(path), clip_label[path]))
+    raw_clips = unique_names(clip_label)
+    named, seen, taken = [], {}, set()
+    for index, pair in enumerate(pairs, start=1):
+        if pair.error:
+            named.append(dataclasses.replace(pair, name=f"row-{pair.row}"))
+            continue
+        identity = (pair.source, pair.driving, pair.label)
+        if identity in seen:
+            log.warning("pairs: row %s repeats row %s; generated once", pair.row, seen[identity])
+            continue
+        seen[identity] = pair.row
+        clip, raw, face = clips[pair.driving], raw_clips[pair.driving], faces[pair.source]
+        stripped = clip if pair.label == clip_label[pair.driving] else raw
+        candidates = [f"{stripped}-{face}", f"{raw}-{face}", f"{raw}-{face}-{index}"]
+        if pair.name:  # given in the pairs file
+            candidates = [pair.name, f"{pair.name}-{index}"]
+        name = next(c for c in candidates if (pair.label, c) not in taken)
+        taken.add((pair.label, name))
+        named.append(dataclasses.replace(pair, name=name))
+    return named
+
+
+def read_pairs(csv_path: str | os.PathLike) -> list[Pair]:
+    """Pairs from a CSV with a header naming `source` and `driving`, optionally `label` and `name` (the output
+    file stem; default <clip>-<face>); other columns are ignored.
+
+    Relative paths are resolved against the CSV's folder. A row without a source
+    or a driving clip becomes a pair with an `error`, recorded as failed.
+    """
+    path = Path(csv_path)
+    if not path.is_file():
+        raise InputError(f"pairs file {path} does not exist; pass a CSV with a header 'source,driving[,label]'")
+    base = Path(os.path.abspath(path)).parent  # symlinks are kept: their names name the outputs
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        columns = [c.strip().lower() for c in reader.fieldnames or []]
+        if "source" not in columns or "driving" not in columns:
+            raise InputError(f"pairs file {path}: the header must name the columns 'source' and 'driving' "
+                             f"(and optionally 'label', 'name'); it has {columns or 'no header'}")
+        pairs = []
+        for row_number, row in enumerate(reader, start=1):
+            row = {(k or "").strip().lower(): (v or "").strip() if isinstance(v, str) else "" for k, v in row.items()}
+            if not any(row.values()):
+                continue  # blank line
+            label = safe_name(row.get("label") or UNLABELLED)
+            missing = [c for c in ("source", "driving") if not row.get(c)]
+            if missing:
+                pairs.append(Pair("", "", label, row=row_number,
+                                  error=f"{path.name} row {row_number}: no {' and no '.join(missing)} given"))
+                continue
+            resolve = lambda p: os.path.abspath(base / Path(p).expanduser())  # noqa: E731
+            pairs.append(Pair(resolve(row["source"]), resolve(row["driving"]), label,
+                              name=safe_name(row["name"]) if row.get("name") else "", row=row_number))
+    return name_pairs(pairs)
+
+
+def _label_of(path: Path, root: Path) -> str:
+    """The emotion label of a clip: a known label as its name prefix, else a known label folder above it."""
+    prefix = _stem(str(path)).split("_", 1)[0].lower()
+    if prefix in KNOWN_LABELS:
+        return prefix
+    for folder in path.relative_to(root).parts[:-1][::-1]:
+        if folder.lower() in KNOWN_LABELS:
+            return folder.lower()
+    return UNLABELLED
+
+
+def find_clips(root: str | os.PathLike) -> list[Path]:
+    """Clips under `root`, recursively: video / GIF files, and folders that hold image frames (not searched further)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise InputError(f"clip folder {root} does not exist or is not a folder")
+    clips: list[Path] = []
+
+    def walk(folder: Path) -> None:
+        entries = sorted((p for p in folder.iterdir() if not p.name.startswith(".")), key=lambda p: natural_key(p.name))
+        for entry in entries:
+            if entry.is_dir():
+                (clips.append(entry) if list_frame_files(entry) else walk(entry))
+            elif entry.suffix.lower() in CLIP_EXTENSIONS:
+                clips.append(entry)
+
+    walk(root)
+    return clips
+
+
+def find_faces(root: str | os.PathLike) -> list[Path]:
+    """Target faces: image files in `root`, and folders holding one image (MEGC 2021: normalized_asianFemale/)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise InputError(f"face folder {root} does not exist or is not a folder")
+    faces = []
+    for entry in sorted(root.iterdir(), key=lambda p: natural_key(p.name)):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_file() and entry.suffix.lower() in IMAGE_EXTENSIONS:
+            faces.append(entry)
+        elif entry.is_dir():
+            images = list_frame_files(entry)
+            if len(images) != 1:
+                raise InputError(f"face folder {entry} holds {len(images)} images; a target face folder must hold "
+                                 "exactly one (or put the face images directly in the faces folder)")
+            faces.append(entry)
+    if not faces:
+        raise InputError(f"no face images ({', '.join(IMAGE_EXTENSIONS)}) in {root}")
+    return faces
+
+
+def megc_pairs(faces_dir: str | os.PathLike, clips_dir: str | os.PathLike) -> list[Pair]:
+    """Every target face x every source clip (MEGC 2021 / 2022 generation task), labelled from the clip names.
+
+    MEGC 2021: 2 faces (normalized_westernMale, normalized_asianFemale) x 9 clips
+    (Positive / Negative / Surprise, 3 each from CASME II, SAMM and SMIC-HS);
+    MEGC 2022: 4 template faces. A face folder with one image is named after the folder.
+    """
+    clips_root = Path(os.path.abspath(clips_dir))
+    faces = [Path(os.path.abspath(f)) for f in find_faces(faces_dir)]
+    clips = find_clips(clips_root)
+    if not clips:
+        raise InputError(f"no clips (video / GIF files or folders of frames) under {clips_root}")
+    face_file = {f: (list_frame_files(f)[0] if f.is_dir() else f) for f in faces}
+    face_names = {str(face_file[Path(p)]): n for p, n in unique_names(map(str, faces)).items()}
+    pairs = [Pair(str(face_file[f]), str(c), _label_of(c, clips_root)) for c in clips for f in faces]
+    return name_pairs(pairs, face_names)
+
+
+def write_pairs(pairs: Sequence[Pair], path: str | os.PathLike) -> Path:
+    """Write pairs as a CSV (source, driving, label, name) that `read_pairs` reads back to the same outputs."""
+    path = Path(path)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(CSV_COLUMNS)
+        for pair in pairs:
+            writer.writerow([pair.source, pair.driving, pair.label, pair.name])
+    return path
+
+
+# ---- settings, ranks ------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """How every pair is animated and written; recorded in the manifest and compared on resume."""
+
+    motion: str = "relative"
+    adapt_scale: bool | None = None  # None: the backbone's default (FOMM off, MRAA on)
+    magnify: float = 1.0
+    crop: bool = True
+    margin: float = 0.0
+    smooth: bool = True
+    paste_back: bool = False
+    fps: float | None = None  # driving frame rate when the files lack one
+    slowdown: float = 1.0
+    format: str = "mp4"
+    landmarks: str = "auto"
+    precision: str = "fp32"
+
+    def __post_init__(self) -> None:
+        if self.format not in OUTPUT_FORMATS:
+            raise InputError(f"output format {self.format!r} is not supported; use one of {OUTPUT_FORMATS}")
+
+    def animate_options(self) -> dict[str, Any]:
+        """Keyword arguments of Engine.animate."""
+        return dict(motion=self.motion, adapt_scale=self.adapt_scale, magnify=self.magnify, crop=self.crop,
+                    margin=self.margin, smooth=self.smooth, paste_back=self.paste_back, fps=self.fps)
+
+    def fingerprint(self) -> str:
+        """Short hash of the settings: a finished pair counts as done only under the same one."""
+        text = json.dumps(dataclasses.asdict(self), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclasses.dataclass(frozen=True)
+class Ranks:
+    """This process's place in a torchrun job (RANK, WORLD_SIZE, LOCAL_RANK; 0, 1, 0 when run alone)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_env(cls) -> "Ranks":
+        def number(name: str, default: int) -> int:
+            value = os.environ.get(name, "")
+            try:
+                return int(value) if value else default
+            except ValueError:
+                raise InputError(f"${name}={value!r} is not an integer (set by torchrun)") from None
+
+        ranks = cls(number("RANK", 0), number("WORLD_SIZE", 1), number("LOCAL_RANK", 0))
+        if not 0 <= ranks.rank < ranks.world:
+            raise InputError(f"RANK={ranks.rank} is not in [0, WORLD_SIZE={ranks.world})")
+        return ranks
+
+    def shard(self, items: Sequence) -> list:
+        """Every world-th item from this rank's index: over all ranks, each item exactly once."""
+        return list(items[self.rank::self.world])
+
+    def device(self, device: str) -> str:
+        """The device of this rank: 'auto' / 'cuda' become cuda:LOCAL_RANK when CUDA is present."""
+        import torch
+
+        if device in ("auto", "cuda") and torch.cuda.is_available():
+            if self.local_rank >= torch.cuda.device_count():
+                raise InputError(f"LOCAL_RANK {self.local_rank} has no GPU ({torch.cuda.device_count()} visible); "
+                                 "run at most one process per GPU (--nproc_per_node)")
+            return f"cuda:{self.local_rank}"
+        return device
+
+
+def init_distributed(ranks: Ranks, timeout: dt.timedelta = BARRIER_TIMEOUT) -> bool:
+    """Join the torchrun process group (gloo: only the final barrier uses it); False when alone or already joined."""
+    import torch.distributed as dist
+
+    if ranks.world == 1 or not dist.is_available() or dist.is_initialized():
+        return False
+    dist.init_process_group(backend="gloo", timeout=timeout)
+    return True
+
+
+def barrier() -> None:
+    """Wait for every rank, when a process group is up."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+# ---- manifest -------------------------------------------------------------------------------------
+
+
+def part_path(out_dir: str | os.PathLike, rank: int) -> Path:
+    return Path(out_dir) / PARTS_DIR / f"rank-{rank:05d}.jsonl"
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Records of a JSONL file; a line cut short by a killed run is skipped."""
+    if not path.is_file():
+        return []
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                log.warning("%s line %d is incomplete (a killed run?); ignored", path, number)
+    return records
+
+
+def read_records(out_dir: str | os.PathLike) -> dict[str, dict]:
+    """Key -> latest record, over the merged manifest and every rank's part."""
+    out_dir = Path(out_dir)
+    files = [out_dir / MANIFEST, *sorted((out_dir / PARTS_DIR).glob("rank-*.jsonl"))]
+    latest: dict[str, dict] = {}
+    for record in (r for f in files for r in read_jsonl(f)):
+        key = record.get("key")
+        if key and (key not in latest or record.get("finished", "") >= latest[key].get("finished", "")):
+            latest[key] = record
+    return latest
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def merge_manifest(out_dir: str | os.PathLike) -> Path:
+    """Merge every rank's part into DIR/manifest.jsonl (latest record per key, sorted by key), then drop the parts.
+
+    Idempotent: the merged file is replaced atomically before any part is deleted.
+    """
+    out_dir = Path(out_dir)
+    records = read_records(out_dir)
+    path = out_dir / MANIFEST
+    _atomic_write_text(path, "".join(json.dumps(records[k], sort_keys=True) + "\n" for k in sorted(records)))
+    for part in sorted((out_dir / PARTS_DIR).glob("rank-*.jsonl")):
+        part.unlink()
+    for folder in (out_dir / PARTS_DIR, out_dir / PARTIAL_DIR):
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+    return path
+
+
+class ManifestPart:
+    """Appends records to this rank's manifest part, one flushed and fsynced line each."""
+
+    def __init__(self, out_dir: str | os.PathLike, rank: int):
+        self.path = part_path(out_dir, rank)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "a+b")
+        if self._file.tell() > 0:  # end a line cut short by a killed run, so it stays the only lost one
+            self._file.seek(-1, os.SEEK_END)
+            if self._file.read(1) != b"\n":
+                self._file.write(b"\n")
+
+    def write(self, record: dict) -> None:
+        self._file.write((json.dumps(record, sort_keys=True) + "\n").encode("utf-8"))
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> "ManifestPart":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def is_done(record: dict | None, out_dir: Path, settings_id: str, weights_sha: str | None) -> bool:
+    """A finished pair: latest record ok, its video present, same settings, and same weights when both are known."""
+    if not record or record.get("status") != "ok" or record.get("settings_id") != settings_id:
+        return False
+    if not (out_dir / record.get("output", "")).is_file():
+        return False
+    previous = (record.get("weights") or {}).get("sha256")
+    return previous is None or weights_sha is None or previous == weights_sha
+
+
+# ---- generation -----------------------------------------------------------------------------------
+
+# Errors that concern the variant, not the pair: once seen, the variant's other pairs fail without retrying.
+VARIANT_ERRORS = ("WeightsNotFoundError", "CheckpointError", "UnknownVariantError", "ConfigError")
+_SHA256_CACHE: dict[tuple[str, int, int], str] = {}
+
+
+def weights_info(variant: str, checkpoint: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Where the variant's weights are on this machine and their sha256, without loading or downloading them.
+
+    {"path": None, "source": "none", "sha256": None} for a training-free variant;
+    "source": "unresolved" when they are not on this machine (the engine may still download them).
+    """
+    from .checkpoints import resolve_checkpoint, sha256_file
+    from .variants import get_variant
+
+    if not get_variant(variant).needs_weights:
+        return {"path": None, "source": "none", "sha256": None}
+    try:
+        resolved = resolve_checkpoint(variant, checkpoint, offline=True, progress=False)
+    except MefacialError:
+        return {"path": None, "source": "unresolved", "sha256": None}
+    stat = resolved.path.stat()
+    cache_key = (str(resolved.path), stat.st_size, stat.st_mtime_ns)
+    if cache_key not in _SHA256_CACHE:
+        _SHA256_CACHE[cache_key] = resolved.sha256 or sha256_file(resolved.path)
+    return {"path": str(resolved.path), "source": resolved.source, "sha256": _SHA256_CACHE[cache_key]}
+
+
+@dataclasses.dataclass
+class Summary:
+    """What one rank did: pairs x variants generated, failed, and skipped as already done."""
+
+    ok: int = 0
+    failed: int = 0
+    skipped: int = 0
+    manifest: Path | None = None
+
+    def describe(self) -> str:
+        return f"{self.ok} generated, {self.failed} failed, {self.skipped} already done"
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="microseconds")
+
+
+def _error_fields(exc: BaseException) -> dict[str, str]:
+    return {"status": "error", "error_type": type(exc).__name__, "error": str(exc).strip() or type(exc).__name__}
+
+
+def generate(pairs: Sequence[Pair], variants: Sequence[str], out_dir: str | os.PathLike, engine: Any,
+             settings: Settings = Settings(), ranks: Ranks = Ranks(),
+             on_item: Callable[[dict | None], None] | None = None) -> Summary:
+    """Generate this rank's share of pairs x variants into `out_dir`, appending to its manifest part.
+
+    `engine`: a mefacial Engine (explicit weights via its `checkpoints`); `on_item`
+    is called after each item with its record (None for a skipped one). Every
+    failure is recorded and the run goes on; returns the counts.
+    """
+    from .variants import get_variant
+    from .video import write_video
+
+    variants = [get_variant(v).id for v in variants]  # an unknown id fails here, before any work
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    partial = out_dir / PARTIAL_DIR / f"rank-{ranks.rank:05d}"
+    partial.mkdir(parents=True, exist_ok=True)
+    items = [(pair, variant) for variant in variants for pair in pairs]
+    records = read_records(out_dir)
+    settings_id = settings.fingerprint()
+    weights = {v: weights_info(v, engine.checkpoint_overrides.get(v)) for v in variants}
+    broken: dict[str, BaseException] = {}  # variant -> the error that stops all its pairs
+    summary = Summary()
+    context = {"rank": ranks.rank, "world": ranks.world, "host": socket.gethostname(), "device": str(engine.device)}
+    with ManifestPart(out_dir, ranks.rank) as part:
+        for pair, variant in ranks.shard(items):
+            key = pair.key(variant)
+            if is_done(records.get(key), out_dir, settings_id, weights[variant]["sha256"]):
+                summary.skipped += 1
+                if on_item:
+                    on_item(None)
+                continue
+            record: dict[str, Any] = {
+                "key": key, "variant": variant, "label": pair.label, "name": pair.name, "row": pair.row,
+                "source": pair.source, "driving": pair.driving, "output": pair.output(variant, settings.format),
+                "settings": dataclasses.asdict(settings), "settings_id": settings_id, **context,
+            }
+            started = time.perf_counter()
+            try:
+                if pair.error:
+                    raise InputError(pair.error)
+                if variant in broken:  # the variant cannot run at all: same error, no new attempt
+                    raise InputError(f"{variant} cannot run: {broken[variant]}") from broken[variant]
+                result = engine.animate(pair.source, pair.driving, variant=variant, **settings.animate_options())
+                final = out_dir / record["output"]
+                final.parent.mkdir(parents=True, exist_ok=True)
+                tmp = partial / final.name
+                os.replace(write_video(tmp, result.frames, result.fps, slowdown=settings.slowdown), final)  # atomic
+                info = weights[variant]
+                if info["path"] is not None and info["path"] not in result.weights:  # e.g. an injected model
+                    info = {"path": None, "source": "engine", "sha256": None}
+                record.update(status="ok", error=None, frames=result.num_frames, fps=result.fps,
+                              landmarks=result.landmark_backend, timings=result.timings,
+                              weights={**info, "description": result.weights})
+                summary.ok += 1
+            except Exception as exc:  # noqa: BLE001 - any failure of one pair is recorded, the run goes on
+                if type(exc).__name__ in VARIANT_ERRORS:
+                    broken[variant] = exc
+                failure = exc.__cause__ if variant in broken and exc.__cause__ is not None else exc
+                record.update(_error_fields(failure), weights=weights[variant])
+                log.warning("%s: %s: %s", key, record["error_type"], record["error"].splitlines()[0])
+                log.debug("%s failed", key, exc_info=True)
+                summary.failed += 1
+            record.update(seconds=time.perf_counter() - started, finished=_now())
+            part.write(record)
+            if on_item:
+                on_item(record)
+    for leftover in partial.glob("*"):  # an output whose write failed
+        leftover.unlink()
+    partial.rmdir()  # the shared .partial/ folder goes at the merge, when no rank writes any more
+    return summary
+
+
+def run(pairs: Sequence[Pair], variants: Sequence[str], out_dir: str | os.PathLike,
+        make_engine: Callable[[str], Any], settings: Settings = Settings(), device: str = "auto",
+        on_item: Callable[[dict | None], None] | None = None) -> Summary:
+    """Generate on this rank (torchrun or alone), wait for every rank, and merge the manifest on rank 0.
+
+    `make_engine(device)` builds the engine on this rank's device (cuda:LOCAL_RANK on GPUs).
+    """
+    ranks = Ranks.from_env()
+    joined = init_distributed(ranks)
+    try:
+        device = ranks.device(device)
+        if device.startswith("cuda"):
+            import torch
+
+            torch.cuda.set_device(torch.device(device))
+        summary = generate(pairs, variants, out_dir, make_engine(device), settings, ranks, on_item)
+        barrier()
+        if ranks.rank == 0:
+            summary.manifest = merge_manifest(out_dir)
+        barrier()  # no rank exits (and no new run starts) before the merged manifest is in place
+        return summary
+    finally:
+        if joined:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def manifest_totals(path: str | os.PathLike) -> dict[str, int]:
+    """Counts of a merged manifest by status."""
+    totals: dict[str, int] = {}
+    for record in read_jsonl(Path(path)):
+        totals[record.get("status", "?")] = totals.get(record.get("status", "?"), 0) + 1
+    return totals

@@ -1,0 +1,222 @@
+"""Dataset generation: pairs files and the MEGC layout, failures recorded, resume, atomic writes, sharding."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import DATA, REPO, require
+from mefacial import generate as gen
+from mefacial.video import read_clip, write_video
+
+NUM_FRAMES = 8  # frames kept of each shared clip: enough for the landmark smoother, quick on a CPU
+
+
+@pytest.fixture(scope="module")
+def material(tmp_path_factory) -> dict:
+    """Short real clips (GIFs, label-prefixed names, one as a folder of frames) and the shared face."""
+    data = require(DATA, "micro-expression clips")
+    root = tmp_path_factory.mktemp("material")
+    clips = root / "clips"
+    clips.mkdir()
+    names = []
+    for i, gif in enumerate(sorted((data / "driving").glob("*.gif"))[:2]):
+        clip = read_clip(gif)
+        names.append(f"Positive_{gif.stem}" if i == 0 else gif.stem)
+        write_video(clips / f"{names[-1]}.gif", clip.frames[:NUM_FRAMES], clip.fps)
+    face = next((data / "faces").glob("*.png"))
+    return {"root": root, "clips": clips, "names": names, "face": face}
+
+
+def write_csv(path: Path, rows: list[list[str]], header=("source", "driving", "label")) -> Path:
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+def test_read_pairs_resolves_relative_paths_labels_and_names(tmp_path):
+    (tmp_path / "a").mkdir()
+    pairs_csv = write_csv(tmp_path / "pairs.csv", [
+        ["faces/normalized_asianFemale.png", "a/Positive_022_3_3.gif", "positive"],
+        ["/abs/face2.jpg", "a/Positive_022_3_3.gif", "positive"],
+        ["faces/normalized_asianFemale.png", "b/Positive_022_3_3.gif", "positive"],  # same stem, other folder
+        ["faces/normalized_asianFemale.png", "a/Positive_022_3_3.gif", "positive"],  # exact repeat: dropped
+        ["faces/normalized_asianFemale.png", "", "negative"],  # unusable row: kept as a failure
+        ["", "", ""],  # blank line: ignored
+    ])
+    pairs = gen.read_pairs(pairs_csv)
+    assert [p.row for p in pairs] == [1, 2, 3, 5]
+    assert pairs[0].source == str(tmp_path / "faces" / "normalized_asianFemale.png")
+    assert pairs[0].driving == str(tmp_path / "a" / "Positive_022_3_3.gif")
+    assert pairs[0].name == "a_022_3_3-normalized_asianFemale"  # label prefix stripped, folder added on a clash
+    assert pairs[1].name == "a_022_3_3-face2"
+    assert pairs[2].name == "b_022_3_3-normalized_asianFemale"
+    assert pairs[0].output("warp") == "warp/positive/a_022_3_3-normalized_asianFemale.mp4"
+    assert pairs[3].error and "no driving" in pairs[3].error and pairs[3].label == "negative"
+    assert len({p.key("warp") for p in pairs}) == len(pairs)
+
+
+def test_read_pairs_needs_the_columns(tmp_path):
+    with pytest.raises(gen.InputError, match="source.*driving"):
+        gen.read_pairs(write_csv(tmp_path / "bad.csv", [["x", "y"]], header=("face", "clip")))
+    with pytest.raises(gen.InputError, match="does not exist"):
+        gen.read_pairs(tmp_path / "missing.csv")
+
+
+def test_megc_layout_pairs_every_face_with_every_clip(tmp_path, material):
+    faces, clips = tmp_path / "faces", tmp_path / "clips"
+    (faces / "normalized_asianFemale").mkdir(parents=True)  # MEGC 2021: a folder holding one face image
+    os.symlink(material["face"], faces / "normalized_asianFemale" / "normalized_asianFemale_gray.png")
+    os.symlink(material["face"], faces / "normalized_westernMale.png")
+    (clips / "SAMM").mkdir(parents=True)
+    os.symlink(material["clips"] / f"{material['names'][0]}.gif", clips / "SAMM" / "Positive_022_3_3.gif")
+    frames = clips / "CASME2" / "Surprise_EP01_13"  # a folder of frames
+    frames.mkdir(parents=True)
+    for i, frame in enumerate(read_clip(material["clips"] / f"{material['names'][1]}.gif").frames[:3]):
+        _png(frames / f"img{i + 1}.png", frame)
+    (clips / "negative").mkdir()
+    os.symlink(material["clips"] / f"{material['names'][1]}.gif", clips / "negative" / "s11_ne_02.gif")
+
+    pairs = gen.megc_pairs(faces, clips)
+    outputs = sorted(p.output("fomm-awp", "gif") for p in pairs)
+    assert outputs == sorted(f"fomm-awp/{label}/{clip}-{face}.gif"
+                             for label, clip in [("positive", "022_3_3"), ("surprise", "EP01_13"),
+                                                 ("negative", "s11_ne_02")]
+                             for face in ["normalized_asianFemale", "normalized_westernMale"])
+    folder_face = next(p for p in pairs if p.name.endswith("normalized_asianFemale"))
+    assert folder_face.source.endswith("normalized_asianFemale_gray.png")
+    # the CSV recipe: written pairs read back to the same outputs
+    again = gen.read_pairs(gen.write_pairs(pairs, tmp_path / "megc.csv"))
+    assert sorted(p.output("fomm-awp", "gif") for p in again) == outputs
+
+
+def _png(path: Path, frame: np.ndarray) -> None:
+    from PIL import Image
+
+    Image.fromarray(frame).save(path)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 5])
+def test_shards_cover_every_item_once(world):
+    items = list(range(23))
+    shards = [gen.Ranks(rank, world).shard(items) for rank in range(world)]
+    assert sorted(i for s in shards for i in s) == items
+    assert max(map(len, shards)) - min(map(len, shards)) <= 1
+
+
+# ---- generation on real clips ---------------------------------------------------------------------
+
+
+def tiny_engine():
+    """An engine serving `fomm-none` with the small random FOMM of the reference fixtures."""
+    from test_engine import tiny_fomm
+
+    from mefacial import Engine
+
+    engine = Engine(device="cpu", landmarks="dlib")
+    engine.use_model("fomm-none", tiny_fomm())
+    return engine
+
+
+VARIANT = "fomm-none"
+
+
+@pytest.fixture(scope="module")
+def pairs_csv(material) -> Path:
+    root, face = material["root"], material["face"]
+    a, b = material["names"]
+    return write_csv(root / "pairs.csv", [
+        [str(face), f"clips/{a}.gif", "positive"],
+        [str(face), f"clips/{b}.gif", ""],
+        [str(face), "clips/missing.gif", "positive"],  # bad row: the clip does not exist
+        [str(face), "", "positive"],  # bad row: no clip given
+    ])
+
+
+def manifest(out: Path) -> dict[str, dict]:
+    return {r["key"]: r for r in gen.read_jsonl(out / gen.MANIFEST)}
+
+
+def run_in_process(pairs_csv: Path, out: Path, engine, **settings) -> gen.Summary:
+    summary = gen.generate(gen.read_pairs(pairs_csv), [VARIANT], out, engine, gen.Settings(**settings))
+    gen.merge_manifest(out)
+    return summary
+
+
+def test_bad_rows_are_recorded_and_the_run_goes_on(tmp_path, pairs_csv, material):
+    out = tmp_path / "out"
+    summary = run_in_process(pairs_csv, out, tiny_engine())
+    assert (summary.ok, summary.failed, summary.skipped) == (2, 2, 0)
+    records = manifest(out)
+    a, b = material["names"]
+    face = material["face"].stem
+    ok = {k for k, r in records.items() if r["status"] == "ok"}
+    assert ok == {f"{VARIANT}/positive/{a.removeprefix('Positive_')}-{face}", f"{VARIANT}/unlabelled/{b}-{face}"}
+    for key in ok:
+        record = records[key]
+        video = read_clip(out / record["output"])
+        assert video.num_frames == record["frames"] == NUM_FRAMES
+        assert record["settings"]["motion"] == "relative" and record["timings"]["total_s"] > 0
+        assert record["weights"]["description"] == "in-memory"
+    failed = {r["row"]: r for r in records.values() if r["status"] == "error"}
+    assert set(failed) == {3, 4}
+    assert "missing.gif" in failed[3]["error"] and failed[3]["error_type"] in ("UnreadableVideoError", "InputError")
+    assert "no driving" in failed[4]["error"]
+    assert not (out / gen.PARTS_DIR).exists() and not (out / gen.PARTIAL_DIR).exists()
+
+
+def test_second_run_skips_finished_pairs(tmp_path, pairs_csv, monkeypatch):
+    out = tmp_path / "out"
+    engine = tiny_engine()
+    run_in_process(pairs_csv, out, engine)
+    first = manifest(out)
+    calls = []
+    animate = engine.animate
+    monkeypatch.setattr(engine, "animate", lambda *a, **k: calls.append(a[1]) or animate(*a, **k))
+
+    summary = run_in_process(pairs_csv, out, engine)
+    assert (summary.ok, summary.failed, summary.skipped) == (0, 2, 2)
+    assert [Path(c).name for c in calls] == ["missing.gif"]  # only the failed row with a clip is tried again
+    again = manifest(out)
+    assert {k: r["finished"] for k, r in again.items() if r["status"] == "ok"} == \
+           {k: r["finished"] for k, r in first.items() if r["status"] == "ok"}
+
+    # a done pair whose video is gone is made again, and so is everything under other settings
+    gone = next(r for r in again.values() if r["status"] == "ok")
+    (out / gone["output"]).unlink()
+    calls.clear()
+    assert run_in_process(pairs_csv, out, engine).ok == 1 and len(calls) == 2
+    calls.clear()
+    assert run_in_process(pairs_csv, out, engine, magnify=2.0).ok == 2 and len(calls) == 3
+    assert {r["settings"]["magnify"] for r in manifest(out).values() if r["status"] == "ok"} == {2.0}
+
+
+def test_a_killed_write_is_never_counted_as_done(tmp_path, pairs_csv, monkeypatch):
+    """A write that dies half-way leaves nothing at the output path; a cut manifest line is ignored."""
+    out = tmp_path / "out"
+    engine = tiny_engine()
+
+    def dying_write(path, frames, fps, slowdown=1.0):
+        Path(path).write_bytes(b"half a video")
+        raise KeyboardInterrupt  # the process is killed mid-write
+
+    monkeypatch.setattr("mefacial.video.write_video", dying_write)
+    with pytest.raises(KeyboardInterrupt):
+        gen.generate(gen.read_pairs(pairs_csv), [VARIANT], out, engine)
+    assert not list(out.glob(f"{VARIANT}/**/*.mp4"))  # nothing half-written in the dataset tree
+    part = gen.part_path(out, 0)
+    with open(part, "a") as f:
+        f.write('{"key": "cut sho')  # a line cut by the kill
+    monkeypatch.undo()
+    summary = run_in_process(pairs_csv, out, engine)
+    assert (summary.ok, summary.failed, summary.skipped) == (2, 2, 0)
+    assert len(manifest(out)) == 4
