@@ -465,7 +465,7 @@ class AVDRecipe(Recipe):
 
 
 def _region_l1(target: dict[str, torch.Tensor], rebuilt: dict[str, torch.Tensor]) -> float:
-    return float((target["shift"] - rebuilt["shift"]).abs().mean() + (target["affine"] - rebuilt["affine"]).abs().mean())
+    return float(((target["shift"] - rebuilt["shift"]).abs().mean() + (target["affine"] - rebuilt["affine"]).abs().mean()).detach())
 
 
 RECIPES = {("fomm", "reconstruction"): FOMMRecipe, ("mraa", "reconstruction"): MRAARecipe, ("mraa", "avd"): AVDRecipe}
