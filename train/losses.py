@@ -139,9 +139,10 @@ def load_vgg19(download: bool = True) -> VGG19Features:
     import torchvision
 
     path = ensure_vgg19_weights(download)
-    vgg = torchvision.models.vgg19()
-    vgg.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    return VGG19Features(vgg.features)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    features = torchvision.models.vgg19().features  # only the convolutions are needed
+    features.load_state_dict({k[len("features."):]: v for k, v in state.items() if k.startswith("features.")})
+    return VGG19Features(features)
 
 
 def perceptual_loss(vgg: nn.Module, generated: dict[float, torch.Tensor], real: dict[float, torch.Tensor],
