@@ -27,6 +27,7 @@ import gradio as gr
 
 import mefacial
 from mefacial import checkpoints as weights_registry
+from mefacial.engine import ADAPT_SCALE_DEFAULT
 from mefacial.errors import MefacialError, WeightsNotFoundError
 from mefacial.grid import Column, prior_panels, render_grid
 from mefacial.video import Limits as VideoLimits
@@ -104,22 +105,25 @@ def weights_status(engine: mefacial.Engine, variants: list[dict], allow_download
     return status
 
 
+def weights_where(engine: mefacial.Engine, variant: dict, row: dict) -> str:
+    """Where a variant's weights come from, or that they are missing and what to do (markdown)."""
+    if not variant["needs_weights"]:
+        return "none needed"
+    if variant["id"] in engine.checkpoint_overrides:
+        return f"`{Path(engine.checkpoint_overrides[variant['id']]).name}` (--checkpoint)"
+    if row.get("present"):
+        return f"`{Path(row['path']).name}` ({row['source']})"
+    if row.get("hub") and not weights_registry.hub_offline():
+        return f"downloads on first use ({row['hub']})"
+    return f"**missing**: {NO_WEIGHTS}"
+
+
 def variants_markdown(engine: mefacial.Engine, variants: list[dict]) -> str:
     """A table of every variant, with where its weights come from or why it cannot run."""
     rows = {row["variant"]: row for row in weights_registry.list_checkpoints()}
     lines = ["| variant | backbone | prior | motion modes | weights |", "|---|---|---|---|---|"]
     for v in variants:
-        row = rows.get(v["id"], {})
-        if not v["needs_weights"]:
-            where = "none needed"
-        elif v["id"] in engine.checkpoint_overrides:
-            where = f"`{Path(engine.checkpoint_overrides[v['id']]).name}` (--checkpoint)"
-        elif row.get("present"):
-            where = f"`{Path(row['path']).name}` ({row['source']})"
-        elif row.get("hub"):
-            where = f"downloads on first use ({row['hub']})"
-        else:
-            where = f"**missing**: {NO_WEIGHTS}"
+        where = weights_where(engine, v, rows.get(v["id"], {}))
         lines.append(f"| `{v['id']}` | {BACKBONES.get(v['backbone'], v['backbone'])} | "
                      f"{PRIORS.get(prior_key(v), prior_key(v))} | {', '.join(v['motion_modes'])} | {where} |")
     return "\n".join(lines)
@@ -398,13 +402,23 @@ def build_demo(engine: mefacial.Engine, limits: Limits | None = None) -> gr.Bloc
         modes = [m for v in variants if backbone in (None, "warp") or v["backbone"] == backbone for m in v["motion_modes"]]
         return [(MOTIONS.get(m, m), m) for m in dict.fromkeys(["relative", *modes])]
 
+    def variant_note(backbone: str, prior: str) -> str:
+        """Which variant the choice runs, and where its weights come from (or what to do without them)."""
+        matches = [v for v in variants if v["backbone"] == backbone and prior_key(v) == prior]
+        if not matches:
+            return ""
+        rows = {row["variant"]: row for row in weights_registry.list_checkpoints()}
+        v = matches[0]
+        return f"Variant `{v['id']}` · weights: {weights_where(engine, v, rows.get(v['id'], {}))}"
+
     def on_backbone(backbone: str):
-        """Offer only what this backbone has: its priors and motion modes; warp has the EWP confinement instead."""
+        """Offer only what this backbone has: its priors and motion modes (warp: the EWP confinement instead),
+        and its original movement-scale adaptation default (FOMM off, MRAA on)."""
         is_warp = backbone == "warp"
         return (gr.update(choices=prior_choices(backbone), value="none", interactive=not is_warp),
                 gr.update(visible=is_warp, value=False),
                 gr.update(choices=motion_choices(backbone), value="relative", interactive=not is_warp),
-                gr.update(interactive=not is_warp, value=False))
+                gr.update(interactive=not is_warp, value=ADAPT_SCALE_DEFAULT.get(backbone, False)))
 
     with gr.Blocks(title="mefacial: micro-expression generation", delete_cache=(1800, limits.output_max_age_s)) as demo:
         gr.Markdown("# mefacial: facial-prior-guided micro-expression generation\n"
@@ -430,8 +444,9 @@ def build_demo(engine: mefacial.Engine, limits: Limits | None = None) -> gr.Bloc
                             g_prior = gr.Radio(prior_choices(), value="none", label="Facial prior",
                                                interactive=False, elem_id="g-prior")
                         g_confine = gr.Checkbox(False, label="Confine the warp to the face (EWP map)", visible=True)
+                        g_variant = gr.Markdown(variant_note("warp", "none"), padding=True, elem_id="g-variant")
                         with gr.Row():
-                            g_motion = gr.Radio(motion_choices(), value="relative", label="Motion",
+                            g_motion = gr.Radio(motion_choices(), value="relative", label="Motion", elem_id="g-motion",
                                                 interactive=False)
                             g_adapt = gr.Checkbox(False, label="Movement-scale adaptation", interactive=False)
                         g_magnify = gr.Slider(1, 5, value=1, step=0.5, label="Magnification (1 = faithful)")
@@ -510,6 +525,8 @@ def build_demo(engine: mefacial.Engine, limits: Limits | None = None) -> gr.Bloc
         raw = {"preprocess": False}
         g_backbone.change(on_backbone, g_backbone, [g_prior, g_confine, g_motion, g_adapt], api_name=False,
                           queue=False)
+        gr.on([g_backbone.change, g_prior.change], variant_note, [g_backbone, g_prior], g_variant, api_name=False,
+              queue=False)
         g_driving.change(user_errors(demo_state.preview), g_driving, [g_preview, g_clip_info],
                          api_name="preview_driving", **raw)
         g_button.click(
