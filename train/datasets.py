@@ -198,8 +198,12 @@ def load_landmarks(entries: list[VideoEntry], backend: str, cache_dir: Path, dev
         detected += 1
         if progress is not None:
             progress(entry.name)
-        _atomic_savez(cache_file, points=result.points, found=result.found, key=np.array(key),
-                      frame_size=np.array(frames.shape[1:3]), backend=np.array(result.backend))
+        try:
+            _atomic_savez(cache_file, points=result.points, found=result.found, key=np.array(key),
+                          frame_size=np.array(frames.shape[1:3]), backend=np.array(result.backend))
+        except OSError as exc:
+            raise InputError(f"cannot write the landmark cache {cache_file} ({exc.strerror or exc}); point "
+                             "dataset.landmark_cache at a writable folder, e.g. --set dataset.landmark_cache=DIR") from exc
         if not result.found.any():
             log.warning("no face in any frame of %s: left out of training", entry.path)
             continue
