@@ -156,3 +156,31 @@ def test_ddp_two_processes_keep_identical_weights(dataset_dir, tmp_path):
 
     assert parameter_digest(build_model(cfg.model, for_training=True)) != digests[0]
     assert len(read_jsonl(out / "losses.jsonl")) == 3  # rank 0 alone logs
+
+
+def test_perceptual_loss_path_with_a_stand_in_network(dataset_dir, tmp_path, monkeypatch):
+    """Perceptual weight > 0 goes through the VGG feature pyramid (here a tiny stand-in: no download)."""
+    from torch import nn
+
+    from train import losses, trainer
+
+    def tiny_vgg(download: bool = True) -> losses.VGG19Features:
+        layers = [nn.Conv2d(3, 4, 3, padding=1), nn.ReLU()]
+        layers += [nn.Conv2d(4, 4, 3, padding=1) if i % 2 == 0 else nn.ReLU() for i in range(28)]
+        return losses.VGG19Features(nn.Sequential(*layers))
+
+    monkeypatch.setattr(trainer, "ensure_vgg19_weights", lambda *a, **k: None)
+    monkeypatch.setattr(trainer, "load_vgg19", tiny_vgg)
+    out = tmp_path / "perceptual"
+    _train("tiny-mraa-awp", dataset_dir, out, "--max-steps", "2", "--set", "train.loss_weights.perceptual=[1,1,1,1,1]")
+    log = read_jsonl(out / "losses.jsonl")
+    assert all(e["perceptual"] > 0 and np.isfinite(e["perceptual"]) for e in log)
+
+
+def test_bf16_mixed_precision_on_the_cpu(dataset_dir, tmp_path):
+    out = tmp_path / "bf16"
+    _train("tiny-fomm-awp", dataset_dir, out, "--max-steps", "2", "--precision", "bf16")
+    log = read_jsonl(out / "losses.jsonl")
+    assert len(log) == 2 and all(np.isfinite(v) for e in log for v in e.values())
+    checkpoint = torch.load(out / "last.pth.tar", weights_only=True)
+    assert all(t.dtype == torch.float32 for t in checkpoint["generator"].values() if t.is_floating_point())

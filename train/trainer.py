@@ -163,10 +163,11 @@ def _datasets(cfg: TrainConfig, root: Path, ctx: DistContext, num_repeats: int) 
         backend = cfg.dataset.landmarks
         cache = landmark_cache_dir(root, backend, cfg.dataset.landmark_cache)
         device = ctx.device if ctx.device.type == "cuda" else "cpu"
-        if ctx.is_main:  # one rank detects and writes the cache, the others read it
+        # One process per machine detects and writes the cache (atomically), the others then read it.
+        if ctx.local_rank == 0:
             landmarks = load_landmarks(train_videos + test_videos, backend, cache, device)
         ctx.barrier()
-        if not ctx.is_main:
+        if ctx.local_rank != 0:
             landmarks = load_landmarks(train_videos + test_videos, backend, cache, device)
     common = dict(image_size=cfg.model.image_size, seed=cfg.runtime.seed, landmarks=landmarks,
                   au_points=cfg.model.au_points, video_cache=cfg.dataset.video_cache)
