@@ -4,8 +4,8 @@ a periodic visualisation PNG, and a tqdm bar.
 The visualisation (`vis/step-XXXXXXX.png`, also in TensorBoard) has one row per
 sample (up to 4): source and driving frames with their keypoints / region
 centres drawn, the prediction, the source warped by the dense motion, the
-occlusion map and the prior map (the fused AU prior for EWP / AWP; the sum of
-the region heatmaps for MRAA without a prior).
+occlusion map and the prior map (FOMM: the EWP / AWP map fed to the keypoint
+network; MRAA: the sum of the region maps, which are the per-AU maps with a prior).
 """
 
 from __future__ import annotations

@@ -152,10 +152,10 @@ class Recipe:
         if src is not None:
             vis["points_source"], vis["points_driving"] = src["value" if "value" in src else "shift"], drv[
                 "value" if "value" in drv else "shift"]
-            if "prior" in src:
-                vis["prior"] = src["prior"].float()
-            elif "heatmap" in src:
+            if "heatmap" in src:  # MRAA: the region maps in use (the per-AU maps with a prior)
                 vis["prior"] = src["heatmap"].float().sum(dim=1, keepdim=True)
+            elif "prior" in src:  # FOMM with a prior: the map fed to the keypoint hourglass
+                vis["prior"] = src["prior"].float()
         return {k: v.detach() for k, v in vis.items()}
 
     # ---- shared pieces ----
