@@ -318,3 +318,27 @@ def test_resume_refuses_another_architecture(tmp_path):
         checkpointing.check_resumable(checkpoint, "x", other.model.to_dict(), "reconstruction")
     with pytest.raises(CheckpointError, match="--init"):
         checkpointing.check_resumable({"generator": {}}, "x", cfg.model.to_dict(), "reconstruction")
+
+
+def test_prepare_crops_clips_into_the_training_layout(tmp_path):
+    from PIL import Image
+
+    from mefacial.video import read_clip
+    from train import prepare
+
+    clips = sorted(require(DATA / "driving", "micro-expression clips").glob("*.gif"))
+    src = tmp_path / "src"
+    (src / "sub01").mkdir(parents=True)
+    (src / "sub01" / clips[0].name).symlink_to(clips[0])
+    frames = read_clip(clips[1]).frames[:4]
+    folder = src / "sub02" / "EP01"
+    folder.mkdir(parents=True)
+    for i, frame in enumerate(frames):
+        Image.fromarray(frame).save(folder / f"img{i + 1}.png")
+    counts = prepare.prepare(src, tmp_path / "out", size=48)
+    assert counts == {"train": 2, "test": 0, "skipped": 0}
+    entries = datasets.discover_videos(tmp_path / "out")
+    assert [e.name for e in entries] == ["sub01_" + clips[0].stem, "sub02_EP01"]
+    assert len(entries[1].frames) == 4 and np.asarray(Image.open(entries[1].frames[0])).shape == (48, 48, 3)
+    assert prepare.is_test_subject("sub07", 1.0) and not prepare.is_test_subject("sub07", 0.0)
+    assert prepare.prepare(src, tmp_path / "out", size=48) == counts  # a second run keeps what is done
