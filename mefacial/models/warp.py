@@ -1,0 +1,263 @@
+"""Training-free landmark warp: the `warp` variant, which needs no weights.
+
+A micro-expression is a small, local motion of the face; its landmarks carry it
+well enough that an image warp can transfer it without learning. For each
+driving frame t:
+
+1. Motion transfer (`target_landmarks`): the driving landmarks' motion relative
+   to the clip's first frame, `driving_t - initial`, is mapped from the driving
+   face to the source face by the similarity (rotation and scale) that takes
+   the initial frame's eye axis onto the source's eye axis, multiplied by
+   `magnify`, and added to the source landmarks: the target positions.
+2. Dense backward flow (`sampling_grid`): a thin-plate spline gives, at every
+   output pixel, the position at which to sample the source. Its control points
+   are the *target* positions (where each landmark must appear in the output)
+   with the offsets `source - target`, plus anchors on the image border with a
+   zero offset so the frame edge stays put. The control points move with every
+   frame, so each frame has its own (N + 3) x (N + 3) system; the systems of a
+   batch are solved at once with `torch.linalg.solve` (in float64).
+3. `grid_sample` of the source by that grid. With `confine_to_prior` the
+   offsets are multiplied by a weight from the source's EWP facial-prior map
+   (`prior_weight`), so motion stays on the face and the background holds still.
+
+Tuning lives in the config's `model_params` (all optional), or as keyword
+arguments of `LandmarkWarp`:
+
+    use_jaw: false          # the 17 jaw-contour points as control points too
+    regularization: 0.1     # TPS smoothing (0 = exact interpolation of the landmarks)
+    anchors_per_side: 5     # border anchors per image side, corners included
+    confine_level: 0.5      # with confine_to_prior: full motion where the EWP map exceeds
+                            # this fraction of its frame mean, fading linearly to 0 below
+    chunk_elements: 16777216  # bound on frames x pixels x control points evaluated at once
+
+Why the defaults (measured by self-reenactment of the shared real clips, see
+tests/test_warp_quality.py): dlib's jaw points slide along the face contour
+from frame to frame (a detector artefact, not motion), and an exact spline
+through them drags the background next to the cheeks; without them the spline
+extrapolates the inner face's motion to the contour and fades it out at the
+border. A little smoothing (0.1, in the [-1, 1] frame coordinates; it keeps
+about 95 % of an isolated landmark's displacement) absorbs the remaining jitter
+and keeps the system well posed when two landmarks coincide (dlib returns
+integer positions).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from ..metrics import eye_axis
+
+NUM_LANDMARKS = 68
+JAW = slice(0, 17)  # iBUG 68: the face contour, points 0-16
+PRIOR_MAP_SCALE = 0.25  # the EWP map is built at a quarter of the frame, as the prior models' hourglass sees it
+
+DEFAULTS: dict[str, Any] = {
+    "use_jaw": False,
+    "regularization": 0.1,
+    "anchors_per_side": 5,
+    "confine_level": 0.5,
+    "chunk_elements": 1 << 24,
+}
+
+
+def pixels_to_grid(points: torch.Tensor, size: tuple[int, int], align_corners: bool) -> torch.Tensor:
+    """Pixel (x, y) -> grid_sample coordinates in [-1, 1]: ... x 2 -> ... x 2.
+
+    Pixel centres are at integer positions (the landmark convention); with
+    `align_corners=False` the image spans [-0.5, W - 0.5] in pixels.
+    """
+    height, width = size
+    extent = points.new_tensor([width, height])
+    if align_corners:
+        return 2 * points / (extent - 1) - 1
+    return (2 * points + 1) / extent - 1
+
+
+def identity_grid(size: tuple[int, int], align_corners: bool, like: torch.Tensor) -> torch.Tensor:
+    """The grid that samples every pixel at its own centre: H x W x 2 (x, y), dtype and device of `like`."""
+    height, width = size
+    ys = torch.arange(height, dtype=like.dtype, device=like.device)
+    xs = torch.arange(width, dtype=like.dtype, device=like.device)
+    pixels = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1)  # H x W x 2
+    return pixels_to_grid(pixels, size, align_corners)
+
+
+def border_anchors(per_side: int, like: torch.Tensor) -> torch.Tensor:
+    """Points evenly spaced on the border of [-1, 1]^2, corners included: (4 * per_side - 4) x 2."""
+    if per_side < 2:
+        raise ValueError(f"anchors_per_side must be >= 2 (the corners), got {per_side}")
+    t = torch.linspace(-1, 1, per_side, dtype=like.dtype, device=like.device)  # per_side
+    inner = t[1:-1]  # the side points that are not corners
+    return torch.cat(
+        [
+            torch.stack([t, torch.full_like(t, -1)], -1),  # top edge
+            torch.stack([t, torch.full_like(t, 1)], -1),  # bottom edge
+            torch.stack([torch.full_like(inner, -1), inner], -1),  # left edge
+            torch.stack([torch.full_like(inner, 1), inner], -1),  # right edge
+        ]
+    )
+
+
+def _tps_kernel(squared_distance: torch.Tensor) -> torch.Tensor:
+    """Thin-plate radial basis U(r) = r^2 log r^2 (0 at r = 0), from r^2."""
+    return squared_distance * torch.log(squared_distance.clamp_min(torch.finfo(squared_distance.dtype).tiny))
+
+
+def tps_fit(control: torch.Tensor, values: torch.Tensor, regularization: float = 0.0) -> torch.Tensor:
+    """Fit thin-plate splines f: R^2 -> R^D with f(control_i) = values_i (smoothed by `regularization`).
+
+    control: B x N x 2; values: B x N x D. Returns B x (N + 3) x D: the N radial
+    weights, then the affine part (constant, x, y).
+    """
+    batch, n, _ = control.shape
+    kernel = _tps_kernel(torch.cdist(control, control).square())  # B x N x N
+    kernel = kernel + regularization * torch.eye(n, dtype=control.dtype, device=control.device)
+    affine = torch.cat([control.new_ones(batch, n, 1), control], dim=-1)  # B x N x 3
+    top = torch.cat([kernel, affine], dim=-1)  # B x N x (N + 3)
+    bottom = torch.cat([affine.transpose(1, 2), control.new_zeros(batch, 3, 3)], dim=-1)  # B x 3 x (N + 3)
+    rhs = torch.cat([values, values.new_zeros(batch, 3, values.shape[-1])], dim=1)  # B x (N + 3) x D
+    return torch.linalg.solve(torch.cat([top, bottom], dim=1), rhs)
+
+
+def tps_evaluate(control: torch.Tensor, coefficients: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """Evaluate fitted splines: control B x N x 2, coefficients B x (N + 3) x D, points B x P x 2 -> B x P x D."""
+    n = control.shape[1]
+    radial = _tps_kernel(torch.cdist(points, control).square())  # B x P x N
+    affine = torch.cat([points.new_ones(*points.shape[:2], 1), points], dim=-1)  # B x P x 3
+    return radial @ coefficients[:, :n] + affine @ coefficients[:, n:]
+
+
+class LandmarkWarp(nn.Module):
+    """The `warp` backbone: transfers landmark motion by a thin-plate-spline warp of the source.
+
+    It has no parameters; `animate` is the whole inference. Options come from
+    `config.model_params` (see the module docstring), overridden by keyword.
+    """
+
+    def __init__(self, config: ModelConfig, **options: Any) -> None:
+        super().__init__()
+        given = {**(config.model_params or {}), **options}
+        unknown = sorted(set(given) - set(DEFAULTS))
+        if unknown:
+            raise ValueError(f"config {config.name!r}: unknown warp option(s) {unknown}; known: {sorted(DEFAULTS)}")
+        settings = {**DEFAULTS, **given}
+        self.config = config
+        self.use_jaw = bool(settings["use_jaw"])
+        self.regularization = float(settings["regularization"])
+        self.anchors_per_side = int(settings["anchors_per_side"])
+        self.confine_level = float(settings["confine_level"])
+        self.chunk_elements = int(settings["chunk_elements"])
+        self.align_corners = config.grid_sample_align_corners
+
+    @staticmethod
+    def target_landmarks(
+        source_landmarks: torch.Tensor,
+        driving_landmarks: torch.Tensor,
+        initial_landmarks: torch.Tensor,
+        magnify: float = 1.0,
+    ) -> torch.Tensor:
+        """Where the source landmarks go: source + magnify * S(driving_t - initial).
+
+        S is the similarity (rotation and scale) taking the initial frame's eye
+        axis onto the source's, so motion comes in the source face's size and
+        orientation. source_landmarks, initial_landmarks: 1 x 68 x 2;
+        driving_landmarks: T x 68 x 2. Returns T x 68 x 2.
+        """
+        src_axis, drv_axis = eye_axis(source_landmarks), eye_axis(initial_landmarks)  # 1 x 2 each
+        # S is multiplication by the complex ratio src / drv = a + ib
+        norm = drv_axis.square().sum(-1)  # 1
+        a = (src_axis * drv_axis).sum(-1) / norm  # 1
+        b = (drv_axis[:, 0] * src_axis[:, 1] - drv_axis[:, 1] * src_axis[:, 0]) / norm  # 1
+        similarity = torch.stack([torch.stack([a, -b], -1), torch.stack([b, a], -1)], -2)  # 1 x 2 x 2
+        motion = (driving_landmarks - initial_landmarks) @ similarity.transpose(1, 2)  # T x 68 x 2
+        return source_landmarks + magnify * motion
+
+    def sampling_grid(
+        self, source_landmarks: torch.Tensor, target_landmarks: torch.Tensor, size: tuple[int, int]
+    ) -> torch.Tensor:
+        """Backward grid that moves source_landmarks (1 x 68 x 2) to target_landmarks (T x 68 x 2): T x H x W x 2."""
+        frames = target_landmarks.shape[0]
+        points = slice(None) if self.use_jaw else slice(JAW.stop, None)
+        target = pixels_to_grid(target_landmarks[:, points], size, self.align_corners)  # T x P x 2
+        source = pixels_to_grid(source_landmarks[:, points], size, self.align_corners).expand_as(target)  # T x P x 2
+        anchors = border_anchors(self.anchors_per_side, target).expand(frames, -1, -1)  # T x A x 2
+        control = torch.cat([target, anchors], dim=1)  # T x N x 2
+        offsets = torch.cat([source - target, torch.zeros_like(anchors)], dim=1)  # T x N x 2
+        coefficients = tps_fit(control, offsets, self.regularization)  # T x (N + 3) x 2
+        base = identity_grid(size, self.align_corners, target)  # H x W x 2
+        pixels = base.reshape(1, -1, 2)  # 1 x HW x 2
+        # frames x pixels x control points stays below chunk_elements
+        step = max(1, self.chunk_elements // (pixels.shape[1] * control.shape[1]))
+        flow = torch.cat(
+            [
+                tps_evaluate(control[i : i + step], coefficients[i : i + step], pixels.expand(min(step, frames - i), -1, -1))
+                for i in range(0, frames, step)
+            ]
+        )  # T x HW x 2
+        return base + flow.reshape(frames, *size, 2)
+
+    def prior_weight(self, source_landmarks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Motion weight from the source's EWP map: 1 where the map exceeds `confine_level` times its
+        mean over the frame, fading linearly to 0 where it vanishes. 1 x 68 x 2 -> 1 x H x W x 1."""
+        from .. import prior
+
+        side = max(size)  # the map covers a square frame; non-square frames take its top-left part
+        map_size = max(1, round(side * PRIOR_MAP_SCALE))
+        au_points = prior.au_points_from_landmarks(source_landmarks)  # 1 x 18 x 2
+        ewp = prior.ewp_map(au_points, side, map_size, self.config.prior_sigma, self.config.prior_distance)
+        ewp = F.interpolate(ewp.to(source_landmarks.dtype), size=(side, side), mode="bilinear", align_corners=False)
+        ewp = ewp[..., : size[0], : size[1]]  # 1 x 1 x H x W
+        level = self.confine_level * ewp.mean(dim=(-2, -1), keepdim=True)
+        return (ewp / level.clamp_min(torch.finfo(ewp.dtype).tiny)).clamp(max=1).permute(0, 2, 3, 1)
+
+    def animate(
+        self,
+        source: torch.Tensor,
+        source_landmarks: torch.Tensor,
+        driving_landmarks: torch.Tensor,
+        initial_landmarks: torch.Tensor,
+        magnify: float = 1.0,
+        confine_to_prior: bool = False,
+    ) -> dict[str, torch.Tensor]:
+        """Animate `source` (1 x 3 x H x W in [0, 1]) by the landmark motion of a batch of driving frames.
+
+        source_landmarks: 1 x 68 x 2 pixel (x, y) in the source; driving_landmarks: T x 68 x 2 in
+        the driving frames; initial_landmarks: 1 x 68 x 2, the driving clip's first frame.
+        confine_to_prior: weight the flow by the source's EWP prior (`prior_weight`).
+        Returns {"prediction": T x 3 x H x W, "flow": T x H x W x 2 backward sampling grid,
+        "landmarks": T x 68 x 2 target landmarks in source pixels}.
+        """
+        _check_landmarks(source_landmarks, "source_landmarks", frames=1)
+        _check_landmarks(initial_landmarks, "initial_landmarks", frames=1)
+        _check_landmarks(driving_landmarks, "driving_landmarks")
+        if source.dim() != 4 or source.shape[:2] != (1, 3):
+            raise ValueError(f"source must be 1 x 3 x H x W, got shape {tuple(source.shape)}")
+        size = (source.shape[-2], source.shape[-1])
+        frames = driving_landmarks.shape[0]
+        precise = dict(dtype=torch.float64, device=source.device)  # the spline systems are solved in float64
+        src_points = source_landmarks.to(**precise)
+        target = self.target_landmarks(
+            src_points, driving_landmarks.to(**precise), initial_landmarks.to(**precise), float(magnify)
+        )  # T x 68 x 2
+        grid = self.sampling_grid(src_points, target, size)  # T x H x W x 2
+        if confine_to_prior:
+            base = identity_grid(size, self.align_corners, grid)  # H x W x 2
+            grid = base + (grid - base) * self.prior_weight(src_points, size)
+        grid = grid.to(source.dtype)
+        prediction = F.grid_sample(
+            source.expand(frames, -1, -1, -1), grid, mode="bilinear", padding_mode="border", align_corners=self.align_corners
+        )
+        return {"prediction": prediction, "flow": grid, "landmarks": target.to(source.dtype)}
+
+
+def _check_landmarks(points: torch.Tensor, name: str, frames: int | None = None) -> None:
+    if points.dim() != 3 or points.shape[1:] != (NUM_LANDMARKS, 2) or (frames is not None and points.shape[0] != frames):
+        expected = f"{frames or 'T'} x {NUM_LANDMARKS} x 2"
+        raise ValueError(f"{name} must be {expected} pixel (x, y) landmarks, got shape {tuple(points.shape)}")
+    if not bool(torch.isfinite(points).all()):
+        raise ValueError(f"{name} holds NaN or infinite values; landmarks must be found on every frame")
