@@ -7,6 +7,7 @@
     checkpointing.py  self-describing checkpoints in the original part layout, written atomically
     monitor.py        JSONL + TensorBoard losses, visualisation PNGs, tqdm
     trainer.py        the loop: single process or DDP under torchrun
+    prepare.py        python -m train.prepare SRC OUT: dataset clips -> onset-frame face crops in DIR/train|test/
 
 Run `python -m train --help` for the options.
 """

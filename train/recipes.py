@@ -178,15 +178,18 @@ class Recipe:
 
     def _image_losses(self, prediction: torch.Tensor, driving: torch.Tensor, pyramid: L.ImagePyramid
                       ) -> tuple[dict[str, torch.Tensor], dict, dict]:
+        """Perceptual and pixel losses over the pyramid scales of train.scales; returns the pyramids too."""
         weights = self.cfg.train.loss_weights
         real, generated = pyramid(driving), pyramid(prediction)
+        scales = [float(s) for s in self.cfg.train.scales]
+        real_t, generated_t = {s: real[s] for s in scales}, {s: generated[s] for s in scales}
         out: dict[str, torch.Tensor] = {}
         if self.vgg is not None and sum(weights["perceptual"]) != 0:
             with self.autocast():
-                out["perceptual"] = L.perceptual_loss(self.vgg, generated, real, weights["perceptual"])
+                out["perceptual"] = L.perceptual_loss(self.vgg, generated_t, real_t, weights["perceptual"])
             out["perceptual"] = out["perceptual"].float()
         if weights.get("reconstruction"):
-            out["reconstruction"] = L.pyramid_l1_loss(generated, real, float(weights["reconstruction"]))
+            out["reconstruction"] = L.pyramid_l1_loss(generated_t, real_t, float(weights["reconstruction"]))
         return out, real, generated
 
 
@@ -215,9 +218,9 @@ class FOMMRecipe(Recipe):
         train = self.cfg.train
         model = self.model
         self.weights = train.loss_weights
-        self.pyramid = L.ImagePyramid(train.scales, model.generator.num_channels).to(self.device)
         self.disc_scales = model.discriminator.scales
-        self.disc_pyramid = L.ImagePyramid(self.disc_scales, model.generator.num_channels).to(self.device)
+        # One pyramid for the losses' scales and the discriminator's.
+        self.pyramid = L.ImagePyramid([*train.scales, *self.disc_scales], model.generator.num_channels).to(self.device)
         self.use_gan = self.weights["generator_gan"] != 0
         self.equivariance = (self.weights["equivariance_value"] + self.weights["equivariance_jacobian"]) != 0
         unused = self.cfg.model.prior != "none" and not self.cfg.model.model_params["common_params"].get("estimate_jacobian")
@@ -273,8 +276,7 @@ class FOMMRecipe(Recipe):
             self.optimizers["discriminator"].zero_grad(set_to_none=True)
             with self.autocast():
                 maps_real, maps_generated = self.discriminate(
-                    self._disc_input(self.disc_pyramid(driving)),
-                    self._disc_input(self.disc_pyramid(prediction.detach())), kp_detached)
+                    self._disc_input(real), self._disc_input({k: v.detach() for k, v in generated.items()}), kp_detached)
             losses["disc_gan"] = L.discriminator_gan_loss(_float_maps(maps_real), _float_maps(maps_generated),
                                                           self.disc_scales, self.weights["discriminator_gan"])
             self._backward_and_step(losses["disc_gan"], [self.optimizers["discriminator"]])
