@@ -452,7 +452,7 @@ class AVDRecipe(Recipe):
         with self.autocast():
             identity = model.region_predictor(batch["source"], batch.get("source_au"))
             pose = model.region_predictor(batch["driving"], batch.get("driving_au"))
-            new = model.avd_network(identity, pose)
+            new = _float(model.avd_network(identity, pose))  # float32 covariances: the generator inverts them
             out = model.generator(batch["source"], driving_region_params=new, source_region_params=identity)
         return out["prediction"].float()
 
