@@ -113,21 +113,16 @@ def test_shards_cover_every_item_once(world):
     assert max(map(len, shards)) - min(map(len, shards)) <= 1
 
 
-# ---- generation on real clips ---------------------------------------------------------------------
+# ---- generation on real clips, with the training-free `warp` variant -------------------------------
+
+VARIANT = "warp"
 
 
-def tiny_engine():
-    """An engine serving `fomm-none` with the small random FOMM of the reference fixtures."""
-    from test_engine import tiny_fomm
-
+@pytest.fixture(scope="module")
+def engine():
     from mefacial import Engine
 
-    engine = Engine(device="cpu", landmarks="dlib")
-    engine.use_model("fomm-none", tiny_fomm())
-    return engine
-
-
-VARIANT = "fomm-none"
+    return Engine(device="cpu", landmarks="dlib")
 
 
 @pytest.fixture(scope="module")
@@ -146,15 +141,31 @@ def manifest(out: Path) -> dict[str, dict]:
     return {r["key"]: r for r in gen.read_jsonl(out / gen.MANIFEST)}
 
 
+def files(out: Path) -> set[str]:
+    return {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
+
+
 def run_in_process(pairs_csv: Path, out: Path, engine, **settings) -> gen.Summary:
-    summary = gen.generate(gen.read_pairs(pairs_csv), [VARIANT], out, engine, gen.Settings(**settings))
+    summary = gen.generate(gen.read_pairs(pairs_csv), [VARIANT], out, engine, gen.Settings(landmarks="dlib", **settings))
     gen.merge_manifest(out)
     return summary
 
 
-def test_bad_rows_are_recorded_and_the_run_goes_on(tmp_path, pairs_csv, material):
-    out = tmp_path / "out"
-    summary = run_in_process(pairs_csv, out, tiny_engine())
+@pytest.fixture(scope="module")
+def single_run(tmp_path_factory, pairs_csv, engine) -> tuple[Path, gen.Summary]:
+    """The pairs generated once in this process (other tests work on copies)."""
+    out = tmp_path_factory.mktemp("single") / "out"
+    return out, run_in_process(pairs_csv, out, engine)
+
+
+def copy_of(single_run, tmp_path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(single_run[0], tmp_path / "out"))
+
+
+def test_bad_rows_are_recorded_and_the_run_goes_on(single_run, material):
+    out, summary = single_run
     assert (summary.ok, summary.failed, summary.skipped) == (2, 2, 0)
     records = manifest(out)
     a, b = material["names"]
@@ -166,18 +177,18 @@ def test_bad_rows_are_recorded_and_the_run_goes_on(tmp_path, pairs_csv, material
         video = read_clip(out / record["output"])
         assert video.num_frames == record["frames"] == NUM_FRAMES
         assert record["settings"]["motion"] == "relative" and record["timings"]["total_s"] > 0
-        assert record["weights"]["description"] == "in-memory"
+        assert record["weights"] == {"path": None, "source": "none", "sha256": None,
+                                     "description": "none (training-free)"}
+        assert record["landmarks"] == "dlib" and record["rank"] == 0
     failed = {r["row"]: r for r in records.values() if r["status"] == "error"}
     assert set(failed) == {3, 4}
-    assert "missing.gif" in failed[3]["error"] and failed[3]["error_type"] in ("UnreadableVideoError", "InputError")
+    assert "missing.gif" in failed[3]["error"] and failed[3]["error_type"] == "UnreadableVideoError"
     assert "no driving" in failed[4]["error"]
-    assert not (out / gen.PARTS_DIR).exists() and not (out / gen.PARTIAL_DIR).exists()
+    assert files(out) == {gen.MANIFEST} | {records[k]["output"] for k in ok}  # no parts, no partial files left
 
 
-def test_second_run_skips_finished_pairs(tmp_path, pairs_csv, monkeypatch):
-    out = tmp_path / "out"
-    engine = tiny_engine()
-    run_in_process(pairs_csv, out, engine)
+def test_second_run_skips_finished_pairs(single_run, tmp_path, pairs_csv, engine, monkeypatch):
+    out = copy_of(single_run, tmp_path)
     first = manifest(out)
     calls = []
     animate = engine.animate
@@ -200,10 +211,11 @@ def test_second_run_skips_finished_pairs(tmp_path, pairs_csv, monkeypatch):
     assert {r["settings"]["magnify"] for r in manifest(out).values() if r["status"] == "ok"} == {2.0}
 
 
-def test_a_killed_write_is_never_counted_as_done(tmp_path, pairs_csv, monkeypatch):
+def test_a_killed_write_is_never_counted_as_done(single_run, tmp_path, pairs_csv, engine, monkeypatch):
     """A write that dies half-way leaves nothing at the output path; a cut manifest line is ignored."""
-    out = tmp_path / "out"
-    engine = tiny_engine()
+    out = copy_of(single_run, tmp_path)
+    pending = next(r for r in manifest(out).values() if r["status"] == "ok")
+    (out / pending["output"]).unlink()
 
     def dying_write(path, frames, fps, slowdown=1.0):
         Path(path).write_bytes(b"half a video")
@@ -211,12 +223,38 @@ def test_a_killed_write_is_never_counted_as_done(tmp_path, pairs_csv, monkeypatc
 
     monkeypatch.setattr("mefacial.video.write_video", dying_write)
     with pytest.raises(KeyboardInterrupt):
-        gen.generate(gen.read_pairs(pairs_csv), [VARIANT], out, engine)
-    assert not list(out.glob(f"{VARIANT}/**/*.mp4"))  # nothing half-written in the dataset tree
-    part = gen.part_path(out, 0)
-    with open(part, "a") as f:
+        gen.generate(gen.read_pairs(pairs_csv), [VARIANT], out, engine, gen.Settings(landmarks="dlib"))
+    assert not (out / pending["output"]).exists()  # nothing half-written in the dataset tree
+    with open(gen.part_path(out, 0), "a") as f:
         f.write('{"key": "cut sho')  # a line cut by the kill
     monkeypatch.undo()
     summary = run_in_process(pairs_csv, out, engine)
-    assert (summary.ok, summary.failed, summary.skipped) == (2, 2, 0)
+    assert (summary.ok, summary.failed, summary.skipped) == (1, 2, 1)
+    assert read_clip(out / pending["output"]).num_frames == NUM_FRAMES
     assert len(manifest(out)) == 4
+
+
+def test_two_ranks_under_torchrun_make_the_single_process_output(single_run, tmp_path, pairs_csv):
+    """torchrun with 2 CPU ranks (gloo): the same files and manifest entries, split over both ranks."""
+    out = tmp_path / "sharded"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+           "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "mefacial", "generate", "--pairs", str(pairs_csv), "--variants", VARIANT, "--out", str(out),
+               "--device", "cpu", "--landmarks", "dlib"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    single, sharded = manifest(single_run[0]), manifest(out)
+    assert files(out) == files(single_run[0])
+    assert {k: (r["status"], r["output"], r["settings_id"]) for k, r in sharded.items()} == \
+           {k: (r["status"], r["output"], r["settings_id"]) for k, r in single.items()}
+    assert {r["rank"] for r in sharded.values()} == {0, 1} and {r["world"] for r in sharded.values()} == {2}
+    for record in (r for r in sharded.values() if r["status"] == "ok"):
+        a, b = read_clip(out / record["output"]).frames, read_clip(single_run[0] / record["output"]).frames
+        assert a.shape == b.shape and np.abs(a.astype(int) - b.astype(int)).mean() < 1.0
+    # a run with another number of ranks (here one, without torchrun) finds the finished pairs done
+    single_command = [sys.executable, *command[command.index("-m", 3):]]
+    again = subprocess.run(single_command, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert again.returncode == 0 and "0 generated, 2 failed, 2 already done" in again.stdout, again.stderr[-3000:]
+    assert {k: r["finished"] for k, r in manifest(out).items() if r["status"] == "ok"} == \
+           {k: r["finished"] for k, r in sharded.items() if r["status"] == "ok"}
