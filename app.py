@@ -29,6 +29,7 @@ import mefacial
 from mefacial import checkpoints as weights_registry
 from mefacial.engine import ADAPT_SCALE_DEFAULT
 from mefacial.errors import MefacialError, WeightsNotFoundError
+from mefacial.evaluate import compare_columns, first_line
 from mefacial.grid import Column, prior_panels, render_grid
 from mefacial.video import Limits as VideoLimits
 from mefacial.video import read_clip, read_image, write_video
@@ -41,7 +42,6 @@ EXAMPLE_FACE = EXAMPLES / "astronaut.png"
 EXAMPLE_CLIP = EXAMPLES / "brow_raise.mp4"
 CLIP_TYPES = [".mp4", ".gif", ".webm", ".avi", ".mov", ".mkv", ".m4v"]
 NO_WEIGHTS = "no weights: see checkpoints/README.md"
-GRID_LABEL_CHARS = 18  # longer variant labels show as their id in grid headers
 
 BACKBONES = {"warp": "Training-free warp", "fomm": "FOMM", "mraa": "MRAA"}
 PRIORS = {"none": "none", "ewp": "EWP", "awp": "AWP", "ewp-mm21": "EWP (ACM MM 2021)"}
@@ -267,33 +267,21 @@ class Demo:
         if unknown or not chosen:
             raise gr.Error(f"choose variants among {known}; unknown: {unknown}" if unknown else "choose at least one variant")
         slowdown = number(slowdown, "slow-down factor", 1, 20)
-        status = weights_status(self.engine, self.variants)
-        runnable = [v for v in chosen if status[v] is None]
         options = self.animate_options(crop, paste_back, landmarks, smooth)
         image, clip = self.read_inputs(source, driving)
-        results = self.engine.compare(
-            image, clip.frames, variants=runnable, motion="relative", magnify=number(magnify, "magnification", 1, 5),
+        comparison = compare_columns(
+            self.engine, image, clip.frames, chosen, motion="relative", magnify=number(magnify, "magnification", 1, 5),
             fps=clip.fps, progress=self.progress_fn(progress), **options)
-        done = [r for r in results.values() if not isinstance(r, MefacialError)]
-        errors = [r for r in results.values() if isinstance(r, MefacialError)]
-        if errors and not done:  # every variant that could run failed: the inputs are the problem (no face, ...)
-            raise errors[0]
-        labels = {v["id"]: v["label"] if len(v["label"]) <= GRID_LABEL_CHARS else v["id"] for v in self.variants}
-        driving_frames = done[0].model_driving if done else clip.frames  # as the models saw it, when one ran
-        columns, lines = [Column("driving", driving_frames)], ["| variant | result |", "|---|---|"]
-        for v in chosen:
-            outcome = results.get(v)
-            if outcome is None or isinstance(outcome, MefacialError):
-                reason = status[v] or short_reason(outcome)
-                columns.append(Column(labels[v], reason=reason))
-                lines.append(f"| `{v}` | not run: {status[v] or first_line(outcome)} |")
+        lines = ["| variant | result |", "|---|---|"]
+        for variant, outcome in comparison.outcomes.items():
+            if isinstance(outcome, MefacialError):
+                lines.append(f"| `{variant}` | not run: {short_reason(outcome)} |")
             else:
-                columns.append(Column(labels[v], outcome.frames))
-                lines.append(f"| `{v}` | {outcome.timings.get('total_s', 0):.2f} s, landmarks "
+                lines.append(f"| `{variant}` | {outcome.timings.get('total_s', 0):.2f} s, landmarks "
                              f"{outcome.landmark_backend or 'none'}, weights {outcome.weights} |")
         out = self.request_dir()
-        grid = write_video(out / "compare.mp4", render_grid(columns, heatmaps=bool(heatmaps)), clip.fps,
-                           slowdown=slowdown)
+        grid = write_video(out / "compare.mp4", render_grid(comparison.columns, heatmaps=bool(heatmaps)),
+                           comparison.fps, slowdown=slowdown)
         return str(grid), "\n".join(lines)
 
     # ---- Prior ----------------------------------------------------------------------------------
@@ -353,15 +341,9 @@ class Demo:
         return str(video), f"{t} frames, {w}x{h}, {clip.fps:g} fps ({t / clip.fps:.2f} s)"
 
 
-def first_line(error: Exception | None) -> str:
-    return str(error).strip().splitlines()[0] if error is not None and str(error).strip() else "failed"
-
-
-def short_reason(error: Exception | None) -> str:
-    """The text of a placeholder tile: short, with what to do."""
-    if isinstance(error, WeightsNotFoundError):
-        return NO_WEIGHTS
-    return first_line(error)[:160]
+def short_reason(error: Exception) -> str:
+    """Why a variant did not run, in one short line with what to do."""
+    return NO_WEIGHTS if isinstance(error, WeightsNotFoundError) else first_line(error)[:160]
 
 
 # ---- layout -------------------------------------------------------------------------------------
@@ -526,7 +508,7 @@ def build_demo(engine: mefacial.Engine, limits: Limits | None = None) -> gr.Bloc
         g_backbone.change(on_backbone, g_backbone, [g_prior, g_confine, g_motion, g_adapt], api_name=False,
                           queue=False)
         gr.on([g_backbone.change, g_prior.change], variant_note, [g_backbone, g_prior], g_variant, api_name=False,
-              queue=False)
+              queue=False, trigger_mode="always_last")  # the latest choice wins
         g_driving.change(user_errors(demo_state.preview), g_driving, [g_preview, g_clip_info],
                          api_name="preview_driving", **raw)
         g_button.click(

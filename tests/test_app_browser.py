@@ -149,10 +149,10 @@ def test_bad_upload_shows_an_error_naming_the_file(page, tmp_path):
 
 def test_each_backbone_offers_its_options_and_missing_weights_say_so(page):
     page.locator("#g-backbone").get_by_label("MRAA", exact=True).check()
-    expect(page.locator("#g-motion")).to_contain_text("AVD")
+    expect(page.locator("#g-motion")).to_contain_text("AVD", timeout=30_000)
     page.locator("#g-prior").get_by_label("AWP", exact=True).check()
-    expect(page.locator("#g-variant")).to_contain_text("mraa-awp")
+    expect(page.locator("#g-variant")).to_contain_text("mraa-awp", timeout=30_000)
     expect(page.locator("#g-variant")).to_contain_text("no weights: see checkpoints/README.md")
     page.locator("#g-backbone").get_by_label("FOMM", exact=True).check()
-    expect(page.locator("#g-motion")).not_to_contain_text("AVD")  # FOMM has relative / absolute only
+    expect(page.locator("#g-motion")).not_to_contain_text("AVD", timeout=30_000)  # FOMM: relative / absolute
     expect(page.locator("#g-prior")).to_contain_text("ACM MM 2021")
