@@ -606,8 +606,10 @@ def face_box(landmarks: np.ndarray, image_shape: Sequence[int], margin: float = 
     as the paper's preprocessing does (the onset frame's dlib detector box,
     which is some 10% tighter and cuts the jaw line); about 0.3 gives the looser
     VoxCeleb framing. The box is shifted inside the image where the image is
-    large enough (landmarks inside the image stay inside the box), and reaches
-    past the border (to be padded) only where it is not.
+    large enough (landmarks inside the image stay inside the box). In a picture
+    too small for the margins (a face already cropped tightly) the box shrinks
+    to the picture's shorter side; it reaches past the border (to be padded)
+    only where the landmarks themselves do not fit.
     """
     points = np.asarray(landmarks, dtype=np.float64).reshape(-1, 2)
     if not np.isfinite(points).all() or len(points) < 2:
@@ -618,6 +620,11 @@ def face_box(landmarks: np.ndarray, image_shape: Sequence[int], margin: float = 
     size = math.ceil(side) + 1  # + 1: the last landmark's pixel is inside
     centre = (low + high) / 2.0 - np.array([0.0, FOREHEAD * extent / 2.0])
     height, width = int(image_shape[0]), int(image_shape[1])
+    # A picture already framed tightly on the face (a normalised dataset face, a cropped clip) has no room for
+    # the margins: shrink the box to the picture rather than pad it with smeared edge pixels, as long as every
+    # landmark still fits.
+    size = min(size, max(min(height, width), math.ceil(extent) + 1))
+    side = min(side, size)
     corner = []
     for c, limit in zip(centre, (width, height)):
         start = math.floor(c - side / 2.0)

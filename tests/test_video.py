@@ -271,8 +271,10 @@ def test_face_box_is_square_inside_the_image_and_holds_the_face():
     near_edge = points - [98, 0]
     box = video.face_box(near_edge, (400, 300))
     assert box.x0 == 0 and _inside(near_edge, box)  # shifted inside rather than padded
-    too_big = video.face_box(points, (90, 300), margin=0.5)
-    assert too_big.size > 90 and too_big.y0 < 0 and too_big.y1 > 90  # centred, to be padded
+    tight = video.face_box(points - [0, 111], (90, 300), margin=0.5)  # no room for the margins
+    assert tight.size == 90 and tight.y0 == 0 and _inside(points - [0, 111], tight)  # shrunk to fit, not padded
+    huge = video.face_box(points * 2, (90, 400))  # the face itself is larger than the picture
+    assert huge.size > 90 and huge.y0 < 0 and huge.y1 > 90  # centred, to be padded
 
 
 def test_crop_and_paste_back_round_trip(astronaut):
