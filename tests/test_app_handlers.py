@@ -1,0 +1,78 @@
+"""The demo's handlers in-process: variant choices, error wording, and the Prior tab with an AWP model present."""
+
+from __future__ import annotations
+
+import gradio as gr
+import numpy as np
+import pytest
+import yaml
+
+import app
+from conftest import FIXTURES, fixture_meta, model_fixture_dirs, require
+from mefacial import Engine, list_variants
+from mefacial.checkpoints import checkpoint_env_var, load_original_checkpoint
+from mefacial.config import config_from_reference
+from mefacial.errors import NotAnImageError
+from mefacial.models import INFERENCE_PARTS, build_model
+
+FACE = app.EXAMPLE_FACE
+
+
+def test_every_variant_is_one_backbone_and_prior_choice():
+    variants = list_variants()
+    chosen = [app.variant_id(variants, v["backbone"], app.prior_key(v)) for v in variants]
+    assert chosen == [v["id"] for v in variants]  # each reachable, none ambiguous
+    assert all(v["backbone"] in app.BACKBONES for v in variants)
+    with pytest.raises(gr.Error, match="valid backbone/prior"):
+        app.variant_id(variants, "warp", "awp")
+
+
+def test_errors_name_the_uploaded_file_not_the_server_path(tmp_path):
+    upload = {"path": str(tmp_path / "0123abcd" / "selfie.png"), "orig_name": "selfie.png"}
+
+    @app.user_errors
+    def handler(source):
+        raise NotAnImageError(f"cannot read the source image {source['path']}: not an image. Use a PNG or JPEG photo.")
+
+    with pytest.raises(gr.Error) as caught:
+        handler(upload)
+    assert "selfie.png" in caught.value.message and str(tmp_path) not in caught.value.message
+    with pytest.raises(gr.Error, match="No source face"):
+        app.upload_path(None, "source face")
+
+
+def awp_fixture():
+    for folder in model_fixture_dirs():
+        meta = fixture_meta(folder)
+        if meta.get("backbone") == "fomm" and meta.get("prior") == "awp":
+            return folder, meta
+    require(FIXTURES / "a FOMM AWP fixture", "a FOMM AWP model fixture")
+
+
+def test_prior_tab_draws_the_awp_map_of_an_awp_model(monkeypatch):
+    folder, meta = awp_fixture()
+    config = config_from_reference(yaml.safe_load((folder / "config.yaml").read_text()), meta, name=folder.name)
+    model = build_model(config)
+    load_original_checkpoint(model, folder / "checkpoint.pth.tar", INFERENCE_PARTS["fomm"])
+    engine = Engine(device="cpu", landmarks="dlib")
+    engine.use_model("fomm-awp", model, weights=str(folder))
+    monkeypatch.setenv(checkpoint_env_var("fomm-awp"), str(folder / "checkpoint.pth.tar"))  # "weights present"
+    demo = app.Demo(engine, app.Limits())
+
+    gallery, status = demo.prior({"path": str(FACE)}, None, 0, "dlib", True)
+    captions = [caption for _, caption in gallery]
+    assert captions == ["source: 68 landmarks", "source: 18 AU points", "source: EWP map (equal-weighted)",
+                        "source: AWP map (adaptive weighted)"]
+    ewp, awp = gallery[2][0], gallery[3][0]
+    assert awp.shape == ewp.shape and not np.array_equal(awp, ewp)
+    assert "fomm-awp" in status
+
+
+def test_prior_tab_says_why_there_is_no_awp_map(monkeypatch, tmp_path):
+    monkeypatch.setenv("MEFACIAL_CHECKPOINT_DIR", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for variant in ("fomm-awp", "mraa-awp"):
+        monkeypatch.delenv(checkpoint_env_var(variant), raising=False)
+    demo = app.Demo(Engine(device="cpu", landmarks="dlib"), app.Limits())
+    gallery, status = demo.prior({"path": str(FACE)}, None, 0, "dlib", True)
+    assert gallery[-1][1] == "source: AWP map" and "checkpoints/README.md" in status
