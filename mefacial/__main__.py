@@ -116,6 +116,52 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from . import evaluate as ev
+    from .engine import Engine
+    from .generate import find_clips, find_faces
+
+    engine = Engine(device=args.device, precision=args.precision, batch_size=args.batch_size, landmarks=args.landmarks,
+                    checkpoints=_checkpoint_overrides(args.checkpoint))
+    settings = ev.EvalSettings(crop=args.crop, margin=args.margin, smooth=args.smooth, landmarks=args.landmarks,
+                               max_frames=args.max_frames, min_motion=args.min_motion)
+    faces = find_faces(args.faces) if args.faces else []
+    report = ev.evaluate(engine, find_clips(args.clips), _split_variants(args.variants), faces, settings,
+                         learned=() if args.no_learned else ("lpips", "fid"))
+    paths = ev.write_report(report, args.out)
+    print(ev.markdown(report))
+    print(f"written: {paths[0]}, {paths[1]}")
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from . import evaluate as ev
+    from .engine import Engine
+    from .grid import render_grid
+    from .video import write_video
+
+    engine = Engine(device=args.device, precision=args.precision, batch_size=args.batch_size, landmarks=args.landmarks,
+                    checkpoints=_checkpoint_overrides(args.checkpoint))
+    comparison = ev.compare_columns(engine, args.source, args.driving, _split_variants(args.variants),
+                                    motion=args.motion, adapt_scale=args.adapt_scale, magnify=args.magnify,
+                                    crop=args.crop, margin=args.margin, smooth=args.smooth, fps=args.fps)
+    grid = render_grid(comparison.columns, tile=args.tile, heatmaps=args.heatmaps)
+    out = write_video(args.out, grid, comparison.fps, slowdown=args.slowdown)
+    for variant, outcome in comparison.outcomes.items():
+        print(f"{variant}: " + (f"not run: {ev.first_line(outcome)}" if isinstance(outcome, Exception) else
+                                f"{outcome.timings.get('total_s', 0):.2f} s, weights: {outcome.weights}"))
+    print(f"{out}: {grid.shape[0]} frames, {grid.shape[2]}x{grid.shape[1]}, {len(comparison.columns)} columns")
+    if args.strip:
+        from PIL import Image
+
+        driving = comparison.columns[0].frames
+        indices = ([int(i) for i in args.strip_frames.split(",")] if args.strip_frames
+                   else ev.strip_indices(driving, args.strip_count))
+        Image.fromarray(ev.frame_strip(grid, indices, tile=args.tile)).save(args.strip)
+        print(f"{args.strip}: frames {indices}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m mefacial", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the engine decides")
@@ -149,6 +195,37 @@ def build_parser() -> argparse.ArgumentParser:
     _add_animation_options(generate)
     _add_engine_options(generate)
     generate.set_defaults(func=_cmd_generate)
+
+    evaluate = sub.add_parser("evaluate", help="score variants on real clips: self-reenactment and motion transfer")
+    evaluate.add_argument("--clips", required=True, help="folder of clips (videos, GIFs, folders of frames; recursive)")
+    evaluate.add_argument("--variants", default="warp", help="comma-separated variant ids")
+    evaluate.add_argument("--out", required=True, help="output folder for scores.json and scores.md")
+    evaluate.add_argument("--faces", help="folder of other faces: adds cross-identity motion-transfer scores")
+    evaluate.add_argument("--checkpoint", action="append", metavar="VARIANT=PATH", help="weights of one variant (repeatable)")
+    evaluate.add_argument("--max-frames", type=int, default=None, help="score only the first N frames of each clip")
+    evaluate.add_argument("--min-motion", type=float, default=0.01,
+                          help="frames scored: landmark motion above this fraction of the inter-ocular distance")
+    evaluate.add_argument("--no-crop", dest="crop", action="store_false", help="use the frames as they are, resized")
+    evaluate.add_argument("--margin", type=float, default=0.0, help="extra face-box margin (fraction of the face)")
+    evaluate.add_argument("--no-smooth", dest="smooth", action="store_false", help="keep raw landmark tracks")
+    evaluate.add_argument("--no-learned", action="store_true", help="skip LPIPS and FID even when available")
+    _add_engine_options(evaluate)
+    evaluate.set_defaults(func=_cmd_evaluate)
+
+    compare = sub.add_parser("compare", help="side-by-side grid video (and image strip) of several variants")
+    compare.add_argument("--source", required=True, help="image of the target face")
+    compare.add_argument("--driving", required=True, help="driving clip: video, GIF or folder of frames")
+    compare.add_argument("--variants", default="warp", help="comma-separated variant ids, in column order")
+    compare.add_argument("--out", required=True, help="grid video, .mp4 or .gif")
+    compare.add_argument("--checkpoint", action="append", metavar="VARIANT=PATH", help="weights of one variant (repeatable)")
+    compare.add_argument("--heatmaps", action="store_true", help="add a row of motion heatmaps |frame_t - frame_0|")
+    compare.add_argument("--tile", type=int, default=256, help="tile side in pixels (a multiple of 16)")
+    compare.add_argument("--strip", metavar="PNG", help="also save an image strip of selected frames (for papers)")
+    compare.add_argument("--strip-frames", metavar="I,J,...", help="frame indices of the strip (default: onset to apex)")
+    compare.add_argument("--strip-count", type=int, default=5, help="frames in the strip when not chosen")
+    _add_animation_options(compare)
+    _add_engine_options(compare)
+    compare.set_defaults(func=_cmd_compare)
 
     from . import checkpoints
 
