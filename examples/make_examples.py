@@ -1,6 +1,6 @@
 """Make the bundled demo examples, offline and deterministically (no download, CPU, a few seconds):
 
-    python examples/make_examples.py
+    python -m examples.make_examples      # from the repository root
 
 * `astronaut.png`: scikit-image's bundled astronaut portrait (NASA, public domain), cropped
   around the face, 224 x 224 (deliberately not the model size: the app crops and resizes).
