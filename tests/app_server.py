@@ -20,7 +20,8 @@ from typing import Iterator
 REPO = Path(__file__).resolve().parent.parent
 STARTUP_TIMEOUT_S = 180
 MAX_FRAMES = 40  # the app's clip limit in the tests (the examples are shorter)
-SHARED_FLAGS = ("--max-frames", str(MAX_FRAMES), "--queue-size", "8")
+MAX_UPLOAD_MB = 1  # the app's upload limit in the tests (the examples are under 100 KB)
+SHARED_FLAGS = ("--max-frames", str(MAX_FRAMES), "--max-upload-mb", str(MAX_UPLOAD_MB), "--queue-size", "8")
 _shared: dict[str, str] = {}
 
 

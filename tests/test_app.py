@@ -9,13 +9,14 @@ from __future__ import annotations
 import concurrent.futures
 from pathlib import Path
 
+import httpx
 import imageio.v3 as iio
 import numpy as np
 import pytest
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 
-from app_server import MAX_FRAMES, REPO, shared_app
+from app_server import MAX_FRAMES, MAX_UPLOAD_MB, REPO, shared_app
 from mefacial import list_variants
 from mefacial.grid import HEADER, TILE
 from mefacial.video import read_clip, write_video
@@ -59,11 +60,13 @@ def test_generate_returns_a_playable_video_of_every_frame(client, clip):
     assert "warp" in status and "dlib" in status and f"{clip.num_frames} frames" in status
 
 
-def test_gif_download_at_a_slower_playback(client, clip):
+def test_gif_download_slowed_down_and_pasted_back(client, clip):
     video, _, download, status = client.predict(source=handle_file(FACE), driving=handle_file(CLIP), slowdown=4,
-                                                format="gif", api_name="/generate")
+                                                format="gif", paste_back=True, api_name="/generate")
     assert Path(download).suffix == ".gif"
-    assert frames_of(download).shape[0] == clip.num_frames  # 25 / 4 fps: no frame dropped
+    gif = frames_of(download)
+    assert gif.shape[0] == clip.num_frames  # 25 / 4 fps: no frame dropped
+    assert gif.shape[1:3] == iio.imread(FACE).shape[:2]  # the face pasted back into the whole picture
     assert iio.immeta(video)["fps"] == pytest.approx(clip.fps / 4, rel=0.01)
     assert "slowed down x4" in status
 
@@ -104,6 +107,16 @@ def test_bad_uploads_are_answered_with_their_cause_and_the_server_keeps_serving(
         client.predict(source=handle_file(FACE), driving=handle_file(fake_clip), api_name="/generate")
     preview, info = client.predict(driving=handle_file(CLIP), api_name="/preview_driving")
     assert frames_of(preview).shape[0] == clip.num_frames and f"{clip.num_frames} frames" in info
+
+
+def test_uploads_over_the_size_limit_are_refused_by_the_server(app_url, tmp_path):
+    big = tmp_path / "big.mp4"
+    big.write_bytes(np.random.default_rng(0).bytes(MAX_UPLOAD_MB * 2**20 + 1))
+    with big.open("rb") as stream:
+        answer = httpx.post(app_url + "gradio_api/upload", files={"files": ("big.mp4", stream)}, timeout=60)
+    assert answer.status_code == 413
+    with pytest.raises(ValueError, match="maximum file size"):  # gradio_client checks it before sending
+        Client(app_url, verbose=False).predict(driving=handle_file(big), api_name="/preview_driving")
 
 
 def test_clip_longer_than_the_limit_is_refused(client, tmp_path):
