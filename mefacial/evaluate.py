@@ -24,7 +24,6 @@ Markdown table.
 from __future__ import annotations
 
 import dataclasses
-import logging
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -33,7 +32,6 @@ import numpy as np
 from .errors import InputError, MefacialError
 from .grid import BACKGROUND, HEADER, TEXT, TILE, Column, text_tile
 
-log = logging.getLogger("mefacial")
 
 MAX_LABEL_CHARS = 18  # longer variant labels show as their id in grid headers (as in the app)
 NO_WEIGHTS = "no weights: see checkpoints/README.md"
@@ -110,7 +108,8 @@ def frame_strip(grid: np.ndarray, indices: Sequence[int], tile: int = TILE) -> n
     num_frames = grid.shape[0]
     bad = [i for i in indices if not 0 <= i < num_frames]
     if bad or not indices:
-        raise InputError(f"strip frames {list(bad or indices)} are not in the clip's {num_frames} frames (0..{num_frames - 1})")
+        raise InputError(f"strip frames {list(bad) or 'none'}: choose frames among the clip's {num_frames} "
+                         f"(0..{num_frames - 1})")
     label_width = tile // 3
     rows = [np.concatenate([np.full((HEADER, label_width, 3), BACKGROUND, np.uint8), grid[0, :HEADER]], axis=1)]
     for i in indices:

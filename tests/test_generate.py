@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import json
 import os
 import subprocess
 import sys
@@ -146,7 +145,8 @@ def files(out: Path) -> set[str]:
 
 
 def run_in_process(pairs_csv: Path, out: Path, engine, **settings) -> gen.Summary:
-    summary = gen.generate(gen.read_pairs(pairs_csv), [VARIANT], out, engine, gen.Settings(landmarks="dlib", **settings))
+    pairs = gen.read_pairs(pairs_csv)
+    summary = gen.generate(pairs, [VARIANT], out, engine, gen.Settings(landmarks="dlib", **settings))
     gen.merge_manifest(out)
     return summary
 
@@ -164,6 +164,7 @@ def copy_of(single_run, tmp_path) -> Path:
     return Path(shutil.copytree(single_run[0], tmp_path / "out"))
 
 
+@pytest.mark.slow
 def test_bad_rows_are_recorded_and_the_run_goes_on(single_run, material):
     out, summary = single_run
     assert (summary.ok, summary.failed, summary.skipped) == (2, 2, 0)
@@ -187,6 +188,7 @@ def test_bad_rows_are_recorded_and_the_run_goes_on(single_run, material):
     assert files(out) == {gen.MANIFEST} | {records[k]["output"] for k in ok}  # no parts, no partial files left
 
 
+@pytest.mark.slow
 def test_second_run_skips_finished_pairs(single_run, tmp_path, pairs_csv, engine, monkeypatch):
     out = copy_of(single_run, tmp_path)
     first = manifest(out)
@@ -211,6 +213,7 @@ def test_second_run_skips_finished_pairs(single_run, tmp_path, pairs_csv, engine
     assert {r["settings"]["magnify"] for r in manifest(out).values() if r["status"] == "ok"} == {2.0}
 
 
+@pytest.mark.slow
 def test_a_killed_write_is_never_counted_as_done(single_run, tmp_path, pairs_csv, engine, monkeypatch):
     """A write that dies half-way leaves nothing at the output path; a cut manifest line is ignored."""
     out = copy_of(single_run, tmp_path)
@@ -234,6 +237,7 @@ def test_a_killed_write_is_never_counted_as_done(single_run, tmp_path, pairs_csv
     assert len(manifest(out)) == 4
 
 
+@pytest.mark.slow
 def test_two_ranks_under_torchrun_make_the_single_process_output(single_run, tmp_path, pairs_csv):
     """torchrun with 2 CPU ranks (gloo): the same files and manifest entries, split over both ranks."""
     out = tmp_path / "sharded"
