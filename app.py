@@ -565,6 +565,8 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
+        for variant, _ in args.checkpoint:
+            mefacial.get_variant(variant)  # an unknown id fails here, listing the known ones
         engine = mefacial.Engine(device=args.device, precision=args.precision, landmarks=args.landmarks,
                                  checkpoints=dict(args.checkpoint))
     except MefacialError as exc:
