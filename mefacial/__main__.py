@@ -82,6 +82,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from .engine import Engine
     from .errors import InputError
 
+    if not args.out and not args.write_pairs:
+        raise InputError("give the output folder: --out DIR")
     if args.merge:
         path = gen.merge_manifest(args.out)
         print(f"{path}: {gen.manifest_totals(path)}")
@@ -185,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     pairs.add_argument("--megc", nargs=2, metavar=("FACES_DIR", "CLIPS_DIR"),
                        help="every target face x every source clip (MEGC layout; labels from clip names)")
     generate.add_argument("--variants", default="warp", help="comma-separated variant ids (see `variants`)")
-    generate.add_argument("--out", required=True, help="output folder: <variant>/<label>/<clip>-<face>.<format>")
+    generate.add_argument("--out", help="output folder: <variant>/<label>/<clip>-<face>.<format> + manifest.jsonl")
     generate.add_argument("--format", default="mp4", choices=["mp4", "gif"])
     generate.add_argument("--checkpoint", action="append", metavar="VARIANT=PATH",
                           help="weights of one variant (repeatable; default: resolved from the registry)")
