@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from .errors import MefacialError
@@ -71,7 +72,7 @@ def _checkpoint_overrides(items: list[str] | None) -> dict[str, str]:
         variant, sep, path = item.partition("=")
         if not sep or not variant or not path:
             raise InputError(f"--checkpoint expects VARIANT=PATH (e.g. fomm-awp=weights/fomm-awp.pth.tar), got {item!r}")
-        overrides[variant.strip()] = path.strip()
+        overrides[variant.strip()] = os.path.abspath(os.path.expanduser(path.strip()))  # as recorded in manifests
     return overrides
 
 
