@@ -17,7 +17,7 @@ import logging
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -28,7 +28,7 @@ from . import video
 from .checkpoints import load_weights, resolve_checkpoint
 from .config import ModelConfig
 from .errors import InputError, MefacialError
-from .landmarks import get_detector, smooth_tracks
+from .landmarks import SMOOTH_POLYORDER, SMOOTH_WINDOW, get_detector, smooth_tracks
 from .models import build_model
 from .variants import Variant, get_variant
 
@@ -181,6 +181,46 @@ class ClipAnimator:
             return self.model.generate(self.source, self.cache, self.src, new)["prediction"]
 
 
+class StreamingSmoother:
+    """`landmarks.smooth_tracks` over a clip that arrives in chunks, frame for frame the same result.
+
+    A Savitzky-Golay output needs half a window of frames after it (and the clip's ends are fitted
+    over their first / last full window), so `push` returns the frames whose smoothed tracks are final,
+    keeping a window of raw context, and `finish` returns the rest at the end of the clip.
+    """
+
+    def __init__(self, window: int = SMOOTH_WINDOW, polyorder: int = SMOOTH_POLYORDER):
+        self.window, self.polyorder, self.half = window, polyorder, window // 2
+        self.buffer: np.ndarray | None = None  # raw tracks of clip frames offset, offset + 1, ...
+        self.offset = 0  # clip index of buffer[0]
+        self.emitted = 0  # frames returned so far
+
+    def push(self, tracks: np.ndarray) -> np.ndarray:
+        """n x P x 2 raw tracks of the next frames -> m x P x 2 smoothed tracks of the next final frames."""
+        tracks = np.asarray(tracks, np.float32)
+        self.buffer = tracks if self.buffer is None else np.concatenate([self.buffer, tracks])
+        total = self.offset + len(self.buffer)
+        if total < self.window:  # the clip's first window (its start's fit) is not complete yet
+            return self.buffer[:0]
+        ready = total - self.half
+        out = self._smoothed(ready)
+        keep = max(self.offset, ready - 2 * self.half)  # the raw context the next frames' windows reach back to
+        self.buffer, self.offset = self.buffer[keep - self.offset:], keep
+        return out
+
+    def finish(self) -> np.ndarray:
+        """The smoothed tracks of the frames not returned yet (the clip has ended)."""
+        if self.buffer is None:
+            return np.zeros((0, 0, 2), np.float32)
+        return self._smoothed(self.offset + len(self.buffer))
+
+    def _smoothed(self, stop: int) -> np.ndarray:
+        smoothed = smooth_tracks(self.buffer, self.window, self.polyorder)
+        out = smoothed[self.emitted - self.offset:stop - self.offset]
+        self.emitted = stop
+        return out
+
+
 class Engine:
     """Animate faces with any variant; device, precision and the model cache are held here."""
 
@@ -270,15 +310,7 @@ class Engine:
         motion (1 = faithful). `paste_back` puts the generated face back into the source
         picture. `progress(fraction, message)` is called after each batch.
         """
-        spec = get_variant(variant)
-        if motion not in spec.motion_modes:
-            raise InputError(f"motion mode {motion!r} is not available for {spec.id}; choose one of {spec.motion_modes}")
-        if not 0 < float(magnify) <= MAX_MAGNIFY:
-            raise InputError(f"magnify must be in (0, {MAX_MAGNIFY}], got {magnify}")
-        if paste_back and not crop:
-            raise InputError("paste_back needs crop=True (the face is pasted back into the box it was cut from)")
-        if adapt_scale is None:
-            adapt_scale = ADAPT_SCALE_DEFAULT[spec.backbone]
+        spec, adapt_scale = self._check_options(variant, motion, adapt_scale, magnify, crop, paste_back)
         timings: dict[str, float] = {}
         started = time.perf_counter()
         report = progress or (lambda fraction, message: None)
@@ -311,6 +343,118 @@ class Engine:
             prior_map=prior_map, model_source=prepared.source, model_driving=prepared.driving,
             landmark_backend=prepared.backend, crop_box=prepared.source_box, timings=timings,
         )
+
+    def iter_animate(self, source: Any, driving: Any, variant: str = "warp", checkpoint: str | Path | None = None,
+                     motion: str = "relative", adapt_scale: bool | None = None,
+                     source_landmarks: np.ndarray | None = None, driving_landmarks: np.ndarray | None = None, *,
+                     magnify: float = 1.0, fps: float | None = None, crop: bool = True, paste_back: bool = False,
+                     landmarks: str | None = None, smooth: bool = True, margin: float = 0.0,
+                     batch_size: int | None = None, chunk: int = 64,
+                     confine_to_prior: bool = False) -> Iterator[np.ndarray]:
+        """`animate` in memory bounded by `chunk` frames, whatever the clip's length: yields the output
+        frames (n x H x W x 3 uint8, n <= batch size) in order, as they are made.
+
+        `driving` is a clip path (decoded `chunk` frames at a time), a T x H x W x C array, or an iterable
+        of n x H x W x C frame arrays (a live stream); the other arguments are those of `animate`, and the
+        frames equal `animate(...).frames`. The face box comes from the first frame; landmarks are found
+        chunk by chunk, and their temporal smoothing holds back half its window of frames
+        (`StreamingSmoother`), so every frame gets the landmarks it would get from the whole clip.
+        """
+        spec, adapt_scale = self._check_options(variant, motion, adapt_scale, magnify, crop, paste_back)
+        batch_size = batch_size or self.batch_size
+        source_image = video.read_image(source, self.limits)
+        model, _ = self.model(spec, checkpoint)
+        size = getattr(model, "config", spec.config).image_size
+        backend = landmarks or self.landmarks
+        given = None if driving_landmarks is None else np.asarray(driving_landmarks, np.float32)
+        smoother = StreamingSmoother() if spec.needs_landmarks and smooth and given is None else None
+        quiet = lambda fraction, message: None  # noqa: E731
+        pending = np.zeros((0, size, size, 3), np.uint8)  # model-size frames whose smoothed landmarks are not final
+        animator = prepared = None
+        seen = 0
+
+        def frames_out(points: np.ndarray | None) -> Iterator[np.ndarray]:
+            """Animate the first len(points) pending frames (all of them when the variant needs no points)."""
+            nonlocal pending, animator
+            count = len(pending) if points is None else len(points)
+            ready, pending = pending[:count], pending[count:]
+            for start in range(0, count, batch_size):
+                batch = slice(start, min(start + batch_size, count))
+                with self.inference_context():
+                    if animator is None:
+                        animator = ClipAnimator(self, spec, model, prepared.source, ready[0], prepared.source_points,
+                                                None if points is None else points[0], motion=motion,
+                                                adapt_scale=adapt_scale, magnify=magnify,
+                                                confine_to_prior=confine_to_prior)
+                    out = to_uint8(animator(ready[batch], None if points is None else points[batch]))
+                yield video.paste_back(out, source_image, prepared.source_box) if paste_back else out
+
+        for frames in self._driving_chunks(driving, chunk, fps):
+            chunk_given = None if given is None else given[seen:seen + len(frames)]
+            if chunk_given is not None and len(chunk_given) != len(frames):
+                raise InputError(f"driving_landmarks has {len(given)} frames, but the clip has more")
+            seen += len(frames)
+            if prepared is None:  # first chunk: face boxes from the source and the clip's first frame
+                prepared = self._prepare(spec, size, source_image, frames, source_landmarks, chunk_given, crop,
+                                         margin, backend, False, quiet, {})
+                model_frames, points = prepared.driving, prepared.driving_points
+            else:
+                model_frames, points = self._chunk_to_model(spec, prepared, frames, chunk_given, size, backend)
+            pending = np.concatenate([pending, model_frames])
+            if smoother is not None:
+                points = smoother.push(points)
+            yield from frames_out(points)
+        if prepared is None:
+            raise InputError("the driving clip holds no frames")
+        if given is not None and seen != len(given):
+            raise InputError(f"driving_landmarks has {len(given)} frames for a clip of {seen}")
+        if smoother is not None:
+            yield from frames_out(smoother.finish())
+
+    def _driving_chunks(self, driving: Any, chunk: int, fps: float | None) -> Iterator[np.ndarray]:
+        """n x H x W x 3 uint8 chunks of a clip path, an array or an iterable of frame arrays."""
+        if isinstance(driving, (str, Path)):
+            for clip in video.iter_clip_chunks(driving, chunk=chunk, fps=fps, limits=self.limits):
+                yield clip.frames
+        elif isinstance(driving, np.ndarray):
+            frames = video.read_clip(driving, fps=fps, limits=self.limits).frames
+            for start in range(0, len(frames), chunk):
+                yield frames[start:start + chunk]
+        else:
+            for frames in driving:
+                frames = video.as_rgb(np.asarray(frames))
+                yield frames if frames.ndim == 4 else frames[None]
+
+    def _chunk_to_model(self, spec: Variant, prepared: "_Prepared", frames: np.ndarray, given: np.ndarray | None,
+                        size: int, backend: str) -> tuple[np.ndarray, np.ndarray | None]:
+        """A later chunk of the clip cut with the first frame's face box (or resized), and its points in model pixels."""
+        box = prepared.driving_box
+        if box is not None:
+            model_frames = video.crop_to_model(frames, box, size)
+            to_model = lambda p: box.to_crop(p, size)  # noqa: E731
+        else:
+            model_frames = video.resize_frames(frames, size, size)
+            scale = np.array([size / frames.shape[2], size / frames.shape[1]], np.float32)
+            to_model = lambda p: ((p + 0.5) * scale - 0.5).astype(np.float32)  # noqa: E731
+        if not spec.needs_landmarks:
+            return model_frames, None
+        points = to_model(given) if given is not None else \
+            get_detector(backend, self.device).detect(model_frames, role="driving").points
+        self._check_points(spec, prepared.source_points, points)
+        return model_frames, points
+
+    @staticmethod
+    def _check_options(variant: str, motion: str, adapt_scale: bool | None, magnify: float, crop: bool,
+                       paste_back: bool) -> tuple[Variant, bool]:
+        """The variant and the movement-scale setting, or an InputError naming the bad option."""
+        spec = get_variant(variant)
+        if motion not in spec.motion_modes:
+            raise InputError(f"motion mode {motion!r} is not available for {spec.id}; choose one of {spec.motion_modes}")
+        if not 0 < float(magnify) <= MAX_MAGNIFY:
+            raise InputError(f"magnify must be in (0, {MAX_MAGNIFY}], got {magnify}")
+        if paste_back and not crop:
+            raise InputError("paste_back needs crop=True (the face is pasted back into the box it was cut from)")
+        return spec, ADAPT_SCALE_DEFAULT[spec.backbone] if adapt_scale is None else adapt_scale
 
     def _prepare(self, spec: Variant, size: int, source: np.ndarray, driving: np.ndarray, source_landmarks, driving_landmarks,
                  crop: bool, margin: float, backend: str, smooth: bool, report: ProgressFn,
