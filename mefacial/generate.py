@@ -291,7 +291,7 @@ class Settings:
     fps: float | None = None  # driving frame rate when the files lack one
     slowdown: float = 1.0
     format: str = "mp4"
-    landmarks: str = "auto"
+    landmarks: str = "auto"  # the engine's landmark backend and precision (`generate` records the engine's)
     precision: str = "fp32"
 
     def __post_init__(self) -> None:
@@ -532,6 +532,7 @@ def generate(pairs: Sequence[Pair], variants: Sequence[str], out_dir: str | os.P
     partial.mkdir(parents=True, exist_ok=True)
     items = [(pair, variant) for variant in variants for pair in pairs]
     records = read_records(out_dir)
+    settings = dataclasses.replace(settings, landmarks=engine.landmarks, precision=engine.precision)  # as run
     settings_id = settings.fingerprint()
     weights = {v: weights_info(v, engine.checkpoint_overrides.get(v)) for v in variants}
     broken: dict[str, BaseException] = {}  # variant -> the error that stops all its pairs
