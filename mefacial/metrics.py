@@ -22,6 +22,9 @@ clip's first frame is animated by the clip itself, so the real frames are the
 ground truth; the generated clip is scored against them next to the *static
 baseline* (the first frame repeated), over the frames where the face moves.
 A generator is useful when it beats the static baseline.
+`score_motion_transfer` measures, for another face animated by a clip, whether
+the generated AU points move like the driving ones (relative to each face's
+size). `mefacial.evaluate` runs both on clips through the engine.
 """
 
 from __future__ import annotations
@@ -213,6 +216,52 @@ def score_self_reenactment(
     return SelfReenactment(
         generated=_clip_scores(generated[mask], real[mask], gen_error),
         static=_clip_scores(static[mask], real[mask], static_error),
+        frames_scored=int(mask.sum()),
+        frames_total=int(mask.numel()),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class MotionTransfer:
+    """AU-point motion of a generated clip against its driving clip, in units of each face's inter-ocular distance."""
+
+    error: float  # mean || gen motion - driving motion || over the frames with motion and the AU points
+    static_error: float  # the same for a still output: the mean driving motion
+    gain: float  # share of the driving motion carried over (projection of gen motion on it; 1 = all)
+    frames_scored: int
+    frames_total: int
+
+    @property
+    def beats_static(self) -> bool:
+        return self.error < self.static_error
+
+    def as_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "beats_static": self.beats_static}
+
+
+def score_motion_transfer(generated: torch.Tensor, driving: torch.Tensor, min_motion: float = 0.01) -> MotionTransfer:
+    """Cross-identity motion transfer: does the generated face move its AU points like the driving face?
+
+    generated: T x 68 x 2 landmarks re-detected on the generated clip; driving: T x 68 x 2 on the
+    driving clip. Both are reduced to the 18 AU points and their motion relative to frame 0 is
+    divided by the face's inter-ocular distance at frame 0, so faces of any size compare. Frames
+    scored: `motion_frames(driving, min_motion)`.
+    """
+    from .prior import au_points_from_landmarks
+
+    if generated.shape != driving.shape or generated.dim() != 3:
+        raise ValueError(f"expected two T x 68 x 2 tracks of the same shape, got {tuple(generated.shape)} and {tuple(driving.shape)}")
+    mask = motion_frames(driving, min_motion)  # T
+
+    def motion(landmarks: torch.Tensor) -> torch.Tensor:  # T x 68 x 2 -> scored frames x 18 x 2
+        au = au_points_from_landmarks(landmarks.double())  # T x 18 x 2
+        return ((au - au[:1]) / interocular_distance(landmarks[0].double()))[mask]
+
+    gen, drv = motion(generated), motion(driving)
+    return MotionTransfer(
+        error=float((gen - drv).norm(dim=-1).mean()),
+        static_error=float(drv.norm(dim=-1).mean()),
+        gain=float((gen * drv).sum() / drv.square().sum().clamp_min(1e-12)),
         frames_scored=int(mask.sum()),
         frames_total=int(mask.numel()),
     )
