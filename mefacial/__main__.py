@@ -27,7 +27,8 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
 
 def _add_animation_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--motion", default="relative", help="relative | absolute (FOMM) | standard | avd (MRAA)")
-    parser.add_argument("--adapt-scale", action="store_true", help="FOMM movement-scale adaptation")
+    parser.add_argument("--adapt-scale", action=argparse.BooleanOptionalAction, default=None,
+                        help="movement-scale adaptation (default: off for FOMM, on for MRAA, as the originals)")
     parser.add_argument("--magnify", type=float, default=1.0, help="multiply the relative motion (1 = faithful)")
     parser.add_argument("--no-crop", dest="crop", action="store_false", help="use the frames as they are, resized")
     parser.add_argument("--margin", type=float, default=0.0, help="extra face-box margin (fraction of the face)")
