@@ -146,7 +146,7 @@ def test_smoothing_keeps_most_of_the_motion(face):
     driving[:, 48:68] += torch.tensor([0.0, 2.0])  # the mouth moves down by 2 px
     out = make_warp().animate(image, landmarks, driving, landmarks)  # default smoothing
     kept = -_offset_at_targets(out, size)[0, 48:68, 1] / 2.0
-    assert kept.mean() > 0.85 and kept.max() <= 1.05, f"share of the mouth motion kept: {kept.mean():.2f}"
+    assert kept.mean() > 0.95 and kept.max() <= 1.02, f"share of the mouth motion kept: {kept.mean():.2f}"
 
 
 def test_batch_equals_single_calls(face):
