@@ -27,7 +27,7 @@ from . import prior as prior_lib
 from . import video
 from .checkpoints import load_weights, resolve_checkpoint
 from .config import ModelConfig
-from .errors import InputError, MefacialError
+from .errors import InputError, InputTooLargeError, MefacialError
 from .landmarks import SMOOTH_POLYORDER, SMOOTH_WINDOW, get_detector, smooth_tracks
 from .models import build_model
 from .variants import Variant, get_variant
@@ -326,9 +326,18 @@ class Engine:
         src_au, drv_au = self._au_points(config, prepared.source_points, prepared.driving_points)
 
         report(0.05, f"{spec.id}: {clip.num_frames} frames")
-        frames, prior_map = self._run(spec, model, prepared.source, prepared.driving, prepared.source_points,
-                                      prepared.driving_points, motion, adapt_scale, magnify,
-                                      batch_size or self.batch_size, confine_to_prior, report, timings)
+        batch_size = batch_size or self.batch_size
+        try:
+            frames, prior_map = self._run(spec, model, prepared.source, prepared.driving, prepared.source_points,
+                                          prepared.driving_points, motion, adapt_scale, magnify, batch_size,
+                                          confine_to_prior, report, timings)
+        except torch.OutOfMemoryError:
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            raise InputTooLargeError(
+                f"out of {self.device.type.upper()} memory running {spec.id} on batches of {batch_size} frames; "
+                "use a smaller batch size (Engine(batch_size=...) / --batch-size), a shorter clip, or bf16 / fp16"
+            ) from None
         if paste_back:
             frames = video.paste_back(frames, source_image, prepared.source_box)
         timings["total_s"] = time.perf_counter() - started
@@ -544,9 +553,14 @@ class Engine:
     def compare(self, source: Any, driving: Any, variants: Sequence[str], **options) -> dict[str, AnimationResult | MefacialError]:
         """Animate with each variant; a variant that cannot run maps to its error instead of a result."""
         results: dict[str, AnimationResult | MefacialError] = {}
-        for variant in variants:
+        progress = options.pop("progress", None)
+        for index, variant in enumerate(variants):
+            def report(fraction: float, message: str, index: int = index, variant: str = variant) -> None:
+                if progress is not None:  # one bar over all variants
+                    progress((index + fraction) / len(variants), f"{variant}: {message}")
+
             try:
-                results[variant] = self.animate(source, driving, variant=variant, **options)
+                results[variant] = self.animate(source, driving, variant=variant, progress=report, **options)
             except MefacialError as exc:
                 results[variant] = exc
         return results

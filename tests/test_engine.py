@@ -10,6 +10,7 @@ import torch
 import yaml
 
 from conftest import DATA, fixture_meta, model_fixture_dirs, require
+import mefacial
 from mefacial import Engine, InputError, WeightsNotFoundError
 from mefacial.checkpoints import load_original_checkpoint
 from mefacial.config import config_from_reference
@@ -120,3 +121,32 @@ def test_engine_errors_name_the_problem(tmp_path, monkeypatch):
     monkeypatch.delenv("MEFACIAL_CHECKPOINT_MRAA_AWP", raising=False)
     with pytest.raises(WeightsNotFoundError):
         engine.animate(face, face[None], variant="mraa-awp")
+
+
+def test_out_of_memory_becomes_a_clear_error(monkeypatch):
+    engine = Engine(device="cpu", batch_size=4)
+    engine.use_model("fomm-none", tiny_fomm())
+
+    def exhausted(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(engine, "_run", exhausted)
+    face = np.zeros((64, 64, 3), np.uint8)
+    with pytest.raises(mefacial.InputTooLargeError, match="batch size"):
+        engine.animate(face, face[None], variant="fomm-none", crop=False)
+
+
+def test_compare_reports_one_progress_over_all_variants(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("MEFACIAL_CHECKPOINT_MRAA_AWP", raising=False)
+    engine = Engine(device="cpu", batch_size=2)
+    engine.use_model("fomm-none", tiny_fomm())
+    frames = np.random.default_rng(0).integers(0, 255, (4, 64, 64, 3), dtype=np.uint8)
+    seen = []
+    results = engine.compare(frames[0], frames, ["fomm-none", "mraa-awp"], crop=False,
+                             progress=lambda f, m: seen.append((f, m)))
+    assert results["fomm-none"].frames.shape == (4, 256, 256, 3)
+    assert isinstance(results["mraa-awp"], WeightsNotFoundError)
+    fractions = [f for f, _ in seen]
+    assert fractions == sorted(fractions) and max(fractions) <= 0.5 + 1e-9  # fomm-none's half, then mraa-awp fails
+    assert {m.split(":")[0] for _, m in seen} == {"fomm-none", "mraa-awp"}
