@@ -136,7 +136,7 @@ class EvalSettings:
         return dict(crop=self.crop, margin=self.margin, smooth=self.smooth)
 
 
-class _Landmarks:
+class CachedLandmarks:
     """68 landmarks of frames with one detector, cached by content (real frames are shared by variants)."""
 
     def __init__(self, backend: str, device: Any):
@@ -169,14 +169,14 @@ def _track(points: np.ndarray):
     return None if np.isnan(points).any() else torch.from_numpy(points).float()
 
 
-def self_reenactment(engine: Any, frames: np.ndarray, variant: str, landmarks: _Landmarks,
+def self_reenactment(engine: Any, frames: np.ndarray, variant: str, landmarks: CachedLandmarks,
                      settings: EvalSettings = EvalSettings()) -> dict[str, Any]:
     """Animate the clip's first frame by the clip (T x H x W x 3) and score it against the real frames."""
     result = engine.animate(frames[0], frames, variant=variant, **settings.animate_options())
     return score_reenactment(result, landmarks, settings)
 
 
-def score_reenactment(result: Any, landmarks: _Landmarks, settings: EvalSettings = EvalSettings()) -> dict[str, Any]:
+def score_reenactment(result: Any, landmarks: CachedLandmarks, settings: EvalSettings = EvalSettings()) -> dict[str, Any]:
     """Scores of a self-reenactment (an AnimationResult of a clip's first frame driven by the clip).
 
     Real and generated frames are compared at the model size (the real ones as the
@@ -198,7 +198,7 @@ def score_reenactment(result: Any, landmarks: _Landmarks, settings: EvalSettings
     return scores
 
 
-def motion_transfer(engine: Any, face: Any, frames: np.ndarray, variant: str, landmarks: _Landmarks,
+def motion_transfer(engine: Any, face: Any, frames: np.ndarray, variant: str, landmarks: CachedLandmarks,
                     settings: EvalSettings = EvalSettings()) -> dict[str, Any]:
     """Animate another face by the clip and compare the AU-point motion of the output with the clip's
     (`metrics.score_motion_transfer`: displacements divided by each face's inter-ocular distance)."""
@@ -331,7 +331,7 @@ def evaluate(engine: Any, clips: Sequence[str | Path], variants: Sequence[str], 
 
     variants = [get_variant(v).id for v in variants]
     scorers, notes = optional_metrics(learned)
-    landmarks = _Landmarks(settings.landmarks, engine.device)
+    landmarks = CachedLandmarks(settings.landmarks, engine.device)
     names = {str(c): n for c, n in _names(clips).items()}
     face_names = {str(f): n for f, n in _names(faces).items()}
     report: dict[str, Any] = {"settings": dataclasses.asdict(settings), "landmarks": landmarks.detector.name,

@@ -35,11 +35,11 @@ def evaluation():
     which FAN weights happen to be cached."""
     require(DATA / "driving", "micro-expression clips")
     from mefacial import Engine
-    from mefacial.evaluate import EvalSettings, _Landmarks
+    from mefacial.evaluate import EvalSettings, CachedLandmarks
 
     engine = Engine(device="cpu", landmarks="dlib")
     settings = EvalSettings(landmarks="dlib")
-    return engine, _Landmarks(settings.landmarks, engine.device), settings
+    return engine, CachedLandmarks(settings.landmarks, engine.device), settings
 
 
 @pytest.fixture(scope="module")
