@@ -231,9 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_options(compare)
     compare.set_defaults(func=_cmd_compare)
 
-    from . import checkpoints
+    from . import bench, checkpoints
 
     checkpoints.register_cli(sub)
+    bench.add_parser(sub)  # python -m mefacial bench: fast path against the per-frame loop
     return parser
 
 

@@ -1,0 +1,583 @@
+"""Inference benchmark: the engine's batched path against a straightforward per-frame loop, in one run.
+
+    python -m mefacial bench --variants fomm-awp,mraa-awp --frames 16 --batch-size 8 --precisions fp32,bf16
+
+For each variant, at its published full-size config (`configs/*.yaml`) with random, seeded weights
+(nothing is downloaded), on the same frames and the same landmarks:
+
+* the fast path is `engine.ClipAnimator`, the code `Engine.animate` runs: source and the clip's first
+  frame encoded once, driving frames in batches, `torch.inference_mode`, channels-last, autocast to
+  the chosen precision (optionally `torch.compile`);
+* the per-frame loop does what the original demos do (FOMM / FPB-FOMM `animate.py`, MRAA
+  `demo.py`): source keypoints / regions and the first frame's once, then for every frame the
+  detector on that frame, the motion transfer, and the generator called on the source (which encodes
+  it again), in fp32 under `torch.no_grad`, contiguous tensors; with a prior, the original MRAA region
+  predictor also runs its hourglass and throws the result away, so the loop does too.
+
+Both get the same landmarks (dlib on the driving frames, smoothed as the engine does), so the
+difference between their frames measures the networks. Landmarks are timed apart: the engine's batched
+`detect` plus smoothing, and the original's one `detect` per frame. Stage times are medians over
+`repeats` runs that alternate fast path and loop, since other processes share the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import dataclasses
+import json
+import math
+import os
+import platform
+import statistics
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import prior as prior_lib
+from . import video
+from .config import ModelConfig
+from .engine import ADAPT_SCALE_DEFAULT, PRECISIONS, ClipAnimator, Engine, check_precision, to_tensor, to_uint8
+from .errors import InputError
+from .landmarks import get_detector, smooth_tracks
+from .models import build_model
+from .variants import Variant, get_variant, variant_ids
+
+STAGES = ("landmarks", "prior", "motion", "generator", "end_to_end")
+DEFAULT_VARIANTS = ("fomm-none", "fomm-ewp", "fomm-awp", "fomm-ewp-mm21", "mraa-none", "mraa-ewp", "mraa-awp", "warp")
+MOTION = "relative"
+# Synthetic driving motion (no real clips): a slow sway of this many pixels of the model frame.
+SWAY_PX = 1.5
+
+
+# ---- inputs ---------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class BenchInputs:
+    """Source and driving frames at the model size and their 68 landmarks (model pixels)."""
+
+    source: np.ndarray  # S x S x 3 uint8
+    driving: np.ndarray  # T x S x S x 3 uint8
+    source_points: np.ndarray  # 1 x 68 x 2, raw
+    driving_points: np.ndarray  # T x 68 x 2, smoothed as the engine smooths them
+    origin: str  # where the frames came from
+
+
+def _first_clip(data: Path | None) -> Path | None:
+    clips = sorted((data / "driving").glob("*.gif")) if data is not None and (data / "driving").is_dir() else []
+    return clips[0] if clips and (data / "faces").is_dir() and any((data / "faces").iterdir()) else None
+
+
+def _sway(image: np.ndarray, frames: int) -> np.ndarray:
+    """T x S x S x 3 uint8: `image` shifted and scaled by sub-pixel amounts, a smooth synthetic head motion."""
+    size = image.shape[0]
+    t = torch.linspace(0, 2 * math.pi, frames)
+    shift = SWAY_PX * 2 / size  # pixels -> [-1, 1] units
+    theta = torch.zeros(frames, 2, 3)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1 + 0.5 * shift * torch.sin(t)
+    theta[:, 0, 2], theta[:, 1, 2] = shift * torch.sin(t), shift * torch.cos(t) - shift
+    grid = torch.nn.functional.affine_grid(theta, (frames, 3, size, size), align_corners=False)
+    source = to_tensor(image, torch.device("cpu")).expand(frames, -1, -1, -1)
+    return to_uint8(torch.nn.functional.grid_sample(source, grid, padding_mode="border", align_corners=False))
+
+
+def bench_inputs(size: int, frames: int, data: Path | None = None, landmarks: str = "dlib") -> BenchInputs:
+    """A real micro-expression clip and face from `data` (MEFACIAL_DATA layout) when there, else a
+    synthetic one (scikit-image's astronaut, swaying), cut to `size` and `frames` (a short clip is
+    played back and forth), with their landmarks."""
+    detector = get_detector(landmarks)
+    clip = _first_clip(data)
+    if clip is not None:
+        face = sorted(p for p in (data / "faces").iterdir() if p.suffix.lower() in video.IMAGE_EXTENSIONS)[0]
+        source = video.resize_frames(video.read_image(face)[None], size, size)[0]
+        real = video.read_clip(clip).frames
+        order = np.concatenate([np.arange(len(real)), np.arange(len(real) - 2, 0, -1)]) if len(real) > 1 else [0]
+        driving = video.resize_frames(real[np.resize(order, frames)], size, size)
+        origin = f"{clip.name} and {face.name} ({len(real)} frames, resized to {size}x{size})"
+    else:
+        from skimage.data import astronaut
+
+        picture = astronaut()
+        box = video.face_box(detector.detect(picture, role="source").points[0], picture.shape)
+        source = video.crop_to_model(picture[None], box, size)[0]
+        driving = _sway(source, frames)
+        origin = f"synthetic: scikit-image astronaut face, {size}x{size}, swaying {SWAY_PX} px"
+    source_points = detector.detect(source, role="source").points  # 1 x 68 x 2
+    driving_points = smooth_tracks(detector.detect(driving, role="driving").points)  # T x 68 x 2
+    return BenchInputs(source, driving, source_points, driving_points, origin)
+
+
+# ---- measuring ------------------------------------------------------------------------------------
+
+class PeakMemory:
+    """Peak memory of a block: CUDA `max_memory_allocated`, else the process's peak resident set
+    (Linux VmHWM, reset before the block; elsewhere sampled every few ms). `mib` after the block."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.mib = device, float("nan")
+
+    @staticmethod
+    def _status(key: str) -> float:
+        with open("/proc/self/status") as status:
+            return next(float(line.split()[1]) / 1024 for line in status if line.startswith(key))
+
+    def __enter__(self) -> "PeakMemory":
+        self._stop = threading.Event()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return self
+        try:
+            with open("/proc/self/clear_refs", "w") as refs:
+                refs.write("5")  # resets VmHWM to the current resident set
+            self._sampler = None
+        except OSError:
+            import psutil
+
+            process, self.mib = psutil.Process(), 0.0
+
+            def sample() -> None:
+                while not self._stop.wait(0.005):
+                    self.mib = max(self.mib, process.memory_info().rss / 2**20)
+
+            self._sampler = threading.Thread(target=sample, daemon=True)
+            self._sampler.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.mib = torch.cuda.max_memory_allocated(self.device) / 2**20
+        elif self._sampler is None:
+            self.mib = self._status("VmHWM")
+        else:
+            self._stop.set()
+            self._sampler.join()
+
+
+@contextlib.contextmanager
+def timed(seconds: dict[str, float], key: str, device: torch.device) -> Iterator[None]:
+    """Add the wall time of the block (the GPU's work included) to seconds[key]."""
+    t0 = time.perf_counter()
+    yield
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds[key] = seconds.get(key, 0.0) + time.perf_counter() - t0
+
+
+@contextlib.contextmanager
+def counting(flops: dict[str, float] | None, key: str) -> Iterator[None]:
+    """Add the GFLOP of the convolutions and matrix products the block runs to flops[key]
+    (torch.utils.flop_counter); nothing when `flops` is None."""
+    if flops is None:
+        yield
+        return
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        yield
+    flops[key] = flops.get(key, 0.0) + counter.get_total_flops() / 1e9
+
+
+def native_bf16() -> bool | None:
+    """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX); None where /proc/cpuinfo is absent."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
+
+
+def machine(device: torch.device) -> dict[str, Any]:
+    """What the figures were measured on."""
+    info: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(),
+                            "torch": torch.__version__, "device": str(device), "torch_threads": torch.get_num_threads(),
+                            "cpu_count": os.cpu_count()}
+    with contextlib.suppress(OSError):
+        info["cpu"] = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                           if line.startswith("model name"))
+    with contextlib.suppress(OSError):
+        info["load_average"] = [round(x, 2) for x in os.getloadavg()]
+    info["native_bf16"] = native_bf16() if device.type == "cpu" else torch.cuda.is_bf16_supported()
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+# ---- the two paths ----------------------------------------------------------------------------------
+
+def random_model(config: ModelConfig, seed: int) -> nn.Module:
+    """The backbone of `config` with seeded random weights, in evaluation mode, on the CPU."""
+    torch.manual_seed(seed)
+    return build_model(config).eval()
+
+
+def _points(spec: Variant, inputs: BenchInputs) -> tuple[np.ndarray | None, np.ndarray | None]:
+    return (inputs.source_points, inputs.driving_points) if spec.needs_landmarks else (None, None)
+
+
+def fast_path(engine: Engine, spec: Variant, model: nn.Module, inputs: BenchInputs, batch_size: int,
+              adapt_scale: bool, flops: dict[str, float] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """The engine's batched networks over the clip -> (T x 3 x H x W float predictions, stage seconds).
+
+    With `flops`, its "source" and "batch" (the first batch) entries count the GFLOP of those steps."""
+    src_points, drv_points = _points(spec, inputs)
+    total, preds = len(inputs.driving), []
+    seconds: dict[str, float] = {}
+    with timed(seconds, "networks", engine.device), engine.inference_context():
+        with counting(flops, "source"):
+            animator = ClipAnimator(engine, spec, model, inputs.source, inputs.driving[0], src_points,
+                                    None if drv_points is None else drv_points[0], motion=MOTION,
+                                    adapt_scale=adapt_scale)
+        for start in range(0, total, batch_size):
+            batch = slice(start, min(start + batch_size, total))
+            with counting(flops if start == 0 else None, "batch"):
+                pred = animator(inputs.driving[batch], None if drv_points is None else drv_points[batch])
+            to_uint8(pred)  # the frames the engine returns
+            preds.append(pred.float())
+    seconds.update(animator.seconds)
+    return torch.cat(preds), seconds
+
+
+def _dead_hourglass(model: nn.Module, frames: torch.Tensor, regions: dict) -> None:
+    """What the original MRAA-with-prior region predictor computes and discards: its hourglass on the
+    downscaled frame and the fused prior map (used only by a regression head, which these configs lack)."""
+    predictor = getattr(model, "region_predictor", None)
+    if predictor is None or predictor.prior == "none" or predictor.jacobian is not None:
+        return
+    small = predictor.down(frames) if predictor.scale_factor != 1 else frames
+    predictor.predictor(torch.cat([small, regions["prior"].to(small.dtype)], dim=1))
+
+
+def per_frame_loop(engine: Engine, spec: Variant, model: nn.Module, inputs: BenchInputs, adapt_scale: bool,
+                   frames: int | None = None, flops: dict[str, float] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """The original demos' loop (see the module docstring) over the first `frames` frames, in fp32.
+
+    With `flops`, its "source" (once per clip) and "frame" (the first frame) entries count their GFLOP."""
+    device = engine.device
+    src_points, drv_points = _points(spec, inputs)
+    total = len(inputs.driving) if frames is None else frames
+    seconds: dict[str, float] = {}
+    preds = []
+    with timed(seconds, "networks", device), torch.no_grad():
+        source = to_tensor(inputs.source, device)  # 1 x 3 x H x W
+        if spec.backbone == "warp":
+            src_lm = torch.from_numpy(src_points).to(device)
+            drv_lm = torch.from_numpy(drv_points).to(device)
+            for t in range(total):
+                with timed(seconds, "generator", device), counting(flops if t == 0 else None, "frame"):
+                    pred = model.animate(source, src_lm, drv_lm[t:t + 1], drv_lm[:1])["prediction"]
+                preds.append(pred)
+                to_uint8(pred)
+        else:
+            src_au, drv_au = engine._au_points(model.config, src_points, drv_points)  # 1 x 18 x 2, T x 18 x 2
+            au = (lambda t: None) if drv_au is None else (lambda t: drv_au[t:t + 1])  # noqa: E731
+            with timed(seconds, "motion", device), counting(flops, "source"):
+                src = model.detect(source, src_au)
+                init = model.detect(to_tensor(inputs.driving[:1], device), au(0))
+            for t in range(total):
+                count = flops if t == 0 else None
+                with timed(seconds, "motion", device), counting(count, "frame"):
+                    frame = to_tensor(inputs.driving[t:t + 1], device)
+                    drv = model.detect(frame, au(t))
+                    _dead_hourglass(model, frame, drv)
+                    new = model.transfer(src, drv, init, mode=MOTION, adapt_scale=adapt_scale)
+                with timed(seconds, "generator", device), counting(count, "frame"):
+                    pred = model.generate(source, model.encode_source(source), src, new)["prediction"]
+                preds.append(pred)
+                to_uint8(pred)
+    return torch.cat(preds), seconds
+
+
+def prior_seconds(engine: Engine, model: nn.Module, inputs: BenchInputs, per_frame: bool = False) -> float | None:
+    """Time of the prior maps (AU points -> per-AU maps -> fused prior) of the clip, batched or one frame
+    at a time; None without a prior."""
+    config = model.config
+    if config.backbone == "warp" or config.prior == "none":
+        return None
+    size = config.image_size
+    au = engine._au_points(config, inputs.source_points, inputs.driving_points)[1]  # T x 18 x 2
+    detector = getattr(model, "kp_detector", None) or model.region_predictor
+    map_size = round(size * detector.scale_factor)
+    seconds: dict[str, float] = {}
+    batches = [au[t:t + 1] for t in range(len(au))] if per_frame else [au]
+    with timed(seconds, "prior", engine.device), engine.inference_context():
+        for points in batches:
+            if hasattr(detector, "prior_maps"):  # FOMM
+                detector.prior_maps(points, size, map_size)
+            else:  # MRAA
+                detector.fused_prior(prior_lib.per_au_maps(points, size, map_size, detector.prior_sigma,
+                                                           detector.prior_distance))
+    return seconds["prior"]
+
+
+def landmark_seconds(inputs: BenchInputs, backend: str = "dlib") -> tuple[float, float]:
+    """(engine: one batched detect of the clip and the source, plus smoothing; original: one detect per frame)."""
+    detector = get_detector(backend)
+    t0 = time.perf_counter()
+    detector.detect(inputs.source, role="source")
+    smooth_tracks(detector.detect(inputs.driving).points)
+    t1 = time.perf_counter()
+    detector.detect(inputs.source, role="source")
+    for frame in inputs.driving:
+        detector.detect(frame)
+    return t1 - t0, time.perf_counter() - t1
+
+
+# ---- the benchmark --------------------------------------------------------------------------------
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR in dB of frames in [0, 1]."""
+    mse = float(((a.float() - b.float()) ** 2).mean())
+    return float("inf") if mse == 0 else 10 * math.log10(1 / mse)
+
+
+def supported_precisions(requested: Sequence[str], device: torch.device) -> tuple[list[str], dict[str, str]]:
+    """The requested precisions this device runs, and why the others are left out."""
+    kept, skipped = [], {}
+    for precision in requested:
+        try:
+            check_precision(precision, device)
+            kept.append(precision)
+        except InputError as exc:
+            skipped[precision] = str(exc)
+    return kept, skipped
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def run(variants: Sequence[str] = DEFAULT_VARIANTS, frames: int = 16, batch_size: int = 8,
+        precisions: Sequence[str] = ("fp32", "bf16", "fp16"), device: str = "auto", repeats: int = 3,
+        seed: int = 0, data: Path | None = None, compile: bool = False, channels_last: bool | None = None,
+        configs: dict[str, ModelConfig] | None = None, inputs: BenchInputs | None = None,
+        log: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
+    """Benchmark `variants` (fast path at each precision against the per-frame fp32 loop); a JSON-able report.
+
+    `configs` replaces the published config of a variant (tests use tiny ones); `inputs` replaces the
+    frames and landmarks. Rows: one per (variant, path, precision) with ms per frame for each stage.
+    """
+    if frames < 1 or batch_size < 1 or repeats < 1:
+        raise InputError("frames, batch size and repeats must be at least 1")
+    device_t = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                            ("cpu" if device == "auto" else device))
+    kept, skipped = supported_precisions(precisions, device_t)
+    if "fp32" not in kept:
+        kept.insert(0, "fp32")  # the reference the others are compared with
+    specs = [get_variant(v) for v in variants]
+    configs = dict(configs or {})
+    size = {configs.get(s.id, s.config).image_size for s in specs}
+    if len(size) != 1:
+        raise InputError(f"the variants' configs have different image sizes {sorted(size)}; benchmark them separately")
+    size = size.pop()
+    log(f"inputs: {frames} frames at {size}x{size}")
+    inputs = inputs or bench_inputs(size, frames, data)
+    frames = len(inputs.driving)
+    engines = {p: Engine(device=device_t, precision=p, batch_size=batch_size, landmarks="dlib", compile=compile,
+                         channels_last=channels_last) for p in kept}
+    loop_engine = Engine(device=device_t, precision="fp32", channels_last=False)
+
+    needs_landmarks = any(s.needs_landmarks for s in specs)
+    landmarks = {"fast": [], "loop": []}
+    if needs_landmarks:
+        for _ in range(repeats):
+            fast_s, loop_s = landmark_seconds(inputs)
+            landmarks["fast"].append(fast_s)
+            landmarks["loop"].append(loop_s)
+    landmark_ms = {path: 1000 * _median(times) / frames for path, times in landmarks.items()}
+
+    rows: list[dict[str, Any]] = []
+    for spec in specs:
+        config = configs.get(spec.id, spec.config)
+        base = random_model(config, seed).to(device_t)
+        loop_model = copy.deepcopy(base)  # contiguous fp32, as the original runs
+        fast_model = base
+        for engine in engines.values():
+            engine.use_model(spec.id, fast_model)  # channels-last (in place), compiled when asked
+        adapt_scale = ADAPT_SCALE_DEFAULT[spec.backbone]  # the originals' defaults
+        log(f"{spec.id}: warming up and counting GFLOP")
+        first = min(batch_size, frames)
+        warm = dataclasses.replace(inputs, driving=inputs.driving[:first], driving_points=inputs.driving_points[:first])
+        counts: dict[str, dict[str, float]] = {"fast": {}, "loop": {}}
+        for precision, engine in engines.items():
+            fast_path(engine, spec, fast_model, warm, batch_size, adapt_scale,
+                      flops=counts["fast"] if precision == "fp32" else None)
+        per_frame_loop(loop_engine, spec, loop_model, inputs, adapt_scale, frames=1, flops=counts["loop"])
+        # GFLOP per frame of this clip: the fast path's source work spread over its frames.
+        flops = {"fast": counts["fast"]["batch"] / first + counts["fast"]["source"] / frames,
+                 "loop": counts["loop"]["frame"] + counts["loop"].get("source", 0.0) / frames}
+
+        times: dict[str, list[dict[str, float]]] = {p: [] for p in [*kept, "loop"]}
+        outputs: dict[str, torch.Tensor] = {}
+        memory: dict[str, float] = {}
+        for r in range(repeats):
+            for precision, engine in engines.items():
+                with PeakMemory(device_t) as peak:
+                    outputs[precision], seconds = fast_path(engine, spec, fast_model, inputs, batch_size, adapt_scale)
+                memory.setdefault(precision, peak.mib)
+                seconds["prior"] = prior_seconds(engine, fast_model, inputs)
+                times[precision].append(seconds)
+            with PeakMemory(device_t) as peak:
+                outputs["loop"], seconds = per_frame_loop(loop_engine, spec, loop_model, inputs, adapt_scale)
+            memory.setdefault("loop", peak.mib)
+            seconds["prior"] = prior_seconds(loop_engine, loop_model, inputs, per_frame=True)
+            times["loop"].append(seconds)
+            log(f"{spec.id}: repeat {r + 1}/{repeats}: " + ", ".join(
+                f"{k} {1000 * v[-1]['networks'] / frames:.0f} ms/frame" for k, v in times.items()))
+
+        loop_row = _row(spec, "loop", "fp32", times["loop"], frames,
+                        landmark_ms["loop"] if spec.needs_landmarks else 0.0, memory["loop"], flops["loop"])
+        rows.append(loop_row)
+        for precision in kept:
+            row = _row(spec, "fast", precision, times[precision], frames,
+                       landmark_ms["fast"] if spec.needs_landmarks else 0.0, memory[precision], flops["fast"])
+            row["speedup_vs_loop"] = loop_row["ms_per_frame"]["end_to_end"] / row["ms_per_frame"]["end_to_end"]
+            row["networks_speedup_vs_loop"] = loop_row["ms_per_frame"]["networks"] / row["ms_per_frame"]["networks"]
+            row["max_abs_diff_vs_loop"] = float((outputs[precision] - outputs["loop"]).abs().max())
+            row["psnr_vs_fp32_db"] = None if precision == "fp32" else psnr(outputs[precision], outputs["fp32"])
+            rows.append(row)
+        del base, loop_model, fast_model, outputs
+    return {
+        "machine": machine(device_t),
+        "settings": {"variants": [s.id for s in specs], "frames": frames, "batch_size": batch_size,
+                     "precisions": kept, "skipped_precisions": skipped, "repeats": repeats, "seed": seed,
+                     "image_size": size, "inputs": inputs.origin, "compile": compile,
+                     "channels_last": engines["fp32"].memory_format == torch.channels_last,
+                     "motion": MOTION, "landmarks": "dlib" if needs_landmarks else None},
+        "rows": rows,
+        "targets": targets(rows),
+    }
+
+
+def _row(spec: Variant, path: str, precision: str, times: list[dict[str, float]], frames: int, landmark_ms: float,
+         memory_mib: float, gflop_per_frame: float) -> dict[str, Any]:
+    ms = {key: 1000 * _median([t[key] for t in times if t.get(key) is not None]) / frames
+          for key in ("motion", "generator", "networks")}
+    prior_times = [t["prior"] for t in times if t.get("prior") is not None]
+    ms["prior"] = 1000 * _median(prior_times) / frames if prior_times else None
+    ms["landmarks"] = landmark_ms
+    ms["end_to_end"] = landmark_ms + ms["networks"]
+    return {
+        "variant": spec.id, "path": path, "precision": precision,
+        "ms_per_frame": ms, "fps": 1000 / ms["end_to_end"], "networks_fps": 1000 / ms["networks"],
+        "peak_memory_mib": memory_mib, "gflop_per_frame": gflop_per_frame,
+        "achieved_gflops": gflop_per_frame / (ms["networks"] / 1000),
+        "runs_s": [round(t["networks"], 3) for t in times],
+    }
+
+
+# Targets of issue #8 on a CPU at 256x256 (end-to-end speed-up against the per-frame fp32 loop).
+TARGETS = {"fp32": {"speedup": 1.5, "max_abs_diff": 1e-4}, "bf16": {"speedup": 3.0, "psnr_db": 40.0},
+           ("mraa-awp", "fp32"): {"speedup": 2.0}}
+
+
+def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each fast row checked against the targets that apply to it."""
+    checks = []
+    for row in rows:
+        if row["path"] != "fast":
+            continue
+        for key in (row["precision"], (row["variant"], row["precision"])):
+            for name, bound in TARGETS.get(key, {}).items():
+                value = {"speedup": row["speedup_vs_loop"], "max_abs_diff": row["max_abs_diff_vs_loop"],
+                         "psnr_db": row["psnr_vs_fp32_db"]}[name]
+                met = value <= bound if name == "max_abs_diff" else value >= bound
+                checks.append({"variant": row["variant"], "precision": row["precision"], "target": name,
+                               "bound": bound, "value": value, "met": bool(met)})
+    return checks
+
+
+# ---- output ---------------------------------------------------------------------------------------
+
+def _fmt(value: float | None, digits: int = 0) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.{digits}f}"
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The report as a Markdown table with the machine and settings above it."""
+    m, s = report["machine"], report["settings"]
+    lines = [
+        f"Machine: {m.get('cpu', platform.processor())}, {m['cpu_count']} cores, torch {m['torch']} "
+        f"({m['torch_threads']} threads), device {m['device']}" + (f" ({m['gpu']})" if "gpu" in m else "")
+        + f", native bf16: {m['native_bf16']}" + (f", load average {m['load_average']}" if "load_average" in m else ""),
+        f"Inputs: {s['inputs']}; {s['frames']} frames, batch {s['batch_size']}, {s['repeats']} repeats (medians), "
+        f"random weights (seed {s['seed']}), channels_last {s['channels_last']}, compile {s['compile']}",
+        "",
+        "| variant | path | precision | landmarks | prior | motion | generator | end-to-end ms/frame | fps "
+        "| peak MiB | GFLOP/frame | GFLOP/s | speed-up | max abs diff vs loop | PSNR vs fp32 dB |",
+        "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for row in report["rows"]:
+        ms = row["ms_per_frame"]
+        fast = row["path"] == "fast"
+        diff = f"{row['max_abs_diff_vs_loop']:.1e}" if fast else "-"
+        lines.append(
+            f"| {row['variant']} | {row['path']} | {row['precision']} | {_fmt(ms['landmarks'])} | {_fmt(ms['prior'], 1)} "
+            f"| {_fmt(ms['motion'])} | {_fmt(ms['generator'])} | {_fmt(ms['end_to_end'])} | {_fmt(row['fps'], 2)} "
+            f"| {_fmt(row['peak_memory_mib'])} | {_fmt(row['gflop_per_frame'], 1)} | {_fmt(row['achieved_gflops'], 1)} "
+            f"| {_fmt(row.get('speedup_vs_loop'), 2) + 'x' if fast else '1x'} "
+            f"| {diff} | {_fmt(row.get('psnr_vs_fp32_db'), 1)} |")
+    if s["skipped_precisions"]:
+        lines += ["", *(f"Not measured: {p}: {why}" for p, why in s["skipped_precisions"].items())]
+    if report["targets"]:
+        lines += ["", "Targets (end-to-end against the per-frame fp32 loop):"]
+        for check in report["targets"]:
+            op = "<=" if check["target"] == "max_abs_diff" else ">="
+            lines.append(f"- {check['variant']} {check['precision']}: {check['target']} {check['value']:.3g} "
+                         f"{op} {check['bound']:g}: {'met' if check['met'] else 'NOT met'}")
+    return "\n".join(lines)
+
+
+# ---- command line -----------------------------------------------------------------------------------
+
+def _split(values: Sequence[str]) -> list[str]:
+    return [v for value in values for v in value.split(",") if v]
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """The `bench` subcommand of `python -m mefacial`."""
+    bench = sub.add_parser("bench", help="time the engine's batched path against the per-frame loop of the originals")
+    bench.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), help="variant ids (comma or space separated)")
+    bench.add_argument("--frames", type=int, default=16, help="driving frames per clip")
+    bench.add_argument("--batch-size", type=int, default=8, help="driving frames per network batch (fast path)")
+    bench.add_argument("--precisions", nargs="+", default=["fp32", "bf16", "fp16"],
+                       help="fp32, bf16, fp16; those the device lacks are reported as skipped")
+    bench.add_argument("--repeats", type=int, default=3, help="runs of each path; stage times are medians")
+    bench.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1 ...")
+    bench.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    bench.add_argument("--data", type=Path, default=Path(os.environ["MEFACIAL_DATA"]) if os.environ.get("MEFACIAL_DATA") else None,
+                       help="folder with driving/*.gif and faces/ (default: $MEFACIAL_DATA; else a synthetic face)")
+    bench.add_argument("--compile", action="store_true", help="torch.compile the batched steps")
+    bench.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                       help="NHWC tensors on the fast path (default: the engine's choice for the device)")
+    bench.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
+    bench.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the benchmark from parsed arguments; print the table (and write JSON)."""
+    variants = _split(args.variants)
+    unknown = [v for v in variants if v not in variant_ids()]
+    if unknown:
+        raise InputError(f"unknown variant(s) {unknown}; known: {', '.join(variant_ids())}")
+    precisions = _split(args.precisions)
+    bad = [p for p in precisions if p not in PRECISIONS]
+    if bad:
+        raise InputError(f"unknown precision(s) {bad}; use {', '.join(PRECISIONS)}")
+    report = run(variants, frames=args.frames, batch_size=args.batch_size, precisions=precisions, device=args.device,
+                 repeats=args.repeats, seed=args.seed, data=args.data, compile=args.compile,
+                 channels_last=args.channels_last, log=lambda message: print(message, flush=True))
+    print(format_table(report))
+    if args.json is not None:
+        args.json.write_text(json.dumps(report, indent=2, default=float))
+        print(f"wrote {args.json}")
+    return 0
