@@ -699,7 +699,7 @@ def paste_back(generated: np.ndarray, original: np.ndarray, box: FaceBox, feathe
         raise InputError(f"the face box {box} lies outside the {width}x{height} picture")
     inner = (slice(ys.start - box.y0, ys.stop - box.y0), slice(xs.start - box.x0, xs.stop - box.x0))
     mask = feather_mask(box.size, feather)[inner]  # h x w
-    background = torch.from_numpy(np.ascontiguousarray(original[ys, xs])).permute(2, 0, 1).float()  # 3 x h x w
+    background = torch.from_numpy(original[ys, xs].copy()).permute(2, 0, 1).float()  # 3 x h x w
     out = np.repeat(original[None], len(generated), axis=0)  # T x H x W x 3
     for i in range(0, len(generated), chunk):
         face = _resize(generated[i:i + chunk], box.size)[:, :, inner[0], inner[1]]  # t x 3 x h x w
