@@ -27,7 +27,7 @@ from . import prior as prior_lib
 from . import video
 from .checkpoints import load_weights, resolve_checkpoint
 from .config import ModelConfig
-from .errors import InputError, InputTooLargeError, MefacialError
+from .errors import CheckpointError, InputError, InputTooLargeError, MefacialError
 from .landmarks import SMOOTH_POLYORDER, SMOOTH_WINDOW, get_detector, smooth_tracks
 from .models import build_model
 from .variants import Variant, get_variant
@@ -162,7 +162,17 @@ class ClipAnimator:
         self.seconds[name] += time.perf_counter() - t0
 
     def __call__(self, frames: np.ndarray, points: np.ndarray | None = None) -> torch.Tensor:
-        """B x H x W x 3 uint8 driving frames (and their B x P x 2 points) -> B x 3 x H x W predictions in [0, 1]."""
+        """B x H x W x 3 uint8 driving frames (and their B x P x 2 points) -> B x 3 x H x W predictions in [0, 1].
+
+        A prediction with NaN / inf (broken weights) raises CheckpointError rather than becoming black frames."""
+        prediction = self._predict(frames, points)  # B x 3 x H x W
+        if not torch.isfinite(prediction).all():
+            raise CheckpointError(
+                f"the model of {self.backbone} produced NaN/inf values: its weights are broken (a diverged "
+                "training run or a corrupt checkpoint); use another checkpoint, or resume training from an earlier one")
+        return prediction
+
+    def _predict(self, frames: np.ndarray, points: np.ndarray | None) -> torch.Tensor:
         if self.backbone == "warp":
             with self._stage("generator"):
                 driving = torch.from_numpy(np.asarray(points)).to(self.engine.device)  # B x 68 x 2

@@ -626,9 +626,11 @@ def face_box(landmarks: np.ndarray, image_shape: Sequence[int], margin: float = 
     size = min(size, max(min(height, width), math.ceil(extent) + 1))
     side = min(side, size)
     corner = []
-    for c, limit in zip(centre, (width, height)):
+    for c, lo, hi, limit in zip(centre, low, high, (width, height)):
         start = math.floor(c - side / 2.0)
-        start = min(max(start, 0), limit - size) if size <= limit else (limit - size) // 2
+        # inside the picture, except past a border that landmarks themselves cross (a face cut by the edge)
+        first, last = min(0, math.floor(lo)), max(limit - size, math.ceil(hi) + 1 - size)
+        start = min(max(start, first), last) if size <= limit else (limit - size) // 2
         corner.append(start)
     return FaceBox(corner[0], corner[1], size)
 
