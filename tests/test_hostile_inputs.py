@@ -82,6 +82,17 @@ def png_header_only(path: Path, width: int, height: int) -> None:
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
 
 
+def png_rgb16(pixels: np.ndarray) -> bytes:
+    """A 16-bit-per-channel RGB PNG of H x W x 3 uint16 pixels (Pillow writes no such file; written by hand)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    height, width = pixels.shape[:2]
+    rows = pixels.astype(">u2").reshape(height, width * 3).view(np.uint8)  # big-endian samples
+    raw = np.hstack([np.zeros((height, 1), np.uint8), rows]).tobytes()  # filter type 0 per row
+    ihdr = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+
+
 def gif_bomb(path: Path, width: int = 65535, height: int = 65535) -> None:
     """A 40-byte GIF whose logical screen is width x height, holding one 1 x 1 image."""
     screen = b"GIF89a" + struct.pack("<HHBBB", width, height, 0x80, 0, 0) + b"\x00\x00\x00\xff\xff\xff"
@@ -163,11 +174,15 @@ def test_zero_frame_clips_are_refused(engine, face, tmp_path):
     assert_message_helps(caught.value)
 
 
-def test_one_frame_clip_gives_one_motionless_frame(engine, face):
+def test_one_frame_clip_gives_one_motionless_frame(engine, face, tmp_path):
     result = engine.animate(face, face[None], variant="warp")
     assert result.frames.shape[0] == 1
     # the only frame is the onset: no motion, the source face comes back
     assert np.abs(result.frames[0].astype(int) - result.model_source.astype(int)).mean() < 1.0
+    for suffix in (".gif", ".mp4"):  # the same as a file
+        path = video.write_video(tmp_path / f"one{suffix}", face[None], 25.0)
+        assert video.read_clip(path).num_frames == 1
+        assert engine.animate(face, path, variant="warp").frames.shape[0] == 1
 
 
 # ----------------------------------------------------------------------------- unusual but valid pictures
@@ -187,12 +202,15 @@ def test_unusual_picture_modes_find_the_face(engine, face, tmp_path):
     rgba[:, :20, 3] = 0  # a transparent strip
     files = {
         "grey16.png": _encode(Image.fromarray(grey.astype(np.uint16) * 257), "PNG"),
+        "rgb16.png": png_rgb16(face.astype(np.uint16) * 257),
         "cmyk.jpg": _encode(Image.fromarray(face).convert("CMYK"), "JPEG", quality=95),
         "rgba.png": _encode(Image.fromarray(rgba), "PNG"),
         "grey.png": _encode(Image.fromarray(grey), "PNG"),
     }
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)
+        pixels = video.read_image(tmp_path / name)
+        assert pixels.shape == face.shape and pixels.dtype == np.uint8, name
         box = engine.animate(tmp_path / name, face[None], variant="warp").crop_box
         assert abs(box.x0 - reference.x0) <= 4 and abs(box.y0 - reference.y0) <= 4, name
         assert abs(box.size - reference.size) <= 6, name
@@ -271,3 +289,5 @@ def test_nan_producing_weights_raise_checkpoint_error():
     with pytest.raises(CheckpointError, match="NaN") as caught:
         engine.animate(grey, np.repeat(grey[None], 2, axis=0), variant="fomm-none", crop=False)
     assert_message_helps(caught.value)
+    with pytest.raises(CheckpointError, match="NaN"):  # the streamed path too
+        list(engine.iter_animate(grey, np.repeat(grey[None], 2, axis=0), variant="fomm-none", crop=False))
