@@ -291,3 +291,22 @@ def test_nan_producing_weights_raise_checkpoint_error():
     assert_message_helps(caught.value)
     with pytest.raises(CheckpointError, match="NaN"):  # the streamed path too
         list(engine.iter_animate(grey, np.repeat(grey[None], 2, axis=0), variant="fomm-none", crop=False))
+
+
+def test_face_box_reaches_past_only_the_border_that_landmarks_cross():
+    """Unit check of the border rule: landmarks past the top edge pull the box past it; the other sides stay in."""
+    ring = np.stack([np.cos(np.linspace(0, 2 * np.pi, 68)), np.sin(np.linspace(0, 2 * np.pi, 68))], axis=1)
+    points = 60 + 40 * ring  # a 80 px "face" centred at (60, 60)
+    inside = video.face_box(points, (300, 300))
+    assert inside.x0 >= 0 and inside.y0 >= 0
+    cut = video.face_box(points - [0, 50], (300, 300))  # its top lies 30 px above the picture
+    assert cut.y0 <= (points[:, 1] - 50).min() < 0 and cut.y1 > (points[:, 1] - 50).max()
+    assert cut.x0 >= 0
+
+
+def test_tiny_pictures_raise_no_face_error(engine, face):
+    for tiny in (np.zeros((1, 1, 3), np.uint8), np.zeros((8, 5), np.uint8)):
+        with pytest.raises(NoFaceError):
+            engine.animate(tiny, face[None], variant="warp")
+        with pytest.raises(NoFaceError):
+            engine.animate(face, tiny[None] if tiny.ndim == 3 else tiny[None, ..., None], variant="warp")
