@@ -70,10 +70,6 @@ def open_fds() -> set[str]:
     return set(os.listdir(folder)) if folder.is_dir() else set()
 
 
-def temp_entries() -> set[str]:
-    return set(os.listdir(tempfile.gettempdir()))
-
-
 def png_header_only(path: Path, width: int, height: int) -> None:
     """A PNG whose IHDR claims width x height but which holds no pixel data (nothing is allocated)."""
     def chunk(kind: bytes, data: bytes) -> bytes:
@@ -111,7 +107,7 @@ def assert_message_helps(err: BaseException) -> None:
 # ----------------------------------------------------------------------------- broken and oversized files
 
 
-def test_broken_files_raise_their_own_errors_without_leaks(engine, face, tmp_path, driving_gif):
+def test_broken_files_raise_their_own_errors_without_leaks(engine, face, tmp_path, driving_gif, monkeypatch):
     original = video.read_clip(driving_gif)
     mp4 = video.write_video(tmp_path / "good.mp4", original.frames[:12], original.fps)
     cases: list[tuple[str, Path, type[MefacialError], str]] = []
@@ -138,14 +134,19 @@ def test_broken_files_raise_their_own_errors_without_leaks(engine, face, tmp_pat
     cases.append(("source", mp4, NotAnImageError, "looks like a video"))
 
     assert bomb.stat().st_size < 100  # the bomb is tiny on disk
-    fds, temps = open_fds(), temp_entries()
+    private_tmp = tmp_path / "tmp"  # a temp folder of this test alone (the system one is shared)
+    private_tmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(private_tmp))  # for ffmpeg and any other subprocess
+    monkeypatch.setattr(tempfile, "tempdir", str(private_tmp))
+    engine.animate(face, face[None], variant="warp")  # warm up: the detector's files are read and closed
+    fds = open_fds()
     for role, path, error, words in cases:
         source, driving = (path, mp4) if role == "source" else (face, path)
         with pytest.raises(error, match=words) as caught:
             engine.animate(source, driving, variant="warp")
         assert_message_helps(caught.value)
     assert open_fds() <= fds, "a refused input left a file open"
-    assert temp_entries() <= temps, "a refused input left a temporary file"
+    assert not list(private_tmp.iterdir()), "a refused input left a temporary file"
 
 
 def test_limits_refuse_a_huge_upload_and_a_long_clip_before_decoding(face, driving_gif):
