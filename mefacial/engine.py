@@ -294,7 +294,9 @@ class Engine:
             # Compile the heavy, shape-stable steps; transfer (small 2 x 2 algebra) stays eager.
             for step in ("detect", "generate", "animate"):
                 if hasattr(model, step) and not hasattr(getattr(model, step), "_torchdynamo_orig_callable"):
-                    setattr(model, step, torch.compile(getattr(model, step)))
+                    # One graph per batch shape (the source's, full batches, the last one): static shapes
+                    # keep the convolutions on the fastest kernels.
+                    setattr(model, step, torch.compile(getattr(model, step), dynamic=False))
         return model
 
     # ---- animation ----------------------------------------------------------------------
