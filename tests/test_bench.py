@@ -158,3 +158,17 @@ def test_cli_rejects_unknown_variants_and_precisions(capsys):
     assert "nope" in capsys.readouterr().err
     assert cli(["bench", "--variants", "warp", "--precisions", "fp8"]) == 2
     assert "fp8" in capsys.readouterr().err
+
+
+def test_channels_last_fast_path_equals_contiguous(inputs):
+    """The memory format is a speed choice only: NHWC and NCHW engines give the same frames."""
+    spec = get_variant("fomm-awp")
+    torch.manual_seed(0)
+    model = build_model(fixture_config("fomm_awp"))
+    frames = {}
+    for channels_last in (True, False):
+        engine = Engine(device="cpu", channels_last=channels_last)
+        assert engine.memory_format == (torch.channels_last if channels_last else torch.contiguous_format)
+        engine.use_model(spec.id, model)
+        frames[channels_last], _ = bench.fast_path(engine, spec, model, inputs, 2, adapt_scale=False)
+    torch.testing.assert_close(frames[True], frames[False], atol=1e-5, rtol=0)
