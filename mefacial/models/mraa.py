@@ -104,18 +104,15 @@ def region_gaussians(shift: torch.Tensor, covar: torch.Tensor | float, spatial_s
 def shared_grid_sample(inp: torch.Tensor, grid: torch.Tensor, align_corners: bool) -> torch.Tensor:
     """`grid_sample` of S inputs by B sampling grids, B a multiple of S; grid B x N x h x w x 2 -> B x N x C x h x w.
 
-    Grid b samples input b // (B / S). The grids of one input are stacked along
-    the height, so a batch-1 source is never copied B times; each output pixel
-    is the same bilinear sample as with a per-grid copy of the input.
+    Grid b samples input b // (B / S). A batch-1 source is expanded (a view, never copied) to the B * N grids.
     """
-    s = inp.shape[0]
+    s, c = inp.shape[:2]
     b, n, h, w, _ = grid.shape
     if b % s:
         raise ValueError(f"{b} sampling grids cannot share {s} inputs")
-    stacked = grid.reshape(s, (b // s) * n * h, w, 2)
-    out = F.grid_sample(inp, stacked, align_corners=align_corners)  # S x C x (B/S)*N*h x w
-    out = out.view(s, inp.shape[1], b // s, n, h, w).permute(0, 2, 3, 1, 4, 5)  # S x B/S x N x C x h x w
-    return out.reshape(b, n, inp.shape[1], h, w)
+    shared = inp[:, None].expand(s, (b // s) * n, *inp.shape[1:]).reshape(b * n, *inp.shape[1:])  # B*N x C x H x W
+    out = F.grid_sample(shared, grid.reshape(b * n, h, w, 2), align_corners=align_corners)  # B*N x C x h x w
+    return out.view(b, n, c, h, w)
 
 
 def _build(cls: type, params: dict[str, Any], where: str, **fixed: Any) -> nn.Module:
