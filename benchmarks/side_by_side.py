@@ -29,9 +29,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mefacial import bench
-from mefacial.engine import Engine
-from mefacial.variants import get_variant
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
+
+from mefacial import bench  # noqa: E402
+from mefacial.engine import Engine  # noqa: E402
+from mefacial.variants import get_variant  # noqa: E402
 
 VARIANT = {"fomm": "fomm-none", "mraa": "mraa-none"}
 
