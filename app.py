@@ -17,6 +17,7 @@ import functools
 import logging
 import os
 import shutil
+import signal
 import tempfile
 import time
 from dataclasses import dataclass
@@ -402,7 +403,9 @@ def build_demo(engine: mefacial.Engine, limits: Limits | None = None) -> gr.Bloc
                 gr.update(choices=motion_choices(backbone), value="relative", interactive=not is_warp),
                 gr.update(interactive=not is_warp, value=ADAPT_SCALE_DEFAULT.get(backbone, False)))
 
-    with gr.Blocks(title="mefacial: micro-expression generation", delete_cache=(1800, limits.output_max_age_s)) as demo:
+    # Gradio's copies of uploads and outputs go with the same age as the request folders (checked twice per age).
+    delete_cache = (max(1, min(1800, limits.output_max_age_s // 2)), limits.output_max_age_s)
+    with gr.Blocks(title="mefacial: micro-expression generation", delete_cache=delete_cache) as demo:
         gr.Markdown("# mefacial: facial-prior-guided micro-expression generation\n"
                     "Give a face and a micro-expression clip; get the face performing that micro-expression. "
                     "Backbones FOMM and MRAA with a facial prior (none, EWP, AWP), or a training-free landmark warp "
@@ -558,7 +561,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-upload-mb", type=int, default=Limits.max_upload_mb, help="largest upload accepted")
     parser.add_argument("--max-frames", type=int, default=Limits.max_frames, help="longest driving clip, in frames")
     parser.add_argument("--max-seconds", type=float, default=Limits.max_seconds, help="longest driving clip, in seconds")
+    parser.add_argument("--output-max-age", type=int, default=Limits.output_max_age_s, metavar="SECONDS",
+                        help="delete uploads and results older than this")
     return parser
+
+
+def stop_on_sigterm() -> None:
+    """Shut down on SIGTERM (docker stop, a Space restart) as on Ctrl-C: Gradio closes the server and
+    deletes its cached files, and the request folders are removed at exit."""
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -572,7 +587,8 @@ def main(argv: list[str] | None = None) -> None:
     except MefacialError as exc:
         raise SystemExit(f"error: {exc}") from None
     limits = Limits(max_upload_mb=args.max_upload_mb, max_frames=args.max_frames, max_seconds=args.max_seconds,
-                    queue_size=args.queue_size)
+                    queue_size=args.queue_size, output_max_age_s=args.output_max_age)
+    stop_on_sigterm()
     launch(build_demo(engine, limits), host=args.host, port=args.port, share=args.share)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import dataclasses
 import os
 import socket
 import subprocess
@@ -23,6 +24,26 @@ MAX_FRAMES = 40  # the app's clip limit in the tests (the examples are shorter)
 MAX_UPLOAD_MB = 1  # the app's upload limit in the tests (the examples are under 100 KB)
 SHARED_FLAGS = ("--max-frames", str(MAX_FRAMES), "--max-upload-mb", str(MAX_UPLOAD_MB), "--queue-size", "8")
 _shared: dict[str, str] = {}
+APPS: dict[str, "AppProcess"] = {}  # URL -> the running app, for tests that look at its process and folders
+
+
+@dataclasses.dataclass
+class AppProcess:
+    """A running app: its process and its private temporary folders."""
+
+    process: subprocess.Popen
+    tmp: Path  # TMPDIR of the app: its per-request output folders live under here
+    gradio_tmp: Path  # GRADIO_TEMP_DIR: uploads and the files Gradio serves
+
+    def rss_mb(self) -> float:
+        """Resident memory of the app process (Linux /proc), in MiB."""
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        raise RuntimeError("no VmRSS in /proc")
+
+    def open_fds(self) -> int:
+        return len(os.listdir(f"/proc/{self.process.pid}/fd"))
 
 
 def free_port() -> int:
@@ -50,8 +71,10 @@ def running_app(tmp: Path, *flags: str) -> Iterator[str]:
     port = free_port()
     weights = tmp / "no-weights"
     weights.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "MEFACIAL_CHECKPOINT_DIR": str(weights), "HF_HUB_OFFLINE": "1",
-           "GRADIO_ANALYTICS_ENABLED": "False", "GRADIO_TEMP_DIR": str(tmp / "gradio")}
+    app_tmp, gradio_tmp = tmp / "tmp", tmp / "gradio"
+    app_tmp.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "MEFACIAL_CHECKPOINT_DIR": str(weights), "HF_HUB_OFFLINE": "1", "TMPDIR": str(app_tmp),
+           "GRADIO_ANALYTICS_ENABLED": "False", "GRADIO_TEMP_DIR": str(gradio_tmp)}
     log = tmp / "app.log"
     with open(log, "w") as out:
         process = subprocess.Popen(
@@ -60,8 +83,10 @@ def running_app(tmp: Path, *flags: str) -> Iterator[str]:
     url = f"http://127.0.0.1:{port}/"
     try:
         _wait_until_up(url, process, log)
+        APPS[url] = AppProcess(process, app_tmp, gradio_tmp)
         yield url
     finally:
+        APPS.pop(url, None)
         process.terminate()
         try:
             process.wait(timeout=20)

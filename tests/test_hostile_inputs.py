@@ -18,11 +18,8 @@ limits (tests/test_video.py); image modes at the reader level (tests/test_video.
 
 from __future__ import annotations
 
-import io
 import os
-import struct
 import tempfile
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +29,7 @@ import yaml
 from PIL import Image
 
 from conftest import DATA, FIXTURES, fixture_meta, require
+from hostile_files import encode, gif_bomb, png_header_only, png_rgb16
 from mefacial import Engine, video
 from mefacial.landmarks import get_detector
 from mefacial.errors import (CheckpointError, InputError, InputTooLargeError, MefacialError, NoFaceError,
@@ -68,32 +66,6 @@ def open_fds() -> set[str]:
     """Names of this process's open file descriptors (Linux); empty where /proc is absent."""
     folder = Path("/proc/self/fd")
     return set(os.listdir(folder)) if folder.is_dir() else set()
-
-
-def png_header_only(path: Path, width: int, height: int) -> None:
-    """A PNG whose IHDR claims width x height but which holds no pixel data (nothing is allocated)."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
-
-
-def png_rgb16(pixels: np.ndarray) -> bytes:
-    """A 16-bit-per-channel RGB PNG of H x W x 3 uint16 pixels (Pillow writes no such file; written by hand)."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    height, width = pixels.shape[:2]
-    rows = pixels.astype(">u2").reshape(height, width * 3).view(np.uint8)  # big-endian samples
-    raw = np.hstack([np.zeros((height, 1), np.uint8), rows]).tobytes()  # filter type 0 per row
-    ihdr = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
-
-
-def gif_bomb(path: Path, width: int = 65535, height: int = 65535) -> None:
-    """A 40-byte GIF whose logical screen is width x height, holding one 1 x 1 image."""
-    screen = b"GIF89a" + struct.pack("<HHBBB", width, height, 0x80, 0, 0) + b"\x00\x00\x00\xff\xff\xff"
-    image = b"\x2c" + struct.pack("<HHHHB", 0, 0, 1, 1, 0) + b"\x02\x02\x44\x01\x00"
-    path.write_bytes(screen + image + b"\x3b")
 
 
 def assert_message_helps(err: BaseException) -> None:
@@ -189,12 +161,6 @@ def test_one_frame_clip_gives_one_motionless_frame(engine, face, tmp_path):
 # ----------------------------------------------------------------------------- unusual but valid pictures
 
 
-def _encode(image: Image.Image, fmt: str, **options) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, fmt, **options)
-    return buffer.getvalue()
-
-
 def test_unusual_picture_modes_find_the_face(engine, face, tmp_path):
     """16-bit, CMYK, RGBA and greyscale sources give the same face box as the plain RGB photo."""
     reference = engine.animate(face, face[None], variant="warp").crop_box
@@ -202,11 +168,11 @@ def test_unusual_picture_modes_find_the_face(engine, face, tmp_path):
     rgba = np.dstack([face, np.full(face.shape[:2], 255, np.uint8)])
     rgba[:, :20, 3] = 0  # a transparent strip
     files = {
-        "grey16.png": _encode(Image.fromarray(grey.astype(np.uint16) * 257), "PNG"),
+        "grey16.png": encode(Image.fromarray(grey.astype(np.uint16) * 257), "PNG"),
         "rgb16.png": png_rgb16(face.astype(np.uint16) * 257),
-        "cmyk.jpg": _encode(Image.fromarray(face).convert("CMYK"), "JPEG", quality=95),
-        "rgba.png": _encode(Image.fromarray(rgba), "PNG"),
-        "grey.png": _encode(Image.fromarray(grey), "PNG"),
+        "cmyk.jpg": encode(Image.fromarray(face).convert("CMYK"), "JPEG", quality=95),
+        "rgba.png": encode(Image.fromarray(rgba), "PNG"),
+        "grey.png": encode(Image.fromarray(grey), "PNG"),
     }
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)
@@ -223,7 +189,7 @@ def test_exif_rotated_photo_is_turned_upright_before_detection(engine, face, tmp
     exif = Image.Exif()
     exif[EXIF_ORIENTATION] = 6
     path = tmp_path / "phone.jpg"
-    path.write_bytes(_encode(Image.fromarray(sideways), "JPEG", quality=95, exif=exif.tobytes()))
+    path.write_bytes(encode(Image.fromarray(sideways), "JPEG", quality=95, exif=exif.tobytes()))
     upright = video.read_image(path)
     assert upright.shape == face.shape and np.abs(upright.astype(int) - face).mean() < 6
     result = engine.animate(path, face[None], variant="warp")
