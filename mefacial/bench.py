@@ -1,6 +1,6 @@
 """Inference benchmark: the engine's batched path against a straightforward per-frame loop, in one run.
 
-    python -m mefacial bench --variants fomm-awp,mraa-awp --frames 16 --batch-size 8 --precisions fp32,bf16
+    python -m mefacial bench --variants fomm-awp,mraa-awp --frames 16 --precisions fp32,bf16
 
 For each variant, at its published full-size config (`configs/*.yaml`) with random, seeded weights
 (nothing is downloaded), on the same frames and the same landmarks:
@@ -43,7 +43,8 @@ from torch import nn
 from . import prior as prior_lib
 from . import video
 from .config import ModelConfig
-from .engine import ADAPT_SCALE_DEFAULT, PRECISIONS, ClipAnimator, Engine, check_precision, to_tensor, to_uint8
+from .engine import (ADAPT_SCALE_DEFAULT, PRECISIONS, ClipAnimator, Engine, check_precision, native_bf16, to_tensor,
+                     to_uint8)
 from .errors import InputError
 from .landmarks import get_detector, smooth_tracks
 from .models import build_model
@@ -183,15 +184,6 @@ def counting(flops: dict[str, float] | None, key: str) -> Iterator[None]:
     with FlopCounterMode(display=False) as counter:
         yield
     flops[key] = flops.get(key, 0.0) + counter.get_total_flops() / 1e9
-
-
-def native_bf16() -> bool | None:
-    """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX); None where /proc/cpuinfo is absent."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return None
-    return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
 
 
 def machine(device: torch.device) -> dict[str, Any]:
@@ -354,7 +346,7 @@ def _median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
-def run(variants: Sequence[str] = DEFAULT_VARIANTS, frames: int = 16, batch_size: int = 8,
+def run(variants: Sequence[str] = DEFAULT_VARIANTS, frames: int = 16, batch_size: int | None = None,
         precisions: Sequence[str] = ("fp32", "bf16", "fp16"), device: str = "auto", repeats: int = 3,
         seed: int = 0, data: Path | None = None, compile: bool = False, channels_last: bool | None = None,
         configs: dict[str, ModelConfig] | None = None, inputs: BenchInputs | None = None,
@@ -364,7 +356,7 @@ def run(variants: Sequence[str] = DEFAULT_VARIANTS, frames: int = 16, batch_size
     `configs` replaces the published config of a variant (tests use tiny ones); `inputs` replaces the
     frames and landmarks. Rows: one per (variant, path, precision) with ms per frame for each stage.
     """
-    if frames < 1 or batch_size < 1 or repeats < 1:
+    if frames < 1 or (batch_size is not None and batch_size < 1) or repeats < 1:
         raise InputError("frames, batch size and repeats must be at least 1")
     device_t = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                             ("cpu" if device == "auto" else device))
@@ -382,6 +374,7 @@ def run(variants: Sequence[str] = DEFAULT_VARIANTS, frames: int = 16, batch_size
     frames = len(inputs.driving)
     engines = {p: Engine(device=device_t, precision=p, batch_size=batch_size, landmarks="dlib", compile=compile,
                          channels_last=channels_last) for p in kept}
+    batch_size = engines["fp32"].batch_size  # the engine's default unless given
     loop_engine = Engine(device=device_t, precision="fp32", channels_last=False)
 
     needs_landmarks = any(s.needs_landmarks for s in specs)
@@ -562,7 +555,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     bench = sub.add_parser("bench", help="time the engine's batched path against the per-frame loop of the originals")
     bench.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), help="variant ids (comma or space separated)")
     bench.add_argument("--frames", type=int, default=16, help="driving frames per clip")
-    bench.add_argument("--batch-size", type=int, default=8, help="driving frames per network batch (fast path)")
+    bench.add_argument("--batch-size", type=int, default=None,
+                       help="driving frames per network batch (fast path; default: the engine's, 4 on a CPU, 32 on a GPU)")
     bench.add_argument("--precisions", nargs="+", default=["fp32", "bf16", "fp16"],
                        help="fp32, bf16, fp16; those the device lacks are reported as skipped")
     bench.add_argument("--repeats", type=int, default=3, help="runs of each path; stage times are medians")

@@ -84,6 +84,15 @@ def check_precision(precision: str, device: torch.device) -> torch.dtype:
     return PRECISIONS[precision]
 
 
+def native_bf16() -> bool | None:
+    """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX); None where /proc/cpuinfo is absent."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
+
+
 def to_tensor(frames: np.ndarray, device: torch.device) -> torch.Tensor:
     """H x W x 3 or T x H x W x 3 uint8 -> T x 3 x H x W float32 in [0, 1]."""
     array = np.asarray(frames)
@@ -241,11 +250,15 @@ class Engine:
         self.device = pick_device(device)
         self.precision = precision
         self.dtype = check_precision(precision, self.device)
-        self.batch_size = batch_size or (32 if self.device.type == "cuda" else 8)
+        # CPU: 4 frames per batch measured fastest at 256 px (bigger batches leave the caches, FOMM and MRAA).
+        self.batch_size = batch_size or (32 if self.device.type == "cuda" else 4)
+        if precision == "bf16" and self.device.type == "cpu" and native_bf16() is False:
+            log.warning("bf16 on a CPU without AVX512-BF16 / AMX is emulated: about 2-3x slower than fp32 here "
+                        "(see README, Performance); use fp32 on this machine")
         self.landmarks = landmarks
         self.limits = limits
         self.checkpoint_overrides = dict(checkpoints or {})
-        # NHWC convolutions: measured 1.7x faster on a CPU (oneDNN) in fp32 and bf16; on CUDA the
+        # NHWC convolutions: measured 1.4x faster for FOMM on a 2-core AVX-512 CPU (oneDNN); on CUDA the
         # tensor-core kernels of fp16 / bf16 want it too. Override with channels_last=True / False.
         if channels_last is None:
             channels_last = self.device.type == "cpu" or (self.device.type == "cuda" and self.dtype != torch.float32)

@@ -150,3 +150,17 @@ def test_compare_reports_one_progress_over_all_variants(monkeypatch):
     fractions = [f for f, _ in seen]
     assert fractions == sorted(fractions) and max(fractions) <= 0.5 + 1e-9  # fomm-none's half, then mraa-awp fails
     assert {m.split(":")[0] for _, m in seen} == {"fomm-none", "mraa-awp"}
+
+
+def test_bf16_on_a_cpu_without_native_bf16_warns(monkeypatch, caplog):
+    from mefacial import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "native_bf16", lambda: False)
+    with caplog.at_level("WARNING", logger="mefacial"):
+        engine_module.Engine(device="cpu", precision="bf16")
+    assert "emulated" in caplog.text and "fp32" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(engine_module, "native_bf16", lambda: True)
+    with caplog.at_level("WARNING", logger="mefacial"):
+        engine_module.Engine(device="cpu", precision="bf16")
+    assert "emulated" not in caplog.text
