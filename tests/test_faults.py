@@ -74,7 +74,7 @@ def wait_for(condition, proc: subprocess.Popen | None, timeout: float, interval:
 
 # ---- 1. training killed at random points, some inside a checkpoint write -----------------------------
 
-TARGET_STEPS = 10
+TARGET_STEPS = 16  # more than the kills can reach: each lets a run train a few steps at most
 KILL_MODES = ["startup", "step", "step", "save", "save", "save"]  # shuffled with a fixed seed
 
 
@@ -166,17 +166,20 @@ def test_training_killed_at_random_points_and_mid_save_resumes_to_the_end(train_
     for mode in modes:
         before_last, before_config = file_id(out / checkpointing.LAST), file_id(out / "config.json")
         after_step = max(logged_steps(out), step) + rng.randint(0, 1)
-        delay = rng.uniform(0.5, 3.0) if mode == "startup" else rng.uniform(0.0, 0.3 if mode == "step" else 0.002)
+        delay = rng.uniform(0.2, 3.0) if mode == "startup" else rng.uniform(0.0, 0.2 if mode == "step" else 0.002)
         with open(log, "wb") as stderr:
             proc = subprocess.Popen(train_command(config, data, out), env=child_env(), cwd=tmp_path,
                                     stdout=subprocess.DEVNULL, stderr=stderr)
         try:
-            if mode == "step":  # anywhere in a training step or the save after it
+            if mode == "startup":  # anywhere in imports, data loading, model building (until training starts)
+                wait_for(lambda: file_id(out / "config.json") != before_config, proc, delay, 0.01)
+            elif mode == "step":  # anywhere in a training step or the save after it
                 wait_for(lambda n=after_step: logged_steps(out) > n, proc, 120, 0.01)
-            elif mode == "save":  # as soon as a checkpoint write starts (fast polling once training starts)
+                time.sleep(delay)
+            else:  # as soon as a checkpoint write starts (fast polling once training starts), plus up to 2 ms
                 wait_for(lambda: file_id(out / "config.json") != before_config, proc, 120, 0.01)
                 wait_for(save_activity(out, proc.pid, before_last), proc, 120)
-            time.sleep(delay)  # "startup": anywhere in imports, data loading, model building
+                time.sleep(delay)
         finally:
             code = kill(proc)
         assert code == -signal.SIGKILL, f"the run ended before the {mode} kill (exit {code}):\n{log.read_text()[-3000:]}"
