@@ -172,12 +172,12 @@ def test_training_killed_at_random_points_and_mid_save_resumes_to_the_end(train_
                                     stdout=subprocess.DEVNULL, stderr=stderr)
         try:
             if mode == "startup":  # anywhere in imports, data loading, model building (until training starts)
-                wait_for(lambda: file_id(out / "config.json") != before_config, proc, delay, 0.01)
+                wait_for(lambda c=before_config: file_id(out / "config.json") != c, proc, delay, 0.01)
             elif mode == "step":  # anywhere in a training step or the save after it
                 wait_for(lambda n=after_step: logged_steps(out) > n, proc, 120, 0.01)
                 time.sleep(delay)
             else:  # as soon as a checkpoint write starts (fast polling once training starts), plus up to 2 ms
-                wait_for(lambda: file_id(out / "config.json") != before_config, proc, 120, 0.01)
+                wait_for(lambda c=before_config: file_id(out / "config.json") != c, proc, 120, 0.01)
                 wait_for(save_activity(out, proc.pid, before_last), proc, 120)
                 time.sleep(delay)
         finally:
