@@ -342,3 +342,21 @@ def test_prepare_crops_clips_into_the_training_layout(tmp_path):
     assert len(entries[1].frames) == 4 and np.asarray(Image.open(entries[1].frames[0])).shape == (48, 48, 3)
     assert prepare.is_test_subject("sub07", 1.0) and not prepare.is_test_subject("sub07", 0.0)
     assert prepare.prepare(src, tmp_path / "out", size=48) == counts  # a second run keeps what is done
+
+
+def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from train import checkpointing
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    stale = tmp_path / f".last.pth.tar.{dead_pid}.tmp"
+    live = tmp_path / f".last.pth.tar.{os.getpid()}.tmp"  # a save in progress (this process is alive)
+    other = tmp_path / "notes.tmp"
+    for path in (stale, live, other):
+        path.write_bytes(b"x")
+    assert checkpointing.remove_stale_temporaries(tmp_path) == [stale]
+    assert not stale.exists() and live.exists() and other.exists()

@@ -128,6 +128,30 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
     return path
 
 
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete the temporary files `atomic_save` left in `folder` when its process was killed mid-write.
+
+    Only files of processes that no longer run are removed (the pid is in the name); returns them."""
+    removed = []
+    for tmp in Path(folder).glob(".*.tmp"):
+        pid = tmp.name.rsplit(".", 2)[-2]
+        if not pid.isdigit() or _running(int(pid)):
+            continue
+        tmp.unlink(missing_ok=True)
+        removed.append(tmp)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 def build_checkpoint(model: nn.Module, *, config: Mapping[str, Any], variant: str, stage: str, step: int, epoch: int,
                      batch_in_epoch: int, optimizers: Mapping[str, torch.optim.Optimizer],
                      schedulers: Mapping[str, Any], scaler: torch.amp.GradScaler | None, best_metric: float | None,

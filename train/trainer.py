@@ -272,6 +272,8 @@ def _run(cfg: TrainConfig, ctx: DistContext, data_dir, out_dir, max_steps, resum
 
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        for stale in ckpt.remove_stale_temporaries(run_dir):
+            log.info("removed %s, left by a run killed while saving", stale.name)
         (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n", encoding="utf-8")
         log.info("%s (%s stage): %d videos, %d steps per epoch of %d per rank x %d rank(s), training to step %d on %s",
                  cfg.name, cfg.stage, len(train_set.videos), steps_per_epoch, per_rank_batch, ctx.world_size, stop,
