@@ -6,6 +6,11 @@ side by side with the engine, on the same random weights, the same frames and th
     git clone https://github.com/snap-research/articulated-animation /tmp/mraa
     python benchmarks/side_by_side.py --original /tmp/mraa --backbone mraa --frames 16
 
+The demos import training-time modules at top level that `make_animation` never uses (animate.py ->
+logger.py -> `skimage.draw.circle`, gone since scikit-image 0.19, and matplotlib; frames_dataset.py ->
+scikit-learn; FOMM's ffmpeg-python): install them, or put stand-ins for `logger`, `frames_dataset`,
+`ffmpeg` and `matplotlib` (MRAA calls `matplotlib.use`) on PYTHONPATH.
+
 The original repository's `demo.make_animation` (its per-frame loop, `cpu=True`) runs its own
 modules, built from the published config (`configs/fomm-vox256.yaml`, `configs/mraa-vox256.yaml`)
 and loaded with this project's random weights; the engine runs the same weights batched. The
