@@ -460,7 +460,13 @@ def _describe_hub_error(exc: Exception, hub: HubWeights, endpoint: str) -> str:
         status = getattr(getattr(exc, "response", None), "status_code", "?")
         return f"HTTP {status} from the Hub ({str(exc).splitlines()[0][:200]})"
     detail = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else 'no answer'}"
+    if type(exc).__name__ in CUT_MIDWAY:
+        return (f"the connection was cut during the download ({detail}); nothing partial is used as weights: "
+                "run again to retry (huggingface_hub resumes from its last complete chunk)")
     return f"Hub unreachable ({detail})" if _is_network_error(exc) else f"download failed ({detail})"
+
+
+CUT_MIDWAY = {"RemoteProtocolError", "ReadError", "ChunkedEncodingError", "IncompleteRead", "ProtocolError"}
 
 
 def _is_network_error(exc: Exception) -> bool:

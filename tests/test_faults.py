@@ -327,6 +327,7 @@ def test_download_that_keeps_failing_is_an_error_and_the_next_call_completes(pla
         ck.resolve_checkpoint("tiny", progress=False)
     message = str(info.value)
     assert "the download failed" in message and FILENAME in message and "RemoteProtocolError" in message, message
+    assert "cut during the download" in message and "retry" in message, message
     tries = len(body_requests(hub))
     assert tries > 1  # huggingface_hub retried on its own before giving up
     # nothing of the cut download is in the cache, so nothing partial can be taken for the weights
