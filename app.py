@@ -374,7 +374,6 @@ def build_demo(engine: mefacial.Engine, limits: Limits | None = None) -> gr.Bloc
     variants = demo_state.variants
     pairs = examples()
     default_landmarks = engine.landmarks if engine.landmarks in LANDMARKS and engine.landmarks != "auto" else "dlib"
-    by_backbone = {b: [v for v in variants if v["backbone"] == b] for b in BACKBONES}
 
     def prior_choices(backbone: str | None = None) -> list[tuple[str, str]]:
         """The prior choices of one backbone (all of them when None or warp, shown disabled for warp)."""

@@ -62,3 +62,19 @@ def fixtures_dir() -> Path:
 @pytest.fixture
 def data_dir() -> Path:
     return require(DATA, "micro-expression clips")
+
+
+@pytest.fixture(scope="module")
+def app_url(tmp_path_factory) -> str:
+    """URL of the `python app.py` shared by the app test modules (started on first use; see app_server.py)."""
+    from app_server import shared_app
+
+    return shared_app(tmp_path_factory.getbasetemp() / "app")
+
+
+@pytest.fixture(scope="module")
+def client(app_url: str):
+    """A gradio_client Client of the shared app."""
+    from gradio_client import Client
+
+    return Client(app_url, verbose=False)

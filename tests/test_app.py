@@ -16,7 +16,7 @@ import pytest
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 
-from app_server import MAX_FRAMES, MAX_UPLOAD_MB, REPO, shared_app
+from app_server import MAX_FRAMES, MAX_UPLOAD_MB, REPO
 from mefacial import list_variants
 from mefacial.grid import HEADER, TILE
 from mefacial.video import read_clip, write_video
@@ -26,15 +26,6 @@ pytestmark = pytest.mark.slow
 FACE = REPO / "examples" / "astronaut.png"
 CLIP = REPO / "examples" / "brow_raise.mp4"
 
-
-@pytest.fixture(scope="module")
-def app_url(tmp_path_factory) -> str:
-    return shared_app(tmp_path_factory.getbasetemp() / "app")
-
-
-@pytest.fixture(scope="module")
-def client(app_url: str) -> Client:
-    return Client(app_url, verbose=False)
 
 
 @pytest.fixture(scope="module")

@@ -18,11 +18,11 @@ import imageio.v3 as iio
 import imageio_ffmpeg
 import numpy as np
 import pytest
-from gradio_client import Client, handle_file
+from gradio_client import handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 
-from app_server import APPS, MAX_UPLOAD_MB, REPO, shared_app
+from app_server import APPS, MAX_UPLOAD_MB, REPO
 from hostile_files import encode, gif_bomb, png_header_only, png_rgb16
 from mefacial.video import read_clip, write_video
 
@@ -31,15 +31,6 @@ pytestmark = pytest.mark.slow
 EXAMPLE_CLIP = REPO / "examples" / "brow_raise.mp4"
 EXIF_ORIENTATION = 0x0112
 
-
-@pytest.fixture(scope="module")
-def app_url(tmp_path_factory) -> str:
-    return shared_app(tmp_path_factory.getbasetemp() / "app")
-
-
-@pytest.fixture(scope="module")
-def client(app_url: str) -> Client:
-    return Client(app_url, verbose=False)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import DATA, fixture_meta, model_fixture_dirs, require
+from conftest import fixture_meta, model_fixture_dirs, require
 import mefacial
 from mefacial import Engine, InputError, WeightsNotFoundError
 from mefacial.checkpoints import load_original_checkpoint

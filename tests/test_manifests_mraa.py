@@ -91,7 +91,6 @@ def test_a_config_builds_the_published_state_dict(manifest):
 
 def test_a_published_checkpoint_is_refused_by_another_flavour(manifest):
     """Loading into an MRAA of another prior flavour fails with an error that names the region predictor keys."""
-    shapes = manifest["state_dict_shapes"]
     other = next((c for c in _configs() if c.backbone == "mraa" and c.prior != manifest["prior"]), None)
     if other is None:
         pytest.skip("no MRAA config of another prior flavour")

@@ -10,7 +10,6 @@ import torch.nn.functional as F
 import yaml
 
 from conftest import FIXTURES, fixture_meta, fixture_params, require
-from mefacial import motion
 from mefacial.checkpoints import load_original_checkpoint
 from mefacial.config import ModelConfig, config_from_reference
 from mefacial.errors import CheckpointError, ConfigError, InputError
