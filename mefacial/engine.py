@@ -28,7 +28,7 @@ from . import video
 from .checkpoints import load_weights, resolve_checkpoint
 from .config import ModelConfig
 from .errors import CheckpointError, InputError, InputTooLargeError, MefacialError
-from .landmarks import SMOOTH_POLYORDER, SMOOTH_WINDOW, get_detector, smooth_tracks
+from .landmarks import SMOOTH_POLYORDER, SMOOTH_WINDOW, get_detector, smooth_tracks, smoothing_window
 from .models import build_model
 from .variants import Variant, get_variant
 
@@ -328,7 +328,8 @@ class Engine:
         as they are. Optional `source_landmarks` (68 x 2, or 18 x 2 AU points)
         and `driving_landmarks` (T x 68 x 2 / T x 18 x 2), in pixels of the given
         frames, replace detection with the `landmarks` backend ("auto", "dlib",
-        "fan"); `smooth` removes landmark jitter over time. `motion` is one of
+        "fan"); `smooth` removes landmark jitter over time (over a window set by the clip's frame rate:
+        `landmarks.smoothing_window`). `motion` is one of
         the variant's modes; `adapt_scale` scales the motion by the ratio of the
         faces' keypoint hull areas (default: as the original code of the backbone
         does, off for FOMM, on for MRAA); `magnify` multiplies the relative
@@ -347,7 +348,8 @@ class Engine:
         model, weights = self.model(spec, checkpoint)  # fail on missing weights before any detection
         config = getattr(model, "config", spec.config)  # an injected model may have its own (e.g. tiny) config
         prepared = self._prepare(spec, config.image_size, source_image, clip.frames, source_landmarks, driving_landmarks,
-                                 crop, margin, landmarks or self.landmarks, smooth, report, timings)
+                                 crop, margin, landmarks or self.landmarks, smooth and smoothing_window(clip.fps), report,
+                                 timings)
         src_au, drv_au = self._au_points(config, prepared.source_points, prepared.driving_points)
 
         report(0.05, f"{spec.id}: {clip.num_frames} frames")
@@ -401,7 +403,8 @@ class Engine:
         size = getattr(model, "config", spec.config).image_size
         backend = landmarks or self.landmarks
         given = None if driving_landmarks is None else np.asarray(driving_landmarks, np.float32)
-        smoother = StreamingSmoother() if spec.needs_landmarks and smooth and given is None else None
+        smooth = spec.needs_landmarks and smooth and given is None
+        smoother = None  # a StreamingSmoother, made once the clip's frame rate is known
         quiet = lambda fraction, message: None  # noqa: E731
         pending = np.zeros((0, size, size, 3), np.uint8)  # model-size frames whose smoothed landmarks are not final
         animator = prepared = None
@@ -423,14 +426,16 @@ class Engine:
                     out = to_uint8(animator(ready[batch], None if points is None else points[batch]))
                 yield video.paste_back(out, source_image, prepared.source_box) if paste_back else out
 
-        for frames in self._driving_chunks(driving, chunk, fps):
+        for frames, clip_fps in self._driving_chunks(driving, chunk, fps):
+            if smooth and smoother is None:
+                smoother = StreamingSmoother(smoothing_window(clip_fps))
             chunk_given = None if given is None else given[seen:seen + len(frames)]
             if chunk_given is not None and len(chunk_given) != len(frames):
                 raise InputError(f"driving_landmarks has {len(given)} frames, but the clip has more")
             seen += len(frames)
             if prepared is None:  # first chunk: face boxes from the source and the clip's first frame
                 prepared = self._prepare(spec, size, source_image, frames, source_landmarks, chunk_given, crop,
-                                         margin, backend, False, quiet, {})
+                                         margin, backend, None, quiet, {})
                 model_frames, points = prepared.driving, prepared.driving_points
             else:
                 model_frames, points = self._chunk_to_model(spec, prepared, frames, chunk_given, size, backend)
@@ -445,19 +450,19 @@ class Engine:
         if smoother is not None:
             yield from frames_out(smoother.finish())
 
-    def _driving_chunks(self, driving: Any, chunk: int, fps: float | None) -> Iterator[np.ndarray]:
-        """n x H x W x 3 uint8 chunks of a clip path, an array or an iterable of frame arrays."""
+    def _driving_chunks(self, driving: Any, chunk: int, fps: float | None) -> Iterator[tuple[np.ndarray, float]]:
+        """(n x H x W x 3 uint8 chunk, the clip's fps) of a clip path, an array or an iterable of frame arrays."""
         if isinstance(driving, (str, Path)):
             for clip in video.iter_clip_chunks(driving, chunk=chunk, fps=fps, limits=self.limits):
-                yield clip.frames
+                yield clip.frames, clip.fps
         elif isinstance(driving, np.ndarray):
-            frames = video.read_clip(driving, fps=fps, limits=self.limits).frames
-            for start in range(0, len(frames), chunk):
-                yield frames[start:start + chunk]
+            clip = video.read_clip(driving, fps=fps, limits=self.limits)
+            for start in range(0, clip.num_frames, chunk):
+                yield clip.frames[start:start + chunk], clip.fps
         else:
             for frames in driving:
                 frames = video.as_rgb(np.asarray(frames))
-                yield frames if frames.ndim == 4 else frames[None]
+                yield (frames if frames.ndim == 4 else frames[None]), fps or video.DEFAULT_FPS
 
     def _chunk_to_model(self, spec: Variant, prepared: "_Prepared", frames: np.ndarray, given: np.ndarray | None,
                         size: int, backend: str) -> tuple[np.ndarray, np.ndarray | None]:
@@ -491,7 +496,7 @@ class Engine:
         return spec, ADAPT_SCALE_DEFAULT[spec.backbone] if adapt_scale is None else adapt_scale
 
     def _prepare(self, spec: Variant, size: int, source: np.ndarray, driving: np.ndarray, source_landmarks, driving_landmarks,
-                 crop: bool, margin: float, backend: str, smooth: bool, report: ProgressFn,
+                 crop: bool, margin: float, backend: str, smooth_window: int | None, report: ProgressFn,
                  timings: dict[str, float]) -> "_Prepared":
         """Crop / resize both inputs to the model size and find the landmarks the variant needs, in crop pixels."""
         t0 = time.perf_counter()
@@ -530,8 +535,8 @@ class Engine:
                              else detector.detect(model_source, role="source").points[0])[None]  # 1 x P x 2
             driving_points = (to_model_drv(given_drv) if given_drv is not None
                               else detector.detect(model_driving, role="driving").points)  # T x P x 2
-            if smooth and given_drv is None and len(driving_points) >= 3:
-                driving_points = smooth_tracks(driving_points)
+            if smooth_window and given_drv is None and len(driving_points) >= 3:
+                driving_points = smooth_tracks(driving_points, smooth_window)
             self._check_points(spec, source_points, driving_points)
         timings["landmarks_s"] = time.perf_counter() - t0
         backend_name = detector.name if detector is not None else ("given" if spec.needs_landmarks else None)

@@ -58,6 +58,7 @@ FAN_NETWORK = "2DFAN-4"
 
 SMOOTH_WINDOW = 9  # frames; see smooth_tracks
 SMOOTH_POLYORDER = 2
+SMOOTH_SECONDS = 0.18  # what the 9-frame window spans on the 50 fps real clips it was measured on
 
 
 @dataclasses.dataclass(frozen=True)
@@ -296,9 +297,9 @@ def smooth_tracks(tracks: np.ndarray, window: int = SMOOTH_WINDOW, polyorder: in
     a local quadratic keeps the height of an apex, so the onset->apex
     displacement survives while frame-to-frame noise drops (measured on the real
     clips: see `measure_stabilisation`). The default of 9 frames suits
-    micro-expression clips filmed at 100-200 fps, where an onset spans at least
-    10 frames; for ordinary 25-30 fps video use 5 or no smoothing. Clips
-    shorter than `window` use the longest odd window they hold.
+    micro-expression clips at 50 fps and more; `smoothing_window(fps)` gives
+    the window of a clip (5 at 25-30 fps). Clips shorter than `window` use the
+    longest odd window they hold.
     """
     tracks = np.asarray(tracks, dtype=np.float32)
     if tracks.ndim != 3 or tracks.shape[-1] != 2:
@@ -312,6 +313,14 @@ def smooth_tracks(tracks: np.ndarray, window: int = SMOOTH_WINDOW, polyorder: in
     from scipy.signal import savgol_filter
 
     return savgol_filter(tracks, window, polyorder, axis=0, mode="interp").astype(np.float32)
+
+
+def smoothing_window(fps: float | None) -> int:
+    """The smoothing window (odd, in frames) for a clip at `fps`: SMOOTH_WINDOW from 50 fps up; below,
+    about SMOOTH_SECONDS of frames (5 at 25-30 fps) so slow clips are not smoothed over a longer time."""
+    if not fps:
+        return SMOOTH_WINDOW
+    return max(SMOOTH_POLYORDER + 3, min(SMOOTH_WINDOW, int(round(SMOOTH_SECONDS * fps)) | 1))
 
 
 def jitter(tracks: np.ndarray) -> float:

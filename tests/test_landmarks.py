@@ -288,3 +288,23 @@ def test_smoothing_edge_cases():
         lm.smooth_tracks(tracks)
     with pytest.raises(InputError, match="T x P x 2"):
         lm.smooth_tracks(np.zeros((5, 68)))
+
+
+def test_smoothing_window_follows_the_frame_rate():
+    assert [lm.smoothing_window(fps) for fps in (None, 25, 30, 40, 50, 100, 200)] == [9, 5, 5, 7, 9, 9, 9]
+
+
+def test_engine_smooths_over_the_window_of_the_clips_frame_rate(dlib_detector):
+    from mefacial import Engine
+
+    data = require(DATA, "micro-expression clips")
+    face = sorted((data / "faces").iterdir())[0]
+    frames = video.read_clip(sorted((data / "driving").glob("*.gif"))[0]).frames[:12]
+    engine = Engine(device="cpu", landmarks="dlib")
+    smoothed = {}
+    for fps in (25.0, 50.0):
+        result = engine.animate(face, frames, variant="warp", fps=fps)
+        raw = dlib_detector.detect(result.model_driving, role="driving").points  # T x 68 x 2
+        smoothed[fps] = result.driving_landmarks
+        np.testing.assert_allclose(result.driving_landmarks, lm.smooth_tracks(raw, lm.smoothing_window(fps)), atol=1e-4)
+    assert np.abs(smoothed[25.0] - smoothed[50.0]).max() > 1e-3  # the two windows really differ
