@@ -446,6 +446,10 @@ class _SilentTqdm(tqdm):
         super().__init__(*args, **kwargs)
 
 
+# httpx / requests / urllib3 errors of a connection that dropped while the file was coming in
+CUT_MIDWAY = {"RemoteProtocolError", "ReadError", "ChunkedEncodingError", "IncompleteRead", "ProtocolError"}
+
+
 def _describe_hub_error(exc: Exception, hub: HubWeights, endpoint: str) -> str:
     if isinstance(exc, OfflineModeIsEnabled):
         return "offline mode is on in huggingface_hub (HF_HUB_OFFLINE was set when it was imported)"
@@ -464,9 +468,6 @@ def _describe_hub_error(exc: Exception, hub: HubWeights, endpoint: str) -> str:
         return (f"the connection was cut during the download ({detail}); nothing partial is used as weights: "
                 "run again to retry (huggingface_hub resumes from its last complete chunk)")
     return f"Hub unreachable ({detail})" if _is_network_error(exc) else f"download failed ({detail})"
-
-
-CUT_MIDWAY = {"RemoteProtocolError", "ReadError", "ChunkedEncodingError", "IncompleteRead", "ProtocolError"}
 
 
 def _is_network_error(exc: Exception) -> bool:

@@ -46,6 +46,11 @@ class AppProcess:
         return len(os.listdir(f"/proc/{self.process.pid}/fd"))
 
 
+def files_under(folder: Path) -> list[Path]:
+    """Every file below `folder` (an app's temporary folders)."""
+    return [f for f in folder.rglob("*") if f.is_file()]
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -22,7 +22,7 @@ from gradio_client import handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 
-from app_server import APPS, MAX_UPLOAD_MB, REPO
+from app_server import APPS, MAX_UPLOAD_MB, REPO, files_under
 from hostile_files import encode, gif_bomb, png_header_only, png_rgb16
 from mefacial.video import read_clip, write_video
 
@@ -150,31 +150,26 @@ def test_refused_uploads_name_their_cause_and_leave_nothing_behind(app_url, clie
 def test_a_1_gb_upload_is_refused_without_filling_the_disk(app_url):
     """Streamed, never held in memory here; the server answers 413 and keeps no part of it."""
     sent = 0
+    boundary = "mefacialboundary"
 
-    def gigabyte():
+    def body():
         nonlocal sent
+        yield (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"big.mp4\"\r\n"
+               "Content-Type: video/mp4\r\n\r\n").encode()
         chunk = bytes(2**20)
         for _ in range(1024):
             sent += len(chunk)
             yield chunk
-
-    before = sum(f.stat().st_size for f in APPS[app_url].gradio_tmp.rglob("*") if f.is_file())
-    boundary = "mefacialboundary"
-    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"big.mp4\"\r\n"
-            "Content-Type: video/mp4\r\n\r\n").encode()
-
-    def body():
-        yield head
-        yield from gigabyte()
         yield f"\r\n--{boundary}--\r\n".encode()
 
+    before = sum(f.stat().st_size for f in files_under(APPS[app_url].gradio_tmp))
     try:
         answer = httpx.post(app_url + "gradio_api/upload", content=body(), timeout=120,
                             headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
         status = answer.status_code
     except httpx.TransportError:  # the server may close the connection before reading the rest
         status = None
-    after = sum(f.stat().st_size for f in APPS[app_url].gradio_tmp.rglob("*") if f.is_file())
+    after = sum(f.stat().st_size for f in files_under(APPS[app_url].gradio_tmp))
     print(f"1 GB upload: status {status}, {sent / 2**20:.0f} MiB sent before the answer, "
           f"upload folder grew by {(after - before) / 2**20:.1f} MiB")
     assert status in (413, None)

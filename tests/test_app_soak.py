@@ -24,7 +24,7 @@ from gradio_client.exceptions import AppError
 from gradio_client.utils import QueueError
 
 from app import examples as app_examples
-from app_server import APPS, REPO, running_app
+from app_server import APPS, REPO, files_under, running_app
 from mefacial.video import read_clip, write_video
 
 pytestmark = pytest.mark.slow
@@ -37,10 +37,6 @@ RSS_BOUND_MB = 250  # growth allowed after the first request: allocator caches a
 PLATEAU_MB = 80  # growth allowed over the second half of the run: a per-request leak would keep climbing
 FACE = REPO / "examples" / "astronaut.png"
 CLIP = REPO / "examples" / "brow_raise.mp4"
-
-
-def files_under(folder: Path) -> list[Path]:
-    return [f for f in folder.rglob("*") if f.is_file()]
 
 
 def test_four_users_fifty_requests(tmp_path):

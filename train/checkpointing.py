@@ -107,7 +107,7 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
     """`torch.save` to a temporary file beside `path`, fsync, then rename over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = _temporary(path, os.getpid())
     try:
         with open(tmp, "wb") as f:
             torch.save(obj, f)
@@ -128,6 +128,11 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
     return path
 
 
+def _temporary(path: Path, pid: int) -> Path:
+    """Where process `pid` writes `path` before renaming it: `.<name>.<pid>.tmp` beside it."""
+    return path.with_name(f".{path.name}.{pid}.tmp")
+
+
 def remove_stale_temporaries(folder: str | Path) -> list[Path]:
     """Delete the temporary files `atomic_save` left in `folder` when its process was killed mid-write.
 
@@ -135,20 +140,19 @@ def remove_stale_temporaries(folder: str | Path) -> list[Path]:
     removed = []
     for tmp in Path(folder).glob(".*.tmp"):
         pid = tmp.name.rsplit(".", 2)[-2]
-        if not pid.isdigit() or _running(int(pid)):
-            continue
-        tmp.unlink(missing_ok=True)
-        removed.append(tmp)
+        if pid.isdigit() and not _running(int(pid)):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
     return removed
 
 
 def _running(pid: int) -> bool:
     try:
-        os.kill(pid, 0)
+        os.kill(pid, 0)  # signal 0: only checks that the process exists
     except ProcessLookupError:
         return False
-    except PermissionError:  # someone else's process
-        return True
+    except PermissionError:  # it exists, but is someone else's
+        pass
     return True
 
 
