@@ -42,8 +42,17 @@ class AppProcess:
                 return int(line.split()[1]) / 1024
         raise RuntimeError("no VmRSS in /proc")
 
-    def open_fds(self) -> int:
-        return len(os.listdir(f"/proc/{self.process.pid}/fd"))
+    def open_files(self) -> set[str]:
+        """Files the app process holds open (Linux /proc); sockets, pipes and devices left out, since
+        client connections come and go."""
+        folder = Path(f"/proc/{self.process.pid}/fd")
+        targets = set()
+        for fd in folder.iterdir():
+            try:
+                targets.add(os.readlink(fd))
+            except FileNotFoundError:  # closed meanwhile
+                pass
+        return {t for t in targets if t.startswith("/") and not t.startswith(("/dev/", "/proc/"))}
 
 
 def files_under(folder: Path) -> list[Path]:

@@ -49,7 +49,7 @@ def test_four_users_fifty_requests(tmp_path):
         app = APPS[url]
         Client(url, verbose=False).predict(source=handle_file(FACE), driving=handle_file(clips[0]),
                                            api_name="/generate")
-        rss_first, fds_first = app.rss_mb(), app.open_fds()
+        rss_first, files_first = app.rss_mb(), app.open_files()
         outcomes: dict[str, int] = {"served": 1, "rejected": 0}
         wrong: list[str] = []
         rss: list[float] = []  # after each answer
@@ -80,19 +80,19 @@ def test_four_users_fifty_requests(tmp_path):
             for job in [pool.submit(user, n) for n in range(USERS)]:
                 job.result(timeout=600)
         elapsed = time.monotonic() - started
-        rss_after, fds_after = app.rss_mb(), app.open_fds()
+        rss_after, files_after = app.rss_mb(), app.open_files()
         half = statistics.median(rss[len(rss) // 2 - 3:len(rss) // 2 + 3])
         print(f"\nsoak: {REQUESTS} requests from {USERS} users in {elapsed:.0f} s: {outcomes['served']} served, "
               f"{outcomes['rejected']} rejected (queue full); RSS {rss_first:.0f} MiB after the first request, "
               f"{rss_after:.0f} MiB after all (bound +{RSS_BOUND_MB}), {half:.0f} MiB at half-time; "
-              f"open files {fds_first} -> {fds_after}")
+              f"open files {len(files_first)} -> {len(files_after)}")
         assert not wrong, wrong
         assert outcomes["served"] + outcomes["rejected"] == REQUESTS
         assert outcomes["rejected"] > 0, "no request met a full queue: the test did not load the app"
         assert outcomes["served"] >= REQUESTS // 4
         assert rss_after <= rss_first + RSS_BOUND_MB, f"memory grew by {rss_after - rss_first:.0f} MiB"
         assert rss_after <= half + PLATEAU_MB, f"memory still grew by {rss_after - half:.0f} MiB in the second half"
-        assert fds_after <= fds_first + 8
+        assert files_after <= files_first, f"files left open: {files_after - files_first}"
 
         outputs = list(app.tmp.glob("mefacial-app-*/req-*"))
         cached = files_under(app.gradio_tmp)
