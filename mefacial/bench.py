@@ -349,6 +349,7 @@ def _median(values: list[float]) -> float:
 def run(variants: Sequence[str] = DEFAULT_VARIANTS, frames: int = 16, batch_size: int | None = None,
         precisions: Sequence[str] = ("fp32", "bf16", "fp16"), device: str = "auto", repeats: int = 3,
         seed: int = 0, data: Path | None = None, compile: bool = False, channels_last: bool | None = None,
+        fuse: bool = True,
         configs: dict[str, ModelConfig] | None = None, inputs: BenchInputs | None = None,
         log: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
     """Benchmark `variants` (fast path at each precision against the per-frame fp32 loop); a JSON-able report.
@@ -373,7 +374,7 @@ def run(variants: Sequence[str] = DEFAULT_VARIANTS, frames: int = 16, batch_size
     inputs = inputs or bench_inputs(size, frames, data)
     frames = len(inputs.driving)
     engines = {p: Engine(device=device_t, precision=p, batch_size=batch_size, landmarks="dlib", compile=compile,
-                         channels_last=channels_last) for p in kept}
+                         channels_last=channels_last, fuse=fuse) for p in kept}
     batch_size = engines["fp32"].batch_size  # the engine's default unless given
     loop_engine = Engine(device=device_t, precision="fp32", channels_last=False)
 
@@ -390,20 +391,19 @@ def run(variants: Sequence[str] = DEFAULT_VARIANTS, frames: int = 16, batch_size
     for spec in specs:
         config = configs.get(spec.id, spec.config)
         base = random_model(config, seed).to(device_t)
-        loop_model = copy.deepcopy(base)  # contiguous fp32, as the original runs
-        fast_model = base
-        for engine in engines.values():
-            engine.use_model(spec.id, fast_model)  # channels-last (in place), compiled when asked
+        loop_model = copy.deepcopy(base)  # contiguous, unfused fp32, as the original runs
+        # What each engine runs: channels-last, fused (a copy), compiled, as asked.
+        fast_models = {precision: engine.use_model(spec.id, base) for precision, engine in engines.items()}
         adapt_scale = ADAPT_SCALE_DEFAULT[spec.backbone]  # the originals' defaults
         log(f"{spec.id}: warming up and counting GFLOP")
         first = min(batch_size, frames)
         warm = dataclasses.replace(inputs, driving=inputs.driving[:first], driving_points=inputs.driving_points[:first])
         counts: dict[str, dict[str, float]] = {"fast": {}, "loop": {}}
         for precision, engine in engines.items():
-            fast_path(engine, spec, fast_model, warm, batch_size, adapt_scale,
+            fast_path(engine, spec, fast_models[precision], warm, batch_size, adapt_scale,
                       flops=counts["fast"] if precision == "fp32" else None)
             if compile:  # compiled graphs are made outside the flop counter's dispatch mode
-                fast_path(engine, spec, fast_model, warm, batch_size, adapt_scale)
+                fast_path(engine, spec, fast_models[precision], warm, batch_size, adapt_scale)
         per_frame_loop(loop_engine, spec, loop_model, inputs, adapt_scale, frames=1, flops=counts["loop"])
         # GFLOP per frame of this clip: the fast path's source work spread over its frames.
         flops = {"fast": counts["fast"]["batch"] / first + counts["fast"]["source"] / frames,
@@ -419,12 +419,12 @@ def run(variants: Sequence[str] = DEFAULT_VARIANTS, frames: int = 16, batch_size
                     if path == "loop":
                         outputs[path], seconds = per_frame_loop(loop_engine, spec, loop_model, inputs, adapt_scale)
                     else:
-                        outputs[path], seconds = fast_path(engines[path], spec, fast_model, inputs, batch_size,
+                        outputs[path], seconds = fast_path(engines[path], spec, fast_models[path], inputs, batch_size,
                                                            adapt_scale)
                 seconds["cpu"] = time.process_time() - cpu0
                 memory.setdefault(path, peak.mib)
                 seconds["prior"] = prior_seconds(loop_engine if path == "loop" else engines[path],
-                                                 loop_model if path == "loop" else fast_model, inputs,
+                                                 loop_model if path == "loop" else fast_models[path], inputs,
                                                  per_frame=path == "loop")
                 times[path].append(seconds)
             log(f"{spec.id}: repeat {r + 1}/{repeats}: " + ", ".join(
@@ -448,12 +448,12 @@ def run(variants: Sequence[str] = DEFAULT_VARIANTS, frames: int = 16, batch_size
             row["max_abs_diff_vs_loop"] = float((outputs[precision] - outputs["loop"]).abs().max())
             row["psnr_vs_fp32_db"] = None if precision == "fp32" else psnr(outputs[precision], outputs["fp32"])
             rows.append(row)
-        del base, loop_model, fast_model, outputs
+        del base, loop_model, fast_models, outputs
     return {
         "machine": machine(device_t),
         "settings": {"variants": [s.id for s in specs], "frames": frames, "batch_size": batch_size,
                      "precisions": kept, "skipped_precisions": skipped, "repeats": repeats, "seed": seed,
-                     "image_size": size, "inputs": inputs.origin, "compile": compile,
+                     "image_size": size, "inputs": inputs.origin, "compile": compile, "fuse": fuse,
                      "channels_last": engines["fp32"].memory_format == torch.channels_last,
                      "motion": MOTION, "landmarks": "dlib" if needs_landmarks else None},
         "rows": rows,
@@ -517,7 +517,8 @@ def format_table(report: dict[str, Any]) -> str:
         f"({m['torch_threads']} threads), device {m['device']}" + (f" ({m['gpu']})" if "gpu" in m else "")
         + f", native bf16: {m['native_bf16']}" + (f", load average {m['load_average']}" if "load_average" in m else ""),
         f"Inputs: {s['inputs']}; {s['frames']} frames, batch {s['batch_size']}, {s['repeats']} repeats (medians), "
-        f"random weights (seed {s['seed']}), channels_last {s['channels_last']}, compile {s['compile']}",
+        f"random weights (seed {s['seed']}), channels_last {s['channels_last']}, "
+        f"fused {s.get('fuse', False)}, compile {s['compile']}",
         "",
         "| variant | path | precision | landmarks | prior | motion | generator | end-to-end ms/frame | fps "
         "| peak MiB | GFLOP/frame | GFLOP/s | speed-up | max abs diff vs loop | PSNR vs fp32 dB |",
@@ -567,6 +568,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     bench.add_argument("--compile", action="store_true", help="torch.compile the batched steps")
     bench.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                        help="NHWC tensors on the fast path (default: the engine's choice for the device)")
+    bench.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=True,
+                       help="fold batch norms and upsampling into the convs on the fast path (default: on)")
     bench.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
     bench.set_defaults(func=main)
 
@@ -583,7 +586,7 @@ def main(args: argparse.Namespace) -> int:
         raise InputError(f"unknown precision(s) {bad}; use {', '.join(PRECISIONS)}")
     report = run(variants, frames=args.frames, batch_size=args.batch_size, precisions=precisions, device=args.device,
                  repeats=args.repeats, seed=args.seed, data=args.data, compile=args.compile,
-                 channels_last=args.channels_last, log=lambda message: print(message, flush=True))
+                 channels_last=args.channels_last, fuse=args.fuse, log=lambda message: print(message, flush=True))
     print(format_table(report))
     if args.json is not None:
         args.json.write_text(json.dumps(report, indent=2, default=float))

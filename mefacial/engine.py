@@ -30,6 +30,7 @@ from .config import ModelConfig
 from .errors import CheckpointError, InputError, InputTooLargeError, MefacialError
 from .landmarks import SMOOTH_POLYORDER, SMOOTH_WINDOW, get_detector, smooth_tracks, smoothing_window
 from .models import build_model
+from .models.blocks import fuse_for_inference
 from .variants import Variant, get_variant
 
 log = logging.getLogger("mefacial")
@@ -246,7 +247,7 @@ class Engine:
     def __init__(self, device: str | torch.device = "auto", precision: str = "fp32", batch_size: int | None = None,
                  landmarks: str = "auto", checkpoints: dict[str, str | Path] | None = None,
                  limits: video.Limits = video.DEFAULT_LIMITS, *, channels_last: bool | None = None,
-                 compile: bool = False):
+                 fuse: bool = True, compile: bool = False):
         self.device = pick_device(device)
         self.precision = precision
         self.dtype = check_precision(precision, self.device)
@@ -263,6 +264,9 @@ class Engine:
         if channels_last is None:
             channels_last = self.device.type == "cpu" or (self.device.type == "cuda" and self.dtype != torch.float32)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        # Batch norms folded into convs, upsample + conv as transposed convs (models.blocks.fuse_for_inference):
+        # the same function within float32 rounding, about 1.15-1.2x faster end to end on the CPU.
+        self.fuse = fuse
         self.compile = compile
         self._models: dict[tuple[str, str], tuple[nn.Module, str]] = {}
         self._lock = threading.Lock()
@@ -292,17 +296,24 @@ class Engine:
                 self._models[key] = (self._for_inference(model), weights)
             return self._models[key]
 
-    def use_model(self, variant: str, model: nn.Module, weights: str = "in-memory") -> None:
-        """Serve `variant` with an already built model (random weights for tests and benchmarks, a training run).
+    def use_model(self, variant: str, model: nn.Module, weights: str = "in-memory") -> nn.Module:
+        """Serve `variant` with an already built model (random weights for tests and benchmarks, a training run);
+        returns the model the engine runs.
 
-        The model is moved to the engine's device and memory format in place (as `nn.Module.to` does)."""
+        The model is moved to the engine's device and memory format in place (as `nn.Module.to` does) and put
+        in evaluation mode; with `fuse` (the default) the engine runs a fused copy of it."""
         spec = get_variant(variant)
         with self._lock:
-            self._models[(spec.id, "")] = (self._for_inference(model), weights)
+            served = self._for_inference(model)
+            self._models[(spec.id, "")] = (served, weights)
+            return served
 
     def _for_inference(self, model: nn.Module) -> nn.Module:
-        """Evaluation mode on the engine's device and memory format; with `compile`, the batched steps compiled."""
+        """Evaluation mode on the engine's device and memory format, fused (`fuse`), the batched steps compiled
+        (`compile`)."""
         model = model.to(self.device, memory_format=self.memory_format).eval()
+        if self.fuse:
+            model = fuse_for_inference(model).to(memory_format=self.memory_format)  # new weights: contiguous
         if self.compile:
             # Compile the heavy, shape-stable steps; transfer (small 2 x 2 algebra) stays eager.
             for step in ("detect", "generate", "animate"):
@@ -354,17 +365,10 @@ class Engine:
 
         report(0.05, f"{spec.id}: {clip.num_frames} frames")
         batch_size = batch_size or self.batch_size
-        try:
+        with self._memory_errors(spec, batch_size):
             frames, prior_map = self._run(spec, model, prepared.source, prepared.driving, prepared.source_points,
                                           prepared.driving_points, motion, adapt_scale, magnify, batch_size,
                                           confine_to_prior, report, timings)
-        except torch.OutOfMemoryError:
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-            raise InputTooLargeError(
-                f"out of {self.device.type.upper()} memory running {spec.id} on batches of {batch_size} frames; "
-                "use a smaller batch size (Engine(batch_size=...) / --batch-size), a shorter clip, or bf16 / fp16"
-            ) from None
         if paste_back:
             frames = video.paste_back(frames, source_image, prepared.source_box)
         timings["total_s"] = time.perf_counter() - started
@@ -417,7 +421,7 @@ class Engine:
             ready, pending = pending[:count], pending[count:]
             for start in range(0, count, batch_size):
                 batch = slice(start, min(start + batch_size, count))
-                with self.inference_context():
+                with self._memory_errors(spec, batch_size), self.inference_context():
                     if animator is None:
                         animator = ClipAnimator(self, spec, model, prepared.source, ready[0], prepared.source_points,
                                                 None if points is None else points[0], motion=motion,
@@ -449,6 +453,19 @@ class Engine:
             raise InputError(f"driving_landmarks has {len(given)} frames for a clip of {seen}")
         if smoother is not None:
             yield from frames_out(smoother.finish())
+
+    @contextlib.contextmanager
+    def _memory_errors(self, spec: Variant, batch_size: int) -> Iterator[None]:
+        """Out-of-memory while running the networks -> InputTooLargeError saying what to change."""
+        try:
+            yield
+        except torch.OutOfMemoryError:
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            raise InputTooLargeError(
+                f"out of {self.device.type.upper()} memory running {spec.id} on batches of {batch_size} frames; "
+                "use a smaller batch size (Engine(batch_size=...) / --batch-size), a shorter clip, or bf16 / fp16"
+            ) from None
 
     def _driving_chunks(self, driving: Any, chunk: int, fps: float | None) -> Iterator[tuple[np.ndarray, float]]:
         """(n x H x W x 3 uint8 chunk, the clip's fps) of a clip path, an array or an iterable of frame arrays."""

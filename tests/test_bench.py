@@ -169,6 +169,6 @@ def test_channels_last_fast_path_equals_contiguous(inputs):
     for channels_last in (True, False):
         engine = Engine(device="cpu", channels_last=channels_last)
         assert engine.memory_format == (torch.channels_last if channels_last else torch.contiguous_format)
-        engine.use_model(spec.id, model)
-        frames[channels_last], _ = bench.fast_path(engine, spec, model, inputs, 2, adapt_scale=False)
+        served = engine.use_model(spec.id, model)
+        frames[channels_last], _ = bench.fast_path(engine, spec, served, inputs, 2, adapt_scale=False)
     torch.testing.assert_close(frames[True], frames[False], atol=1e-5, rtol=0)

@@ -123,17 +123,19 @@ def test_engine_errors_name_the_problem(tmp_path, monkeypatch):
         engine.animate(face, face[None], variant="mraa-awp")
 
 
-def test_out_of_memory_becomes_a_clear_error(monkeypatch):
+@pytest.mark.parametrize("entry", ["animate", "iter_animate"])
+def test_out_of_memory_becomes_a_clear_error(monkeypatch, entry):
     engine = Engine(device="cpu", batch_size=4)
     engine.use_model("fomm-none", tiny_fomm())
 
     def exhausted(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(engine, "_run", exhausted)
+    monkeypatch.setattr(mefacial.engine.ClipAnimator, "__call__", exhausted)
     face = np.zeros((64, 64, 3), np.uint8)
     with pytest.raises(mefacial.InputTooLargeError, match="batch size"):
-        engine.animate(face, face[None], variant="fomm-none", crop=False)
+        run = engine.animate if entry == "animate" else lambda *a, **k: list(engine.iter_animate(*a, **k))
+        run(face, face[None], variant="fomm-none", crop=False)
 
 
 def test_compare_reports_one_progress_over_all_variants(monkeypatch):

@@ -19,6 +19,7 @@ from mefacial import motion
 from mefacial.checkpoints import load_original_checkpoint
 from mefacial.config import config_from_reference
 from mefacial.models import CHECKPOINT_PARTS
+from mefacial.models.blocks import fuse_for_inference
 from mefacial.models.fomm import FOMM, MODE_FLAGS
 
 INPUT_KEYS = ("inputs.source", "inputs.driving", "au_points_pixels")
@@ -28,7 +29,7 @@ GENERATED = ("deformation", "deformed", "occlusion_map", "prediction")
 class Reference:
     """One fixture folder: the loaded model, the expected tensors, and what our model computed from the inputs."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, fused: bool = False):
         from safetensors.torch import load_file
 
         self.folder = folder
@@ -38,6 +39,8 @@ class Reference:
         self.model = FOMM(self.config, with_discriminator=True)
         load_original_checkpoint(self.model, folder / "checkpoint.pth.tar", CHECKPOINT_PARTS["fomm"])
         self.model.eval()
+        if fused:  # what the engine runs: batch norms and upsampling folded into the convs
+            self.model = fuse_for_inference(self.model)
         self.expected = load_file(str(folder / "tensors.safetensors"))
         self.tolerance = self.meta["tolerance"]
         self.compared: set[str] = set()
@@ -79,11 +82,16 @@ class Reference:
 
 
 @pytest.fixture(scope="module", params=fixture_params("fomm"))
-def reference(request) -> Reference:
+def folder(request) -> Path:
+    return request.param
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["as-trained", "fused"])
+def reference(folder, request) -> Reference:
     """Module-scoped so that pytest runs all tests of one fixture folder together, building its model once."""
-    if request.param is None:
+    if folder is None:
         require(FIXTURES / "<a folder whose meta.json says backbone fomm>", "FOMM reference fixtures")
-    return Reference(request.param)
+    return Reference(folder, fused=request.param)
 
 
 def test_keypoints(reference):

@@ -30,6 +30,7 @@ from conftest import fixture_meta, fixture_params, require
 from mefacial.checkpoints import load_original_checkpoint
 from mefacial.config import config_from_reference
 from mefacial.models import CHECKPOINT_PARTS
+from mefacial.models.blocks import fuse_for_inference
 from mefacial.models.mraa import MRAA
 
 INPUT_KEYS = ("inputs.source", "inputs.driving", "au_points_pixels")
@@ -44,7 +45,7 @@ ADAPT_SCALE = {"relative": True}
 class Reference:
     """One fixture folder: the loaded model, the expected tensors, and the checks made so far."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, fused: bool = False):
         from safetensors.torch import load_file
 
         self.folder = folder
@@ -54,6 +55,8 @@ class Reference:
         self.model = MRAA(self.config)
         load_original_checkpoint(self.model, folder / "checkpoint.pth.tar", CHECKPOINT_PARTS["mraa"])
         self.model.eval()
+        if fused:  # what the engine runs: batch norms and upsampling folded into the convs
+            self.model = fuse_for_inference(self.model)
         self.expected = load_file(str(folder / "tensors.safetensors"))
         self.tolerance = self.meta["tolerance"]
         self.compared: set[str] = set()
@@ -144,11 +147,16 @@ class Reference:
 
 
 @pytest.fixture(scope="module", params=fixture_params("mraa"))
-def reference(request) -> Reference:
+def folder(request) -> Path:
+    return request.param
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["as-trained", "fused"])
+def reference(folder, request) -> Reference:
     """Module scope: pytest groups the tests by fixture folder, so each model is built and run once."""
-    if request.param is None:
+    if folder is None:
         require(Path("/nonexistent-mraa-fixtures"), "MRAA reference fixtures")
-    return Reference(request.param)
+    return Reference(folder, fused=request.param)
 
 
 def test_regions(reference):

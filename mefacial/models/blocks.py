@@ -11,9 +11,12 @@ exactly what `nn.BatchNorm2d` computes, and it has the same state-dict keys.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 
 def make_coordinate_grid(
@@ -51,6 +54,12 @@ class ResBlock2d(nn.Module):
         out = self.conv2(F.relu(self.norm2(out)))
         return out + x
 
+    def fused(self) -> nn.Module:
+        """Inference form: norm2 folded into conv1 (norm1 acts on the skip too, so it stays)."""
+        block = copy.deepcopy(self)
+        block.conv1, block.norm2 = fuse_conv_bn_eval(self.conv1, self.norm2), nn.Identity()
+        return block
+
 
 class UpBlock2d(nn.Module):
     """Nearest x2 upsampling, then conv-BN-ReLU."""
@@ -63,6 +72,15 @@ class UpBlock2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.interpolate(x, scale_factor=2)
         return F.relu(self.norm(self.conv(out)))
+
+    def fused(self) -> nn.Module:
+        """Inference form: BN folded into the conv, and upsampling + conv as one transposed conv where that pays."""
+        conv = fuse_conv_bn_eval(self.conv, self.norm)
+        if _transposed_pays(conv):
+            return nn.Sequential(upsampled_conv_as_transposed(conv), nn.ReLU(inplace=True))
+        block = copy.deepcopy(self)
+        block.conv, block.norm = conv, nn.Identity()
+        return block
 
 
 class DownBlock2d(nn.Module):
@@ -77,6 +95,12 @@ class DownBlock2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.pool(F.relu(self.norm(self.conv(x))))
 
+    def fused(self) -> nn.Module:
+        """Inference form: BN folded into the conv."""
+        block = copy.deepcopy(self)
+        block.conv, block.norm = fuse_conv_bn_eval(self.conv, self.norm), nn.Identity()
+        return block
+
 
 class SameBlock2d(nn.Module):
     """conv-BN-ReLU, spatial size preserved."""
@@ -88,6 +112,12 @@ class SameBlock2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.relu(self.norm(self.conv(x)))
+
+    def fused(self) -> nn.Module:
+        """Inference form: BN folded into the conv."""
+        block = copy.deepcopy(self)
+        block.conv, block.norm = fuse_conv_bn_eval(self.conv, self.norm), nn.Identity()
+        return block
 
 
 def _hourglass_width(block_expansion: int, max_features: int, level: int) -> int:
@@ -183,3 +213,60 @@ class AntiAliasInterpolation2d(nn.Module):
         if self.strided:
             return out[:, :, :: self.int_inv_scale, :: self.int_inv_scale]
         return F.interpolate(out, scale_factor=(self.scale, self.scale))
+
+
+# ---- inference form ------------------------------------------------------------------------------
+
+# Per axis, which taps of a 3x3 kernel feed each tap of the equivalent stride-2, 4-tap transposed kernel:
+# output pixel 2i sees input rows i-1 (tap 0) and i (taps 1, 2); output 2i+1 sees i (taps 0, 1) and i+1 (tap 2).
+_UPSAMPLED_TAPS = torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 1.0], [1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])  # 4 x 3
+# The transposed form reads 16/9 as many weights; with more than this many input x output channels (the
+# deep, few-pixel levels of an hourglass) fetching them costs more than the 20/36 of the multiply-adds it saves
+# (measured on the CPU, benchmarks/upsampled_conv.py).
+TRANSPOSED_MAX_CHANNEL_PAIRS = 512 * 256
+
+
+def _transposed_pays(conv: nn.Conv2d) -> bool:
+    return (conv.kernel_size == (3, 3) and conv.padding == (1, 1) and conv.stride == (1, 1)
+            and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros"
+            and conv.in_channels * conv.out_channels <= TRANSPOSED_MAX_CHANNEL_PAIRS)
+
+
+def upsampled_conv_as_transposed(conv: nn.Conv2d) -> nn.ConvTranspose2d:
+    """`conv(F.interpolate(x, scale_factor=2))` (nearest, 3x3, padding 1) as one stride-2 transposed conv.
+
+    The same function (up to float rounding): each pixel of the upsampled image sees only 2 x 2 distinct
+    input pixels, so it costs 16/36 of the multiply-adds and never materialises the upsampled input."""
+    taps = _UPSAMPLED_TAPS.to(conv.weight)
+    transposed = nn.ConvTranspose2d(conv.in_channels, conv.out_channels, kernel_size=4, stride=2, padding=1,
+                                    bias=conv.bias is not None, device=conv.weight.device, dtype=conv.weight.dtype)
+    with torch.no_grad():
+        # O x C x 3 x 3 -> C x O x 4 x 4 (a transposed conv's weight is in x out)
+        transposed.weight.copy_(torch.einsum("tk,ul,ockl->cotu", taps, taps, conv.weight))
+        if conv.bias is not None:
+            transposed.bias.copy_(conv.bias)
+    return transposed
+
+
+def fuse_for_inference(model: nn.Module) -> nn.Module:
+    """A copy of `model` (in evaluation mode) for inference: every block's batch norm folded into the conv
+    before it, and nearest-upsample + conv blocks as transposed convs (see `UpBlock2d.fused`).
+
+    Same function up to float32 rounding (checked against the reference fixtures), fewer passes over memory
+    and fewer multiply-adds. Training and checkpoints use the unfused model: the copy has other parameter names.
+    """
+    if model.training:
+        raise ValueError("fuse_for_inference folds running batch-norm statistics: call model.eval() first")
+    if hasattr(model, "fused"):
+        return model.fused()
+    fused = copy.deepcopy(model)
+
+    def replace(module: nn.Module) -> None:
+        for name, child in module.named_children():
+            if hasattr(child, "fused"):
+                setattr(module, name, child.fused())
+            else:
+                replace(child)
+
+    replace(fused)
+    return fused

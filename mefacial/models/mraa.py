@@ -406,7 +406,10 @@ class Generator(nn.Module):
             occlusion = F.interpolate(occlusion, size=warped.shape[2:], mode="bilinear")
         if previous is None:
             return warped * occlusion
-        return warped * occlusion + previous * (1 - occlusion)
+        # = warped * occlusion + previous * (1 - occlusion) in one pass (it differs by float rounding); lerp
+        # wants one dtype where autocast mixes them
+        dtype = torch.promote_types(torch.promote_types(previous.dtype, warped.dtype), occlusion.dtype)
+        return torch.lerp(previous.to(dtype), warped.to(dtype), occlusion.to(dtype))
 
     def decode(self, source: SourceEncoding, source_regions: Regions, driving_regions: Regions,
                bg_params: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
