@@ -68,6 +68,21 @@ def test_dlib_reproduces_reference_landmarks_exactly(landmarks_fixture, dlib_det
         assert len(mismatched) == 0, f"{clip}: frames {mismatched.tolist()} differ from the reference"
 
 
+def test_dlib_detector_is_exact_when_callers_share_it(landmarks_fixture, dlib_detector):
+    """Frames are searched on worker threads, each with its own dlib detector (a shared one returned wrong
+    boxes); two callers at once (the app serves several users) still get the reference's landmarks."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    clips, tensors = landmarks_fixture
+    clip = clips[0]
+    frames, expected = tensors[f"{clip}.frames_uint8"][:12].copy(), tensors[f"{clip}.landmarks68"][:12].copy()
+    frames[5], expected[5] = 0, np.nan  # a frame without a face among them
+    with ThreadPoolExecutor(2) as callers:
+        results = list(callers.map(lambda _: dlib_detector.detect(frames, allow_missing=True).points, range(8)))
+    for points in results:
+        np.testing.assert_array_equal(points, expected)
+
+
 def test_dlib_predictor_found_without_importing_the_package():
     import sys
 

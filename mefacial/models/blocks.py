@@ -50,9 +50,10 @@ class ResBlock2d(nn.Module):
         self.norm2 = nn.BatchNorm2d(in_features, affine=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.conv1(F.relu(self.norm1(x)))
-        out = self.conv2(F.relu(self.norm2(out)))
-        return out + x
+        # In place on fresh tensors (no backward needs them): at these sizes allocation costs as much as the op.
+        out = self.conv1(F.relu(self.norm1(x), inplace=True))
+        out = self.conv2(F.relu(self.norm2(out), inplace=True))
+        return out.add_(x)
 
     def fused(self) -> nn.Module:
         """Inference form: norm2 folded into conv1 (norm1 acts on the skip too, so it stays)."""
@@ -71,7 +72,7 @@ class UpBlock2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.interpolate(x, scale_factor=2)
-        return F.relu(self.norm(self.conv(out)))
+        return F.relu(self.norm(self.conv(out)), inplace=True)
 
     def fused(self) -> nn.Module:
         """Inference form: BN folded into the conv, and upsampling + conv as one transposed conv where that pays."""
@@ -93,7 +94,7 @@ class DownBlock2d(nn.Module):
         self.pool = nn.AvgPool2d(kernel_size=(2, 2))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pool(F.relu(self.norm(self.conv(x))))
+        return self.pool(F.relu(self.norm(self.conv(x)), inplace=True))
 
     def fused(self) -> nn.Module:
         """Inference form: BN folded into the conv."""
@@ -111,7 +112,7 @@ class SameBlock2d(nn.Module):
         self.norm = nn.BatchNorm2d(out_features, affine=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(self.norm(self.conv(x)))
+        return F.relu(self.norm(self.conv(x)), inplace=True)
 
     def fused(self) -> nn.Module:
         """Inference form: BN folded into the conv."""
