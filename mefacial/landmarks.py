@@ -174,10 +174,13 @@ class DlibDetector(LandmarkDetector):
         # dlib takes one image per call and releases the GIL while it searches, so frames are spread over one
         # thread per core (1.8x faster on 2 cores, the same boxes). A face detector object is not safe to share
         # between threads (shared, it returned wrong boxes): each worker thread builds its own.
-        self._pool = ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="dlib-faces")
+        self._pool, self._pool_pid = None, None
         self._local = threading.local()
 
     def _find_faces(self, frames: np.ndarray) -> list[np.ndarray]:
+        if self._pool_pid != os.getpid():  # first use, or a forked child (which has none of the parent's threads)
+            self._pool = ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="dlib-faces")
+            self._pool_pid = os.getpid()
         return list(self._pool.map(self._faces_in, frames))
 
     def _faces_in(self, frame: np.ndarray) -> np.ndarray:

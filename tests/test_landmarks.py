@@ -83,6 +83,25 @@ def test_dlib_detector_is_exact_when_callers_share_it(landmarks_fixture, dlib_de
         np.testing.assert_array_equal(points, expected)
 
 
+def _detect_in_child(detector, frames, queue) -> None:
+    queue.put(detector.detect(frames).points)
+
+
+def test_dlib_detector_works_in_a_forked_child(dlib_detector, astronaut):
+    """A DataLoader worker forked after the parent detected faces has none of its worker threads."""
+    import multiprocessing
+
+    frames = np.stack([astronaut, astronaut[:, ::-1]])
+    expected = dlib_detector.detect(frames).points  # the parent's pool is running now
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_detect_in_child, args=(dlib_detector, frames, queue))
+    child.start()
+    got = queue.get(timeout=60)  # a child reusing the parent's dead pool would hang here
+    child.join(10)
+    np.testing.assert_array_equal(got, expected)
+
+
 def test_dlib_predictor_found_without_importing_the_package():
     import sys
 
