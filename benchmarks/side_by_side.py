@@ -23,8 +23,8 @@ The checkout goes on `sys.path` because the original modules import each other a
 
 Freshly initialised weights leave parts of the computation trivial: FOMM's jacobian head starts at zero
 weights with an identity bias (every jacobian is exactly I) and every BatchNorm has mean 0, variance 1,
-scale 1, shift 0. `nontrivial` perturbs those so the relative-jacobian path and the normalisations are
-really compared. MRAA's outputs move by ~1e-5 under float32 rounding alone: the original itself differs
+scale 1, shift 0. `bench.random_model` perturbs those so the relative-jacobian path and the normalisations
+are really compared. MRAA's outputs move by ~1e-5 under float32 rounding alone: the original itself differs
 by that much between its own channels-last-strided inputs (`permute` of H x W x 3 arrays) and contiguous
 copies of them, since convolutions round differently per memory layout; FOMM stays near 1e-7.
 """
@@ -48,22 +48,6 @@ from mefacial.engine import Engine
 from mefacial.variants import get_variant
 
 VARIANT = {"fomm": "fomm-none", "mraa": "mraa-none"}
-
-
-def nontrivial(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Perturb the BatchNorm statistics and affines and the zero-initialised weights of `model` in place."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-                module.running_mean.normal_(0, 0.05, generator=gen)
-                module.running_var.uniform_(0.8, 1.2, generator=gen)
-                module.weight.uniform_(0.8, 1.2, generator=gen)
-                module.bias.normal_(0, 0.05, generator=gen)
-        for param in model.parameters():
-            if not param.any():  # e.g. FOMM's jacobian head: small, so jacobians stay invertible
-                param.normal_(0, 1e-3, generator=gen)
-    return model
 
 
 def original_modules(checkout: Path, backbone: str, model: torch.nn.Module) -> tuple:
@@ -105,7 +89,7 @@ def main() -> None:
 
     spec = get_variant(VARIANT[args.backbone])
     config = dataclasses.replace(spec.config, grid_sample_align_corners=False)  # as the original runs on this torch
-    model = nontrivial(bench.random_model(config, args.seed), args.seed)
+    model = bench.random_model(config, args.seed)  # batch norms and zero-initialised heads perturbed
     make_animation, parts = original_modules(args.original, args.backbone, model)
     inputs = bench.bench_inputs(config.image_size, args.frames)
     source = inputs.source.astype(np.float32) / 255  # H x W x 3 in [0, 1], as the original demo feeds it

@@ -205,9 +205,26 @@ def machine(device: torch.device) -> dict[str, Any]:
 # ---- the two paths ----------------------------------------------------------------------------------
 
 def random_model(config: ModelConfig, seed: int) -> nn.Module:
-    """The backbone of `config` with seeded random weights, in evaluation mode, on the CPU."""
+    """The backbone of `config` with seeded random weights, in evaluation mode, on the CPU.
+
+    A freshly initialised model leaves parts of the computation trivial: every batch norm has mean 0,
+    variance 1, scale 1 and shift 0 (so folding it into a conv changes nothing), and FOMM's jacobian head
+    starts at zero weights (every jacobian exactly I). Those are perturbed, so that the fast path and the
+    loop are compared on every step they compute."""
     torch.manual_seed(seed)
-    return build_model(config).eval()
+    model = build_model(config).eval()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.running_mean.normal_(0, 0.05, generator=generator)
+                module.running_var.uniform_(0.8, 1.2, generator=generator)
+                module.weight.uniform_(0.8, 1.2, generator=generator)
+                module.bias.normal_(0, 0.05, generator=generator)
+        for param in model.parameters():
+            if not param.any():  # e.g. FOMM's jacobian head: small, so jacobians stay invertible
+                param.normal_(0, 1e-3, generator=generator)
+    return model
 
 
 def _points(spec: Variant, inputs: BenchInputs) -> tuple[np.ndarray | None, np.ndarray | None]:
