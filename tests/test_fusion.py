@@ -71,3 +71,12 @@ def test_only_blocks_where_the_transposed_form_pays_are_rewritten():
 def test_fusing_a_model_in_training_mode_is_refused():
     with pytest.raises(ValueError, match="eval"):
         blocks.fuse_for_inference(blocks.SameBlock2d(3, 4))
+
+
+def test_in_place_residual_keeps_the_skip_precision_under_autocast():
+    """The residual add runs in place only where both sides share a dtype: under bf16 autocast the conv's
+    output is bf16, and the sum must stay float32 like the skip (as `out + x` would)."""
+    block = blocks.ResBlock2d(8, kernel_size=3, padding=1).eval()
+    x = torch.randn(1, 8, 8, 8)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert block(x).dtype == torch.float32

@@ -53,7 +53,8 @@ class ResBlock2d(nn.Module):
         # In place on fresh tensors (no backward needs them): at these sizes allocation costs as much as the op.
         out = self.conv1(F.relu(self.norm1(x), inplace=True))
         out = self.conv2(F.relu(self.norm2(out), inplace=True))
-        return out.add_(x)
+        # under autocast the conv's output may be narrower than the skip: then the sum keeps the wider type
+        return out.add_(x) if out.dtype == x.dtype else out + x
 
     def fused(self) -> nn.Module:
         """Inference form: norm2 folded into conv1 (norm1 acts on the skip too, so it stays)."""
