@@ -275,11 +275,12 @@ def get_detector(name: str = "auto", device: torch.device | str | None = None) -
     """The landmark detector `name` ("auto" | "fan" | "dlib") on `device`, built once per process."""
     if name not in BACKENDS:
         raise InputError(f"unknown landmark backend {name!r}; use one of {', '.join(BACKENDS)}")
-    return _build_detector(name, str(resolve_device(device)))
+    return _build_detector(name, "cpu" if name == "dlib" else str(resolve_device(device)))  # dlib: CPU only
 
 
 @functools.lru_cache(maxsize=None)
 def _build_detector(name: str, device: str) -> LandmarkDetector:
+    """One detector per backend and device; "auto" resolves to the same instance as the backend it picks."""
     if name == "dlib":
         return DlibDetector()
     if name == "fan":
@@ -287,15 +288,15 @@ def _build_detector(name: str, device: str) -> LandmarkDetector:
     missing = fan_missing_weights()
     if not missing:
         try:
-            detector = FanDetector(device)
+            detector = _build_detector("fan", device)
         except (OSError, RuntimeError, ValueError, pickle.UnpicklingError) as err:  # a cached file torch cannot load
             logger.warning("landmarks: dlib HOG + 68-point predictor (face-alignment failed to load: %s)", err)
-            return DlibDetector()
+            return _build_detector("dlib", "cpu")
         logger.info("landmarks: face-alignment FAN on %s (its weights are in the torch hub cache)", device)
         return detector
     logger.info("landmarks: dlib HOG + 68-point predictor (face-alignment weights not cached: %s; "
                 "nothing is downloaded)", ", ".join(p.name for p in missing))
-    return DlibDetector()
+    return _build_detector("dlib", "cpu")
 
 
 # ----------------------------------------------------------------------------- temporal smoothing

@@ -76,3 +76,21 @@ def test_prior_tab_says_why_there_is_no_awp_map(monkeypatch, tmp_path):
     demo = app.Demo(Engine(device="cpu", landmarks="dlib"), app.Limits())
     gallery, status = demo.prior({"path": str(FACE)}, None, 0, "dlib", True)
     assert gallery[-1][1] == "source: AWP map" and "checkpoints/README.md" in status
+
+
+def test_warm_up_loads_the_landmark_models_and_never_raises(monkeypatch, caplog):
+    """`python app.py` warms up before serving; a failing warm-up is logged and the app serves anyway."""
+    engine = Engine(device="cpu", landmarks="dlib")
+    calls = []
+    real_animate = engine.animate
+    monkeypatch.setattr(engine, "animate", lambda *a, **k: calls.append(k) or real_animate(*a, **k))
+    assert app.warm_up(engine) > 0
+    assert calls and calls[0]["variant"] == "warp"
+
+    def broken(*args, **kwargs):
+        raise NotAnImageError("example missing")
+
+    monkeypatch.setattr(engine, "animate", broken)
+    with caplog.at_level("WARNING", logger="mefacial.app"):
+        assert app.warm_up(engine) is None
+    assert "warm-up skipped: example missing" in caplog.text

@@ -198,6 +198,8 @@ def test_auto_picks_dlib_offline_without_network(tmp_path, monkeypatch, no_netwo
         detector = lm.get_detector("auto", device="cpu")
     assert isinstance(detector, lm.DlibDetector)
     assert lm.get_detector("auto", device="cpu") is detector  # built once per process
+    # the very instance "dlib" names (one copy of the models, one thread pool), whatever the device asked
+    assert lm.get_detector("dlib") is detector and lm.get_detector("dlib", device="meta") is detector
     assert any("dlib" in r.message and "not cached" in r.message for r in caplog.records)
     with pytest.raises(WeightsNotFoundError, match="landmarks='dlib'") as error:
         lm.get_detector("fan", device="cpu")
