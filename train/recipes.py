@@ -106,6 +106,11 @@ class Recipe:
                 nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], clip)
             self.scaler.step(opt)
 
+    @staticmethod
+    def _step_values(losses: dict[str, torch.Tensor], l1: float) -> dict[str, float]:
+        """What a step reports: each weighted loss term, and the L1 error the runs compare."""
+        return {**{name: float(value.detach()) for name, value in losses.items()}, "l1": l1}
+
     def train(self) -> None:
         self.model.train()
 
@@ -283,9 +288,7 @@ class FOMMRecipe(Recipe):
         self.scaler.update()
 
         self.last = {"batch": batch, "out": out, "transformed": transformed}
-        values = {k: float(v.detach()) for k, v in losses.items()}
-        values["l1"] = float((prediction.detach() - driving).abs().mean())
-        return values
+        return self._step_values(losses, float((prediction.detach() - driving).abs().mean()))
 
     @torch.no_grad()
     def reconstruct(self, batch: Batch) -> torch.Tensor:
@@ -364,9 +367,7 @@ class MRAARecipe(Recipe):
         self._backward_and_step(total, [opt])
         self.scaler.update()
         self.last = {"batch": batch, "out": out, "transformed": transformed}
-        values = {k: float(v.detach()) for k, v in losses.items()}
-        values["l1"] = float((prediction.detach() - driving).abs().mean())
-        return values
+        return self._step_values(losses, float((prediction.detach() - driving).abs().mean()))
 
     @torch.no_grad()
     def reconstruct(self, batch: Batch) -> torch.Tensor:
@@ -431,9 +432,7 @@ class AVDRecipe(Recipe):
         self._backward_and_step(losses["rec_shift"] + losses["rec_affine"], [opt])
         self.scaler.update()
         self.last = {"batch": batch, "identity": identity, "pose": pose_gt, "rec": rec}
-        values = {k: float(v.detach()) for k, v in losses.items()}
-        values["l1"] = _region_l1(pose_gt, rec)
-        return values
+        return self._step_values(losses, _region_l1(pose_gt, rec))
 
     @torch.no_grad()
     def evaluate(self, batch: Batch) -> float:
