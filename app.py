@@ -28,7 +28,6 @@ import gradio as gr
 
 import mefacial
 from mefacial import checkpoints as weights_registry
-from mefacial.engine import ADAPT_SCALE_DEFAULT
 from mefacial.errors import MefacialError, WeightsNotFoundError
 from mefacial.evaluate import compare_columns, first_line
 from mefacial.grid import Column, prior_panels, render_grid
@@ -152,6 +151,11 @@ def number(value: Any, what: str, low: float, high: float) -> float:
     return result
 
 
+# Movement-scale adaptation: by default as each backbone's original code does (FOMM off, MRAA on), so that an
+# API call that leaves it out gets the backbone's behaviour rather than the form's initial value.
+ADAPT_SCALE = {"default": None, "on": True, "off": False}
+
+
 def choice(value: Any, options: dict | list, what: str) -> str:
     if value not in options:
         raise gr.Error(f"{what} must be one of {list(options)}, got {value!r}")
@@ -229,7 +233,7 @@ class Demo:
 
     # ---- Generate -------------------------------------------------------------------------------
     def generate(self, source, driving, backbone="warp", prior="none", confine=False, motion="relative",
-                 adapt_scale=False, magnify=1.0, crop=True, paste_back=False, landmarks="dlib", smooth=True,
+                 adapt_scale="default", magnify=1.0, crop=True, paste_back=False, landmarks="dlib", smooth=True,
                  slowdown=1.0, format="mp4", progress=gr.Progress()):
         """Animate the face with the clip; returns (result mp4, side-by-side mp4, download file, status)."""
         variant = variant_id(self.variants, choice(backbone, BACKBONES, "backbone"), prior)
@@ -238,7 +242,7 @@ class Demo:
         options = self.animate_options(crop, paste_back, landmarks, smooth)
         image, clip = self.read_inputs(source, driving)
         result = self.engine.animate(
-            image, clip.frames, variant=variant, motion=motion, adapt_scale=bool(adapt_scale),
+            image, clip.frames, variant=variant, motion=motion, adapt_scale=ADAPT_SCALE[choice(adapt_scale, ADAPT_SCALE, "movement-scale adaptation")],
             magnify=number(magnify, "magnification", 1, 5), fps=clip.fps, confine_to_prior=bool(confine),
             progress=self.progress_fn(progress), **options)
         out = self.request_dir()
@@ -395,12 +399,12 @@ def build_demo(engine: mefacial.Engine, limits: Limits | None = None) -> gr.Bloc
 
     def on_backbone(backbone: str):
         """Offer only what this backbone has: its priors and motion modes (warp: the EWP confinement instead),
-        and its original movement-scale adaptation default (FOMM off, MRAA on)."""
+        and movement-scale adaptation back to the backbone's original default (FOMM off, MRAA on)."""
         is_warp = backbone == "warp"
         return (gr.update(choices=prior_choices(backbone), value="none", interactive=not is_warp),
                 gr.update(visible=is_warp, value=False),
                 gr.update(choices=motion_choices(backbone), value="relative", interactive=not is_warp),
-                gr.update(interactive=not is_warp, value=ADAPT_SCALE_DEFAULT.get(backbone, False)))
+                gr.update(interactive=not is_warp, value="default"))
 
     # Gradio's copies of uploads and outputs go with the same age as the request folders (checked twice per age).
     delete_cache = (max(1, min(1800, limits.output_max_age_s // 2)), limits.output_max_age_s)
@@ -432,7 +436,9 @@ def build_demo(engine: mefacial.Engine, limits: Limits | None = None) -> gr.Bloc
                         with gr.Row():
                             g_motion = gr.Radio(motion_choices(), value="relative", label="Motion", elem_id="g-motion",
                                                 interactive=False)
-                            g_adapt = gr.Checkbox(False, label="Movement-scale adaptation", interactive=False)
+                            g_adapt = gr.Radio([("as the original (FOMM off, MRAA on)", "default"), ("on", "on"),
+                                                ("off", "off")], value="default", label="Movement-scale adaptation",
+                                               interactive=False, elem_id="g-adapt")
                         g_magnify = gr.Slider(1, 5, value=1, step=0.5, label="Magnification (1 = faithful)")
                     with gr.Accordion("Face and output", open=False):
                         with gr.Row():

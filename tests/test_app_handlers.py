@@ -94,3 +94,25 @@ def test_warm_up_loads_the_landmark_models_and_never_raises(monkeypatch, caplog)
     with caplog.at_level("WARNING", logger="mefacial.app"):
         assert app.warm_up(engine) is None
     assert "warm-up skipped: example missing" in caplog.text
+
+
+@pytest.mark.parametrize("given, expected", [(None, None), ("default", None), ("on", True), ("off", False)])
+def test_movement_scale_adaptation_defaults_to_the_backbones_own(monkeypatch, given, expected):
+    """An API call that leaves adapt_scale out gets the backbone's original behaviour (None: MRAA on, FOMM off),
+    not a fixed False."""
+    engine = Engine(device="cpu", landmarks="dlib")
+    seen = {}
+
+    def animate(*args, **kwargs):
+        seen.update(kwargs)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(engine, "animate", animate)
+    demo = app.Demo(engine, app.Limits())
+    options = {} if given is None else {"adapt_scale": given}
+    with pytest.raises(RuntimeError, match="stop here"):
+        demo.generate({"path": str(app.EXAMPLE_FACE)}, {"path": str(app.EXAMPLE_CLIP)}, "mraa", "none", **options)
+    assert seen["adapt_scale"] is expected and seen["variant"] == "mraa-none"
+    with pytest.raises(gr.Error, match="movement-scale adaptation must be one of"):
+        demo.generate({"path": str(app.EXAMPLE_FACE)}, {"path": str(app.EXAMPLE_CLIP)}, "mraa", "none",
+                      adapt_scale="sometimes")
