@@ -240,9 +240,10 @@ class Demo:
         slowdown = number(slowdown, "slow-down factor", 1, 20)
         format = choice(format, ["mp4", "gif"], "output format")
         options = self.animate_options(crop, paste_back, landmarks, smooth)
+        adapt_scale = ADAPT_SCALE[choice(adapt_scale, ADAPT_SCALE, "movement-scale adaptation")]
         image, clip = self.read_inputs(source, driving)
         result = self.engine.animate(
-            image, clip.frames, variant=variant, motion=motion, adapt_scale=ADAPT_SCALE[choice(adapt_scale, ADAPT_SCALE, "movement-scale adaptation")],
+            image, clip.frames, variant=variant, motion=motion, adapt_scale=adapt_scale,
             magnify=number(magnify, "magnification", 1, 5), fps=clip.fps, confine_to_prior=bool(confine),
             progress=self.progress_fn(progress), **options)
         out = self.request_dir()

@@ -366,8 +366,7 @@ def _median(values: list[float]) -> float:
 def run(variants: Sequence[str] = DEFAULT_VARIANTS, frames: int = 16, batch_size: int | None = None,
         precisions: Sequence[str] = ("fp32", "bf16", "fp16"), device: str = "auto", repeats: int = 3,
         seed: int = 0, data: Path | None = None, compile: bool = False, channels_last: bool | None = None,
-        fuse: bool = True,
-        configs: dict[str, ModelConfig] | None = None, inputs: BenchInputs | None = None,
+        fuse: bool = True, configs: dict[str, ModelConfig] | None = None, inputs: BenchInputs | None = None,
         log: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
     """Benchmark `variants` (fast path at each precision against the per-frame fp32 loop); a JSON-able report.
 
@@ -535,7 +534,7 @@ def format_table(report: dict[str, Any]) -> str:
         + f", native bf16: {m['native_bf16']}" + (f", load average {m['load_average']}" if "load_average" in m else ""),
         f"Inputs: {s['inputs']}; {s['frames']} frames, batch {s['batch_size']}, {s['repeats']} repeats (medians), "
         f"random weights (seed {s['seed']}), channels_last {s['channels_last']}, "
-        f"fused {s.get('fuse', False)}, compile {s['compile']}",
+        f"fused {s['fuse']}, compile {s['compile']}",
         "",
         "| variant | path | precision | landmarks | prior | motion | generator | end-to-end ms/frame | fps "
         "| peak MiB | GFLOP/frame | GFLOP/s | speed-up | max abs diff vs loop | PSNR vs fp32 dB |",

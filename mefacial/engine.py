@@ -359,8 +359,8 @@ class Engine:
         model, weights = self.model(spec, checkpoint)  # fail on missing weights before any detection
         config = getattr(model, "config", spec.config)  # an injected model may have its own (e.g. tiny) config
         prepared = self._prepare(spec, config.image_size, source_image, clip.frames, source_landmarks, driving_landmarks,
-                                 crop, margin, landmarks or self.landmarks, smooth and smoothing_window(clip.fps), report,
-                                 timings)
+                                 crop, margin, landmarks or self.landmarks,
+                                 smoothing_window(clip.fps) if smooth else None, report, timings)
         src_au, drv_au = self._au_points(config, prepared.source_points, prepared.driving_points)
 
         report(0.05, f"{spec.id}: {clip.num_frames} frames")

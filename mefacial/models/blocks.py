@@ -77,12 +77,10 @@ class UpBlock2d(nn.Module):
 
     def fused(self) -> nn.Module:
         """Inference form: BN folded into the conv, and upsampling + conv as one transposed conv where that pays."""
-        conv = fuse_conv_bn_eval(self.conv, self.norm)
-        if _transposed_pays(conv):
-            return nn.Sequential(upsampled_conv_as_transposed(conv), nn.ReLU(inplace=True))
-        block = copy.deepcopy(self)
-        block.conv, block.norm = conv, nn.Identity()
-        return block
+        if _transposed_pays(self.conv):
+            return nn.Sequential(upsampled_conv_as_transposed(fuse_conv_bn_eval(self.conv, self.norm)),
+                                 nn.ReLU(inplace=True))
+        return _norm_folded(self)
 
 
 class DownBlock2d(nn.Module):
@@ -99,9 +97,7 @@ class DownBlock2d(nn.Module):
 
     def fused(self) -> nn.Module:
         """Inference form: BN folded into the conv."""
-        block = copy.deepcopy(self)
-        block.conv, block.norm = fuse_conv_bn_eval(self.conv, self.norm), nn.Identity()
-        return block
+        return _norm_folded(self)
 
 
 class SameBlock2d(nn.Module):
@@ -117,9 +113,7 @@ class SameBlock2d(nn.Module):
 
     def fused(self) -> nn.Module:
         """Inference form: BN folded into the conv."""
-        block = copy.deepcopy(self)
-        block.conv, block.norm = fuse_conv_bn_eval(self.conv, self.norm), nn.Identity()
-        return block
+        return _norm_folded(self)
 
 
 def _hourglass_width(block_expansion: int, max_features: int, level: int) -> int:
@@ -226,6 +220,13 @@ _UPSAMPLED_TAPS = torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 1.0], [1.0, 1.0, 0.0
 # deep, few-pixel levels of an hourglass) fetching them costs more than the 20/36 of the multiply-adds it saves
 # (measured on the CPU, benchmarks/upsampled_conv.py).
 TRANSPOSED_MAX_CHANNEL_PAIRS = 512 * 256
+
+
+def _norm_folded(block: nn.Module) -> nn.Module:
+    """A copy of a conv-BN-ReLU block with its `norm` folded into its `conv` (and replaced by identity)."""
+    folded = copy.deepcopy(block)
+    folded.conv, folded.norm = fuse_conv_bn_eval(block.conv, block.norm), nn.Identity()
+    return folded
 
 
 def _transposed_pays(conv: nn.Conv2d) -> bool:
