@@ -28,6 +28,7 @@ import gradio as gr
 
 import mefacial
 from mefacial import checkpoints as weights_registry
+from mefacial import hardware
 from mefacial.errors import MefacialError, WeightsNotFoundError
 from mefacial.evaluate import compare_columns, first_line
 from mefacial.grid import Column, prior_panels, render_grid
@@ -194,6 +195,31 @@ def user_errors(fn: Callable) -> Callable:
                            "Please report it with the inputs that caused it.") from exc
 
     return wrapper
+
+
+def zero_gpu_handlers(demo: "Demo") -> None:
+    """On a ZeroGPU Space, run the handlers that use the engine as `@spaces.GPU` tasks (`mefacial.hardware`),
+    each asking for GPU time in proportion to its request's frames and variants; elsewhere nothing changes.
+
+    Engine errors become gr.Error inside the GPU call, so that their message (not just their class) reaches
+    the page."""
+    if not hardware.on_zero_gpu():
+        return
+
+    def frames(driving: Any) -> int:
+        try:
+            return read_clip(upload_path(driving, "driving clip"), limits=demo.limits.files).num_frames
+        except Exception:  # noqa: BLE001 - the handler reports the problem; ask for the longest clip allowed
+            return demo.limits.max_frames
+
+    durations = {
+        "generate": lambda source, driving=None, *a, **k: hardware.gpu_seconds(frames(driving)),
+        "compare": lambda source, driving=None, variants=None, *a, **k: hardware.gpu_seconds(
+            frames(driving), len(variants or demo.variants)),
+        "prior": lambda *a, **k: hardware.gpu_seconds(2, 2),
+    }
+    for name, duration in durations.items():
+        setattr(demo, name, hardware.gpu_handler(user_errors(getattr(demo, name)), demo.engine, duration))
 
 
 class Demo:
@@ -376,6 +402,7 @@ def build_demo(engine: mefacial.Engine, limits: Limits | None = None) -> gr.Bloc
     """The Blocks app: Generate, Prior and Compare tabs over `engine`. Launch it with `launch(demo, ...)`."""
     limits = limits or Limits()
     demo_state = Demo(engine, limits)
+    zero_gpu_handlers(demo_state)
     variants = demo_state.variants
     pairs = examples()
     default_landmarks = engine.landmarks if engine.landmarks in LANDMARKS and engine.landmarks != "auto" else "dlib"
@@ -602,17 +629,23 @@ def warm_up(engine: mefacial.Engine) -> float | None:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if hardware.on_zero_gpu():
+        hardware.import_spaces()  # before anything touches CUDA
     try:
         for variant, _ in args.checkpoint:
             mefacial.get_variant(variant)  # an unknown id fails here, listing the known ones
-        engine = mefacial.Engine(device=args.device, precision=args.precision, landmarks=args.landmarks,
-                                 checkpoints=dict(args.checkpoint))
+        engine = mefacial.Engine(device=hardware.startup_device(args.device), precision=args.precision,
+                                 landmarks=args.landmarks, checkpoints=dict(args.checkpoint))
     except MefacialError as exc:
         raise SystemExit(f"error: {exc}") from None
     limits = Limits(max_upload_mb=args.max_upload_mb, max_frames=args.max_frames, max_seconds=args.max_seconds,
                     queue_size=args.queue_size, output_max_age_s=args.output_max_age)
     stop_on_sigterm()
     warm_up(engine)  # before serving: the first request then takes the steady-state time
+    if hardware.on_zero_gpu():  # models on the CPU now; each GPU call only moves them
+        variants = mefacial.list_variants()
+        status = weights_status(engine, variants)
+        hardware.preload(engine, [v["id"] for v in variants if v["needs_weights"] and status[v["id"]] is None])
     launch(build_demo(engine, limits), host=args.host, port=args.port, share=args.share)
 
 
