@@ -17,6 +17,7 @@ as they are) plus the fields the original code hard-coded:
 from __future__ import annotations
 
 import dataclasses
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,9 @@ BACKBONES = ("fomm", "mraa", "warp")
 PRIORS = ("none", "ewp", "awp")
 PRIOR_DISTANCES = ("l2", "l1")
 AU_POINT_MODES = ("per_frame", "first_frame")
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# Shipped as package data (mefacial/configs/*.yaml, training configs in configs/train/), found through the
+# package so an installed mefacial reads them from any working directory.
+CONFIG_DIR = Path(str(resources.files("mefacial") / "configs"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +95,7 @@ def _check_choice(field: str, value: Any, choices: tuple[str, ...], name: str) -
 
 
 def load_config(path_or_name: str | Path) -> ModelConfig:
-    """Load a config from a path, or by name from `configs/` (e.g. "fomm-vox256")."""
+    """Load a config from a path, or by name from the package's `configs/` (e.g. "fomm-vox256")."""
     path = Path(path_or_name)
     if not path.suffix and not path.exists():
         path = CONFIG_DIR / f"{path_or_name}.yaml"

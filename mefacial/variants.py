@@ -1,7 +1,7 @@
 """Variant registry: a variant id ("fomm-awp", "mraa-none", "warp", ...) names an
 architecture config, whether it needs learned weights, and what it needs as input.
 
-Weights locations live in `checkpoints/registry.yaml` (see `mefacial.checkpoints`);
+Weights locations live in `mefacial/registry.yaml` (see `mefacial.checkpoints`);
 this module only knows architectures, so it does no I/O beyond reading configs.
 """
 
