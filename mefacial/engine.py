@@ -240,7 +240,8 @@ class Engine:
         self.fuse = fuse
         self.compile = compile
         self._models: dict[tuple[str, str], tuple[nn.Module, str]] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards the two dicts below, never held while loading
+        self._loading: dict[tuple[str, str], threading.Lock] = {}  # one lock per model being loaded
 
     # ---- models -------------------------------------------------------------------------
     def inference_context(self) -> contextlib.AbstractContextManager:
@@ -252,20 +253,33 @@ class Engine:
         return stack
 
     def model(self, variant: str | Variant, checkpoint: str | Path | None = None) -> tuple[nn.Module, str]:
-        """The model of `variant` on this engine's device, with its weights loaded; cached."""
-        spec = get_variant(variant) if isinstance(variant, str) else variant
+        """The model of `variant` on this engine's device, with its weights loaded; cached.
+
+        The cache's lock is held only to look up and to store: weights are resolved (a Hub download
+        included) and loaded under a lock of that (variant, weights) key alone, so a first-use download of
+        one variant never stalls requests for another, and two requests for the same one load it once."""
+        spec = get_variant(variant)
         checkpoint = checkpoint or self.checkpoint_overrides.get(spec.id)
         key = (spec.id, str(checkpoint or ""))
         with self._lock:
-            if key not in self._models:
-                model = build_model(spec.config)
-                weights = "none (training-free)"
-                if spec.needs_weights:
-                    resolved = resolve_checkpoint(spec.id, checkpoint)
-                    load_weights(model, resolved.path, spec.backbone)
-                    weights = f"{resolved.path} ({resolved.source})"
-                self._models[key] = (self._for_inference(model), weights)
-            return self._models[key]
+            if key in self._models:
+                return self._models[key]
+            key_lock = self._loading.setdefault(key, threading.Lock())
+        with key_lock:
+            with self._lock:
+                if key in self._models:  # loaded by the request we waited for
+                    return self._models[key]
+            model = build_model(spec.config)
+            weights = "none (training-free)"
+            if spec.needs_weights:
+                resolved = resolve_checkpoint(spec.id, checkpoint)
+                load_weights(model, resolved.path, spec.spec.inference_parts)
+                weights = f"{resolved.path} ({resolved.source})"
+            served = (self._for_inference(model), weights)
+            with self._lock:
+                self._models[key] = served
+                self._loading.pop(key, None)
+            return served
 
     def use_model(self, variant: str, model: nn.Module, weights: str = "in-memory") -> nn.Module:
         """Serve `variant` with an already built model (random weights for tests and benchmarks, a training run);
@@ -274,10 +288,10 @@ class Engine:
         The model is moved to the engine's device and memory format in place (as `nn.Module.to` does) and put
         in evaluation mode; with `fuse` (the default) the engine runs a fused copy of it."""
         spec = get_variant(variant)
+        served = self._for_inference(model)
         with self._lock:
-            served = self._for_inference(model)
             self._models[(spec.id, "")] = (served, weights)
-            return served
+        return served
 
     def _for_inference(self, model: nn.Module) -> nn.Module:
         """Evaluation mode on the engine's device and memory format, fused (`fuse`), the batched steps compiled
