@@ -1,7 +1,7 @@
 """Weights: where they live, how they are fetched, and how they load, strictly and safely. One job per module:
 
 - `formats`: checkpoint layouts (original `.pth.tar`, the project's safetensors + JSON) and strict, safe loading;
-- `registry`: `checkpoints/registry.yaml`, keyed by variant id: Hub sources (tried in order) and licences;
+- `registry`: `mefacial/registry.yaml`, keyed by variant id: Hub sources (tried in order) and licences;
 - `hub`: the Hugging Face cache, bounded downloads, and Hub errors in words;
 - `resolve`: which file a variant loads (explicit path -> env -> checkpoints/ -> HF cache -> Hub sources);
 - `convert`: original checkpoints -> safetensors + config sidecar;

@@ -101,7 +101,7 @@ def run_cli(args: argparse.Namespace) -> int:
         published = push_to_hub(args.variant, args.file, args.repo, private=args.private, token=args.token,
                                 metrics=metrics, config=args.config, commit_message=args.message)
         print(f"uploaded to {published.url} (commit {published.revision})")
-        print("registry entry (checkpoints/registry.yaml):")
+        print("registry entry (mefacial/registry.yaml):")
         print(yaml.safe_dump({args.variant: {"sources": [published.registry_entry()]}}, sort_keys=False))
         return 0
     raise ValueError(f"unknown checkpoints command {args.checkpoints_command!r}")

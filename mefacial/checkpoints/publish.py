@@ -24,7 +24,7 @@ HUB_CONFIG_FILENAME = "config.json"
 
 @dataclasses.dataclass(frozen=True)
 class PublishedWeights:
-    """Where `push_to_hub` put the weights: paste `registry_entry()` into checkpoints/registry.yaml."""
+    """Where `push_to_hub` put the weights: paste `registry_entry()` into mefacial/registry.yaml."""
 
     repo_id: str
     filename: str
@@ -41,7 +41,9 @@ def model_card(variant: str, config: Any, *, repo_id: str, metrics: Mapping[str,
                spec: CheckpointSpec | None = None, provenance: Mapping[str, Any] | None = None) -> str:
     """README.md for a published checkpoint: front matter (library, tags, licence) and what the weights are."""
     prior_names = {"none": "no prior", "ewp": "equal-weighted prior (EWP)", "awp": "adaptive weighted prior (AWP)"}
-    backbone_names = {"fomm": "First Order Motion Model (FOMM)", "mraa": "Motion Representations for Articulated Animation (MRAA)"}
+    from ..models import get_backbone
+
+    backbone = get_backbone(config.backbone)
     origin = dict(spec.origin) if spec else {}
     licence = spec.licence if spec else "other"
     front = {
@@ -56,9 +58,9 @@ def model_card(variant: str, config: Any, *, repo_id: str, metrics: Mapping[str,
              f"Weights for the `{variant}` variant of mefacial (facial-prior-guided micro-expression "
              "generation), in its safetensors format.", "",
              "## Architecture", "",
-             f"- backbone: {backbone_names.get(config.backbone, config.backbone)}",
+             f"- backbone: {backbone.title}",
              f"- prior: {prior_names.get(config.prior, config.prior)}",
-             f"- config: `{config.name}` ({config.num_points} {'keypoints' if config.backbone == 'fomm' else 'regions'}, "
+             f"- config: `{config.name}` ({config.num_points} {backbone.points_name}, "
              f"{config.image_size}x{config.image_size} frames, grid_sample align_corners={config.grid_sample_align_corners})",
              f"- files: `{HUB_WEIGHTS_FILENAME}` (flat `part.key` tensors), `{HUB_CONFIG_FILENAME}` (full config and provenance)",
              "", "## Training data", "",
@@ -79,7 +81,7 @@ def model_card(variant: str, config: Any, *, repo_id: str, metrics: Mapping[str,
               f"    --checkpoint \"$(python -c \"from huggingface_hub import hf_hub_download; "
               f"print(hf_hub_download('{repo_id}', '{HUB_WEIGHTS_FILENAME}'))\")\"",
               "```", "",
-              "or add it to `checkpoints/registry.yaml` (`python -m mefacial checkpoints push` prints the entry).", ""]
+              "or add it to `mefacial/registry.yaml` (`python -m mefacial checkpoints push` prints the entry).", ""]
     return "\n".join(lines)
 
 

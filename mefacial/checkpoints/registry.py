@@ -1,6 +1,6 @@
 """The weights registry: per learned variant, where its weights live (Hub sources, tried in order) and licences.
 
-`checkpoints/registry.yaml` (or `$MEFACIAL_REGISTRY`) is keyed by variant id; the architecture of a variant
+`mefacial/registry.yaml` (or `$MEFACIAL_REGISTRY`) is keyed by variant id; the architecture of a variant
 is the code's (`mefacial.variants`), so an entry carries only where the weights are and what they are. The
 file is validated when read: an unknown variant id or field is an error naming it.
 """
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from ..errors import ConfigError, UnknownVariantError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CHECKPOINT_DIR = REPO_ROOT / "checkpoints"
-DEFAULT_REGISTRY = DEFAULT_CHECKPOINT_DIR / "registry.yaml"
+DEFAULT_REGISTRY = Path(str(resources.files("mefacial") / "registry.yaml"))  # package data
 ENV_REGISTRY = "MEFACIAL_REGISTRY"  # another registry file (a lab's private weights)
 ENV_VARIANT_PREFIX = "MEFACIAL_CHECKPOINT_"  # + variant, upper case, '-' -> '_'
 REPO_TYPES = ("model", "dataset", "space")
@@ -81,7 +82,7 @@ def registry_path() -> Path:
 
 
 def load_registry(path: str | Path | None = None) -> dict[str, CheckpointSpec]:
-    """Parse and validate the registry (default checkpoints/registry.yaml, or $MEFACIAL_REGISTRY) into specs."""
+    """Parse and validate the registry (default mefacial/registry.yaml, or $MEFACIAL_REGISTRY) into specs."""
     from ..variants import variant_ids
 
     path = Path(path) if path is not None else registry_path()
