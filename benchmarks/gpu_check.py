@@ -21,7 +21,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from mefacial import bench  # noqa: E402
-from mefacial.engine import ADAPT_SCALE_DEFAULT, Engine, check_precision  # noqa: E402
+from mefacial.engine import Engine, check_precision  # noqa: E402
 from mefacial.errors import InputError  # noqa: E402
 from mefacial.variants import get_variant, list_variants  # noqa: E402
 
@@ -91,7 +91,8 @@ def compare(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
     return {"max_abs_diff": float((a.float() - b.float()).abs().max()), "psnr_db": bench.psnr(a, b)}
 
 
-def fusion_report(device: torch.device, variants: list[str], frames: int, batch_size: int) -> dict[str, Any]:
+def fusion_report(device: torch.device, variants: list[str], frames: int, batch_size: int,
+                  save: Callable[[dict], None] = lambda report: None) -> dict[str, Any]:
     """For each variant and precision: the fused and the unfused networks through the engine's batched path,
     against each other and against unfused fp32 (the layers as trained, in full precision)."""
     precisions = [p for p in PRECISIONS if _supported(p, device)]
@@ -109,7 +110,7 @@ def fusion_report(device: torch.device, variants: list[str], frames: int, batch_
                     engine = Engine(device=device, precision=precision, batch_size=batch_size, fuse=fused)
                     model = engine.use_model(spec.id, _copy(base))
                     outputs[(fused, precision)], _ = bench.fast_path(engine, spec, model, inputs, batch_size,
-                                                                     ADAPT_SCALE_DEFAULT[spec.backbone])
+                                                                     spec.adapt_scale_default)
             reference = outputs[(False, "fp32")]
             for precision in precisions:
                 report["cases"].append({
@@ -122,6 +123,7 @@ def fusion_report(device: torch.device, variants: list[str], frames: int, batch_
         except Exception as exc:  # noqa: BLE001 - one variant's failure is recorded, the others still run
             report["cases"].append({"variant": variant, **error_of(exc)})
         print(json.dumps([c for c in report["cases"] if c["variant"] == variant], default=str), flush=True)
+        save(report)  # what is done so far survives a timeout
     return report
 
 
@@ -142,7 +144,7 @@ def _supported(precision: str, device: torch.device) -> bool:
 # ---- torch.compile --------------------------------------------------------------------------------------
 
 def compile_report(device: torch.device, variant: str, precision: str, batch_size: int, frames: int,
-                   repeats: int) -> dict[str, Any]:
+                   repeats: int, save: Callable[[dict], None] = lambda report: None) -> dict[str, Any]:
     """Eager against `torch.compile` (the engine's `compile=True`) on the batched path: the first call's
     seconds (compilation), then the median frames per second of `repeats` runs, and the output difference."""
     spec = get_variant(variant)
@@ -156,7 +158,7 @@ def compile_report(device: torch.device, variant: str, precision: str, batch_siz
             engine = Engine(device=device, precision=precision, batch_size=batch_size, compile=mode == "compiled")
             model = engine.use_model(spec.id, _copy(base))
             run = lambda: bench.fast_path(engine, spec, model, inputs, batch_size,  # noqa: E731
-                                          ADAPT_SCALE_DEFAULT[spec.backbone])
+                                          spec.adapt_scale_default)
             started = time.perf_counter()
             run()
             first = time.perf_counter() - started
@@ -169,6 +171,7 @@ def compile_report(device: torch.device, variant: str, precision: str, batch_siz
         except Exception as exc:  # noqa: BLE001
             report["runs"][mode] = error_of(exc)
         print(json.dumps({mode: report["runs"][mode]}, default=str), flush=True)
+        save(report)
     if len(outputs) == 2:
         report["compiled_vs_eager"] = compare(outputs["compiled"], outputs["eager"])
         report["speedup"] = report["runs"]["compiled"]["fps"] / report["runs"]["eager"]["fps"]
@@ -264,10 +267,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "env":
         write(args.out, env_report())
     elif args.command == "fusion":
-        write(args.out, fusion_report(device, args.variants, args.frames, args.batch_size))
+        write(args.out, fusion_report(device, args.variants, args.frames, args.batch_size,
+                                      save=lambda report: write(args.out, report)))
     elif args.command == "compile":
         precision = args.precision if _supported(args.precision, device) else "fp32"
-        write(args.out, compile_report(device, args.variant, precision, args.batch_size, args.frames, args.repeats))
+        write(args.out, compile_report(device, args.variant, precision, args.batch_size, args.frames, args.repeats,
+                                       save=lambda report: write(args.out, report)))
     return 0
 
 
