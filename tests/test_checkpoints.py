@@ -199,6 +199,7 @@ def test_registry_sources_for_fomm_none_are_the_space_then_the_dataset_mirror():
     ({"fomm-awp": {"sources": [{"repo_id": "a/b", "filename": "f", "branch": "x"}]}}, "branch"),
     ({"fomm-awp": {"licnce": "mit"}}, "licnce"),
     ({"fomm-awp": {}, "fomm-avp": {}}, "unknown variant id 'fomm-avp'.*fomm-awp"),
+    ({"warp": {}}, "'warp' needs no weights"),
 ])
 def test_registry_errors_name_the_field(tmp_path, bad, field):
     path = tmp_path / "registry.yaml"

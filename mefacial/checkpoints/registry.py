@@ -83,7 +83,7 @@ def registry_path() -> Path:
 
 def load_registry(path: str | Path | None = None) -> dict[str, CheckpointSpec]:
     """Parse and validate the registry (default mefacial/registry.yaml, or $MEFACIAL_REGISTRY) into specs."""
-    from ..variants import variant_ids
+    from ..variants import get_variant, variant_ids
 
     path = Path(path) if path is not None else registry_path()
     try:
@@ -100,6 +100,8 @@ def load_registry(path: str | Path | None = None) -> dict[str, CheckpointSpec]:
         if key not in known:
             raise ConfigError(f"checkpoint registry {path}: unknown variant id {key!r} (a key at the top level); "
                               f"the variants are {', '.join(known)}")
+        if not get_variant(key).needs_weights:
+            raise ConfigError(f"checkpoint registry {path}: variant {key!r} needs no weights; remove its entry")
     return {variant: _parse_spec(variant, entry, path) for variant, entry in data.items()}
 
 
