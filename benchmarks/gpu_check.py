@@ -197,6 +197,10 @@ def summary_markdown(merged: dict[str, Any]) -> str:
     env = merged.get("env", {})
     lines.append(f"GPU: {env.get('gpu', '?')} (x{env.get('gpu_count', '?')}), torch {env.get('torch')}, "
                  f"CUDA {env.get('cuda_build')}, cuDNN {env.get('cudnn')}")
+    status = merged.get("status", {})
+    if status:  # exit status of each part: 0 ok, 124 timed out, 127 not available
+        words = {0: "ok", 124: "TIMED OUT", 127: "not run"}
+        lines.append("Parts: " + ", ".join(f"{name} {words.get(rc, f'FAILED ({rc})')}" for name, rc in status.items()))
     bench_parts = {k: v for k, v in merged.items() if k.startswith("bench-") and "rows" in v}
     if bench_parts:
         lines += ["", "| variant | batch | precision | path | networks fps | end-to-end fps | peak MiB | max abs diff vs loop "
@@ -224,7 +228,7 @@ def summary_markdown(merged: dict[str, Any]) -> str:
     compiled = merged.get("compile", {})
     if compiled.get("runs"):
         lines += ["", f"torch.compile {compiled['variant']} {compiled['precision']} batch {compiled['batch_size']}: "
-                  + ", ".join(f"{mode}: " + (f"{r['fps']:.0f} fps (first call {r['first_call_s']:.1f} s)" if "fps" in r
+                  + ", ".join(f"{mode}: " + (f"{r['fps']:.1f} fps (first call {r['first_call_s']:.1f} s)" if "fps" in r
                                              else r.get("error", "?")) for mode, r in compiled["runs"].items())
                   + (f"; speed-up {compiled['speedup']:.2f}x, max abs diff {compiled['compiled_vs_eager']['max_abs_diff']:.1e}"
                      if "speedup" in compiled else "")]

@@ -33,7 +33,8 @@ done
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu_check_out}"
 mkdir -p "$OUT"
-PARTS="$(mktemp -d -t gpu_check.XXXXXX)"
+PARTS="$(mktemp -d -t gpu_check.XXXXXX)"  # each part's JSON, merged into $OUT at the end
+trap 'rm -rf "$PARTS"' EXIT
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1
 export MEFACIAL_FIXTURES="${MEFACIAL_FIXTURES:-$PWD/.shared_fixtures}"
 [ -d "$MEFACIAL_FIXTURES" ] || export MEFACIAL_FIXTURES="$PWD/../shared/fixtures/reference"
