@@ -71,7 +71,7 @@ _VARIANTS = {
         Variant("fomm-none", "fomm-vox256", "FOMM"),
         Variant("fomm-ewp", "fomm-ewp", "FOMM + EWP"),
         Variant("fomm-awp", "fomm-awp", "FOMM + AWP"),
-        Variant("fomm-ewp-mm21", "fomm-ewp-mm21", "FOMM + prior (ACM MM 2021)"),
+        Variant("fomm-ewp-mm21", "fomm-ewp-mm21", "FOMM + EWP (ACM MM 2021)"),
         Variant("mraa-none", "mraa-vox256", "MRAA"),
         Variant("mraa-ewp", "mraa-ewp", "MRAA + EWP"),
         Variant("mraa-awp", "mraa-awp", "MRAA + AWP"),
