@@ -95,8 +95,9 @@ def variant_id(variants: list[dict], backbone: str, prior: str) -> str:
     for v in variants:
         if v["backbone"] == backbone and prior_key(v) == prior:
             return v["id"]
-    valid = [f"{v['backbone']}/{prior_key(v)}" for v in variants]
-    raise gr.Error(f"no variant for backbone {backbone!r} with prior {prior!r}; valid backbone/prior pairs: {valid}")
+    valid = ", ".join(f"{v['backbone']}/{prior_key(v)}" for v in variants)
+    raise page_error("Invalid option", f"No variant has the backbone {backbone!r} with the prior {prior!r}",
+                     f"The valid backbone/prior pairs are {valid}")
 
 
 def weights_rows() -> dict[str, dict]:

@@ -20,9 +20,10 @@ import re
 # A sentence that names a flag, an environment variable, a code identifier or a shell command is for the
 # command line, not for the page.
 _CLI_ONLY = re.compile(r"(^|\s|\()--?[a-z]|\$[A-Z_]|`|\b[A-Z][A-Z0-9]*_[A-Z0-9_]+\b|\bpython -m\b|\bpip install\b|"
-                       r"\bLimits\.\w|\b\w+=\w|\bkwarg|\bpass (the )?path\b", re.I)
+                       r"\bLimits\.\w|\b\w+=\w|\bkwarg|\b[Pp]ass (the )?path\b")
 _ENV_OR_FLAG = re.compile(r"--[a-z]|\$[A-Z_]|\b[A-Z][A-Z0-9]*_[A-Z0-9_]+\b")
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9])|\n+|;\s+")
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9])|\n+")
+_DETAIL = re.compile(r"\s*\([^()]*[/\\:][^()]*\)")  # "(cannot identify image file '/tmp/x')": a detail for logs
 MAX_PAGE_SENTENCES = 3
 
 
@@ -36,9 +37,9 @@ def sentence(text: str) -> str:
 
 
 def plain_sentences(message: str, limit: int = 2) -> list[str]:
-    """The first `limit` sentences of `message` that a page can show: no flags, variables, code or commands,
-    parenthesised details dropped."""
-    text = re.sub(r"\s*\([^()]*\)", "", str(message))  # "(cannot identify image file '/tmp/x')"
+    """The first `limit` sentences of `message` that a page can show: no flags, variables, code or commands;
+    parenthesised details with paths or colons dropped."""
+    text = _DETAIL.sub("", str(message))
     kept = []
     for part in _SENTENCE_END.split(text):
         part = part.strip().lstrip("-* ").strip()

@@ -34,6 +34,8 @@ class AppProcess:
     process: subprocess.Popen
     tmp: Path  # TMPDIR of the app: its per-request output folders live under here
     gradio_tmp: Path  # GRADIO_TEMP_DIR: uploads and the files Gradio serves
+    log: Path | None = None  # the app's stdout and stderr
+    startup_s: float | None = None  # from starting `python app.py` to its first answer
 
     def rss_mb(self) -> float:
         """Resident memory of the app process (Linux /proc), in MiB."""
@@ -75,7 +77,7 @@ def _wait_until_up(url: str, process: subprocess.Popen, log: Path) -> None:
             with urllib.request.urlopen(url + "config", timeout=2):
                 return
         except OSError:
-            time.sleep(0.5)
+            time.sleep(0.2)
     raise RuntimeError(f"app.py did not answer on {url} within {STARTUP_TIMEOUT_S} s:\n{log.read_text()[-4000:]}")
 
 
@@ -90,6 +92,7 @@ def running_app(tmp: Path, *flags: str) -> Iterator[str]:
     env = {**os.environ, "MEFACIAL_CHECKPOINT_DIR": str(weights), "HF_HUB_OFFLINE": "1", "TMPDIR": str(app_tmp),
            "GRADIO_ANALYTICS_ENABLED": "False", "GRADIO_TEMP_DIR": str(gradio_tmp)}
     log = tmp / "app.log"
+    started = time.monotonic()
     with open(log, "w") as out:
         process = subprocess.Popen(
             [sys.executable, str(REPO / "app.py"), "--host", "127.0.0.1", "--port", str(port), "--device", "cpu",
@@ -97,7 +100,7 @@ def running_app(tmp: Path, *flags: str) -> Iterator[str]:
     url = f"http://127.0.0.1:{port}/"
     try:
         _wait_until_up(url, process, log)
-        APPS[url] = AppProcess(process, app_tmp, gradio_tmp)
+        APPS[url] = AppProcess(process, app_tmp, gradio_tmp, log, time.monotonic() - started)
         yield url
     finally:
         APPS.pop(url, None)
