@@ -609,11 +609,11 @@ def build_demo(engine: mefacial.Engine, limits: Limits | None = None) -> gr.Bloc
                     p_landmarks = gr.Radio(landmark_choices, value=default_landmarks, label="Landmark backend")
                     p_crop = gr.Checkbox(True, label="Crop around the face")
                     p_button = gr.Button("Show the prior", variant="primary", elem_id="p-button")
-            if pairs:
-                gr.Examples(pairs, inputs=[p_source, p_driving], label="Examples")
             p_gallery = gr.Gallery(label="Prior", columns=4, height="auto", object_fit="contain",
                                    elem_id="p-gallery")
             p_status = gr.Markdown(label="Status", elem_id="p-status")
+            if pairs:  # below the results, which then show right under the button
+                gr.Examples(pairs, inputs=[p_source, p_driving], label="Examples")
 
         with gr.Tab("Compare", id="compare"):
             gr.Markdown("One face and one clip through several variants, as one synchronised video: the driving clip "
