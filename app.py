@@ -42,6 +42,8 @@ from mefacial.errors import MefacialError, sentence
 from mefacial.evaluate import compare_columns, first_line
 from mefacial.grid import Column, prior_panels, render_grid
 from mefacial.landmarks import get_detector
+from mefacial.models import backbones
+from mefacial.variants import find_variant, get_variant, variant_ids
 from mefacial.video import Limits as VideoLimits
 from mefacial.video import read_clip, read_image, write_video
 
@@ -53,10 +55,10 @@ EXAMPLE_FACE = EXAMPLES / "astronaut.png"
 EXAMPLE_CLIP = EXAMPLES / "brow_raise.mp4"
 CLIP_TYPES = [".mp4", ".gif", ".webm", ".avi", ".mov", ".mkv", ".m4v"]
 
-# A backbone is named as its variant without a prior is (the registry's label: "FOMM", "Training-free landmark warp").
-BACKBONES = {v["backbone"]: v["label"] for v in mefacial.list_variants() if v["prior"] == "none"}
-PRIORS = {"none": "none", "ewp": "EWP", "awp": "AWP", "ewp-mm21": "EWP (ACM MM 2021)"}
-MOTIONS = {"relative": "relative", "absolute": "absolute", "standard": "standard (MRAA's absolute)", "avd": "AVD"}
+# Labels and capabilities come from the backbone specs and the variant registry (mefacial.models, mefacial.variants).
+BACKBONES = {name: spec.label for name, spec in backbones().items()}
+PRIORS = {v.prior_option: v.prior_label for v in map(get_variant, variant_ids())}
+MOTIONS = {mode: label for spec in backbones().values() for mode, label in spec.motion_modes.items()}
 LANDMARKS = {"dlib": "dlib (fast, CPU)", "fan": "FAN (face-alignment)", "auto": "auto"}
 
 
@@ -85,19 +87,12 @@ class Limits:
 # ---- variants -----------------------------------------------------------------------------------
 
 
-def prior_key(variant: dict) -> str:
-    """The prior choice a variant answers to: "ewp" for fomm-ewp, "ewp-mm21" for fomm-ewp-mm21, "none" for warp."""
-    return variant["id"].split("-", 1)[1] if "-" in variant["id"] else "none"
-
-
-def variant_id(variants: list[dict], backbone: str, prior: str) -> str:
+def variant_id(backbone: str, prior: str) -> str:
     """The id of the variant with this backbone and prior choice, or a gr.Error listing the valid choices."""
-    for v in variants:
-        if v["backbone"] == backbone and prior_key(v) == prior:
-            return v["id"]
-    valid = ", ".join(f"{v['backbone']}/{prior_key(v)}" for v in variants)
-    raise page_error("Invalid option", f"No variant has the backbone {backbone!r} with the prior {prior!r}",
-                     f"The valid backbone/prior pairs are {valid}")
+    try:
+        return find_variant(backbone, prior).id
+    except MefacialError as exc:
+        raise titled_error("Invalid option", exc.page_message) from None
 
 
 def weights_rows() -> dict[str, dict]:
@@ -281,7 +276,7 @@ class Demo:
                  adapt_scale="default", magnify=1.0, crop=True, paste_back=False, landmarks="dlib", smooth=True,
                  slowdown=1.0, format="mp4", progress=gr.Progress()):
         """Animate the face with the clip; returns (result mp4, side-by-side mp4, download file, status)."""
-        variant = variant_id(self.variants, choice(backbone, BACKBONES, "backbone"), prior)
+        variant = variant_id(choice(backbone, BACKBONES, "backbone"), prior)
         slowdown = number(slowdown, "slow-down factor", 1, 20)
         format = choice(format, ["mp4", "gif"], "output format")
         options = self.animate_options(crop, paste_back, landmarks, smooth)
@@ -495,18 +490,24 @@ def build_demo(engine: mefacial.Engine, limits: Limits | None = None) -> gr.Bloc
     clip0_info = example_clip_info() if has_example else ""
     clip0_frames = int(clip0_info.split()[0]) if clip0_info else limits.max_frames
 
+    def offers(backbone: str | None, v: dict) -> bool:
+        """Whether a backbone's menus offer the choices of variant v (a backbone with one variant shows them all,
+        disabled)."""
+        own = [w for w in variants if w["backbone"] == backbone]
+        return backbone is None or len(own) <= 1 or v["backbone"] == backbone
+
     def prior_choices(backbone: str | None = None) -> list[tuple[str, str]]:
-        """The prior choices of one backbone (all of them when None or warp, shown disabled for warp)."""
-        keys = [prior_key(v) for v in variants if backbone in (None, "warp") or v["backbone"] == backbone]
+        """The prior choices of one backbone (all of them when None, or when it has one variant, shown disabled)."""
+        keys = [v["prior_option"] for v in variants if offers(backbone, v)]
         return [(PRIORS.get(k, k), k) for k in dict.fromkeys(["none", *keys])]
 
     def motion_choices(backbone: str | None = None) -> list[tuple[str, str]]:
-        modes = [m for v in variants if backbone in (None, "warp") or v["backbone"] == backbone for m in v["motion_modes"]]
+        modes = [m for v in variants if offers(backbone, v) for m in v["motion_modes"]]
         return [(MOTIONS.get(m, m), m) for m in dict.fromkeys(["relative", *modes])]
 
     def variant_note(backbone: str, prior: str) -> str:
         """Which variant the choice runs, and where its weights come from (or why it cannot run here)."""
-        matches = [v for v in variants if v["backbone"] == backbone and prior_key(v) == prior]
+        matches = [v for v in variants if v["backbone"] == backbone and v["prior_option"] == prior]
         if not matches:
             return ""
         rows = weights_rows()
@@ -521,13 +522,15 @@ def build_demo(engine: mefacial.Engine, limits: Limits | None = None) -> gr.Bloc
                 not_ready_markdown(variants, ready))
 
     def on_backbone(backbone: str):
-        """Offer only what this backbone has: its priors and motion modes (warp: the EWP confinement instead),
-        and movement-scale adaptation back to the backbone's original default (FOMM off, MRAA on)."""
-        is_warp = backbone == "warp"
-        return (gr.update(choices=prior_choices(backbone), value="none", interactive=not is_warp),
-                gr.update(visible=is_warp, value=False),
-                gr.update(choices=motion_choices(backbone), value="relative", interactive=not is_warp),
-                gr.update(interactive=not is_warp, value="default"))
+        """Offer only what this backbone has (its spec): its priors and motion modes, the EWP confinement where
+        it applies, and movement-scale adaptation back to the backbone's original default (FOMM off, MRAA on)."""
+        spec = backbones()[choice(backbone, BACKBONES, "backbone")]
+        several = len([v for v in variants if v["backbone"] == backbone]) > 1
+        return (gr.update(choices=prior_choices(backbone), value="none", interactive=several),
+                gr.update(visible=spec.confine, value=False),
+                gr.update(choices=motion_choices(backbone), value=spec.default_motion,
+                          interactive=len(spec.motion_modes) > 1),
+                gr.update(interactive=spec.adapt_scale, value="default"))
 
     def face_input(prefix: str, label: str) -> gr.Image:
         return gr.Image(face0, label=label, type="filepath", sources=["upload", "webcam", "clipboard"],
