@@ -735,6 +735,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-upload-mb", type=int, default=Limits.max_upload_mb, help="largest upload accepted")
     parser.add_argument("--max-frames", type=int, default=Limits.max_frames, help="longest driving clip, in frames")
     parser.add_argument("--max-seconds", type=float, default=Limits.max_seconds, help="longest driving clip, in seconds")
+    parser.add_argument("--debug", action="store_true", help="log the traceback of every refused request too")
     parser.add_argument("--output-max-age", type=int, default=Limits.output_max_age_s, metavar="SECONDS",
                         help="delete uploads and results older than this")
     return parser
@@ -770,6 +771,7 @@ def warm_up(engine: mefacial.Engine) -> float | None:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("mefacial").setLevel(logging.DEBUG if args.debug else logging.INFO)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's own start-up probes, one line each
     try:
         for variant, _ in args.checkpoint:
@@ -781,11 +783,11 @@ def main(argv: list[str] | None = None) -> None:
     limits = Limits(max_upload_mb=args.max_upload_mb, max_frames=args.max_frames, max_seconds=args.max_seconds,
                     queue_size=args.queue_size, output_max_age_s=args.output_max_age)
     stop_on_sigterm()
-    # The warm-up runs beside the server: the page serves as soon as the imports allow.
-    threading.Thread(target=warm_up, args=(engine,), name="warm-up", daemon=True).start()
     demo = build_demo(engine, limits)
     launch(demo, host=args.host, port=args.port, share=args.share, prevent_thread_lock=True)
     log.info("serving %s, %.1f s after start", demo.local_url, time.monotonic() - STARTED)
+    # The warm-up runs beside the server, once it serves: the page never waits for it.
+    threading.Thread(target=warm_up, args=(engine,), name="warm-up", daemon=True).start()
     demo.block_thread()  # until Ctrl-C or SIGTERM
 
 
