@@ -10,6 +10,7 @@ import atexit
 import contextlib
 import dataclasses
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -81,6 +82,15 @@ def _wait_until_up(url: str, process: subprocess.Popen, log: Path) -> None:
     raise RuntimeError(f"app.py did not answer on {url} within {STARTUP_TIMEOUT_S} s:\n{log.read_text()[-4000:]}")
 
 
+def _wait_for_warm_up(process: subprocess.Popen, log: Path) -> None:
+    """Until the app logs that its background warm-up is done (or skipped)."""
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline and process.poll() is None:
+        if re.search(r"warmed up in|warm-up skipped", log.read_text()):
+            return
+        time.sleep(0.2)
+
+
 @contextlib.contextmanager
 def running_app(tmp: Path, *flags: str) -> Iterator[str]:
     """Start app.py with `flags`; yield its URL (ending in /); stop it afterwards."""
@@ -100,7 +110,9 @@ def running_app(tmp: Path, *flags: str) -> Iterator[str]:
     url = f"http://127.0.0.1:{port}/"
     try:
         _wait_until_up(url, process, log)
-        APPS[url] = AppProcess(process, app_tmp, gradio_tmp, log, time.monotonic() - started)
+        startup_s = time.monotonic() - started
+        _wait_for_warm_up(process, log)  # the page serves before; the tests start from a warm app
+        APPS[url] = AppProcess(process, app_tmp, gradio_tmp, log, startup_s)
         yield url
     finally:
         APPS.pop(url, None)
