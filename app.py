@@ -38,7 +38,7 @@ import gradio as gr
 import mefacial
 from mefacial import checkpoints as weights_registry
 from mefacial.console import monotone
-from mefacial.errors import MefacialError, sentence
+from mefacial.errors import MefacialError, NoFaceError, sentence
 from mefacial.evaluate import compare_columns, first_line
 from mefacial.grid import Column, prior_panels, render_grid
 from mefacial.landmarks import get_detector
@@ -401,7 +401,11 @@ class Demo:
         """A clip just uploaded or recorded: readable, within the limits, a face in its first (onset) frame.
         Returns (the clip, its description)."""
         clip = read_clip(upload_path(driving, "driving clip"), limits=self.limits.files)
-        self.find_face(clip.frames[:1], "driving", landmarks)
+        try:
+            self.find_face(clip.frames[:1], "driving", landmarks)
+        except NoFaceError as exc:  # worded for the clip, not for a one-frame check
+            raise NoFaceError(f"no face in the first (onset) frame of the driving clip: {exc}", frame_index=0,
+                              page="No face in the first (onset) frame of the driving clip", fix=exc.fix) from None
         t, h, w, _ = clip.frames.shape
         return clip, f"{t} frames, {w}x{h}, {clip.fps:g} fps ({t / clip.fps:.2f} s)"
 
