@@ -284,7 +284,7 @@ class Demo:
         image, clip = self.read_inputs(source, driving)
         result = self.engine.animate(
             image, clip.frames, variant=variant, motion=motion, adapt_scale=adapt_scale,
-            magnify=number(magnify, "magnification", 1, 5), fps=clip.fps, confine_to_prior=bool(confine),
+            magnify=number(magnify, "magnification", 1, 5), fps=clip.fps, confine=bool(confine),
             progress=self.progress_fn(progress), **options)
         out = self.request_dir()
         video = write_video(out / "result.mp4", result.frames, result.fps, slowdown=slowdown)
