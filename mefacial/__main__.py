@@ -247,6 +247,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not sys.stderr.isatty():  # a log, not a terminal: no Hub download bars (our own progress writes plain lines)
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
     try:
         return int(args.func(args) or 0)
     except MefacialError as exc:

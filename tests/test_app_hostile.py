@@ -227,7 +227,7 @@ def test_paths_and_urls_instead_of_uploads_are_refused(app_url, files, tmp_path)
     ({"slowdown": -3}, "slow-down"),
     ({"landmarks": "/tmp/model.dat"}, "landmark backend"),
     ({"format": "exe"}, "output format"),
-    ({"motion": "sideways", "backbone": "mraa"}, "Motion mode 'sideways' is not available"),
+    ({"motion": "sideways", "backbone": "mraa"}, "[Mm]otion.*'sideways'"),
 ])
 def test_absurd_options_are_refused_by_name(client, files, options, words):
     with pytest.raises(AppError, match=words):
