@@ -211,7 +211,7 @@ def user_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except gr.Error as exc:
-            log.info("%s: %s: %s", fn.__name__, exc.title, exc.message)
+            log.info("%s: %s: %s", fn.__name__, exc.title, str(exc.message).split("<br>")[-1])
             raise
         except MefacialError as exc:
             raise handled(exc, uploads, fn.__name__) from None
@@ -409,12 +409,12 @@ class Demo:
         t, h, w, _ = clip.frames.shape
         return clip, f"{t} frames, {w}x{h}, {clip.fps:g} fps ({t / clip.fps:.2f} s)"
 
-    def preview(self, driving, landmarks="dlib"):
-        """The uploaded clip checked and made playable (GIFs and other formats do not play in every browser):
-        (mp4, its size and length)."""
+    def preview(self, driving):
+        """The uploaded clip checked (with the default landmark backend) and made playable (GIFs and other formats
+        do not play in every browser): (mp4, its size and length)."""
         if driving is None:
             return None, ""
-        clip, info = self.check_driving(driving, landmarks)
+        clip, info = self.check_driving(driving, default_landmarks(self.engine))
         video = write_video(self.request_dir() / "driving.mp4", clip.frames, clip.fps)
         return str(video), info
 
@@ -459,6 +459,11 @@ def examples() -> list[list[str]]:
     return pairs
 
 
+def default_landmarks(engine: mefacial.Engine) -> str:
+    """The landmark backend the page starts with: the engine's, dlib for "auto"."""
+    return engine.landmarks if engine.landmarks in LANDMARKS and engine.landmarks != "auto" else "dlib"
+
+
 def example_clip_info() -> str:
     """The bundled clip's description, shown with it when the page opens."""
     try:
@@ -488,7 +493,7 @@ def build_demo(engine: mefacial.Engine, limits: Limits | None = None) -> gr.Bloc
     demo_state = Demo(engine, limits)
     variants = demo_state.variants
     pairs = examples()
-    default_landmarks = engine.landmarks if engine.landmarks in LANDMARKS and engine.landmarks != "auto" else "dlib"
+    landmarks0 = default_landmarks(engine)
     has_example = EXAMPLE_FACE.exists() and EXAMPLE_CLIP.exists()
     face0, clip0 = (str(EXAMPLE_FACE), str(EXAMPLE_CLIP)) if has_example else (None, None)
     clip0_info = example_clip_info() if has_example else ""
@@ -588,7 +593,7 @@ def build_demo(engine: mefacial.Engine, limits: Limits | None = None) -> gr.Bloc
                             g_crop = gr.Checkbox(True, label="Crop around the face")
                             g_paste = gr.Checkbox(False, label="Paste back into the full image")
                             g_smooth = gr.Checkbox(True, label="Smooth landmark tracks")
-                        g_landmarks = gr.Radio(landmark_choices, value=default_landmarks, label="Landmark backend")
+                        g_landmarks = gr.Radio(landmark_choices, value=landmarks0, label="Landmark backend")
                         with gr.Row():
                             g_slowdown = gr.Slider(1, 20, value=1, step=1, label="Playback: slow down by (1 = real time)")
                             g_format = gr.Radio(["mp4", "gif"], value="mp4", label="Download format")
@@ -613,7 +618,7 @@ def build_demo(engine: mefacial.Engine, limits: Limits | None = None) -> gr.Bloc
                     p_clip_info = gr.Markdown(clip0_info, elem_id="p-clip-info")
                     p_frame = gr.Slider(0, max(clip0_frames - 1, 1), value=0, step=1, label="Driving frame",
                                         elem_id="p-frame")
-                    p_landmarks = gr.Radio(landmark_choices, value=default_landmarks, label="Landmark backend")
+                    p_landmarks = gr.Radio(landmark_choices, value=landmarks0, label="Landmark backend")
                     p_crop = gr.Checkbox(True, label="Crop around the face")
                     p_button = gr.Button("Show the prior", variant="primary", elem_id="p-button")
             p_gallery = gr.Gallery(label="Prior", columns=4, height="auto", object_fit="contain",
@@ -631,7 +636,7 @@ def build_demo(engine: mefacial.Engine, limits: Limits | None = None) -> gr.Bloc
                 with gr.Column(scale=1):
                     c_driving, c_record = clip_input("c", "Driving clip")
                     c_clip_info = gr.Markdown(clip0_info, elem_id="c-clip-info")
-                    c_landmarks = gr.Radio(landmark_choices, value=default_landmarks, label="Landmark backend")
+                    c_landmarks = gr.Radio(landmark_choices, value=landmarks0, label="Landmark backend")
                 with gr.Column(scale=2):
                     c_variants = gr.CheckboxGroup([(v["label"], v["id"]) for v in variants],
                                                   value=[v["id"] for v in variants if ready0[v["id"]] is None],
@@ -674,7 +679,7 @@ def build_demo(engine: mefacial.Engine, limits: Limits | None = None) -> gr.Bloc
         for source, landmarks in ((g_source, g_landmarks), (p_source, p_landmarks), (c_source, c_landmarks)):
             source.input(user_errors(demo_state.check_source), [source, landmarks], None, api_name=False,
                          show_progress="minimal", **raw).failure(**reset(source, clear=True))
-        g_driving.change(user_errors(demo_state.preview), [g_driving, g_landmarks], [g_preview, g_clip_info],
+        g_driving.change(user_errors(demo_state.preview), g_driving, [g_preview, g_clip_info],
                          api_name="preview_driving", **raw).failure(**reset(g_preview, g_clip_info, clear=True))
         p_driving.change(user_errors(demo_state.prior_clip), [p_driving, p_frame, p_landmarks], [p_frame, p_clip_info],
                          api_name=False, **raw).failure(**reset(p_frame, p_clip_info))

@@ -151,6 +151,9 @@ def test_it_serves_without_waiting_for_the_warm_up(app_url):
             break
         time.sleep(0.2)
     assert served, app.log.read_text()[-2000:]
+    log = app.log.read_text()
+    warmed = re.search(r"warmed up in|warm-up skipped", log)
+    assert warmed and warmed.start() > served.start(), "the page waited for the warm-up"
     print(f"\npython app.py answered after {app.startup_s:.1f} s (the app logged {served[1]} s; load average "
           f"{os.getloadavg()[0]:.2f} on {os.cpu_count()} cores)")
 
