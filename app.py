@@ -115,7 +115,7 @@ def readiness(engine: mefacial.Engine, variants: list[dict],
         elif row.get("hub"):
             status[v["id"]] = "its weights are not on this server, and downloads are off"
         else:
-            status[v["id"]] = "no public weights exist (the operator can add trained ones)"
+            status[v["id"]] = "no weights on this server and none to download (the operator can add them)"
     return status
 
 
@@ -327,6 +327,9 @@ class Demo:
         comparison = compare_columns(
             self.engine, image, clip.frames, chosen, motion="relative", magnify=number(magnify, "magnification", 1, 5),
             fps=clip.fps, progress=self.progress_fn(progress), **options)
+        for column, outcome in zip(comparison.columns[1:], comparison.outcomes.values()):  # driving first
+            if isinstance(outcome, MefacialError):
+                column.reason = short_reason(outcome)  # the page's words on the placeholder, as in the table
         lines = ["| variant | result |", "|---|---|"]
         for variant, outcome in comparison.outcomes.items():
             label = get_variant(variant).label
