@@ -11,7 +11,7 @@
 The names below are the package's public interface (`from mefacial.checkpoints import resolve_checkpoint`).
 """
 
-from .cli import list_checkpoints, register_cli, run_cli
+from .cli import checkpoints_table, list_checkpoints, register_cli, run_cli
 from .convert import check_architecture, config_of, convert_to_safetensors
 from .formats import (FORMAT_NAME, FORMAT_VERSION, PICKLE_SUFFIXES, SAFETENSORS_SUFFIX, flatten_parts, is_safetensors,
                       load_original_checkpoint, load_state_dict_strict, load_weights, prefer_safetensors,
@@ -27,7 +27,7 @@ from .resolve import (ENV_CHECKPOINT_DIR, SOURCES, ResolvedWeights, checkpoint_d
 from ..errors import CheckpointError, ConfigError, UnknownVariantError, WeightsNotFoundError
 
 __all__ = [
-    "CheckpointError", "CheckpointSpec", "ConfigError", "DEFAULT_CHECKPOINT_DIR", "DEFAULT_REGISTRY",
+    "CheckpointError", "CheckpointSpec", "checkpoints_table", "ConfigError", "DEFAULT_CHECKPOINT_DIR", "DEFAULT_REGISTRY",
     "ENV_CHECKPOINT_DIR", "ENV_REGISTRY", "ENV_VARIANT_PREFIX", "FORMAT_NAME", "FORMAT_VERSION",
     "HUB_CONFIG_FILENAME", "HUB_PROBE_TIMEOUT_S", "HUB_WEIGHTS_FILENAME", "HubSource", "HubWeights",
     "PICKLE_SUFFIXES", "PublishedWeights", "REPO_TYPES", "ResolvedWeights", "SAFETENSORS_SUFFIX", "SOURCES",

@@ -48,6 +48,33 @@ def list_checkpoints(with_hash: bool = False) -> list[dict]:
     return rows
 
 
+def checkpoints_table(rows: list[dict]) -> str:
+    """`checkpoints list` for people: one line per variant, then how to get each missing one."""
+    import textwrap
+
+    from ..console import table
+
+    def weights(row: dict) -> str:
+        if row["present"]:
+            found = f"{row['source']}: {row['path']}" + (f" (from {row['from']})" if row.get("from") else "")
+            return found + (f" (sha256 {row['sha256']})" if row.get("sha256") else "")
+        if row.get("hub") and not row["missing"].startswith("$"):
+            return "missing: " + ("not downloaded, and downloads are off (HF_HUB_OFFLINE)" if hub_offline()
+                                  else "downloaded from the Hub on first use")
+        return f"missing: {row['missing']}"
+
+    lines = [table([[r["variant"], r["licence"], weights(r)] for r in rows], ["variant", "licence", "weights"])]
+    missing = [r for r in rows if not r["present"] and r.get("how_to_get")]
+    if missing:
+        lines.append("\nHow to get the missing weights:")
+        for row in missing:
+            lines.append(textwrap.fill(row["how_to_get"], width=100, initial_indent=f"  {row['variant']}: ",
+                                       subsequent_indent="    "))
+    lines.append(f"\nRegistry: {registry_path()}\nLocal folder: {checkpoint_dir()}\nHub cache: {hub_cache_dir()}\n"
+                 "--json prints all of this as JSON.")
+    return "\n".join(lines)
+
+
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
     """Add `checkpoints list|convert|push` to the `python -m mefacial` parser."""
     parser = subparsers.add_parser("checkpoints", help="list, convert and publish weights",
@@ -80,12 +107,7 @@ def run_cli(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(rows, indent=2))
         else:
-            for row in rows:
-                where = f"{row['source']}: {row['path']}" if row["present"] else f"missing, {row['missing']}"
-                line = f"{row['variant']:<15} {row['licence']:<6} {where}"
-                print(line + (f"\n{'':<22} sha256 {row['sha256']}" if row.get("sha256") else ""))
-            print(f"\nregistry: {registry_path()}; local folder: {checkpoint_dir()}; cache: {hub_cache_dir()}; "
-                  "how to get missing weights: --json")
+            print(checkpoints_table(rows))
         return 0
     if args.checkpoints_command == "convert":
         dst = convert_to_safetensors(args.src, args.out, args.config, args.variant)

@@ -15,7 +15,7 @@ import dataclasses
 import os
 from pathlib import Path
 
-from ..errors import CheckpointError, WeightsNotFoundError
+from ..errors import CheckpointError, MefacialError, WeightsNotFoundError
 from . import hub
 from .formats import SAFETENSORS_SUFFIX, prefer_safetensors, sha256_file
 from .registry import DEFAULT_CHECKPOINT_DIR, CheckpointSpec, HubSource, get_spec, load_registry
@@ -127,7 +127,10 @@ def resolve_registered(spec: CheckpointSpec, *, offline: bool, progress: bool, v
 
 
 def not_found(spec: CheckpointSpec, looked: list[str], reason: str) -> WeightsNotFoundError:
-    """The error that says which file is missing, where it was looked for, and what to do."""
+    """The error that says which file is missing, where it was looked for, and what to do (one wording for the
+    command line, one for the page)."""
+    from ..variants import get_variant
+
     if len(spec.sources) == 1:
         wanted = spec.sources[0].describe()
     elif spec.sources:
@@ -135,21 +138,28 @@ def not_found(spec: CheckpointSpec, looked: list[str], reason: str) -> WeightsNo
     else:
         wanted = f"{spec.variant}.safetensors or {spec.variant}.pth.tar"
     folder = checkpoint_dir()
+    how_to_get = " ".join(spec.how_to_get.split())
+    todo = [how_to_get] if how_to_get else []
+    todo.append(f"copy the weights file to {folder / (spec.variant + '.pth.tar')} (or {spec.variant}.safetensors there)")
+    if "--checkpoint" not in how_to_get:
+        todo.append(f"pass --checkpoint PATH, or set {spec.env_var}=PATH")
+    else:
+        todo.append(f"set {spec.env_var}=PATH")
+    if spec.sources:
+        online = "go online (unset HF_HUB_OFFLINE)" if os.environ.get("HF_HUB_OFFLINE") else "check the network"
+        todo.append(f"{online}, or set HF_ENDPOINT to a reachable Hub mirror (now {hub.hub_endpoint()}); "
+                    "private repositories need HF_TOKEN")
+    if "python -m train" not in how_to_get:
+        todo.append(f"train it: python -m train (configs/train/), config {spec.config!r}")
     lines = [f"No weights for variant {spec.variant!r} ({wanted}): {reason}.", "Looked in:"]
     lines += [f"  - {item}" for item in looked]
-    lines.append("What to do:")
-    if spec.how_to_get:
-        lines.append(f"  - {' '.join(spec.how_to_get.split())}")
-    lines += [
-        f"  - copy the weights file to {folder / (spec.variant + '.pth.tar')} (or {spec.variant}.safetensors there),",
-        f"  - or pass --checkpoint PATH, or set {spec.env_var}=PATH,",
-    ]
-    if spec.sources:
-        lines.append("  - or go online (unset HF_HUB_OFFLINE), or set HF_ENDPOINT to a reachable Hub mirror "
-                     f"(now {hub.hub_endpoint()}); private repositories need HF_TOKEN,")
-    if "python -m train" not in spec.how_to_get:
-        lines.append(f"  - or train it: python -m train (configs/train/), config {spec.config!r}.")
-    return WeightsNotFoundError("\n".join(lines))
+    lines.append("What to do, any one of:")
+    lines += [f"  - {item.rstrip('.,; ')}" for item in todo]
+    try:
+        label = get_variant(spec.variant).label
+    except MefacialError:
+        label = spec.variant
+    return WeightsNotFoundError("\n".join(lines), page=f"{label} has no weights on this server", operator="Weights")
 
 
 def check_sha256(path: Path, source: HubSource) -> str | None:
