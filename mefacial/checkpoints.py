@@ -5,7 +5,7 @@ Resolution (`resolve_checkpoint`, the one place that decides which file a varian
     explicit path -> $MEFACIAL_CHECKPOINT_<VARIANT> -> checkpoints/ folder
     -> local Hugging Face cache -> Hub download (then sha256 check when the registry knows it)
 
-`checkpoints/registry.yaml` says, per variant, which architecture config it
+`mefacial/registry.yaml` (package data) says, per variant, which architecture config it
 uses and on which Hub repository its weights live (or how to get them when no
 public weights exist). Offline or unreachable, resolution fails within seconds
 with a `WeightsNotFoundError` listing every place it looked and what to do.
@@ -34,6 +34,7 @@ import logging
 import os
 import shutil
 import tempfile
+from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -54,13 +55,13 @@ from safetensors.torch import save_file as save_safetensors
 from torch import nn
 from tqdm.auto import tqdm
 
-from .errors import CheckpointError, ConfigError, UnknownVariantError, WeightsNotFoundError
+from .errors import CheckpointError, ConfigError, MefacialError, UnknownVariantError, WeightsNotFoundError
 
 log = logging.getLogger("mefacial.checkpoints")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CHECKPOINT_DIR = REPO_ROOT / "checkpoints"
-DEFAULT_REGISTRY = DEFAULT_CHECKPOINT_DIR / "registry.yaml"
+DEFAULT_REGISTRY = Path(str(resources.files("mefacial") / "registry.yaml"))  # package data
 ENV_CHECKPOINT_DIR = "MEFACIAL_CHECKPOINT_DIR"  # another folder instead of checkpoints/
 ENV_REGISTRY = "MEFACIAL_REGISTRY"  # another registry file (a lab's private weights)
 ENV_VARIANT_PREFIX = "MEFACIAL_CHECKPOINT_"  # + variant, upper case, '-' -> '_'
@@ -221,7 +222,7 @@ def registry_path() -> Path:
 
 
 def load_registry(path: str | Path | None = None) -> dict[str, CheckpointSpec]:
-    """Parse the registry (default checkpoints/registry.yaml, or $MEFACIAL_REGISTRY) into specs."""
+    """Parse the registry (default mefacial/registry.yaml, or $MEFACIAL_REGISTRY) into specs."""
     path = Path(path) if path is not None else registry_path()
     try:
         with open(path, encoding="utf-8") as f:
@@ -477,24 +478,33 @@ def _is_network_error(exc: Exception) -> bool:
 
 
 def _not_found(spec: CheckpointSpec, looked: list[str], reason: str) -> WeightsNotFoundError:
-    """The error that says which file is missing, where it was looked for, and what to do."""
+    """The error that says which file is missing, where it was looked for, and what to do (one wording for the
+    command line, one for the page)."""
+    from .variants import get_variant
+
     wanted = spec.weights.describe() if spec.weights else f"{spec.variant}.safetensors or {spec.variant}.pth.tar"
     folder = checkpoint_dir()
+    todo = [spec.how_to_get.strip()] if spec.how_to_get else []
+    todo.append(f"copy the weights file to {folder / (spec.variant + '.pth.tar')} (or {spec.variant}.safetensors there)")
+    if "--checkpoint" not in spec.how_to_get:
+        todo.append(f"pass --checkpoint PATH, or set {spec.env_var}=PATH")
+    else:
+        todo.append(f"set {spec.env_var}=PATH")
+    if spec.weights is not None:
+        online = "go online (unset HF_HUB_OFFLINE)" if os.environ.get("HF_HUB_OFFLINE") else "check the network"
+        todo.append(f"{online}, or set HF_ENDPOINT to a reachable Hub mirror (now {hub_endpoint()}); "
+                    "private repositories need HF_TOKEN")
+    if "python -m train" not in spec.how_to_get:
+        todo.append(f"train it: python -m train (configs/train/), config {spec.config!r}")
     lines = [f"No weights for variant {spec.variant!r} ({wanted}): {reason}.", "Looked in:"]
     lines += [f"  - {item}" for item in looked]
-    lines.append("What to do:")
-    if spec.how_to_get:
-        lines.append(f"  - {spec.how_to_get.strip()}")
-    lines += [
-        f"  - copy the weights file to {folder / (spec.variant + '.pth.tar')} (or {spec.variant}.safetensors there),",
-        f"  - or pass --checkpoint PATH, or set {spec.env_var}=PATH,",
-    ]
-    if spec.weights is not None:
-        lines.append("  - or go online (unset HF_HUB_OFFLINE), or set HF_ENDPOINT to a reachable Hub mirror "
-                     f"(now {hub_endpoint()}); private repositories need HF_TOKEN,")
-    if "python -m train" not in spec.how_to_get:
-        lines.append(f"  - or train it: python -m train (configs/train/), config {spec.config!r}.")
-    return WeightsNotFoundError("\n".join(lines))
+    lines.append("What to do, any one of:")
+    lines += [f"  - {item.rstrip('.,; ')}" for item in todo]
+    try:
+        label = get_variant(spec.variant).label
+    except MefacialError:
+        label = spec.variant
+    return WeightsNotFoundError("\n".join(lines), page=f"{label} has no weights on this server", operator="Weights")
 
 
 def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
@@ -694,7 +704,7 @@ def convert_to_safetensors(src: str | Path, dst: str | Path | None = None, confi
 
 @dataclasses.dataclass(frozen=True)
 class PublishedWeights:
-    """Where `push_to_hub` put the weights: paste `registry_entry()` into checkpoints/registry.yaml."""
+    """Where `push_to_hub` put the weights: paste `registry_entry()` into mefacial/registry.yaml."""
 
     repo_id: str
     filename: str
@@ -711,7 +721,9 @@ def model_card(variant: str, config: Any, *, repo_id: str, metrics: Mapping[str,
                spec: CheckpointSpec | None = None, provenance: Mapping[str, Any] | None = None) -> str:
     """README.md for a published checkpoint: front matter (library, tags, licence) and what the weights are."""
     prior_names = {"none": "no prior", "ewp": "equal-weighted prior (EWP)", "awp": "adaptive weighted prior (AWP)"}
-    backbone_names = {"fomm": "First Order Motion Model (FOMM)", "mraa": "Motion Representations for Articulated Animation (MRAA)"}
+    from .models import get_backbone
+
+    backbone = get_backbone(config.backbone)
     origin = dict(spec.origin) if spec else {}
     licence = spec.licence if spec else "other"
     front = {
@@ -726,9 +738,9 @@ def model_card(variant: str, config: Any, *, repo_id: str, metrics: Mapping[str,
              f"Weights for the `{variant}` variant of mefacial (facial-prior-guided micro-expression "
              "generation), in its safetensors format.", "",
              "## Architecture", "",
-             f"- backbone: {backbone_names.get(config.backbone, config.backbone)}",
+             f"- backbone: {backbone.title}",
              f"- prior: {prior_names.get(config.prior, config.prior)}",
-             f"- config: `{config.name}` ({config.num_points} {'keypoints' if config.backbone == 'fomm' else 'regions'}, "
+             f"- config: `{config.name}` ({config.num_points} {backbone.points_name}, "
              f"{config.image_size}x{config.image_size} frames, grid_sample align_corners={config.grid_sample_align_corners})",
              f"- files: `{HUB_WEIGHTS_FILENAME}` (flat `part.key` tensors), `{HUB_CONFIG_FILENAME}` (full config and provenance)",
              "", "## Training data", "",
@@ -749,7 +761,7 @@ def model_card(variant: str, config: Any, *, repo_id: str, metrics: Mapping[str,
               f"    --checkpoint \"$(python -c \"from huggingface_hub import hf_hub_download; "
               f"print(hf_hub_download('{repo_id}', '{HUB_WEIGHTS_FILENAME}'))\")\"",
               "```", "",
-              "or add it to `checkpoints/registry.yaml` (`python -m mefacial checkpoints push` prints the entry).", ""]
+              "or add it to `mefacial/registry.yaml` (`python -m mefacial checkpoints push` prints the entry).", ""]
     return "\n".join(lines)
 
 
@@ -831,6 +843,32 @@ def list_checkpoints(with_hash: bool = False) -> list[dict]:
 # ---- command line -------------------------------------------------------------------------------
 
 
+def checkpoints_table(rows: list[dict]) -> str:
+    """`checkpoints list` for people: one line per variant, then how to get each missing one."""
+    import textwrap
+
+    from .console import table
+
+    def weights(row: dict) -> str:
+        if row["present"]:
+            return f"{row['source']}: {row['path']}" + (f" (sha256 {row['sha256']})" if row.get("sha256") else "")
+        if row.get("hub") and not row["missing"].startswith("$"):
+            return "missing: " + ("not downloaded, and downloads are off (HF_HUB_OFFLINE)" if hub_offline()
+                                  else "downloaded from the Hub on first use")
+        return f"missing: {row['missing']}"
+
+    lines = [table([[r["variant"], r["licence"], weights(r)] for r in rows], ["variant", "licence", "weights"])]
+    missing = [r for r in rows if not r["present"] and r.get("how_to_get")]
+    if missing:
+        lines.append("\nHow to get the missing weights:")
+        for row in missing:
+            lines.append(textwrap.fill(row["how_to_get"], width=100, initial_indent=f"  {row['variant']}: ",
+                                       subsequent_indent="    "))
+    lines.append(f"\nRegistry: {registry_path()}\nLocal folder: {checkpoint_dir()}\nHub cache: {hub_cache_dir()}\n"
+                 "--json prints all of this as JSON.")
+    return "\n".join(lines)
+
+
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
     """Add `checkpoints list|convert|push` to the `python -m mefacial` parser."""
     parser = subparsers.add_parser("checkpoints", help="list, convert and publish weights",
@@ -863,12 +901,7 @@ def run_cli(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(rows, indent=2))
         else:
-            for row in rows:
-                where = f"{row['source']}: {row['path']}" if row["present"] else f"missing, {row['missing']}"
-                line = f"{row['variant']:<15} {row['licence']:<6} {where}"
-                print(line + (f"\n{'':<22} sha256 {row['sha256']}" if row.get("sha256") else ""))
-            print(f"\nregistry: {registry_path()}; local folder: {checkpoint_dir()}; cache: {hub_cache_dir()}; "
-                  "how to get missing weights: --json")
+            print(checkpoints_table(rows))
         return 0
     if args.checkpoints_command == "convert":
         dst = convert_to_safetensors(args.src, args.out, args.config, args.variant)
@@ -884,7 +917,7 @@ def run_cli(args: argparse.Namespace) -> int:
         published = push_to_hub(args.variant, args.file, args.repo, private=args.private, token=args.token,
                                 metrics=metrics, config=args.config, commit_message=args.message)
         print(f"uploaded to {published.url} (commit {published.revision})")
-        print("registry entry (checkpoints/registry.yaml):")
+        print("registry entry (mefacial/registry.yaml):")
         print(yaml.safe_dump({args.variant: {"weights": published.registry_entry()}}, sort_keys=False))
         return 0
     raise ValueError(f"unknown checkpoints command {args.checkpoints_command!r}")

@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 import app
+import mefacial
 from conftest import FIXTURES, fixture_meta, model_fixture_dirs, require
 from mefacial import Engine, list_variants
 from mefacial.checkpoints import checkpoint_env_var, load_original_checkpoint
@@ -20,11 +21,12 @@ FACE = app.EXAMPLE_FACE
 
 def test_every_variant_is_one_backbone_and_prior_choice():
     variants = list_variants()
-    chosen = [app.variant_id(variants, v["backbone"], app.prior_key(v)) for v in variants]
+    chosen = [app.variant_id(v["backbone"], v["prior_option"]) for v in variants]
     assert chosen == [v["id"] for v in variants]  # each reachable, none ambiguous
     assert all(v["backbone"] in app.BACKBONES for v in variants)
+    assert app.PRIORS["ewp-mm21"] == "EWP (ACM MM 2021)" and mefacial.get_variant("fomm-ewp-mm21").prior == "ewp"
     with pytest.raises(gr.Error, match="valid backbone/prior"):
-        app.variant_id(variants, "warp", "awp")
+        app.variant_id("warp", "awp")
 
 
 def test_errors_name_the_uploaded_file_not_the_server_path(tmp_path):
@@ -65,7 +67,7 @@ def test_prior_tab_draws_the_awp_map_of_an_awp_model(monkeypatch):
                         "source: AWP map (adaptive weighted)"]
     ewp, awp = gallery[2][0], gallery[3][0]
     assert awp.shape == ewp.shape and not np.array_equal(awp, ewp)
-    assert "fomm-awp" in status
+    assert "AWP map: FOMM + AWP" in status
 
 
 def test_prior_tab_says_why_there_is_no_awp_map(monkeypatch, tmp_path):
@@ -75,7 +77,7 @@ def test_prior_tab_says_why_there_is_no_awp_map(monkeypatch, tmp_path):
         monkeypatch.delenv(checkpoint_env_var(variant), raising=False)
     demo = app.Demo(Engine(device="cpu", landmarks="dlib"), app.Limits())
     gallery, status = demo.prior({"path": str(FACE)}, None, 0, "dlib", True)
-    assert gallery[-1][1] == "source: AWP map" and "checkpoints/README.md" in status
+    assert gallery[-1][1] == "source: AWP map" and "weights of FOMM + AWP" in status
 
 
 def test_warm_up_loads_the_landmark_models_and_never_raises(monkeypatch, caplog):
