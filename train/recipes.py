@@ -297,7 +297,7 @@ class FOMMRecipe(Recipe):
                 losses["equivariance_jacobian"] = self.weights["equivariance_jacobian"] * L.equivariance_matrix_loss(
                     kp_driving["jacobian"], kp_t["value"], kp_t["jacobian"], tps)
         total = sum(losses.values())
-        losses_generator = dict(losses)
+        losses_generator = {name: value.detach() for name, value in losses.items()}
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)
         self._backward_and_step(total, [self.optimizers["generator"], self.optimizers["kp_detector"]])
@@ -398,7 +398,7 @@ class MRAARecipe(Recipe):
         self._backward_and_step(total, [opt])
         self.scaler.update()
         if self.trace is not None:
-            self._record(losses_generator=dict(losses), generator_total=total.detach(),
+            self._record(losses_generator={k: v.detach() for k, v in losses.items()}, generator_total=total.detach(),
                          grad_generator_step=_gradients(self.model))
         self.last = {"batch": batch, "out": out, "transformed": transformed}
         return self._step_values(losses, float((prediction.detach() - driving).abs().mean()))
@@ -490,7 +490,7 @@ class AVDRecipe(Recipe):
         self._backward_and_step(total, [opt])
         self.scaler.update()
         if self.trace is not None:
-            self._record(avd_pose=pose, avd_rec=rec, avd_losses=dict(losses), avd_total=total.detach(),
+            self._record(avd_pose=pose, avd_rec=rec, avd_losses={k: v.detach() for k, v in losses.items()}, avd_total=total.detach(),
                          grad_avd_step=_gradients(self.model.avd_network))
         self.last = {"identity": identity, "pose": pose_gt, "rec": rec}
         return self._step_values(losses, _region_l1(pose_gt, rec))
