@@ -490,7 +490,8 @@ class AVDRecipe(Recipe):
         self._backward_and_step(total, [opt])
         self.scaler.update()
         if self.trace is not None:
-            self._record(avd_pose=pose, avd_rec=rec, avd_losses={k: v.detach() for k, v in losses.items()}, avd_total=total.detach(),
+            self._record(avd_pose=pose, avd_rec=rec, avd_losses={k: v.detach() for k, v in losses.items()},
+                         avd_total=total.detach(),
                          grad_avd_step=_gradients(self.model.avd_network))
         self.last = {"identity": identity, "pose": pose_gt, "rec": rec}
         return self._step_values(losses, _region_l1(pose_gt, rec))
