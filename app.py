@@ -43,8 +43,9 @@ EXAMPLE_CLIP = EXAMPLES / "brow_raise.mp4"
 CLIP_TYPES = [".mp4", ".gif", ".webm", ".avi", ".mov", ".mkv", ".m4v"]
 NO_WEIGHTS = "no weights: see checkpoints/README.md"
 
-BACKBONES = {"warp": "Training-free warp", "fomm": "FOMM", "mraa": "MRAA"}
-PRIORS = {"none": "none", "ewp": "EWP", "awp": "AWP", "ewp-mm21": "EWP (ACM MM 2021)"}
+BACKBONES = {"dense": "Training-free dense mesh", "warp": "Training-free warp (68 points)", "fomm": "FOMM", "mraa": "MRAA"}
+PRIORS = {"none": "none", "ewp": "EWP", "awp": "AWP", "ewp-mm21": "EWP (ACM MM 2021)",
+          "geometry": "geometry only (dense, no appearance transfer)"}
 MOTIONS = {"relative": "relative", "absolute": "absolute", "standard": "standard (MRAA's absolute)", "avd": "AVD"}
 LANDMARKS = {"dlib": "dlib (fast, CPU)", "fan": "FAN (face-alignment)", "auto": "auto"}
 
@@ -232,7 +233,7 @@ class Demo:
                 "landmarks": choice(landmarks, LANDMARKS, "landmark backend"), "smooth": bool(smooth)}
 
     # ---- Generate -------------------------------------------------------------------------------
-    def generate(self, source, driving, backbone="warp", prior="none", confine=False, motion="relative",
+    def generate(self, source, driving, backbone="dense", prior="none", confine=False, motion="relative",
                  adapt_scale="default", magnify=1.0, crop=True, paste_back=False, landmarks="dlib", smooth=True,
                  slowdown=1.0, format="mp4", progress=gr.Progress()):
         """Animate the face with the clip; returns (result mp4, side-by-side mp4, download file, status)."""
@@ -402,10 +403,11 @@ def build_demo(engine: mefacial.Engine, limits: Limits | None = None) -> gr.Bloc
         """Offer only what this backbone has: its priors and motion modes (warp: the EWP confinement instead),
         and movement-scale adaptation back to the backbone's original default (FOMM off, MRAA on)."""
         is_warp = backbone == "warp"
+        free = backbone in ("warp", "dense")  # training-free: relative motion only, no scale adaptation
         return (gr.update(choices=prior_choices(backbone), value="none", interactive=not is_warp),
                 gr.update(visible=is_warp, value=False),
-                gr.update(choices=motion_choices(backbone), value="relative", interactive=not is_warp),
-                gr.update(interactive=not is_warp, value="default"))
+                gr.update(choices=motion_choices(backbone), value="relative", interactive=not free),
+                gr.update(interactive=not free, value="default"))
 
     # Gradio's copies of uploads and outputs go with the same age as the request folders (checked twice per age).
     delete_cache = (max(1, min(1800, limits.output_max_age_s // 2)), limits.output_max_age_s)
@@ -428,12 +430,12 @@ def build_demo(engine: mefacial.Engine, limits: Limits | None = None) -> gr.Bloc
                             g_clip_info = gr.Markdown(label="Clip", elem_id="g-clip-info")
                     with gr.Group():
                         with gr.Row():
-                            g_backbone = gr.Radio([(label, b) for b, label in BACKBONES.items()], value="warp",
+                            g_backbone = gr.Radio([(label, b) for b, label in BACKBONES.items()], value="dense",
                                                   label="Backbone", elem_id="g-backbone")
-                            g_prior = gr.Radio(prior_choices(), value="none", label="Facial prior",
-                                               interactive=False, elem_id="g-prior")
-                        g_confine = gr.Checkbox(False, label="Confine the warp to the face (EWP map)", visible=True)
-                        g_variant = gr.Markdown(variant_note("warp", "none"), padding=True, elem_id="g-variant")
+                            g_prior = gr.Radio(prior_choices("dense"), value="none", label="Facial prior",
+                                               interactive=True, elem_id="g-prior")
+                        g_confine = gr.Checkbox(False, label="Confine the warp to the face (EWP map)", visible=False)
+                        g_variant = gr.Markdown(variant_note("dense", "none"), padding=True, elem_id="g-variant")
                         with gr.Row():
                             g_motion = gr.Radio(motion_choices(), value="relative", label="Motion", elem_id="g-motion",
                                                 interactive=False)
@@ -590,7 +592,7 @@ def warm_up(engine: mefacial.Engine) -> float | None:
     started = time.perf_counter()
     try:
         clip = read_clip(EXAMPLE_CLIP)
-        engine.animate(read_image(EXAMPLE_FACE), clip.frames, variant="warp", fps=clip.fps)
+        engine.animate(read_image(EXAMPLE_FACE), clip.frames, variant=mefacial.engine.DEFAULT_VARIANT, fps=clip.fps)
     except Exception as exc:  # noqa: BLE001 - a warm-up must never stop the app
         log.warning("warm-up skipped: %s", first_line(exc))
         return None

@@ -29,6 +29,7 @@ from .checkpoints import load_weights, resolve_checkpoint
 from .config import ModelConfig
 from .errors import CheckpointError, InputError, InputTooLargeError, MefacialError
 from .landmarks import SMOOTH_POLYORDER, SMOOTH_WINDOW, get_detector, smooth_tracks, smoothing_window
+from .mesh import NUM_VERTICES, detect_mesh
 from .models import build_model
 from .models.blocks import fuse_for_inference
 from .variants import Variant, get_variant
@@ -38,9 +39,10 @@ log = logging.getLogger("mefacial")
 ProgressFn = Callable[[float, str], None]
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MAX_MAGNIFY = 10.0
+DEFAULT_VARIANT = "dense"  # the training-free dense mesh generator: runs offline, no weights
 # What the original demos do in relative mode: FOMM adapts the movement scale only when asked,
 # MRAA always does.
-ADAPT_SCALE_DEFAULT = {"fomm": False, "mraa": True, "warp": False}
+ADAPT_SCALE_DEFAULT = {"fomm": False, "mraa": True, "warp": False, "dense": False}
 
 
 @dataclasses.dataclass
@@ -122,6 +124,14 @@ class _Prepared:
     source_box: video.FaceBox | None
     driving_box: video.FaceBox | None
     backend: str | None
+    mesh_box: tuple | None = None  # the face box (x0, y0, x1, y1, model pixels) the clip's mesh is tracked in
+
+
+def _points_box(points: np.ndarray) -> tuple[float, float, float, float]:
+    """(x0, y0, x1, y1) of 68 landmarks (68 x 2): the face box a mesh is tracked in."""
+    points = np.asarray(points, np.float64).reshape(-1, 2)
+    low, high = points.min(0), points.max(0)
+    return (float(low[0]), float(low[1]), float(high[0]), float(high[1]))
 
 
 class ClipAnimator:
@@ -148,6 +158,11 @@ class ClipAnimator:
         if self.backbone == "warp":
             self.source_points = torch.from_numpy(source_points).to(engine.device)  # 1 x 68 x 2
             self.first_points = torch.from_numpy(first_points).to(engine.device)  # 1 x 68 x 2
+            return
+        if self.backbone == "dense":  # meshes: source 1 x 478 x 2, onset 1 x 478 x 2
+            with self._stage("generator"):
+                self.state = model.prepare(self.source.float(), source_points[0], first_points[0],
+                                           self._tensor(first_frame).float())
             return
         self.source_points = source_points
         self.src_au, self.first_au = engine._au_points(self.config, source_points, first_points)  # 1 x 18 x 2 each
@@ -183,6 +198,10 @@ class ClipAnimator:
         return prediction
 
     def _predict(self, frames: np.ndarray, points: np.ndarray | None) -> torch.Tensor:
+        if self.backbone == "dense":
+            with self._stage("generator"):
+                driving = self._tensor(frames).float() if self.model.appearance else None  # B x 3 x H x W
+                return self.model.animate(self.state, np.asarray(points), driving, magnify=self.magnify)["prediction"]
         if self.backbone == "warp":
             with self._stage("generator"):
                 driving = torch.from_numpy(np.asarray(points)).to(self.engine.device)  # B x 68 x 2
@@ -324,7 +343,7 @@ class Engine:
         return model
 
     # ---- animation ----------------------------------------------------------------------
-    def animate(self, source: Any, driving: Any, variant: str = "warp", checkpoint: str | Path | None = None,
+    def animate(self, source: Any, driving: Any, variant: str = DEFAULT_VARIANT, checkpoint: str | Path | None = None,
                 motion: str = "relative", adapt_scale: bool | None = None, source_landmarks: np.ndarray | None = None,
                 driving_landmarks: np.ndarray | None = None, progress: ProgressFn | None = None, *,
                 magnify: float = 1.0, fps: float | None = None, crop: bool = True, paste_back: bool = False,
@@ -384,7 +403,7 @@ class Engine:
             landmark_backend=prepared.backend, crop_box=prepared.source_box, timings=timings,
         )
 
-    def iter_animate(self, source: Any, driving: Any, variant: str = "warp", checkpoint: str | Path | None = None,
+    def iter_animate(self, source: Any, driving: Any, variant: str = DEFAULT_VARIANT, checkpoint: str | Path | None = None,
                      motion: str = "relative", adapt_scale: bool | None = None,
                      source_landmarks: np.ndarray | None = None, driving_landmarks: np.ndarray | None = None, *,
                      magnify: float = 1.0, fps: float | None = None, crop: bool = True, paste_back: bool = False,
@@ -494,8 +513,12 @@ class Engine:
             to_model = lambda p: ((p + 0.5) * scale - 0.5).astype(np.float32)  # noqa: E731
         if not spec.needs_landmarks:
             return model_frames, None
-        points = to_model(given) if given is not None else \
-            get_detector(backend, self.device).detect(model_frames, role="driving").points
+        if given is not None:
+            points = to_model(given)
+        elif spec.landmark_kind == "mesh":
+            points = detect_mesh(model_frames, box=prepared.mesh_box)
+        else:
+            points = get_detector(backend, self.device).detect(model_frames, role="driving").points
         self._check_points(spec, prepared.source_points, points)
         return model_frames, points
 
@@ -545,8 +568,20 @@ class Engine:
             scale_drv = np.array([size / driving.shape[2], size / driving.shape[1]], np.float32)
             to_model_src = lambda p: ((p + 0.5) * scale_src - 0.5).astype(np.float32)  # noqa: E731
             to_model_drv = lambda p: ((p + 0.5) * scale_drv - 0.5).astype(np.float32)  # noqa: E731
-        source_points = driving_points = None
-        if spec.needs_landmarks:
+        source_points = driving_points = mesh_box = None
+        if spec.landmark_kind == "mesh" and (given_src is None or given_drv is None):
+            report(0.02, "face mesh")
+            # the clip's mesh is tracked in one face box: the onset frame's (from its 68 landmarks when cropped)
+            mesh_box = None if not crop else _points_box(to_model_drv(drv_face))
+            source_points = (to_model_src(given_src) if given_src is not None
+                             else detect_mesh(model_source, box=None if not crop else _points_box(to_model_src(src_face)),
+                                              role="source"))[None].reshape(1, -1, 2)
+            driving_points = (to_model_drv(given_drv) if given_drv is not None
+                              else detect_mesh(model_driving, box=mesh_box))
+            if smooth_window and given_drv is None and len(driving_points) >= 3:
+                driving_points = smooth_tracks(driving_points, smooth_window)
+            self._check_points(spec, source_points, driving_points)
+        elif spec.needs_landmarks:
             report(0.02, "landmarks")
             source_points = (to_model_src(given_src) if given_src is not None
                              else detector.detect(model_source, role="source").points[0])[None]  # 1 x P x 2
@@ -557,20 +592,23 @@ class Engine:
             self._check_points(spec, source_points, driving_points)
         timings["landmarks_s"] = time.perf_counter() - t0
         backend_name = detector.name if detector is not None else ("given" if spec.needs_landmarks else None)
+        if spec.landmark_kind == "mesh" and not (given_src is not None and given_drv is not None):
+            backend_name = "mesh (MediaPipe face mesh + iris, LiteRT)"
         return _Prepared(model_source, model_driving, source_points, driving_points, source_box, driving_box,
-                         backend_name)
+                         backend_name, mesh_box)
 
     @staticmethod
     def _check_points(spec: Variant, src: np.ndarray, drv: np.ndarray) -> None:
         """Source 1 x P x 2 and driving T x P x 2 with P = 68 landmarks (or 18 AU points for prior variants)."""
-        allowed = (prior_lib.NUM_LANDMARKS,) if spec.backbone == "warp" else (prior_lib.NUM_LANDMARKS, prior_lib.NUM_AU_POINTS)
+        allowed = {"warp": (prior_lib.NUM_LANDMARKS,), "dense": (NUM_VERTICES,)}.get(
+            spec.backbone, (prior_lib.NUM_LANDMARKS, prior_lib.NUM_AU_POINTS))
         if src.shape[1] not in allowed or drv.shape[1:] != src.shape[1:]:
             raise InputError(f"{spec.id} needs {' or '.join(map(str, allowed))} points per face, source and clip "
                              f"alike; got {src.shape[1]} and {drv.shape[1]}")
 
     def _au_points(self, config: ModelConfig, src_points, drv_points):
         """AU points (pixels) of source 1 x 18 x 2 and clip T x 18 x 2; fixed to frame 0 for MM 2021 configs."""
-        if config.backbone == "warp" or config.prior == "none" or src_points is None:
+        if config.backbone in ("warp", "dense") or config.prior == "none" or src_points is None:
             return None, None
         src, drv = (torch.from_numpy(p).to(self.device) for p in (src_points, drv_points))
         if src.shape[1] == 68:

@@ -82,7 +82,7 @@ class DenseState:
     grid_weights: np.ndarray  # G x 3 barycentric weights
     face_mask: torch.Tensor  # 1 x 1 x h x w on the grid: where ratio images apply (face, eye openings left out)
     source: torch.Tensor  # 1 x 3 x H x W
-    initial_luma: torch.Tensor | None  # 1 x 1 x H x W, blurred
+    initial_luma: torch.Tensor | None  # 1 x 1 x H x W
 
 
 def _luma(frames: torch.Tensor) -> torch.Tensor:
@@ -178,14 +178,23 @@ def _eye_polygon(points: np.ndarray, upper, lower) -> np.ndarray:
 
 
 def _fill(polygons: list[np.ndarray], size: tuple[int, int]) -> np.ndarray:
-    """Anti-aliased coverage (H x W float32 in [0, 1]) of polygons in pixel coordinates."""
+    """Anti-aliased coverage (H x W float32 in [0, 1]) of polygons in pixel coordinates (drawn in their
+    bounding box only, at SUPERSAMPLE x)."""
     height, width = size
-    canvas = np.zeros((height * SUPERSAMPLE, width * SUPERSAMPLE), np.uint8)
-    for polygon in polygons:
-        # pixel centre (x, y) -> supersampled pixel centre
-        scaled = np.round(((polygon + 0.5) * SUPERSAMPLE - 0.5) * 16).astype(np.int32)
+    out = np.zeros((height, width), np.float32)
+    if not polygons:
+        return out
+    points = np.concatenate(polygons)
+    x0, y0 = (max(int(np.floor(v)) - 1, 0) for v in points.min(0))
+    x1, y1 = min(int(np.ceil(points[:, 0].max())) + 2, width), min(int(np.ceil(points[:, 1].max())) + 2, height)
+    if x1 <= x0 or y1 <= y0:
+        return out
+    canvas = np.zeros(((y1 - y0) * SUPERSAMPLE, (x1 - x0) * SUPERSAMPLE), np.uint8)
+    for polygon in polygons:  # pixel centre (x, y) -> supersampled pixel centre, in 1/16 px
+        scaled = np.round(((polygon - [x0, y0] + 0.5) * SUPERSAMPLE - 0.5) * 16).astype(np.int32)
         cv2.fillPoly(canvas, [scaled], 255, lineType=cv2.LINE_8, shift=4)
-    return cv2.resize(canvas, (width, height), interpolation=cv2.INTER_AREA).astype(np.float32) / 255.0
+    out[y0:y1, x0:x1] = cv2.resize(canvas, (x1 - x0, y1 - y0), interpolation=cv2.INTER_AREA) / 255.0
+    return out
 
 
 class DenseMeshWarp(nn.Module):
@@ -248,7 +257,7 @@ class DenseMeshWarp(nn.Module):
         face_mask = torch.from_numpy(face)[None, None].to(source.device)
         face_mask = _blur(face_mask, 2.0)
         face_mask = F.interpolate(face_mask, size=shape, mode="area") if self.grid_step > 1 else face_mask
-        initial_luma = None if initial_frame is None else _blur(_luma(initial_frame.float()), self.ratio_blur)
+        initial_luma = None if initial_frame is None else _luma(initial_frame.float())
         return DenseState(size, src, init, maps, np.concatenate([ring, border]), grid, shape, vertices, weights,
                           face_mask, source.float(), initial_luma)
 
@@ -296,9 +305,11 @@ class DenseMeshWarp(nn.Module):
         h, wd = state.grid_shape
         grid_t = _to_grid(torch.from_numpy(at_t).float(), state.size).view(frames, h, wd, 2).to(driving.device)
         grid_0 = _to_grid(torch.from_numpy(at_0).float(), state.size).view(1, h, wd, 2).to(driving.device)
-        luma_t = _blur(_luma(driving.float()), self.ratio_blur)
-        aligned = F.grid_sample(luma_t, grid_t, mode="bilinear", padding_mode="border", align_corners=False)
-        base = F.grid_sample(state.initial_luma, grid_0, mode="bilinear", padding_mode="border", align_corners=False)
+        sigma = self.ratio_blur / self.grid_step  # blurred on the grid (grid_step px apart)
+        aligned = _blur(F.grid_sample(_luma(driving.float()), grid_t, mode="bilinear", padding_mode="border",
+                                      align_corners=False), sigma)
+        base = _blur(F.grid_sample(state.initial_luma, grid_0, mode="bilinear", padding_mode="border",
+                                   align_corners=False), sigma)
         log_ratio = torch.log((aligned + RATIO_EPS) / (base + RATIO_EPS))  # T x 1 x h x w
         mask = state.face_mask
         weights = (mask > 0.5).flatten()
@@ -323,7 +334,7 @@ class DenseMeshWarp(nn.Module):
         device = state.source.device
         still = state.anchors
         src_points = np.concatenate([state.source_mesh[:M.NUM_MESH], still])
-        flows, masks, eyeball = [], [], []
+        flows, masks, eyeball, sides = [], [], [], []
         h, w = state.grid_shape
         for t in range(frames):
             points = np.concatenate([target[t, :M.NUM_MESH], still])
@@ -337,21 +348,21 @@ class DenseMeshWarp(nn.Module):
                 polygons.append((_eye_polygon(target[t], upper, lower), _eye_polygon(state.source_mesh, upper, lower)
                                  + gaze))
                 shifts.append(gaze)
-            mask = np.zeros((height, width), np.float32)
-            shift = np.zeros((height, width, 2), np.float32)
-            for (now, was), gaze in zip(polygons, shifts):
-                cover = np.minimum(_fill([now], state.size), _fill([was], state.size))  # eyeball still visible
-                mask = np.maximum(mask, cover)
-                shift[cover > 0] = gaze
-            masks.append(mask)
-            eyeball.append(shift)
+            covers = [np.minimum(_fill([now], state.size), _fill([was], state.size))  # eyeball still visible
+                      for now, was in polygons]
+            masks.append(np.maximum(*covers))
+            eyeball.append(np.stack(shifts))  # 2 x 2: each eye's gaze shift
+            sides.append(covers[0] >= covers[1])  # pixels of the first eye
         displacement = torch.from_numpy(np.stack(flows)).float().view(frames, h, w, 2).permute(0, 3, 1, 2)
         displacement = F.interpolate(displacement, size=(height, width), mode="bilinear", align_corners=False)
         ys, xs = torch.meshgrid(torch.arange(height, dtype=torch.float32), torch.arange(width, dtype=torch.float32),
                                 indexing="ij")
         base = torch.stack([xs, ys], -1)  # H x W x 2 pixels
         skin = _to_grid(base + displacement.permute(0, 2, 3, 1), state.size).to(device)  # T x H x W x 2
-        eye_grid = _to_grid(base - torch.from_numpy(np.stack(eyeball)), state.size).to(device)
+        gaze = torch.from_numpy(np.stack(eyeball)).float()  # T x 2 eyes x 2
+        first = torch.from_numpy(np.stack(sides))[..., None]  # T x H x W x 1
+        shift = torch.where(first, gaze[:, None, None, 0], gaze[:, None, None, 1])  # T x H x W x 2
+        eye_grid = _to_grid(base - shift, state.size).to(device)
         eye_mask = torch.from_numpy(np.stack(masks))[:, None].to(device)  # T x 1 x H x W
         source = state.source.expand(frames, -1, -1, -1)
         shaded = source
