@@ -64,6 +64,7 @@ PERIOCULAR = (((226, 113, 225, 224, 223, 222, 221, 189, 244), (226, 31, 228, 229
               ((446, 342, 445, 444, 443, 442, 441, 413, 464), (446, 261, 448, 449, 450, 451, 452, 453, 464), None))
 EYES = ((M.RIGHT_EYE_UPPER, M.RIGHT_EYE_LOWER, M.RIGHT_IRIS), (M.LEFT_EYE_UPPER, M.LEFT_EYE_LOWER, M.LEFT_IRIS))
 CLOSED = 0.04  # a closed eye keeps this share of its aperture (the lids meet without crossing)
+BORDER_TAPER = 0.06  # share of the picture's size over which motion fades out towards its edge
 SUPERSAMPLE = 4  # eye-opening masks are drawn at 4x and averaged (anti-aliased edges)
 
 
@@ -80,6 +81,7 @@ class DenseState:
     grid_shape: tuple[int, int]
     grid_vertices: np.ndarray  # G x 3 vertex indices of the source triangle holding each grid point (-1: none)
     grid_weights: np.ndarray  # G x 3 barycentric weights
+    taper: np.ndarray  # G: motion weight, 0 on the picture's edge
     face_mask: torch.Tensor  # 1 x 1 x h x w on the grid: where ratio images apply (face, eye openings left out)
     source: torch.Tensor  # 1 x 3 x H x W
     initial_luma: torch.Tensor | None  # 1 x 1 x H x W
@@ -239,8 +241,12 @@ class DenseMeshWarp(nn.Module):
         side = np.linspace(0, 1, 9)
         border = np.concatenate([np.stack([side * (width - 1), np.full(9, v)], 1) for v in (0, height - 1)] +
                                 [np.stack([np.full(9, u), side * (height - 1)], 1) for u in (0, width - 1)])
-        border = border[(np.linalg.norm(border[:, None] - ring[None], axis=-1).min(1) > 2)]  # keep them apart
-        ys, xs = np.arange(0, height, self.grid_step, dtype=np.float64), np.arange(0, width, self.grid_step, dtype=np.float64)
+        ring = ring[(ring >= 0).all(1) & (ring[:, 0] <= width - 1) & (ring[:, 1] <= height - 1)]  # in the picture
+        if len(ring):
+            border = border[(np.linalg.norm(border[:, None] - ring[None], axis=-1).min(1) > 2)]  # keep them apart
+        # grid nodes from the first to the last pixel (upsampled with align_corners=True)
+        ys = np.linspace(0, height - 1, (height - 1) // self.grid_step + 1)
+        xs = np.linspace(0, width - 1, (width - 1) // self.grid_step + 1)
         grid = np.stack(np.meshgrid(xs, ys), -1).reshape(-1, 2)
         delaunay = Delaunay(src[:M.NUM_MESH])
         simplex = delaunay.find_simplex(grid)
@@ -252,6 +258,12 @@ class DenseMeshWarp(nn.Module):
         bary = np.einsum("nij,nj->ni", affine[:, :2], grid[inside] - affine[:, 2])
         weights[inside] = np.concatenate([bary, 1 - bary.sum(1, keepdims=True)], 1)
         shape = (len(ys), len(xs))
+        # motion tapers to 0 at the picture's edge (smoothstep over BORDER_TAPER of its size): the border holds
+        # still and nothing is sampled from outside the picture, however tightly the face is framed
+        ramp = max(BORDER_TAPER * max(size), 1.0)
+        edge = np.minimum(np.minimum(grid[:, 0], width - 1 - grid[:, 0]), np.minimum(grid[:, 1], height - 1 - grid[:, 1]))
+        taper = np.clip(edge / ramp, 0, 1)
+        taper = taper * taper * (3 - 2 * taper)
         # ratio images apply on the face (inside its oval), not in the eye openings (the eyeball layer's)
         face = _fill([oval], size) * (1 - _fill([_eye_polygon(src, u, l) for u, l, _ in PERIOCULAR], size))
         face_mask = torch.from_numpy(face)[None, None].to(source.device)
@@ -259,7 +271,7 @@ class DenseMeshWarp(nn.Module):
         face_mask = F.interpolate(face_mask, size=shape, mode="area") if self.grid_step > 1 else face_mask
         initial_luma = None if initial_frame is None else _luma(initial_frame.float())
         return DenseState(size, src, init, maps, np.concatenate([ring, border]), grid, shape, vertices, weights,
-                          face_mask, source.float(), initial_luma)
+                          taper, face_mask, source.float(), initial_luma)
 
     # ---- per batch --------------------------------------------------------------------------------------
     @staticmethod
@@ -271,20 +283,14 @@ class DenseMeshWarp(nn.Module):
         for upper, lower, _ in EYES:
             rotation, _, _ = _eye_frame(state.source_mesh, upper, lower)
             normal = rotation[:, 1]  # from the upper lid towards the lower one
-            for margin in (upper, lower):  # the margins move smoothly along the lid ([1, 2, 1] twice, corners kept)
-                inner = list(margin[1:-1])
-                moved = target[:, list(margin)] - state.source_mesh[list(margin)]  # T x 9 x 2
-                for _ in range(2):
-                    moved[:, 1:-1] = (moved[:, :-2] + 2 * moved[:, 1:-1] + moved[:, 2:]) / 4
-                target[:, inner] = state.source_mesh[inner] + moved[:, 1:-1]
-            # a lid closes the eye at most: the lids' motion across the eye is scaled down until no pair crosses
+            # a lid closes the eye at most: the lid margins' motion is scaled down until no pair crosses
             gap_s = (state.source_mesh[list(lower[1:-1])] - state.source_mesh[list(upper[1:-1])]) @ normal  # 7
             gap = (target[:, list(lower[1:-1])] - target[:, list(upper[1:-1])]) @ normal  # T x 7
-            floor = CLOSED * gap_s.max()
+            floor = CLOSED * np.maximum(gap_s, 0)
             allowed = np.where(gap < floor, (gap_s - floor) / np.maximum(gap_s - gap, 1e-9), 1.0).min(1)  # T
             lids = list(set(upper[1:-1]) | set(lower[1:-1]))
-            across = ((target[:, lids] - state.source_mesh[lids]) @ normal)[..., None] * normal  # T x n x 2
-            target[:, lids] -= (1 - np.clip(allowed, 0, 1))[:, None, None] * across
+            moved = target[:, lids] - state.source_mesh[lids]  # T x n x 2
+            target[:, lids] = state.source_mesh[lids] + np.clip(allowed, 0, 1)[:, None, None] * moved
         return target
 
     def appearance_ratios(self, state: DenseState, driving: torch.Tensor, driving_mesh: np.ndarray,
@@ -316,7 +322,7 @@ class DenseMeshWarp(nn.Module):
         if weights.any():  # no global brightness change: the face's median ratio is 1
             log_ratio = log_ratio - log_ratio.flatten(1)[:, weights].median(1).values.view(-1, 1, 1, 1)
         log_ratio = (magnify * log_ratio * mask).clamp(-self.ratio_bound, self.ratio_bound)
-        return torch.exp(F.interpolate(log_ratio, size=state.size, mode="bilinear", align_corners=False))
+        return torch.exp(F.interpolate(log_ratio, size=state.size, mode="bilinear", align_corners=True))
 
     def render(self, state: DenseState, target_mesh: np.ndarray, appearance: torch.Tensor | None = None
                ) -> dict[str, torch.Tensor]:
@@ -341,7 +347,7 @@ class DenseMeshWarp(nn.Module):
             backward = LinearNDInterpolator(points, src_points, fill_value=np.nan)(state.grid)  # G x 2
             missing = ~np.isfinite(backward[:, 0])
             backward[missing] = state.grid[missing]  # outside the anchors' hull: still
-            flows.append(backward - state.grid)
+            flows.append((backward - state.grid) * state.taper[:, None])
             polygons, shifts = [], []
             for upper, lower, iris in EYES:
                 gaze = target[t, iris[0]] - state.source_mesh[iris[0]]
@@ -354,7 +360,7 @@ class DenseMeshWarp(nn.Module):
             eyeball.append(np.stack(shifts))  # 2 x 2: each eye's gaze shift
             sides.append(covers[0] >= covers[1])  # pixels of the first eye
         displacement = torch.from_numpy(np.stack(flows)).float().view(frames, h, w, 2).permute(0, 3, 1, 2)
-        displacement = F.interpolate(displacement, size=(height, width), mode="bilinear", align_corners=False)
+        displacement = F.interpolate(displacement, size=(height, width), mode="bilinear", align_corners=True)
         ys, xs = torch.meshgrid(torch.arange(height, dtype=torch.float32), torch.arange(width, dtype=torch.float32),
                                 indexing="ij")
         base = torch.stack([xs, ys], -1)  # H x W x 2 pixels
