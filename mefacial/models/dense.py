@@ -49,6 +49,7 @@ from torch import nn
 
 from .. import mesh as M
 from ..config import ModelConfig
+from . import BackboneSpec, ClipRunner, VariantDecl, register_backbone
 
 DEFAULTS: dict[str, Any] = {
     "grid_step": 2,
@@ -425,3 +426,47 @@ def render_frames(source: np.ndarray, source_mesh: np.ndarray, target_meshes: np
     ratio = None if appearance is None else torch.from_numpy(np.asarray(appearance, np.float32))[:, None]
     with torch.inference_mode():
         return to_uint8(model.render(state, target_meshes, ratio)["prediction"])
+
+
+class DenseClip(ClipRunner):
+    """A clip through the dense generator: the meshes (478 points) of the source, the clip's onset frame and each
+    batch; the onset frame and each batch's frames feed the appearance transfer."""
+
+    def __init__(self, model, source, first_frame, source_points, first_points, settings, to_tensor, stage=None):
+        super().__init__(model, source, first_frame, source_points, first_points, settings, to_tensor, stage)
+        with self.stage("generator"):
+            self.state = model.prepare(source.float(), source_points[0], first_points[0], first_frame.float())
+
+    def __call__(self, frames, points):
+        with self.stage("generator"):
+            driving = self.to_tensor(frames).float() if self.model.appearance else None  # B x 3 x H x W
+            return self.model.animate(self.state, points, driving, magnify=self.settings.magnify)["prediction"]
+
+    @classmethod
+    def original_loop(cls, model, source, driving, source_points, driving_points, settings, to_tensor, stage):
+        """One frame at a time (the unbatched form; the dense generator has no original code)."""
+        with stage("generator", -1):
+            state = model.prepare(source.float(), source_points[0], driving_points[0], to_tensor(driving[:1]).float())
+        preds = []
+        for t in range(len(driving)):
+            with stage("generator", t):
+                frame = to_tensor(driving[t:t + 1]).float() if model.appearance else None
+                preds.append(model.animate(state, driving_points[t:t + 1], frame, magnify=settings.magnify)["prediction"])
+        return preds
+
+
+SPEC = register_backbone(BackboneSpec(
+    name="dense",
+    label="Training-free dense mesh",
+    title="Training-free dense face-mesh generator (local retargeting, layered lids, expression-ratio images)",
+    builder=lambda config, for_training=False: DenseMeshWarp(config),
+    clip=DenseClip,
+    motion_modes={"relative": "relative"},
+    points="mesh",
+    adapt_scale=False,  # the motion is mapped by local (per-triangle) maps instead
+    priors=("none",),
+    needs_weights=False,
+    variants=(VariantDecl("dense", "dense", "Training-free dense mesh"),
+              VariantDecl("dense-geometry", "dense-geometry", "Dense mesh, geometry only", prior_option="geometry",
+                          prior_label="geometry only (no appearance transfer)")),
+))
