@@ -8,7 +8,8 @@ For a target (source) face S and a driving clip D_0 .. D_T-1 (all with their
    the area-weighted mean, over the vertex's triangles (a Delaunay triangulation
    of the target mesh, the same vertex indices on the driving face), of the
    affine map taking the driving onset triangle onto the target's one, bounded
-   to [1/2, 2] x the faces' global similarity. The lid margins use each eye's own
+   to [1/2, 2] x the faces' global similarity and brought to its scale (local
+   proportions steer the motion; its size in inter-ocular units is kept). The lid margins use each eye's own
    frame (width ratio along the eye, aperture ratio across it), so a lid that
    closes half of the driving eye closes half of the target eye. `magnify`
    multiplies the motion; lids never cross.
@@ -164,6 +165,10 @@ def local_maps(source: np.ndarray, initial: np.ndarray, triangles: np.ndarray) -
     out = np.repeat(similarity[None], len(source), axis=0)
     used = weight > 0
     out[used] = total[used] / weight[used, None, None]
+    # keep each local map's shape (direction, anisotropy) at the faces' global scale: motion keeps its size
+    # relative to the face (inter-ocular units), and local proportions only steer it
+    scale = np.sqrt(np.abs(np.linalg.det(out)))
+    out *= (np.sqrt(abs(np.linalg.det(similarity))) / np.maximum(scale, 1e-9))[:, None, None]
     # the lid margins and irises: each eye's own frame (width along it, aperture across it)
     for upper, lower, iris in EYES:
         rot_s, width_s, gap_s = _eye_frame(source, upper, lower)
