@@ -37,6 +37,7 @@ import gradio as gr
 
 import mefacial
 from mefacial import checkpoints as weights_registry
+from mefacial import hardware
 from mefacial.console import monotone
 from mefacial.errors import MefacialError, NoFaceError, sentence
 from mefacial.evaluate import compare_columns, first_line
@@ -100,7 +101,8 @@ def weights_rows() -> dict[str, dict]:
     return {row["variant"]: row for row in weights_registry.list_checkpoints()}
 
 
-def readiness(engine: mefacial.Engine, variants: list[dict], rows: dict[str, dict] | None = None) -> dict[str, str | None]:
+def readiness(engine: mefacial.Engine, variants: list[dict],
+              rows: dict[str, dict] | None = None) -> dict[str, str | None]:
     """Variant id -> None when it can run on this server now without network (no weights needed, given with
     --checkpoint, on disk or in the local Hub cache), else the one reason why not, in words for the page."""
     rows = weights_rows() if rows is None else rows
@@ -114,7 +116,7 @@ def readiness(engine: mefacial.Engine, variants: list[dict], rows: dict[str, dic
         elif row.get("hub"):
             status[v["id"]] = "its weights are not on this server, and downloads are off"
         else:
-            status[v["id"]] = "no public weights exist (the operator can add trained ones)"
+            status[v["id"]] = "no weights on this server and none to download (the operator can add them)"
     return status
 
 
@@ -235,6 +237,31 @@ def user_errors(fn: Callable) -> Callable:
     return wrapper
 
 
+def zero_gpu_handlers(demo: "Demo") -> None:
+    """On a ZeroGPU Space, run the handlers that use the engine as `@spaces.GPU` tasks (`mefacial.hardware`),
+    each asking for GPU time in proportion to its request's frames and variants; elsewhere nothing changes.
+
+    Engine errors become gr.Error inside the GPU call, so that their message (not just their class) reaches
+    the page."""
+    if not hardware.on_zero_gpu():
+        return
+
+    def frames(driving: Any) -> int:
+        try:
+            return read_clip(upload_path(driving, "driving clip"), limits=demo.limits.files).num_frames
+        except Exception:  # noqa: BLE001 - the handler reports the problem; ask for the longest clip allowed
+            return demo.limits.max_frames
+
+    durations = {
+        "generate": lambda source, driving=None, *a, **k: hardware.gpu_seconds(frames(driving)),
+        "compare": lambda source, driving=None, variants=None, *a, **k: hardware.gpu_seconds(
+            frames(driving), len(variants or demo.variants)),
+        "prior": lambda *a, **k: hardware.gpu_seconds(2, 2),
+    }
+    for name, duration in durations.items():
+        setattr(demo, name, hardware.gpu_handler(user_errors(getattr(demo, name)), demo.engine, duration))
+
+
 class Demo:
     """The handlers of the demo, bound to one engine; the only state is the read-only configuration."""
 
@@ -291,14 +318,15 @@ class Demo:
         download = video if format == "mp4" else write_video(out / "result.gif", result.frames, result.fps,
                                                             slowdown=slowdown)
         columns = [Column("source", result.model_source), Column("driving", result.model_driving),
-                   Column(mefacial.get_variant(variant).label, result.frames)]
+                   Column(get_variant(variant).label, result.frames)]
         grid = write_video(out / "side_by_side.mp4", render_grid(columns), result.fps, slowdown=slowdown)
         return str(video), str(grid), str(download), self.status_line(result, slowdown)
 
     def status_line(self, result, slowdown: float) -> str:
         timings = result.timings
         speed = "real time" if slowdown == 1 else f"slowed down x{slowdown:g}"
-        return (f"**{mefacial.get_variant(result.variant).label}**: {result.num_frames} frames in {timings.get('total_s', 0):.2f} s "
+        return (f"**{get_variant(result.variant).label}**: {result.num_frames} frames in "
+                f"{timings.get('total_s', 0):.2f} s "
                 f"({timings.get('ms_per_frame', 0):.0f} ms/frame) on {self.engine.device} {self.engine.precision} · "
                 f"landmarks: {result.landmark_backend or 'none'} · weights: {result.weights} · "
                 f"{result.fps:g} fps, {speed}")
@@ -325,9 +353,12 @@ class Demo:
         comparison = compare_columns(
             self.engine, image, clip.frames, chosen, motion="relative", magnify=number(magnify, "magnification", 1, 5),
             fps=clip.fps, progress=self.progress_fn(progress), **options)
+        for column, outcome in zip(comparison.columns[1:], comparison.outcomes.values()):  # driving first
+            if isinstance(outcome, MefacialError):
+                column.reason = short_reason(outcome)  # the page's words on the placeholder, as in the table
         lines = ["| variant | result |", "|---|---|"]
         for variant, outcome in comparison.outcomes.items():
-            label = mefacial.get_variant(variant).label
+            label = get_variant(variant).label
             if isinstance(outcome, MefacialError):
                 lines.append(f"| {label} | not run: {short_reason(outcome)} |")
             else:
@@ -361,7 +392,7 @@ class Demo:
         if index is not None:
             faces.append((result.model_driving[0], result.driving_landmarks[0], f"driving frame {index}"))
         awp_variant, awp_reason = self.awp_model()
-        config = mefacial.get_variant("fomm-ewp").config  # sigma and distance of the TIP 2024 EWP
+        config = get_variant("fomm-ewp").config  # sigma and distance of the TIP 2024 EWP
         gallery = []
         for face, points, title in faces:
             awp = None
@@ -371,7 +402,8 @@ class Demo:
             gallery += prior_panels(face, points, image_size=config.image_size, sigma=config.prior_sigma,
                                     distance=config.prior_distance, awp=awp, awp_reason=awp_reason, title=title)
         status = (f"landmarks: {result.landmark_backend or 'none'} · AWP map: "
-                  + (f"{mefacial.get_variant(awp_variant).label} ({self.engine.model(awp_variant)[1]})" if awp_variant else awp_reason))
+                  + (f"{get_variant(awp_variant).label} ({self.engine.model(awp_variant)[1]})" if awp_variant
+                     else awp_reason))
         return gallery, status
 
     def awp_model(self) -> tuple[str | None, str | None]:
@@ -491,6 +523,7 @@ def build_demo(engine: mefacial.Engine, limits: Limits | None = None) -> gr.Bloc
     Launch it with `launch(demo, ...)`."""
     limits = limits or Limits()
     demo_state = Demo(engine, limits)
+    zero_gpu_handlers(demo_state)
     variants = demo_state.variants
     pairs = examples()
     landmarks0 = default_landmarks(engine)
@@ -778,16 +811,26 @@ def warm_up(engine: mefacial.Engine) -> float | None:
     return seconds
 
 
+def start_up_work(engine: mefacial.Engine) -> None:
+    """After the server starts: the warm-up, then on a ZeroGPU Space the models of every learned variant that
+    can load (weights present or downloadable), on the CPU, so that each GPU call only moves them."""
+    warm_up(engine)
+    if hardware.on_zero_gpu():
+        hardware.preload(engine, [v["id"] for v in mefacial.list_variants() if v["needs_weights"]])
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("mefacial").setLevel(logging.DEBUG if args.debug else logging.INFO)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's own start-up probes, one line each
+    if hardware.on_zero_gpu():
+        hardware.import_spaces()  # before anything touches CUDA
     try:
         for variant, _ in args.checkpoint:
-            mefacial.get_variant(variant)  # an unknown id fails here, listing the known ones
-        engine = mefacial.Engine(device=args.device, precision=args.precision, landmarks=args.landmarks,
-                                 checkpoints=dict(args.checkpoint))
+            get_variant(variant)  # an unknown id fails here, listing the known ones
+        engine = mefacial.Engine(device=hardware.startup_device(args.device), precision=args.precision,
+                                 landmarks=args.landmarks, checkpoints=dict(args.checkpoint))
     except MefacialError as exc:
         raise SystemExit(f"error: {exc.cli_message}") from None
     limits = Limits(max_upload_mb=args.max_upload_mb, max_frames=args.max_frames, max_seconds=args.max_seconds,
@@ -797,7 +840,7 @@ def main(argv: list[str] | None = None) -> None:
     launch(demo, host=args.host, port=args.port, share=args.share, prevent_thread_lock=True)
     log.info("serving %s, %.1f s after start", demo.local_url, time.monotonic() - STARTED)
     # The warm-up runs beside the server, once it serves: the page never waits for it.
-    threading.Thread(target=warm_up, args=(engine,), name="warm-up", daemon=True).start()
+    threading.Thread(target=start_up_work, args=(engine,), name="warm-up", daemon=True).start()
     demo.block_thread()  # until Ctrl-C or SIGTERM
 
 
