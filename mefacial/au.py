@@ -16,8 +16,9 @@ that the lids and lips part or close instead of shearing. Directions and regions
 changes of the FACS manual (Ekman, Friesen & Hager 2002, *Facial Action Coding System: the manual*); the
 magnitudes are micro-expression magnitudes, checked against the motion of the real clips (README, "Action
 units": landmarks move about 1-4 % of the IOD at apex; `python benchmarks/micro_motion.py`). What geometry
-cannot carry (furrows of AU4 / AU9, the lid over the iris of AU43, the dark mouth opening of AU25 / 26)
-are appearance cues (`Cue`), painted over the rendered frames by `appearance`.
+cannot carry (furrows of AU4 / AU9, the lash line of AU43's closed lid, the dark mouth opening of AU25 / 26) are
+appearance cues (`Cue`): luminance ratios that the dense renderer applies (`appearance`); the lid covering the
+iris is the renderer's eye layer (the eyeball shows only inside the moved eye opening).
 
 Intensities follow FACS's A-E scale (trace, slight, marked, severe, maximum): `INTENSITY` maps a letter to
 the fraction of a template's maximum (E). Timing: each AU rises over its onset with a raised-cosine ease,
@@ -249,19 +250,21 @@ class Component:
         return interpolated * weight[:, None]
 
 
-def _lid_closure(share_upper: float) -> tuple[Component, Component]:
-    """AU43's lids: upper margins travel `share_upper` of the aperture down, lower margins the rest up, meeting."""
+def lid_move(which: str, share: float, sigma: float, extra_down: float = 0.0) -> Component:
+    """A lid margin moved by `share` of the local eye aperture towards the other margin (negative: away from it),
+    plus `extra_down` face units; the eye corners stay pinned, so the motion fades towards them and the lids can
+    never fold over each other at the corners. `which`: "upper" or "lower"."""
+    mine, other = (UPPER_LIDS, LOWER_LIDS) if which == "upper" else (LOWER_LIDS, UPPER_LIDS)
 
-    def upper(q, anchors):
-        up, low = q[list(UPPER_LIDS)], q[list(LOWER_LIDS)]
-        return np.concatenate([share_upper * (low - up), np.zeros((4, 2))])
+    def moves(q: np.ndarray, anchors: np.ndarray) -> np.ndarray:
+        towards = share * (q[list(other)] - q[list(mine)]) + [0.0, extra_down]  # P x 2
+        return np.concatenate([towards, np.zeros((len(EYE_CORNERS), 2))])
 
-    def lower(q, anchors):
-        up, low = q[list(UPPER_LIDS)], q[list(LOWER_LIDS)]
-        return np.concatenate([(1 - share_upper) * (up - low), np.zeros((4, 2))])
+    return Component(vertices(*mine, *EYE_CORNERS), moves, sigma, above_eye_seam if which == "upper" else below_eye_seam)
 
-    return (Component(vertices(*UPPER_LIDS, *EYE_CORNERS), upper, 0.07, above_eye_seam),
-            Component(vertices(*LOWER_LIDS, *EYE_CORNERS), lower, 0.04, below_eye_seam))
+
+# AU43: the upper lid does most of a closure; the lower rises about a fifth of the aperture to meet it.
+LID_CLOSE_UPPER, LID_CLOSE_LOWER = lid_move("upper", 0.8, 0.07), lid_move("lower", 0.2, 0.04)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -269,13 +272,13 @@ class Cue:
     """An appearance change geometry cannot carry, painted on the rendered frames (at the moved mesh).
 
     kind "furrow": a crease along a polyline through `points` (darker line, faint highlight beside it);
-    "lid": the eye aperture covered by lid skin as the lids close, with the lash line;
+    "lid": the lash line of a closing lid (the lid skin itself covers the iris in the renderer's eye layer);
     "opening": the parted lips' gap darkened as the mouth's interior."""
 
     kind: str
     points: Points | None = None
-    depth: float = 0.3  # luminance removed at the crease at intensity E
-    width: float = 0.012  # face units
+    depth: float = 0.2  # share of the luminance removed at the crease at intensity E
+    width: float = 0.016  # face units
 
 
 @dataclasses.dataclass(frozen=True)
@@ -322,7 +325,7 @@ def _glabella_lines(q: np.ndarray) -> np.ndarray:
 def _nose_root_lines(q: np.ndarray) -> np.ndarray:
     """AU9's transverse wrinkles across the root of the nose, NaN-separated."""
     lines = []
-    for level in (0.35, 0.7):
+    for level in (0.55,):
         centre = (1 - level) * q[168] + level * q[6]
         half = 0.35 * abs(q[133, 0] - q[362, 0]) / 2
         xs = np.linspace(-half, half, 7)
@@ -343,7 +346,6 @@ def _nasolabial_lines(q: np.ndarray) -> np.ndarray:
     return np.concatenate([a, np.full((1, 2), np.nan), b])
 
 
-LID_CLOSE_UPPER, LID_CLOSE_LOWER = _lid_closure(0.8)  # the upper lid does most of a closure (the lower rises ~20 %)
 
 # Magnitudes: displacement at intensity E in face units (fractions of the IOD). The real micro-expression clips
 # move their most active landmarks 1-4 % of the IOD at apex (README table), i.e. a marked (C) micro-expression
@@ -365,28 +367,22 @@ AUS: dict[int, ActionUnit] = {a.number: a for a in (
                           0.10, above_lids),
                 Component(vertices(*GLABELLA[:2]), move(0.0, 0.012), 0.06, above_lids)),
                ("brow_inner", "brow_outer"),
-               (Cue("furrow", _glabella_lines, depth=0.3),)),
+               (Cue("furrow", _glabella_lines, depth=0.22),)),
     ActionUnit(5, "upper lid raiser", "levator palpebrae superioris",
                "raises the upper lid margin; more of the iris (and sclera above it) shows",
-               (Component(vertices(*UPPER_LIDS, *EYE_CORNERS),
-                          lambda q, a: np.concatenate([np.tile([0.0, -0.035], (len(UPPER_LIDS), 1)), np.zeros((4, 2))]),
-                          0.05, above_eye_seam),),
+               (lid_move("upper", 0.0, 0.05, extra_down=-0.035),),
                ("upper_lid",)),
     ActionUnit(6, "cheek raiser", "orbicularis oculi, pars orbitalis",
                "raises the cheeks (infraorbital triangle), pushes the lower-lid skin up and narrows the eye from "
                "below; crow's-feet at the outer corner; the lateral brow is pulled down slightly",
                (Component(_cheeks, move(0.005, -0.045), 0.12, below_lower_lids),
-                Component(vertices(*LOWER_LIDS, *EYE_CORNERS[::2]),
-                          lambda q, a: np.concatenate([np.tile([0.0, -0.025], (len(LOWER_LIDS), 1)),
-                                                       np.tile([0.0, -0.01], (2, 1))]),
-                          0.05, below_eye_seam),
+                lid_move("lower", 0.2, 0.05),
                 Component(vertices(46, 53, 276, 283), move(0.0, 0.012), 0.07, above_lids)),
                ("cheek", "lower_lid", "brow_outer")),
     ActionUnit(7, "lid tightener", "orbicularis oculi, pars palpebralis",
                "tightens the lids: the lower lid rises and straightens, the upper lid lowers slightly; the eye "
                "aperture narrows",
-               (Component(vertices(*LOWER_LIDS), move(0.0, -0.04), 0.045, below_eye_seam),
-                Component(vertices(*UPPER_LIDS), move(0.0, 0.012), 0.035, above_eye_seam)),
+               (lid_move("lower", 0.3, 0.045), lid_move("upper", 0.08, 0.035)),
                ("lower_lid", "upper_lid")),
     ActionUnit(9, "nose wrinkler", "levator labii superioris alaeque nasi",
                "wrinkles the skin along the sides and root of the nose, raises the nose wings and the upper lip, "
@@ -397,25 +393,25 @@ AUS: dict[int, ActionUnit] = {a.number: a for a in (
                           above_lip_line),
                 Component(_inner, move(-0.005, 0.02), 0.08, above_lids)),
                ("nose", "upper_lip", "brow_inner"),
-               (Cue("furrow", _nose_root_lines, depth=0.3), Cue("furrow", _nasolabial_lines, depth=0.2))),
+               (Cue("furrow", _nose_root_lines, depth=0.2), Cue("furrow", _nasolabial_lines, depth=0.15))),
     ActionUnit(10, "upper lip raiser", "levator labii superioris (caput infraorbitalis)",
                "raises the upper lip (its middle-lateral part most), deepens the nasolabial furrow, raises the "
                "nose wings slightly",
                (Component(vertices(*UPPER_LIP_OUTER, *UPPER_LIP_INNER), move(0.0, -0.05), 0.07, above_lip_line),),
                ("upper_lip", "lip_corner", "nose"),
-               (Cue("furrow", _nasolabial_lines, depth=0.2),)),
+               (Cue("furrow", _nasolabial_lines, depth=0.15),)),
     ActionUnit(12, "lip corner puller", "zygomaticus major",
                "pulls the lip corners up and out (obliquely, towards the cheekbone); raises the infraorbital skin "
                "a little; deepens the nasolabial furrow",
                (Component(_corners, move(0.045, -0.04), 0.09),
                 Component(_cheeks, move(0.0, -0.012), 0.1, below_lower_lids)),
                ("lip_corner", "upper_lip", "lower_lip", "cheek"),
-               (Cue("furrow", _nasolabial_lines, depth=0.12),)),
+               (Cue("furrow", _nasolabial_lines, depth=0.1),)),
     ActionUnit(14, "dimpler", "buccinator",
                "tightens the lip corners and draws them slightly out and up; a dimple forms beyond each corner",
                (Component(_corners, move(0.022, -0.008), 0.05),),
                ("lip_corner", "upper_lip", "lower_lip"),
-               (Cue("furrow", _dimples, depth=0.2),)),
+               (Cue("furrow", _dimples, depth=0.15),)),
     ActionUnit(15, "lip corner depressor", "depressor anguli oris (triangularis)",
                "pulls the lip corners down (and slightly out); the lip line bends down at the corners",
                (Component(_corners, move(0.006, 0.045), 0.08),),
@@ -461,6 +457,7 @@ AUS: dict[int, ActionUnit] = {a.number: a for a in (
 )}
 
 SUPPORTED = tuple(sorted(AUS))
+SHARE_OF_APERTURE = (43,)  # AUs whose activation is a share of the eye aperture (capped at 1 when magnified)
 
 # FACS intensity scale (Ekman, Friesen & Hager 2002): A trace, B slight, C marked / pronounced, D severe /
 # extreme, E maximum. The manual's intervals are unequal (B-D span most of the range, A and E are narrow);
@@ -822,11 +819,13 @@ def displacements(neutral: np.ndarray, plan: Plan, *, rules: bool = True) -> np.
     weights = {}
     for spec, activation in zip(plan.specs, plan.activations):
         weights.setdefault(spec.au, []).append((activation, side_mask(q, spec.side, len(neutral))))
-    a = {au: plan.activation(au) for au in fields}  # T, for the rules
+    a = {au: np.minimum(plan.activation(au), 1.0) for au in fields}  # T, for the rules
     total = np.zeros((plan.num_frames, len(neutral), 2))
     for au, field in fields.items():
         for activation, mask in weights[au]:
             scale = activation.copy()  # T
+            if au in SHARE_OF_APERTURE:
+                scale = np.minimum(scale, 1.0)  # a closure cannot exceed the eye's aperture, whatever the magnification
             if rules and au == 5 and 43 in a:
                 scale *= 1 - a[43]
             if rules and au == 24:
@@ -867,121 +866,126 @@ def target_meshes(neutral: np.ndarray, plan: Plan) -> np.ndarray:
 
 @dataclasses.dataclass
 class Appearance:
-    """Per-frame appearance changes over rendered frames (T x H x W): a luminance ratio (1 = unchanged) and an
-    overlay colour with its opacity (lid skin over a closing eye)."""
+    """Per-frame appearance changes as luminance ratios (1 = unchanged), T x H x W float32 each.
 
-    ratio: np.ndarray  # T x H x W float32
-    alpha: np.ndarray  # T x H x W float32 in [0, 1]
-    colour: np.ndarray  # T x H x W x 3 float32 in [0, 255] (meaningful where alpha > 0)
+    `source_ratio` is in the source's geometry: the renderer shades the source with it before warping, so a furrow
+    drawn where the skin is at rest moves with the skin (the dense renderer's `appearance` input).
+    `output_ratio` is in the output's geometry, applied to the rendered frames (the mouth's opening, which has no
+    pixels in a closed-mouth source); None when no AU needs it."""
 
-    def apply(self, frames: np.ndarray) -> np.ndarray:
-        """T x H x W x 3 uint8 -> the frames with the changes painted."""
-        out = frames.astype(np.float32) * self.ratio[..., None]
-        out = out * (1 - self.alpha[..., None]) + self.colour * self.alpha[..., None]
+    source_ratio: np.ndarray  # T x H x W
+    output_ratio: np.ndarray | None = None  # T x H x W
+
+    def apply_output(self, frames: np.ndarray) -> np.ndarray:
+        """T x H x W x 3 uint8 rendered frames -> with `output_ratio` applied."""
+        if self.output_ratio is None:
+            return frames
+        out = frames.astype(np.float32) * self.output_ratio[..., None]
         return np.clip(np.round(out), 0, 255).astype(np.uint8)
 
 
-def _distance_to_polyline(shape: tuple[int, int], points: np.ndarray, box_pad: float) -> tuple[np.ndarray, tuple]:
-    """Distance (pixels) from each pixel of a padded bounding box of the polyline(s) (NaN rows separate lines)."""
+def _distance_to_polyline(shape: tuple[int, int], points: np.ndarray, box_pad: float
+                          ) -> tuple[np.ndarray, np.ndarray, tuple]:
+    """Distance (pixels) from each pixel of a padded bounding box of the polyline(s) (NaN rows separate lines) to
+    them, where along its line the nearest point lies (0 at one end, 1 at the other), and the box (y0, y1, x0, x1)."""
     finite = points[np.isfinite(points).all(1)]
     h, w = shape
+    empty = np.zeros((0, 0)), np.zeros((0, 0)), (0, 0, 0, 0)
+    if not len(finite):
+        return empty
     x0, y0 = np.floor(finite.min(0) - box_pad).astype(int)
     x1, y1 = np.ceil(finite.max(0) + box_pad).astype(int)
     x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, w - 1), min(y1, h - 1)
     if x1 < x0 or y1 < y0:
-        return np.zeros((0, 0)), (0, 0, 0, 0)
+        return empty
     ys, xs = np.mgrid[y0:y1 + 1, x0:x1 + 1].astype(np.float64)
     pix = np.stack([xs, ys], -1)  # h' x w' x 2
-    best = np.full(xs.shape, np.inf)
-    for a, b in zip(points[:-1], points[1:]):
-        if not (np.isfinite(a).all() and np.isfinite(b).all()):
+    best, along = np.full(xs.shape, np.inf), np.zeros(xs.shape)
+    for line in np.split(points, np.flatnonzero(~np.isfinite(points).all(1))):
+        line = line[np.isfinite(line).all(1)]
+        if len(line) < 2:
             continue
-        ab = b - a
-        t = np.clip(((pix - a) @ ab) / max(ab @ ab, 1e-12), 0, 1)
-        d = np.linalg.norm(pix - (a + t[..., None] * ab), axis=-1)
-        best = np.minimum(best, d)
-    return best, (y0, y1 + 1, x0, x1 + 1)
+        lengths = np.linalg.norm(np.diff(line, axis=0), axis=1)
+        starts = np.concatenate([[0], np.cumsum(lengths)]) / max(lengths.sum(), 1e-12)
+        for k, (a, b) in enumerate(zip(line[:-1], line[1:])):
+            ab = b - a
+            t = np.clip(((pix - a) @ ab) / max(ab @ ab, 1e-12), 0, 1)
+            d = np.linalg.norm(pix - (a + t[..., None] * ab), axis=-1)
+            closer = d < best
+            best = np.where(closer, d, best)
+            along = np.where(closer, starts[k] + t * (starts[k + 1] - starts[k]), along)
+    return best, along, (y0, y1 + 1, x0, x1 + 1)
+
+
+def _crease(shape: tuple[int, int], line: np.ndarray, width: float, taper: bool = True
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """Profiles of a crease along a polyline (pixels): the dark line and the faint highlight beside it, H x W each,
+    fading out towards the line's ends (`taper`) as skin folds do."""
+    crease, ridge = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+    dist, along, (a, b, c, d) = _distance_to_polyline(shape, line, 4 * width)
+    if dist.size:
+        fade = np.sin(np.pi * np.clip(along, 0, 1)) ** 0.7 if taper else 1.0
+        crease[a:b, c:d] = fade * np.exp(-dist ** 2 / (2 * width ** 2))
+        ridge[a:b, c:d] = fade * np.exp(-(dist - 2.5 * width) ** 2 / (2 * width ** 2))
+    return crease, ridge
 
 
 def _polygon_mask(shape: tuple[int, int], polygon: np.ndarray, blur: float) -> np.ndarray:
     from PIL import Image, ImageDraw, ImageFilter
 
     image = Image.new("L", (shape[1], shape[0]), 0)
-    ImageDraw.Draw(image).polygon([tuple(p) for p in polygon.astype(np.float64)], fill=255)
+    ImageDraw.Draw(image).polygon([tuple(p) for p in np.asarray(polygon, np.float64)], fill=255)
     if blur > 0:
         image = image.filter(ImageFilter.GaussianBlur(blur))
     return np.asarray(image, np.float32) / 255.0
 
 
-def appearance(source: np.ndarray, neutral: np.ndarray, targets: np.ndarray, plan: Plan) -> Appearance | None:
-    """The appearance cues of the plan's AUs over frames of the source's size (H x W x 3 uint8), drawn at the
-    moved mesh `targets` (T x V x 2 pixels) and scaled by each AU's activation; None when no AU has a cue."""
-    cued = [(spec, activation) for spec, activation in zip(plan.specs, plan.activations) if AUS[spec.au].cues]
+def appearance(shape: tuple[int, int], neutral: np.ndarray, targets: np.ndarray, plan: Plan,
+               gain: float = 1.0) -> Appearance | None:
+    """The appearance cues of the plan's AUs for frames of `shape` (H, W), scaled by each AU's activation (x `gain`):
+    furrows and the closing lids' lash line in the source's geometry (at the neutral mesh, V x 2 pixels), the
+    parted lips' opening in the output's (at the moved meshes `targets`, T x V x 2). None when no AU has a cue."""
+    cued = [(spec, np.clip(gain * activation, 0, 1)) for spec, activation in zip(plan.specs, plan.activations)
+            if AUS[spec.au].cues]
     if not cued:
         return None
-    h, w = source.shape[:2]
+    h, w = shape
     count = len(targets)
-    ratio = np.ones((count, h, w), np.float32)
-    alpha = np.zeros((count, h, w), np.float32)
-    colour = np.zeros((count, h, w, 3), np.float32)
     neutral = np.asarray(neutral, np.float64)
     frame = FaceFrame.of(neutral)
-    lid_colour = _lid_skin_colour(source, neutral)
-    for t in range(count):
-        moved = np.asarray(targets[t], np.float64)
-        q_t = frame.to_face(moved[:NUM_MESH])  # the moved mesh in the neutral face's units
-        for spec, activation in cued:
-            strength = float(activation[t])
-            if strength <= 1e-3:
-                continue
-            for cue in AUS[spec.au].cues:
-                if cue.kind == "furrow":
-                    line = frame.origin + (cue.points(q_t) * frame.iod) @ frame.axes  # k x 2 pixels
-                    if spec.side:
-                        keep = (cue.points(q_t)[:, 0] > 0) == (spec.side == "L")
-                        line = np.where(keep[:, None], line, np.nan)
-                    width = cue.width * frame.iod
-                    dist, (a, b, c, d) = _distance_to_polyline((h, w), line, 4 * width)
-                    if dist.size:
-                        crease = np.exp(-dist ** 2 / (2 * width ** 2))
-                        ridge = np.exp(-(dist - 2.5 * width) ** 2 / (2 * width ** 2))
-                        ratio[t, a:b, c:d] *= (1 - cue.depth * strength * crease + 0.25 * cue.depth * strength * ridge)
-                elif cue.kind == "lid":
-                    closure = strength
-                    for ring in EYE_RINGS:
-                        polygon = moved[list(ring)]
-                        mask = _polygon_mask((h, w), polygon, blur=0.01 * frame.iod)
-                        cover = mask * closure ** 1.5
-                        alpha[t] = np.maximum(alpha[t], cover)
-                        colour[t][cover > 0] = lid_colour
-                        lash = moved[[ring[0], *ring[1:len(ring) // 2 + 1]]]  # the upper margin, corner to corner
-                        dist, (a, b, c, d) = _distance_to_polyline((h, w), lash, 0.04 * frame.iod)
-                        if dist.size:
-                            width = 0.008 * frame.iod
-                            ratio[t, a:b, c:d] *= 1 - 0.45 * closure ** 2 * np.exp(-dist ** 2 / (2 * width ** 2))
-                elif cue.kind == "opening":
-                    polygon = moved[list(MOUTH_OPENING)]
-                    gap = np.abs(moved[list(LOWER_LIP_INNER), 1] - moved[list(UPPER_LIP_INNER), 1]).max()
-                    if gap > 0.5:
-                        mask = _polygon_mask((h, w), polygon, blur=0.006 * frame.iod)
-                        ratio[t] *= 1 - cue.depth * min(1.0, strength * 2) * mask
-    return Appearance(np.clip(ratio, 0.2, 1.5), alpha, colour)
-
-
-def _lid_skin_colour(source: np.ndarray, neutral: np.ndarray) -> np.ndarray:
-    """The median colour of the upper-lid skin (between the upper margin and the brow) of the source, 3."""
-    frame = FaceFrame.of(neutral)
-    samples = []
-    h, w = source.shape[:2]
-    for upper, brow in ((RIGHT_EYE_UPPER, RIGHT_BROW_MID), (LEFT_EYE_UPPER, LEFT_BROW_MID)):
-        lid = neutral[list(upper[1:-1])]
-        up = frame.axes[1] * frame.iod
-        for fraction in (0.05, 0.09):
-            pts = np.round(lid - fraction * up).astype(int)
-            ok = (pts[:, 0] >= 0) & (pts[:, 0] < w) & (pts[:, 1] >= 0) & (pts[:, 1] < h)
-            samples.append(source[pts[ok, 1], pts[ok, 0]])
-    samples = np.concatenate(samples) if samples else np.zeros((0, 3))
-    return np.median(samples, axis=0).astype(np.float32) if len(samples) else np.full(3, 128.0, np.float32)
+    q = frame.to_face(neutral[:NUM_MESH])
+    log_ratio = np.zeros((count, h, w), np.float32)
+    output = None
+    for spec, strength in cued:
+        for cue in AUS[spec.au].cues:
+            if cue.kind == "furrow":
+                face_points = cue.points(q)
+                if spec.side:  # a unilateral AU creases its own side only
+                    keep = (face_points[:, 0] > 0) == (spec.side == "L")
+                    face_points = np.where(keep[:, None], face_points, np.nan)
+                line = frame.origin + (face_points * frame.iod) @ frame.axes  # k x 2 pixels
+                crease, ridge = _crease((h, w), line, cue.width * frame.iod)
+                profile_map = np.log(np.clip(1 - cue.depth * crease + 0.15 * cue.depth * ridge, 0.05, None))
+                log_ratio += strength[:, None, None].astype(np.float32) * profile_map[None]
+            elif cue.kind == "lid":  # the lash line darkens along the upper margin as the lid comes down
+                for ring in EYE_RINGS:
+                    margin = neutral[list(ring[:len(ring) // 2 + 1])]
+                    crease, _ = _crease((h, w), margin, 0.008 * frame.iod, taper=False)
+                    profile_map = np.log(np.clip(1 - 0.35 * crease, 0.05, None))
+                    log_ratio += (strength ** 2)[:, None, None].astype(np.float32) * profile_map[None]
+            elif cue.kind == "opening":  # the gap between the parted lips, darkened as the mouth's interior
+                rest_gap = (q[list(LOWER_LIP_INNER), 1] - q[list(UPPER_LIP_INNER), 1]).max()
+                closed = float(np.clip(1 - rest_gap / 0.05, 0, 1))  # a mouth open at rest shows its own interior
+                if closed <= 0:
+                    continue
+                output = np.ones((count, h, w), np.float32) if output is None else output
+                for t in np.flatnonzero(strength > 1e-3):
+                    moved = np.asarray(targets[t], np.float64)
+                    mask = _polygon_mask((h, w), moved[list(MOUTH_OPENING)], blur=0.006 * frame.iod)
+                    rest = _polygon_mask((h, w), neutral[list(MOUTH_OPENING)], blur=0.006 * frame.iod)
+                    gap = np.clip(mask - rest, 0, 1)  # only what opened, not an opening the face had at rest
+                    output[t] *= 1 - closed * cue.depth * min(1.0, 2 * float(strength[t])) * gap
+    return Appearance(np.exp(log_ratio).astype(np.float32), output)
 
 
 # ---- presets ---------------------------------------------------------------------------------------------------

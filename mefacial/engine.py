@@ -61,6 +61,8 @@ class AnimationResult:
     landmark_backend: str | None = None
     crop_box: tuple | None = None
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
+    meshes: np.ndarray | None = None  # T x V x 2: the output's face mesh (synthesised clips: the moved meshes)
+    action_units: dict | None = None  # synthesised clips: the AU specification, intensities and timing
 
     @property
     def num_frames(self) -> int:
@@ -596,6 +598,20 @@ class Engine:
             timings["networks_s"] = time.perf_counter() - t0
             timings.update({f"{stage}_s": seconds for stage, seconds in animator.seconds.items()})
         return np.concatenate(outputs), animator.prior_map
+
+    def synthesize(self, source: Any, aus: Any, timing: Any = None, options: Any = None,
+                   progress: ProgressFn | None = None, **overrides) -> AnimationResult:
+        """A micro-expression of the face in `source` from a FACS specification, with no driving clip.
+
+        `aus`: '4:C,7:B' (AU:intensity A-E; see `mefacial.au.parse_aus`) or a list of `au.AUSpec`; `timing`: an
+        `au.Timing` (onset / apex / offset ms, fps, lead-in / lead-out; default a 300 ms event at 200 fps);
+        `options`: a `synthesis.SynthesisOptions` (crop, margin, paste_back, magnify, appearance, landmarks),
+        or its fields as keyword arguments. Returns the same `AnimationResult` as `animate`, with the moved
+        meshes and the specification (`meshes`, `action_units`)."""
+        from .synthesis import SynthesisOptions, synthesize
+
+        options = dataclasses.replace(options or SynthesisOptions(), **overrides)
+        return synthesize(self, source, aus, timing, options, progress)
 
     def compare(self, source: Any, driving: Any, variants: Sequence[str], **options) -> dict[str, AnimationResult | MefacialError]:
         """Animate with each variant; a variant that cannot run maps to its error instead of a result."""
