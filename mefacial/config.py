@@ -5,7 +5,7 @@ unchanged (so the published YAML files of FOMM, MRAA and FPB-FOMM can be read
 as they are) plus the fields the original code hard-coded:
 
     name: fomm-vox256
-    backbone: fomm            # fomm | mraa | warp
+    backbone: fomm            # fomm | mraa | warp | dense
     prior: none               # none | ewp | awp
     prior_distance: l2        # l2 (TIP 2024) | l1 (ACM MM 2021 EWP)
     au_points: per_frame      # per_frame (TIP 2024) | first_frame (MM 2021: fixed per clip)
@@ -24,7 +24,7 @@ import yaml
 
 from .errors import ConfigError
 
-BACKBONES = ("fomm", "mraa", "warp")
+BACKBONES = ("fomm", "mraa", "warp", "dense")
 PRIORS = ("none", "ewp", "awp")
 PRIOR_DISTANCES = ("l2", "l1")
 AU_POINT_MODES = ("per_frame", "first_frame")
@@ -53,10 +53,12 @@ class ModelConfig:
         _check_choice("au_points", self.au_points, AU_POINT_MODES, self.name)
         if not isinstance(self.image_size, int) or self.image_size < 32 or self.image_size % 4:
             raise ConfigError(f"config {self.name!r}: field 'image_size' must be an int >= 32 divisible by 4, got {self.image_size!r}")
-        if self.backbone != "warp" and not isinstance(self.model_params, dict):
+        if self.backbone not in ("warp", "dense") and not isinstance(self.model_params, dict):
             raise ConfigError(f"config {self.name!r}: field 'model_params' must be a mapping")
         if self.backbone == "warp" and self.prior == "awp":
             raise ConfigError(f"config {self.name!r}: the warp backbone has no learned AWP fusion; use prior none or ewp")
+        if self.backbone == "dense" and self.prior != "none":
+            raise ConfigError(f"config {self.name!r}: the dense backbone takes no facial prior; use prior none")
 
     @property
     def num_points(self) -> int:

@@ -17,6 +17,7 @@ MOTION_MODES = {
     "fomm": ("relative", "absolute"),
     "mraa": ("relative", "standard", "avd"),
     "warp": ("relative",),
+    "dense": ("relative",),
 }
 
 
@@ -48,7 +49,12 @@ class Variant:
     @property
     def needs_landmarks(self) -> bool:
         """Whether the model consumes landmarks (AU points for priors, 68 points for warp)."""
-        return self.backbone == "warp" or self.prior != "none"
+        return self.backbone in ("warp", "dense") or self.prior != "none"
+
+    @property
+    def landmark_kind(self) -> str:
+        """"mesh" (478-point face mesh, `mefacial.mesh`) for the dense backbone, else "68" (68 landmarks)."""
+        return "mesh" if self.backbone == "dense" else "68"
 
     def describe(self) -> dict:
         return {
@@ -67,6 +73,8 @@ class Variant:
 _VARIANTS = {
     v.id: v
     for v in (
+        Variant("dense", "dense", "Training-free dense mesh", needs_weights=False),
+        Variant("dense-geometry", "dense-geometry", "Dense mesh, geometry only", needs_weights=False),
         Variant("warp", "warp", "Training-free landmark warp", needs_weights=False),
         Variant("fomm-none", "fomm-vox256", "FOMM"),
         Variant("fomm-ewp", "fomm-ewp", "FOMM + EWP"),

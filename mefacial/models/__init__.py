@@ -52,4 +52,8 @@ def build_model(config: "ModelConfig", for_training: bool = False) -> "nn.Module
         from .warp import LandmarkWarp
 
         return LandmarkWarp(config)
+    if config.backbone == "dense":
+        from .dense import DenseMeshWarp
+
+        return DenseMeshWarp(config)
     raise ValueError(f"unknown backbone {config.backbone!r}")
