@@ -113,12 +113,39 @@ def region_motion(points: np.ndarray, fps: float, *, stabilise: bool = True) -> 
     return RegionMotion(names, magnitude, vertical, float(fps))
 
 
+def clip_motion(frames: np.ndarray, fps: float) -> RegionMotion:
+    """The region motion of a clip's frames (T x H x W x 3 uint8): the dense face mesh found on every frame
+    (`mefacial.mesh`, tracked in the first frame's box), then `region_motion`."""
+    from .mesh import detect_mesh
+
+    return region_motion(detect_mesh(np.asarray(frames), role="driving"), fps)
+
+
+def write_readouts(out_dir: str | Path, name: str, clips: dict[str, np.ndarray], fps: float) -> dict[str, str]:
+    """Plot each of several clips of one scene (label -> T x H x W x 3 frames) to out_dir/<name>/<label>.png, on a
+    common scale; returns label -> path (or the error's first line where a clip has no face)."""
+    from .errors import MefacialError
+
+    motions, written = {}, {}
+    for label, frames in clips.items():
+        try:
+            motions[label] = clip_motion(frames, fps)
+        except MefacialError as exc:
+            written[label] = f"error: {str(exc).splitlines()[0]}"
+    top = max((float(m.magnitude.max()) for m in motions.values()), default=0.0)
+    for label, motion in motions.items():
+        path = Path(out_dir) / name / f"{label}.png"
+        plot(motion, path, title=f"{name} - {label}: AU-region motion (% IOD)", v_max=top)
+        written[label] = str(path)
+    return written
+
+
 def plot(motion: RegionMotion, path: str | Path | None = None, *, title: str = "", size: tuple[int, int] = (640, 360),
-         marks: dict[str, float] | None = None) -> np.ndarray:
+         marks: dict[str, float] | None = None, v_max: float | None = None) -> np.ndarray:
     """A line plot of each region's motion over time (ms) -> H x W x 3 uint8 (and a PNG at `path`).
 
     Drawn with Pillow (no plotting library needed). `marks` adds labelled vertical lines (e.g. the
-    specification's apex start / end, in ms)."""
+    specification's apex start / end, in ms); `v_max` fixes the vertical scale (% IOD) so plots compare."""
     from PIL import Image, ImageDraw, ImageFont
 
     width, height = size
@@ -129,17 +156,17 @@ def plot(motion: RegionMotion, path: str | Path | None = None, *, title: str = "
     x0, x1, y0, y1 = left, width - right, top, height - bottom
     times = motion.times_ms
     t_max = max(float(times[-1]), 1e-6)
-    v_max = float(motion.magnitude.max()) if motion.magnitude.size else 0.0
-    v_max = _nice(max(v_max * 1.1, 0.5))
+    top = v_max if v_max is not None else (float(motion.magnitude.max()) if motion.magnitude.size else 0.0)
+    v_max = _nice(max(top * 1.1, 0.5))
 
     def px(t: float, v: float) -> tuple[float, float]:
         return x0 + (x1 - x0) * t / t_max, y1 - (y1 - y0) * v / v_max
 
-    for k in range(5):  # horizontal grid and y labels
-        v = v_max * k / 4
+    for k in range(6):  # horizontal grid and y labels (v_max is 1, 2, 2.5 or 5 x 10^k: fifths are round)
+        v = v_max * k / 5
         _, y = px(0, v)
         draw.line([(x0, y), (x1, y)], fill=(230, 230, 230))
-        draw.text((4, y - 6), f"{v:.1f}%", fill=(60, 60, 60), font=font)
+        draw.text((4, y - 6), f"{v:.3g}%", fill=(60, 60, 60), font=font)
     for k in range(6):  # x labels
         t = t_max * k / 5
         x, _ = px(t, 0)
