@@ -570,6 +570,14 @@ class Timing:
         """Milliseconds -> whole frames at this frame rate (rounded half up)."""
         return int(math.floor(ms * self.fps / 1000.0 + 0.5))
 
+    def boundaries(self, delay_ms: float = 0.0) -> tuple[int, int, int, int]:
+        """Frames where the event starts (neutral), the apex starts and ends, and the event ends (neutral again),
+        counted from the clip's first frame. Each boundary is its time rounded to the nearest frame (so the event
+        spans its duration in whole frames, whatever the rounding of each phase)."""
+        start = self.lead_in_ms + delay_ms
+        return (self.frames(start), self.frames(start + self.onset_ms), self.frames(start + self.onset_ms + self.apex_ms),
+                self.frames(start + self.event_ms))
+
 
 MAX_FPS = 1000.0
 MICRO_MAX_MS = 500.0  # Yan et al. 2013: micro-expressions last at most 500 ms in total (onset at most 260 ms)
@@ -594,7 +602,7 @@ class AUSpec:
         return f"{self.side}{self.au}{strength}"
 
 
-_TOKEN = re.compile(r"^(?:AU)?\s*([LRU]?)\s*(\d+)\s*(?::\s*([A-Ea-e]|[0-9.]+))?"
+_TOKEN = re.compile(r"^(?:AU)?\s*([LRU]?)\s*(\d+)\s*(?::\s*([A-Za-z]|[0-9.]+))?"
                     r"(?:\s*:\s*([0-9.]+)\s*/\s*([0-9.]+)\s*/\s*([0-9.]+))?(?:\s*@\s*([0-9.]+))?$", re.IGNORECASE)
 
 
@@ -688,24 +696,23 @@ def describe(specs: Sequence[AUSpec]) -> str:
 
 def profile(timing: Timing, delay_ms: float = 0.0, length: int | None = None) -> np.ndarray:
     """Activation (0..1) of one AU at every frame: neutral at its start, a raised-cosine onset, a flat apex, a
-    raised-cosine offset, neutral after. Phase boundaries are whole frames (`Timing.frames`); `length` frames in
-    all (default: the event and its lead-in / lead-out). An onset or offset shorter than half a frame is an error."""
-    on, ap, off = (timing.frames(ms) for ms in (timing.onset_ms, timing.apex_ms, timing.offset_ms))
+    raised-cosine offset, neutral after. Phase boundaries are whole frames (`Timing.boundaries`); `length` frames
+    in all (default: the event and its lead-in / lead-out). An onset or offset shorter than a frame is an error."""
+    start, apex, apex_end, end = timing.boundaries(delay_ms)
     frame_ms = 1000.0 / timing.fps
-    for name, count, ms in (("onset", on, timing.onset_ms), ("offset", off, timing.offset_ms)):
+    for name, count, ms in (("onset", apex - start, timing.onset_ms), ("offset", end - apex_end, timing.offset_ms)):
         if count < 1:
             raise InputError(f"the {name} of {ms:g} ms is shorter than one frame at {timing.fps:g} fps "
                              f"({frame_ms:.3g} ms): lengthen it or raise the frame rate")
-    start = timing.frames(timing.lead_in_ms) + timing.frames(delay_ms)
-    total = start + on + ap + off + 1 + timing.frames(timing.lead_out_ms)
+    total = end + 1 + timing.frames(timing.lead_out_ms)
     length = total if length is None else length
-    i = np.arange(length, dtype=np.float64) - start
+    i = np.arange(length, dtype=np.float64)
     w = np.zeros(length)
-    rise = (i >= 0) & (i < on)
-    w[rise] = 0.5 - 0.5 * np.cos(np.pi * i[rise] / on)
-    w[(i >= on) & (i <= on + ap)] = 1.0
-    fall = (i > on + ap) & (i <= on + ap + off)
-    w[fall] = 0.5 + 0.5 * np.cos(np.pi * (i[fall] - on - ap) / off)
+    rise = (i >= start) & (i < apex)
+    w[rise] = 0.5 - 0.5 * np.cos(np.pi * (i[rise] - start) / (apex - start))
+    w[(i >= apex) & (i <= apex_end)] = 1.0
+    fall = (i > apex_end) & (i <= end)
+    w[fall] = 0.5 + 0.5 * np.cos(np.pi * (i[fall] - apex_end) / (end - apex_end))
     return w
 
 
@@ -747,9 +754,9 @@ def plan(specs: Sequence[AUSpec] | str, timing: Timing = Timing(), *, max_frames
         raise InputError("every AU's own timing must use the clip's frame rate "
                          f"({timing.fps:g} fps); got {sorted({t.fps for t in timings})}")
     lead = timing.frames(timing.lead_in_ms)
-    ends = [lead + t.frames(s.delay_ms) + sum(t.frames(ms) for ms in (t.onset_ms, t.apex_ms, t.offset_ms))
-            for s, t in zip(specs, timings)]
-    event_end = max(ends)
+    timings = [dataclasses.replace(t, lead_in_ms=timing.lead_in_ms, lead_out_ms=0.0) for t in timings]
+    bounds = [t.boundaries(s.delay_ms) for s, t in zip(specs, timings)]
+    event_end = max(b[3] for b in bounds)
     length = event_end + 1 + timing.frames(timing.lead_out_ms)
     event_ms = max(s.delay_ms + t.event_ms for s, t in zip(specs, timings))
     if event_ms > MICRO_MAX_MS:
@@ -763,11 +770,9 @@ def plan(specs: Sequence[AUSpec] | str, timing: Timing = Timing(), *, max_frames
             "the frame rate")
     activations = []
     apex = []
-    for spec, own in zip(specs, timings):
-        w = profile(dataclasses.replace(own, lead_in_ms=timing.lead_in_ms, lead_out_ms=0.0), spec.delay_ms, length)
-        activations.append(spec.intensity * w)
-        first = lead + own.frames(spec.delay_ms) + own.frames(own.onset_ms)
-        apex.append((first, first + own.frames(own.apex_ms)))
+    for spec, own, (_, first, last, _) in zip(specs, timings, bounds):
+        activations.append(spec.intensity * profile(own, spec.delay_ms, length))
+        apex.append((first, last))
     return Plan(list(specs), np.stack(activations), timing.fps, timing, apex, (lead, event_end))
 
 
