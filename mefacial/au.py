@@ -263,6 +263,19 @@ def lid_move(which: str, share: float, sigma: float, extra_down: float = 0.0) ->
     return Component(vertices(*mine, *EYE_CORNERS), moves, sigma, above_eye_seam if which == "upper" else below_eye_seam)
 
 
+def lip_thin(which: str, share: float, sigma: float) -> Component:
+    """A lip's red part thinned: its outer border moved `share` of the lip's local height towards the lip line
+    (the inner contour); the mouth corners stay pinned. `which`: "upper" or "lower"."""
+    outer, inner = (UPPER_LIP_OUTER, UPPER_LIP_INNER) if which == "upper" else (LOWER_LIP_OUTER, LOWER_LIP_INNER)
+
+    def moves(q: np.ndarray, anchors: np.ndarray) -> np.ndarray:
+        towards = share * (q[list(inner)] - q[list(outer)])  # P x 2, outer and inner pair by position
+        towards[:, 0] = 0.0  # across the lip only
+        return np.concatenate([towards, np.zeros((2, 2))])
+
+    return Component(vertices(*outer, 61, 291), moves, sigma, above_lip_line if which == "upper" else below_lip_line)
+
+
 # AU43: the upper lid does most of a closure; the lower rises about a fifth of the aperture to meet it.
 LID_CLOSE_UPPER, LID_CLOSE_LOWER = lid_move("upper", 0.8, 0.07), lid_move("lower", 0.2, 0.04)
 
@@ -278,7 +291,7 @@ class Cue:
     kind: str
     points: Points | None = None
     depth: float = 0.2  # share of the luminance removed at the crease at intensity E
-    width: float = 0.016  # face units
+    width: float = 0.02  # face units
 
 
 @dataclasses.dataclass(frozen=True)
@@ -353,7 +366,8 @@ def _nasolabial_lines(q: np.ndarray) -> np.ndarray:
 # and lips parting (AU25 / 26) are set by the face's own aperture / by FACS's criteria instead (see each AU).
 AUS: dict[int, ActionUnit] = {a.number: a for a in (
     ActionUnit(1, "inner brow raiser", "frontalis, pars medialis",
-               "pulls the inner brow and the central forehead up; the brow becomes oblique (inner end higher)",
+               "pulls the inner brow and the central forehead up; the brow becomes oblique (inner end higher); "
+               "forehead wrinkles are not drawn",
                (Component(*groups((BROWS_INNER, 0.0, -0.055), ((66, 65, 296, 295), 0.0, -0.03)), 0.10, above_lids),),
                ("brow_inner",)),
     ActionUnit(2, "outer brow raiser", "frontalis, pars lateralis",
@@ -374,7 +388,7 @@ AUS: dict[int, ActionUnit] = {a.number: a for a in (
                ("upper_lid",)),
     ActionUnit(6, "cheek raiser", "orbicularis oculi, pars orbitalis",
                "raises the cheeks (infraorbital triangle), pushes the lower-lid skin up and narrows the eye from "
-               "below; crow's-feet at the outer corner; the lateral brow is pulled down slightly",
+               "below; the lateral brow is pulled down slightly (crow's-feet are not drawn)",
                (Component(_cheeks, move(0.005, -0.045), 0.12, below_lower_lids),
                 lid_move("lower", 0.2, 0.05),
                 Component(vertices(46, 53, 276, 283), move(0.0, 0.012), 0.07, above_lids)),
@@ -393,13 +407,13 @@ AUS: dict[int, ActionUnit] = {a.number: a for a in (
                           above_lip_line),
                 Component(_inner, move(-0.005, 0.02), 0.08, above_lids)),
                ("nose", "upper_lip", "brow_inner"),
-               (Cue("furrow", _nose_root_lines, depth=0.2), Cue("furrow", _nasolabial_lines, depth=0.15))),
+               (Cue("furrow", _nose_root_lines, depth=0.2), Cue("furrow", _nasolabial_lines, depth=0.12))),
     ActionUnit(10, "upper lip raiser", "levator labii superioris (caput infraorbitalis)",
                "raises the upper lip (its middle-lateral part most), deepens the nasolabial furrow, raises the "
                "nose wings slightly",
                (Component(vertices(*UPPER_LIP_OUTER, *UPPER_LIP_INNER), move(0.0, -0.05), 0.07, above_lip_line),),
                ("upper_lip", "lip_corner", "nose"),
-               (Cue("furrow", _nasolabial_lines, depth=0.15),)),
+               (Cue("furrow", _nasolabial_lines, depth=0.12),)),
     ActionUnit(12, "lip corner puller", "zygomaticus major",
                "pulls the lip corners up and out (obliquely, towards the cheekbone); raises the infraorbital skin "
                "a little; deepens the nasolabial furrow",
@@ -428,14 +442,14 @@ AUS: dict[int, ActionUnit] = {a.number: a for a in (
                ("lip_corner", "lower_lip", "upper_lip")),
     ActionUnit(23, "lip tightener", "orbicularis oris",
                "tightens the lips: the red parts narrow (the lips thin), the corners draw in slightly",
-               (Component(vertices(*UPPER_LIP_OUTER), move(0.0, 0.018), 0.035, above_lip_line),
-                Component(vertices(*LOWER_LIP_OUTER), move(0.0, -0.018), 0.035, below_lip_line),
+               (lip_thin("upper", 0.35, 0.035), lip_thin("lower", 0.3, 0.035),
                 Component(_corners, move(-0.012, 0.0), 0.04)),
                ("upper_lip", "lower_lip", "lip_corner")),
     ActionUnit(24, "lip pressor", "orbicularis oris",
                "presses the lips together: the red parts narrow, the skin above and below the lips bulges",
-               (Component(vertices(*UPPER_LIP_OUTER, *PHILTRUM), move(0.0, 0.02), 0.04, above_lip_line),
-                Component(vertices(*LOWER_LIP_OUTER, CHIN[0]), move(0.0, -0.024), 0.04, below_lip_line)),
+               (lip_thin("upper", 0.4, 0.045), lip_thin("lower", 0.4, 0.045),
+                Component(vertices(*PHILTRUM), move(0.0, 0.012), 0.03, above_lip_line),
+                Component(vertices(CHIN[0]), move(0.0, -0.012), 0.03, below_lip_line)),
                ("upper_lip", "lower_lip", "lip_corner", "chin")),
     ActionUnit(25, "lips part", "depressor labii inferioris (or relaxed mentalis / orbicularis oris)",
                "the lips part: the lower lip drops away from the upper lip and the mouth's interior shows",
@@ -457,7 +471,9 @@ AUS: dict[int, ActionUnit] = {a.number: a for a in (
 )}
 
 SUPPORTED = tuple(sorted(AUS))
-SHARE_OF_APERTURE = (43,)  # AUs whose activation is a share of the eye aperture (capped at 1 when magnified)
+# AUs that narrow an aperture (eyelids, lips' red parts) by a share of it, and AU5 whose lid raise would show eyeball
+# the source does not have: `magnify` does not push them past intensity E, so lids and lips never fold over.
+CAPPED = (5, 6, 7, 23, 24, 43)
 
 # FACS intensity scale (Ekman, Friesen & Hager 2002): A trace, B slight, C marked / pronounced, D severe /
 # extreme, E maximum. The manual's intervals are unequal (B-D span most of the range, A and E are narrow);
@@ -829,8 +845,8 @@ def displacements(neutral: np.ndarray, plan: Plan, *, rules: bool = True) -> np.
     for au, field in fields.items():
         for activation, mask in weights[au]:
             scale = activation.copy()  # T
-            if au in SHARE_OF_APERTURE:
-                scale = np.minimum(scale, 1.0)  # a closure cannot exceed the eye's aperture, whatever the magnification
+            if au in CAPPED:
+                scale = np.minimum(scale, 1.0)  # not past E, whatever the magnification
             if rules and au == 5 and 43 in a:
                 scale *= 1 - a[43]
             if rules and au == 24:
