@@ -277,3 +277,36 @@ def test_generate_from_an_au_csv(tmp_path):
     assert sorted(r["status"] for r in records) == ["error", "ok", "ok"]
     again = gen.run_aus(rows, tmp_path / "out", lambda device: engine, device="cpu")  # resumable
     assert (again.ok, again.skipped) == (0, 2)
+
+
+def test_app_action_units_handlers(tmp_path):
+    """The Action units tab's handlers: radios <-> specification, a synthesis with its readout, a readout of any clip."""
+    import app
+    import mefacial
+
+    assert app.au_spec_from_choices(*app.au_choices_from_spec("6:C,12:D")) == "6:C,12:D"
+    assert app.au_choices_from_spec("4:C")[au.SUPPORTED.index(4)] == "C"
+    demo = app.Demo(mefacial.Engine(device="cpu", landmarks="dlib"), app.Limits())
+    video, plot, download, status = app.synthesize_clip(demo, str(EXAMPLE), "1:C,2:C,5:B", 60, 40, 120, 200,
+                                                        progress=lambda *a, **k: None)
+    assert "AU1C+AU2C+AU5B" in status and "45 frames" in status and "micro-expression" in status
+    assert read_image(plot).shape[-1] == 3 and download == video
+    assert read_image(app.readout_clip(demo, video, 10)).shape[-1] == 3
+    import gradio as gr
+
+    with pytest.raises(gr.Error):
+        app.user_errors(app.synthesize_clip)(demo, str(EXAMPLE), "3:C", progress=lambda *a, **k: None)
+
+
+def test_evaluate_plots_the_readout_of_real_clips_and_outputs(tmp_path):
+    import mefacial
+    from mefacial import evaluate as ev
+    from mefacial.video import write_video
+
+    engine = mefacial.Engine(device="cpu", landmarks="dlib")
+    clip = engine.synthesize(EXAMPLE, "12:D", au.Timing(onset_ms=40, apex_ms=20, offset_ms=40, fps=100))
+    path = write_video(tmp_path / "clip.mp4", clip.frames, clip.fps)
+    report = ev.evaluate(engine, [path], ["warp"], learned=(), readout_dir=tmp_path / "readout")
+    written = report["readout"]["clip"]
+    assert set(written) == {"real", "warp"}
+    assert all(read_image(p).shape[-1] == 3 for p in written.values())
