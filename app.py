@@ -31,6 +31,8 @@ from mefacial import checkpoints as weights_registry
 from mefacial.errors import MefacialError, WeightsNotFoundError
 from mefacial.evaluate import compare_columns, first_line
 from mefacial.grid import Column, prior_panels, render_grid
+from mefacial.models import backbones
+from mefacial.variants import find_variant, get_variant, variant_ids
 from mefacial.video import Limits as VideoLimits
 from mefacial.video import read_clip, read_image, write_video
 
@@ -43,9 +45,10 @@ EXAMPLE_CLIP = EXAMPLES / "brow_raise.mp4"
 CLIP_TYPES = [".mp4", ".gif", ".webm", ".avi", ".mov", ".mkv", ".m4v"]
 NO_WEIGHTS = "no weights: see checkpoints/README.md"
 
-BACKBONES = {"warp": "Training-free warp", "fomm": "FOMM", "mraa": "MRAA"}
-PRIORS = {"none": "none", "ewp": "EWP", "awp": "AWP", "ewp-mm21": "EWP (ACM MM 2021)"}
-MOTIONS = {"relative": "relative", "absolute": "absolute", "standard": "standard (MRAA's absolute)", "avd": "AVD"}
+# Labels and capabilities come from the backbone specs and the variant registry (mefacial.models, mefacial.variants).
+BACKBONES = {name: spec.label for name, spec in backbones().items()}
+PRIORS = {v.prior_option: v.prior_label for v in map(get_variant, variant_ids())}
+MOTIONS = {mode: label for spec in backbones().values() for mode, label in spec.motion_modes.items()}
 LANDMARKS = {"dlib": "dlib (fast, CPU)", "fan": "FAN (face-alignment)", "auto": "auto"}
 
 
@@ -74,18 +77,12 @@ class Limits:
 # ---- variants -----------------------------------------------------------------------------------
 
 
-def prior_key(variant: dict) -> str:
-    """The prior choice a variant answers to: "ewp" for fomm-ewp, "ewp-mm21" for fomm-ewp-mm21, "none" for warp."""
-    return variant["id"].split("-", 1)[1] if "-" in variant["id"] else "none"
-
-
-def variant_id(variants: list[dict], backbone: str, prior: str) -> str:
+def variant_id(backbone: str, prior: str) -> str:
     """The id of the variant with this backbone and prior choice, or a gr.Error listing the valid choices."""
-    for v in variants:
-        if v["backbone"] == backbone and prior_key(v) == prior:
-            return v["id"]
-    valid = [f"{v['backbone']}/{prior_key(v)}" for v in variants]
-    raise gr.Error(f"no variant for backbone {backbone!r} with prior {prior!r}; valid backbone/prior pairs: {valid}")
+    try:
+        return find_variant(backbone, prior).id
+    except MefacialError as exc:
+        raise gr.Error(str(exc)) from None
 
 
 def weights_status(engine: mefacial.Engine, variants: list[dict], allow_download: bool = True) -> dict[str, str | None]:
@@ -124,8 +121,8 @@ def variants_markdown(engine: mefacial.Engine, variants: list[dict]) -> str:
     lines = ["| variant | backbone | prior | motion modes | weights |", "|---|---|---|---|---|"]
     for v in variants:
         where = weights_where(engine, v, rows.get(v["id"], {}))
-        lines.append(f"| `{v['id']}` | {BACKBONES.get(v['backbone'], v['backbone'])} | "
-                     f"{PRIORS.get(prior_key(v), prior_key(v))} | {', '.join(v['motion_modes'])} | {where} |")
+        lines.append(f"| `{v['id']}` | {v['backbone_label']} | {v['prior_label']} | {', '.join(v['motion_modes'])} "
+                     f"| {where} |")
     return "\n".join(lines)
 
 
@@ -232,11 +229,11 @@ class Demo:
                 "landmarks": choice(landmarks, LANDMARKS, "landmark backend"), "smooth": bool(smooth)}
 
     # ---- Generate -------------------------------------------------------------------------------
-    def generate(self, source, driving, backbone="warp", prior="none", confine=False, motion="relative",
+    def generate(self, source, driving, backbone="dense", prior="none", confine=False, motion="relative",
                  adapt_scale="default", magnify=1.0, crop=True, paste_back=False, landmarks="dlib", smooth=True,
                  slowdown=1.0, format="mp4", progress=gr.Progress()):
         """Animate the face with the clip; returns (result mp4, side-by-side mp4, download file, status)."""
-        variant = variant_id(self.variants, choice(backbone, BACKBONES, "backbone"), prior)
+        variant = variant_id(choice(backbone, BACKBONES, "backbone"), prior)
         slowdown = number(slowdown, "slow-down factor", 1, 20)
         format = choice(format, ["mp4", "gif"], "output format")
         options = self.animate_options(crop, paste_back, landmarks, smooth)
@@ -526,18 +523,24 @@ def build_demo(engine: mefacial.Engine, limits: Limits | None = None) -> gr.Bloc
     pairs = examples()
     default_landmarks = engine.landmarks if engine.landmarks in LANDMARKS and engine.landmarks != "auto" else "dlib"
 
+    def offers(backbone: str | None, v: dict) -> bool:
+        """Whether a backbone's menus offer the choices of variant v (a backbone with one variant shows them all,
+        disabled)."""
+        own = [w for w in variants if w["backbone"] == backbone]
+        return backbone is None or len(own) <= 1 or v["backbone"] == backbone
+
     def prior_choices(backbone: str | None = None) -> list[tuple[str, str]]:
-        """The prior choices of one backbone (all of them when None or warp, shown disabled for warp)."""
-        keys = [prior_key(v) for v in variants if backbone in (None, "warp") or v["backbone"] == backbone]
+        """The prior choices of one backbone (all of them when None, or when it has one variant, shown disabled)."""
+        keys = [v["prior_option"] for v in variants if offers(backbone, v)]
         return [(PRIORS.get(k, k), k) for k in dict.fromkeys(["none", *keys])]
 
     def motion_choices(backbone: str | None = None) -> list[tuple[str, str]]:
-        modes = [m for v in variants if backbone in (None, "warp") or v["backbone"] == backbone for m in v["motion_modes"]]
+        modes = [m for v in variants if offers(backbone, v) for m in v["motion_modes"]]
         return [(MOTIONS.get(m, m), m) for m in dict.fromkeys(["relative", *modes])]
 
     def variant_note(backbone: str, prior: str) -> str:
         """Which variant the choice runs, and where its weights come from (or what to do without them)."""
-        matches = [v for v in variants if v["backbone"] == backbone and prior_key(v) == prior]
+        matches = [v for v in variants if v["backbone"] == backbone and v["prior_option"] == prior]
         if not matches:
             return ""
         rows = {row["variant"]: row for row in weights_registry.list_checkpoints()}
@@ -545,21 +548,23 @@ def build_demo(engine: mefacial.Engine, limits: Limits | None = None) -> gr.Bloc
         return f"Variant `{v['id']}` · weights: {weights_where(engine, v, rows.get(v['id'], {}))}"
 
     def on_backbone(backbone: str):
-        """Offer only what this backbone has: its priors and motion modes (warp: the EWP confinement instead),
-        and movement-scale adaptation back to the backbone's original default (FOMM off, MRAA on)."""
-        is_warp = backbone == "warp"
-        return (gr.update(choices=prior_choices(backbone), value="none", interactive=not is_warp),
-                gr.update(visible=is_warp, value=False),
-                gr.update(choices=motion_choices(backbone), value="relative", interactive=not is_warp),
-                gr.update(interactive=not is_warp, value="default"))
+        """Offer only what this backbone has (its spec): its priors and motion modes, the EWP confinement where
+        it applies, and movement-scale adaptation back to the backbone's original default (FOMM off, MRAA on)."""
+        spec = backbones()[choice(backbone, BACKBONES, "backbone")]
+        several = len([v for v in variants if v["backbone"] == backbone]) > 1
+        return (gr.update(choices=prior_choices(backbone), value="none", interactive=several),
+                gr.update(visible=spec.confine, value=False),
+                gr.update(choices=motion_choices(backbone), value=spec.default_motion,
+                          interactive=len(spec.motion_modes) > 1),
+                gr.update(interactive=spec.adapt_scale, value="default"))
 
     # Gradio's copies of uploads and outputs go with the same age as the request folders (checked twice per age).
     delete_cache = (max(1, min(1800, limits.output_max_age_s // 2)), limits.output_max_age_s)
     with gr.Blocks(title="mefacial: micro-expression generation", delete_cache=delete_cache) as demo:
         gr.Markdown("# mefacial: facial-prior-guided micro-expression generation\n"
                     "Give a face and a micro-expression clip; get the face performing that micro-expression. "
-                    "Backbones FOMM and MRAA with a facial prior (none, EWP, AWP), or a training-free landmark warp "
-                    "that needs no weights.")
+                    "Backbones FOMM and MRAA with a facial prior (none, EWP, AWP), or the training-free generators "
+                    "that need no weights: the dense face mesh (the default) and the 68-point landmark warp.")
         with gr.Tab("Generate", id="generate"):
             with gr.Row():
                 with gr.Column(scale=1):
@@ -574,12 +579,12 @@ def build_demo(engine: mefacial.Engine, limits: Limits | None = None) -> gr.Bloc
                             g_clip_info = gr.Markdown(label="Clip", elem_id="g-clip-info")
                     with gr.Group():
                         with gr.Row():
-                            g_backbone = gr.Radio([(label, b) for b, label in BACKBONES.items()], value="warp",
+                            g_backbone = gr.Radio([(label, b) for b, label in BACKBONES.items()], value="dense",
                                                   label="Backbone", elem_id="g-backbone")
-                            g_prior = gr.Radio(prior_choices(), value="none", label="Facial prior",
-                                               interactive=False, elem_id="g-prior")
-                        g_confine = gr.Checkbox(False, label="Confine the warp to the face (EWP map)", visible=True)
-                        g_variant = gr.Markdown(variant_note("warp", "none"), padding=True, elem_id="g-variant")
+                            g_prior = gr.Radio(prior_choices("dense"), value="none", label="Facial prior",
+                                               interactive=True, elem_id="g-prior")
+                        g_confine = gr.Checkbox(False, label="Confine the warp to the face (EWP map)", visible=False)
+                        g_variant = gr.Markdown(variant_note("dense", "none"), padding=True, elem_id="g-variant")
                         with gr.Row():
                             g_motion = gr.Radio(motion_choices(), value="relative", label="Motion", elem_id="g-motion",
                                                 interactive=False)
@@ -739,7 +744,7 @@ def warm_up(engine: mefacial.Engine) -> float | None:
     started = time.perf_counter()
     try:
         clip = read_clip(EXAMPLE_CLIP)
-        engine.animate(read_image(EXAMPLE_FACE), clip.frames, variant="warp", fps=clip.fps)
+        engine.animate(read_image(EXAMPLE_FACE), clip.frames, variant=mefacial.engine.DEFAULT_VARIANT, fps=clip.fps)
     except Exception as exc:  # noqa: BLE001 - a warm-up must never stop the app
         log.warning("warm-up skipped: %s", first_line(exc))
         return None

@@ -275,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     animate = sub.add_parser("animate", help="animate a face with a driving clip")
     animate.add_argument("--source", required=True, help="image of the target face")
     animate.add_argument("--driving", required=True, help="driving clip: video, GIF or folder of frames")
-    animate.add_argument("--variant", default="warp", help="e.g. warp, fomm-awp, mraa-awp (see `variants`)")
+    animate.add_argument("--variant", default="dense", help="e.g. dense, warp, fomm-awp, mraa-awp (see `variants`)")
     animate.add_argument("--checkpoint", default=None, help="weights file (default: resolved from the registry)")
     animate.add_argument("--out", required=True, help="output .mp4 or .gif")
     animate.add_argument("--paste-back", action="store_true", help="paste the face back into the source picture")
@@ -294,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_timing_options(generate)
     generate.add_argument("--no-appearance", dest="appearance", action="store_false",
                           help="--aus: geometry only (no furrows, lash line or mouth opening)")
-    generate.add_argument("--variants", default="warp", help="comma-separated variant ids (see `variants`)")
+    generate.add_argument("--variants", default="dense", help="comma-separated variant ids (see `variants`)")
     generate.add_argument("--out", help="output folder: <variant>/<label>/<clip>-<face>.<format> + manifest.jsonl")
     generate.add_argument("--format", default="mp4", choices=["mp4", "gif"])
     generate.add_argument("--checkpoint", action="append", metavar="VARIANT=PATH",
@@ -308,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = sub.add_parser("evaluate", help="score variants on real clips: self-reenactment and motion transfer")
     evaluate.add_argument("--clips", required=True, help="folder of clips (videos, GIFs, folders of frames; recursive)")
-    evaluate.add_argument("--variants", default="warp", help="comma-separated variant ids")
+    evaluate.add_argument("--variants", default="dense", help="comma-separated variant ids")
     evaluate.add_argument("--out", required=True, help="output folder for scores.json and scores.md")
     evaluate.add_argument("--faces", help="folder of other faces: adds cross-identity motion-transfer scores")
     evaluate.add_argument("--checkpoint", action="append", metavar="VARIANT=PATH", help="weights of one variant (repeatable)")
@@ -327,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare = sub.add_parser("compare", help="side-by-side grid video (and image strip) of several variants")
     compare.add_argument("--source", required=True, help="image of the target face")
     compare.add_argument("--driving", required=True, help="driving clip: video, GIF or folder of frames")
-    compare.add_argument("--variants", default="warp", help="comma-separated variant ids, in column order")
+    compare.add_argument("--variants", default="dense,dense-geometry,warp", help="comma-separated variant ids, in column order")
     compare.add_argument("--out", required=True, help="grid video, .mp4 or .gif")
     compare.add_argument("--checkpoint", action="append", metavar="VARIANT=PATH", help="weights of one variant (repeatable)")
     compare.add_argument("--heatmaps", action="store_true", help="add a row of motion heatmaps |frame_t - frame_0|")
@@ -382,5 +382,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """Entry point of the `mefacial` console script (pyproject.toml)."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()

@@ -40,14 +40,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import prior as prior_lib
 from . import video
 from .config import ModelConfig
-from .engine import (ADAPT_SCALE_DEFAULT, PRECISIONS, ClipAnimator, Engine, check_precision, native_bf16, to_tensor,
+from .engine import (PRECISIONS, ClipAnimator, Engine, check_precision, native_bf16, to_tensor,
                      to_uint8)
 from .errors import InputError
 from .landmarks import get_detector, smooth_tracks
-from .models import build_model
+from .models import ClipSettings, build_model
+from .utils import timer as timed  # wall time of a block, GPU work included
 from .variants import Variant, get_variant, variant_ids
 
 STAGES = ("landmarks", "prior", "motion", "generator", "end_to_end")
@@ -163,16 +163,6 @@ class PeakMemory:
 
 
 @contextlib.contextmanager
-def timed(seconds: dict[str, float], key: str, device: torch.device) -> Iterator[None]:
-    """Add the wall time of the block (the GPU's work included) to seconds[key]."""
-    t0 = time.perf_counter()
-    yield
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    seconds[key] = seconds.get(key, 0.0) + time.perf_counter() - t0
-
-
-@contextlib.contextmanager
 def counting(flops: dict[str, float] | None, key: str) -> Iterator[None]:
     """Add the GFLOP of the convolutions and matrix products the block runs to flops[key]
     (torch.utils.flop_counter); nothing when `flops` is None."""
@@ -254,75 +244,45 @@ def fast_path(engine: Engine, spec: Variant, model: nn.Module, inputs: BenchInpu
     return torch.cat(preds), seconds
 
 
-def _dead_hourglass(model: nn.Module, frames: torch.Tensor, regions: dict) -> None:
-    """What the original MRAA-with-prior region predictor computes and discards: its hourglass on the
-    downscaled frame and the fused prior map (used only by a regression head, which these configs lack)."""
-    predictor = getattr(model, "region_predictor", None)
-    if predictor is None or predictor.prior == "none" or predictor.jacobian is not None:
-        return
-    small = predictor.down(frames) if predictor.scale_factor != 1 else frames
-    predictor.predictor(torch.cat([small, regions["prior"].to(small.dtype)], dim=1))
-
-
 def per_frame_loop(engine: Engine, spec: Variant, model: nn.Module, inputs: BenchInputs, adapt_scale: bool,
                    frames: int | None = None, flops: dict[str, float] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-    """The original demos' loop (see the module docstring) over the first `frames` frames, in fp32.
+    """The original demos' loop (see the module docstring, and the backbone's `ClipRunner.original_loop`) over
+    the first `frames` frames, in fp32.
 
     With `flops`, its "source" (once per clip) and "frame" (the first frame) entries count their GFLOP."""
     device = engine.device
     src_points, drv_points = _points(spec, inputs)
     total = len(inputs.driving) if frames is None else frames
     seconds: dict[str, float] = {}
-    preds = []
+
+    @contextlib.contextmanager
+    def stage(name: str, t: int) -> Iterator[None]:  # t = -1: the clip's set-up
+        with timed(seconds, name, device), counting(flops if t <= 0 else None, "source" if t < 0 else "frame"):
+            yield
+
+    as_tensor = lambda p: None if p is None else torch.from_numpy(p).to(device)  # noqa: E731
+    settings = ClipSettings(motion=MOTION, adapt_scale=adapt_scale)
     with timed(seconds, "networks", device), torch.no_grad():
         source = to_tensor(inputs.source, device)  # 1 x 3 x H x W
-        if spec.backbone == "warp":
-            src_lm = torch.from_numpy(src_points).to(device)
-            drv_lm = torch.from_numpy(drv_points).to(device)
-            for t in range(total):
-                with timed(seconds, "generator", device), counting(flops if t == 0 else None, "frame"):
-                    pred = model.animate(source, src_lm, drv_lm[t:t + 1], drv_lm[:1])["prediction"]
-                preds.append(pred)
-                to_uint8(pred)
-        else:
-            src_au, drv_au = engine._au_points(model.config, src_points, drv_points)  # 1 x 18 x 2, T x 18 x 2
-            au = (lambda t: None) if drv_au is None else (lambda t: drv_au[t:t + 1])  # noqa: E731
-            with timed(seconds, "motion", device), counting(flops, "source"):
-                src = model.detect(source, src_au)
-                init = model.detect(to_tensor(inputs.driving[:1], device), au(0))
-            for t in range(total):
-                count = flops if t == 0 else None
-                with timed(seconds, "motion", device), counting(count, "frame"):
-                    frame = to_tensor(inputs.driving[t:t + 1], device)
-                    drv = model.detect(frame, au(t))
-                    _dead_hourglass(model, frame, drv)
-                    new = model.transfer(src, drv, init, mode=MOTION, adapt_scale=adapt_scale)
-                with timed(seconds, "generator", device), counting(count, "frame"):
-                    pred = model.generate(source, model.encode_source(source), src, new)["prediction"]
-                preds.append(pred)
-                to_uint8(pred)
+        preds = spec.spec.clip.original_loop(model, source, inputs.driving[:total], as_tensor(src_points),
+                                             None if drv_points is None else as_tensor(drv_points[:total]), settings,
+                                             lambda f: to_tensor(f, device), stage)
+        for pred in preds:
+            to_uint8(pred)
     return torch.cat(preds), seconds
 
 
 def prior_seconds(engine: Engine, model: nn.Module, inputs: BenchInputs, per_frame: bool = False) -> float | None:
-    """Time of the prior maps (AU points -> per-AU maps -> fused prior) of the clip, batched or one frame
-    at a time; None without a prior."""
-    config = model.config
-    if config.backbone == "warp" or config.prior == "none":
+    """Time of the prior maps (AU points -> per-AU maps -> fused prior, `model.prior_maps`) of the clip, batched
+    or one frame at a time; None without a prior."""
+    au = engine._au_points(model.config, inputs.source_points, inputs.driving_points)[1]  # T x 18 x 2
+    if au is None:
         return None
-    size = config.image_size
-    au = engine._au_points(config, inputs.source_points, inputs.driving_points)[1]  # T x 18 x 2
-    detector = getattr(model, "kp_detector", None) or model.region_predictor
-    map_size = round(size * detector.scale_factor)
     seconds: dict[str, float] = {}
     batches = [au[t:t + 1] for t in range(len(au))] if per_frame else [au]
     with timed(seconds, "prior", engine.device), engine.inference_context():
         for points in batches:
-            if hasattr(detector, "prior_maps"):  # FOMM
-                detector.prior_maps(points, size, map_size)
-            else:  # MRAA
-                detector.fused_prior(prior_lib.per_au_maps(points, size, map_size, detector.prior_sigma,
-                                                           detector.prior_distance))
+            model.prior_maps(points)
     return seconds["prior"]
 
 
@@ -410,7 +370,7 @@ def run(variants: Sequence[str] = DEFAULT_VARIANTS, frames: int = 16, batch_size
         loop_model = copy.deepcopy(base)  # contiguous, unfused fp32, as the original runs
         # What each engine runs: channels-last, fused (a copy), compiled, as asked.
         fast_models = {precision: engine.use_model(spec.id, base) for precision, engine in engines.items()}
-        adapt_scale = ADAPT_SCALE_DEFAULT[spec.backbone]  # the originals' defaults
+        adapt_scale = spec.adapt_scale_default  # the originals' defaults
         log(f"{spec.id}: warming up and counting GFLOP")
         first = min(batch_size, frames)
         warm = dataclasses.replace(inputs, driving=inputs.driving[:first], driving_points=inputs.driving_points[:first])

@@ -5,7 +5,7 @@ Resolution (`resolve_checkpoint`, the one place that decides which file a varian
     explicit path -> $MEFACIAL_CHECKPOINT_<VARIANT> -> checkpoints/ folder
     -> local Hugging Face cache -> Hub download (then sha256 check when the registry knows it)
 
-`checkpoints/registry.yaml` says, per variant, which architecture config it
+`mefacial/registry.yaml` (package data) says, per variant, which architecture config it
 uses and on which Hub repository its weights live (or how to get them when no
 public weights exist). Offline or unreachable, resolution fails within seconds
 with a `WeightsNotFoundError` listing every place it looked and what to do.
@@ -34,6 +34,7 @@ import logging
 import os
 import shutil
 import tempfile
+from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -60,7 +61,7 @@ log = logging.getLogger("mefacial.checkpoints")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CHECKPOINT_DIR = REPO_ROOT / "checkpoints"
-DEFAULT_REGISTRY = DEFAULT_CHECKPOINT_DIR / "registry.yaml"
+DEFAULT_REGISTRY = Path(str(resources.files("mefacial") / "registry.yaml"))  # package data
 ENV_CHECKPOINT_DIR = "MEFACIAL_CHECKPOINT_DIR"  # another folder instead of checkpoints/
 ENV_REGISTRY = "MEFACIAL_REGISTRY"  # another registry file (a lab's private weights)
 ENV_VARIANT_PREFIX = "MEFACIAL_CHECKPOINT_"  # + variant, upper case, '-' -> '_'
@@ -221,7 +222,7 @@ def registry_path() -> Path:
 
 
 def load_registry(path: str | Path | None = None) -> dict[str, CheckpointSpec]:
-    """Parse the registry (default checkpoints/registry.yaml, or $MEFACIAL_REGISTRY) into specs."""
+    """Parse the registry (default mefacial/registry.yaml, or $MEFACIAL_REGISTRY) into specs."""
     path = Path(path) if path is not None else registry_path()
     try:
         with open(path, encoding="utf-8") as f:
@@ -694,7 +695,7 @@ def convert_to_safetensors(src: str | Path, dst: str | Path | None = None, confi
 
 @dataclasses.dataclass(frozen=True)
 class PublishedWeights:
-    """Where `push_to_hub` put the weights: paste `registry_entry()` into checkpoints/registry.yaml."""
+    """Where `push_to_hub` put the weights: paste `registry_entry()` into mefacial/registry.yaml."""
 
     repo_id: str
     filename: str
@@ -711,7 +712,9 @@ def model_card(variant: str, config: Any, *, repo_id: str, metrics: Mapping[str,
                spec: CheckpointSpec | None = None, provenance: Mapping[str, Any] | None = None) -> str:
     """README.md for a published checkpoint: front matter (library, tags, licence) and what the weights are."""
     prior_names = {"none": "no prior", "ewp": "equal-weighted prior (EWP)", "awp": "adaptive weighted prior (AWP)"}
-    backbone_names = {"fomm": "First Order Motion Model (FOMM)", "mraa": "Motion Representations for Articulated Animation (MRAA)"}
+    from .models import get_backbone
+
+    backbone = get_backbone(config.backbone)
     origin = dict(spec.origin) if spec else {}
     licence = spec.licence if spec else "other"
     front = {
@@ -726,9 +729,9 @@ def model_card(variant: str, config: Any, *, repo_id: str, metrics: Mapping[str,
              f"Weights for the `{variant}` variant of mefacial (facial-prior-guided micro-expression "
              "generation), in its safetensors format.", "",
              "## Architecture", "",
-             f"- backbone: {backbone_names.get(config.backbone, config.backbone)}",
+             f"- backbone: {backbone.title}",
              f"- prior: {prior_names.get(config.prior, config.prior)}",
-             f"- config: `{config.name}` ({config.num_points} {'keypoints' if config.backbone == 'fomm' else 'regions'}, "
+             f"- config: `{config.name}` ({config.num_points} {backbone.points_name}, "
              f"{config.image_size}x{config.image_size} frames, grid_sample align_corners={config.grid_sample_align_corners})",
              f"- files: `{HUB_WEIGHTS_FILENAME}` (flat `part.key` tensors), `{HUB_CONFIG_FILENAME}` (full config and provenance)",
              "", "## Training data", "",
@@ -749,7 +752,7 @@ def model_card(variant: str, config: Any, *, repo_id: str, metrics: Mapping[str,
               f"    --checkpoint \"$(python -c \"from huggingface_hub import hf_hub_download; "
               f"print(hf_hub_download('{repo_id}', '{HUB_WEIGHTS_FILENAME}'))\")\"",
               "```", "",
-              "or add it to `checkpoints/registry.yaml` (`python -m mefacial checkpoints push` prints the entry).", ""]
+              "or add it to `mefacial/registry.yaml` (`python -m mefacial checkpoints push` prints the entry).", ""]
     return "\n".join(lines)
 
 
@@ -884,7 +887,7 @@ def run_cli(args: argparse.Namespace) -> int:
         published = push_to_hub(args.variant, args.file, args.repo, private=args.private, token=args.token,
                                 metrics=metrics, config=args.config, commit_message=args.message)
         print(f"uploaded to {published.url} (commit {published.revision})")
-        print("registry entry (checkpoints/registry.yaml):")
+        print("registry entry (mefacial/registry.yaml):")
         print(yaml.safe_dump({args.variant: {"weights": published.registry_entry()}}, sort_keys=False))
         return 0
     raise ValueError(f"unknown checkpoints command {args.checkpoints_command!r}")

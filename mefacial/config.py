@@ -5,7 +5,7 @@ unchanged (so the published YAML files of FOMM, MRAA and FPB-FOMM can be read
 as they are) plus the fields the original code hard-coded:
 
     name: fomm-vox256
-    backbone: fomm            # fomm | mraa | warp | dense
+    backbone: fomm            # a registered backbone (mefacial.models: fomm | mraa | warp ...)
     prior: none               # none | ewp | awp
     prior_distance: l2        # l2 (TIP 2024) | l1 (ACM MM 2021 EWP)
     au_points: per_frame      # per_frame (TIP 2024) | first_frame (MM 2021: fixed per clip)
@@ -17,6 +17,7 @@ as they are) plus the fields the original code hard-coded:
 from __future__ import annotations
 
 import dataclasses
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +25,12 @@ import yaml
 
 from .errors import ConfigError
 
-BACKBONES = ("fomm", "mraa", "warp", "dense")
 PRIORS = ("none", "ewp", "awp")
 PRIOR_DISTANCES = ("l2", "l1")
 AU_POINT_MODES = ("per_frame", "first_frame")
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# Shipped as package data (mefacial/configs/*.yaml, training configs in configs/train/), found through the
+# package so an installed mefacial reads them from any working directory.
+CONFIG_DIR = Path(str(resources.files("mefacial") / "configs"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,28 +49,26 @@ class ModelConfig:
     description: str = ""
 
     def __post_init__(self) -> None:
-        _check_choice("backbone", self.backbone, BACKBONES, self.name)
-        _check_choice("prior", self.prior, PRIORS, self.name)
+        from .models import backbones  # the registry (backbone modules import this one)
+
+        known = backbones()
+        if self.backbone not in known:
+            raise ConfigError(f"config {self.name!r}: field 'backbone' must be one of {tuple(known)}, got {self.backbone!r}")
+        spec = known[self.backbone]
+        _check_choice("prior", self.prior, spec.priors, self.name)
         _check_choice("prior_distance", self.prior_distance, PRIOR_DISTANCES, self.name)
         _check_choice("au_points", self.au_points, AU_POINT_MODES, self.name)
         if not isinstance(self.image_size, int) or self.image_size < 32 or self.image_size % 4:
             raise ConfigError(f"config {self.name!r}: field 'image_size' must be an int >= 32 divisible by 4, got {self.image_size!r}")
-        if self.backbone not in ("warp", "dense") and not isinstance(self.model_params, dict):
+        if spec.needs_weights and not isinstance(self.model_params, dict):
             raise ConfigError(f"config {self.name!r}: field 'model_params' must be a mapping")
-        if self.backbone == "warp" and self.prior == "awp":
-            raise ConfigError(f"config {self.name!r}: the warp backbone has no learned AWP fusion; use prior none or ewp")
-        if self.backbone == "dense" and self.prior != "none":
-            raise ConfigError(f"config {self.name!r}: the dense backbone takes no facial prior; use prior none")
 
     @property
     def num_points(self) -> int:
-        """Keypoints (FOMM) or regions (MRAA) of the architecture."""
-        params = self.model_params
-        if self.backbone == "fomm":
-            return int(params["common_params"]["num_kp"])
-        if self.backbone == "mraa":
-            return int(params["num_regions"])
-        return 0
+        """Keypoints (FOMM) or regions (MRAA) of the architecture; 0 for a backbone without learned points."""
+        from .models import get_backbone
+
+        return get_backbone(self.backbone).num_points(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], name: str | None = None) -> "ModelConfig":
@@ -81,7 +81,9 @@ class ModelConfig:
         data = dict(data)
         data.setdefault("name", name or "unnamed")
         if "backbone" not in data:
-            raise ConfigError(f"config {data['name']!r}: missing field 'backbone' (one of {BACKBONES})")
+            from .models import backbones
+
+            raise ConfigError(f"config {data['name']!r}: missing field 'backbone' (one of {tuple(backbones())})")
         return cls(**data)
 
     def to_dict(self) -> dict[str, Any]:
@@ -94,7 +96,7 @@ def _check_choice(field: str, value: Any, choices: tuple[str, ...], name: str) -
 
 
 def load_config(path_or_name: str | Path) -> ModelConfig:
-    """Load a config from a path, or by name from `configs/` (e.g. "fomm-vox256")."""
+    """Load a config from a path, or by name from the package's `configs/` (e.g. "fomm-vox256")."""
     path = Path(path_or_name)
     if not path.suffix and not path.exists():
         path = CONFIG_DIR / f"{path_or_name}.yaml"

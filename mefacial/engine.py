@@ -29,7 +29,9 @@ from .checkpoints import load_weights, resolve_checkpoint
 from .config import ModelConfig
 from .errors import CheckpointError, InputError, InputTooLargeError, MefacialError
 from .landmarks import SMOOTH_POLYORDER, SMOOTH_WINDOW, get_detector, smooth_tracks, smoothing_window
-from .models import build_model
+from .mesh import detect_mesh
+from .models import ClipSettings, au_points, build_model, get_backbone
+from .utils import timer
 from .models.blocks import fuse_for_inference
 from .variants import Variant, get_variant
 
@@ -38,9 +40,7 @@ log = logging.getLogger("mefacial")
 ProgressFn = Callable[[float, str], None]
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MAX_MAGNIFY = 10.0
-# What the original demos do in relative mode: FOMM adapts the movement scale only when asked,
-# MRAA always does.
-ADAPT_SCALE_DEFAULT = {"fomm": False, "mraa": True, "warp": False}
+DEFAULT_VARIANT = "dense"  # the training-free dense mesh generator: runs offline, needs no weights
 
 
 @dataclasses.dataclass
@@ -124,11 +124,19 @@ class _Prepared:
     source_box: video.FaceBox | None
     driving_box: video.FaceBox | None
     backend: str | None
+    mesh_box: tuple | None = None  # the face box (x0, y0, x1, y1, model pixels) the clip's mesh is tracked in
+
+
+def _points_box(points: np.ndarray) -> tuple[float, float, float, float]:
+    """(x0, y0, x1, y1) of 68 landmarks (68 x 2): the face box a clip's mesh is tracked in."""
+    points = np.asarray(points, np.float64).reshape(-1, 2)
+    low, high = points.min(0), points.max(0)
+    return (float(low[0]), float(low[1]), float(high[0]), float(high[1]))
 
 
 class ClipAnimator:
-    """The networks of one clip: the source and the clip's first frame are encoded once, then each batch
-    of driving frames goes through detect / transfer / generate (or the warp) in one call.
+    """The networks of one clip, through the backbone's clip runner (`BackboneSpec.clip`): the source and the
+    clip's first frame are encoded once, then each batch of driving frames goes through in one call.
 
     Create and call it inside `engine.inference_context()`. Points are the landmarks the variant needs
     (68 landmarks, or 18 AU points for prior variants) in pixels of the model-size frames: source 1 x P x 2,
@@ -139,68 +147,41 @@ class ClipAnimator:
     def __init__(self, engine: "Engine", spec: Variant, model: nn.Module, source: np.ndarray, first_frame: np.ndarray,
                  source_points: np.ndarray | None, first_points: np.ndarray | None, *, motion: str = "relative",
                  adapt_scale: bool = False, magnify: float = 1.0, confine_to_prior: bool = False):
-        self.engine, self.model, self.backbone = engine, model, spec.backbone
-        self.config = getattr(model, "config", spec.config)
-        self.options = dict(mode=motion, adapt_scale=adapt_scale, magnify=magnify)
-        self.magnify, self.confine_to_prior = magnify, confine_to_prior
+        self.engine, self.model, self.variant = engine, model, spec
         self.seconds = {"motion": 0.0, "generator": 0.0}
-        self.prior_map: np.ndarray | None = None  # h x w, the source's prior map fed to the network
-        self.source = self._tensor(source)  # 1 x 3 x H x W
+        settings = ClipSettings(motion=motion, adapt_scale=adapt_scale, magnify=magnify, confine=confine_to_prior)
         first_points = None if first_points is None else np.asarray(first_points)[None]  # 1 x P x 2
-        if self.backbone == "warp":
-            self.source_points = torch.from_numpy(source_points).to(engine.device)  # 1 x 68 x 2
-            self.first_points = torch.from_numpy(first_points).to(engine.device)  # 1 x 68 x 2
-            return
-        self.source_points = source_points
-        self.src_au, self.first_au = engine._au_points(self.config, source_points, first_points)  # 1 x 18 x 2 each
-        with self._stage("motion"):
-            self.src = model.detect(self.source, self.src_au)
-            self.init = model.detect(self._tensor(first_frame), self.first_au)
-        with self._stage("generator"):
-            self.cache = model.encode_source(self.source)
-        if "prior" in self.src:
-            self.prior_map = self.src["prior"][0, 0].float().cpu().numpy()
+        self.runner = spec.spec.clip(model, self._tensor(source), self._tensor(first_frame),
+                                     self._points(source_points), self._points(first_points), settings,
+                                     self._tensor, self._stage)
+
+    @property
+    def prior_map(self) -> np.ndarray | None:
+        """h x w, the source's prior map fed to the network (None without a prior)."""
+        return self.runner.prior_map
 
     def _tensor(self, frames: np.ndarray) -> torch.Tensor:
         return to_tensor(frames, self.engine.device).contiguous(memory_format=self.engine.memory_format)
 
+    def _points(self, points: np.ndarray | None) -> torch.Tensor | None:
+        return None if points is None else torch.from_numpy(np.asarray(points)).to(self.engine.device)
+
     @contextlib.contextmanager
     def _stage(self, name: str):
         """Add the wall time of the block to `seconds[name]` (waiting for the GPU at its end)."""
-        t0 = time.perf_counter()
-        yield
-        if self.engine.device.type == "cuda":
-            torch.cuda.synchronize(self.engine.device)
-        self.seconds[name] += time.perf_counter() - t0
+        with timer(self.seconds, name, self.engine.device):
+            yield
 
     def __call__(self, frames: np.ndarray, points: np.ndarray | None = None) -> torch.Tensor:
         """B x H x W x 3 uint8 driving frames (and their B x P x 2 points) -> B x 3 x H x W predictions in [0, 1].
 
         A prediction with NaN / inf (broken weights) raises CheckpointError rather than becoming black frames."""
-        prediction = self._predict(frames, points)  # B x 3 x H x W
+        prediction = self.runner(frames, self._points(points))  # B x 3 x H x W
         if not torch.isfinite(prediction).all():
             raise CheckpointError(
-                f"the model of {self.backbone} produced NaN/inf values: its weights are broken (a diverged "
+                f"the model of {self.variant.id} produced NaN/inf values: its weights are broken (a diverged "
                 "training run or a corrupt checkpoint); use another checkpoint, or resume training from an earlier one")
         return prediction
-
-    def _predict(self, frames: np.ndarray, points: np.ndarray | None) -> torch.Tensor:
-        if self.backbone == "warp":
-            with self._stage("generator"):
-                driving = torch.from_numpy(np.asarray(points)).to(self.engine.device)  # B x 68 x 2
-                return self.model.animate(self.source, self.source_points, driving, self.first_points,
-                                          magnify=self.magnify, confine_to_prior=self.confine_to_prior)["prediction"]
-        if self.first_au is None:
-            au = None
-        elif self.config.au_points == "first_frame":
-            au = self.first_au.expand(len(frames), -1, -1)  # B x 18 x 2: fixed for the clip (ACM MM 2021)
-        else:
-            au = self.engine._au_points(self.config, self.source_points, np.asarray(points))[1]  # B x 18 x 2
-        with self._stage("motion"):
-            drv = self.model.detect(self._tensor(frames), au)
-            new = self.model.transfer(self.src, drv, self.init, **self.options)
-        with self._stage("generator"):
-            return self.model.generate(self.source, self.cache, self.src, new)["prediction"]
 
 
 class StreamingSmoother:
@@ -271,7 +252,8 @@ class Engine:
         self.fuse = fuse
         self.compile = compile
         self._models: dict[tuple[str, str], tuple[nn.Module, str]] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards the two dicts below, never held while loading
+        self._loading: dict[tuple[str, str], threading.Lock] = {}  # one lock per model being loaded
 
     # ---- models -------------------------------------------------------------------------
     def inference_context(self) -> contextlib.AbstractContextManager:
@@ -283,20 +265,33 @@ class Engine:
         return stack
 
     def model(self, variant: str | Variant, checkpoint: str | Path | None = None) -> tuple[nn.Module, str]:
-        """The model of `variant` on this engine's device, with its weights loaded; cached."""
-        spec = get_variant(variant) if isinstance(variant, str) else variant
+        """The model of `variant` on this engine's device, with its weights loaded; cached.
+
+        The cache's lock is held only to look up and to store: weights are resolved (a Hub download
+        included) and loaded under a lock of that (variant, weights) key alone, so a first-use download of
+        one variant never stalls requests for another, and two requests for the same one load it once."""
+        spec = get_variant(variant)
         checkpoint = checkpoint or self.checkpoint_overrides.get(spec.id)
         key = (spec.id, str(checkpoint or ""))
         with self._lock:
-            if key not in self._models:
-                model = build_model(spec.config)
-                weights = "none (training-free)"
-                if spec.needs_weights:
-                    resolved = resolve_checkpoint(spec.id, checkpoint)
-                    load_weights(model, resolved.path, spec.backbone)
-                    weights = f"{resolved.path} ({resolved.source})"
-                self._models[key] = (self._for_inference(model), weights)
-            return self._models[key]
+            if key in self._models:
+                return self._models[key]
+            key_lock = self._loading.setdefault(key, threading.Lock())
+        with key_lock:
+            with self._lock:
+                if key in self._models:  # loaded by the request we waited for
+                    return self._models[key]
+            model = build_model(spec.config)
+            weights = "none (training-free)"
+            if spec.needs_weights:
+                resolved = resolve_checkpoint(spec.id, checkpoint)
+                load_weights(model, resolved.path, spec.spec.inference_parts)
+                weights = f"{resolved.path} ({resolved.source})"
+            served = (self._for_inference(model), weights)
+            with self._lock:
+                self._models[key] = served
+                self._loading.pop(key, None)
+            return served
 
     def use_model(self, variant: str, model: nn.Module, weights: str = "in-memory") -> nn.Module:
         """Serve `variant` with an already built model (random weights for tests and benchmarks, a training run);
@@ -305,10 +300,10 @@ class Engine:
         The model is moved to the engine's device and memory format in place (as `nn.Module.to` does) and put
         in evaluation mode; with `fuse` (the default) the engine runs a fused copy of it."""
         spec = get_variant(variant)
+        served = self._for_inference(model)
         with self._lock:
-            served = self._for_inference(model)
             self._models[(spec.id, "")] = (served, weights)
-            return served
+        return served
 
     def _for_inference(self, model: nn.Module) -> nn.Module:
         """Evaluation mode on the engine's device and memory format, fused (`fuse`), the batched steps compiled
@@ -326,7 +321,7 @@ class Engine:
         return model
 
     # ---- animation ----------------------------------------------------------------------
-    def animate(self, source: Any, driving: Any, variant: str = "warp", checkpoint: str | Path | None = None,
+    def animate(self, source: Any, driving: Any, variant: str = DEFAULT_VARIANT, checkpoint: str | Path | None = None,
                 motion: str = "relative", adapt_scale: bool | None = None, source_landmarks: np.ndarray | None = None,
                 driving_landmarks: np.ndarray | None = None, progress: ProgressFn | None = None, *,
                 magnify: float = 1.0, fps: float | None = None, crop: bool = True, paste_back: bool = False,
@@ -386,7 +381,7 @@ class Engine:
             landmark_backend=prepared.backend, crop_box=prepared.source_box, timings=timings,
         )
 
-    def iter_animate(self, source: Any, driving: Any, variant: str = "warp", checkpoint: str | Path | None = None,
+    def iter_animate(self, source: Any, driving: Any, variant: str = DEFAULT_VARIANT, checkpoint: str | Path | None = None,
                      motion: str = "relative", adapt_scale: bool | None = None,
                      source_landmarks: np.ndarray | None = None, driving_landmarks: np.ndarray | None = None, *,
                      magnify: float = 1.0, fps: float | None = None, crop: bool = True, paste_back: bool = False,
@@ -496,8 +491,12 @@ class Engine:
             to_model = lambda p: ((p + 0.5) * scale - 0.5).astype(np.float32)  # noqa: E731
         if not spec.needs_landmarks:
             return model_frames, None
-        points = to_model(given) if given is not None else \
-            get_detector(backend, self.device).detect(model_frames, role="driving").points
+        if given is not None:
+            points = to_model(given)
+        elif spec.spec.points == "mesh":
+            points = detect_mesh(model_frames, box=prepared.mesh_box)
+        else:
+            points = get_detector(backend, self.device).detect(model_frames, role="driving").points
         self._check_points(spec, prepared.source_points, points)
         return model_frames, points
 
@@ -512,7 +511,7 @@ class Engine:
             raise InputError(f"magnify must be in (0, {MAX_MAGNIFY}], got {magnify}")
         if paste_back and not crop:
             raise InputError("paste_back needs crop=True (the face is pasted back into the box it was cut from)")
-        return spec, ADAPT_SCALE_DEFAULT[spec.backbone] if adapt_scale is None else adapt_scale
+        return spec, spec.adapt_scale_default if adapt_scale is None else adapt_scale
 
     def _prepare(self, spec: Variant, size: int, source: np.ndarray, driving: np.ndarray, source_landmarks, driving_landmarks,
                  crop: bool, margin: float, backend: str, smooth_window: int | None, report: ProgressFn,
@@ -547,8 +546,20 @@ class Engine:
             scale_drv = np.array([size / driving.shape[2], size / driving.shape[1]], np.float32)
             to_model_src = lambda p: ((p + 0.5) * scale_src - 0.5).astype(np.float32)  # noqa: E731
             to_model_drv = lambda p: ((p + 0.5) * scale_drv - 0.5).astype(np.float32)  # noqa: E731
-        source_points = driving_points = None
-        if spec.needs_landmarks:
+        source_points = driving_points = mesh_box = None
+        if spec.spec.points == "mesh" and (given_src is None or given_drv is None):
+            report(0.02, "face mesh")
+            # the clip's mesh is tracked in one face box: the onset frame's (from its 68 landmarks when cropped)
+            mesh_box = _points_box(to_model_drv(drv_face)) if crop else None
+            source_points = (to_model_src(given_src) if given_src is not None else detect_mesh(
+                model_source, box=_points_box(to_model_src(src_face)) if crop else None, role="source"))
+            source_points = source_points.reshape(1, -1, 2)  # 1 x 478 x 2
+            driving_points = (to_model_drv(given_drv) if given_drv is not None
+                              else detect_mesh(model_driving, box=mesh_box))  # T x 478 x 2
+            if smooth_window and given_drv is None and len(driving_points) >= 3:
+                driving_points = smooth_tracks(driving_points, smooth_window)
+            self._check_points(spec, source_points, driving_points)
+        elif spec.needs_landmarks:
             report(0.02, "landmarks")
             source_points = (to_model_src(given_src) if given_src is not None
                              else detector.detect(model_source, role="source").points[0])[None]  # 1 x P x 2
@@ -559,27 +570,26 @@ class Engine:
             self._check_points(spec, source_points, driving_points)
         timings["landmarks_s"] = time.perf_counter() - t0
         backend_name = detector.name if detector is not None else ("given" if spec.needs_landmarks else None)
+        if spec.spec.points == "mesh" and (given_src is None or given_drv is None):
+            backend_name = "mesh (MediaPipe face mesh + iris, LiteRT)"
         return _Prepared(model_source, model_driving, source_points, driving_points, source_box, driving_box,
-                         backend_name)
+                         backend_name, mesh_box)
 
     @staticmethod
     def _check_points(spec: Variant, src: np.ndarray, drv: np.ndarray) -> None:
         """Source 1 x P x 2 and driving T x P x 2 with P = 68 landmarks (or 18 AU points for prior variants)."""
-        allowed = (prior_lib.NUM_LANDMARKS,) if spec.backbone == "warp" else (prior_lib.NUM_LANDMARKS, prior_lib.NUM_AU_POINTS)
+        allowed = spec.spec.points_per_face
         if src.shape[1] not in allowed or drv.shape[1:] != src.shape[1:]:
             raise InputError(f"{spec.id} needs {' or '.join(map(str, allowed))} points per face, source and clip "
                              f"alike; got {src.shape[1]} and {drv.shape[1]}")
 
     def _au_points(self, config: ModelConfig, src_points, drv_points):
-        """AU points (pixels) of source 1 x 18 x 2 and clip T x 18 x 2; fixed to frame 0 for MM 2021 configs."""
-        if config.backbone == "warp" or config.prior == "none" or src_points is None:
+        """AU points (pixels) of source 1 x 18 x 2 and clip T x 18 x 2; fixed to frame 0 for MM 2021 configs;
+        (None, None) for a model that takes no AU points."""
+        if src_points is None or not get_backbone(config.backbone).points == "au_points":
             return None, None
         src, drv = (torch.from_numpy(p).to(self.device) for p in (src_points, drv_points))
-        if src.shape[1] == 68:
-            src, drv = prior_lib.au_points_from_landmarks(src), prior_lib.au_points_from_landmarks(drv)
-        if config.au_points == "first_frame":
-            drv = drv[:1].expand_as(drv)
-        return src.float(), drv.float()
+        return au_points(config, src, drv)
 
     def _run(self, spec, model, source, driving, src_points, drv_points, motion, adapt_scale,
              magnify, batch_size, confine_to_prior, report, timings):

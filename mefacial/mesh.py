@@ -109,11 +109,15 @@ REGIONS: dict[str, tuple[int, ...]] = {
 
 
 def eye_aperture(points: np.ndarray) -> np.ndarray:
-    """Mean lid-to-lid distance of both eyes (upper minus lower margin, the middle 5 points of each): ... x 478 x 2
-    -> ... (pixels). The eye-narrowing measure of the README."""
+    """Mean lid-to-lid distance of both eyes, across the eye (perpendicular to the corner-to-corner axis), over
+    the middle 5 points of each margin: ... x 478 x 2 -> ... pixels. The eye-narrowing measure of the README."""
     points = np.asarray(points, np.float64)
-    gaps = [np.linalg.norm(points[..., list(upper[2:7]), :] - points[..., list(lower[2:7]), :], axis=-1).mean(-1)
-            for upper, lower in ((RIGHT_EYE_UPPER, RIGHT_EYE_LOWER), (LEFT_EYE_UPPER, LEFT_EYE_LOWER))]
+    gaps = []
+    for upper, lower in ((RIGHT_EYE_UPPER, RIGHT_EYE_LOWER), (LEFT_EYE_UPPER, LEFT_EYE_LOWER)):
+        axis = points[..., upper[-1], :] - points[..., upper[0], :]
+        normal = np.stack([-axis[..., 1], axis[..., 0]], -1) / np.linalg.norm(axis, axis=-1, keepdims=True)
+        across = ((points[..., list(lower[2:7]), :] - points[..., list(upper[2:7]), :]) * normal[..., None, :]).sum(-1)
+        gaps.append(np.abs(across).mean(-1))
     return (gaps[0] + gaps[1]) / 2
 
 
@@ -224,16 +228,16 @@ def _refine_eyes(frame: np.ndarray, mesh: np.ndarray) -> np.ndarray:
 
 
 def _initial_box(frame: np.ndarray, box) -> tuple[np.ndarray, float, float] | None:
-    """A region of interest for the first frame: from `box` (x0, y0, x1, y1), else dlib's face search, else the
-    whole picture when it is a face crop; None when no face is there."""
+    """A region of interest for the first frame: from `box` (x0, y0, x1, y1) when given, else (or when the mesh
+    finds no face there) from dlib's face search, else the whole picture (a face crop); None when no face."""
     height, width = frame.shape[:2]
-    candidates = []
-    if box is not None:
-        x0, y0, x1, y1 = (float(v) for v in box)
-        if not (x1 > x0 and y1 > y0):
-            raise InputError(f"box must be (x0, y0, x1, y1) with x1 > x0 and y1 > y0, got {tuple(box)}")
-        candidates.append((np.array([(x0 + x1) / 2, (y0 + y1) / 2]), max(x1 - x0, y1 - y0) * ROI_SCALE, 0.0))
-    else:
+
+    def candidates():
+        if box is not None:
+            x0, y0, x1, y1 = (float(v) for v in box)
+            if not (x1 > x0 and y1 > y0):
+                raise InputError(f"box must be (x0, y0, x1, y1) with x1 > x0 and y1 > y0, got {tuple(box)}")
+            yield np.array([(x0 + x1) / 2, (y0 + y1) / 2]), max(x1 - x0, y1 - y0) * ROI_SCALE, 0.0
         from .landmarks import get_detector
 
         found = get_detector("dlib").detect(frame[None], allow_missing=True)
@@ -241,10 +245,10 @@ def _initial_box(frame: np.ndarray, box) -> tuple[np.ndarray, float, float] | No
             points = found.points[0].astype(np.float64)
             angle = float(np.arctan2(*(points[45] - points[36])[::-1]))
             low, high = points.min(0), points.max(0)
-            candidates.append(((low + high) / 2 - [0, 0.1 * (high - low)[1]], float(max(high - low)) * ROI_SCALE,
-                               angle))
-        candidates.append((np.array([width / 2, height / 2]), float(max(width, height)), 0.0))  # a face crop
-    for candidate in candidates:
+            yield (low + high) / 2 - [0, 0.1 * (high - low)[1]], float(max(high - low)) * ROI_SCALE, angle
+        yield np.array([width / 2, height / 2]), float(max(width, height)), 0.0  # a face crop
+
+    for candidate in candidates():
         mesh, presence = _fit_face(frame, candidate)
         if presence >= PRESENCE_THRESHOLD:
             return _box_of(mesh)
@@ -257,7 +261,8 @@ def detect_mesh(frames: np.ndarray, box=None, *, refine_eyes: bool = True, allow
     pixel (x, y) (pixel centres at integers, as the 68-point landmarks).
 
     `box` (x0, y0, x1, y1), in pixels of the frames, is the face's box on the first frame (a face detector's
-    box); without it dlib finds the face there. The box is then kept for the clip (tracking, no per-frame face
+    box, or the extent of 68 landmarks); without it (or when the mesh finds no face in it) dlib finds the face
+    there. The box is then kept for the clip (tracking, no per-frame face
     search). `refine_eyes=False` skips the iris model (points 468-477 are then NaN and the eye contours are the
     mesh's own). A frame without a face raises NoFaceError naming it (`role` "source" or "driving" words the
     message), or gives NaN points with `allow_missing`.

@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 import app
+import mefacial
 from conftest import FIXTURES, fixture_meta, model_fixture_dirs, require
 from mefacial import Engine, list_variants
 from mefacial.checkpoints import checkpoint_env_var, load_original_checkpoint
@@ -20,11 +21,12 @@ FACE = app.EXAMPLE_FACE
 
 def test_every_variant_is_one_backbone_and_prior_choice():
     variants = list_variants()
-    chosen = [app.variant_id(variants, v["backbone"], app.prior_key(v)) for v in variants]
+    chosen = [app.variant_id(v["backbone"], v["prior_option"]) for v in variants]
     assert chosen == [v["id"] for v in variants]  # each reachable, none ambiguous
     assert all(v["backbone"] in app.BACKBONES for v in variants)
+    assert app.PRIORS["ewp-mm21"] == "EWP (ACM MM 2021)" and mefacial.get_variant("fomm-ewp-mm21").prior == "ewp"
     with pytest.raises(gr.Error, match="valid backbone/prior"):
-        app.variant_id(variants, "warp", "awp")
+        app.variant_id("warp", "awp")
 
 
 def test_errors_name_the_uploaded_file_not_the_server_path(tmp_path):

@@ -587,7 +587,7 @@ def test_cli_push_prints_a_registry_entry(isolated, fake_api, tmp_path, capsys):
     assert run_cli(["checkpoints", "push", "--variant", "fomm-awp", "--file", str(src), "--repo", "me/awp",
                     "--config", str(config), "--metrics", str(metrics)]) == 0
     printed = capsys.readouterr().out
-    entry = yaml.safe_load(printed.split("registry entry (checkpoints/registry.yaml):")[1])
+    entry = yaml.safe_load(printed.split("registry entry (mefacial/registry.yaml):")[1])
     assert entry["fomm-awp"]["weights"]["repo_id"] == "me/awp"
     assert fake_api.calls[1][2] == {"private": False, "exist_ok": True, "repo_type": "model"}
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 import yaml
 
+from test_checkpoints import hub, isolated  # noqa: F401 - fixtures (local Hub, isolated caches)
 from conftest import fixture_meta, model_fixture_dirs, require
 import mefacial
 from mefacial import Engine, InputError, WeightsNotFoundError
@@ -166,3 +167,43 @@ def test_bf16_on_a_cpu_without_native_bf16_warns(monkeypatch, caplog):
     with caplog.at_level("WARNING", logger="mefacial"):
         engine_module.Engine(device="cpu", precision="bf16")
     assert "emulated" not in caplog.text
+
+
+def test_a_download_in_progress_does_not_stall_other_variants(hub, tmp_path, monkeypatch):
+    """The model cache's lock is not held across a Hub download: while fomm-none's weights are stuck mid-download,
+    a warp request completes; the stuck request then fails cleanly when the download breaks."""
+    import threading
+
+    from test_checkpoints import REPO as HUB_REPO
+    from test_checkpoints import checkpoint_bytes, hub_entry, use_registry
+
+    data = checkpoint_bytes(tmp_path, 0)
+    hub.add_file(HUB_REPO, "weights/tiny.pth.tar", data)
+    hub.cut("weights/tiny.pth.tar", after=100, times=1, hold=True)
+    use_registry(tmp_path, monkeypatch, {"fomm-none": hub_entry()})
+    engine = Engine(device="cpu")
+    outcome: list = []
+    loader = threading.Thread(target=lambda: outcome.append(_try(lambda: engine.model("fomm-none"))), daemon=True)
+    loader.start()
+    try:
+        assert hub.stalled.wait(timeout=60), "the download never started"
+        face = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+        points = np.tile(np.linspace(10, 50, 68, dtype=np.float32)[:, None], (1, 2)) + np.arange(2, dtype=np.float32)
+        done = threading.Event()
+        worker = threading.Thread(target=lambda: (engine.animate(face, face[None], variant="warp", crop=False,
+                                                                 source_landmarks=points, driving_landmarks=points[None]),
+                                                  done.set()), daemon=True)
+        worker.start()
+        assert done.wait(timeout=60), "a warp request waited for another variant's download"
+        assert loader.is_alive()  # still downloading
+    finally:
+        hub.release()
+        loader.join(timeout=60)
+    assert outcome and not loader.is_alive()
+
+
+def _try(fn):
+    try:
+        return fn()
+    except Exception as exc:  # noqa: BLE001 - the test looks at what came out
+        return exc

@@ -86,7 +86,7 @@ def train_setup(tmp_path_factory) -> tuple[Path, Path]:
     (root / "data" / "train").mkdir(parents=True)
     for clip in clips:
         (root / "data" / "train" / clip.name).symlink_to(clip)
-    config = yaml.safe_load((REPO / "configs" / "train" / "tiny-fomm-awp.yaml").read_text())
+    config = yaml.safe_load((REPO / "mefacial" / "configs" / "train" / "tiny-fomm-awp.yaml").read_text())
     config.update(name="tiny-fomm-none", variant="fomm-none", model="fomm-vox256")
     config["model_overrides"]["name"] = "tiny-fomm-none"
     config["dataset"]["num_repeats"] = 4

@@ -295,6 +295,8 @@ def read_yaml(path_or_name: str | Path) -> tuple[dict[str, Any], str]:
     path = Path(path_or_name)
     if not path.suffix and not path.exists():
         path = TRAIN_CONFIG_DIR / f"{path_or_name}.yaml"
+    elif not path.exists() and path.parent.as_posix().endswith("configs/train"):
+        path = TRAIN_CONFIG_DIR / path.name  # configs/train/X.yaml: the package's copy (mefacial/configs/train/)
     if not path.is_file():
         available = sorted(p.stem for p in TRAIN_CONFIG_DIR.glob("*.yaml"))
         raise ConfigError(f"training config {path} does not exist; available in {TRAIN_CONFIG_DIR}: {available}")

@@ -49,6 +49,7 @@ from torch import nn
 
 from .. import mesh as M
 from ..config import ModelConfig
+from . import BackboneSpec, ClipRunner, VariantDecl, register_backbone
 
 DEFAULTS: dict[str, Any] = {
     "grid_step": 2,
@@ -64,6 +65,7 @@ PERIOCULAR = (((226, 113, 225, 224, 223, 222, 221, 189, 244), (226, 31, 228, 229
               ((446, 342, 445, 444, 443, 442, 441, 413, 464), (446, 261, 448, 449, 450, 451, 452, 453, 464), None))
 EYES = ((M.RIGHT_EYE_UPPER, M.RIGHT_EYE_LOWER, M.RIGHT_IRIS), (M.LEFT_EYE_UPPER, M.LEFT_EYE_LOWER, M.LEFT_IRIS))
 CLOSED = 0.04  # a closed eye keeps this share of its aperture (the lids meet without crossing)
+BORDER_TAPER = 0.06  # share of the picture's size over which motion fades out towards its edge
 SUPERSAMPLE = 4  # eye-opening masks are drawn at 4x and averaged (anti-aliased edges)
 
 
@@ -80,9 +82,10 @@ class DenseState:
     grid_shape: tuple[int, int]
     grid_vertices: np.ndarray  # G x 3 vertex indices of the source triangle holding each grid point (-1: none)
     grid_weights: np.ndarray  # G x 3 barycentric weights
+    taper: np.ndarray  # G: motion weight, 0 on the picture's edge
     face_mask: torch.Tensor  # 1 x 1 x h x w on the grid: where ratio images apply (face, eye openings left out)
     source: torch.Tensor  # 1 x 3 x H x W
-    initial_luma: torch.Tensor | None  # 1 x 1 x H x W, blurred
+    initial_luma: torch.Tensor | None  # 1 x 1 x H x W
 
 
 def _luma(frames: torch.Tensor) -> torch.Tensor:
@@ -178,14 +181,23 @@ def _eye_polygon(points: np.ndarray, upper, lower) -> np.ndarray:
 
 
 def _fill(polygons: list[np.ndarray], size: tuple[int, int]) -> np.ndarray:
-    """Anti-aliased coverage (H x W float32 in [0, 1]) of polygons in pixel coordinates."""
+    """Anti-aliased coverage (H x W float32 in [0, 1]) of polygons in pixel coordinates (drawn in their
+    bounding box only, at SUPERSAMPLE x)."""
     height, width = size
-    canvas = np.zeros((height * SUPERSAMPLE, width * SUPERSAMPLE), np.uint8)
-    for polygon in polygons:
-        # pixel centre (x, y) -> supersampled pixel centre
-        scaled = np.round(((polygon + 0.5) * SUPERSAMPLE - 0.5) * 16).astype(np.int32)
+    out = np.zeros((height, width), np.float32)
+    if not polygons:
+        return out
+    points = np.concatenate(polygons)
+    x0, y0 = (max(int(np.floor(v)) - 1, 0) for v in points.min(0))
+    x1, y1 = min(int(np.ceil(points[:, 0].max())) + 2, width), min(int(np.ceil(points[:, 1].max())) + 2, height)
+    if x1 <= x0 or y1 <= y0:
+        return out
+    canvas = np.zeros(((y1 - y0) * SUPERSAMPLE, (x1 - x0) * SUPERSAMPLE), np.uint8)
+    for polygon in polygons:  # pixel centre (x, y) -> supersampled pixel centre, in 1/16 px
+        scaled = np.round(((polygon - [x0, y0] + 0.5) * SUPERSAMPLE - 0.5) * 16).astype(np.int32)
         cv2.fillPoly(canvas, [scaled], 255, lineType=cv2.LINE_8, shift=4)
-    return cv2.resize(canvas, (width, height), interpolation=cv2.INTER_AREA).astype(np.float32) / 255.0
+    out[y0:y1, x0:x1] = cv2.resize(canvas, (x1 - x0, y1 - y0), interpolation=cv2.INTER_AREA) / 255.0
+    return out
 
 
 class DenseMeshWarp(nn.Module):
@@ -230,8 +242,12 @@ class DenseMeshWarp(nn.Module):
         side = np.linspace(0, 1, 9)
         border = np.concatenate([np.stack([side * (width - 1), np.full(9, v)], 1) for v in (0, height - 1)] +
                                 [np.stack([np.full(9, u), side * (height - 1)], 1) for u in (0, width - 1)])
-        border = border[(np.linalg.norm(border[:, None] - ring[None], axis=-1).min(1) > 2)]  # keep them apart
-        ys, xs = np.arange(0, height, self.grid_step, dtype=np.float64), np.arange(0, width, self.grid_step, dtype=np.float64)
+        ring = ring[(ring >= 0).all(1) & (ring[:, 0] <= width - 1) & (ring[:, 1] <= height - 1)]  # in the picture
+        if len(ring):
+            border = border[(np.linalg.norm(border[:, None] - ring[None], axis=-1).min(1) > 2)]  # keep them apart
+        # grid nodes from the first to the last pixel (upsampled with align_corners=True)
+        ys = np.linspace(0, height - 1, (height - 1) // self.grid_step + 1)
+        xs = np.linspace(0, width - 1, (width - 1) // self.grid_step + 1)
         grid = np.stack(np.meshgrid(xs, ys), -1).reshape(-1, 2)
         delaunay = Delaunay(src[:M.NUM_MESH])
         simplex = delaunay.find_simplex(grid)
@@ -243,14 +259,20 @@ class DenseMeshWarp(nn.Module):
         bary = np.einsum("nij,nj->ni", affine[:, :2], grid[inside] - affine[:, 2])
         weights[inside] = np.concatenate([bary, 1 - bary.sum(1, keepdims=True)], 1)
         shape = (len(ys), len(xs))
+        # motion tapers to 0 at the picture's edge (smoothstep over BORDER_TAPER of its size): the border holds
+        # still and nothing is sampled from outside the picture, however tightly the face is framed
+        ramp = max(BORDER_TAPER * max(size), 1.0)
+        edge = np.minimum(np.minimum(grid[:, 0], width - 1 - grid[:, 0]), np.minimum(grid[:, 1], height - 1 - grid[:, 1]))
+        taper = np.clip(edge / ramp, 0, 1)
+        taper = taper * taper * (3 - 2 * taper)
         # ratio images apply on the face (inside its oval), not in the eye openings (the eyeball layer's)
         face = _fill([oval], size) * (1 - _fill([_eye_polygon(src, u, l) for u, l, _ in PERIOCULAR], size))
         face_mask = torch.from_numpy(face)[None, None].to(source.device)
         face_mask = _blur(face_mask, 2.0)
         face_mask = F.interpolate(face_mask, size=shape, mode="area") if self.grid_step > 1 else face_mask
-        initial_luma = None if initial_frame is None else _blur(_luma(initial_frame.float()), self.ratio_blur)
+        initial_luma = None if initial_frame is None else _luma(initial_frame.float())
         return DenseState(size, src, init, maps, np.concatenate([ring, border]), grid, shape, vertices, weights,
-                          face_mask, source.float(), initial_luma)
+                          taper, face_mask, source.float(), initial_luma)
 
     # ---- per batch --------------------------------------------------------------------------------------
     @staticmethod
@@ -262,20 +284,14 @@ class DenseMeshWarp(nn.Module):
         for upper, lower, _ in EYES:
             rotation, _, _ = _eye_frame(state.source_mesh, upper, lower)
             normal = rotation[:, 1]  # from the upper lid towards the lower one
-            for margin in (upper, lower):  # the margins move smoothly along the lid ([1, 2, 1] twice, corners kept)
-                inner = list(margin[1:-1])
-                moved = target[:, list(margin)] - state.source_mesh[list(margin)]  # T x 9 x 2
-                for _ in range(2):
-                    moved[:, 1:-1] = (moved[:, :-2] + 2 * moved[:, 1:-1] + moved[:, 2:]) / 4
-                target[:, inner] = state.source_mesh[inner] + moved[:, 1:-1]
-            # a lid closes the eye at most: the lids' motion across the eye is scaled down until no pair crosses
+            # a lid closes the eye at most: the lid margins' motion is scaled down until no pair crosses
             gap_s = (state.source_mesh[list(lower[1:-1])] - state.source_mesh[list(upper[1:-1])]) @ normal  # 7
             gap = (target[:, list(lower[1:-1])] - target[:, list(upper[1:-1])]) @ normal  # T x 7
-            floor = CLOSED * gap_s.max()
+            floor = CLOSED * np.maximum(gap_s, 0)
             allowed = np.where(gap < floor, (gap_s - floor) / np.maximum(gap_s - gap, 1e-9), 1.0).min(1)  # T
             lids = list(set(upper[1:-1]) | set(lower[1:-1]))
-            across = ((target[:, lids] - state.source_mesh[lids]) @ normal)[..., None] * normal  # T x n x 2
-            target[:, lids] -= (1 - np.clip(allowed, 0, 1))[:, None, None] * across
+            moved = target[:, lids] - state.source_mesh[lids]  # T x n x 2
+            target[:, lids] = state.source_mesh[lids] + np.clip(allowed, 0, 1)[:, None, None] * moved
         return target
 
     def appearance_ratios(self, state: DenseState, driving: torch.Tensor, driving_mesh: np.ndarray,
@@ -296,16 +312,18 @@ class DenseMeshWarp(nn.Module):
         h, wd = state.grid_shape
         grid_t = _to_grid(torch.from_numpy(at_t).float(), state.size).view(frames, h, wd, 2).to(driving.device)
         grid_0 = _to_grid(torch.from_numpy(at_0).float(), state.size).view(1, h, wd, 2).to(driving.device)
-        luma_t = _blur(_luma(driving.float()), self.ratio_blur)
-        aligned = F.grid_sample(luma_t, grid_t, mode="bilinear", padding_mode="border", align_corners=False)
-        base = F.grid_sample(state.initial_luma, grid_0, mode="bilinear", padding_mode="border", align_corners=False)
+        sigma = self.ratio_blur / self.grid_step  # blurred on the grid (grid_step px apart)
+        aligned = _blur(F.grid_sample(_luma(driving.float()), grid_t, mode="bilinear", padding_mode="border",
+                                      align_corners=False), sigma)
+        base = _blur(F.grid_sample(state.initial_luma, grid_0, mode="bilinear", padding_mode="border",
+                                   align_corners=False), sigma)
         log_ratio = torch.log((aligned + RATIO_EPS) / (base + RATIO_EPS))  # T x 1 x h x w
         mask = state.face_mask
         weights = (mask > 0.5).flatten()
         if weights.any():  # no global brightness change: the face's median ratio is 1
             log_ratio = log_ratio - log_ratio.flatten(1)[:, weights].median(1).values.view(-1, 1, 1, 1)
         log_ratio = (magnify * log_ratio * mask).clamp(-self.ratio_bound, self.ratio_bound)
-        return torch.exp(F.interpolate(log_ratio, size=state.size, mode="bilinear", align_corners=False))
+        return torch.exp(F.interpolate(log_ratio, size=state.size, mode="bilinear", align_corners=True))
 
     def render(self, state: DenseState, target_mesh: np.ndarray, appearance: torch.Tensor | None = None
                ) -> dict[str, torch.Tensor]:
@@ -323,35 +341,35 @@ class DenseMeshWarp(nn.Module):
         device = state.source.device
         still = state.anchors
         src_points = np.concatenate([state.source_mesh[:M.NUM_MESH], still])
-        flows, masks, eyeball = [], [], []
+        flows, masks, eyeball, sides = [], [], [], []
         h, w = state.grid_shape
         for t in range(frames):
             points = np.concatenate([target[t, :M.NUM_MESH], still])
             backward = LinearNDInterpolator(points, src_points, fill_value=np.nan)(state.grid)  # G x 2
             missing = ~np.isfinite(backward[:, 0])
             backward[missing] = state.grid[missing]  # outside the anchors' hull: still
-            flows.append(backward - state.grid)
+            flows.append((backward - state.grid) * state.taper[:, None])
             polygons, shifts = [], []
             for upper, lower, iris in EYES:
                 gaze = target[t, iris[0]] - state.source_mesh[iris[0]]
                 polygons.append((_eye_polygon(target[t], upper, lower), _eye_polygon(state.source_mesh, upper, lower)
                                  + gaze))
                 shifts.append(gaze)
-            mask = np.zeros((height, width), np.float32)
-            shift = np.zeros((height, width, 2), np.float32)
-            for (now, was), gaze in zip(polygons, shifts):
-                cover = np.minimum(_fill([now], state.size), _fill([was], state.size))  # eyeball still visible
-                mask = np.maximum(mask, cover)
-                shift[cover > 0] = gaze
-            masks.append(mask)
-            eyeball.append(shift)
+            covers = [np.minimum(_fill([now], state.size), _fill([was], state.size))  # eyeball still visible
+                      for now, was in polygons]
+            masks.append(np.maximum(*covers))
+            eyeball.append(np.stack(shifts))  # 2 x 2: each eye's gaze shift
+            sides.append(covers[0] >= covers[1])  # pixels of the first eye
         displacement = torch.from_numpy(np.stack(flows)).float().view(frames, h, w, 2).permute(0, 3, 1, 2)
-        displacement = F.interpolate(displacement, size=(height, width), mode="bilinear", align_corners=False)
+        displacement = F.interpolate(displacement, size=(height, width), mode="bilinear", align_corners=True)
         ys, xs = torch.meshgrid(torch.arange(height, dtype=torch.float32), torch.arange(width, dtype=torch.float32),
                                 indexing="ij")
         base = torch.stack([xs, ys], -1)  # H x W x 2 pixels
         skin = _to_grid(base + displacement.permute(0, 2, 3, 1), state.size).to(device)  # T x H x W x 2
-        eye_grid = _to_grid(base - torch.from_numpy(np.stack(eyeball)), state.size).to(device)
+        gaze = torch.from_numpy(np.stack(eyeball)).float()  # T x 2 eyes x 2
+        first = torch.from_numpy(np.stack(sides))[..., None]  # T x H x W x 1
+        shift = torch.where(first, gaze[:, None, None, 0], gaze[:, None, None, 1])  # T x H x W x 2
+        eye_grid = _to_grid(base - shift, state.size).to(device)
         eye_mask = torch.from_numpy(np.stack(masks))[:, None].to(device)  # T x 1 x H x W
         source = state.source.expand(frames, -1, -1, -1)
         shaded = source
@@ -408,3 +426,47 @@ def render_frames(source: np.ndarray, source_mesh: np.ndarray, target_meshes: np
     ratio = None if appearance is None else torch.from_numpy(np.asarray(appearance, np.float32))[:, None]
     with torch.inference_mode():
         return to_uint8(model.render(state, target_meshes, ratio)["prediction"])
+
+
+class DenseClip(ClipRunner):
+    """A clip through the dense generator: the meshes (478 points) of the source, the clip's onset frame and each
+    batch; the onset frame and each batch's frames feed the appearance transfer."""
+
+    def __init__(self, model, source, first_frame, source_points, first_points, settings, to_tensor, stage=None):
+        super().__init__(model, source, first_frame, source_points, first_points, settings, to_tensor, stage)
+        with self.stage("generator"):
+            self.state = model.prepare(source.float(), source_points[0], first_points[0], first_frame.float())
+
+    def __call__(self, frames, points):
+        with self.stage("generator"):
+            driving = self.to_tensor(frames).float() if self.model.appearance else None  # B x 3 x H x W
+            return self.model.animate(self.state, points, driving, magnify=self.settings.magnify)["prediction"]
+
+    @classmethod
+    def original_loop(cls, model, source, driving, source_points, driving_points, settings, to_tensor, stage):
+        """One frame at a time (the unbatched form; the dense generator has no original code)."""
+        with stage("generator", -1):
+            state = model.prepare(source.float(), source_points[0], driving_points[0], to_tensor(driving[:1]).float())
+        preds = []
+        for t in range(len(driving)):
+            with stage("generator", t):
+                frame = to_tensor(driving[t:t + 1]).float() if model.appearance else None
+                preds.append(model.animate(state, driving_points[t:t + 1], frame, magnify=settings.magnify)["prediction"])
+        return preds
+
+
+SPEC = register_backbone(BackboneSpec(
+    name="dense",
+    label="Training-free dense mesh",
+    title="Training-free dense face-mesh generator (local retargeting, layered lids, expression-ratio images)",
+    builder=lambda config, for_training=False: DenseMeshWarp(config),
+    clip=DenseClip,
+    motion_modes={"relative": "relative"},
+    points="mesh",
+    adapt_scale=False,  # the motion is mapped by local (per-triangle) maps instead
+    priors=("none",),
+    needs_weights=False,
+    variants=(VariantDecl("dense", "dense", "Training-free dense mesh"),
+              VariantDecl("dense-geometry", "dense-geometry", "Dense mesh, geometry only", prior_option="geometry",
+                          prior_label="geometry only (no appearance transfer)")),
+))

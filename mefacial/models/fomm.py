@@ -40,6 +40,7 @@ from .blocks import (
     kp2gaussian,
     make_coordinate_grid,
 )
+from . import BackboneSpec, MotionTransferClip, VariantDecl, register_backbone
 from .discriminator import MultiScaleDiscriminator
 
 KP = dict  # {"value": B x K x 2, "jacobian": B x K x 2 x 2, ...}
@@ -377,6 +378,14 @@ class FOMM(nn.Module):
         """Keypoints of B frames: value B x K x 2, jacobian B x K x 2 x 2 (+ prior B x 1 x m x m, per_au for AWP)."""
         return self.kp_detector(frames, au_points if self.config.prior != "none" else None)
 
+    def prior_maps(self, au_points: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The prior maps this model computes from B x 18 x 2 AU points (pixels): {"prior": B x 1 x m x m}
+        (+ "per_au" B x 18 x m x m for AWP) at the keypoint detector's resolution; {} without a prior."""
+        if self.config.prior == "none":
+            return {}
+        detector, size = self.kp_detector, self.config.image_size
+        return detector.prior_maps(au_points, size, round(size * detector.scale_factor))
+
     def encode_source(self, source: torch.Tensor) -> dict[str, torch.Tensor]:
         """Source features for `generate`, computed once per clip (source: 1 x 3 x H x W)."""
         return self.generator.encode(source)
@@ -394,3 +403,26 @@ class FOMM(nn.Module):
         """Frames for a batch of B driving keypoints: prediction B x 3 x H x W, deformation, deformed, occlusion_map."""
         out = self.generator.decode(source, cache, new_kp, src_kp)
         return {k: out[k] for k in ("prediction", "deformation", "deformed", "occlusion_map") if k in out}
+
+
+SPEC = register_backbone(BackboneSpec(
+    name="fomm",
+    label="FOMM",
+    title="First Order Motion Model (FOMM)",
+    builder=lambda config, for_training=False: FOMM(config, with_discriminator=for_training),
+    clip=MotionTransferClip,
+    motion_modes={"relative": "relative", "absolute": "absolute"},
+    points="au_points",
+    adapt_scale_default=False,  # the original demo adapts the movement scale only when asked
+    checkpoint_parts=("generator", "kp_detector", "discriminator"),
+    inference_parts=("generator", "kp_detector"),
+    num_points=lambda config: int(config.model_params["common_params"]["num_kp"]),
+    points_name="keypoints",
+    variants=(
+        VariantDecl("fomm-none", "fomm-vox256", "FOMM"),
+        VariantDecl("fomm-ewp", "fomm-ewp", "FOMM + EWP"),
+        VariantDecl("fomm-awp", "fomm-awp", "FOMM + AWP"),
+        VariantDecl("fomm-ewp-mm21", "fomm-ewp-mm21", "FOMM + prior (ACM MM 2021)", prior_option="ewp-mm21",
+                    prior_label="EWP (ACM MM 2021)"),
+    ),
+))

@@ -36,6 +36,7 @@ from .. import motion
 from .. import prior as prior_lib
 from ..config import ModelConfig
 from ..errors import ConfigError, InputError
+from . import BackboneSpec, MotionTransferClip, VariantDecl, register_backbone
 from .blocks import (
     AntiAliasInterpolation2d,
     DownBlock2d,
@@ -523,6 +524,26 @@ class MRAA(nn.Module):
         """Region params of B frames (B x 3 x H x W): shift, affine, covar, heatmap (and prior)."""
         return self.region_predictor(frames, au_points)
 
+    def prior_maps(self, au_points: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The prior maps this model computes from B x 18 x 2 AU points (pixels): {"prior": B x 1 x h x w (AWP's
+        learned fusion, or EWP), "per_au": B x 18 x h x w} at the region predictor's resolution; {} without a prior."""
+        if self.config.prior == "none":
+            return {}
+        predictor, size = self.region_predictor, self.config.image_size
+        per_au = prior_lib.per_au_maps(au_points, size, round(size * predictor.scale_factor), predictor.prior_sigma,
+                                       predictor.prior_distance)  # B x 18 x h x w
+        return {"prior": predictor.fused_prior(per_au), "per_au": per_au}
+
+    def dead_computation(self, frames: torch.Tensor, regions: Regions) -> None:
+        """What the original MRAA-with-prior region predictor computes and discards (its hourglass on the
+        downscaled frame and the fused prior map, used only by a regression head these configs lack); run only
+        by the original per-frame loop of `python -m mefacial bench`."""
+        predictor = self.region_predictor
+        if predictor.prior == "none" or predictor.jacobian is not None:
+            return
+        small = predictor.down(frames) if predictor.scale_factor != 1 else frames
+        predictor.predictor(torch.cat([small, regions["prior"].to(small.dtype)], dim=1))
+
     def encode_source(self, source: torch.Tensor) -> SourceEncoding:
         """Encoder features (with skips) of the source, once per clip."""
         return self.generator.encode(source)
@@ -545,3 +566,24 @@ class MRAA(nn.Module):
         """Animate the source to B region sets: prediction, deformed, occlusion_map, deformation."""
         cache = self.encode_source(source) if cache is None else cache
         return self.generator.decode(cache, src_regions, new_regions, bg_params)
+
+
+SPEC = register_backbone(BackboneSpec(
+    name="mraa",
+    label="MRAA",
+    title="Motion Representations for Articulated Animation (MRAA)",
+    builder=lambda config, for_training=False: MRAA(config),
+    clip=MotionTransferClip,
+    motion_modes={"relative": "relative", "standard": "standard (MRAA's absolute)", "avd": "AVD"},
+    points="au_points",
+    adapt_scale_default=True,  # the original demo always adapts the movement scale
+    checkpoint_parts=("generator", "region_predictor", "bg_predictor", "avd_network"),
+    inference_parts=("generator", "region_predictor", "bg_predictor", "avd_network"),
+    num_points=lambda config: int(config.model_params["num_regions"]),
+    points_name="regions",
+    variants=(
+        VariantDecl("mraa-none", "mraa-vox256", "MRAA"),
+        VariantDecl("mraa-ewp", "mraa-ewp", "MRAA + EWP"),
+        VariantDecl("mraa-awp", "mraa-awp", "MRAA + AWP"),
+    ),
+))

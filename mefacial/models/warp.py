@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from . import BackboneSpec, ClipRunner, VariantDecl, register_backbone
 from ..metrics import eye_axis
 from ..prior import precise_dtype
 
@@ -135,6 +136,25 @@ def tps_evaluate(control: torch.Tensor, coefficients: torch.Tensor, points: torc
     return radial @ coefficients[:, :n] + affine @ coefficients[:, n:]
 
 
+CONFINE_REACH = 0.15  # with confine_to_prior, motion fades out over this share of the face's size outside it
+
+
+def face_reach(landmarks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """1 inside the convex hull of a face's landmarks (P x 2 pixels), easing (smoothstep) to 0 at CONFINE_REACH x
+    the face's size outside it: H x W float32."""
+    import cv2
+    import numpy as np
+
+    points = landmarks.detach().double().cpu().numpy()
+    hull = cv2.convexHull(np.round(points * 4).astype(np.int32))  # quarter-pixel precision
+    outside = np.full(size, 255, np.uint8)
+    cv2.fillConvexPoly(outside, hull, 0, lineType=cv2.LINE_8, shift=2)
+    distance = cv2.distanceTransform(outside, cv2.DIST_L2, 5)  # px to the hull, 0 inside
+    reach = CONFINE_REACH * float((points.max(0) - points.min(0)).max())
+    ramp = np.clip(1 - distance / max(reach, 1.0), 0, 1)
+    return torch.from_numpy((ramp * ramp * (3 - 2 * ramp)).astype(np.float32))
+
+
 class LandmarkWarp(nn.Module):
     """The `warp` backbone: transfers landmark motion by a thin-plate-spline warp of the source.
 
@@ -210,24 +230,35 @@ class LandmarkWarp(nn.Module):
         )  # T x HW x 2
         return base + flow.reshape(frames, *size, 2)
 
+    def prior_maps(self, au_points: torch.Tensor, image_size: int | None = None) -> dict[str, torch.Tensor]:
+        """The EWP map this warp confines motion with, from B x 18 x 2 AU points (pixels of an image_size frame,
+        default the config's): {"prior": B x 1 x m x m}, m = image_size * PRIOR_MAP_SCALE."""
+        from .. import prior
+
+        side = image_size or self.config.image_size
+        map_size = max(1, round(side * PRIOR_MAP_SCALE))
+        return {"prior": prior.ewp_map(au_points, side, map_size, self.config.prior_sigma, self.config.prior_distance)}
+
     def prior_weight(self, source_landmarks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """Motion weight from the source's EWP map (max 1): 0 below `confine_range[0]`, 1 above
-        `confine_range[1]`, linear between. 1 x 68 x 2 -> 1 x H x W x 1.
+        `confine_range[1]`, linear between, times `face_reach` (1 on the face, 0 from CONFINE_REACH x the
+        face's size outside its landmarks' hull). 1 x 68 x 2 -> 1 x H x W x 1.
 
-        On face crops the map is about 0.3 on the cheeks, 0.15-0.3 on the nose, 0.05-0.2
-        along the jaw and below 0.05 in the frame's corners: the face moves, the
-        contour fades out and the background holds still.
+        On loosely framed face crops the map is about 0.3 on the cheeks, 0.15-0.3 on the nose, 0.05-0.2
+        along the jaw and below 0.05 in the frame's corners. The map's Gaussians have a fixed size in
+        the frame, so on a tightly framed face it stays high into the corners; the reach term follows
+        the face's own size, so the background holds still however the face is framed.
         """
         from .. import prior
 
         side = max(size)  # the map covers a square frame; non-square frames take its top-left part
-        map_size = max(1, round(side * PRIOR_MAP_SCALE))
         au_points = prior.au_points_from_landmarks(source_landmarks)  # 1 x 18 x 2
-        ewp = prior.ewp_map(au_points, side, map_size, self.config.prior_sigma, self.config.prior_distance)
+        ewp = self.prior_maps(au_points, side)["prior"]  # 1 x 1 x m x m
         ewp = F.interpolate(ewp.to(source_landmarks.dtype), size=(side, side), mode="bilinear", align_corners=False)
         ewp = ewp[..., : size[0], : size[1]]  # 1 x 1 x H x W
         low, high = self.confine_range
-        return ((ewp - low) / (high - low)).clamp(0, 1).permute(0, 2, 3, 1)
+        weight = ((ewp - low) / (high - low)).clamp(0, 1).permute(0, 2, 3, 1)  # 1 x H x W x 1
+        return weight * face_reach(source_landmarks[0], size).to(weight)[None, ..., None]
 
     def animate(
         self,
@@ -277,3 +308,42 @@ def _check_landmarks(points: torch.Tensor, name: str, frames: int | None = None)
         raise ValueError(f"{name} must be {expected} pixel (x, y) landmarks, got shape {tuple(points.shape)}")
     if not bool(torch.isfinite(points).all()):
         raise ValueError(f"{name} holds NaN or infinite values; landmarks must be found on every frame")
+
+
+class WarpClip(ClipRunner):
+    """A clip through the warp: 68 landmarks of the source, the clip's first frame and each batch."""
+
+    def __init__(self, model, source, first_frame, source_points, first_points, settings, to_tensor, stage=None):
+        super().__init__(model, source, first_frame, source_points, first_points, settings, to_tensor, stage)
+        self.source_points, self.first_points = source_points, first_points  # 1 x 68 x 2 each
+
+    def __call__(self, frames, points):
+        with self.stage("generator"):
+            return self.model.animate(self.source, self.source_points, points, self.first_points,
+                                      magnify=self.settings.magnify, confine_to_prior=self.settings.confine)["prediction"]
+
+    @classmethod
+    def original_loop(cls, model, source, driving, source_points, driving_points, settings, to_tensor, stage):
+        """One frame at a time (the warp has no original code; this is its unbatched form)."""
+        preds = []
+        for t in range(len(driving)):
+            with stage("generator", t):
+                preds.append(model.animate(source, source_points, driving_points[t:t + 1], driving_points[:1],
+                                           magnify=settings.magnify, confine_to_prior=settings.confine)["prediction"])
+        return preds
+
+
+SPEC = register_backbone(BackboneSpec(
+    name="warp",
+    label="Training-free warp",
+    title="Training-free thin-plate-spline landmark warp",
+    builder=lambda config, for_training=False: LandmarkWarp(config),
+    clip=WarpClip,
+    motion_modes={"relative": "relative"},
+    points="landmarks",
+    adapt_scale=False,  # the motion is mapped by the eye axes' similarity instead
+    confine=True,
+    priors=("none", "ewp"),  # no learned AWP fusion
+    needs_weights=False,
+    variants=(VariantDecl("warp", "warp", "Training-free landmark warp"),),
+))
