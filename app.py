@@ -407,6 +407,22 @@ def synthesize_clip(demo: "Demo", source, aus="6:C,12:C", onset_ms=100.0, apex_m
     return str(video), str(plot), str(video), status
 
 
+def timing_preview(demo: "Demo", aus, onset_ms, apex_ms, offset_ms, fps, lead_in_ms, lead_out_ms):
+    """The specification's timing before rendering (each AU's activation over time) -> png, or None while the
+    specification or the timing is incomplete (typing)."""
+    from mefacial import au, readout
+
+    try:
+        timing = au.Timing(onset_ms=float(onset_ms), apex_ms=float(apex_ms), offset_ms=float(offset_ms),
+                           fps=float(fps), lead_in_ms=float(lead_in_ms), lead_out_ms=float(lead_out_ms))
+        plan = au.plan(str(aus or ""), timing, max_frames=demo.limits.max_frames, max_seconds=demo.limits.max_seconds)
+    except (MefacialError, TypeError, ValueError):
+        return None
+    path = demo.request_dir() / "timing.png"
+    readout.plot_plan(plan, path)
+    return str(path)
+
+
 def readout_clip(demo: "Demo", clip, slowdown=1.0):
     """The AU-region motion over time of any clip (a result video of another tab, or an upload) -> png."""
     from mefacial import readout
@@ -464,6 +480,8 @@ def action_units_tab(demo: "Demo", default_face: str | None) -> None:
                     a_magnify = gr.Slider(0.5, 5, value=1, step=0.5, label="Magnification (1 = as specified)")
                     a_slowdown = gr.Slider(1, 20, value=10, step=1, label="Playback: slow down by (1 = real time)")
                     a_appearance = gr.Checkbox(True, label="Appearance (furrows, lash line, mouth opening)")
+                a_timing = gr.Image(label="Timing preview (each AU's activation over time)", interactive=False,
+                                    type="filepath", height=200, elem_id="a-timing")
                 a_button = gr.Button("Synthesise", variant="primary", elem_id="a-button")
             with gr.Column(scale=1):
                 a_result = gr.Video(label="Result", interactive=False, autoplay=True, loop=True, height=320,
@@ -488,6 +506,9 @@ def action_units_tab(demo: "Demo", default_face: str | None) -> None:
         button.click(lambda spec=spec, name=name, source=source: [spec, f"**{name}** = {spec}: {source}",
                                                                   *au_choices_from_spec(spec)],
                      None, [a_spec, a_preset_note, *radios], api_name=False, queue=False)
+    timing_inputs = [a_spec, a_onset, a_apex, a_offset, a_fps, a_lead_in, a_lead_out]
+    gr.on([c.change for c in timing_inputs], functools.partial(timing_preview, demo), timing_inputs, a_timing,
+          api_name=False, trigger_mode="always_last")
     a_button.click(user_errors(functools.partial(synthesize_clip, demo)),
                    [a_source, a_spec, a_onset, a_apex, a_offset, a_fps, a_lead_in, a_lead_out, a_magnify,
                     a_appearance, a_slowdown],

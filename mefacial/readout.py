@@ -26,6 +26,8 @@ from .errors import InputError
 
 STABLE_MESH = (10, 338, 297, 332, 284, 251, 389, 356, 454, 234, 127, 162, 21, 54, 103, 67, 109, 168, 6, 197, 195)
 STABLE_68 = (0, 1, 2, 14, 15, 16, 27, 28, 29, 30)
+PALETTE = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207))
 COLOURS = {  # one colour per region, the upper face cool, the lower face warm
     "brow_inner": (31, 119, 180), "brow_outer": (23, 190, 207), "upper_lid": (44, 160, 44), "lower_lid": (148, 103, 189),
     "cheek": (140, 86, 75), "nose": (127, 127, 127), "upper_lip": (255, 127, 14), "lip_corner": (214, 39, 40),
@@ -135,13 +137,13 @@ def write_readouts(out_dir: str | Path, name: str, clips: dict[str, np.ndarray],
     top = max((float(m.magnitude.max()) for m in motions.values()), default=0.0)
     for label, motion in motions.items():
         path = Path(out_dir) / name / f"{label}.png"
-        plot(motion, path, title=f"{name} - {label}: AU-region motion (% IOD)", v_max=top)
+        plot(motion, path, title=f"{name} - {label}: AU-region motion (% IOD)", v_max=1.1 * max(top, 0.5))
         written[label] = str(path)
     return written
 
 
 def plot(motion: RegionMotion, path: str | Path | None = None, *, title: str = "", size: tuple[int, int] = (640, 360),
-         marks: dict[str, float] | None = None, v_max: float | None = None) -> np.ndarray:
+         marks: dict[str, float] | None = None, v_max: float | None = None, unit: str = "%") -> np.ndarray:
     """A line plot of each region's motion over time (ms) -> H x W x 3 uint8 (and a PNG at `path`).
 
     Drawn with Pillow (no plotting library needed). `marks` adds labelled vertical lines (e.g. the
@@ -156,8 +158,10 @@ def plot(motion: RegionMotion, path: str | Path | None = None, *, title: str = "
     x0, x1, y0, y1 = left, width - right, top, height - bottom
     times = motion.times_ms
     t_max = max(float(times[-1]), 1e-6)
-    top = v_max if v_max is not None else (float(motion.magnitude.max()) if motion.magnitude.size else 0.0)
-    v_max = _nice(max(top * 1.1, 0.5))
+    if v_max is None:
+        v_max = _nice(max(1.1 * (float(motion.magnitude.max()) if motion.magnitude.size else 0.0), 0.5))
+    else:
+        v_max = _nice(max(v_max, 1e-3))
 
     def px(t: float, v: float) -> tuple[float, float]:
         return x0 + (x1 - x0) * t / t_max, y1 - (y1 - y0) * v / v_max
@@ -166,7 +170,7 @@ def plot(motion: RegionMotion, path: str | Path | None = None, *, title: str = "
         v = v_max * k / 5
         _, y = px(0, v)
         draw.line([(x0, y), (x1, y)], fill=(230, 230, 230))
-        draw.text((4, y - 6), f"{v:.3g}%", fill=(60, 60, 60), font=font)
+        draw.text((4, y - 6), f"{v:.3g}{unit}", fill=(60, 60, 60), font=font)
     for k in range(6):  # x labels
         t = t_max * k / 5
         x, _ = px(t, 0)
@@ -179,7 +183,7 @@ def plot(motion: RegionMotion, path: str | Path | None = None, *, title: str = "
         draw.line([(x, y0), (x, y1)], fill=(200, 200, 200), width=1)
         draw.text((x + 2, y0 + 2), label, fill=(120, 120, 120), font=font)
     for k, region in enumerate(motion.regions):
-        colour = COLOURS.get(region, (0, 0, 0))
+        colour = COLOURS.get(region, PALETTE[k % len(PALETTE)])
         line = [px(float(t), float(v)) for t, v in zip(times, motion.magnitude[:, k])]
         if len(line) > 1:
             draw.line(line, fill=colour, width=2)
@@ -193,6 +197,20 @@ def plot(motion: RegionMotion, path: str | Path | None = None, *, title: str = "
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         image.save(path)
     return array
+
+
+def plot_plan(plan, path: str | Path | None = None) -> np.ndarray:
+    """The timing of a synthesis plan (`mefacial.au.plan`) before rendering: each AU's activation over time, in % of
+    its maximum (E = 100), with the apex marked -> H x W x 3 uint8 (and a PNG at `path`)."""
+    from . import au as au_lib
+
+    curves = RegionMotion([f"AU{s.label}" for s in plan.specs], 100.0 * plan.activations.T, 100.0 * plan.activations.T,
+                          plan.fps)
+    first = min(a for a, _ in plan.apex_frames)
+    last = max(b for _, b in plan.apex_frames)
+    return plot(curves, path, title=f"{au_lib.describe(plan.specs)}: timing ({plan.num_frames} frames at "
+                f"{plan.fps:g} fps); activation, % of maximum", v_max=100.0,
+                marks={"apex": 1000 * first / plan.fps, "apex end": 1000 * last / plan.fps})
 
 
 def _nice(value: float) -> float:
