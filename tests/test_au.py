@@ -292,6 +292,9 @@ def test_app_action_units_handlers(tmp_path):
     assert "AU1C+AU2C+AU5B" in status and "45 frames" in status and "micro-expression" in status
     assert read_image(plot).shape[-1] == 3 and download == video
     assert read_image(app.readout_clip(demo, video, 10)).shape[-1] == 3
+    preview = app.timing_preview(demo, "6:C,12:C:80/40/120@20", 100, 60, 140, 200, 20, 0)
+    assert read_image(preview).shape == (360, 640, 3)
+    assert app.timing_preview(demo, "6:", 100, 60, 140, 200, 0, 0) is None  # while typing: no preview, no error
     import gradio as gr
 
     with pytest.raises(gr.Error):
