@@ -387,6 +387,7 @@ def synthesize_clip(demo: "Demo", source, aus="6:C,12:C", onset_ms=100.0, apex_m
                        lead_in_ms=number(lead_in_ms, "lead-in (ms)", 0, 2000),
                        lead_out_ms=number(lead_out_ms, "lead-out (ms)", 0, 2000))
     slowdown = number(slowdown, "slow-down factor", 1, 20)
+    au.plan(str(aus), timing, max_frames=demo.limits.max_frames, max_seconds=demo.limits.max_seconds)  # the app's limits
     result = demo.engine.synthesize(image, str(aus), timing, magnify=number(magnify, "magnification", 0.5, 5),
                                     appearance=bool(appearance), progress=demo.progress_fn(progress))
     out = demo.request_dir()
