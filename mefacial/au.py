@@ -303,7 +303,6 @@ class ActionUnit:
     components: tuple[Component, ...]
     regions: tuple[str, ...]  # readout regions it moves (`REGIONS`); others stay still
     cues: tuple[Cue, ...] = ()
-    bilateral: bool = True
 
     def field(self, q: np.ndarray) -> np.ndarray:
         """V x 2 displacement in face units at intensity E, for the face-unit neutral mesh q."""
