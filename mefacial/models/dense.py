@@ -8,7 +8,8 @@ For a target (source) face S and a driving clip D_0 .. D_T-1 (all with their
    the area-weighted mean, over the vertex's triangles (a Delaunay triangulation
    of the target mesh, the same vertex indices on the driving face), of the
    affine map taking the driving onset triangle onto the target's one, bounded
-   to [1/2, 2] x the faces' global similarity. The lid margins use each eye's own
+   to [1/2, 2] x the faces' global similarity and brought to its scale (local
+   proportions steer the motion; its size in inter-ocular units is kept). The lid margins use each eye's own
    frame (width ratio along the eye, aperture ratio across it), so a lid that
    closes half of the driving eye closes half of the target eye. `magnify`
    multiplies the motion; lids never cross.
@@ -44,6 +45,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy.interpolate import LinearNDInterpolator
+from scipy.sparse import csr_matrix
 from scipy.spatial import Delaunay
 from torch import nn
 
@@ -86,6 +88,7 @@ class DenseState:
     face_mask: torch.Tensor  # 1 x 1 x h x w on the grid: where ratio images apply (face, eye openings left out)
     source: torch.Tensor  # 1 x 3 x H x W
     initial_luma: torch.Tensor | None  # 1 x 1 x H x W
+    barycentric: Any  # G x V sparse (scipy CSR): grid points as barycentric combinations of mesh vertices
 
 
 def _luma(frames: torch.Tensor) -> torch.Tensor:
@@ -164,6 +167,10 @@ def local_maps(source: np.ndarray, initial: np.ndarray, triangles: np.ndarray) -
     out = np.repeat(similarity[None], len(source), axis=0)
     used = weight > 0
     out[used] = total[used] / weight[used, None, None]
+    # keep each local map's shape (direction, anisotropy) at the faces' global scale: motion keeps its size
+    # relative to the face (inter-ocular units), and local proportions only steer it
+    scale = np.sqrt(np.abs(np.linalg.det(out)))
+    out *= (np.sqrt(abs(np.linalg.det(similarity))) / np.maximum(scale, 1e-9))[:, None, None]
     # the lid margins and irises: each eye's own frame (width along it, aperture across it)
     for upper, lower, iris in EYES:
         rot_s, width_s, gap_s = _eye_frame(source, upper, lower)
@@ -259,6 +266,9 @@ class DenseMeshWarp(nn.Module):
         bary = np.einsum("nij,nj->ni", affine[:, :2], grid[inside] - affine[:, 2])
         weights[inside] = np.concatenate([bary, 1 - bary.sum(1, keepdims=True)], 1)
         shape = (len(ys), len(xs))
+        rows = np.repeat(np.flatnonzero(inside), 3)
+        barycentric = csr_matrix((weights[inside].ravel(), (rows, vertices[inside].ravel())),
+                                 shape=(len(grid), len(src)))  # G x V
         # motion tapers to 0 at the picture's edge (smoothstep over BORDER_TAPER of its size): the border holds
         # still and nothing is sampled from outside the picture, however tightly the face is framed
         ramp = max(BORDER_TAPER * max(size), 1.0)
@@ -272,7 +282,7 @@ class DenseMeshWarp(nn.Module):
         face_mask = F.interpolate(face_mask, size=shape, mode="area") if self.grid_step > 1 else face_mask
         initial_luma = None if initial_frame is None else _luma(initial_frame.float())
         return DenseState(size, src, init, maps, np.concatenate([ring, border]), grid, shape, vertices, weights,
-                          taper, face_mask, source.float(), initial_luma)
+                          taper, face_mask, source.float(), initial_luma, barycentric)
 
     # ---- per batch --------------------------------------------------------------------------------------
     @staticmethod
@@ -303,18 +313,20 @@ class DenseMeshWarp(nn.Module):
             raise ValueError("appearance_ratios needs the onset frame: prepare(..., initial_frame=...)")
         frames = len(driving)
         inside = state.grid_vertices[:, 0] >= 0
-        v, w = np.maximum(state.grid_vertices, 0), state.grid_weights
         drv = np.asarray(driving_mesh, np.float64)
-        at_t = (drv[:, v] * w[None, ..., None]).sum(2)  # T x G x 2: where each source grid point is in frame t
-        at_0 = (state.initial_mesh[v] * w[..., None]).sum(1)  # G x 2: and in the onset frame
+        # where each source grid point is in frame t and in the onset frame: the same barycentric weights in the
+        # same triangles (a sparse G x V matrix times the meshes), the grid itself outside the mesh
+        at_t = (state.barycentric @ drv.transpose(1, 0, 2).reshape(len(state.source_mesh), -1)).reshape(-1, frames, 2)
+        at_t = at_t.transpose(1, 0, 2)  # T x G x 2
+        at_0 = state.barycentric @ state.initial_mesh  # G x 2
         at_t[:, ~inside] = state.grid[~inside]
         at_0[~inside] = state.grid[~inside]
         h, wd = state.grid_shape
         grid_t = _to_grid(torch.from_numpy(at_t).float(), state.size).view(frames, h, wd, 2).to(driving.device)
         grid_0 = _to_grid(torch.from_numpy(at_0).float(), state.size).view(1, h, wd, 2).to(driving.device)
         sigma = self.ratio_blur / self.grid_step  # blurred on the grid (grid_step px apart)
-        aligned = _blur(F.grid_sample(_luma(driving.float()), grid_t, mode="bilinear", padding_mode="border",
-                                      align_corners=False), sigma)
+        aligned = _blur(_luma(F.grid_sample(driving.float(), grid_t, mode="bilinear", padding_mode="border",
+                                            align_corners=False)), sigma)
         base = _blur(F.grid_sample(state.initial_luma, grid_0, mode="bilinear", padding_mode="border",
                                    align_corners=False), sigma)
         log_ratio = torch.log((aligned + RATIO_EPS) / (base + RATIO_EPS))  # T x 1 x h x w
