@@ -214,8 +214,9 @@ def _timing(args: argparse.Namespace):
 def _synthesis_options(args: argparse.Namespace):
     from .synthesis import SynthesisOptions
 
-    return SynthesisOptions(crop=args.crop, margin=args.margin, paste_back=args.paste_back, magnify=args.magnify,
-                            appearance=args.appearance, landmarks=args.landmarks)
+    given = {name: getattr(args, name, None) for name in ("crop", "margin", "paste_back", "magnify", "appearance",
+                                                          "landmarks")}
+    return SynthesisOptions(**{name: value for name, value in given.items() if value is not None})
 
 
 def _cmd_synthesize(args: argparse.Namespace) -> int:

@@ -615,12 +615,13 @@ class Engine:
 
         `aus`: '4:C,7:B' (AU:intensity A-E; see `mefacial.au.parse_aus`) or a list of `au.AUSpec`; `timing`: an
         `au.Timing` (onset / apex / offset ms, fps, lead-in / lead-out; default a 300 ms event at 200 fps);
-        `options`: a `synthesis.SynthesisOptions` (crop, margin, paste_back, magnify, appearance, landmarks),
-        or its fields as keyword arguments. Returns the same `AnimationResult` as `animate`, with the moved
-        meshes and the specification (`meshes`, `action_units`)."""
+        `options`: a `synthesis.SynthesisOptions` (crop, margin, paste_back, magnify, appearance, landmarks; the
+        animation options' fields of the same names are taken too), or its fields as keyword arguments. Returns
+        the same `AnimationResult` as `animate`, with the moved meshes and the specification (`meshes`,
+        `action_units`)."""
         from .synthesis import SynthesisOptions, synthesize
 
-        options = dataclasses.replace(options or SynthesisOptions(), **overrides)
+        options = dataclasses.replace(SynthesisOptions.of(options), **overrides)
         return synthesize(self, source, aus, timing, options, progress)
 
     def compare(self, source: Any, driving: Any, variants: Sequence[str], **options) -> dict[str, AnimationResult | MefacialError]:

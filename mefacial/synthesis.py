@@ -42,6 +42,15 @@ class SynthesisOptions:
     appearance: bool = True
     landmarks: str | None = None
 
+    @classmethod
+    def of(cls, options: Any) -> "SynthesisOptions":
+        """These options from any options object with some of the same fields (e.g. the engine's animation options:
+        crop, margin, paste_back, magnify, landmarks; the others are ignored); None -> the defaults."""
+        if options is None or isinstance(options, cls):
+            return options or cls()
+        names = [f.name for f in dataclasses.fields(cls)]
+        return cls(**{n: getattr(options, n) for n in names if getattr(options, n, None) is not None})
+
     def __post_init__(self) -> None:
         if not 0 < float(self.magnify) <= 10:
             raise InputError(f"magnify must be in (0, 10], got {self.magnify}")
@@ -58,7 +67,7 @@ def synthesize(engine: Any, source: Any, aus: str | Sequence, timing: au.Timing 
     from .mesh import detect_mesh
 
     timing = timing or au.Timing()
-    options = options or SynthesisOptions()
+    options = SynthesisOptions.of(options)
     report = progress or (lambda fraction, message: None)
     started = time.perf_counter()
     timings: dict[str, float] = {}

@@ -313,3 +313,16 @@ def test_evaluate_plots_the_readout_of_real_clips_and_outputs(tmp_path):
     written = report["readout"]["clip"]
     assert set(written) == {"real", "warp"}
     assert all(read_image(p).shape[-1] == 3 for p in written.values())
+
+
+def test_synthesis_options_from_other_options_objects():
+    import types
+
+    from mefacial.synthesis import SynthesisOptions
+
+    other = types.SimpleNamespace(crop=False, margin=0.2, paste_back=False, magnify=2.0, landmarks=None, motion="x")
+    options = SynthesisOptions.of(other)
+    assert (options.crop, options.margin, options.magnify, options.appearance) == (False, 0.2, 2.0, True)
+    assert SynthesisOptions.of(None) == SynthesisOptions()
+    with pytest.raises(InputError, match="magnify"):
+        SynthesisOptions(magnify=0)
