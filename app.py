@@ -355,11 +355,18 @@ AU_FPS = [25, 30, 50, 60, 100, 120, 200]
 AU_OFF = "-"
 
 
-def au_spec_from_choices(*letters) -> str:
-    """The per-AU intensity radios (in `au.SUPPORTED` order; '-' = not used) -> '4:C,7:B'."""
+def au_spec_from_choices(*letters, previous: str = "") -> str:
+    """The per-AU intensity radios (in `au.SUPPORTED` order; '-' = not used) -> '4:C,7:B'; an AU that the
+    `previous` specification made unilateral ('R12:A') keeps its side."""
     from mefacial import au
 
-    return ",".join(f"{n}:{letter}" for n, letter in zip(au.SUPPORTED, letters) if letter and letter != AU_OFF)
+    sides = {}
+    try:
+        sides = {s.au: s.side for s in au.parse_aus(previous)} if str(previous or "").strip() else {}
+    except MefacialError:
+        pass
+    return ",".join(f"{sides.get(n, '')}{n}:{letter}" for n, letter in zip(au.SUPPORTED, letters)
+                    if letter and letter != AU_OFF)
 
 
 def au_choices_from_spec(spec: str) -> list[str]:
@@ -500,7 +507,8 @@ def action_units_tab(demo: "Demo", default_face: str | None) -> None:
                         radios.append(gr.Radio([AU_OFF, *au.INTENSITY], value=AU_OFF, label=f"AU{unit.number} {unit.name}",
                                                info=unit.muscles, min_width=220))
     for radio in radios:
-        radio.input(au_spec_from_choices, radios, a_spec, api_name=False, queue=False)
+        radio.input(lambda previous, *letters: au_spec_from_choices(*letters, previous=previous), [a_spec, *radios],
+                    a_spec, api_name=False, queue=False)
     a_spec.blur(user_errors(au_choices_from_spec), a_spec, radios, api_name=False, queue=False)
     for name, button in zip(au.PRESETS, preset_buttons):
         spec, source = au.PRESETS[name]

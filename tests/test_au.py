@@ -286,6 +286,9 @@ def test_app_action_units_handlers(tmp_path):
 
     assert app.au_spec_from_choices(*app.au_choices_from_spec("6:C,12:D")) == "6:C,12:D"
     assert app.au_choices_from_spec("4:C")[au.SUPPORTED.index(4)] == "C"
+    letters = app.au_choices_from_spec("R12:A,R14:A")
+    letters[au.SUPPORTED.index(4)] = "B"  # the user adds AU4B to the contempt preset
+    assert app.au_spec_from_choices(*letters, previous="R12:A,R14:A") == "4:B,R12:A,R14:A"
     demo = app.Demo(mefacial.Engine(device="cpu", landmarks="dlib"), app.Limits())
     video, plot, download, status = app.synthesize_clip(demo, str(EXAMPLE), "1:C,2:C,5:B", 60, 40, 120, 200,
                                                         progress=lambda *a, **k: None)
