@@ -57,16 +57,16 @@ DEFAULTS: dict[str, Any] = {
     "grid_step": 2,
     "ring_scale": 1.35,
     "ratio_bound": 0.35,
-    "ratio_blur": 1.5,
+    "ratio_blur": 2.5,
     "appearance": True,
 }
 MAP_BOUNDS = (0.5, 2.0)  # local maps: singular values within these multiples of the global similarity's scale
 RATIO_EPS = 0.06  # luminance offset of the ratio images (dark pixels would make them noisy)
-# the lid region (out to MediaPipe's third ring around each eye): its motion is geometry's (layered lids)
-PERIOCULAR = (((226, 113, 225, 224, 223, 222, 221, 189, 244), (226, 31, 228, 229, 230, 231, 232, 233, 244), None),
-              ((446, 342, 445, 444, 443, 442, 441, 413, 464), (446, 261, 448, 449, 450, 451, 452, 453, 464), None))
+# the lid region (up to the brows' lower edge, down to MediaPipe's fifth ring below the eye): geometry's
+PERIOCULAR = (((143, 35, 124, 46, 53, 52, 65, 245), (143, 111, 117, 118, 119, 120, 121, 128, 245), None),
+              ((372, 265, 353, 276, 283, 282, 295, 465), (372, 340, 346, 347, 348, 349, 350, 357, 465), None))
 EYES = ((M.RIGHT_EYE_UPPER, M.RIGHT_EYE_LOWER, M.RIGHT_IRIS), (M.LEFT_EYE_UPPER, M.LEFT_EYE_LOWER, M.LEFT_IRIS))
-CLOSED = 0.04  # a closed eye keeps this share of its aperture (the lids meet without crossing)
+CLOSED = 0.15  # a closed eye keeps this share of its aperture (the lids meet without crossing)
 BORDER_TAPER = 0.06  # share of the picture's size over which motion fades out towards its edge
 SUPERSAMPLE = 4  # eye-opening masks are drawn at 4x and averaged (anti-aliased edges)
 
