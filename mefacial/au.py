@@ -1017,7 +1017,7 @@ PRESETS: dict[str, tuple[str, str]] = {
     "surprise": ("1:C,2:C,5:B", "EMFACS surprise prototype 1+2+5B (Friesen & Ekman 1983; FACS Investigator's Guide "
                                 "2002); CASME II: surprise needs AU1+2"),
     "disgust": ("9:C,10:B", "CASME II labelling criteria (Yan et al. 2014): disgust needs AU9, AU10 or AU4+7"),
-    "negative (AU4+7)": ("4:C,7:C", "CASME II labelling criteria (Yan et al. 2014): disgust via AU4+7 (a "
+    "negative": ("4:C,7:C", "CASME II labelling criteria (Yan et al. 2014): disgust via AU4+7 (a "
                                     "negative micro-expression of MEGC's three classes)"),
     "repression": ("15:C,17:C", "CASME II labelling criteria (Yan et al. 2014): repression = AU15 or AU17 alone "
                                 "or combined"),
