@@ -228,6 +228,7 @@ def test_readout_ignores_head_motion_and_finds_the_moved_region(meshes):
     assert image.shape == (360, 640, 3) and image.dtype == np.uint8
 
 
+@pytest.mark.slow
 def test_synthesize_end_to_end(tmp_path):
     """Engine.synthesize: the clip spans the event, frame 0 is the neutral face, the moved region is what a fresh
     mesh detection on the output reads back; the CLI writes the video and the readout."""
@@ -253,6 +254,7 @@ def test_synthesize_end_to_end(tmp_path):
     assert main(["synthesize", "--source", str(EXAMPLE), "--au", "3:C", "--out", str(out)]) == 2  # a clear error
 
 
+@pytest.mark.slow
 def test_generate_from_an_au_csv(tmp_path):
     import mefacial
     from mefacial import generate as gen
@@ -279,6 +281,7 @@ def test_generate_from_an_au_csv(tmp_path):
     assert (again.ok, again.skipped) == (0, 2)
 
 
+@pytest.mark.slow
 def test_app_action_units_handlers(tmp_path):
     """The Action units tab's handlers: radios <-> specification, a synthesis with its readout, a readout of any clip."""
     import app
@@ -304,6 +307,7 @@ def test_app_action_units_handlers(tmp_path):
         app.user_errors(app.synthesize_clip)(demo, str(EXAMPLE), "3:C", progress=lambda *a, **k: None)
 
 
+@pytest.mark.slow
 def test_evaluate_plots_the_readout_of_real_clips_and_outputs(tmp_path):
     import mefacial
     from mefacial import evaluate as ev
