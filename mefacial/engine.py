@@ -1,12 +1,17 @@
 """The inference engine: one object shared by the app, the CLI, the benchmarks and the tests.
 
     engine = Engine(device="auto", precision="fp32")
-    result = engine.animate(source, driving, variant="fomm-awp")
+    result = engine.animate(source, driving, variant="fomm-awp")          # = prepare + run, collected
     result.frames  # T x H x W x 3 uint8
 
-Device and precision are chosen once; models are cached per (variant, weights).
-The source is encoded once per clip and driving frames go through the networks
-in batches.
+    clip = engine.prepare(source, driving, AnimateOptions(magnify=2))     # decode, crop, landmarks: once
+    for variant in ("warp", "fomm-awp"):
+        for frames in engine.run(clip, variant):                          # n x H x W x 3 uint8 batches
+            ...
+
+Device and precision are chosen once (`mefacial.device`); models are cached per (variant, weights)
+(`mefacial.model_cache`); the source is encoded once per clip and driving frames go through the networks
+in batches (`mefacial.pipeline`).
 """
 
 from __future__ import annotations
@@ -14,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -25,22 +29,22 @@ from torch import nn
 
 from . import prior as prior_lib
 from . import video
-from .checkpoints import load_weights, resolve_checkpoint
-from .config import ModelConfig
-from .errors import CheckpointError, InputError, InputTooLargeError, MefacialError
-from .landmarks import SMOOTH_POLYORDER, SMOOTH_WINDOW, get_detector, smooth_tracks, smoothing_window
+from .device import PRECISIONS, check_precision, inference_context, native_bf16, pick_device  # noqa: F401
+from .errors import InputError, InputTooLargeError, MefacialError
+from .landmarks import get_detector, smooth_tracks, smoothing_window
 from .mesh import detect_mesh
-from .models import ClipSettings, au_points, build_model, get_backbone
-from .utils import timer
+from .model_cache import ModelCache
+from .models import au_points, get_backbone
 from .models.blocks import fuse_for_inference
+from .options import MAX_MAGNIFY, AnimateOptions, as_options  # noqa: F401 - MAX_MAGNIFY: public constant
+from .pipeline import ClipAnimator, PreparedClip, StreamingSmoother, to_tensor, to_uint8  # noqa: F401
+from .utils import timer
 from .variants import Variant, get_variant
 
 log = logging.getLogger("mefacial")
 
 ProgressFn = Callable[[float, str], None]
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-MAX_MAGNIFY = 10.0
-DEFAULT_VARIANT = "dense"  # the training-free dense mesh generator: runs offline, needs no weights
+PREPARE_OPTIONS = ("crop", "margin", "landmarks", "smooth", "fps")  # what a PreparedClip is made with
 
 
 @dataclasses.dataclass
@@ -61,6 +65,7 @@ class AnimationResult:
     landmark_backend: str | None = None
     crop_box: tuple | None = None
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
+    options: AnimateOptions | None = None  # as run (adapt_scale resolved)
     meshes: np.ndarray | None = None  # T x V x 2: the output's face mesh (synthesised clips: the moved meshes)
     action_units: dict | None = None  # synthesised clips: the AU specification, intensities and timing
 
@@ -69,159 +74,86 @@ class AnimationResult:
         return int(self.frames.shape[0])
 
 
-def pick_device(device: str | torch.device = "auto") -> torch.device:
-    """"auto" -> CUDA when present, else CPU."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def check_precision(precision: str, device: torch.device) -> torch.dtype:
-    """The autocast dtype of `precision`, or an error naming what the device supports."""
-    if precision not in PRECISIONS:
-        raise InputError(f"unknown precision {precision!r}; use one of {list(PRECISIONS)}")
-    if precision == "fp16" and device.type == "cpu":
-        raise InputError("fp16 needs a GPU; on the CPU use bf16 (fast on CPUs with AVX512-BF16/AMX) or fp32")
-    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise InputError("this GPU has no bf16; use fp16 or fp32")
-    return PRECISIONS[precision]
-
-
-def native_bf16() -> bool | None:
-    """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX); None where /proc/cpuinfo is absent."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return None
-    return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
-
-
-def to_tensor(frames: np.ndarray, device: torch.device) -> torch.Tensor:
-    """H x W x 3 or T x H x W x 3 uint8 -> T x 3 x H x W float32 in [0, 1]."""
-    array = np.asarray(frames)
-    if array.ndim == 3:
-        array = array[None]
-    if array.ndim != 4 or array.shape[-1] != 3:
-        raise InputError(f"expected frames of shape (T, H, W, 3) or (H, W, 3), got {array.shape}")
-    tensor = torch.from_numpy(np.ascontiguousarray(array)).to(device)
-    tensor = tensor.permute(0, 3, 1, 2)  # T x 3 x H x W
-    return tensor.float() / 255.0 if array.dtype == np.uint8 else tensor.float()
-
-
-def to_uint8(frames: torch.Tensor) -> np.ndarray:
-    """T x 3 x H x W float in [0, 1] -> T x H x W x 3 uint8."""
-    return (frames.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
 @dataclasses.dataclass
-class _Prepared:
-    """Inputs at the model size and their landmarks (pixels of those frames)."""
+class PriorView:
+    """The facial prior of one face as the models compute it (pixels of the model-size face)."""
 
-    source: np.ndarray  # H x W x 3 uint8
-    driving: np.ndarray  # T x H x W x 3 uint8
-    source_points: np.ndarray | None  # 1 x P x 2
-    driving_points: np.ndarray | None  # T x P x 2
-    source_box: video.FaceBox | None
-    driving_box: video.FaceBox | None
-    backend: str | None
-    mesh_box: tuple | None = None  # the face box (x0, y0, x1, y1, model pixels) the clip's mesh is tracked in
+    face: np.ndarray  # S x S x 3 uint8
+    landmarks: np.ndarray  # 68 x 2
+    au_points: np.ndarray  # 18 x 2
+    maps: dict[str, dict[str, np.ndarray]]  # variant -> {"prior": h x w (, "per_au": 18 x h x w)}
+    unavailable: dict[str, MefacialError]  # variant -> why its maps could not be computed
+    landmark_backend: str | None = None
 
 
-def _points_box(points: np.ndarray) -> tuple[float, float, float, float]:
-    """(x0, y0, x1, y1) of 68 landmarks (68 x 2): the face box a clip's mesh is tracked in."""
-    points = np.asarray(points, np.float64).reshape(-1, 2)
-    low, high = points.min(0), points.max(0)
-    return (float(low[0]), float(low[1]), float(high[0]), float(high[1]))
+DEFAULT_VARIANT = "dense"  # the training-free dense face-mesh generator: runs offline, needs no weights
+MESH_BACKEND = "mesh (MediaPipe face mesh + iris, LiteRT)"
 
 
-class ClipAnimator:
-    """The networks of one clip, through the backbone's clip runner (`BackboneSpec.clip`): the source and the
-    clip's first frame are encoded once, then each batch of driving frames goes through in one call.
+def _uses_mesh(spec: Variant) -> bool:
+    """Whether the variant's backbone consumes the 478-point face mesh (mefacial.mesh) rather than 68 landmarks."""
+    return spec.spec.points == "mesh"
 
-    Create and call it inside `engine.inference_context()`. Points are the landmarks the variant needs
-    (68 landmarks, or 18 AU points for prior variants) in pixels of the model-size frames: source 1 x P x 2,
-    first frame P x 2, each batch B x P x 2. `seconds` adds up the time of the "motion" (keypoints or
-    regions and their transfer) and "generator" (dense motion, warp and decoder) steps.
+
+def _given_meshes(prepared: PreparedClip) -> bool:
+    """Whether the caller gave face meshes (478 points) for both the source and the clip."""
+    from .mesh import NUM_VERTICES
+
+    return (prepared.given_source is not None and prepared.given_driving is not None
+            and prepared.given_source.shape[-2] == NUM_VERTICES and prepared.given_driving.shape[-2] == NUM_VERTICES)
+
+
+class ClipRun:
+    """One variant over a prepared clip: iterate it for n x H x W x 3 uint8 batches of output frames, in order.
+
+    Made by `Engine.run`, which loads the model first (so missing weights fail there). While and after it runs
+    it tells `weights`, `prior_map` (the source's prior map fed to the network), `timings`, `landmark_backend`.
     """
 
-    def __init__(self, engine: "Engine", spec: Variant, model: nn.Module, source: np.ndarray, first_frame: np.ndarray,
-                 source_points: np.ndarray | None, first_points: np.ndarray | None, *, motion: str = "relative",
-                 adapt_scale: bool = False, magnify: float = 1.0, confine_to_prior: bool = False):
-        self.engine, self.model, self.variant = engine, model, spec
-        self.seconds = {"motion": 0.0, "generator": 0.0}
-        settings = ClipSettings(motion=motion, adapt_scale=adapt_scale, magnify=magnify, confine=confine_to_prior)
-        first_points = None if first_points is None else np.asarray(first_points)[None]  # 1 x P x 2
-        self.runner = spec.spec.clip(model, self._tensor(source), self._tensor(first_frame),
-                                     self._points(source_points), self._points(first_points), settings,
-                                     self._tensor, self._stage)
+    def __init__(self, engine: "Engine", prepared: PreparedClip, spec: Variant, model: nn.Module, weights: str,
+                 options: AnimateOptions, progress: ProgressFn | None):
+        self.engine, self.prepared, self.spec, self.model, self.weights = engine, prepared, spec, model, weights
+        self.options = options
+        self.report = progress or (lambda fraction, message: None)
+        self.prior_map: np.ndarray | None = None
+        self.timings: dict[str, float] = {}
+        self.landmark_backend = engine._backend_name(prepared, spec)
+        self._frames = self._generate()
 
-    @property
-    def prior_map(self) -> np.ndarray | None:
-        """h x w, the source's prior map fed to the network (None without a prior)."""
-        return self.runner.prior_map
+    def __iter__(self) -> "ClipRun":
+        return self
 
-    def _tensor(self, frames: np.ndarray) -> torch.Tensor:
-        return to_tensor(frames, self.engine.device).contiguous(memory_format=self.engine.memory_format)
+    def __next__(self) -> np.ndarray:
+        return next(self._frames)
 
-    def _points(self, points: np.ndarray | None) -> torch.Tensor | None:
-        return None if points is None else torch.from_numpy(np.asarray(points)).to(self.engine.device)
-
-    @contextlib.contextmanager
-    def _stage(self, name: str):
-        """Add the wall time of the block to `seconds[name]` (waiting for the GPU at its end)."""
-        with timer(self.seconds, name, self.engine.device):
-            yield
-
-    def __call__(self, frames: np.ndarray, points: np.ndarray | None = None) -> torch.Tensor:
-        """B x H x W x 3 uint8 driving frames (and their B x P x 2 points) -> B x 3 x H x W predictions in [0, 1].
-
-        A prediction with NaN / inf (broken weights) raises CheckpointError rather than becoming black frames."""
-        prediction = self.runner(frames, self._points(points))  # B x 3 x H x W
-        if not torch.isfinite(prediction).all():
-            raise CheckpointError(
-                f"the model of {self.variant.id} produced NaN/inf values: its weights are broken (a diverged "
-                "training run or a corrupt checkpoint); use another checkpoint, or resume training from an earlier one")
-        return prediction
-
-
-class StreamingSmoother:
-    """`landmarks.smooth_tracks` over a clip that arrives in chunks, frame for frame the same result.
-
-    A Savitzky-Golay output needs half a window of frames after it (and the clip's ends are fitted
-    over their first / last full window), so `push` returns the frames whose smoothed tracks are final,
-    keeping a window of raw context, and `finish` returns the rest at the end of the clip.
-    """
-
-    def __init__(self, window: int = SMOOTH_WINDOW, polyorder: int = SMOOTH_POLYORDER):
-        self.window, self.polyorder, self.half = window, polyorder, window // 2
-        self.buffer: np.ndarray | None = None  # raw tracks of clip frames offset, offset + 1, ...
-        self.offset = 0  # clip index of buffer[0]
-        self.emitted = 0  # frames returned so far
-
-    def push(self, tracks: np.ndarray) -> np.ndarray:
-        """n x P x 2 raw tracks of the next frames -> m x P x 2 smoothed tracks of the next final frames."""
-        tracks = np.asarray(tracks, np.float32)
-        self.buffer = tracks if self.buffer is None else np.concatenate([self.buffer, tracks])
-        total = self.offset + len(self.buffer)
-        if total < self.window:  # the clip's first window (its start's fit) is not complete yet
-            return self.buffer[:0]
-        ready = total - self.half
-        out = self._smoothed(ready)
-        keep = max(self.offset, ready - 2 * self.half)  # the raw context the next frames' windows reach back to
-        self.buffer, self.offset = self.buffer[keep - self.offset:], keep
-        return out
-
-    def finish(self) -> np.ndarray:
-        """The smoothed tracks of the frames not returned yet (the clip has ended)."""
-        if self.buffer is None:
-            return np.zeros((0, 0, 2), np.float32)
-        return self._smoothed(self.offset + len(self.buffer))
-
-    def _smoothed(self, stop: int) -> np.ndarray:
-        smoothed = smooth_tracks(self.buffer, self.window, self.polyorder)
-        out = smoothed[self.emitted - self.offset:stop - self.offset]
-        self.emitted = stop
-        return out
+    def _generate(self) -> Iterator[np.ndarray]:
+        engine, prepared, spec, options = self.engine, self.prepared, self.spec, self.options
+        batch_size = options.batch_size or engine.batch_size
+        animator: ClipAnimator | None = None
+        done = 0
+        t0 = time.perf_counter()
+        for frames, points in engine._model_chunks(prepared, spec):
+            for start in range(0, len(frames), batch_size):
+                batch = slice(start, min(start + batch_size, len(frames)))
+                with engine._memory_errors(spec, batch_size), engine.inference_context():
+                    if animator is None:
+                        animator = ClipAnimator(engine, spec, self.model, prepared.source, frames[0],
+                                                engine._clip_source_points(prepared, spec),
+                                                None if points is None else points[0],
+                                                motion=options.motion, adapt_scale=options.adapt_scale,
+                                                magnify=options.magnify, confine_to_prior=options.confine)
+                        self.prior_map = animator.prior_map
+                    out = to_uint8(animator(frames[batch], None if points is None else points[batch]))
+                done += len(out)
+                total = prepared.num_frames
+                if total:
+                    self.report(done / total, f"frames {done}/{total}")
+                if options.paste_back:
+                    out = video.paste_back(out, prepared.source_image, prepared.source_box)
+                yield out
+        if animator is not None:
+            self.timings["networks_s"] = time.perf_counter() - t0
+            self.timings.update({f"{stage}_s": seconds for stage, seconds in animator.seconds.items()})
 
 
 class Engine:
@@ -251,47 +183,18 @@ class Engine:
         # the same function within float32 rounding, about 1.15-1.2x faster end to end on the CPU.
         self.fuse = fuse
         self.compile = compile
-        self._models: dict[tuple[str, str], tuple[nn.Module, str]] = {}
-        self._lock = threading.Lock()  # guards the two dicts below, never held while loading
-        self._loading: dict[tuple[str, str], threading.Lock] = {}  # one lock per model being loaded
+        self._cache = ModelCache(self._for_inference)
 
     # ---- models -------------------------------------------------------------------------
     def inference_context(self) -> contextlib.AbstractContextManager:
         """inference_mode plus autocast to the chosen precision (none for fp32)."""
-        stack = contextlib.ExitStack()
-        stack.enter_context(torch.inference_mode())
-        if self.dtype != torch.float32:
-            stack.enter_context(torch.autocast(device_type=self.device.type, dtype=self.dtype))
-        return stack
+        return inference_context(self.device, self.dtype)
 
     def model(self, variant: str | Variant, checkpoint: str | Path | None = None) -> tuple[nn.Module, str]:
-        """The model of `variant` on this engine's device, with its weights loaded; cached.
-
-        The cache's lock is held only to look up and to store: weights are resolved (a Hub download
-        included) and loaded under a lock of that (variant, weights) key alone, so a first-use download of
-        one variant never stalls requests for another, and two requests for the same one load it once."""
+        """The model of `variant` on this engine's device, with its weights loaded, and where they came from;
+        cached (`ModelCache`: no request waits for another variant's download)."""
         spec = get_variant(variant)
-        checkpoint = checkpoint or self.checkpoint_overrides.get(spec.id)
-        key = (spec.id, str(checkpoint or ""))
-        with self._lock:
-            if key in self._models:
-                return self._models[key]
-            key_lock = self._loading.setdefault(key, threading.Lock())
-        with key_lock:
-            with self._lock:
-                if key in self._models:  # loaded by the request we waited for
-                    return self._models[key]
-            model = build_model(spec.config)
-            weights = "none (training-free)"
-            if spec.needs_weights:
-                resolved = resolve_checkpoint(spec.id, checkpoint)
-                load_weights(model, resolved.path, spec.spec.inference_parts)
-                weights = f"{resolved.path} ({resolved.source})"
-            served = (self._for_inference(model), weights)
-            with self._lock:
-                self._models[key] = served
-                self._loading.pop(key, None)
-            return served
+        return self._cache.get(spec, checkpoint or self.checkpoint_overrides.get(spec.id))
 
     def use_model(self, variant: str, model: nn.Module, weights: str = "in-memory") -> nn.Module:
         """Serve `variant` with an already built model (random weights for tests and benchmarks, a training run);
@@ -299,11 +202,7 @@ class Engine:
 
         The model is moved to the engine's device and memory format in place (as `nn.Module.to` does) and put
         in evaluation mode; with `fuse` (the default) the engine runs a fused copy of it."""
-        spec = get_variant(variant)
-        served = self._for_inference(model)
-        with self._lock:
-            self._models[(spec.id, "")] = (served, weights)
-        return served
+        return self._cache.put(get_variant(variant), model, weights)
 
     def _for_inference(self, model: nn.Module) -> nn.Module:
         """Evaluation mode on the engine's device and memory format, fused (`fuse`), the batched steps compiled
@@ -320,294 +219,262 @@ class Engine:
                     setattr(model, step, torch.compile(getattr(model, step), dynamic=False))
         return model
 
-    # ---- animation ----------------------------------------------------------------------
-    def animate(self, source: Any, driving: Any, variant: str = DEFAULT_VARIANT, checkpoint: str | Path | None = None,
-                motion: str = "relative", adapt_scale: bool | None = None, source_landmarks: np.ndarray | None = None,
-                driving_landmarks: np.ndarray | None = None, progress: ProgressFn | None = None, *,
-                magnify: float = 1.0, fps: float | None = None, crop: bool = True, paste_back: bool = False,
-                landmarks: str | None = None, smooth: bool = True, margin: float = 0.0,
-                batch_size: int | None = None, confine_to_prior: bool = False) -> AnimationResult:
-        """Animate the face in `source` with the motion of the face in `driving`.
+    # ---- stage 1: prepare -----------------------------------------------------------------
+    def prepare(self, source: Any, driving: Any, options: AnimateOptions | None = None, *, size: int = 256,
+                source_landmarks: np.ndarray | None = None, driving_landmarks: np.ndarray | None = None,
+                stream: bool | None = None, chunk: int = 64, progress: ProgressFn | None = None,
+                **changes: Any) -> PreparedClip:
+        """Read the source and the driving clip, cut both to one square face box each (the clip's from its first,
+        onset frame) at `size` px (or resize them, `crop=False`). Landmarks are found once, on first need, and
+        smoothed over time; every variant run on the returned clip shares them.
 
-        `source`: an image path or an H x W x C array of any size; `driving`: a
-        video / GIF path, a folder of frames, or a T x H x W x C array. With
-        `crop` both are cut to one square face box (the clip's from its first,
-        onset frame) and resized to the model size; without it they are resized
-        as they are. Optional `source_landmarks` (68 x 2, or 18 x 2 AU points)
-        and `driving_landmarks` (T x 68 x 2 / T x 18 x 2), in pixels of the given
-        frames, replace detection with the `landmarks` backend ("auto", "dlib",
-        "fan"); `smooth` removes landmark jitter over time (over a window set by the clip's frame rate:
-        `landmarks.smoothing_window`). `motion` is one of
-        the variant's modes; `adapt_scale` scales the motion by the ratio of the
-        faces' keypoint hull areas (default: as the original code of the backbone
-        does, off for FOMM, on for MRAA); `magnify` multiplies the relative
-        motion (1 = faithful). `paste_back` puts the generated face back into the source
-        picture. `progress(fraction, message)` is called after each batch.
+        `source`: an image path or an H x W x C array of any size; `driving`: a video / GIF path, a folder of
+        frames, a T x H x W x C array, or an iterable of n x H x W x C frame arrays (a live stream). Optional
+        `source_landmarks` (68 x 2, or 18 x 2 AU points) and `driving_landmarks` (T x 68 x 2 / T x 18 x 2), in
+        pixels of the given frames, replace detection. With `stream` (default: for iterables) the clip is read
+        `chunk` frames at a time while it runs, in memory that does not grow with its length, and can be run once.
         """
-        spec, adapt_scale = self._check_options(variant, motion, adapt_scale, magnify, crop, paste_back)
-        timings: dict[str, float] = {}
-        started = time.perf_counter()
+        options = as_options(options, **changes)
         report = progress or (lambda fraction, message: None)
+        started = time.perf_counter()
         report(0.0, "reading inputs")
         source_image = video.read_image(source, self.limits)
-        clip = video.read_clip(driving, fps=fps, limits=self.limits)
-        timings["read_s"] = time.perf_counter() - started
+        streamed = stream if stream is not None else not isinstance(driving, (str, Path, np.ndarray, video.Clip))
+        given_src = None if source_landmarks is None else np.asarray(source_landmarks, np.float32).reshape(-1, 2)
+        given_drv = None if driving_landmarks is None else np.asarray(driving_landmarks, np.float32)
+        if streamed:
+            chunks = self._driving_chunks(driving, chunk, options.fps)
+            first, fps = next(chunks, (None, None))
+            if first is None:
+                raise InputError("the driving clip holds no frames")
+        else:
+            clip = video.read_clip(driving, fps=options.fps, limits=self.limits)
+            first, fps = clip.frames, clip.fps
+            if given_drv is not None and (given_drv.ndim != 3 or len(given_drv) != len(first)):
+                raise InputError(f"driving_landmarks must be T x P x 2 for the {len(first)} frames, got "
+                                 f"{given_drv.shape}")
+        timings = {"read_s": time.perf_counter() - started}
+        source_box = driving_box = None
+        t0 = time.perf_counter()
+        if options.crop:
+            report(0.01, "finding the faces")
+            src_face = given_src if given_src is not None and len(given_src) == prior_lib.NUM_LANDMARKS else \
+                self._detector(options).detect(source_image, role="source").points[0]
+            drv_face = given_drv[0] if given_drv is not None and given_drv.shape[1] == prior_lib.NUM_LANDMARKS else \
+                self._detector(options).detect(first[:1], role="driving").points[0]
+            source_box = video.face_box(src_face, source_image.shape, margin=options.margin)
+            driving_box = video.face_box(drv_face, first.shape[1:], margin=options.margin)
+        prepared = PreparedClip(source_image=source_image, source=np.empty(0, np.uint8), size=size, fps=fps,
+                                options=options, source_box=source_box, driving_box=driving_box, driving=None,
+                                backend=options.landmarks or self.landmarks, timings=timings)
+        prepared.source = prepared.to_model_frames(source_image[None], source_box)[0]
+        prepared.driving = prepared.to_model_frames(first, driving_box)
+        if given_src is not None:
+            prepared.given_source = prepared.to_model(given_src, source_image.shape, source_box)[None]  # 1 x P x 2
+        if given_drv is not None:
+            prepared.given_driving = given_drv if streamed else prepared.to_model(given_drv, first.shape[1:], driving_box)
+        if streamed:
+            prepared.stream, prepared.first_shape = chunks, first.shape
+        timings["landmarks_s"] = time.perf_counter() - t0
+        return prepared
 
-        model, weights = self.model(spec, checkpoint)  # fail on missing weights before any detection
-        config = getattr(model, "config", spec.config)  # an injected model may have its own (e.g. tiny) config
-        prepared = self._prepare(spec, config.image_size, source_image, clip.frames, source_landmarks, driving_landmarks,
-                                 crop, margin, landmarks or self.landmarks,
-                                 smoothing_window(clip.fps) if smooth else None, report, timings)
-        src_au, drv_au = self._au_points(config, prepared.source_points, prepared.driving_points)
+    def _detector(self, options: AnimateOptions):
+        return get_detector(options.landmarks or self.landmarks, self.device)
 
-        report(0.05, f"{spec.id}: {clip.num_frames} frames")
-        batch_size = batch_size or self.batch_size
-        with self._memory_errors(spec, batch_size):
-            frames, prior_map = self._run(spec, model, prepared.source, prepared.driving, prepared.source_points,
-                                          prepared.driving_points, motion, adapt_scale, magnify, batch_size,
-                                          confine_to_prior, report, timings)
-        if paste_back:
-            frames = video.paste_back(frames, source_image, prepared.source_box)
-        timings["total_s"] = time.perf_counter() - started
-        timings["ms_per_frame"] = 1000 * timings["total_s"] / clip.num_frames
-        points68 = lambda p: None if p is None or p.shape[-2] != prior_lib.NUM_LANDMARKS else p  # noqa: E731
-        return AnimationResult(
-            frames=frames, fps=clip.fps, variant=spec.id, weights=weights,
-            source_landmarks=None if points68(prepared.source_points) is None else prepared.source_points[0],
-            driving_landmarks=points68(prepared.driving_points),
-            source_au=None if src_au is None else src_au[0].cpu().numpy(),
-            driving_au=None if drv_au is None else drv_au.cpu().numpy(),
-            prior_map=prior_map, model_source=prepared.source, model_driving=prepared.driving,
-            landmark_backend=prepared.backend, crop_box=prepared.source_box, timings=timings,
-        )
+    def _backend_name(self, prepared: PreparedClip, spec: Variant) -> str | None:
+        """The landmark backend that served a variant on the clip: the detector's name, "given", or None."""
+        if _uses_mesh(spec) and not _given_meshes(prepared):
+            return MESH_BACKEND
+        missing = prepared.given_source is None or prepared.given_driving is None
+        if missing and (prepared.options.crop or spec.needs_landmarks):
+            return self._detector(prepared.options).name
+        return "given" if spec.needs_landmarks else None
 
-    def iter_animate(self, source: Any, driving: Any, variant: str = DEFAULT_VARIANT, checkpoint: str | Path | None = None,
-                     motion: str = "relative", adapt_scale: bool | None = None,
-                     source_landmarks: np.ndarray | None = None, driving_landmarks: np.ndarray | None = None, *,
-                     magnify: float = 1.0, fps: float | None = None, crop: bool = True, paste_back: bool = False,
-                     landmarks: str | None = None, smooth: bool = True, margin: float = 0.0,
-                     batch_size: int | None = None, chunk: int = 64,
-                     confine_to_prior: bool = False) -> Iterator[np.ndarray]:
-        """`animate` in memory bounded by `chunk` frames, whatever the clip's length: yields the output
-        frames (n x H x W x 3 uint8, n <= batch size) in order, as they are made.
-
-        `driving` is a clip path (decoded `chunk` frames at a time), a T x H x W x C array, or an iterable
-        of n x H x W x C frame arrays (a live stream); the other arguments are those of `animate`, and the
-        frames equal `animate(...).frames`. The face box comes from the first frame; landmarks are found
-        chunk by chunk, and their temporal smoothing holds back half its window of frames
-        (`StreamingSmoother`), so every frame gets the landmarks it would get from the whole clip.
-        """
-        spec, adapt_scale = self._check_options(variant, motion, adapt_scale, magnify, crop, paste_back)
-        batch_size = batch_size or self.batch_size
-        source_image = video.read_image(source, self.limits)
-        model, _ = self.model(spec, checkpoint)
-        size = getattr(model, "config", spec.config).image_size
-        backend = landmarks or self.landmarks
-        given = None if driving_landmarks is None else np.asarray(driving_landmarks, np.float32)
-        smooth = spec.needs_landmarks and smooth and given is None
-        smoother = None  # a StreamingSmoother, made once the clip's frame rate is known
-        quiet = lambda fraction, message: None  # noqa: E731
-        pending = np.zeros((0, size, size, 3), np.uint8)  # model-size frames whose smoothed landmarks are not final
-        animator = prepared = None
-        seen = 0
-
-        def frames_out(points: np.ndarray | None) -> Iterator[np.ndarray]:
-            """Animate the first len(points) pending frames (all of them when the variant needs no points)."""
-            nonlocal pending, animator
-            count = len(pending) if points is None else len(points)
-            ready, pending = pending[:count], pending[count:]
-            for start in range(0, count, batch_size):
-                batch = slice(start, min(start + batch_size, count))
-                with self._memory_errors(spec, batch_size), self.inference_context():
-                    if animator is None:
-                        animator = ClipAnimator(self, spec, model, prepared.source, ready[0], prepared.source_points,
-                                                None if points is None else points[0], motion=motion,
-                                                adapt_scale=adapt_scale, magnify=magnify,
-                                                confine_to_prior=confine_to_prior)
-                    out = to_uint8(animator(ready[batch], None if points is None else points[batch]))
-                yield video.paste_back(out, source_image, prepared.source_box) if paste_back else out
-
-        for frames, clip_fps in self._driving_chunks(driving, chunk, fps):
-            if smooth and smoother is None:
-                smoother = StreamingSmoother(smoothing_window(clip_fps))
-            chunk_given = None if given is None else given[seen:seen + len(frames)]
-            if chunk_given is not None and len(chunk_given) != len(frames):
-                raise InputError(f"driving_landmarks has {len(given)} frames, but the clip has more")
-            seen += len(frames)
-            if prepared is None:  # first chunk: face boxes from the source and the clip's first frame
-                prepared = self._prepare(spec, size, source_image, frames, source_landmarks, chunk_given, crop,
-                                         margin, backend, None, quiet, {})
-                model_frames, points = prepared.driving, prepared.driving_points
+    def find_landmarks(self, prepared: PreparedClip, spec: Variant | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The source's 1 x P x 2 and the clip's T x P x 2 (smoothed) landmarks of an in-memory prepared clip,
+        found on first use (given ones mapped to model pixels); checked against `spec` when given. A mesh-point
+        backend (dense) gets the 478-point face meshes instead (`mefacial.mesh`), tracked in the onset frame's box."""
+        if spec is not None and _uses_mesh(spec):
+            return self._find_meshes(prepared, spec)
+        if prepared.streamed:
+            raise InputError("a streamed clip finds its landmarks chunk by chunk while it runs (Engine.run)")
+        if prepared.source_points is None:
+            prepared.source_points = self._source_points(prepared)
+        if prepared.driving_points is None:
+            t0 = time.perf_counter()
+            if prepared.given_driving is not None:
+                points = prepared.given_driving
             else:
-                model_frames, points = self._chunk_to_model(spec, prepared, frames, chunk_given, size, backend)
+                points = self._detector(prepared.options).detect(prepared.driving, role="driving").points
+                if prepared.options.smooth and len(points) >= 3:
+                    points = smooth_tracks(points, smoothing_window(prepared.fps))
+            prepared.driving_points = points  # T x P x 2
+            prepared.timings["landmarks_s"] = prepared.timings.get("landmarks_s", 0.0) + time.perf_counter() - t0
+        if spec is not None:
+            self._check_points(spec, prepared.source_points, prepared.driving_points)
+        return prepared.source_points, prepared.driving_points
+
+    def _find_meshes(self, prepared: PreparedClip, spec: Variant) -> tuple[np.ndarray, np.ndarray]:
+        """The source's 1 x 478 x 2 and the clip's T x 478 x 2 (smoothed) face meshes of an in-memory clip, found
+        on first use (or the given points, when they are meshes)."""
+        if prepared.streamed:
+            raise InputError("a streamed clip finds its landmarks chunk by chunk while it runs (Engine.run)")
+        meshes = prepared.meshes
+        if "source" not in meshes:
+            meshes["source"] = self._source_mesh(prepared)
+        if "driving" not in meshes:
+            t0 = time.perf_counter()
+            if _given_meshes(prepared):
+                points = prepared.given_driving
+            else:
+                points = detect_mesh(prepared.driving, role="driving")
+                if prepared.options.smooth and len(points) >= 3:
+                    points = smooth_tracks(points, smoothing_window(prepared.fps))
+            meshes["driving"] = points  # T x 478 x 2
+            prepared.timings["landmarks_s"] = prepared.timings.get("landmarks_s", 0.0) + time.perf_counter() - t0
+        self._check_points(spec, meshes["source"], meshes["driving"])
+        return meshes["source"], meshes["driving"]
+
+    def _source_mesh(self, prepared: PreparedClip) -> np.ndarray:
+        if _given_meshes(prepared):
+            return prepared.given_source
+        return detect_mesh(prepared.source, role="source")[0][None]  # 1 x 478 x 2
+
+    def _clip_source_points(self, prepared: PreparedClip, spec: Variant) -> np.ndarray | None:
+        """The source points a variant's clip runner gets: the mesh for mesh-point backends, else the landmarks."""
+        return prepared.meshes.get("source") if _uses_mesh(spec) else prepared.source_points
+
+    def _source_points(self, prepared: PreparedClip) -> np.ndarray:
+        if prepared.given_source is not None:
+            return prepared.given_source
+        return self._detector(prepared.options).detect(prepared.source, role="source").points[0][None]  # 1 x 68 x 2
+
+    def _model_chunks(self, prepared: PreparedClip, spec: Variant) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+        """(n x S x S x 3 model frames, n x P x 2 points or None) of the clip, in order: the whole clip at once
+        for an in-memory one, chunk by chunk (landmarks found and smoothed across chunk borders) for a stream."""
+        if not prepared.streamed:
+            points = self.find_landmarks(prepared, spec)[1] if spec.needs_landmarks else None
+            yield prepared.driving, points
+            return
+        if prepared.consumed:
+            raise InputError("this streamed clip has been run already: prepare it again to run another variant "
+                             "(or prepare it in memory, stream=False, to run several)")
+        prepared.consumed = True
+        if _uses_mesh(spec):
+            prepared.meshes["source"] = self._source_mesh(prepared)
+        elif spec.needs_landmarks:
+            prepared.source_points = self._source_points(prepared)
+        smooth = spec.needs_landmarks and prepared.options.smooth and prepared.given_driving is None
+        smoother = StreamingSmoother(smoothing_window(prepared.fps)) if smooth else None
+        pending = np.zeros((0, prepared.size, prepared.size, 3), np.uint8)  # frames whose points are not final
+        seen = 0
+        def model_frames_of_chunks() -> Iterator[tuple[np.ndarray, tuple[int, ...]]]:
+            yield prepared.driving, prepared.first_shape  # the first chunk, cut when the clip was prepared
+            for frames, _ in prepared.stream:
+                yield prepared.to_model_frames(frames, prepared.driving_box), frames.shape
+
+        for model_frames, shape in model_frames_of_chunks():
+            points = None
+            if spec.needs_landmarks:
+                if prepared.given_driving is not None:
+                    given = prepared.given_driving[seen:seen + len(model_frames)]
+                    if len(given) != len(model_frames):
+                        raise InputError(f"driving_landmarks has {len(prepared.given_driving)} frames, but the clip "
+                                         "has more")
+                    points = prepared.to_model(given, shape[1:], prepared.driving_box)
+                elif _uses_mesh(spec):  # tracked in the box of the onset frame's mesh, chunk after chunk
+                    points = detect_mesh(model_frames, box=prepared.meshes.get("box"))
+                    prepared.meshes.setdefault("box", (*points[0, :468].min(0), *points[0, :468].max(0)))
+                else:
+                    points = self._detector(prepared.options).detect(model_frames, role="driving").points
+                self._check_points(spec, self._clip_source_points(prepared, spec), points)
+            seen += len(model_frames)
             pending = np.concatenate([pending, model_frames])
             if smoother is not None:
                 points = smoother.push(points)
-            yield from frames_out(points)
-        if prepared is None:
-            raise InputError("the driving clip holds no frames")
-        if given is not None and seen != len(given):
-            raise InputError(f"driving_landmarks has {len(given)} frames for a clip of {seen}")
+            count = len(pending) if points is None else len(points)
+            if count:
+                ready, pending = pending[:count], pending[count:]
+                yield ready, points
+        if prepared.given_driving is not None and spec.needs_landmarks and seen != len(prepared.given_driving):
+            raise InputError(f"driving_landmarks has {len(prepared.given_driving)} frames for a clip of {seen}")
         if smoother is not None:
-            yield from frames_out(smoother.finish())
+            points = smoother.finish()
+            if len(points):
+                yield pending[:len(points)], points
 
-    @contextlib.contextmanager
-    def _memory_errors(self, spec: Variant, batch_size: int) -> Iterator[None]:
-        """Out-of-memory while running the networks -> InputTooLargeError saying what to change."""
-        try:
-            yield
-        except torch.OutOfMemoryError:
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-            raise InputTooLargeError(
-                f"out of {self.device.type.upper()} memory running {spec.id} on batches of {batch_size} frames; "
-                "use a smaller batch size (Engine(batch_size=...) / --batch-size), a shorter clip, or bf16 / fp16"
-            ) from None
-
-    def _driving_chunks(self, driving: Any, chunk: int, fps: float | None) -> Iterator[tuple[np.ndarray, float]]:
-        """(n x H x W x 3 uint8 chunk, the clip's fps) of a clip path, an array or an iterable of frame arrays."""
-        if isinstance(driving, (str, Path)):
-            for clip in video.iter_clip_chunks(driving, chunk=chunk, fps=fps, limits=self.limits):
-                yield clip.frames, clip.fps
-        elif isinstance(driving, np.ndarray):
-            clip = video.read_clip(driving, fps=fps, limits=self.limits)
-            for start in range(0, clip.num_frames, chunk):
-                yield clip.frames[start:start + chunk], clip.fps
-        else:
-            for frames in driving:
-                frames = video.as_rgb(np.asarray(frames))
-                yield (frames if frames.ndim == 4 else frames[None]), fps or video.DEFAULT_FPS
-
-    def _chunk_to_model(self, spec: Variant, prepared: "_Prepared", frames: np.ndarray, given: np.ndarray | None,
-                        size: int, backend: str) -> tuple[np.ndarray, np.ndarray | None]:
-        """A later chunk of the clip cut with the first frame's face box (or resized), and its points in model pixels."""
-        box = prepared.driving_box
-        if box is not None:
-            model_frames = video.crop_to_model(frames, box, size)
-            to_model = lambda p: box.to_crop(p, size)  # noqa: E731
-        else:
-            model_frames = video.resize_frames(frames, size, size)
-            scale = np.array([size / frames.shape[2], size / frames.shape[1]], np.float32)
-            to_model = lambda p: ((p + 0.5) * scale - 0.5).astype(np.float32)  # noqa: E731
-        if not spec.needs_landmarks:
-            return model_frames, None
-        if given is not None:
-            points = to_model(given)
-        elif spec.spec.points == "mesh":
-            points = detect_mesh(model_frames, box=prepared.mesh_box)
-        else:
-            points = get_detector(backend, self.device).detect(model_frames, role="driving").points
-        self._check_points(spec, prepared.source_points, points)
-        return model_frames, points
-
-    @staticmethod
-    def _check_options(variant: str, motion: str, adapt_scale: bool | None, magnify: float, crop: bool,
-                       paste_back: bool) -> tuple[Variant, bool]:
-        """The variant and the movement-scale setting, or an InputError naming the bad option."""
+    # ---- stage 2: run -----------------------------------------------------------------------
+    def run(self, prepared: PreparedClip, variant: str | Variant = DEFAULT_VARIANT, options: AnimateOptions | None = None, *,
+            checkpoint: str | Path | None = None, progress: ProgressFn | None = None, **changes: Any) -> ClipRun:
+        """Animate a prepared clip with one variant: an iterator of n x S x S x 3 uint8 batches of output frames
+        (n <= the batch size; pasted back into the source picture with `paste_back`), made as it is iterated, in
+        memory bounded by a batch. `options` default to the ones the clip was prepared with; those that shape the
+        preparation (crop, margin, landmarks, smooth, fps) must stay as they were. The model is loaded here, so a
+        variant that cannot run fails at this call."""
         spec = get_variant(variant)
-        if motion not in spec.motion_modes:
-            raise InputError(f"motion mode {motion!r} is not available for {spec.id}; choose one of {spec.motion_modes}")
-        if not 0 < float(magnify) <= MAX_MAGNIFY:
-            raise InputError(f"magnify must be in (0, {MAX_MAGNIFY}], got {magnify}")
-        if paste_back and not crop:
-            raise InputError("paste_back needs crop=True (the face is pasted back into the box it was cut from)")
-        return spec, spec.adapt_scale_default if adapt_scale is None else adapt_scale
+        options = as_options(options or prepared.options, **changes)
+        changed = [name for name in PREPARE_OPTIONS if getattr(options, name) != getattr(prepared.options, name)]
+        if changed:
+            raise InputError(f"option(s) {changed} differ from the ones the clip was prepared with; prepare it again "
+                             "with them (Engine.prepare)")
+        options = options.for_variant(spec)
+        model, weights = self.model(spec, checkpoint)
+        size = model.config.image_size
+        if size != prepared.size:
+            raise InputError(f"{spec.id} works at {size} px but the clip was prepared at {prepared.size} px; "
+                             f"prepare it with size={size}")
+        return ClipRun(self, prepared, spec, model, weights, options, progress)
 
-    def _prepare(self, spec: Variant, size: int, source: np.ndarray, driving: np.ndarray, source_landmarks, driving_landmarks,
-                 crop: bool, margin: float, backend: str, smooth_window: int | None, report: ProgressFn,
-                 timings: dict[str, float]) -> "_Prepared":
-        """Crop / resize both inputs to the model size and find the landmarks the variant needs, in crop pixels."""
-        t0 = time.perf_counter()
-        detector = None
-        if spec.needs_landmarks and (source_landmarks is None or driving_landmarks is None) or (
-                crop and (source_landmarks is None or driving_landmarks is None)):
-            detector = get_detector(backend, self.device)
-        given_src = None if source_landmarks is None else np.asarray(source_landmarks, np.float32).reshape(-1, 2)
-        given_drv = None if driving_landmarks is None else np.asarray(driving_landmarks, np.float32)
-        if given_drv is not None and (given_drv.ndim != 3 or len(given_drv) != len(driving)):
-            raise InputError(f"driving_landmarks must be T x P x 2 for the {len(driving)} frames, got {given_drv.shape}")
-        source_box = driving_box = None
-        if crop:
-            report(0.01, "finding the faces")
-            src_face = given_src if given_src is not None and len(given_src) == prior_lib.NUM_LANDMARKS else \
-                detector.detect(source, role="source").points[0]
-            drv_face = given_drv[0] if given_drv is not None and given_drv.shape[1] == prior_lib.NUM_LANDMARKS else \
-                detector.detect(driving[:1], role="driving").points[0]
-            source_box = video.face_box(src_face, source.shape, margin=margin)
-            driving_box = video.face_box(drv_face, driving.shape[1:], margin=margin)
-            model_source = video.crop_to_model(source, source_box, size)
-            model_driving = video.crop_to_model(driving, driving_box, size)
-            to_model_src = lambda p: source_box.to_crop(p, size)  # noqa: E731
-            to_model_drv = lambda p: driving_box.to_crop(p, size)  # noqa: E731
-        else:
-            model_source = video.resize_frames(source[None], size, size)[0]
-            model_driving = video.resize_frames(driving, size, size)
-            scale_src = np.array([size / source.shape[1], size / source.shape[0]], np.float32)
-            scale_drv = np.array([size / driving.shape[2], size / driving.shape[1]], np.float32)
-            to_model_src = lambda p: ((p + 0.5) * scale_src - 0.5).astype(np.float32)  # noqa: E731
-            to_model_drv = lambda p: ((p + 0.5) * scale_drv - 0.5).astype(np.float32)  # noqa: E731
-        source_points = driving_points = mesh_box = None
-        if spec.spec.points == "mesh" and (given_src is None or given_drv is None):
-            report(0.02, "face mesh")
-            # the clip's mesh is tracked in one face box: the onset frame's (from its 68 landmarks when cropped)
-            mesh_box = _points_box(to_model_drv(drv_face)) if crop else None
-            source_points = (to_model_src(given_src) if given_src is not None else detect_mesh(
-                model_source, box=_points_box(to_model_src(src_face)) if crop else None, role="source"))
-            source_points = source_points.reshape(1, -1, 2)  # 1 x 478 x 2
-            driving_points = (to_model_drv(given_drv) if given_drv is not None
-                              else detect_mesh(model_driving, box=mesh_box))  # T x 478 x 2
-            if smooth_window and given_drv is None and len(driving_points) >= 3:
-                driving_points = smooth_tracks(driving_points, smooth_window)
-            self._check_points(spec, source_points, driving_points)
-        elif spec.needs_landmarks:
+    def animate(self, source: Any, driving: Any, variant: str = DEFAULT_VARIANT, checkpoint: str | Path | None = None,
+                options: AnimateOptions | None = None, *, source_landmarks: np.ndarray | None = None,
+                driving_landmarks: np.ndarray | None = None, progress: ProgressFn | None = None,
+                **changes: Any) -> AnimationResult:
+        """Animate the face in `source` with the motion of the face in `driving`: `prepare` + `run`, collected.
+
+        `options` (an `AnimateOptions`, or its fields by keyword: motion, adapt_scale, magnify, crop, paste_back,
+        margin, landmarks, smooth, confine, batch_size, fps, ...) say how; see `prepare` for the inputs.
+        `progress(fraction, message)` is called after each batch.
+        """
+        options = as_options(options, **changes)
+        spec = get_variant(variant)
+        options.for_variant(spec)  # a bad motion mode fails before any work
+        started = time.perf_counter()
+        report = progress or (lambda fraction, message: None)
+        model, _ = self.model(spec, checkpoint)  # fail on missing weights before any detection
+        prepared = self.prepare(source, driving, options, size=model.config.image_size, progress=report,
+                                source_landmarks=source_landmarks, driving_landmarks=driving_landmarks)
+        return self._collect(prepared, spec, options, checkpoint, report, started)
+
+    def _collect(self, prepared: PreparedClip, spec: Variant, options: AnimateOptions, checkpoint, report: ProgressFn,
+                 started: float) -> AnimationResult:
+        """Run one variant over an in-memory prepared clip and gather everything into an AnimationResult."""
+        if spec.needs_landmarks:
             report(0.02, "landmarks")
-            source_points = (to_model_src(given_src) if given_src is not None
-                             else detector.detect(model_source, role="source").points[0])[None]  # 1 x P x 2
-            driving_points = (to_model_drv(given_drv) if given_drv is not None
-                              else detector.detect(model_driving, role="driving").points)  # T x P x 2
-            if smooth_window and given_drv is None and len(driving_points) >= 3:
-                driving_points = smooth_tracks(driving_points, smooth_window)
-            self._check_points(spec, source_points, driving_points)
-        timings["landmarks_s"] = time.perf_counter() - t0
-        backend_name = detector.name if detector is not None else ("given" if spec.needs_landmarks else None)
-        if spec.spec.points == "mesh" and (given_src is None or given_drv is None):
-            backend_name = "mesh (MediaPipe face mesh + iris, LiteRT)"
-        return _Prepared(model_source, model_driving, source_points, driving_points, source_box, driving_box,
-                         backend_name, mesh_box)
-
-    @staticmethod
-    def _check_points(spec: Variant, src: np.ndarray, drv: np.ndarray) -> None:
-        """Source 1 x P x 2 and driving T x P x 2 with P = 68 landmarks (or 18 AU points for prior variants)."""
-        allowed = spec.spec.points_per_face
-        if src.shape[1] not in allowed or drv.shape[1:] != src.shape[1:]:
-            raise InputError(f"{spec.id} needs {' or '.join(map(str, allowed))} points per face, source and clip "
-                             f"alike; got {src.shape[1]} and {drv.shape[1]}")
-
-    def _au_points(self, config: ModelConfig, src_points, drv_points):
-        """AU points (pixels) of source 1 x 18 x 2 and clip T x 18 x 2; fixed to frame 0 for MM 2021 configs;
-        (None, None) for a model that takes no AU points."""
-        if src_points is None or not get_backbone(config.backbone).points == "au_points":
-            return None, None
-        src, drv = (torch.from_numpy(p).to(self.device) for p in (src_points, drv_points))
-        return au_points(config, src, drv)
-
-    def _run(self, spec, model, source, driving, src_points, drv_points, motion, adapt_scale,
-             magnify, batch_size, confine_to_prior, report, timings):
-        """Run the backbone over the clip in batches; returns (frames uint8, source prior map)."""
-        outputs = []
-        total = len(driving)
-        with self.inference_context():
-            t0 = time.perf_counter()
-            animator = ClipAnimator(self, spec, model, source, driving[0], src_points,
-                                    None if drv_points is None else drv_points[0], motion=motion,
-                                    adapt_scale=adapt_scale, magnify=magnify, confine_to_prior=confine_to_prior)
-            for start in range(0, total, batch_size):
-                batch = slice(start, min(start + batch_size, total))
-                outputs.append(to_uint8(animator(driving[batch], None if drv_points is None else drv_points[batch])))
-                report(batch.stop / total, f"frames {batch.stop}/{total}")
-            timings["networks_s"] = time.perf_counter() - t0
-            timings.update({f"{stage}_s": seconds for stage, seconds in animator.seconds.items()})
-        return np.concatenate(outputs), animator.prior_map
+            self.find_landmarks(prepared, spec)
+        report(0.05, f"{spec.id}: {prepared.num_frames} frames")
+        clip_run = self.run(prepared, spec, options, checkpoint=checkpoint, progress=report)
+        frames = np.concatenate(list(clip_run))
+        timings = {"read_s": prepared.timings["read_s"], "landmarks_s": prepared.timings["landmarks_s"],
+                   **clip_run.timings}
+        timings["total_s"] = time.perf_counter() - started
+        timings["ms_per_frame"] = 1000 * timings["total_s"] / len(frames)
+        if _uses_mesh(spec):
+            src_points, drv_points = prepared.meshes["source"], prepared.meshes["driving"]
+        else:
+            src_points = prepared.source_points if spec.needs_landmarks else None
+            drv_points = prepared.driving_points if spec.needs_landmarks else None
+        src_au, drv_au = self._au_points(clip_run.model.config, src_points, drv_points)
+        points68 = lambda p: None if p is None or p.shape[-2] != prior_lib.NUM_LANDMARKS else p  # noqa: E731
+        return AnimationResult(
+            frames=frames, fps=prepared.fps, variant=spec.id, weights=clip_run.weights,
+            source_landmarks=None if points68(src_points) is None else src_points[0],
+            driving_landmarks=points68(drv_points),
+            source_au=None if src_au is None else src_au[0].cpu().numpy(),
+            driving_au=None if drv_au is None else drv_au.cpu().numpy(),
+            prior_map=clip_run.prior_map, model_source=prepared.source, model_driving=prepared.driving,
+            landmark_backend=clip_run.landmark_backend, crop_box=prepared.source_box, timings=timings,
+            options=clip_run.options,
+        )
 
     def synthesize(self, source: Any, aus: Any, timing: Any = None, options: Any = None,
                    progress: ProgressFn | None = None, **overrides) -> AnimationResult:
@@ -624,17 +491,118 @@ class Engine:
         options = dataclasses.replace(SynthesisOptions.of(options), **overrides)
         return synthesize(self, source, aus, timing, options, progress)
 
-    def compare(self, source: Any, driving: Any, variants: Sequence[str], **options) -> dict[str, AnimationResult | MefacialError]:
-        """Animate with each variant; a variant that cannot run maps to its error instead of a result."""
+    def compare(self, source: Any, driving: Any, variants: Sequence[str], options: AnimateOptions | None = None, *,
+                progress: ProgressFn | None = None, **changes: Any) -> dict[str, AnimationResult | MefacialError]:
+        """Animate with each variant, the inputs prepared once (per model size); a variant that cannot run maps to
+        its error instead of a result."""
+        options = as_options(options, **changes)
         results: dict[str, AnimationResult | MefacialError] = {}
-        progress = options.pop("progress", None)
+        prepared: dict[int, PreparedClip | MefacialError] = {}
         for index, variant in enumerate(variants):
             def report(fraction: float, message: str, index: int = index, variant: str = variant) -> None:
                 if progress is not None:  # one bar over all variants
                     progress((index + fraction) / len(variants), f"{variant}: {message}")
 
+            started = time.perf_counter()
             try:
-                results[variant] = self.animate(source, driving, variant=variant, progress=report, **options)
+                report(0.0, "loading the model")
+                spec = get_variant(variant)
+                options.for_variant(spec)
+                size = self.model(spec)[0].config.image_size
+                if size not in prepared:
+                    try:
+                        prepared[size] = self.prepare(source, driving, options, size=size, progress=report)
+                    except MefacialError as exc:
+                        prepared[size] = exc
+                if isinstance(prepared[size], MefacialError):
+                    raise prepared[size]
+                results[variant] = self._collect(prepared[size], spec, options, None, report, started)
             except MefacialError as exc:
                 results[variant] = exc
         return results
+
+    # ---- the prior as the models compute it ---------------------------------------------------
+    def prior_view(self, source: Any, variants: Sequence[str] = ("warp",), driving: Any = None, frame: int = 0,
+                   options: AnimateOptions | None = None, **changes: Any) -> list[PriorView]:
+        """The landmarks, AU points and prior maps of the source face (and of frame `frame` of `driving`, when
+        given) as each variant's own model computes them (`model.prior_maps`), at the model size. A variant whose
+        model cannot be loaded here (no weights) is listed in `unavailable` with its error."""
+        options = as_options(options, **{"smooth": False, **changes})
+        still = video.read_image(source, self.limits)[None] if driving is None else \
+            video.read_clip(driving, fps=options.fps, limits=self.limits).frames
+        frame = min(max(int(frame), 0), len(still) - 1)
+        prepared = self.prepare(source, still[frame:frame + 1], options)
+        source_points, driving_points = self.find_landmarks(prepared)
+        faces = [(prepared.source, source_points[0])]
+        if driving is not None:
+            faces.append((prepared.driving[0], driving_points[0]))
+        models: dict[str, nn.Module] = {}
+        unavailable: dict[str, MefacialError] = {}
+        for variant in variants:
+            try:
+                models[variant] = self.model(variant)[0]
+            except MefacialError as exc:
+                unavailable[variant] = exc
+        views = []
+        for face, landmarks in faces:
+            points = torch.from_numpy(np.ascontiguousarray(landmarks))[None].to(self.device)  # 1 x 68 x 2
+            au = prior_lib.au_points_from_landmarks(points).float()  # 1 x 18 x 2
+            maps = {}
+            with self.inference_context():
+                for variant, model in models.items():
+                    computed = model.prior_maps(au)
+                    if computed:
+                        maps[variant] = {k: v[0].float().cpu().numpy().squeeze(0) if k == "prior"
+                                         else v[0].float().cpu().numpy() for k, v in computed.items()}
+            views.append(PriorView(face, landmarks, au[0].cpu().numpy(), maps, unavailable,
+                                   self._detector(options).name))
+        return views
+
+    # ---- helpers --------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _memory_errors(self, spec: Variant, batch_size: int) -> Iterator[None]:
+        """Out-of-memory while running the networks -> InputTooLargeError saying what to change."""
+        try:
+            yield
+        except torch.OutOfMemoryError:
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            raise InputTooLargeError(
+                f"out of {self.device.type.upper()} memory running {spec.id} on batches of {batch_size} frames; "
+                "use a smaller batch size (Engine(batch_size=...) / --batch-size), a shorter clip, or bf16 / fp16",
+                page=f"The server ran out of memory running {spec.id}", fix="Try a shorter clip",
+                title="Out of memory") from None
+
+    def _driving_chunks(self, driving: Any, chunk: int, fps: float | None) -> Iterator[tuple[np.ndarray, float]]:
+        """(n x H x W x 3 uint8 chunk, the clip's fps) of a clip path, an array or an iterable of frame arrays."""
+        if isinstance(driving, (str, Path)):
+            for clip in video.iter_clip_chunks(driving, chunk=chunk, fps=fps, limits=self.limits):
+                yield clip.frames, clip.fps
+        elif isinstance(driving, (np.ndarray, video.Clip)):
+            clip = video.read_clip(driving, fps=fps, limits=self.limits)
+            for start in range(0, clip.num_frames, chunk):
+                yield clip.frames[start:start + chunk], clip.fps
+        else:
+            for frames in driving:
+                frames = video.as_rgb(np.asarray(frames))
+                yield (frames if frames.ndim == 4 else frames[None]), fps or video.DEFAULT_FPS
+
+    @staticmethod
+    def _check_points(spec: Variant, src: np.ndarray, drv: np.ndarray) -> None:
+        """Source 1 x P x 2 and driving T x P x 2 with P = 68 landmarks (or 18 AU points for prior variants)."""
+        allowed = spec.spec.points_per_face
+        if src.shape[1] not in allowed or drv.shape[1:] != src.shape[1:]:
+            raise InputError(f"{spec.id} needs {' or '.join(map(str, allowed))} points per face, source and clip "
+                             f"alike; got {src.shape[1]} and {drv.shape[1]}")
+
+    def _au_points(self, config, src_points, drv_points):
+        """AU points (pixels) of source 1 x 18 x 2 and clip T x 18 x 2; fixed to frame 0 for MM 2021 configs;
+        (None, None) for a model that takes no AU points."""
+        if src_points is None or get_backbone(config.backbone).points != "au_points":
+            return None, None
+        src, drv = (torch.from_numpy(p).to(self.device) for p in (src_points, drv_points))
+        return au_points(config, src, drv)
+
+
+__all__ = ["AnimateOptions", "AnimationResult", "ClipAnimator", "ClipRun", "Engine", "PreparedClip", "PriorView",
+           "StreamingSmoother", "to_tensor", "to_uint8", "timer"]

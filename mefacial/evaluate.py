@@ -33,7 +33,6 @@ from .errors import InputError, MefacialError
 from .grid import BACKGROUND, HEADER, TEXT, TILE, Column, text_tile
 
 
-MAX_LABEL_CHARS = 18  # longer variant labels show as their id in grid headers (as in the app)
 NO_WEIGHTS = "no weights: see checkpoints/README.md"
 STRIP_FRAMES = 5  # frames in an image strip, onset to apex, unless chosen
 
@@ -47,11 +46,10 @@ def first_line(error: BaseException) -> str:
 
 
 def variant_label(variant: str) -> str:
-    """A grid header for the variant: its label when short enough, else its id."""
+    """A grid header for the variant: its label from the registry (the one shown everywhere)."""
     from .variants import get_variant
 
-    label = get_variant(variant).label
-    return label if len(label) <= MAX_LABEL_CHARS else variant
+    return get_variant(variant).label
 
 
 @dataclasses.dataclass

@@ -4,6 +4,7 @@
     python frames_equal.py check OUT.npz     # in another checkout: identical frames?
 Run from the checkout's root (imports mefacial from the working directory).
 """
+import inspect
 import sys
 
 import numpy as np
@@ -21,7 +22,7 @@ except ImportError:
 
 VARIANTS = ["warp", "fomm-none", "fomm-ewp", "fomm-awp", "fomm-ewp-mm21", "mraa-none", "mraa-ewp", "mraa-awp"]
 CASES = {
-    "warp": [{}, {"magnify": 2.0, "confine_to_prior": True, "paste_back": True}, {"crop": False}],
+    "warp": [{}, {"magnify": 2.0, "confine": True, "paste_back": True}, {"crop": False}],
     "fomm-none": [{}, {"motion": "absolute"}, {"adapt_scale": True, "magnify": 1.5}],
     "fomm-awp": [{}, {"paste_back": True}],
     "fomm-ewp": [{}], "fomm-ewp-mm21": [{}],
@@ -39,6 +40,8 @@ def frames() -> dict[str, np.ndarray]:
         config = get_variant(variant).config
         engine.use_model(variant, random_model(config, seed=0))
         for i, options in enumerate(CASES[variant]):
+            if "confine_to_prior" in inspect.signature(Engine.animate).parameters:  # the base commit's name
+                options = {("confine_to_prior" if k == "confine" else k): v for k, v in options.items()}
             result = engine.animate(source, clip, variant=variant, **options)
             out[f"{variant}/{i}"] = result.frames
             if result.prior_map is not None:

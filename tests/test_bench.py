@@ -100,9 +100,9 @@ def test_streamed_animation_equals_animate(fixture, variant, data_dir):
     from mefacial.video import read_clip
 
     frames = read_clip(clip).frames[:14]
-    options = dict(variant=variant, batch_size=4, paste_back=True)
-    expected = engine.animate(face, frames, **options).frames
-    streamed = list(engine.iter_animate(face, frames, chunk=5, **options))
+    options = dict(batch_size=4, paste_back=True)
+    expected = engine.animate(face, frames, variant=variant, **options).frames
+    streamed = list(engine.run(engine.prepare(face, frames, stream=True, chunk=5, **options), variant))
     assert max(len(part) for part in streamed) <= 4
     np.testing.assert_array_equal(np.concatenate(streamed), expected)
 
@@ -132,8 +132,9 @@ def _stream_peak(engine: Engine, source: np.ndarray, points: np.ndarray, frames:
     tracemalloc.start()
     try:
         count = 0
-        for part in engine.iter_animate(source, clip(), variant="warp", crop=False, smooth=False, chunk=chunk,
-                                        source_landmarks=points, driving_landmarks=driving_points, batch_size=chunk):
+        prepared = engine.prepare(source, clip(), size=source.shape[0], crop=False, smooth=False, chunk=chunk,
+                                  source_landmarks=points, driving_landmarks=driving_points, batch_size=chunk)
+        for part in engine.run(prepared, "warp"):
             count += len(part)
         peak = tracemalloc.get_traced_memory()[1]
     finally:

@@ -124,7 +124,7 @@ def test_engine_errors_name_the_problem(tmp_path, monkeypatch):
         engine.animate(face, face[None], variant="mraa-awp")
 
 
-@pytest.mark.parametrize("entry", ["animate", "iter_animate"])
+@pytest.mark.parametrize("entry", ["animate", "run"])
 def test_out_of_memory_becomes_a_clear_error(monkeypatch, entry):
     engine = Engine(device="cpu", batch_size=4)
     engine.use_model("fomm-none", tiny_fomm())
@@ -135,7 +135,8 @@ def test_out_of_memory_becomes_a_clear_error(monkeypatch, entry):
     monkeypatch.setattr(mefacial.engine.ClipAnimator, "__call__", exhausted)
     face = np.zeros((64, 64, 3), np.uint8)
     with pytest.raises(mefacial.InputTooLargeError, match="batch size"):
-        run = engine.animate if entry == "animate" else lambda *a, **k: list(engine.iter_animate(*a, **k))
+        run = engine.animate if entry == "animate" else \
+            lambda face, clip, variant, **k: list(engine.run(engine.prepare(face, clip, stream=True, **k), variant))
         run(face, face[None], variant="fomm-none", crop=False)
 
 

@@ -257,7 +257,8 @@ def test_nan_producing_weights_raise_checkpoint_error():
         engine.animate(grey, np.repeat(grey[None], 2, axis=0), variant="fomm-none", crop=False)
     assert_message_helps(caught.value)
     with pytest.raises(CheckpointError, match="NaN"):  # the streamed path too
-        list(engine.iter_animate(grey, np.repeat(grey[None], 2, axis=0), variant="fomm-none", crop=False))
+        list(engine.run(engine.prepare(grey, np.repeat(grey[None], 2, axis=0), size=size, stream=True, crop=False),
+                        "fomm-none"))
 
 
 def test_face_box_reaches_past_only_the_border_that_landmarks_cross():
