@@ -100,7 +100,8 @@ def weights_rows() -> dict[str, dict]:
     return {row["variant"]: row for row in weights_registry.list_checkpoints()}
 
 
-def readiness(engine: mefacial.Engine, variants: list[dict], rows: dict[str, dict] | None = None) -> dict[str, str | None]:
+def readiness(engine: mefacial.Engine, variants: list[dict],
+              rows: dict[str, dict] | None = None) -> dict[str, str | None]:
     """Variant id -> None when it can run on this server now without network (no weights needed, given with
     --checkpoint, on disk or in the local Hub cache), else the one reason why not, in words for the page."""
     rows = weights_rows() if rows is None else rows
@@ -114,7 +115,7 @@ def readiness(engine: mefacial.Engine, variants: list[dict], rows: dict[str, dic
         elif row.get("hub"):
             status[v["id"]] = "its weights are not on this server, and downloads are off"
         else:
-            status[v["id"]] = "no public weights exist (the operator can add trained ones)"
+            status[v["id"]] = "no weights on this server and none to download (the operator can add them)"
     return status
 
 
@@ -291,14 +292,15 @@ class Demo:
         download = video if format == "mp4" else write_video(out / "result.gif", result.frames, result.fps,
                                                             slowdown=slowdown)
         columns = [Column("source", result.model_source), Column("driving", result.model_driving),
-                   Column(mefacial.get_variant(variant).label, result.frames)]
+                   Column(get_variant(variant).label, result.frames)]
         grid = write_video(out / "side_by_side.mp4", render_grid(columns), result.fps, slowdown=slowdown)
         return str(video), str(grid), str(download), self.status_line(result, slowdown)
 
     def status_line(self, result, slowdown: float) -> str:
         timings = result.timings
         speed = "real time" if slowdown == 1 else f"slowed down x{slowdown:g}"
-        return (f"**{mefacial.get_variant(result.variant).label}**: {result.num_frames} frames in {timings.get('total_s', 0):.2f} s "
+        return (f"**{get_variant(result.variant).label}**: {result.num_frames} frames in "
+                f"{timings.get('total_s', 0):.2f} s "
                 f"({timings.get('ms_per_frame', 0):.0f} ms/frame) on {self.engine.device} {self.engine.precision} · "
                 f"landmarks: {result.landmark_backend or 'none'} · weights: {result.weights} · "
                 f"{result.fps:g} fps, {speed}")
@@ -325,9 +327,12 @@ class Demo:
         comparison = compare_columns(
             self.engine, image, clip.frames, chosen, motion="relative", magnify=number(magnify, "magnification", 1, 5),
             fps=clip.fps, progress=self.progress_fn(progress), **options)
+        for column, outcome in zip(comparison.columns[1:], comparison.outcomes.values()):  # driving first
+            if isinstance(outcome, MefacialError):
+                column.reason = short_reason(outcome)  # the page's words on the placeholder, as in the table
         lines = ["| variant | result |", "|---|---|"]
         for variant, outcome in comparison.outcomes.items():
-            label = mefacial.get_variant(variant).label
+            label = get_variant(variant).label
             if isinstance(outcome, MefacialError):
                 lines.append(f"| {label} | not run: {short_reason(outcome)} |")
             else:
@@ -361,7 +366,7 @@ class Demo:
         if index is not None:
             faces.append((result.model_driving[0], result.driving_landmarks[0], f"driving frame {index}"))
         awp_variant, awp_reason = self.awp_model()
-        config = mefacial.get_variant("fomm-ewp").config  # sigma and distance of the TIP 2024 EWP
+        config = get_variant("fomm-ewp").config  # sigma and distance of the TIP 2024 EWP
         gallery = []
         for face, points, title in faces:
             awp = None
@@ -371,7 +376,8 @@ class Demo:
             gallery += prior_panels(face, points, image_size=config.image_size, sigma=config.prior_sigma,
                                     distance=config.prior_distance, awp=awp, awp_reason=awp_reason, title=title)
         status = (f"landmarks: {result.landmark_backend or 'none'} · AWP map: "
-                  + (f"{mefacial.get_variant(awp_variant).label} ({self.engine.model(awp_variant)[1]})" if awp_variant else awp_reason))
+                  + (f"{get_variant(awp_variant).label} ({self.engine.model(awp_variant)[1]})" if awp_variant
+                     else awp_reason))
         return gallery, status
 
     def awp_model(self) -> tuple[str | None, str | None]:
@@ -964,7 +970,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's own start-up probes, one line each
     try:
         for variant, _ in args.checkpoint:
-            mefacial.get_variant(variant)  # an unknown id fails here, listing the known ones
+            get_variant(variant)  # an unknown id fails here, listing the known ones
         engine = mefacial.Engine(device=args.device, precision=args.precision, landmarks=args.landmarks,
                                  checkpoints=dict(args.checkpoint))
     except MefacialError as exc:
