@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import numbers
 import re
 from typing import Callable, Iterable, Sequence
 
@@ -565,13 +566,13 @@ class Timing:
     def __post_init__(self) -> None:
         for name in ("onset_ms", "apex_ms", "offset_ms", "fps"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            if not _real(value) or not math.isfinite(value) or value <= 0:
                 raise InputError(f"{name.replace('_ms', '')} must be a positive number"
                                  f"{' of milliseconds' if name.endswith('_ms') else ' of frames per second'}, "
                                  f"got {value!r}")
         for name in ("lead_in_ms", "lead_out_ms"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            if not _real(value) or not math.isfinite(value) or value < 0:
                 raise InputError(f"{name.replace('_ms', '').replace('_', '-')} must be 0 or more milliseconds, "
                                  f"got {value!r}")
         if self.fps > MAX_FPS:
@@ -592,6 +593,10 @@ class Timing:
         start = self.lead_in_ms + delay_ms
         return (self.frames(start), self.frames(start + self.onset_ms), self.frames(start + self.onset_ms + self.apex_ms),
                 self.frames(start + self.event_ms))
+
+
+def _real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 MAX_FPS = 1000.0
@@ -752,7 +757,7 @@ class Plan:
         return 1000.0 * (self.num_frames - 1) / self.fps
 
     def activation(self, au: int) -> np.ndarray:
-        """T: the summed activation of one AU (both sides), 0 where it is absent."""
+        """T: the activation of one AU (the larger of its sides when given per side), 0 where it is absent."""
         rows = [self.activations[k] for k, s in enumerate(self.specs) if s.au == au]
         return np.max(rows, axis=0) if rows else np.zeros(self.num_frames)
 
