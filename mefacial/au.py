@@ -891,21 +891,41 @@ def target_meshes(neutral: np.ndarray, plan: Plan) -> np.ndarray:
 
 @dataclasses.dataclass
 class Appearance:
-    """Per-frame appearance changes as luminance ratios (1 = unchanged), T x H x W float32 each.
+    """The appearance changes of a clip as luminance ratios (1 = unchanged), made a batch of frames at a time.
 
-    `source_ratio` is in the source's geometry: the renderer shades the source with it before warping, so a furrow
-    drawn where the skin is at rest moves with the skin (the dense renderer's `appearance` input).
-    `output_ratio` is in the output's geometry, applied to the rendered frames (the mouth's opening, which has no
-    pixels in a closed-mouth source); None when no AU needs it."""
+    `source_ratio(frames)` is in the source's geometry: the renderer shades the source with it before warping, so a
+    furrow drawn where the skin is at rest moves with the skin (the dense renderer's `appearance` input). It is a
+    sum of fixed maps weighted per frame (K x H x W log-ratio maps, K x T weights), so a long clip costs no more
+    memory than a short one. `apply_output(frames, start)` darkens what geometry cannot show in the output's
+    geometry: the gap of lips parting on a closed-mouth face."""
 
-    source_ratio: np.ndarray  # T x H x W
-    output_ratio: np.ndarray | None = None  # T x H x W
+    log_maps: np.ndarray  # K x H x W
+    weights: np.ndarray  # K x T
+    openings: list  # (strength T, depth) of the lips-parting cues
+    targets: np.ndarray  # T x V x 2, the moved meshes
+    neutral: np.ndarray  # V x 2
+    blur: float  # pixels, of the opening's edge
 
-    def apply_output(self, frames: np.ndarray) -> np.ndarray:
-        """T x H x W x 3 uint8 rendered frames -> with `output_ratio` applied."""
-        if self.output_ratio is None:
-            return frames
-        out = frames.astype(np.float32) * self.output_ratio[..., None]
+    def source_ratio(self, frames: slice) -> np.ndarray:
+        """B x H x W float32 ratios of the frames in `frames`."""
+        weights = self.weights[:, frames]  # K x B
+        return np.exp(np.tensordot(weights.T, self.log_maps, axes=1)).astype(np.float32)
+
+    def apply_output(self, rendered: np.ndarray, start: int = 0) -> np.ndarray:
+        """B x H x W x 3 uint8 rendered frames (clip frames start, start + 1, ...) -> with the mouth's opening."""
+        if not self.openings:
+            return rendered
+        h, w = rendered.shape[1:3]
+        rest = _polygon_mask((h, w), self.neutral[list(MOUTH_OPENING)], blur=self.blur)
+        out = rendered.astype(np.float32)
+        for b in range(len(rendered)):
+            t = start + b
+            level = sum(depth * min(1.0, 2 * float(strength[t])) for strength, depth in self.openings)
+            if level <= 1e-3:
+                continue
+            mask = _polygon_mask((h, w), np.asarray(self.targets[t], np.float64)[list(MOUTH_OPENING)], blur=self.blur)
+            gap = np.clip(mask - rest, 0, 1)  # only what opened, not an opening the face had at rest
+            out[b] *= (1 - min(level, 0.9) * gap)[..., None]
         return np.clip(np.round(out), 0, 255).astype(np.uint8)
 
 
@@ -975,12 +995,10 @@ def appearance(shape: tuple[int, int], neutral: np.ndarray, targets: np.ndarray,
     if not cued:
         return None
     h, w = shape
-    count = len(targets)
     neutral = np.asarray(neutral, np.float64)
     frame = FaceFrame.of(neutral)
     q = frame.to_face(neutral[:NUM_MESH])
-    log_ratio = np.zeros((count, h, w), np.float32)
-    output = None
+    maps, weights, openings = [], [], []
     for spec, strength in cued:
         for cue in AUS[spec.au].cues:
             if cue.kind == "furrow":
@@ -990,27 +1008,21 @@ def appearance(shape: tuple[int, int], neutral: np.ndarray, targets: np.ndarray,
                     face_points = np.where(keep[:, None], face_points, np.nan)
                 line = frame.origin + (face_points * frame.iod) @ frame.axes  # k x 2 pixels
                 crease, ridge = _crease((h, w), line, cue.width * frame.iod)
-                profile_map = np.log(np.clip(1 - cue.depth * crease + 0.15 * cue.depth * ridge, 0.05, None))
-                log_ratio += strength[:, None, None].astype(np.float32) * profile_map[None]
+                maps.append(np.log(np.clip(1 - cue.depth * crease + 0.15 * cue.depth * ridge, 0.05, None)))
+                weights.append(strength)
             elif cue.kind == "lid":  # the lash line darkens along the upper margin as the lid comes down
                 for ring in EYE_RINGS:
-                    margin = neutral[list(ring[:len(ring) // 2 + 1])]
-                    crease, _ = _crease((h, w), margin, 0.008 * frame.iod, taper=False)
-                    profile_map = np.log(np.clip(1 - 0.35 * crease, 0.05, None))
-                    log_ratio += (strength ** 2)[:, None, None].astype(np.float32) * profile_map[None]
+                    crease, _ = _crease((h, w), neutral[list(ring[:len(ring) // 2 + 1])], 0.008 * frame.iod, taper=False)
+                    maps.append(np.log(np.clip(1 - 0.35 * crease, 0.05, None)))
+                    weights.append(strength ** 2)
             elif cue.kind == "opening":  # the gap between the parted lips, darkened as the mouth's interior
                 rest_gap = (q[list(LOWER_LIP_INNER), 1] - q[list(UPPER_LIP_INNER), 1]).max()
                 closed = float(np.clip(1 - rest_gap / 0.05, 0, 1))  # a mouth open at rest shows its own interior
-                if closed <= 0:
-                    continue
-                output = np.ones((count, h, w), np.float32) if output is None else output
-                for t in np.flatnonzero(strength > 1e-3):
-                    moved = np.asarray(targets[t], np.float64)
-                    mask = _polygon_mask((h, w), moved[list(MOUTH_OPENING)], blur=0.006 * frame.iod)
-                    rest = _polygon_mask((h, w), neutral[list(MOUTH_OPENING)], blur=0.006 * frame.iod)
-                    gap = np.clip(mask - rest, 0, 1)  # only what opened, not an opening the face had at rest
-                    output[t] *= 1 - closed * cue.depth * min(1.0, 2 * float(strength[t])) * gap
-    return Appearance(np.exp(log_ratio).astype(np.float32), output)
+                if closed > 0:
+                    openings.append((strength, closed * cue.depth))
+    log_maps = np.stack(maps).astype(np.float32) if maps else np.zeros((0, h, w), np.float32)
+    weights_kt = np.stack(weights).astype(np.float32) if weights else np.zeros((0, len(targets)), np.float32)
+    return Appearance(log_maps, weights_kt, openings, np.asarray(targets), neutral, 0.006 * frame.iod)
 
 
 # ---- presets ---------------------------------------------------------------------------------------------------

@@ -103,12 +103,11 @@ def synthesize(engine: Any, source: Any, aus: str | Sequence, timing: au.Timing 
         state = model.prepare(to_tensor(face, engine.device), neutral)
         for start in range(0, total, engine.batch_size):
             batch = slice(start, min(start + engine.batch_size, total))
-            ratio = None if cues is None else torch.from_numpy(cues.source_ratio[batch])[:, None]  # B x 1 x H x W
-            frames.append(to_uint8(model.render(state, targets[batch], ratio)["prediction"]))
+            ratio = None if cues is None else torch.from_numpy(cues.source_ratio(batch))[:, None]  # B x 1 x H x W
+            out = to_uint8(model.render(state, targets[batch], ratio)["prediction"])
+            frames.append(out if cues is None else cues.apply_output(out, batch.start))
             report(0.05 + 0.95 * batch.stop / total, f"frames {batch.stop}/{total}")
     rendered = np.concatenate(frames)
-    if cues is not None:
-        rendered = cues.apply_output(rendered)
     timings["generator_s"] = time.perf_counter() - t0
     if options.paste_back:
         rendered = video.paste_back(rendered, image, box)
