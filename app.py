@@ -449,31 +449,69 @@ def short_reason(error: MefacialError) -> str:
 
 AU_FPS = [25, 30, 50, 60, 100, 120, 200]
 AU_OFF = "-"
+# One choice per AU: not used, an intensity A-E on both sides, or on the person's right / left side only.
+AU_CHOICES = [AU_OFF, "A", "B", "C", "D", "E"] + [f"{side} {letter}" for side in "RL" for letter in "ABCDE"]
 
 
-def au_spec_from_choices(*letters, previous: str = "") -> str:
-    """The per-AU intensity radios (in `au.SUPPORTED` order; '-' = not used) -> '4:C,7:B'; an AU that the
-    `previous` specification made unilateral ('R12:A') keeps its side."""
+def au_spec_from_choices(*choices) -> str:
+    """The per-AU choices (in `au.SUPPORTED` order: '-', 'C', 'R A' ...) -> '4:C,R12:A'."""
     from mefacial import au
 
-    sides = {}
-    try:
-        sides = {s.au: s.side for s in au.parse_aus(previous)} if str(previous or "").strip() else {}
-    except MefacialError:
-        pass
-    return ",".join(f"{sides.get(n, '')}{n}:{letter}" for n, letter in zip(au.SUPPORTED, letters)
-                    if letter and letter != AU_OFF)
+    items = []
+    for number, choice_ in zip(au.SUPPORTED, choices):
+        if choice_ and choice_ != AU_OFF:
+            side, _, letter = str(choice_).rpartition(" ")
+            items.append(f"{side}{number}:{letter}")
+    return ",".join(items)
 
 
 def au_choices_from_spec(spec: str) -> list[str]:
-    """'4:C,7:B' -> one radio value per library AU ('-' for the absent ones); unilateral and numeric intensities
-    show as the nearest letter."""
+    """'4:C,R12:A' -> one choice per library AU ('-' for the absent ones); a numeric intensity shows as the nearest
+    letter."""
     from mefacial import au
 
     chosen = {}
     for item in au.parse_aus(spec):
-        chosen[item.au] = item.letter or min(au.INTENSITY, key=lambda k: abs(au.INTENSITY[k] - item.intensity))
+        letter = item.letter or min(au.INTENSITY, key=lambda k: abs(au.INTENSITY[k] - item.intensity))
+        chosen[item.au] = f"{item.side} {letter}" if item.side else letter
     return [chosen.get(n, AU_OFF) for n in au.SUPPORTED]
+
+
+def choices_or_unchanged(spec: str) -> list:
+    """The AU choices of a specification being typed; unchanged while it does not parse yet."""
+    from mefacial import au
+
+    try:
+        return au_choices_from_spec(spec)
+    except MefacialError:
+        return [gr.update() for _ in au.SUPPORTED]
+
+
+def synthesis_endpoint(demo: "Demo") -> Callable:
+    """The /synthesize handler: the face, one bounded choice per AU (au1 ... au43: '-', 'A'-'E', 'R A', 'L E' ...),
+    the timing, magnification, appearance and playback speed (no free-text parameter) -> `synthesize_clip`."""
+    import inspect
+
+    from mefacial import au
+
+    count = len(au.SUPPORTED)
+
+    def handler(source, *values, progress=gr.Progress()):
+        choices, rest = values[:count], values[count:]
+        for number, value in zip(au.SUPPORTED, choices):
+            choice(value or AU_OFF, AU_CHOICES, f"AU{number}")
+        spec = au_spec_from_choices(*choices)
+        return synthesize_clip(demo, source, spec, *rest, progress=progress)
+
+    defaults = inspect.signature(synthesize_clip).parameters
+    timing = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=defaults[name].default)
+              for name in ("onset_ms", "apex_ms", "offset_ms", "fps", "lead_in_ms", "lead_out_ms", "magnify",
+                           "appearance", "slowdown")]
+    handler.__signature__ = inspect.Signature(
+        [inspect.Parameter("source", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+        + [inspect.Parameter(f"au{n}", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=AU_OFF) for n in au.SUPPORTED]
+        + timing + [inspect.Parameter("progress", inspect.Parameter.KEYWORD_ONLY, default=gr.Progress())])
+    return user_errors(handler)
 
 
 def synthesize_clip(demo: "Demo", source, aus="6:C,12:C", onset_ms=100.0, apex_ms=60.0, offset_ms=140.0, fps=200,
@@ -540,14 +578,14 @@ def readout_clip(demo: "Demo", clip, slowdown=1.0):
     return str(out)
 
 
-def readout_panel(demo: "Demo", video: gr.components.Component, slowdown: gr.components.Component | None = None,
-                  name: str = "readout"):
+def readout_panel(demo: "Demo", video: gr.components.Component, slowdown: gr.components.Component | None = None):
     """A button and a plot under a result video: the AU-region motion of what the video shows, over time."""
     with gr.Accordion("AU-region motion (readout)", open=False):
         button = gr.Button("Plot what moved, and when", size="sm")
         image = gr.Image(label="AU-region motion (% of the inter-ocular distance)", interactive=False, type="filepath")
     inputs = [video] + ([slowdown] if slowdown is not None else [])
-    button.click(user_errors(functools.partial(readout_clip, demo)), inputs, image, api_name=name,
+    # UI only (api_name=False): the plot reads the result video the page already shows, no file parameter in the API
+    button.click(user_errors(functools.partial(readout_clip, demo)), inputs, image, api_name=False,
                  concurrency_limit=1)
     return image
 
@@ -594,28 +632,30 @@ def action_units_tab(demo: "Demo", default_face: str | None) -> None:
                                      interactive=False, type="filepath", elem_id="a-readout")
                 a_download = gr.File(label="Download", interactive=False, height=70, elem_id="a-download")
                 a_status = gr.Markdown(elem_id="a-status")
-        with gr.Accordion("Action units and intensities", open=True):
+        with gr.Accordion("Action units and intensities (R / L: the person's right / left side only)", open=True):
             radios = []
             rows = list(au.AUS.values())
-            for start in range(0, len(rows), 3):
+            initial = au_choices_from_spec("6:C,12:C")
+            for start in range(0, len(rows), 6):
                 with gr.Row():
-                    for unit in rows[start:start + 3]:
-                        radios.append(gr.Radio([AU_OFF, *au.INTENSITY], value=AU_OFF, label=f"AU{unit.number} {unit.name}",
-                                               info=unit.muscles, min_width=220))
+                    for k, unit in enumerate(rows[start:start + 6], start=start):
+                        radios.append(gr.Dropdown(AU_CHOICES, value=initial[k], label=f"AU{unit.number} {unit.name}",
+                                                  info=unit.muscles, min_width=150))
     for radio in radios:
-        radio.input(lambda previous, *letters: au_spec_from_choices(*letters, previous=previous), [a_spec, *radios],
-                    a_spec, api_name=False, queue=False)
-    a_spec.blur(user_errors(au_choices_from_spec), a_spec, radios, api_name=False, queue=False)
+        radio.input(au_spec_from_choices, radios, a_spec, api_name=False, queue=False)
+    a_spec.input(choices_or_unchanged, a_spec, radios, api_name=False, queue=False, trigger_mode="always_last")
     for name, button in zip(au.PRESETS, preset_buttons):
         spec, source = au.PRESETS[name]
         button.click(lambda spec=spec, name=name, source=source: [spec, f"**{name}** = {spec}: {source}",
                                                                   *au_choices_from_spec(spec)],
                      None, [a_spec, a_preset_note, *radios], api_name=False, queue=False)
-    timing_inputs = [a_spec, a_onset, a_apex, a_offset, a_fps, a_lead_in, a_lead_out]
-    gr.on([c.change for c in timing_inputs], functools.partial(timing_preview, demo), timing_inputs, a_timing,
-          api_name=False, trigger_mode="always_last")
-    a_button.click(user_errors(functools.partial(synthesize_clip, demo)),
-                   [a_source, a_spec, a_onset, a_apex, a_offset, a_fps, a_lead_in, a_lead_out, a_magnify,
+    timing_inputs = [a_onset, a_apex, a_offset, a_fps, a_lead_in, a_lead_out]
+    count = len(radios)
+    gr.on([c.change for c in [*radios, *timing_inputs]],
+          lambda *values: timing_preview(demo, au_spec_from_choices(*values[:count]), *values[count:]),
+          [*radios, *timing_inputs], a_timing, api_name=False, trigger_mode="always_last")
+    a_button.click(synthesis_endpoint(demo),
+                   [a_source, *radios, a_onset, a_apex, a_offset, a_fps, a_lead_in, a_lead_out, a_magnify,
                     a_appearance, a_slowdown],
                    [a_result, a_readout, a_download, a_status], api_name="synthesize", concurrency_limit=1,
                    preprocess=False)

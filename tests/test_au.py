@@ -291,7 +291,8 @@ def test_app_action_units_handlers(tmp_path):
     assert app.au_choices_from_spec("4:C")[au.SUPPORTED.index(4)] == "C"
     letters = app.au_choices_from_spec("R12:A,R14:A")
     letters[au.SUPPORTED.index(4)] = "B"  # the user adds AU4B to the contempt preset
-    assert app.au_spec_from_choices(*letters, previous="R12:A,R14:A") == "4:B,R12:A,R14:A"
+    assert app.au_spec_from_choices(*letters) == "4:B,R12:A,R14:A"
+    assert all(c in app.AU_CHOICES for c in letters)
     demo = app.Demo(mefacial.Engine(device="cpu", landmarks="dlib"), app.Limits())
     video, plot, download, status = app.synthesize_clip(demo, str(EXAMPLE), "1:C,2:C,5:B", 60, 40, 120, 200,
                                                         progress=lambda *a, **k: None)
@@ -305,6 +306,12 @@ def test_app_action_units_handlers(tmp_path):
 
     with pytest.raises(gr.Error):
         app.user_errors(app.synthesize_clip)(demo, str(EXAMPLE), "3:C", progress=lambda *a, **k: None)
+    endpoint = app.synthesis_endpoint(demo)  # the API: one bounded choice per AU, no free text
+    video, plot, download, status = endpoint(str(EXAMPLE), *["-"] * len(au.SUPPORTED[:-1]), "E", 40, 20, 40, 100,
+                                             progress=lambda *a, **k: None)
+    assert "AU43E" in status and "11 frames" in status
+    with pytest.raises(gr.Error):
+        endpoint(str(EXAMPLE), "Z", progress=lambda *a, **k: None)
 
 
 @pytest.mark.slow
