@@ -590,7 +590,7 @@ def readout_panel(demo: "Demo", video: gr.components.Component, slowdown: gr.com
     return image
 
 
-def action_units_tab(demo: "Demo", default_face: str | None) -> None:
+def action_units_tab(demo: "Demo", default_face: str | None, blocks: gr.Blocks) -> None:
     """The 'Action units' tab: pick AUs and FACS intensities (or a preset of the literature), the timing and the
     playback speed; the synthesised clip plays next to its AU-region readout."""
     from mefacial import au
@@ -608,7 +608,7 @@ def action_units_tab(demo: "Demo", default_face: str | None) -> None:
                 with gr.Row():
                     preset_buttons = [gr.Button(name, size="sm") for name in au.PRESETS]
                 a_preset_note = gr.Markdown(elem_id="a-preset-note")
-                a_spec = gr.Textbox("6:C,12:C", label="AU specification (AU:intensity, comma-separated; R/L prefix "
+                a_spec = gr.Textbox("", label="AU specification (AU:intensity, comma-separated; R/L prefix "
                                     "= one side)", elem_id="a-spec")
                 with gr.Row():
                     a_onset = gr.Slider(5, 500, value=100, step=5, label="Onset (ms)")
@@ -635,20 +635,23 @@ def action_units_tab(demo: "Demo", default_face: str | None) -> None:
         with gr.Accordion("Action units and intensities (R / L: the person's right / left side only)", open=True):
             radios = []
             rows = list(au.AUS.values())
-            initial = au_choices_from_spec("6:C,12:C")
             for start in range(0, len(rows), 6):
                 with gr.Row():
-                    for k, unit in enumerate(rows[start:start + 6], start=start):
-                        radios.append(gr.Dropdown(AU_CHOICES, value=initial[k], label=f"AU{unit.number} {unit.name}",
+                    for unit in rows[start:start + 6]:  # '-' by default: an AU left out of an API call is not used
+                        radios.append(gr.Dropdown(AU_CHOICES, value=AU_OFF, label=f"AU{unit.number} {unit.name}",
                                                   info=unit.muscles, min_width=150))
     for radio in radios:
         radio.input(au_spec_from_choices, radios, a_spec, api_name=False, queue=False)
     a_spec.input(choices_or_unchanged, a_spec, radios, api_name=False, queue=False, trigger_mode="always_last")
-    for name, button in zip(au.PRESETS, preset_buttons):
+    def preset(name: str) -> list:
         spec, source = au.PRESETS[name]
-        button.click(lambda spec=spec, name=name, source=source: [spec, f"**{name}** = {spec}: {source}",
-                                                                  *au_choices_from_spec(spec)],
-                     None, [a_spec, a_preset_note, *radios], api_name=False, queue=False)
+        return [spec, f"**{name}** = {spec}: {source}", *au_choices_from_spec(spec)]
+
+    for name, button in zip(au.PRESETS, preset_buttons):
+        button.click(functools.partial(preset, name), None, [a_spec, a_preset_note, *radios], api_name=False,
+                     queue=False)
+    blocks.load(functools.partial(preset, "positive"), None, [a_spec, a_preset_note, *radios], api_name=False,
+                queue=False)  # the page opens with a preset chosen
     timing_inputs = [a_onset, a_apex, a_offset, a_fps, a_lead_in, a_lead_out]
     count = len(radios)
     gr.on([c.change for c in [*radios, *timing_inputs]],
@@ -882,7 +885,7 @@ def build_demo(engine: mefacial.Engine, limits: Limits | None = None) -> gr.Bloc
             if pairs:
                 gr.Examples(pairs, inputs=[c_source, c_driving], label="Examples")
 
-        action_units_tab(demo_state, str(EXAMPLE_FACE) if EXAMPLE_FACE.exists() else None)
+        action_units_tab(demo_state, str(EXAMPLE_FACE) if EXAMPLE_FACE.exists() else None, demo)
 
         with gr.Accordion("Variants and weights", open=False):
             v_table = gr.Markdown(variants_markdown(engine, variants), elem_id="variants")

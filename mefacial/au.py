@@ -617,9 +617,15 @@ class AUSpec:
 
     @property
     def label(self) -> str:
-        """FACS notation: 'R12A', '4C', '43E'."""
+        """FACS notation: '4C', '43E', 'R12A' (one side)."""
         strength = self.letter if self.letter else f"{self.intensity:.2f}"
         return f"{self.side}{self.au}{strength}"
+
+    @property
+    def notation(self) -> str:
+        """'AU4C', 'AU12A(R)'."""
+        strength = self.letter if self.letter else f"{self.intensity:.2f}"
+        return f"AU{self.au}{strength}" + (f"({self.side})" if self.side else "")
 
 
 _TOKEN = re.compile(r"^(?:AU)?\s*([LRU]?)\s*(\d+)\s*(?::\s*([A-Za-z]|[0-9.]+))?"
@@ -707,8 +713,8 @@ def _checked(spec: AUSpec) -> AUSpec:
 
 
 def describe(specs: Sequence[AUSpec]) -> str:
-    """'AU4C+AU7B' (FACS notation)."""
-    return "+".join(f"AU{s.label}" for s in specs)
+    """'AU4C+AU7B', 'AU12A(R)+AU14A(R)' (FACS notation, the side of a unilateral AU in brackets)."""
+    return "+".join(s.notation for s in specs)
 
 
 # ---- timing ----------------------------------------------------------------------------------------------------

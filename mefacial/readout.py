@@ -204,7 +204,7 @@ def plot_plan(plan, path: str | Path | None = None) -> np.ndarray:
     its maximum (E = 100), with the apex marked -> H x W x 3 uint8 (and a PNG at `path`)."""
     from . import au as au_lib
 
-    curves = RegionMotion([f"AU{s.label}" for s in plan.specs], 100.0 * plan.activations.T, 100.0 * plan.activations.T,
+    curves = RegionMotion([s.notation for s in plan.specs], 100.0 * plan.activations.T, 100.0 * plan.activations.T,
                           plan.fps)
     first = min(a for a, _ in plan.apex_frames)
     last = max(b for _, b in plan.apex_frames)
