@@ -37,6 +37,7 @@ import gradio as gr
 
 import mefacial
 from mefacial import checkpoints as weights_registry
+from mefacial import hardware
 from mefacial.console import monotone
 from mefacial.errors import MefacialError, NoFaceError, sentence
 from mefacial.evaluate import compare_columns, first_line
@@ -234,6 +235,31 @@ def user_errors(fn: Callable) -> Callable:
                              "Try again, or report it with the inputs that caused it") from None
 
     return wrapper
+
+
+def zero_gpu_handlers(demo: "Demo") -> None:
+    """On a ZeroGPU Space, run the handlers that use the engine as `@spaces.GPU` tasks (`mefacial.hardware`),
+    each asking for GPU time in proportion to its request's frames and variants; elsewhere nothing changes.
+
+    Engine errors become gr.Error inside the GPU call, so that their message (not just their class) reaches
+    the page."""
+    if not hardware.on_zero_gpu():
+        return
+
+    def frames(driving: Any) -> int:
+        try:
+            return read_clip(upload_path(driving, "driving clip"), limits=demo.limits.files).num_frames
+        except Exception:  # noqa: BLE001 - the handler reports the problem; ask for the longest clip allowed
+            return demo.limits.max_frames
+
+    durations = {
+        "generate": lambda source, driving=None, *a, **k: hardware.gpu_seconds(frames(driving)),
+        "compare": lambda source, driving=None, variants=None, *a, **k: hardware.gpu_seconds(
+            frames(driving), len(variants or demo.variants)),
+        "prior": lambda *a, **k: hardware.gpu_seconds(2, 2),
+    }
+    for name, duration in durations.items():
+        setattr(demo, name, hardware.gpu_handler(user_errors(getattr(demo, name)), demo.engine, duration))
 
 
 class Demo:
@@ -716,6 +742,7 @@ def build_demo(engine: mefacial.Engine, limits: Limits | None = None) -> gr.Bloc
     Launch it with `launch(demo, ...)`."""
     limits = limits or Limits()
     demo_state = Demo(engine, limits)
+    zero_gpu_handlers(demo_state)
     variants = demo_state.variants
     pairs = examples()
     landmarks0 = default_landmarks(engine)
@@ -1006,16 +1033,26 @@ def warm_up(engine: mefacial.Engine) -> float | None:
     return seconds
 
 
+def start_up_work(engine: mefacial.Engine) -> None:
+    """After the server starts: the warm-up, then on a ZeroGPU Space the models of every learned variant that
+    can load (weights present or downloadable), on the CPU, so that each GPU call only moves them."""
+    warm_up(engine)
+    if hardware.on_zero_gpu():
+        hardware.preload(engine, [v["id"] for v in mefacial.list_variants() if v["needs_weights"]])
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("mefacial").setLevel(logging.DEBUG if args.debug else logging.INFO)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's own start-up probes, one line each
+    if hardware.on_zero_gpu():
+        hardware.import_spaces()  # before anything touches CUDA
     try:
         for variant, _ in args.checkpoint:
             get_variant(variant)  # an unknown id fails here, listing the known ones
-        engine = mefacial.Engine(device=args.device, precision=args.precision, landmarks=args.landmarks,
-                                 checkpoints=dict(args.checkpoint))
+        engine = mefacial.Engine(device=hardware.startup_device(args.device), precision=args.precision,
+                                 landmarks=args.landmarks, checkpoints=dict(args.checkpoint))
     except MefacialError as exc:
         raise SystemExit(f"error: {exc.cli_message}") from None
     limits = Limits(max_upload_mb=args.max_upload_mb, max_frames=args.max_frames, max_seconds=args.max_seconds,
@@ -1025,7 +1062,7 @@ def main(argv: list[str] | None = None) -> None:
     launch(demo, host=args.host, port=args.port, share=args.share, prevent_thread_lock=True)
     log.info("serving %s, %.1f s after start", demo.local_url, time.monotonic() - STARTED)
     # The warm-up runs beside the server, once it serves: the page never waits for it.
-    threading.Thread(target=warm_up, args=(engine,), name="warm-up", daemon=True).start()
+    threading.Thread(target=start_up_work, args=(engine,), name="warm-up", daemon=True).start()
     demo.block_thread()  # until Ctrl-C or SIGTERM
 
 

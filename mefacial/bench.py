@@ -88,10 +88,51 @@ def _sway(image: np.ndarray, frames: int) -> np.ndarray:
     return to_uint8(torch.nn.functional.grid_sample(source, grid, padding_mode="border", align_corners=False))
 
 
+SYNTHETIC = "synthetic"  # the landmark choice of speed runs on machines without a detector (no dlib)
+
+
+def synthetic_landmarks(size: int) -> np.ndarray:
+    """68 points in the iBUG layout of a frontal face filling a `size` frame (1 x 68 x 2, pixels): jaw,
+    brows, nose, eyes and mouth at textbook proportions. For speed runs only: they follow no real face."""
+    u = lambda a, b, n: np.linspace(a, b, n)  # noqa: E731
+    t = u(np.pi, 0, 17)
+    jaw = np.stack([0.5 + 0.36 * np.cos(t), 0.45 + 0.42 * np.sin(t)], 1)  # 0-16, ear to ear under the chin
+    brows = [np.stack([u(x0, x1, 5), 0.33 - 0.03 * np.sin(u(0, np.pi, 5))], 1) for x0, x1 in ((0.22, 0.44), (0.56, 0.78))]
+    nose = np.concatenate([np.stack([np.full(4, 0.5), u(0.4, 0.58, 4)], 1),  # 27-30 bridge
+                           np.stack([u(0.43, 0.57, 5), 0.63 - 0.015 * np.sin(u(0, np.pi, 5))], 1)])  # 31-35
+    angles = np.pi - np.arange(6) * np.pi / 3  # 6 points around each eye, from its outer corner
+    eyes = [np.stack([cx + 0.07 * np.cos(angles), 0.41 - 0.025 * np.sin(angles)], 1) for cx in (0.33, 0.67)]
+    outer, inner = np.arange(12) * np.pi / 6, np.arange(8) * np.pi / 4
+    mouth = np.concatenate([np.stack([0.5 - 0.12 * np.cos(outer), 0.76 - 0.05 * np.sin(outer)], 1),  # 48-59
+                            np.stack([0.5 - 0.08 * np.cos(inner), 0.76 - 0.02 * np.sin(inner)], 1)])  # 60-67
+    points = np.concatenate([jaw, *brows, nose, *eyes, mouth]) * size  # 68 x 2
+    return points[None].astype(np.float32)
+
+
+def _sway_points(points: np.ndarray, frames: int, size: int) -> np.ndarray:
+    """T x 68 x 2: `points` (1 x 68 x 2) carried by the motion `_sway` gives the image."""
+    t = np.linspace(0, 2 * math.pi, frames)
+    shift = SWAY_PX * 2 / size
+    scale = 1 + 0.5 * shift * np.sin(t)  # grid_sample samples the input at scale * p + offset
+    offset = np.stack([shift * np.sin(t), shift * np.cos(t) - shift], 1)  # T x 2
+    normalized = (2 * points + 1) / size - 1  # 1 x 68 x 2, align_corners=False
+    moved = (normalized - offset[:, None]) / scale[:, None, None]  # where each input point lands
+    return ((moved + 1) * size - 1) / 2
+
+
 def bench_inputs(size: int, frames: int, data: Path | None = None, landmarks: str = "dlib") -> BenchInputs:
     """A real micro-expression clip and face from `data` (MEFACIAL_DATA layout) when there, else a
     synthetic one (scikit-image's astronaut, swaying), cut to `size` and `frames` (a short clip is
-    played back and forth), with their landmarks."""
+    played back and forth), with their landmarks. `landmarks="synthetic"` needs no detector: the synthetic
+    clip with `synthetic_landmarks` moved by the same sway (speed runs; the images and points do not match)."""
+    if landmarks == SYNTHETIC:
+        from skimage.data import astronaut
+
+        source = video.resize_frames(astronaut()[30:230, 125:325][None], size, size)[0]  # around the face
+        points = synthetic_landmarks(size)
+        return BenchInputs(source, _sway(source, frames), points, _sway_points(points, frames, size).astype(np.float32),
+                           f"synthetic: scikit-image astronaut, {size}x{size}, swaying {SWAY_PX} px; synthetic "
+                           "landmarks (a fixed 68-point layout moved with the sway, not detected)")
     detector = get_detector(landmarks)
     clip = _first_clip(data)
     if clip is not None:
@@ -327,7 +368,7 @@ def run(variants: Sequence[str] = DEFAULT_VARIANTS, frames: int = 16, batch_size
         precisions: Sequence[str] = ("fp32", "bf16", "fp16"), device: str = "auto", repeats: int = 3,
         seed: int = 0, data: Path | None = None, compile: bool = False, channels_last: bool | None = None,
         fuse: bool = True, configs: dict[str, ModelConfig] | None = None, inputs: BenchInputs | None = None,
-        log: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
+        landmarks: str = "dlib", log: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
     """Benchmark `variants` (fast path at each precision against the per-frame fp32 loop); a JSON-able report.
 
     `configs` replaces the published config of a variant (tests use tiny ones); `inputs` replaces the
@@ -347,7 +388,7 @@ def run(variants: Sequence[str] = DEFAULT_VARIANTS, frames: int = 16, batch_size
         raise InputError(f"the variants' configs have different image sizes {sorted(size)}; benchmark them separately")
     size = size.pop()
     log(f"inputs: {frames} frames at {size}x{size}")
-    inputs = inputs or bench_inputs(size, frames, data)
+    inputs = inputs or bench_inputs(size, frames, data, landmarks)
     frames = len(inputs.driving)
     engines = {p: Engine(device=device_t, precision=p, batch_size=batch_size, landmarks="dlib", compile=compile,
                          channels_last=channels_last, fuse=fuse) for p in kept}
@@ -355,13 +396,13 @@ def run(variants: Sequence[str] = DEFAULT_VARIANTS, frames: int = 16, batch_size
     loop_engine = Engine(device=device_t, precision="fp32", channels_last=False)
 
     needs_landmarks = any(s.needs_landmarks for s in specs)
-    landmarks = {"fast": [], "loop": []}
-    if needs_landmarks:
+    landmark_times: dict[str, list[float]] = {"fast": [], "loop": []}
+    if needs_landmarks and landmarks != SYNTHETIC:  # synthetic: none detected, none timed
         for _ in range(repeats):
-            fast_s, loop_s = landmark_seconds(inputs)
-            landmarks["fast"].append(fast_s)
-            landmarks["loop"].append(loop_s)
-    landmark_ms = {path: 1000 * _median(times) / frames for path, times in landmarks.items()}
+            fast_s, loop_s = landmark_seconds(inputs, landmarks)
+            landmark_times["fast"].append(fast_s)
+            landmark_times["loop"].append(loop_s)
+    landmark_ms = {path: 1000 * _median(times) / frames if times else 0.0 for path, times in landmark_times.items()}
 
     rows: list[dict[str, Any]] = []
     for spec in specs:
@@ -431,7 +472,8 @@ def run(variants: Sequence[str] = DEFAULT_VARIANTS, frames: int = 16, batch_size
                      "precisions": kept, "skipped_precisions": skipped, "repeats": repeats, "seed": seed,
                      "image_size": size, "inputs": inputs.origin, "compile": compile, "fuse": fuse,
                      "channels_last": engines["fp32"].memory_format == torch.channels_last,
-                     "motion": MOTION, "landmarks": "dlib" if needs_landmarks else None},
+                     "motion": MOTION,
+                     "landmarks": None if not needs_landmarks else landmarks + (" (not timed)" if landmarks == SYNTHETIC else "")},
         "rows": rows,
         "targets": targets(rows),
     }
@@ -494,7 +536,7 @@ def format_table(report: dict[str, Any]) -> str:
         + f", native bf16: {m['native_bf16']}" + (f", load average {m['load_average']}" if "load_average" in m else ""),
         f"Inputs: {s['inputs']}; {s['frames']} frames, batch {s['batch_size']}, {s['repeats']} repeats (medians), "
         f"random weights (seed {s['seed']}), channels_last {s['channels_last']}, "
-        f"fused {s['fuse']}, compile {s['compile']}",
+        f"fused {s['fuse']}, compile {s['compile']}, landmarks {s['landmarks']}",
         "",
         "| variant | path | precision | landmarks | prior | motion | generator | end-to-end ms/frame | fps "
         "| peak MiB | GFLOP/frame | GFLOP/s | speed-up | max abs diff vs loop | PSNR vs fp32 dB |",
@@ -609,6 +651,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        help="NHWC tensors on the fast path (default: the engine's choice for the device)")
     bench.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=True,
                        help="fold batch norms and upsampling into the convs on the fast path (default: on)")
+    bench.add_argument("--landmarks", default="dlib", choices=["dlib", "fan", SYNTHETIC],
+                       help="landmark backend of the inputs (timed as a stage); synthetic: a fixed 68-point layout "
+                            "on the synthetic clip, nothing detected or timed (speed runs without a detector)")
     bench.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
     bench.add_argument("--training-free", action="store_true",
                        help="time the training-free generators (dense, dense-geometry, warp, or --variants) end to end "
@@ -637,7 +682,8 @@ def main(args: argparse.Namespace) -> int:
         raise InputError(f"unknown precision(s) {bad}; use {', '.join(PRECISIONS)}")
     report = run(variants, frames=args.frames, batch_size=args.batch_size, precisions=precisions, device=args.device,
                  repeats=args.repeats, seed=args.seed, data=args.data, compile=args.compile,
-                 channels_last=args.channels_last, fuse=args.fuse, log=lambda message: print(message, flush=True))
+                 channels_last=args.channels_last, fuse=args.fuse, landmarks=args.landmarks,
+                 log=lambda message: print(message, flush=True))
     print(format_table(report))
     if args.json is not None:
         args.json.write_text(json.dumps(report, indent=2, default=float))

@@ -184,6 +184,7 @@ class Engine:
         self.fuse = fuse
         self.compile = compile
         self._cache = ModelCache(self._for_inference)
+        self._device_defaults = (batch_size is None, channels_last is None)  # re-chosen by `to(device)`
 
     # ---- models -------------------------------------------------------------------------
     def inference_context(self) -> contextlib.AbstractContextManager:
@@ -195,6 +196,26 @@ class Engine:
         cached (`ModelCache`: no request waits for another variant's download)."""
         spec = get_variant(variant)
         return self._cache.get(spec, checkpoint or self.checkpoint_overrides.get(spec.id))
+
+    def to(self, device: str | torch.device) -> "Engine":
+        """Move the engine and every cached model to `device`; returns the engine.
+
+        For hosts where the GPU exists only for a while (a ZeroGPU Space: `mefacial.hardware`): models load
+        on the CPU at start-up and move to the GPU inside each GPU call. The precision is checked for the
+        new device; the batch size and memory format follow it unless they were given explicitly."""
+        device = pick_device(device)
+        if device == self.device:
+            return self
+        dtype = check_precision(self.precision, device)
+        default_batch, default_layout = self._device_defaults
+        self.device, self.dtype = device, dtype
+        if default_batch:
+            self.batch_size = 32 if device.type == "cuda" else 4
+        if default_layout:
+            channels_last = device.type == "cpu" or (device.type == "cuda" and dtype != torch.float32)
+            self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self._cache.apply(lambda model: model.to(device, memory_format=self.memory_format))
+        return self
 
     def use_model(self, variant: str, model: nn.Module, weights: str = "in-memory") -> nn.Module:
         """Serve `variant` with an already built model (random weights for tests and benchmarks, a training run);

@@ -35,6 +35,21 @@ def require(path: Path, what: str) -> Path:
     pytest.skip(message)
 
 
+def device_under_test():
+    """The device the reference-fixture tests run their models on: $MEFACIAL_TEST_DEVICE (default cpu; e.g.
+    cuda in scripts/gpu_check.sh). On CUDA, TF32 is turned off so that float32 is float32 and the fixtures'
+    tolerances apply unchanged."""
+    import torch
+
+    device = torch.device(os.environ.get("MEFACIAL_TEST_DEVICE") or "cpu")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            pytest.fail(f"MEFACIAL_TEST_DEVICE={device} but torch sees no CUDA GPU")
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    return device
+
+
 def model_fixture_dirs() -> list[Path]:
     """Every model fixture folder (one with checkpoint.pth.tar and meta.json), discovered from files."""
     if not FIXTURES.exists():
