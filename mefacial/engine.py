@@ -66,6 +66,8 @@ class AnimationResult:
     crop_box: tuple | None = None
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
     options: AnimateOptions | None = None  # as run (adapt_scale resolved)
+    meshes: np.ndarray | None = None  # T x V x 2: the output's face mesh (synthesised clips: the moved meshes)
+    action_units: dict | None = None  # synthesised clips: the AU specification, intensities and timing
 
     @property
     def num_frames(self) -> int:
@@ -494,6 +496,21 @@ class Engine:
             landmark_backend=clip_run.landmark_backend, crop_box=prepared.source_box, timings=timings,
             options=clip_run.options,
         )
+
+    def synthesize(self, source: Any, aus: Any, timing: Any = None, options: Any = None,
+                   progress: ProgressFn | None = None, **overrides) -> AnimationResult:
+        """A micro-expression of the face in `source` from a FACS specification, with no driving clip.
+
+        `aus`: '4:C,7:B' (AU:intensity A-E; see `mefacial.au.parse_aus`) or a list of `au.AUSpec`; `timing`: an
+        `au.Timing` (onset / apex / offset ms, fps, lead-in / lead-out; default a 300 ms event at 200 fps);
+        `options`: a `synthesis.SynthesisOptions` (crop, margin, paste_back, magnify, appearance, landmarks; the
+        animation options' fields of the same names are taken too), or its fields as keyword arguments. Returns
+        the same `AnimationResult` as `animate`, with the moved meshes and the specification (`meshes`,
+        `action_units`)."""
+        from .synthesis import SynthesisOptions, synthesize
+
+        options = dataclasses.replace(SynthesisOptions.of(options), **overrides)
+        return synthesize(self, source, aus, timing, options, progress)
 
     def compare(self, source: Any, driving: Any, variants: Sequence[str], options: AnimateOptions | None = None, *,
                 progress: ProgressFn | None = None, **changes: Any) -> dict[str, AnimationResult | MefacialError]:
