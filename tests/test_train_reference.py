@@ -85,6 +85,8 @@ class TrainReference:
         tolerance = self.meta["tolerance"][precision]
         self.expected = load_file(str(folder / tolerance["file"].split()[0]))
         self.rtol, self.param_rtol = tolerance["rtol_per_tensor"], tolerance["grad_abs_sum_param_rtol"]
+        reference64 = folder / self.meta["tolerance"]["float64"]["file"].split()[0]  # the original's float64 run
+        self.reference64 = load_file(str(reference64)) if dtype == torch.float32 and reference64.exists() else {}
 
         model_config = config_from_reference(block, self.meta, name=folder.name)
         vgg_file = (folder / self.meta["vgg19_weights"]).resolve()
@@ -236,11 +238,28 @@ class TrainReference:
             got = got.float().double()
         err = (got - expected).abs().max().item()
         if key in self.rtol:
-            return err, self.rtol[key] * expected.abs().max().item()
+            return err, max(self.rtol[key] * expected.abs().max().item(), self.float32_scatter(key))
         head, _, rest = key.partition(".param.")
         assert rest, f"{self.folder.name}: no tolerance for {key} in meta.json"
         module_total = self.expected[f"{head}.module.{rest.split('.')[0]}"].double().abs().item()
         return err, self.param_rtol * module_total
+
+    def float32_scatter(self, key: str) -> float:
+        """The float32 rounding scatter of a module's gradient sum, from the fixture itself (0 otherwise).
+
+        meta.json sets each tolerance at 5x the distance of the original's float32 run from its float64 run.
+        For a module total (`grad_abs_sum.module.M`) that distance can be a lucky cancellation: the original's
+        per-parameter sums err in opposite directions and net to almost nothing (mraa_none's bg_predictor:
+        -7e-6 of the total from parts of +-2.5e-4), which no faithful float32 reimplementation can hold
+        (changing only the convolution library moves this sum by 7e-4; benchmarks/train_float32_noise.py).
+        So, in float32 only, a module total may also differ by 5x the sum of its parameters' |float32 - float64|
+        distances in the original's own runs: the same margin, without the cancellation. float64 stays strict."""
+        head, _, module = key.partition(".module.")
+        if self.dtype != torch.float32 or not module or not self.reference64:
+            return 0.0
+        prefix = f"{head}.param.{module}."
+        return 5 * sum((self.expected[k].double() - self.reference64[k].double()).abs().sum().item()
+                       for k in self.expected if k.startswith(prefix) and k in self.reference64)
 
     def check(self, keys: list[str]) -> None:
         failures = []
