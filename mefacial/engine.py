@@ -382,11 +382,17 @@ class Engine:
         model, _ = self.model(spec, checkpoint)  # fail on missing weights before any detection
         prepared = self.prepare(source, driving, options, size=model.config.image_size, progress=report,
                                 source_landmarks=source_landmarks, driving_landmarks=driving_landmarks)
-        return self._collect(prepared, spec, options, checkpoint, report, started)
+        return self.collect(prepared, spec, options, checkpoint=checkpoint, progress=report, started=started)
 
-    def _collect(self, prepared: PreparedClip, spec: Variant, options: AnimateOptions, checkpoint, report: ProgressFn,
-                 started: float) -> AnimationResult:
-        """Run one variant over an in-memory prepared clip and gather everything into an AnimationResult."""
+    def collect(self, prepared: PreparedClip, variant: str | Variant, options: AnimateOptions | None = None, *,
+                checkpoint: str | Path | None = None, progress: ProgressFn | None = None,
+                started: float | None = None) -> AnimationResult:
+        """`run` one variant over an in-memory prepared clip and gather its frames and what they were made from
+        into an AnimationResult (timings from `started`, default now)."""
+        spec = get_variant(variant)
+        options = options or prepared.options
+        report = progress or (lambda fraction, message: None)
+        started = time.perf_counter() if started is None else started
         if spec.needs_landmarks:
             report(0.02, "landmarks")
             self.find_landmarks(prepared, spec)
@@ -437,7 +443,7 @@ class Engine:
                         prepared[size] = exc
                 if isinstance(prepared[size], MefacialError):
                     raise prepared[size]
-                results[variant] = self._collect(prepared[size], spec, options, None, report, started)
+                results[variant] = self.collect(prepared[size], spec, options, progress=report, started=started)
             except MefacialError as exc:
                 results[variant] = exc
         return results

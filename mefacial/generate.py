@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from .errors import InputError, MefacialError
+from .options import AnimateOptions
 from .video import ANIMATED_IMAGE_EXTENSIONS, IMAGE_EXTENSIONS, MP4_EXTENSIONS, list_frame_files, natural_key
 
 log = logging.getLogger("mefacial")
@@ -278,30 +279,21 @@ def write_pairs(pairs: Sequence[Pair], path: str | os.PathLike) -> Path:
 
 
 @dataclasses.dataclass(frozen=True)
-class Settings:
-    """How every pair is animated and written; recorded in the manifest and compared on resume."""
+class Settings(AnimateOptions):
+    """How every pair is animated (the AnimateOptions) and written; recorded in the manifest and compared on
+    resume. `landmarks` and `precision` are recorded as the engine runs them."""
 
-    motion: str = "relative"
-    adapt_scale: bool | None = None  # None: the backbone's default (FOMM off, MRAA on)
-    magnify: float = 1.0
-    crop: bool = True
-    margin: float = 0.0
-    smooth: bool = True
-    paste_back: bool = False
-    fps: float | None = None  # driving frame rate when the files lack one
-    slowdown: float = 1.0
     format: str = "mp4"
-    landmarks: str = "auto"  # the engine's landmark backend and precision (`generate` records the engine's)
     precision: str = "fp32"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.format not in OUTPUT_FORMATS:
             raise InputError(f"output format {self.format!r} is not supported; use one of {OUTPUT_FORMATS}")
 
-    def animate_options(self) -> dict[str, Any]:
-        """Keyword arguments of Engine.animate."""
-        return dict(motion=self.motion, adapt_scale=self.adapt_scale, magnify=self.magnify, crop=self.crop,
-                    margin=self.margin, smooth=self.smooth, paste_back=self.paste_back, fps=self.fps)
+    def animate_options(self) -> AnimateOptions:
+        """The animation options alone (what Engine.animate takes)."""
+        return AnimateOptions(**{name: getattr(self, name) for name in AnimateOptions.names()})
 
     def fingerprint(self) -> str:
         """Short hash of the settings: a finished pair counts as done only under the same one."""
@@ -557,7 +549,7 @@ def generate(pairs: Sequence[Pair], variants: Sequence[str], out_dir: str | os.P
                     raise InputError(pair.error)
                 if variant in broken:  # the variant cannot run at all: same error, no new attempt
                     raise InputError(f"{variant} cannot run: {broken[variant]}") from broken[variant]
-                result = engine.animate(pair.source, pair.driving, variant=variant, **settings.animate_options())
+                result = engine.animate(pair.source, pair.driving, variant=variant, options=settings.animate_options())
                 final = out_dir / record["output"]
                 final.parent.mkdir(parents=True, exist_ok=True)
                 tmp = partial / final.name

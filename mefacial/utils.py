@@ -17,3 +17,9 @@ def timer(seconds: dict[str, float], key: str, device: torch.device | None = Non
     if device is not None and device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds[key] = seconds.get(key, 0.0) + time.perf_counter() - t0
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message (its type's name when it has none)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
