@@ -4,22 +4,31 @@
     python app.py --checkpoint fomm-awp=weights/fomm-awp.pth.tar --device cuda
 
 The UI only calls the engine (`mefacial.Engine`) and renders its results; any
-`MefacialError` becomes a `gr.Error` with the engine's message (cause and remedy).
+`MefacialError` becomes a `gr.Error` with the error's page wording (a short title and at most
+three plain sentences: `MefacialError.page_message`), logged as one line.
 Handlers share no mutable state: each request writes into its own temporary folder.
 Every action has an `api_name`, so `gradio_client` can call it (see the README).
 """
 
 from __future__ import annotations
 
+import os
+import sys
+import time
+
+STARTED = time.monotonic()  # before the slow imports: the start-up time logged when the page serves
+if __name__ == "__main__" and not sys.stderr.isatty():  # a log, not a terminal: no progress bars (read at import)
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
 import argparse
 import atexit
 import functools
 import logging
-import os
 import shutil
 import signal
 import tempfile
-import time
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -28,9 +37,11 @@ import gradio as gr
 
 import mefacial
 from mefacial import checkpoints as weights_registry
-from mefacial.errors import MefacialError, WeightsNotFoundError
+from mefacial.console import monotone
+from mefacial.errors import MefacialError, NoFaceError, sentence
 from mefacial.evaluate import compare_columns, first_line
 from mefacial.grid import Column, prior_panels, render_grid
+from mefacial.landmarks import get_detector
 from mefacial.models import backbones
 from mefacial.options import AnimateOptions
 from mefacial.variants import find_variant, get_variant, variant_ids
@@ -44,7 +55,6 @@ EXAMPLES = REPO / "examples"
 EXAMPLE_FACE = EXAMPLES / "astronaut.png"
 EXAMPLE_CLIP = EXAMPLES / "brow_raise.mp4"
 CLIP_TYPES = [".mp4", ".gif", ".webm", ".avi", ".mov", ".mkv", ".m4v"]
-NO_WEIGHTS = "no weights: see checkpoints/README.md"
 
 # Labels and capabilities come from the backbone specs and the variant registry (mefacial.models, mefacial.variants).
 BACKBONES = {name: spec.label for name, spec in backbones().items()}
@@ -83,51 +93,67 @@ def variant_id(backbone: str, prior: str) -> str:
     try:
         return find_variant(backbone, prior).id
     except MefacialError as exc:
-        raise gr.Error(str(exc)) from None
+        raise titled_error("Invalid option", exc.page_message) from None
 
 
-def weights_status(engine: mefacial.Engine, variants: list[dict], allow_download: bool = True) -> dict[str, str | None]:
-    """Variant id -> None when it can run (weights present, given, downloadable or not needed), else why not.
+def weights_rows() -> dict[str, dict]:
+    """Variant id -> its `checkpoints list` row (local files and the registry only: no network)."""
+    return {row["variant"]: row for row in weights_registry.list_checkpoints()}
 
-    Looks only at local files and the registry (no network).
-    """
-    rows = {row["variant"]: row for row in weights_registry.list_checkpoints()}
+
+def readiness(engine: mefacial.Engine, variants: list[dict], rows: dict[str, dict] | None = None) -> dict[str, str | None]:
+    """Variant id -> None when it can run on this server now without network (no weights needed, given with
+    --checkpoint, on disk or in the local Hub cache), else the one reason why not, in words for the page."""
+    rows = weights_rows() if rows is None else rows
     status: dict[str, str | None] = {}
     for v in variants:
         row = rows.get(v["id"], {})
-        downloadable = allow_download and row.get("hub") and not weights_registry.hub_offline()
-        if not v["needs_weights"] or v["id"] in engine.checkpoint_overrides or row.get("present") or downloadable:
+        if not v["needs_weights"] or v["id"] in engine.checkpoint_overrides or row.get("present"):
             status[v["id"]] = None
+        elif row.get("hub") and not weights_registry.hub_offline():
+            status[v["id"]] = "its weights are not on this server yet (the first run fetches them, if online)"
+        elif row.get("hub"):
+            status[v["id"]] = "its weights are not on this server, and downloads are off"
         else:
-            status[v["id"]] = NO_WEIGHTS
+            status[v["id"]] = "no public weights exist (the operator can add trained ones)"
     return status
 
 
-def weights_where(engine: mefacial.Engine, variant: dict, row: dict) -> str:
-    """Where a variant's weights come from, or that they are missing and what to do (markdown)."""
+def weights_where(engine: mefacial.Engine, variant: dict, row: dict, reason: str | None) -> str:
+    """Where a ready variant's weights come from, or why it cannot run (markdown)."""
+    if reason:
+        return f"not ready: {reason}"
     if not variant["needs_weights"]:
-        return "none needed"
+        return "ready (no weights needed)"
     if variant["id"] in engine.checkpoint_overrides:
-        return f"`{Path(engine.checkpoint_overrides[variant['id']]).name}` (--checkpoint)"
-    if row.get("present"):
-        return f"`{Path(row['path']).name}` ({row['source']})"
-    if row.get("hub") and not weights_registry.hub_offline():
-        return f"downloads on first use ({row['hub']})"
-    return f"**missing**: {NO_WEIGHTS}"
+        return f"ready: `{Path(engine.checkpoint_overrides[variant['id']]).name}` (given by the operator)"
+    return f"ready: `{Path(row['path']).name}` ({row['source']})"
 
 
 def variants_markdown(engine: mefacial.Engine, variants: list[dict]) -> str:
     """A table of every variant, with where its weights come from or why it cannot run."""
-    rows = {row["variant"]: row for row in weights_registry.list_checkpoints()}
-    lines = ["| variant | backbone | prior | motion modes | weights |", "|---|---|---|---|---|"]
+    rows = weights_rows()
+    ready = readiness(engine, variants, rows)
+    lines = ["| variant | id | motion modes | weights |", "|---|---|---|---|"]
     for v in variants:
-        where = weights_where(engine, v, rows.get(v["id"], {}))
-        lines.append(f"| `{v['id']}` | {v['backbone_label']} | {v['prior_label']} | {', '.join(v['motion_modes'])} "
-                     f"| {where} |")
-    return "\n".join(lines)
+        where = weights_where(engine, v, rows.get(v["id"], {}), ready[v["id"]])
+        lines.append(f"| {v['label']} | `{v['id']}` | {', '.join(v['motion_modes'])} | {where} |")
+    return "\n".join(lines) + "\n\nHow to add weights: the README's \"Weights\" section (for whoever runs this server)."
 
 
-# ---- requests -----------------------------------------------------------------------------------
+# ---- requests and errors ------------------------------------------------------------------------
+
+
+def page_error(title: str, *sentences: str) -> gr.Error:
+    """A gr.Error as the page shows it: a short title and at most three plain sentences (no traceback printed:
+    `user_errors` logs one line)."""
+    return titled_error(title, " ".join(sentence(s) for s in sentences[:3]))
+
+
+def titled_error(title: str, text: str) -> gr.Error:
+    """The toast: the short title in bold on its own line (Gradio's toast header only says "Error"), then the
+    sentences; `title` also travels to API clients (`AppError.title`)."""
+    return gr.Error(f"<strong>{title}</strong><br>{text}", title=title, print_exception=False)
 
 
 def inputs_by_name(handler: Callable, **components: Any) -> list:
@@ -146,7 +172,7 @@ def upload_path(payload: Any, what: str) -> str:
     """The server-side path of an uploaded file (a FileData dict from an unprocessed input), or a gr.Error."""
     path = payload.get("path") if isinstance(payload, dict) else payload
     if not path:
-        raise gr.Error(f"No {what}: upload one (or pick an example) and try again.")
+        raise page_error("Missing input", f"No {what} was given", "Upload one, use the webcam or pick an example")
     return str(path)
 
 
@@ -155,9 +181,10 @@ def number(value: Any, what: str, low: float, high: float) -> float:
     try:
         result = float(value)
     except (TypeError, ValueError):
-        raise gr.Error(f"{what} must be a number between {low} and {high}, got {value!r}") from None
+        raise page_error("Invalid option", f"The {what} must be a number between {low:g} and {high:g}, "
+                                           f"not {value!r}") from None
     if not low <= result <= high:
-        raise gr.Error(f"{what} must be between {low} and {high}, got {result}")
+        raise page_error("Invalid option", f"The {what} must be between {low:g} and {high:g}, not {result:g}")
     return result
 
 
@@ -168,40 +195,55 @@ ADAPT_SCALE = {"default": None, "on": True, "off": False}
 
 def choice(value: Any, options: dict | list, what: str) -> str:
     if value not in options:
-        raise gr.Error(f"{what} must be one of {list(options)}, got {value!r}")
+        raise page_error("Invalid option", f"The {what} must be one of {', '.join(map(str, options))}, not {value!r}")
     return value
 
 
-def user_message(exc: Exception, uploads: list[Any]) -> str:
-    """The error's message with server-side upload paths replaced by the names the user uploaded."""
-    message = str(exc)
+def user_message(message: str, uploads: list[Any]) -> str:
+    """`message` with server-side upload paths replaced by the names the user uploaded."""
     for payload in uploads:
         if isinstance(payload, dict) and payload.get("path") and payload.get("orig_name"):
             message = message.replace(str(payload["path"]), str(payload["orig_name"]))
     return message
 
 
+def handled(exc: MefacialError, uploads: list[Any], where: str) -> gr.Error:
+    """The gr.Error the page shows for an engine error (its page wording, upload names instead of server paths),
+    logged as one line (the traceback only at debug level)."""
+    log.info("%s: %s: %s", where, exc.title, user_message(first_line(exc), uploads))
+    log.debug("%s: traceback", where, exc_info=exc)
+    return titled_error(exc.title, user_message(exc.page_message, uploads))
+
+
 def user_errors(fn: Callable) -> Callable:
-    """Turn engine errors into gr.Error messages (cause and remedy); the server keeps serving."""
+    """Turn errors into page messages (a short title, what happened, what to do); the server keeps serving."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        uploads = [*args, *kwargs.values()]
         try:
             return fn(*args, **kwargs)
-        except gr.Error:
+        except gr.Error as exc:
+            log.info("%s: %s: %s", fn.__name__, exc.title, str(exc.message).split("<br>")[-1])
             raise
         except MefacialError as exc:
-            raise gr.Error(user_message(exc, [*args, *kwargs.values()]), title=type(exc).__name__) from exc
-        except MemoryError as exc:
-            raise gr.Error("Out of memory: use a shorter clip, a smaller face image, or start the app with "
-                           "--precision bf16 (CPU) / fp16 (GPU).", title="Out of memory") from exc
+            raise handled(exc, uploads, fn.__name__) from None
+        except MemoryError:
+            log.info("%s: out of memory", fn.__name__)
+            raise page_error("Out of memory", "The server ran out of memory on this request",
+                             "Try a shorter clip or a smaller face image") from None
         except RuntimeError as exc:  # torch reports CUDA out-of-memory as a RuntimeError subclass
             if "out of memory" in str(exc).lower():
-                raise gr.Error("The GPU ran out of memory: use a shorter clip or start the app with "
-                               "--precision fp16.", title="Out of memory") from exc
+                log.info("%s: GPU out of memory", fn.__name__)
+                raise page_error("Out of memory", "The GPU ran out of memory on this request",
+                                 "Try a shorter clip") from None
             log.exception("unexpected error in %s", fn.__name__)
-            raise gr.Error(f"Unexpected {type(exc).__name__}; the server log has the details. "
-                           "Please report it with the inputs that caused it.") from exc
+            raise page_error("Unexpected error", f"Something went wrong on the server ({type(exc).__name__})",
+                             "Try again, or report it with the inputs that caused it") from None
+        except Exception as exc:  # noqa: BLE001 - a bug: logged in full, the visitor gets a plain message
+            log.exception("unexpected error in %s", fn.__name__)
+            raise page_error("Unexpected error", f"Something went wrong on the server ({type(exc).__name__})",
+                             "Try again, or report it with the inputs that caused it") from None
 
     return wrapper
 
@@ -229,7 +271,8 @@ class Demo:
         return Path(tempfile.mkdtemp(prefix="req-", dir=self.root))
 
     def progress_fn(self, progress: gr.Progress) -> Callable[[float, str], None]:
-        return lambda fraction, message: progress(fraction, desc=message)
+        """The engine's reports on the page's progress bar, never going backwards across stages."""
+        return monotone(lambda fraction, message: progress(fraction, desc=message))
 
     def read_inputs(self, source: Any, driving: Any) -> tuple[Any, Any]:
         """The uploaded face (H x W x 3 uint8) and clip (frames and fps), read within the limits."""
@@ -239,16 +282,13 @@ class Demo:
 
     @staticmethod
     def options(**controls: Any) -> AnimateOptions:
-        """The AnimateOptions of the form's controls, matched by name; a bad value is a gr.Error naming it."""
+        """The AnimateOptions of the form's controls, matched by name; a bad value is an InputError naming it."""
         if "landmarks" in controls:
             controls["landmarks"] = choice(controls["landmarks"], LANDMARKS, "landmark backend")
         for name in ("crop", "paste_back", "smooth", "confine"):
             if name in controls:
                 controls[name] = bool(controls[name])
-        try:
-            return AnimateOptions(**controls)
-        except MefacialError as exc:
-            raise gr.Error(str(exc)) from None
+        return AnimateOptions(**controls)  # an InputError becomes the page's error (user_errors)
 
     # ---- Generate -------------------------------------------------------------------------------
     def generate(self, source, driving, backbone="warp", prior="none", confine=False, motion="relative",
@@ -270,14 +310,14 @@ class Demo:
         download = video if format == "mp4" else write_video(out / "result.gif", result.frames, result.fps,
                                                             slowdown=slowdown)
         columns = [Column("source", result.model_source), Column("driving", result.model_driving),
-                   Column(f"result: {variant}", result.frames)]
+                   Column(mefacial.get_variant(variant).label, result.frames)]
         grid = write_video(out / "side_by_side.mp4", render_grid(columns), result.fps, slowdown=slowdown)
         return str(video), str(grid), str(download), self.status_line(result, slowdown)
 
     def status_line(self, result, slowdown: float) -> str:
         timings = result.timings
         speed = "real time" if slowdown == 1 else f"slowed down x{slowdown:g}"
-        return (f"**{result.variant}**: {result.num_frames} frames in {timings.get('total_s', 0):.2f} s "
+        return (f"**{mefacial.get_variant(result.variant).label}**: {result.num_frames} frames in {timings.get('total_s', 0):.2f} s "
                 f"({timings.get('ms_per_frame', 0):.0f} ms/frame) on {self.engine.device} {self.engine.precision} · "
                 f"landmarks: {result.landmark_backend or 'none'} · weights: {result.weights} · "
                 f"{result.fps:g} fps, {speed}")
@@ -285,12 +325,19 @@ class Demo:
     # ---- Compare --------------------------------------------------------------------------------
     def compare(self, source, driving, variants=None, magnify=1.0, crop=True, paste_back=False, landmarks="dlib",
                 smooth=True, heatmaps=False, slowdown=1.0, progress=gr.Progress()):
-        """Every chosen variant on one face and clip -> (grid mp4, status table); unavailable ones show why."""
+        """Every chosen variant (default: those ready on this server) on one face and clip -> (grid mp4, status
+        table); a chosen variant that cannot run gets a column saying why."""
         known = [v["id"] for v in self.variants]
-        chosen = [v for v in known if v in (variants or known)]
-        unknown = sorted(set(variants or []) - set(known))
-        if unknown or not chosen:
-            raise gr.Error(f"choose variants among {known}; unknown: {unknown}" if unknown else "choose at least one variant")
+        if variants is None:
+            ready = readiness(self.engine, self.variants)
+            variants = [v for v in known if ready[v] is None]
+        unknown = sorted(set(variants) - set(known))
+        if unknown:
+            raise page_error("Unknown variant", f"There is no variant {', '.join(map(repr, unknown))} (unknown)",
+                             "Tick variants from the list")
+        chosen = [v for v in known if v in variants]
+        if not chosen:
+            raise page_error("No variant chosen", "No variant is ticked", "Tick at least one variant")
         options = self.options(magnify=number(magnify, "magnification", 1, 5), crop=crop, paste_back=paste_back,
                                landmarks=landmarks, smooth=smooth, slowdown=number(slowdown, "slow-down factor", 1, 20))
         image, clip = self.read_inputs(source, driving)
@@ -298,11 +345,12 @@ class Demo:
                                      progress=self.progress_fn(progress))
         lines = ["| variant | result |", "|---|---|"]
         for variant, outcome in comparison.outcomes.items():
+            label = mefacial.get_variant(variant).label
             if isinstance(outcome, MefacialError):
-                lines.append(f"| `{variant}` | not run: {short_reason(outcome)} |")
+                lines.append(f"| {label} | not run: {short_reason(outcome)} |")
             else:
-                lines.append(f"| `{variant}` | {outcome.timings.get('total_s', 0):.2f} s, landmarks "
-                             f"{outcome.landmark_backend or 'none'}, weights {outcome.weights} |")
+                lines.append(f"| {label} | {outcome.timings.get('total_s', 0):.2f} s, landmarks "
+                             f"{outcome.landmark_backend or 'none'}, weights {Path(str(outcome.weights)).name} |")
         out = self.request_dir()
         grid = write_video(out / "compare.mp4", render_grid(comparison.columns, heatmaps=bool(heatmaps)),
                            comparison.fps, slowdown=options.slowdown)
@@ -335,36 +383,76 @@ class Demo:
                 reason = awp_reason or short_reason(view.unavailable.get(awp_variant, "unavailable"))
                 missing.append(("AWP map", reason))
             gallery += prior_panels(view.face, view.landmarks, view.au_points, maps, missing, title=title)
-        status = (f"landmarks: {views[0].landmark_backend or 'none'} · AWP: "
-                  + (f"{awp_variant} ({self.engine.model(awp_variant)[1]})" if awp_variant in views[0].maps
-                     else awp_reason or "not available"))
+        status = (f"landmarks: {views[0].landmark_backend or 'none'} · AWP map: "
+                  + (f"{mefacial.get_variant(awp_variant).label} ({self.engine.model(awp_variant)[1]})"
+                     if awp_variant in views[0].maps else awp_reason or "not available"))
         return gallery, status
 
     def awp_model(self) -> tuple[str | None, str | None]:
         """An AWP variant whose weights are on this machine (its learned fusion draws the AWP map), or why none."""
-        status = weights_status(self.engine, self.variants, allow_download=False)
-        awp = [v["id"] for v in self.variants if v["prior"] == "awp"]
-        for variant in awp:
-            if status[variant] is None:
-                return variant, None
-        return None, f"the AWP map is the learned fusion of an AWP model ({', '.join(awp)}) and none has weights " \
-                     "on this machine: see checkpoints/README.md"
+        status = readiness(self.engine, self.variants)
+        awp = [v for v in self.variants if v["prior"] == "awp"]
+        for v in awp:
+            if status[v["id"]] is None:
+                return v["id"], None
+        return None, f"it needs the weights of {' or '.join(v['label'] for v in awp)} (its learned fusion), " \
+                     "which are not on this server"
 
-    # ---- Driving preview ------------------------------------------------------------------------
+    # ---- checks when a file arrives (upload, webcam, paste), with Generate's limits and detector --------
+    def find_face(self, frames, role: str, landmarks: str) -> None:
+        """A NoFaceError unless the detector finds a face (frames: 1 x H x W x 3), as Generate would."""
+        backend = choice(landmarks or "dlib", LANDMARKS, "landmark backend")
+        get_detector(backend, self.engine.device).detect(frames, role=role)
+
+    def check_source(self, source, landmarks="dlib"):
+        """A face just uploaded, taken with the webcam or pasted: readable, within the limits, with a face.
+        Returns a one-line note; a problem is raised at once (a toast), not when Generate is pressed."""
+        if source is None:
+            return ""
+        image = read_image(upload_path(source, "source face"), limits=self.limits.files)
+        self.find_face(image[None], "source", landmarks)
+        return f"Face found ({image.shape[1]}x{image.shape[0]})"
+
+    def check_driving(self, driving, landmarks="dlib"):
+        """A clip just uploaded or recorded: readable, within the limits, a face in its first (onset) frame.
+        Returns (the clip, its description)."""
+        clip = read_clip(upload_path(driving, "driving clip"), limits=self.limits.files)
+        try:
+            self.find_face(clip.frames[:1], "driving", landmarks)
+        except NoFaceError as exc:  # worded for the clip, not for a one-frame check
+            raise NoFaceError(f"no face in the first (onset) frame of the driving clip: {exc}", frame_index=0,
+                              page="No face in the first (onset) frame of the driving clip", fix=exc.fix) from None
+        t, h, w, _ = clip.frames.shape
+        return clip, f"{t} frames, {w}x{h}, {clip.fps:g} fps ({t / clip.fps:.2f} s)"
+
     def preview(self, driving):
-        """The uploaded clip as a playable mp4 (GIFs and other formats do not play in every browser) + its size."""
+        """The uploaded clip checked (with the default landmark backend) and made playable (GIFs and other formats
+        do not play in every browser): (mp4, its size and length)."""
         if driving is None:
             return None, ""
-        clip = read_clip(upload_path(driving, "driving clip"), limits=self.limits.files)
-        out = self.request_dir()
-        video = write_video(out / "driving.mp4", clip.frames, clip.fps)
-        t, h, w, _ = clip.frames.shape
-        return str(video), f"{t} frames, {w}x{h}, {clip.fps:g} fps ({t / clip.fps:.2f} s)"
+        clip, info = self.check_driving(driving, default_landmarks(self.engine))
+        video = write_video(self.request_dir() / "driving.mp4", clip.frames, clip.fps)
+        return str(video), info
+
+    def prior_clip(self, driving, frame=0, landmarks="dlib"):
+        """The Prior tab's clip checked; the frame slider set to its length -> (slider update, note)."""
+        if driving is None:
+            return gr.update(maximum=self.limits.max_frames - 1), ""
+        clip, info = self.check_driving(driving, landmarks)
+        last = clip.num_frames - 1
+        return gr.update(maximum=max(last, 1), value=min(int(frame or 0), last), interactive=last > 0), info
+
+    def use_recording(self, recording, landmarks="dlib"):
+        """A clip recorded with the webcam becomes the driving clip, checked like an upload."""
+        if recording is None:
+            return gr.skip()
+        self.check_driving(recording, landmarks)
+        return upload_path(recording, "recording")
 
 
-def short_reason(error: Exception) -> str:
-    """Why a variant did not run, in one short line with what to do."""
-    return NO_WEIGHTS if isinstance(error, WeightsNotFoundError) else first_line(error)[:160]
+def short_reason(error: MefacialError) -> str:
+    """Why a variant did not run, in one plain sentence (its page wording's first)."""
+    return error.page_message.split(". ")[0].rstrip(".") + "."
 
 
 # ---- layout -------------------------------------------------------------------------------------
@@ -387,13 +475,45 @@ def examples() -> list[list[str]]:
     return pairs
 
 
+def default_landmarks(engine: mefacial.Engine) -> str:
+    """The landmark backend the page starts with: the engine's, dlib for "auto"."""
+    return engine.landmarks if engine.landmarks in LANDMARKS and engine.landmarks != "auto" else "dlib"
+
+
+def example_clip_info() -> str:
+    """The bundled clip's description, shown with it when the page opens."""
+    try:
+        clip = read_clip(EXAMPLE_CLIP)
+    except MefacialError:
+        return ""
+    t, h, w, _ = clip.frames.shape
+    return f"{t} frames, {w}x{h}, {clip.fps:g} fps ({t / clip.fps:.2f} s)"
+
+
+def not_ready_markdown(variants: list[dict], ready: dict[str, str | None]) -> str:
+    """The variants that cannot run here, one reason each (they stay tickable: their column says why)."""
+    by_reason: dict[str, list[str]] = {}
+    for v in variants:
+        if ready[v["id"]]:
+            by_reason.setdefault(ready[v["id"]], []).append(v["label"])
+    if not by_reason:
+        return ""
+    lines = [f"- **{', '.join(labels)}**: {reason}" for reason, labels in by_reason.items()]
+    return "Not ready on this server (tick one to show its column with the reason):\n" + "\n".join(lines)
+
+
 def build_demo(engine: mefacial.Engine, limits: Limits | None = None) -> gr.Blocks:
-    """The Blocks app: Generate, Prior and Compare tabs over `engine`. Launch it with `launch(demo, ...)`."""
+    """The Blocks app: Generate, Prior and Compare tabs over `engine`, opening with the bundled example loaded.
+    Launch it with `launch(demo, ...)`."""
     limits = limits or Limits()
     demo_state = Demo(engine, limits)
     variants = demo_state.variants
     pairs = examples()
-    default_landmarks = engine.landmarks if engine.landmarks in LANDMARKS and engine.landmarks != "auto" else "dlib"
+    landmarks0 = default_landmarks(engine)
+    has_example = EXAMPLE_FACE.exists() and EXAMPLE_CLIP.exists()
+    face0, clip0 = (str(EXAMPLE_FACE), str(EXAMPLE_CLIP)) if has_example else (None, None)
+    clip0_info = example_clip_info() if has_example else ""
+    clip0_frames = int(clip0_info.split()[0]) if clip0_info else limits.max_frames
 
     def offers(backbone: str | None, v: dict) -> bool:
         """Whether a backbone's menus offer the choices of variant v (a backbone with one variant shows them all,
@@ -411,13 +531,20 @@ def build_demo(engine: mefacial.Engine, limits: Limits | None = None) -> gr.Bloc
         return [(MOTIONS.get(m, m), m) for m in dict.fromkeys(["relative", *modes])]
 
     def variant_note(backbone: str, prior: str) -> str:
-        """Which variant the choice runs, and where its weights come from (or what to do without them)."""
+        """Which variant the choice runs, and where its weights come from (or why it cannot run here)."""
         matches = [v for v in variants if v["backbone"] == backbone and v["prior_option"] == prior]
         if not matches:
             return ""
-        rows = {row["variant"]: row for row in weights_registry.list_checkpoints()}
+        rows = weights_rows()
         v = matches[0]
-        return f"Variant `{v['id']}` · weights: {weights_where(engine, v, rows.get(v['id'], {}))}"
+        reason = readiness(engine, [v], rows)[v["id"]]
+        return f"Runs **{v['label']}** · {weights_where(engine, v, rows.get(v['id'], {}), reason)}"
+
+    def compare_defaults():
+        """The Compare tab's ticks (the variants ready here) and the list of the others with their reasons."""
+        ready = readiness(engine, variants)
+        return (gr.update(value=[v["id"] for v in variants if ready[v["id"]] is None]),
+                not_ready_markdown(variants, ready))
 
     def on_backbone(backbone: str):
         """Offer only what this backbone has (its spec): its priors and motion modes, the EWP confinement where
@@ -430,25 +557,38 @@ def build_demo(engine: mefacial.Engine, limits: Limits | None = None) -> gr.Bloc
                           interactive=len(spec.motion_modes) > 1),
                 gr.update(interactive=spec.adapt_scale, value="default"))
 
+    def face_input(prefix: str, label: str) -> gr.Image:
+        return gr.Image(face0, label=label, type="filepath", sources=["upload", "webcam", "clipboard"],
+                        image_mode=None, height=256, elem_id=f"{prefix}-source")
+
+    def clip_input(prefix: str, label: str) -> tuple[gr.File, gr.Video]:
+        """A driving clip: a file (any video, GIF) or a recording from the webcam, which becomes the file."""
+        file = gr.File(clip0, label=label, file_types=CLIP_TYPES, elem_id=f"{prefix}-driving", height=100)
+        with gr.Accordion("Record a clip with the webcam", open=False):
+            record = gr.Video(sources=["webcam"], include_audio=False, label="Recording", height=200,
+                              elem_id=f"{prefix}-record")
+        return file, record
+
+    landmark_choices = [(label, k) for k, label in LANDMARKS.items()]
+    ready0 = readiness(engine, variants)
+
     # Gradio's copies of uploads and outputs go with the same age as the request folders (checked twice per age).
     delete_cache = (max(1, min(1800, limits.output_max_age_s // 2)), limits.output_max_age_s)
     with gr.Blocks(title="mefacial: micro-expression generation", delete_cache=delete_cache) as demo:
         gr.Markdown("# mefacial: facial-prior-guided micro-expression generation\n"
                     "Give a face and a micro-expression clip; get the face performing that micro-expression. "
                     "Backbones FOMM and MRAA with a facial prior (none, EWP, AWP), or a training-free landmark warp "
-                    "that needs no weights.")
+                    "that needs no weights. The example below is ready: press **Generate**.")
         with gr.Tab("Generate", id="generate"):
             with gr.Row():
                 with gr.Column(scale=1):
                     with gr.Row():
-                        g_source = gr.Image(label="Source face", type="filepath", sources=["upload", "webcam", "clipboard"],
-                                            image_mode=None, height=256, elem_id="g-source")
+                        g_source = face_input("g", "Source face")
                         with gr.Column():
-                            g_driving = gr.File(label="Driving clip (mp4, gif, webm, avi, mov)", file_types=CLIP_TYPES,
-                                                elem_id="g-driving", height=140)
-                            g_preview = gr.Video(label="Driving clip", interactive=False, autoplay=True, loop=True,
-                                                 height=160, elem_id="g-preview")
-                            g_clip_info = gr.Markdown(label="Clip", elem_id="g-clip-info")
+                            g_driving, g_record = clip_input("g", "Driving clip (mp4, gif, webm, avi, mov)")
+                            g_preview = gr.Video(clip0, label="Driving clip", interactive=False, autoplay=True,
+                                                 loop=True, height=160, elem_id="g-preview")
+                            g_clip_info = gr.Markdown(clip0_info, elem_id="g-clip-info")
                     with gr.Group():
                         with gr.Row():
                             g_backbone = gr.Radio([(label, b) for b, label in BACKBONES.items()], value="warp",
@@ -469,8 +609,7 @@ def build_demo(engine: mefacial.Engine, limits: Limits | None = None) -> gr.Bloc
                             g_crop = gr.Checkbox(True, label="Crop around the face")
                             g_paste = gr.Checkbox(False, label="Paste back into the full image")
                             g_smooth = gr.Checkbox(True, label="Smooth landmark tracks")
-                        g_landmarks = gr.Radio([(label, k) for k, label in LANDMARKS.items()], value=default_landmarks,
-                                               label="Landmark backend")
+                        g_landmarks = gr.Radio(landmark_choices, value=landmarks0, label="Landmark backend")
                         with gr.Row():
                             g_slowdown = gr.Slider(1, 20, value=1, step=1, label="Playback: slow down by (1 = real time)")
                             g_format = gr.Radio(["mp4", "gif"], value="mp4", label="Download format")
@@ -489,34 +628,37 @@ def build_demo(engine: mefacial.Engine, limits: Limits | None = None) -> gr.Bloc
             gr.Markdown("What guides the motion: the 68 landmarks, the 18 action-unit (AU) points derived from them, "
                         "and the prior maps built from the AU points, drawn over the face as the model sees it.")
             with gr.Row():
-                p_source = gr.Image(label="Face", type="filepath", sources=["upload", "webcam", "clipboard"],
-                                    image_mode=None, height=256, elem_id="p-source")
+                p_source = face_input("p", "Face")
                 with gr.Column():
-                    p_driving = gr.File(label="Driving clip (optional)", file_types=CLIP_TYPES, height=140,
-                                        elem_id="p-driving")
-                    p_frame = gr.Slider(0, limits.max_frames - 1, value=0, step=1, label="Driving frame")
-                    p_landmarks = gr.Radio([(label, k) for k, label in LANDMARKS.items()], value=default_landmarks,
-                                           label="Landmark backend")
+                    p_driving, p_record = clip_input("p", "Driving clip (optional)")
+                    p_clip_info = gr.Markdown(clip0_info, elem_id="p-clip-info")
+                    p_frame = gr.Slider(0, max(clip0_frames - 1, 1), value=0, step=1, label="Driving frame",
+                                        elem_id="p-frame")
+                    p_landmarks = gr.Radio(landmark_choices, value=landmarks0, label="Landmark backend")
                     p_crop = gr.Checkbox(True, label="Crop around the face")
                     p_button = gr.Button("Show the prior", variant="primary", elem_id="p-button")
-            if pairs:
-                gr.Examples(pairs, inputs=[p_source, p_driving], label="Examples")
-            p_gallery = gr.Gallery(label="Prior", columns=4, height="auto", elem_id="p-gallery")
+            p_gallery = gr.Gallery(label="Prior", columns=4, height="auto", object_fit="contain",
+                                   elem_id="p-gallery")
             p_status = gr.Markdown(label="Status", elem_id="p-status")
+            if pairs:  # below the results, which then show right under the button
+                gr.Examples(pairs, inputs=[p_source, p_driving], label="Examples")
 
         with gr.Tab("Compare", id="compare"):
-            gr.Markdown("One face and one clip through every variant, as one synchronised video: the driving clip "
-                        "first, then a labelled column per variant. Variants that cannot run show why.")
+            gr.Markdown("One face and one clip through several variants, as one synchronised video: the driving clip "
+                        "first, then a labelled column per variant.")
             with gr.Row():
-                c_source = gr.Image(label="Source face", type="filepath", sources=["upload", "webcam", "clipboard"],
-                                    image_mode=None, height=256, scale=1, elem_id="c-source")
                 with gr.Column(scale=1):
-                    c_driving = gr.File(label="Driving clip", file_types=CLIP_TYPES, height=140, elem_id="c-driving")
-                    c_landmarks = gr.Radio([(label, k) for k, label in LANDMARKS.items()], value=default_landmarks,
-                                           label="Landmark backend")
+                    c_source = face_input("c", "Source face")
+                with gr.Column(scale=1):
+                    c_driving, c_record = clip_input("c", "Driving clip")
+                    c_clip_info = gr.Markdown(clip0_info, elem_id="c-clip-info")
+                    c_landmarks = gr.Radio(landmark_choices, value=landmarks0, label="Landmark backend")
                 with gr.Column(scale=2):
                     c_variants = gr.CheckboxGroup([(v["label"], v["id"]) for v in variants],
-                                                  value=[v["id"] for v in variants], label="Variants")
+                                                  value=[v["id"] for v in variants if ready0[v["id"]] is None],
+                                                  label="Variants", info="Ticked: those that can run on this server",
+                                                  elem_id="c-variants")
+                    c_not_ready = gr.Markdown(not_ready_markdown(variants, ready0), elem_id="c-not-ready")
                     with gr.Row():
                         c_magnify = gr.Slider(1, 5, value=1, step=0.5, label="Magnification")
                         c_slowdown = gr.Slider(1, 20, value=1, step=1, label="Slow down by (1 = real time)")
@@ -527,7 +669,7 @@ def build_demo(engine: mefacial.Engine, limits: Limits | None = None) -> gr.Bloc
                         c_heatmaps = gr.Checkbox(False, label="Motion heatmaps row")
                     c_button = gr.Button("Compare", variant="primary", elem_id="c-button")
             c_grid = gr.Video(label="Comparison", show_label=False, interactive=False, autoplay=True, loop=True,
-                              elem_id="c-grid")
+                              height=420, elem_id="c-grid")
             c_status = gr.Markdown(label="Status", elem_id="c-status")
             if pairs:
                 gr.Examples(pairs, inputs=[c_source, c_driving], label="Examples")
@@ -536,13 +678,34 @@ def build_demo(engine: mefacial.Engine, limits: Limits | None = None) -> gr.Bloc
             v_table = gr.Markdown(variants_markdown(engine, variants), elem_id="variants")
 
         # ---- events: preprocess=False so every upload reaches the engine's own readers and errors ----
+        # A handled error is a toast; `.failure` then puts the panes back to normal (no red "Error" badges).
         raw = {"preprocess": False}
+
+        def reset(*outputs, clear: bool = False) -> dict:
+            """A `.failure` follow-up: the outputs back to a normal state (cleared when `clear`)."""
+            values = [None if clear else gr.update() for _ in outputs]
+            return dict(fn=lambda: values[0] if len(values) == 1 else values, inputs=None, outputs=list(outputs),
+                        api_name=False, queue=False, show_progress="hidden")
+
         g_backbone.change(on_backbone, g_backbone, [g_prior, g_confine, g_motion, g_adapt], api_name=False,
                           queue=False)
         gr.on([g_backbone.change, g_prior.change], variant_note, [g_backbone, g_prior], g_variant, api_name=False,
               queue=False, trigger_mode="always_last")  # the latest choice wins
+        # A face is checked when it arrives (upload, webcam, paste): a broken file or no face says so at once.
+        for source, landmarks in ((g_source, g_landmarks), (p_source, p_landmarks), (c_source, c_landmarks)):
+            source.input(user_errors(demo_state.check_source), [source, landmarks], None, api_name=False,
+                         show_progress="minimal", **raw).failure(**reset(source, clear=True))
         g_driving.change(user_errors(demo_state.preview), g_driving, [g_preview, g_clip_info],
-                         api_name="preview_driving", **raw)
+                         api_name="preview_driving", **raw).failure(**reset(g_preview, g_clip_info, clear=True))
+        p_driving.change(user_errors(demo_state.prior_clip), [p_driving, p_frame, p_landmarks], [p_frame, p_clip_info],
+                         api_name=False, **raw).failure(**reset(p_frame, p_clip_info))
+        c_driving.change(user_errors(lambda d, lm: demo_state.check_driving(d, lm)[1] if d else ""),
+                         [c_driving, c_landmarks], c_clip_info, api_name=False, **raw).failure(
+                             **reset(c_clip_info, clear=True))
+        for record, driving, landmarks in ((g_record, g_driving, g_landmarks), (p_record, p_driving, p_landmarks),
+                                           (c_record, c_driving, c_landmarks)):
+            record.change(user_errors(demo_state.use_recording), [record, landmarks], driving, api_name=False,
+                          **raw).failure(**reset(record, clear=True))
         # Controls are matched to the handlers' parameters by name (inputs_by_name), never by position.
         g_button.click(
             user_errors(demo_state.generate),
@@ -550,30 +713,36 @@ def build_demo(engine: mefacial.Engine, limits: Limits | None = None) -> gr.Bloc
                            confine=g_confine, motion=g_motion, adapt_scale=g_adapt, magnify=g_magnify, crop=g_crop,
                            paste_back=g_paste, landmarks=g_landmarks, smooth=g_smooth, slowdown=g_slowdown,
                            format=g_format),
-            [g_result, g_grid, g_download, g_status], api_name="generate", concurrency_limit=1, **raw)
+            [g_result, g_grid, g_download, g_status], api_name="generate", concurrency_limit=1, **raw
+        ).failure(**reset(g_result, g_grid, g_download, g_status))
         p_button.click(
             user_errors(demo_state.prior),
             inputs_by_name(demo_state.prior, source=p_source, driving=p_driving, frame=p_frame, landmarks=p_landmarks,
                            crop=p_crop),
-            [p_gallery, p_status], api_name="prior", concurrency_limit=1, **raw)
+            [p_gallery, p_status], api_name="prior", concurrency_limit=1, **raw).failure(**reset(p_gallery, p_status))
         c_button.click(
             user_errors(demo_state.compare),
             inputs_by_name(demo_state.compare, source=c_source, driving=c_driving, variants=c_variants,
                            magnify=c_magnify, crop=c_crop, paste_back=c_paste, landmarks=c_landmarks, smooth=c_smooth,
                            heatmaps=c_heatmaps, slowdown=c_slowdown),
-            [c_grid, c_status], api_name="compare", concurrency_limit=1, **raw)
+            [c_grid, c_status], api_name="compare", concurrency_limit=1, **raw).failure(**reset(c_grid, c_status))
         demo.load(functools.partial(variants_markdown, engine, variants), None, v_table, api_name="variants",
                   queue=False)
+        demo.load(compare_defaults, None, [c_variants, c_not_ready], api_name=False, queue=False)
     demo.queue(max_size=limits.queue_size, default_concurrency_limit=1)
     demo.mefacial_limits = limits  # read by launch()
     return demo
 
 
+# The Prior gallery shows every panel and caption: no fixed height with a scroll bar inside it.
+CSS = "#p-gallery .grid-wrap { max-height: none !important; overflow-y: visible !important; }"
+
+
 def launch(demo: gr.Blocks, host: str | None = None, port: int | None = None, share: bool = False, **kwargs):
-    """Launch with the upload limit of the demo's Limits (the server refuses larger files)."""
+    """Launch with the upload limit of the demo's Limits (the server refuses larger files) and the page's CSS."""
     limits: Limits = getattr(demo, "mefacial_limits", Limits())
     return demo.launch(server_name=host, server_port=port, share=share, max_file_size=f"{limits.max_upload_mb}mb",
-                       **kwargs)
+                       css=CSS, **kwargs)
 
 
 def parse_checkpoint(text: str) -> tuple[str, str]:
@@ -597,6 +766,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-upload-mb", type=int, default=Limits.max_upload_mb, help="largest upload accepted")
     parser.add_argument("--max-frames", type=int, default=Limits.max_frames, help="longest driving clip, in frames")
     parser.add_argument("--max-seconds", type=float, default=Limits.max_seconds, help="longest driving clip, in seconds")
+    parser.add_argument("--debug", action="store_true", help="log the traceback of every refused request too")
     parser.add_argument("--output-max-age", type=int, default=Limits.output_max_age_s, metavar="SECONDS",
                         help="delete uploads and results older than this")
     return parser
@@ -615,8 +785,8 @@ def stop_on_sigterm() -> None:
 def warm_up(engine: mefacial.Engine) -> float | None:
     """Animate the bundled example (12 frames) with the warp variant, so that the first visitor does not
     wait for the landmark models to load and the detector threads to start (the first request took 5.3 s
-    instead of 1.0 s on a 2-core CPU; fewer frames left part of that). Returns the seconds it took; a
-    failure is logged, never raised: the app serves regardless."""
+    instead of 1.0 s on a 2-core CPU). Returns the seconds it took; a failure is logged, never raised.
+    `main` runs it in the background while the page already serves."""
     started = time.perf_counter()
     try:
         clip = read_clip(EXAMPLE_CLIP)
@@ -632,18 +802,24 @@ def warm_up(engine: mefacial.Engine) -> float | None:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("mefacial").setLevel(logging.DEBUG if args.debug else logging.INFO)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's own start-up probes, one line each
     try:
         for variant, _ in args.checkpoint:
             mefacial.get_variant(variant)  # an unknown id fails here, listing the known ones
         engine = mefacial.Engine(device=args.device, precision=args.precision, landmarks=args.landmarks,
                                  checkpoints=dict(args.checkpoint))
     except MefacialError as exc:
-        raise SystemExit(f"error: {exc}") from None
+        raise SystemExit(f"error: {exc.cli_message}") from None
     limits = Limits(max_upload_mb=args.max_upload_mb, max_frames=args.max_frames, max_seconds=args.max_seconds,
                     queue_size=args.queue_size, output_max_age_s=args.output_max_age)
     stop_on_sigterm()
-    warm_up(engine)  # before serving: the first request then takes the steady-state time
-    launch(build_demo(engine, limits), host=args.host, port=args.port, share=args.share)
+    demo = build_demo(engine, limits)
+    launch(demo, host=args.host, port=args.port, share=args.share, prevent_thread_lock=True)
+    log.info("serving %s, %.1f s after start", demo.local_url, time.monotonic() - STARTED)
+    # The warm-up runs beside the server, once it serves: the page never waits for it.
+    threading.Thread(target=warm_up, args=(engine,), name="warm-up", daemon=True).start()
+    demo.block_thread()  # until Ctrl-C or SIGTERM
 
 
 if __name__ == "__main__":

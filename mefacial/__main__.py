@@ -56,9 +56,17 @@ def _positive_int(text: str) -> int:
 
 
 def _cmd_variants(args: argparse.Namespace) -> int:
+    from .console import table
     from .variants import list_variants
 
-    print(json.dumps(list_variants(), indent=2))
+    variants = list_variants()
+    if args.json:
+        print(json.dumps(variants, indent=2))
+        return 0
+    rows = [[v["id"], v["label"], v["backbone"], v["prior"], "yes" if v["needs_weights"] else "no",
+             "yes" if v["needs_landmarks"] else "no", ", ".join(v["motion_modes"])] for v in variants]
+    print(table(rows, ["id", "label", "backbone", "prior", "weights", "landmarks", "motion modes"]))
+    print("\n--json prints these as JSON; `python -m mefacial checkpoints list` shows where each variant's weights are.")
     return 0
 
 
@@ -77,19 +85,14 @@ def _engine(args: argparse.Namespace, options: AnimateOptions, checkpoints: dict
 
 
 def _cmd_animate(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
+    from .console import ConsoleProgress
     from .video import check_output, write_video
 
     options = AnimateOptions.from_args(args)
     options.for_variant(args.variant)  # an unknown variant or a motion mode it lacks fails before any work
     check_output(args.out)
     engine = _engine(args, options)
-    with tqdm(total=100, unit="%", desc=args.variant, bar_format="{l_bar}{bar}| {postfix}") as bar:
-        def progress(fraction: float, message: str) -> None:
-            bar.update(round(100 * fraction) - bar.n)
-            bar.set_postfix_str(message)
-
+    with ConsoleProgress(args.variant) as progress:  # a bar on a terminal, plain lines in a log
         result = engine.animate(args.source, args.driving, variant=args.variant, checkpoint=args.checkpoint,
                                 options=options, progress=progress)
     out = write_video(args.out, result.frames, result.fps, slowdown=options.slowdown)
@@ -205,7 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = CliParser(prog="python -m mefacial", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the engine decides")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=CliParser)
-    sub.add_parser("variants", help="list the variants and what each needs").set_defaults(func=_cmd_variants)
+    variants = sub.add_parser("variants", help="list the variants and what each needs")
+    variants.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    variants.set_defaults(func=_cmd_variants)
 
     animate = sub.add_parser("animate", help="animate a face with a driving clip")
     animate.add_argument("--source", required=True, help="image of the target face")
@@ -279,10 +284,15 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # argparse: --help (0) or a one-line usage error (2)
         return int(exc.code or 0)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not sys.stderr.isatty():  # a log, not a terminal: no Hub download bars (our own progress writes plain lines)
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
     try:
         return int(args.func(args) or 0)
     except MefacialError as exc:
-        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)  # one line
+        print(f"error: {' '.join(exc.cli_message.split())}", file=sys.stderr)  # one line: cause and remedy
+        logging.getLogger("mefacial").debug("traceback", exc_info=True)
         return 2
     except OSError as exc:  # a file the user named cannot be read or written
         where = f" {exc.filename}" if exc.filename else ""

@@ -55,7 +55,7 @@ from safetensors.torch import save_file as save_safetensors
 from torch import nn
 from tqdm.auto import tqdm
 
-from .errors import CheckpointError, ConfigError, UnknownVariantError, WeightsNotFoundError
+from .errors import CheckpointError, ConfigError, MefacialError, UnknownVariantError, WeightsNotFoundError
 
 log = logging.getLogger("mefacial.checkpoints")
 
@@ -478,24 +478,33 @@ def _is_network_error(exc: Exception) -> bool:
 
 
 def _not_found(spec: CheckpointSpec, looked: list[str], reason: str) -> WeightsNotFoundError:
-    """The error that says which file is missing, where it was looked for, and what to do."""
+    """The error that says which file is missing, where it was looked for, and what to do (one wording for the
+    command line, one for the page)."""
+    from .variants import get_variant
+
     wanted = spec.weights.describe() if spec.weights else f"{spec.variant}.safetensors or {spec.variant}.pth.tar"
     folder = checkpoint_dir()
+    todo = [spec.how_to_get.strip()] if spec.how_to_get else []
+    todo.append(f"copy the weights file to {folder / (spec.variant + '.pth.tar')} (or {spec.variant}.safetensors there)")
+    if "--checkpoint" not in spec.how_to_get:
+        todo.append(f"pass --checkpoint PATH, or set {spec.env_var}=PATH")
+    else:
+        todo.append(f"set {spec.env_var}=PATH")
+    if spec.weights is not None:
+        online = "go online (unset HF_HUB_OFFLINE)" if os.environ.get("HF_HUB_OFFLINE") else "check the network"
+        todo.append(f"{online}, or set HF_ENDPOINT to a reachable Hub mirror (now {hub_endpoint()}); "
+                    "private repositories need HF_TOKEN")
+    if "python -m train" not in spec.how_to_get:
+        todo.append(f"train it: python -m train (configs/train/), config {spec.config!r}")
     lines = [f"No weights for variant {spec.variant!r} ({wanted}): {reason}.", "Looked in:"]
     lines += [f"  - {item}" for item in looked]
-    lines.append("What to do:")
-    if spec.how_to_get:
-        lines.append(f"  - {spec.how_to_get.strip()}")
-    lines += [
-        f"  - copy the weights file to {folder / (spec.variant + '.pth.tar')} (or {spec.variant}.safetensors there),",
-        f"  - or pass --checkpoint PATH, or set {spec.env_var}=PATH,",
-    ]
-    if spec.weights is not None:
-        lines.append("  - or go online (unset HF_HUB_OFFLINE), or set HF_ENDPOINT to a reachable Hub mirror "
-                     f"(now {hub_endpoint()}); private repositories need HF_TOKEN,")
-    if "python -m train" not in spec.how_to_get:
-        lines.append(f"  - or train it: python -m train (configs/train/), config {spec.config!r}.")
-    return WeightsNotFoundError("\n".join(lines))
+    lines.append("What to do, any one of:")
+    lines += [f"  - {item.rstrip('.,; ')}" for item in todo]
+    try:
+        label = get_variant(spec.variant).label
+    except MefacialError:
+        label = spec.variant
+    return WeightsNotFoundError("\n".join(lines), page=f"{label} has no weights on this server", operator="Weights")
 
 
 def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
@@ -834,6 +843,32 @@ def list_checkpoints(with_hash: bool = False) -> list[dict]:
 # ---- command line -------------------------------------------------------------------------------
 
 
+def checkpoints_table(rows: list[dict]) -> str:
+    """`checkpoints list` for people: one line per variant, then how to get each missing one."""
+    import textwrap
+
+    from .console import table
+
+    def weights(row: dict) -> str:
+        if row["present"]:
+            return f"{row['source']}: {row['path']}" + (f" (sha256 {row['sha256']})" if row.get("sha256") else "")
+        if row.get("hub") and not row["missing"].startswith("$"):
+            return "missing: " + ("not downloaded, and downloads are off (HF_HUB_OFFLINE)" if hub_offline()
+                                  else "downloaded from the Hub on first use")
+        return f"missing: {row['missing']}"
+
+    lines = [table([[r["variant"], r["licence"], weights(r)] for r in rows], ["variant", "licence", "weights"])]
+    missing = [r for r in rows if not r["present"] and r.get("how_to_get")]
+    if missing:
+        lines.append("\nHow to get the missing weights:")
+        for row in missing:
+            lines.append(textwrap.fill(row["how_to_get"], width=100, initial_indent=f"  {row['variant']}: ",
+                                       subsequent_indent="    "))
+    lines.append(f"\nRegistry: {registry_path()}\nLocal folder: {checkpoint_dir()}\nHub cache: {hub_cache_dir()}\n"
+                 "--json prints all of this as JSON.")
+    return "\n".join(lines)
+
+
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
     """Add `checkpoints list|convert|push` to the `python -m mefacial` parser."""
     parser = subparsers.add_parser("checkpoints", help="list, convert and publish weights",
@@ -866,12 +901,7 @@ def run_cli(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(rows, indent=2))
         else:
-            for row in rows:
-                where = f"{row['source']}: {row['path']}" if row["present"] else f"missing, {row['missing']}"
-                line = f"{row['variant']:<15} {row['licence']:<6} {where}"
-                print(line + (f"\n{'':<22} sha256 {row['sha256']}" if row.get("sha256") else ""))
-            print(f"\nregistry: {registry_path()}; local folder: {checkpoint_dir()}; cache: {hub_cache_dir()}; "
-                  "how to get missing weights: --json")
+            print(checkpoints_table(rows))
         return 0
     if args.checkpoints_command == "convert":
         dst = convert_to_safetensors(args.src, args.out, args.config, args.variant)

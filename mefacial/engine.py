@@ -496,8 +496,9 @@ class Engine:
                 torch.cuda.empty_cache()
             raise InputTooLargeError(
                 f"out of {self.device.type.upper()} memory running {spec.id} on batches of {batch_size} frames; "
-                "use a smaller batch size (Engine(batch_size=...) / --batch-size), a shorter clip, or bf16 / fp16"
-            ) from None
+                "use a smaller batch size (Engine(batch_size=...) / --batch-size), a shorter clip, or bf16 / fp16",
+                page=f"The server ran out of memory running {spec.id}", fix="Try a shorter clip",
+                title="Out of memory") from None
 
     def _driving_chunks(self, driving: Any, chunk: int, fps: float | None) -> Iterator[tuple[np.ndarray, float]]:
         """(n x H x W x 3 uint8 chunk, the clip's fps) of a clip path, an array or an iterable of frame arrays."""

@@ -35,7 +35,6 @@ from .options import AnimateOptions
 from .utils import first_line  # noqa: F401 - used by the CLI and the app
 
 
-MAX_LABEL_CHARS = 18  # longer variant labels show as their id in grid headers (as in the app)
 NO_WEIGHTS = "no weights: see checkpoints/README.md"
 STRIP_FRAMES = 5  # frames in an image strip, onset to apex, unless chosen
 
@@ -44,11 +43,10 @@ STRIP_FRAMES = 5  # frames in an image strip, onset to apex, unless chosen
 
 
 def variant_label(variant: str) -> str:
-    """A grid header for the variant: its label when short enough, else its id."""
+    """A grid header for the variant: its label from the registry (the one shown everywhere)."""
     from .variants import get_variant
 
-    label = get_variant(variant).label
-    return label if len(label) <= MAX_LABEL_CHARS else variant
+    return get_variant(variant).label
 
 
 @dataclasses.dataclass

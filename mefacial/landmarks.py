@@ -120,10 +120,15 @@ class LandmarkDetector(abc.ABC):
         remedy = (f"The {self.name} detector needs a frontal, well-lit face at least about {smallest:.0f} px tall in "
                   f"this {size[0]}x{size[1]} picture: crop closer to the face, avoid strong profile views, "
                   "occlusions and deep shadows")
+        fix = "Use a frontal, well-lit face, cropped close, without strong shadows or a profile view"
         if role == "source":
-            return NoFaceError(f"no face found in the source image. {remedy}.", frame_index=None)
+            return NoFaceError(f"no face found in the source image. {remedy}.", frame_index=None,
+                               page=f"No face found in the source image by the {self.name} detector", fix=fix)
         return NoFaceError(f"no face in driving frame {index} (of {count}). {remedy}; trim frames where the face "
-                           "leaves the picture.", frame_index=index)
+                           "leaves the picture.", frame_index=index,
+                           page=f"No face in frame {index} of the driving clip ({count} frames)",
+                           fix="Trim the frames where the face leaves the picture, or use a clip with a frontal, "
+                               "well-lit face")
 
     @abc.abstractmethod
     def _find_faces(self, frames: np.ndarray) -> list[np.ndarray]:

@@ -173,12 +173,17 @@ def read_image(source: str | os.PathLike | np.ndarray | Image.Image, limits: Lim
         raise
     except Image.DecompressionBombError as err:
         raise InputTooLargeError(f"{what} has too many pixels to decode safely ({err}); "
-                                 "downscale it to a few megapixels first.") from err
+                                 "downscale it to a few megapixels first.",
+                                 page=f"{what} has too many pixels to decode safely",
+                                 fix="Downscale it to a few megapixels and try again") from err
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         hint = " It looks like a video: pass it as the driving clip, or a still frame of it." \
             if path.suffix.lower() in MP4_EXTENSIONS + (".webm", ".avi", ".mkv") else ""
         raise NotAnImageError(f"cannot read {what}: it is not an image Pillow can decode ({err}).{hint} "
-                              "Use a PNG or JPEG photo.") from err
+                              "Use a PNG or JPEG photo.", page=f"{what} is not an image" + (
+                                  ": it looks like a video" if hint else ""),
+                              fix="Upload it as the driving clip, or a still frame of it as the face" if hint
+                              else None) from err
 
 
 def _check_pixels(width: int, height: int, limits: Limits, what: str) -> None:
@@ -186,17 +191,23 @@ def _check_pixels(width: int, height: int, limits: Limits, what: str) -> None:
         raise InputTooLargeError(
             f"{what} is {width}x{height} = {width * height / 1e6:.1f} megapixels, above the limit of "
             f"{limits.max_pixels / 1e6:.1f}; downscale it (the face is cropped to the model size anyway) "
-            "or raise Limits.max_pixels.")
+            "or raise Limits.max_pixels.",
+            page=f"{what} is {width}x{height} pixels ({width * height / 1e6:.1f} megapixels), more than the "
+                 f"{limits.max_pixels / 1e6:.1f} megapixels this server takes",
+            fix="Downscale it and try again (the face is cropped to the model size anyway)")
 
 
 def _check_file_size(path: Path, limits: Limits, what: str, empty_error: type[MefacialError]) -> None:
     size = path.stat().st_size
     if size == 0:
-        raise empty_error(f"cannot read {what}: the file is empty (0 bytes); was the upload or copy interrupted?")
+        raise empty_error(f"cannot read {what}: the file is empty (0 bytes); was the upload or copy interrupted?",
+                          page=f"{what} is empty (0 bytes)", fix="Upload it again: the upload may have been cut off")
     if size > limits.max_bytes:
         raise InputTooLargeError(f"{what} is {size / 2**20:.0f} MiB, above the limit of "
                                  f"{limits.max_bytes / 2**20:.0f} MiB; trim or re-encode it, "
-                                 "or raise Limits.max_bytes.")
+                                 "or raise Limits.max_bytes.",
+                                 page=f"{what} is {size / 2**20:.0f} MiB, more than the "
+                                      f"{limits.max_bytes / 2**20:.0f} MiB this server takes")
 
 
 # ----------------------------------------------------------------------------- clips
@@ -263,7 +274,10 @@ def iter_clip_chunks(path: str | os.PathLike, chunk: int = 64, fps: float | None
         if stream.duration and stream.duration > limits.max_seconds:
             raise InputTooLargeError(f"{what} lasts {stream.duration:.1f} s, above the limit of "
                                      f"{limits.max_seconds:.0f} s; trim it to the micro-expression (onset to "
-                                     "offset) or raise Limits.max_seconds.")
+                                     "offset) or raise Limits.max_seconds.",
+                                     page=f"{what} lasts {stream.duration:.1f} s, longer than the "
+                                          f"{limits.max_seconds:.0f} s this server takes",
+                                     fix="Trim it to the micro-expression (onset to offset) and try again")
         frame_bytes = stream.width * stream.height * 3
         if _max_bytes is not None and stream.expected_frames * frame_bytes > _max_bytes:
             _raise_too_many_bytes(what, stream.expected_frames, frame_bytes, _max_bytes)
@@ -274,7 +288,9 @@ def iter_clip_chunks(path: str | os.PathLike, chunk: int = 64, fps: float | None
             if count > limits.max_frames:
                 raise InputTooLargeError(
                     f"{what} has more than {limits.max_frames} frames; trim it to the micro-expression "
-                    "(onset to offset), or raise Limits.max_frames.")
+                    "(onset to offset), or raise Limits.max_frames.",
+                    page=f"{what} has more than {limits.max_frames} frames, the most this server takes",
+                    fix="Trim it to the micro-expression (onset to offset) and try again")
             if _max_bytes is not None and count * frame_bytes > _max_bytes:
                 _raise_too_many_bytes(what, count, frame_bytes, _max_bytes)
             buffer.append(frame)
@@ -285,7 +301,7 @@ def iter_clip_chunks(path: str | os.PathLike, chunk: int = 64, fps: float | None
             yield Clip(np.stack(buffer), rate, rate_source)
         if count == 0:
             raise UnreadableVideoError(f"cannot read {what}: it holds no video frames. "
-                                       "Re-export it as mp4 (H.264) or GIF.")
+                                       "Re-export it as mp4 (H.264) or GIF.", page=f"{what} holds no video frames")
         stream.check_complete(count)
 
 
@@ -293,7 +309,8 @@ def _raise_too_many_bytes(what: str, frames: int, frame_bytes: int, limit: int) 
     raise InputTooLargeError(
         f"{what} decodes to {frames * frame_bytes / 2**30:.1f} GiB or more ({frames} frames of "
         f"{frame_bytes / 2**20:.1f} MiB), above the {limit / 2**30:.1f} GiB held in memory at once; "
-        "downscale or trim it, stream it with iter_clip_chunks, or raise Limits.max_clip_bytes.")
+        "downscale or trim it, stream it with iter_clip_chunks, or raise Limits.max_clip_bytes.",
+        page=f"{what} decodes to {frames * frame_bytes / 2**30:.1f} GiB or more, more than this server holds at once")
 
 
 def _check_fps(fps: float) -> float:
@@ -306,7 +323,9 @@ def _check_frames(count: int, width: int, height: int, limits: Limits, what: str
     _check_pixels(width, height, limits, f"a frame of {what}")
     if count > limits.max_frames:
         raise InputTooLargeError(f"{what} has {count} frames, above the limit of {limits.max_frames}; "
-                                 "trim it to the micro-expression (onset to offset), or raise Limits.max_frames.")
+                                 "trim it to the micro-expression (onset to offset), or raise Limits.max_frames.",
+                                 page=f"{what} has {count} frames, more than the {limits.max_frames} this server takes",
+                                 fix="Trim it to the micro-expression (onset to offset) and try again")
 
 
 class _FolderStream:
@@ -369,10 +388,12 @@ class _PillowStream:
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # `limits` decides instead
                 self.image = Image.open(path)
         except Image.DecompressionBombError as err:
-            raise InputTooLargeError(f"{self.what} has too many pixels per frame ({err}); downscale it.") from err
+            raise InputTooLargeError(f"{self.what} has too many pixels per frame ({err}); downscale it.",
+                                     page=f"{self.what} has too many pixels per frame") from err
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
             raise UnreadableVideoError(f"cannot read {self.what}: not a readable animation ({err}). "
-                                       "Re-export it as GIF or mp4 (H.264).") from err
+                                       "Re-export it as GIF or mp4 (H.264).",
+                                       page=f"{self.what} is not a readable animation") from err
         try:
             self._read_timing(limits)
         except BaseException:
@@ -392,7 +413,8 @@ class _PillowStream:
             self.image.seek(0)
         except (OSError, SyntaxError, ValueError, EOFError) as err:
             raise UnreadableVideoError(f"cannot read {self.what}: not a readable animation ({err}). "
-                                       "Re-export it as GIF or mp4 (H.264).") from err
+                                       "Re-export it as GIF or mp4 (H.264).",
+                                       page=f"{self.what} is not a readable animation") from err
         positive = [d for d in delays if d > 0]
         if positive:
             values, counts = np.unique(np.asarray(positive), return_counts=True)
@@ -415,7 +437,8 @@ class _PillowStream:
                     yield pixels
         except (OSError, SyntaxError, ValueError, EOFError) as err:
             raise UnreadableVideoError(f"cannot decode {self.what}: the file is corrupt or truncated ({err}). "
-                                       "Re-export it as GIF or mp4 (H.264).") from err
+                                       "Re-export it as GIF or mp4 (H.264).",
+                                       page=f"{self.what} is corrupt or truncated") from err
 
     def check_complete(self, count: int) -> None:
         pass
@@ -447,7 +470,8 @@ class _FfmpegStream:
             self._reader.close()
             raise UnreadableVideoError(
                 f"cannot read {self.what}: ffmpeg finds no decodable video stream ({first_line(err)}). "
-                "The file may be empty, truncated or not a video; re-export it as mp4 (H.264) or GIF.") from err
+                "The file may be empty, truncated or not a video; re-export it as mp4 (H.264) or GIF.",
+                page=f"{self.what} has no decodable video stream: it may be empty, truncated or not a video") from err
         self.width, self.height = meta["size"]
         self.duration = float(meta.get("duration") or 0.0) or None
         self.fps = float(meta.get("fps") or 0.0)
@@ -467,14 +491,16 @@ class _FfmpegStream:
                 yield np.frombuffer(data, dtype=np.uint8).reshape(shape)
         except Exception as err:  # imageio-ffmpeg's RuntimeError when ffmpeg stops mid-frame
             raise UnreadableVideoError(f"cannot decode {self.what}: the file is corrupt or truncated "
-                                       f"({first_line(err)}); re-export it as mp4 (H.264) or GIF.") from err
+                                       f"({first_line(err)}); re-export it as mp4 (H.264) or GIF.",
+                                       page=f"{self.what} is corrupt or truncated") from err
 
     def check_complete(self, count: int) -> None:
         """A file cut short keeps its header: fewer frames than it declares means truncated."""
         if self.expected_frames and count < 0.9 * self.expected_frames - 2:
             raise UnreadableVideoError(
                 f"{self.what} declares about {self.expected_frames} frames but only {count} could be decoded: "
-                "the file is truncated or corrupt. Copy or download it again, or re-export it.")
+                "the file is truncated or corrupt. Copy or download it again, or re-export it.",
+                page=f"{self.what} is truncated or corrupt: only {count} of its {self.expected_frames} frames decode")
 
     def __enter__(self):
         return self

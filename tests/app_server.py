@@ -10,6 +10,7 @@ import atexit
 import contextlib
 import dataclasses
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -34,6 +35,8 @@ class AppProcess:
     process: subprocess.Popen
     tmp: Path  # TMPDIR of the app: its per-request output folders live under here
     gradio_tmp: Path  # GRADIO_TEMP_DIR: uploads and the files Gradio serves
+    log: Path | None = None  # the app's stdout and stderr
+    startup_s: float | None = None  # from starting `python app.py` to its first answer
 
     def rss_mb(self) -> float:
         """Resident memory of the app process (Linux /proc), in MiB."""
@@ -75,8 +78,17 @@ def _wait_until_up(url: str, process: subprocess.Popen, log: Path) -> None:
             with urllib.request.urlopen(url + "config", timeout=2):
                 return
         except OSError:
-            time.sleep(0.5)
+            time.sleep(0.2)
     raise RuntimeError(f"app.py did not answer on {url} within {STARTUP_TIMEOUT_S} s:\n{log.read_text()[-4000:]}")
+
+
+def _wait_for_warm_up(process: subprocess.Popen, log: Path) -> None:
+    """Until the app logs that its background warm-up is done (or skipped)."""
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline and process.poll() is None:
+        if re.search(r"warmed up in|warm-up skipped", log.read_text()):
+            return
+        time.sleep(0.2)
 
 
 @contextlib.contextmanager
@@ -90,6 +102,7 @@ def running_app(tmp: Path, *flags: str) -> Iterator[str]:
     env = {**os.environ, "MEFACIAL_CHECKPOINT_DIR": str(weights), "HF_HUB_OFFLINE": "1", "TMPDIR": str(app_tmp),
            "GRADIO_ANALYTICS_ENABLED": "False", "GRADIO_TEMP_DIR": str(gradio_tmp)}
     log = tmp / "app.log"
+    started = time.monotonic()
     with open(log, "w") as out:
         process = subprocess.Popen(
             [sys.executable, str(REPO / "app.py"), "--host", "127.0.0.1", "--port", str(port), "--device", "cpu",
@@ -97,7 +110,9 @@ def running_app(tmp: Path, *flags: str) -> Iterator[str]:
     url = f"http://127.0.0.1:{port}/"
     try:
         _wait_until_up(url, process, log)
-        APPS[url] = AppProcess(process, app_tmp, gradio_tmp)
+        startup_s = time.monotonic() - started
+        _wait_for_warm_up(process, log)  # the page serves before; the tests start from a warm app
+        APPS[url] = AppProcess(process, app_tmp, gradio_tmp, log, startup_s)
         yield url
     finally:
         APPS.pop(url, None)

@@ -77,4 +77,4 @@ def client(app_url: str):
     """A gradio_client Client of the shared app."""
     from gradio_client import Client
 
-    return Client(app_url, verbose=False)
+    return Client(app_url, verbose=False, httpx_kwargs={"timeout": 120})  # a loaded CI machine answers slowly

@@ -17,7 +17,7 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 
 from app_server import MAX_FRAMES, MAX_UPLOAD_MB, REPO
-from mefacial import list_variants
+from mefacial import get_variant, list_variants
 from mefacial.grid import HEADER, TILE
 from mefacial.video import read_clip, write_video
 
@@ -62,15 +62,24 @@ def test_gif_download_slowed_down_and_pasted_back(client, clip):
     assert "slowed down x4" in status
 
 
-def test_compare_renders_one_grid_with_a_column_per_variant(client, clip):
-    variants = [v["id"] for v in list_variants()]
+def test_compare_by_default_runs_only_the_variants_ready_here(client, clip):
+    """No weights on this server: the default Compare is the driving clip and the warp, no placeholder columns."""
     grid, table = client.predict(source=handle_file(FACE), driving=handle_file(CLIP), api_name="/compare")
     frames = frames_of(grid)
     assert frames.shape[0] == clip.num_frames
+    assert frames.shape[1:3] == (HEADER + TILE, 2 * TILE)  # driving | warp
+    assert table.count("\n|") == 2 and get_variant("warp").label in table and "not run" not in table
+
+
+def test_compare_of_every_variant_shows_each_with_its_label_or_reason(client, clip):
+    variants = [v["id"] for v in list_variants()]
+    grid, table = client.predict(source=handle_file(FACE), driving=handle_file(CLIP), variants=variants,
+                                 api_name="/compare")
+    frames = frames_of(grid)
     assert frames.shape[1:3] == (HEADER + TILE, (1 + len(variants)) * TILE)  # the driving clip first
     for variant in variants:
-        assert f"`{variant}`" in table
-    assert table.count("no weights") == len(variants) - 1  # every learned variant, none hidden
+        assert f"| {get_variant(variant).label} |" in table  # the registry's label, as in the checkboxes
+    assert table.count("has no weights on this server") == len(variants) - 1  # every learned variant, none hidden
     tiles = frames[:, HEADER:].reshape(len(frames), TILE, 1 + len(variants), TILE, 3)
     change = np.abs(tiles.astype(int) - tiles[:1].astype(int)).mean(axis=(0, 1, 3, 4))  # per column
     warp_column = 1 + variants.index("warp")
@@ -112,15 +121,21 @@ def test_uploads_over_the_size_limit_are_refused_by_the_server(app_url, tmp_path
 
 def test_clip_longer_than_the_limit_is_refused(client, tmp_path):
     long_clip = tmp_path / "long.gif"
-    write_video(long_clip, np.zeros((MAX_FRAMES + 1, 32, 32, 3), dtype=np.uint8), fps=25)
-    with pytest.raises(AppError, match=str(MAX_FRAMES)):
+    frames = np.random.default_rng(0).integers(0, 255, (MAX_FRAMES + 1, 32, 32, 3), dtype=np.uint8)  # all distinct
+    write_video(long_clip, frames, fps=25)
+    with pytest.raises(AppError, match=f"more than the {MAX_FRAMES} this server takes"):
         client.predict(source=handle_file(FACE), driving=handle_file(long_clip), api_name="/generate")
 
 
-def test_missing_weights_say_what_to_do(client):
-    with pytest.raises(AppError, match="(?s)fomm-awp.*checkpoint"):
+def test_missing_weights_say_what_to_do_from_the_page(client):
+    with pytest.raises(AppError) as caught:
         client.predict(source=handle_file(FACE), driving=handle_file(CLIP), backbone="fomm", prior="awp",
                        api_name="/generate")
+    assert caught.value.title == "Weights missing"
+    message = caught.value.message
+    assert "FOMM + AWP has no weights on this server" in message and "warp" in message
+    assert 'see "Weights" in the README' in message
+    assert "--" not in message and "MEFACIAL_" not in message and "HF_HUB" not in message
 
 
 def test_prior_draws_landmarks_au_points_and_maps(client):

@@ -1,34 +1,42 @@
-"""The demo in a real browser: Playwright drives Debian's headless Chromium against `python app.py`.
+"""The demo in a real browser, as a first-time visitor meets it: Playwright drives Debian's headless Chromium
+against `python app.py` (CPU, offline, no weights: only the training-free warp can run).
 
-Uploads a face and a clip, generates, checks the result video plays (duration > 0) and
-has every frame; runs the Compare and Prior tabs; sends a bad upload and reads the error
-toast. A screenshot of each tab goes to tests/artifacts/ for review.
-Skips when /usr/bin/chromium is absent, unless MEFACIAL_REQUIRE_SHARED=1 (then fails).
+The page opens with the example loaded and Generate works with one click; Compare ticks only what can run;
+errors are a short title and at most three plain sentences without flags, shown when a file arrives (upload,
+webcam) and leaving no pane in an error state; the Prior slider follows the clip and its gallery shows every
+panel. A screenshot of each tab goes to tests/artifacts/ for review. Chromium's fake camera stands in for a
+webcam. Skips when /usr/bin/chromium is absent, unless MEFACIAL_REQUIRE_SHARED=1 (then fails).
 """
 
 from __future__ import annotations
 
 import os
+import re
+import time
 from pathlib import Path
 
 import imageio.v3 as iio
+import numpy as np
 import pytest
 from playwright.sync_api import expect, sync_playwright
 
-from app_server import REPO, shared_app
-from mefacial import list_variants
+from app_server import APPS, REPO, shared_app
+from mefacial import get_variant, list_variants
+from mefacial.errors import is_cli_free
 from mefacial.grid import HEADER, TILE
-from mefacial.video import read_clip
+from mefacial.video import read_clip, write_video
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
+                 "--disable-sync", "--no-first-run",
+                 "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream"]  # a test-pattern webcam
 ARTIFACTS = REPO / "tests" / "artifacts"
 FACE = REPO / "examples" / "astronaut.png"
 CLIP = REPO / "examples" / "brow_raise.mp4"
 WAIT_MS = 300_000  # a CPU generation under load
+TOAST_TEXT = "[data-testid='toast-text']"
 
 
 def chromium() -> Path:
@@ -57,11 +65,12 @@ def browser(app_url):
 
 @pytest.fixture
 def page(browser, app_url):
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    context = browser.new_context(viewport={"width": 1400, "height": 1000}, permissions=["camera"])
+    page = context.new_page()
     page.goto(app_url[0])
     page.wait_for_selector("#g-button")
     yield page
-    page.close()
+    context.close()
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +83,16 @@ def upload(page, prefix: str, face: Path, clip: Path | None = None) -> None:
     page.locator(f"#{prefix}-source input[type=file]").set_input_files(str(face))
     page.locator(f"#{prefix}-source img").first.wait_for(timeout=30_000)
     if clip is not None:
-        page.locator(f"#{prefix}-driving input[type=file]").set_input_files(str(clip))
+        put_clip(page, prefix, clip)
         expect(page.locator(f"#{prefix}-driving")).to_contain_text(clip.stem, timeout=30_000)
+
+
+def put_clip(page, prefix: str, clip: Path) -> None:
+    """Upload a driving clip, replacing the example the page opened with."""
+    driving = page.locator(f"#{prefix}-driving")
+    if driving.locator("input[type=file]").count() == 0:
+        driving.get_by_role("button", name="Clear").click()
+    driving.locator("input[type=file]").set_input_files(str(clip))
 
 
 def wait_for_video(page, elem_id: str) -> dict:
@@ -99,10 +116,54 @@ def screenshot(page, name: str) -> None:
     page.screenshot(path=str(ARTIFACTS / name), full_page=True)
 
 
-def test_generate_plays_the_result_with_every_frame(page, clip, tmp_path):
-    upload(page, "g", FACE, CLIP)
-    wait_for_video(page, "g-preview")  # the driving clip's preview
-    page.click("#g-button")
+def read_toast(page, title: str) -> str:
+    """The HTML of the error message with this short title (waits for it)."""
+    message = page.locator(TOAST_TEXT).filter(has_text=title).first  # one toast groups the messages of a kind
+    message.wait_for(timeout=WAIT_MS)
+    return message.inner_html()
+
+
+def assert_page_wording(html: str, title: str) -> str:
+    """The toast holds the short title in bold, then at most three plain sentences: no flags, no environment
+    variables, no code, no dangling punctuation. Returns the sentences."""
+    head, _, text = html.partition("<br>")
+    assert re.sub(r"\s+", " ", head).strip() == f"<strong>{title}</strong>", html
+    text = re.sub(r"<[^>]+>", "", text).strip()
+    sentences = [s for s in re.split(r"(?<=[.!?])\s+(?=[A-Z\"])", text) if s]
+    assert 1 <= len(sentences) <= 3, sentences
+    assert text.endswith(".") and not re.search(r"[,;:-]\.$|\.\.$|\s\.$", text), text
+    assert is_cli_free(text) and "`" not in text and " - " not in text, text
+    return text
+
+
+def assert_no_error_state(page, *elem_ids: str) -> None:
+    """The panes show no red "Error" badge after a handled error."""
+    page.wait_for_timeout(500)
+    for elem_id in elem_ids:
+        assert "Error" not in page.locator(f"#{elem_id}").inner_text(), elem_id
+
+
+def test_it_serves_without_waiting_for_the_warm_up(app_url):
+    app = APPS[app_url[0]]
+    for _ in range(100):  # the line follows the server's first answer closely
+        served = re.search(r"serving \S+, ([\d.]+) s after start", app.log.read_text())
+        if served:
+            break
+        time.sleep(0.2)
+    assert served, app.log.read_text()[-2000:]
+    log = app.log.read_text()
+    warmed = re.search(r"warmed up in|warm-up skipped", log)
+    assert warmed and warmed.start() > served.start(), "the page waited for the warm-up"
+    print(f"\npython app.py answered after {app.startup_s:.1f} s (the app logged {served[1]} s; load average "
+          f"{os.getloadavg()[0]:.2f} on {os.cpu_count()} cores)")
+
+
+def test_the_page_opens_with_the_example_ready_and_generates_with_one_click(page, clip, tmp_path):
+    expect(page.locator("#g-driving")).to_contain_text(CLIP.stem)
+    page.locator("#g-source img").first.wait_for(timeout=30_000)
+    expect(page.locator("#g-clip-info")).to_contain_text(f"{clip.num_frames} frames")
+    expect(page.locator("#g-variant")).to_contain_text(get_variant("warp").label)
+    page.click("#g-button")  # nothing uploaded: the example runs
     video = wait_for_video(page, "g-result")
     assert video["duration"] == pytest.approx(clip.duration, abs=0.15)
     assert fetch_frames(page, video["src"], tmp_path, "result.mp4").shape[0] == clip.num_frames
@@ -112,47 +173,119 @@ def test_generate_plays_the_result_with_every_frame(page, clip, tmp_path):
     screenshot(page, "app-generate.png")
 
 
-def test_compare_tab_gives_one_grid_video(page, clip, tmp_path):
+def test_generate_with_uploaded_files(page, clip, tmp_path):
+    upload(page, "g", FACE, CLIP)
+    wait_for_video(page, "g-preview")  # the driving clip's preview
+    page.click("#g-button")
+    assert fetch_frames(page, wait_for_video(page, "g-result")["src"], tmp_path, "r.mp4").shape[0] == clip.num_frames
+
+
+def test_compare_ticks_what_runs_here_and_lists_the_rest_with_a_reason(page, clip, tmp_path):
     page.get_by_role("tab", name="Compare").click()
-    upload(page, "c", FACE, CLIP)
-    page.click("#c-button")
-    video = wait_for_video(page, "c-grid")
-    frames = fetch_frames(page, video["src"], tmp_path, "compare.mp4")
+    variants = list_variants()
+    boxes = page.locator("#c-variants input[type=checkbox]")
+    expect(boxes).to_have_count(len(variants))
+    ticked = [v["label"] for v, box in zip(variants, boxes.all()) if box.is_checked()]
+    assert ticked == [get_variant("warp").label]  # no weights on this server: only the warp can run
+    labels = page.locator("#c-variants label").all_inner_texts()
+    assert [label.strip() for label in labels] == [v["label"] for v in variants]  # the registry's labels
+    not_ready = page.locator("#c-not-ready").inner_text()
+    for v in variants:
+        if v["id"] != "warp":
+            assert v["label"] in not_ready
+    assert "downloads on first use" not in not_ready and "downloads are off" in not_ready  # FOMM, offline
+    page.click("#c-button")  # the example is loaded: one click
+    frames = fetch_frames(page, wait_for_video(page, "c-grid")["src"], tmp_path, "compare.mp4")
     assert frames.shape[0] == clip.num_frames
-    assert frames.shape[2] == (1 + len(list_variants())) * TILE
-    page.locator("#c-status").get_by_text("no weights").first.wait_for()
+    assert frames.shape[2] == 2 * TILE  # driving | warp: no placeholder columns
     screenshot(page, "app-compare.png")
 
 
-def test_prior_tab_draws_the_prior(page):
+def test_prior_slider_follows_the_clip_and_the_gallery_shows_every_panel(page, clip, tmp_path):
     page.get_by_role("tab", name="Prior").click()
-    upload(page, "p", FACE)
+    short = tmp_path / "seven_frames.mp4"
+    write_video(short, clip.frames[:7], clip.fps)
+    put_clip(page, "p", short)
+    expect(page.locator("#p-clip-info")).to_contain_text("7 frames", timeout=60_000)
+    expect(page.locator("#p-frame input[type=range]")).to_have_attribute("max", "6", timeout=30_000)
+    page.locator("#p-frame input[type=number]").fill("6")
+    page.locator("#p-frame input[type=number]").press("Enter")
     page.click("#p-button")
-    page.locator("#p-gallery img").nth(2).wait_for(timeout=WAIT_MS)
-    assert page.locator("#p-gallery img").count() >= 3  # landmarks, AU points, EWP (and AWP or why not)
+    page.locator("#p-gallery img").nth(7).wait_for(timeout=WAIT_MS)
+    captions = page.locator("#p-gallery").inner_text()
+    assert "driving frame 6" in captions and "source: 68 landmarks" in captions
+    wrap = page.locator("#p-gallery .grid-wrap")
+    assert wrap.evaluate("e => e.scrollHeight <= e.clientHeight + 1"), "the gallery scrolls inside itself"
+    last = page.locator("#p-gallery .gallery-item").last.bounding_box()
+    box = page.locator("#p-gallery").bounding_box()
+    assert last["y"] + last["height"] <= box["y"] + box["height"] + 1, "the last panel is cut off"
     page.locator("#p-status").get_by_text("landmarks: dlib").wait_for()
     screenshot(page, "app-prior.png")
 
 
-def test_bad_upload_shows_an_error_naming_the_file(page, tmp_path):
-    bad = tmp_path / "not_a_face.png"
-    bad.write_text("this is text, not a picture")
-    page.locator("#g-source input[type=file]").set_input_files(str(bad))
-    page.locator("#g-driving input[type=file]").set_input_files(str(CLIP))
-    expect(page.locator("#g-driving")).to_contain_text(CLIP.stem, timeout=30_000)
+def test_missing_weights_are_a_short_plain_error_and_the_panes_stay_normal(page):
+    page.locator("#g-backbone").get_by_label("FOMM", exact=True).check()
+    page.locator("#g-prior").get_by_label("AWP", exact=True).check()
+    expect(page.locator("#g-variant")).to_contain_text("FOMM + AWP", timeout=30_000)
+    expect(page.locator("#g-variant")).to_contain_text("not ready")
     page.click("#g-button")
-    toast = page.locator("[data-testid='toast-body']").filter(has_text="not an image")
-    toast.first.wait_for(timeout=60_000)
-    assert "not_a_face.png" in toast.first.inner_text()
+    text = assert_page_wording(read_toast(page, "Weights missing"), "Weights missing")
+    assert text.startswith("FOMM + AWP has no weights on this server.") and 'see "Weights" in the README' in text
+    assert_no_error_state(page, "g-result", "g-grid", "g-download", "g-status")
     screenshot(page, "app-error.png")
 
 
-def test_each_backbone_offers_its_options_and_missing_weights_say_so(page):
-    page.locator("#g-backbone").get_by_label("MRAA", exact=True).check()
-    expect(page.locator("#g-motion")).to_contain_text("AVD", timeout=30_000)
-    page.locator("#g-prior").get_by_label("AWP", exact=True).check()
-    expect(page.locator("#g-variant")).to_contain_text("mraa-awp", timeout=30_000)
-    expect(page.locator("#g-variant")).to_contain_text("no weights: see checkpoints/README.md")
-    page.locator("#g-backbone").get_by_label("FOMM", exact=True).check()
-    expect(page.locator("#g-motion")).not_to_contain_text("AVD", timeout=30_000)  # FOMM: relative / absolute
-    expect(page.locator("#g-prior")).to_contain_text("ACM MM 2021")
+@pytest.mark.parametrize("name, content, title", [
+    ("not_a_face.png", b"this is text, not a picture", "Not an image"),
+    ("noise.png", None, "No face found"),
+])
+def test_a_bad_face_is_reported_when_it_is_uploaded(page, tmp_path, name, content, title):
+    path = tmp_path / name
+    if content is None:
+        iio.imwrite(path, np.random.default_rng(0).integers(0, 255, (200, 200, 3), dtype=np.uint8))
+    else:
+        path.write_bytes(content)
+    page.locator("#g-source input[type=file]").set_input_files(str(path))  # Generate is not pressed
+    text = assert_page_wording(read_toast(page, title), title)
+    assert content is None or name in text  # an unreadable file is named; "no face" is about the picture shown
+    expect(page.locator("#g-source img")).to_have_count(0, timeout=30_000)  # no broken image left behind
+    assert_no_error_state(page, "g-source")
+    if content is not None:
+        screenshot(page, "app-upload-error.png")
+
+
+def test_a_corrupt_clip_is_reported_when_it_is_uploaded(page, tmp_path):
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(CLIP.read_bytes()[:2000])
+    put_clip(page, "g", broken)
+    text = assert_page_wording(read_toast(page, "Unreadable clip"), "Unreadable clip")
+    assert "broken.mp4" in text
+    assert_no_error_state(page, "g-preview", "g-clip-info")
+
+
+def test_a_webcam_photo_is_checked_like_an_upload(page):
+    """Chromium's fake camera shows a test pattern, not a face: the capture is refused at once."""
+    source = page.locator("#g-source")
+    source.get_by_role("button", name="Capture from camera").click()
+    source.get_by_text("Click to Access Webcam").click()
+    capture = source.get_by_role("button", name="capture photo")
+    capture.wait_for(timeout=30_000)
+    page.wait_for_timeout(1500)  # the stream starts
+    capture.click()
+    assert_page_wording(read_toast(page, "No face found"), "No face found")
+
+
+def test_a_clip_recorded_with_the_webcam_is_checked_like_an_upload(page):
+    """Recorded in the page (Chromium's fake camera: a test pattern), then checked as the driving clip."""
+    page.get_by_text("Record a clip with the webcam").first.click()
+    record = page.locator("#g-record")
+    record.get_by_text("Click to Access Webcam").click()
+    button = record.get_by_role("button", name="start recording")
+    button.wait_for(timeout=30_000)
+    page.wait_for_timeout(1500)  # the stream starts
+    button.click()
+    page.wait_for_timeout(2000)
+    button.click()  # the same button now stops the recording
+    text = assert_page_wording(read_toast(page, "No face found"), "No face found")
+    assert "first (onset) frame of the driving clip" in text
+    assert_no_error_state(page, "g-record", "g-preview")

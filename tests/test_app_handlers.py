@@ -67,7 +67,7 @@ def test_prior_tab_draws_the_awp_map_of_an_awp_model(monkeypatch):
                         "source: AWP map (adaptive weighted)"]
     ewp, awp = gallery[2][0], gallery[3][0]
     assert awp.shape == ewp.shape and not np.array_equal(awp, ewp)
-    assert "fomm-awp" in status
+    assert "AWP map: FOMM + AWP" in status
 
 
 def test_prior_tab_says_why_there_is_no_awp_map(monkeypatch, tmp_path):
@@ -77,7 +77,7 @@ def test_prior_tab_says_why_there_is_no_awp_map(monkeypatch, tmp_path):
         monkeypatch.delenv(checkpoint_env_var(variant), raising=False)
     demo = app.Demo(Engine(device="cpu", landmarks="dlib"), app.Limits())
     gallery, status = demo.prior({"path": str(FACE)}, None, 0, "dlib", True)
-    assert gallery[-1][1] == "source: AWP map" and "checkpoints/README.md" in status
+    assert gallery[-1][1] == "source: AWP map" and "weights of FOMM + AWP" in status
 
 
 def test_warm_up_loads_the_landmark_models_and_never_raises(monkeypatch, caplog):

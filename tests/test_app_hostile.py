@@ -10,6 +10,7 @@ the request instead of an upload, a 1 GB upload, absurd option values.
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 
@@ -24,6 +25,9 @@ from PIL import Image
 
 from app_server import APPS, MAX_UPLOAD_MB, REPO, files_under
 from hostile_files import encode, gif_bomb, png_header_only, png_rgb16
+from mefacial import get_variant
+from mefacial.errors import (InputTooLargeError, NoFaceError, NotAnImageError, UnreadableVideoError,
+                             is_cli_free)
 from mefacial.video import read_clip, write_video
 
 pytestmark = pytest.mark.slow
@@ -100,21 +104,31 @@ VALID = [  # (source, driving, frames expected): unusual but valid uploads anima
     ("two_faces.png", "clip.mp4", 6), ("border.png", "clip.mp4", 6), ("face.png", "one_frame.mp4", 1),
 ]
 
-REFUSED = [  # (source, driving, error type shown as the title, words of its message)
-    ("empty.png", "clip.mp4", "NotAnImageError", "empty"),
-    ("drawing.svg", "clip.mp4", "NotAnImageError", "not an image"),
-    ("clip.mp4", "clip.mp4", "NotAnImageError", "looks like a video"),
-    ("huge.png", "clip.mp4", "InputTooLargeError", "megapixels"),
-    ("bomb.gif", "clip.mp4", "InputTooLargeError", "pixels"),
-    ("noise.png", "clip.mp4", "NoFaceError", "face"),
-    ("face.png", "empty.mp4", "UnreadableVideoError", "empty"),
-    ("face.png", "text.mp4", "UnreadableVideoError", "no decodable video"),
-    ("face.png", "truncated.mp4", "UnreadableVideoError", "truncated"),
-    ("face.png", "zero.mp4", "UnreadableVideoError", "no decodable video"),
-    ("face.png", "bomb.gif", "InputTooLargeError", "pixels"),
-    ("face.png", "leaving.mp4", "NoFaceError", "frame 4"),
-    ("face.png", "ten_minutes.mp4", "InputTooLargeError", "600"),
+REFUSED = [  # (source, driving, error type whose short title is shown, words of its message)
+    ("empty.png", "clip.mp4", NotAnImageError, "empty"),
+    ("drawing.svg", "clip.mp4", NotAnImageError, "not an image"),
+    ("clip.mp4", "clip.mp4", NotAnImageError, "looks like a video"),
+    ("huge.png", "clip.mp4", InputTooLargeError, "megapixels"),
+    ("bomb.gif", "clip.mp4", InputTooLargeError, "pixels"),
+    ("noise.png", "clip.mp4", NoFaceError, "face"),
+    ("face.png", "empty.mp4", UnreadableVideoError, "empty"),
+    ("face.png", "text.mp4", UnreadableVideoError, "no decodable video"),
+    ("face.png", "truncated.mp4", UnreadableVideoError, "truncated"),
+    ("face.png", "zero.mp4", UnreadableVideoError, "no decodable video"),
+    ("face.png", "bomb.gif", InputTooLargeError, "pixels"),
+    ("face.png", "leaving.mp4", NoFaceError, "frame 4"),
+    ("face.png", "ten_minutes.mp4", InputTooLargeError, "600"),
 ]
+
+
+def assert_page_wording(title: str, message: str) -> None:
+    """A page error: the short title in bold, then at most three plain sentences, no flags or variables."""
+    head, _, text = message.partition("<br>")
+    assert head == f"<strong>{title}</strong>", message
+    sentences = [s for s in re.split(r"(?<=[.!?])\s+(?=[A-Z\"])", text) if s]
+    assert 1 <= len(sentences) <= 3, sentences
+    assert text.endswith(".") and not re.search(r"[,;:]\.$|\.\.$| \.$", text), text
+    assert is_cli_free(text), text
 
 
 def request_dirs(app_url: str) -> set[Path]:
@@ -135,12 +149,13 @@ def test_refused_uploads_name_their_cause_and_leave_nothing_behind(app_url, clie
     good = dict(source=handle_file(files["face.png"]), driving=handle_file(files["clip.mp4"]), api_name="/generate")
     client.predict(**good)  # warm-up: models, detector and ffmpeg loaded, connections open
     held, outputs = app.open_files(), request_dirs(app_url)
-    for source, driving, title, words in REFUSED:
+    for source, driving, error, words in REFUSED:
         with pytest.raises(AppError) as caught:
             client.predict(source=handle_file(files[source]), driving=handle_file(files[driving]), api_name="/generate")
-        message = str(caught.value)
+        message, title = str(caught.value), error.title
         assert caught.value.title == title, f"{source} + {driving}: {title} expected, got {caught.value.title}: {message}"
         assert words in message and len(message) > 40, f"{source} + {driving}: {message}"
+        assert_page_wording(title, message)
         assert str(app.gradio_tmp) not in message, "the message shows a server path instead of the uploaded name"
     assert request_dirs(app_url) == outputs, "a refused request wrote outputs"
     client.predict(**good)  # still serving
@@ -212,7 +227,7 @@ def test_paths_and_urls_instead_of_uploads_are_refused(app_url, files, tmp_path)
     ({"slowdown": -3}, "slow-down"),
     ({"landmarks": "/tmp/model.dat"}, "landmark backend"),
     ({"format": "exe"}, "output format"),
-    ({"motion": "sideways", "backbone": "mraa"}, "motion"),
+    ({"motion": "sideways", "backbone": "mraa"}, "[Mm]otion.*'sideways'"),
 ])
 def test_absurd_options_are_refused_by_name(client, files, options, words):
     with pytest.raises(AppError, match=words):
@@ -229,5 +244,5 @@ def test_prior_and_compare_refuse_absurd_options(client, files):
                        variants=["warp", "../../x"], api_name="/compare")
     grid, table = client.predict(source=handle_file(files["face.png"]), driving=handle_file(files["clip.mp4"]),
                                  variants=["warp"] * 500, api_name="/compare")  # repeated: one column
-    assert table.count("`warp`") == 1
+    assert table.count(f"| {get_variant('warp').label} |") == 1
     assert iio.imread(grid).shape[0] == 6

@@ -422,7 +422,7 @@ SPEC = register_backbone(BackboneSpec(
         VariantDecl("fomm-none", "fomm-vox256", "FOMM"),
         VariantDecl("fomm-ewp", "fomm-ewp", "FOMM + EWP"),
         VariantDecl("fomm-awp", "fomm-awp", "FOMM + AWP"),
-        VariantDecl("fomm-ewp-mm21", "fomm-ewp-mm21", "FOMM + prior (ACM MM 2021)", prior_option="ewp-mm21",
+        VariantDecl("fomm-ewp-mm21", "fomm-ewp-mm21", "FOMM + EWP (ACM MM 2021)", prior_option="ewp-mm21",
                     prior_label="EWP (ACM MM 2021)"),
     ),
 ))

@@ -1,0 +1,74 @@
+"""Output for people: tables, and progress reports that never go backwards, with a bar only on a terminal.
+
+The engine reports `progress(fraction, message)` per stage and per batch; stages restart their
+own count, so a raw report can step back (5 % "landmarks" then 4 % "frames 4/101").
+`monotone` keeps the largest fraction seen. `ConsoleProgress` draws a tqdm bar when the stream
+is a terminal and otherwise writes one plain line at most every `every` seconds (logs, pipes, CI).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Callable, TextIO
+
+ProgressFn = Callable[[float, str], None]
+
+
+def monotone(report: ProgressFn) -> ProgressFn:
+    """`report` called with fractions that never decrease (clamped to [0, 1])."""
+    best = 0.0
+
+    def call(fraction: float, message: str) -> None:
+        nonlocal best
+        best = min(1.0, max(best, float(fraction)))
+        report(best, message)
+
+    return call
+
+
+class ConsoleProgress:
+    """`with ConsoleProgress("warp") as progress: engine.animate(..., progress=progress)`."""
+
+    def __init__(self, desc: str, stream: TextIO | None = None, every: float = 5.0, tty: bool | None = None):
+        self.desc = desc
+        self.stream = stream or sys.stderr
+        self.every = every
+        self.tty = self.stream.isatty() if tty is None else tty
+        self.bar = None
+        self.best = 0.0
+        self.last_line = -float("inf")
+        self.last_message = ""
+
+    def __enter__(self) -> "ConsoleProgress":
+        if self.tty:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=100, unit="%", desc=self.desc, bar_format="{l_bar}{bar}| {postfix}", file=self.stream)
+        return self
+
+    def __call__(self, fraction: float, message: str) -> None:
+        self.best = min(1.0, max(self.best, float(fraction)))
+        self.last_message = message
+        if self.bar is not None:
+            self.bar.update(round(100 * self.best) - self.bar.n)
+            self.bar.set_postfix_str(message)
+            return
+        now = time.monotonic()
+        if now - self.last_line >= self.every:
+            self.last_line = now
+            print(f"{self.desc}: {100 * self.best:3.0f}% {message}", file=self.stream, flush=True)
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        elif exc[0] is None and self.best > 0:
+            print(f"{self.desc}: 100% done", file=self.stream, flush=True)
+
+
+def table(rows: list[list], header: list[str]) -> str:
+    """A plain-text table: columns padded to their widest cell, a rule under the header."""
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
+    lines = ["  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
