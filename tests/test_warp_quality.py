@@ -24,6 +24,8 @@ import pytest
 
 from conftest import DATA, require
 
+pytestmark = pytest.mark.slow  # self-reenactment of every real clip at 256 px
+
 CLIPS = sorted((DATA / "driving").glob("*.gif")) if (DATA / "driving").is_dir() else []
 PSNR_GAIN_DB = 0.5  # mean over clips; every clip must also beat the static baseline
 LANDMARK_ERROR_RATIO = 0.8  # mean over clips of generated / static landmark-motion error
