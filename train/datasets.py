@@ -30,7 +30,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -42,6 +41,7 @@ from torch.utils.data import Dataset, DistributedSampler
 from mefacial import prior
 from mefacial.errors import InputError
 from mefacial.video import list_frame_files, natural_key, read_clip, read_image
+from mefacial.utils import atomic_write
 
 from .config import AugmentationConfig
 
@@ -161,13 +161,8 @@ def fill_missing(points: np.ndarray, found: np.ndarray) -> np.ndarray:
 
 
 def _atomic_savez(path: Path, **arrays: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
+    with atomic_write(path) as f:
         np.savez(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def landmark_cache_dir(root: str | Path, backend: str, cache_dir: str | Path | None = None) -> Path:
