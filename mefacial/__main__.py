@@ -294,6 +294,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {' '.join(exc.cli_message.split())}", file=sys.stderr)  # one line: cause and remedy
         logging.getLogger("mefacial").debug("traceback", exc_info=True)
         return 2
+    except BrokenPipeError:  # the output went to a pager or `head` that stopped reading: not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except OSError as exc:  # a file the user named cannot be read or written
         where = f" {exc.filename}" if exc.filename else ""
         print(f"error: cannot use{where}: {exc.strerror or exc}; check the path and its permissions", file=sys.stderr)
