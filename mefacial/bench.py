@@ -89,10 +89,51 @@ def _sway(image: np.ndarray, frames: int) -> np.ndarray:
     return to_uint8(torch.nn.functional.grid_sample(source, grid, padding_mode="border", align_corners=False))
 
 
+SYNTHETIC = "synthetic"  # the landmark choice of speed runs on machines without a detector (no dlib)
+
+
+def synthetic_landmarks(size: int) -> np.ndarray:
+    """68 points in the iBUG layout of a frontal face filling a `size` frame (1 x 68 x 2, pixels): jaw,
+    brows, nose, eyes and mouth at textbook proportions. For speed runs only: they follow no real face."""
+    u = lambda a, b, n: np.linspace(a, b, n)  # noqa: E731
+    t = u(np.pi, 0, 17)
+    jaw = np.stack([0.5 + 0.36 * np.cos(t), 0.45 + 0.42 * np.sin(t)], 1)  # 0-16, ear to ear under the chin
+    brows = [np.stack([u(x0, x1, 5), 0.33 - 0.03 * np.sin(u(0, np.pi, 5))], 1) for x0, x1 in ((0.22, 0.44), (0.56, 0.78))]
+    nose = np.concatenate([np.stack([np.full(4, 0.5), u(0.4, 0.58, 4)], 1),  # 27-30 bridge
+                           np.stack([u(0.43, 0.57, 5), 0.63 - 0.015 * np.sin(u(0, np.pi, 5))], 1)])  # 31-35
+    angles = np.pi - np.arange(6) * np.pi / 3  # 6 points around each eye, from its outer corner
+    eyes = [np.stack([cx + 0.07 * np.cos(angles), 0.41 - 0.025 * np.sin(angles)], 1) for cx in (0.33, 0.67)]
+    outer, inner = np.arange(12) * np.pi / 6, np.arange(8) * np.pi / 4
+    mouth = np.concatenate([np.stack([0.5 - 0.12 * np.cos(outer), 0.76 - 0.05 * np.sin(outer)], 1),  # 48-59
+                            np.stack([0.5 - 0.08 * np.cos(inner), 0.76 - 0.02 * np.sin(inner)], 1)])  # 60-67
+    points = np.concatenate([jaw, *brows, nose, *eyes, mouth]) * size  # 68 x 2
+    return points[None].astype(np.float32)
+
+
+def _sway_points(points: np.ndarray, frames: int, size: int) -> np.ndarray:
+    """T x 68 x 2: `points` (1 x 68 x 2) carried by the motion `_sway` gives the image."""
+    t = np.linspace(0, 2 * math.pi, frames)
+    shift = SWAY_PX * 2 / size
+    scale = 1 + 0.5 * shift * np.sin(t)  # grid_sample samples the input at scale * p + offset
+    offset = np.stack([shift * np.sin(t), shift * np.cos(t) - shift], 1)  # T x 2
+    normalized = (2 * points + 1) / size - 1  # 1 x 68 x 2, align_corners=False
+    moved = (normalized - offset[:, None]) / scale[:, None, None]  # where each input point lands
+    return ((moved + 1) * size - 1) / 2
+
+
 def bench_inputs(size: int, frames: int, data: Path | None = None, landmarks: str = "dlib") -> BenchInputs:
     """A real micro-expression clip and face from `data` (MEFACIAL_DATA layout) when there, else a
     synthetic one (scikit-image's astronaut, swaying), cut to `size` and `frames` (a short clip is
-    played back and forth), with their landmarks."""
+    played back and forth), with their landmarks. `landmarks="synthetic"` needs no detector: the synthetic
+    clip with `synthetic_landmarks` moved by the same sway (speed runs; the images and points do not match)."""
+    if landmarks == SYNTHETIC:
+        from skimage.data import astronaut
+
+        source = video.resize_frames(astronaut()[30:230, 125:325][None], size, size)[0]  # around the face
+        points = synthetic_landmarks(size)
+        return BenchInputs(source, _sway(source, frames), points, _sway_points(points, frames, size).astype(np.float32),
+                           f"synthetic: scikit-image astronaut, {size}x{size}, swaying {SWAY_PX} px; synthetic "
+                           "landmarks (a fixed 68-point layout moved with the sway, not detected)")
     detector = get_detector(landmarks)
     clip = _first_clip(data)
     if clip is not None:
@@ -329,7 +370,7 @@ def run(variants: Sequence[str] = DEFAULT_VARIANTS, frames: int = 16, batch_size
         precisions: Sequence[str] = ("fp32", "bf16", "fp16"), device: str = "auto", repeats: int = 3,
         seed: int = 0, data: Path | None = None, compile: bool = False, channels_last: bool | None = None,
         fuse: bool = True, configs: dict[str, ModelConfig] | None = None, inputs: BenchInputs | None = None,
-        log: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
+        landmarks: str = "dlib", log: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
     """Benchmark `variants` (fast path at each precision against the per-frame fp32 loop); a JSON-able report.
 
     `configs` replaces the published config of a variant (tests use tiny ones); `inputs` replaces the
@@ -348,7 +389,7 @@ def run(variants: Sequence[str] = DEFAULT_VARIANTS, frames: int = 16, batch_size
         raise InputError(f"the variants' configs have different image sizes {sorted(size)}; benchmark them separately")
     size = size.pop()
     log(f"inputs: {frames} frames at {size}x{size}")
-    inputs = inputs or bench_inputs(size, frames, data)
+    inputs = inputs or bench_inputs(size, frames, data, landmarks)
     frames = len(inputs.driving)
     engines = {p: Engine(device=device_t, precision=p, batch_size=batch_size, landmarks="dlib", compile=compile,
                          channels_last=channels_last, fuse=fuse) for p in kept}
@@ -356,13 +397,13 @@ def run(variants: Sequence[str] = DEFAULT_VARIANTS, frames: int = 16, batch_size
     loop_engine = Engine(device=device_t, precision="fp32", channels_last=False)
 
     needs_landmarks = any(s.needs_landmarks for s in specs)
-    landmarks = {"fast": [], "loop": []}
-    if needs_landmarks:
+    landmark_times: dict[str, list[float]] = {"fast": [], "loop": []}
+    if needs_landmarks and landmarks != SYNTHETIC:  # synthetic: none detected, none timed
         for _ in range(repeats):
-            fast_s, loop_s = landmark_seconds(inputs)
-            landmarks["fast"].append(fast_s)
-            landmarks["loop"].append(loop_s)
-    landmark_ms = {path: 1000 * _median(times) / frames for path, times in landmarks.items()}
+            fast_s, loop_s = landmark_seconds(inputs, landmarks)
+            landmark_times["fast"].append(fast_s)
+            landmark_times["loop"].append(loop_s)
+    landmark_ms = {path: 1000 * _median(times) / frames if times else 0.0 for path, times in landmark_times.items()}
 
     rows: list[dict[str, Any]] = []
     for spec in specs:
@@ -432,7 +473,8 @@ def run(variants: Sequence[str] = DEFAULT_VARIANTS, frames: int = 16, batch_size
                      "precisions": kept, "skipped_precisions": skipped, "repeats": repeats, "seed": seed,
                      "image_size": size, "inputs": inputs.origin, "compile": compile, "fuse": fuse,
                      "channels_last": engines["fp32"].memory_format == torch.channels_last,
-                     "motion": MOTION, "landmarks": "dlib" if needs_landmarks else None},
+                     "motion": MOTION,
+                     "landmarks": None if not needs_landmarks else landmarks + (" (not timed)" if landmarks == SYNTHETIC else "")},
         "rows": rows,
         "targets": targets(rows),
     }
@@ -495,7 +537,7 @@ def format_table(report: dict[str, Any]) -> str:
         + f", native bf16: {m['native_bf16']}" + (f", load average {m['load_average']}" if "load_average" in m else ""),
         f"Inputs: {s['inputs']}; {s['frames']} frames, batch {s['batch_size']}, {s['repeats']} repeats (medians), "
         f"random weights (seed {s['seed']}), channels_last {s['channels_last']}, "
-        f"fused {s['fuse']}, compile {s['compile']}",
+        f"fused {s['fuse']}, compile {s['compile']}, landmarks {s['landmarks']}",
         "",
         "| variant | path | precision | landmarks | prior | motion | generator | end-to-end ms/frame | fps "
         "| peak MiB | GFLOP/frame | GFLOP/s | speed-up | max abs diff vs loop | PSNR vs fp32 dB |",
@@ -519,6 +561,69 @@ def format_table(report: dict[str, Any]) -> str:
             op = "<=" if check["target"] == "max_abs_diff" else ">="
             lines.append(f"- {check['variant']} {check['precision']}: {check['target']} {check['value']:.3g} "
                          f"{op} {check['bound']:g}: {'met' if check['met'] else 'NOT met'}")
+    return "\n".join(lines)
+
+
+# ---- training-free generators, end to end ---------------------------------------------------------------
+
+TRAINING_FREE = ("dense", "dense-geometry", "warp")
+
+
+def training_free(variants: Sequence[str] = TRAINING_FREE, data: Path | None = None, frames: int | None = None,
+                  repeats: int = 3, reference: str = "warp", log: Callable[[str], None] = lambda message: None
+                  ) -> dict[str, Any]:
+    """The training-free generators end to end through `Engine.animate` (face crops, landmarks or mesh, motion,
+    rendering) on the same face and clip, in one run, alternating their order between repeats (other
+    processes share the machine); per variant the medians of its ms per frame, per stage and end to end, and
+    the ratio of `reference`'s end-to-end time to its own in each repeat (median)."""
+    clip_path = _first_clip(data)
+    if clip_path is not None:
+        face = sorted(p for p in (data / "faces").iterdir() if p.suffix.lower() in video.IMAGE_EXTENSIONS)[0]
+        source, clip = video.read_image(face), video.read_clip(clip_path)
+        driving, fps = clip.frames, clip.fps
+        origin = f"{clip_path.name} ({len(driving)} frames) driving {face.name}"
+    else:
+        from skimage.data import astronaut
+
+        source = astronaut()
+        driving, fps = _sway(video.resize_frames(source[None], 256, 256)[0], frames or 48), video.DEFAULT_FPS
+        origin = "synthetic: scikit-image astronaut, swaying"
+    if frames is not None:
+        driving = driving[:frames]
+    variants = list(dict.fromkeys([*variants, reference]))
+    engine = Engine(device="cpu", landmarks="dlib")
+    log(f"warming up ({', '.join(variants)})")
+    for variant in variants:
+        engine.animate(source, driving[:4], variant=variant, fps=fps)
+    times: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
+    for r in range(repeats):
+        for variant in (variants if r % 2 == 0 else variants[::-1]):
+            result = engine.animate(source, driving, variant=variant, fps=fps)
+            times[variant].append(result.timings)
+        log(f"repeat {r + 1}/{repeats}: " + ", ".join(f"{v} {1000 * t[-1]['total_s'] / len(driving):.0f} ms/frame"
+                                                     for v, t in times.items()))
+    rows = []
+    for variant in variants:
+        per_frame = {key: 1000 * _median([t.get(f"{key}_s", 0.0) for t in times[variant]]) / len(driving)
+                     for key in ("read", "landmarks", "generator", "total")}
+        ratio = _median([ref["total_s"] / own["total_s"] for ref, own in zip(times[reference], times[variant])])
+        rows.append({"variant": variant, "ms_per_frame": per_frame, "speedup_vs": {reference: ratio}})
+    return {"machine": machine(torch.device("cpu")), "inputs": origin, "frames": len(driving), "repeats": repeats,
+            "reference": reference, "rows": rows}
+
+
+def format_training_free(report: dict[str, Any]) -> str:
+    m, reference = report["machine"], report["reference"]
+    lines = [f"Machine: {m.get('cpu', platform.processor())}, {m['cpu_count']} cores, torch {m['torch']}"
+             + (f", load average {m['load_average']}" if "load_average" in m else ""),
+             f"Inputs: {report['inputs']}; {report['frames']} frames at 256 x 256, {report['repeats']} repeats "
+             "(medians), end to end through Engine.animate", "",
+             f"| variant | read | face crops + landmarks / mesh | generator | end-to-end ms/frame | speed-up vs {reference} |",
+             "|---|--:|--:|--:|--:|--:|"]
+    for row in report["rows"]:
+        ms = row["ms_per_frame"]
+        lines.append(f"| {row['variant']} | {ms['read']:.1f} | {ms['landmarks']:.1f} | {ms['generator']:.1f} "
+                     f"| {ms['total']:.1f} | {row['speedup_vs'][reference]:.2f}x |")
     return "\n".join(lines)
 
 
@@ -547,7 +652,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        help="NHWC tensors on the fast path (default: the engine's choice for the device)")
     bench.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=True,
                        help="fold batch norms and upsampling into the convs on the fast path (default: on)")
+    bench.add_argument("--landmarks", default="dlib", choices=["dlib", "fan", SYNTHETIC],
+                       help="landmark backend of the inputs (timed as a stage); synthetic: a fixed 68-point layout "
+                            "on the synthetic clip, nothing detected or timed (speed runs without a detector)")
     bench.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
+    bench.add_argument("--training-free", action="store_true",
+                       help="time the training-free generators (dense, dense-geometry, warp, or --variants) end to end "
+                            "through Engine.animate on one real clip, side by side, with their speed-up over warp")
     bench.set_defaults(func=main)
 
 
@@ -557,13 +668,23 @@ def main(args: argparse.Namespace) -> int:
     unknown = [v for v in variants if v not in variant_ids()]
     if unknown:
         raise InputError(f"unknown variant(s) {unknown}; known: {', '.join(variant_ids())}")
+    if args.training_free:
+        chosen = [v for v in variants if not get_variant(v).needs_weights] if args.variants != list(DEFAULT_VARIANTS) \
+            else list(TRAINING_FREE)
+        report = training_free(chosen or list(TRAINING_FREE), data=args.data, repeats=args.repeats,
+                               log=lambda message: print(message, flush=True))
+        print(format_training_free(report))
+        if args.json is not None:
+            args.json.write_text(json.dumps(report, indent=2, default=float))
+        return 0
     precisions = _split(args.precisions)
     bad = [p for p in precisions if p not in PRECISIONS]
     if bad:
         raise InputError(f"unknown precision(s) {bad}; use {', '.join(PRECISIONS)}")
     report = run(variants, frames=args.frames, batch_size=args.batch_size, precisions=precisions, device=args.device,
                  repeats=args.repeats, seed=args.seed, data=args.data, compile=args.compile,
-                 channels_last=args.channels_last, fuse=args.fuse, log=lambda message: print(message, flush=True))
+                 channels_last=args.channels_last, fuse=args.fuse, landmarks=args.landmarks,
+                 log=lambda message: print(message, flush=True))
     print(format_table(report))
     if args.json is not None:
         args.json.write_text(json.dumps(report, indent=2, default=float))

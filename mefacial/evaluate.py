@@ -318,7 +318,8 @@ LEARNED = {"lpips": LPIPSScore, "fid": FIDScore}
 
 
 def evaluate(engine: Any, clips: Sequence[str | Path], variants: Sequence[str], faces: Sequence[str | Path] = (),
-             settings: EvalSettings = EvalSettings(), learned: Sequence[str] = ("lpips", "fid")) -> dict[str, Any]:
+             settings: EvalSettings = EvalSettings(), learned: Sequence[str] = ("lpips", "fid"),
+             readout_dir: str | Path | None = None) -> dict[str, Any]:
     """Self-reenactment scores on every clip and, with `faces`, motion-transfer scores on every face x clip,
     per variant; a clip or pair that fails is reported with its error. Each clip (and face x clip) is prepared
     once (`Engine.prepare`: crops and landmarks) and every variant runs on it. Returns the report (JSON-ready)."""
@@ -345,10 +346,12 @@ def evaluate(engine: Any, clips: Sequence[str | Path], variants: Sequence[str], 
     learned_scores = {v: {name: make() for name, make in scorers.items()} for v in variants}
     pairs: dict[str, dict[str, Any]] = {v: {} for v in variants}
 
-    def each_variant(source: Any, clip_frames: np.ndarray, name: str, score: Callable[..., Any]) -> None:
-        """Prepare the inputs once (per model size), run every variant on them, score each; errors per variant."""
+    def each_variant(source: Any, clip_frames: np.ndarray, name: str, score: Callable[..., Any]) -> dict[str, Any]:
+        """Prepare the inputs once (per model size), run every variant on them, score each; errors per variant.
+        Returns the variants' results."""
         prepared: dict[int, Any] = {}
         real_points: dict[int, np.ndarray] = {}
+        results: dict[str, Any] = {}
         for variant in variants:
             try:
                 size = engine.model(variant)[0].config.image_size
@@ -360,10 +363,11 @@ def evaluate(engine: Any, clips: Sequence[str | Path], variants: Sequence[str], 
                         prepared[size] = exc
                 if isinstance(prepared[size], Exception):
                     raise prepared[size]
-                result = engine.collect(prepared[size], variant, options)
+                result = results[variant] = engine.collect(prepared[size], variant, options)
                 score(variant, name, result, real_points[size])
             except Exception as exc:  # noqa: BLE001 - one failing clip is reported, the evaluation goes on
                 entries[variant]["errors"][name] = f"{type(exc).__name__}: {first_line(exc)}"
+        return results
 
     def reenactment(variant: str, name: str, result: Any, real: np.ndarray) -> None:
         scores = score_reenactment(result, landmarks, settings, real_landmarks=real)
@@ -377,7 +381,14 @@ def evaluate(engine: Any, clips: Sequence[str | Path], variants: Sequence[str], 
         pairs[variant][name] = score_transfer(result, landmarks, settings, driving_landmarks=driving)
 
     for clip, clip_frames in frames.items():
-        each_variant(clip_frames[0], clip_frames, names[clip], reenactment)
+        results = each_variant(clip_frames[0], clip_frames, names[clip], reenactment)
+        if readout_dir is not None and results:
+            from .readout import write_readouts
+
+            first = next(iter(results.values()))
+            report.setdefault("readout", {})[names[clip]] = write_readouts(
+                readout_dir, names[clip], {"real": first.model_driving, **{v: r.frames for v, r in results.items()}},
+                first.fps)
     for clip, clip_frames in frames.items():
         for face in faces:
             each_variant(face, clip_frames, f"{names[clip]}-{face_names[str(face)]}", transfer)

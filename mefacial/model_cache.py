@@ -57,3 +57,8 @@ class ModelCache:
         with self._lock:
             self._models[(spec.id, "")] = (served, weights)
         return served
+
+    def apply(self, fn: Callable[[nn.Module], nn.Module]) -> None:
+        """Replace every cached model by `fn(model)` (e.g. a move to another device), under the cache's lock."""
+        with self._lock:
+            self._models = {key: (fn(model), weights) for key, (model, weights) in self._models.items()}

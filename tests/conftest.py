@@ -38,6 +38,21 @@ def require(path: Path, what: str) -> Path:
     pytest.skip(message)
 
 
+def device_under_test():
+    """The device the reference-fixture tests run their models on: $MEFACIAL_TEST_DEVICE (default cpu; e.g.
+    cuda in scripts/gpu_check.sh). On CUDA, TF32 is turned off so that float32 is float32 and the fixtures'
+    tolerances apply unchanged."""
+    import torch
+
+    device = torch.device(os.environ.get("MEFACIAL_TEST_DEVICE") or "cpu")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            pytest.fail(f"MEFACIAL_TEST_DEVICE={device} but torch sees no CUDA GPU")
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    return device
+
+
 def model_fixture_dirs() -> list[Path]:
     """Every model fixture folder (one with checkpoint.pth.tar and meta.json), discovered from files."""
     if not FIXTURES.exists():
@@ -86,6 +101,7 @@ def client(app_url: str):
 # ---- tiny engine: every variant through the public Engine API in seconds, without shared fixtures ----------
 
 TINY_SIZE = 64
+MESH_SIZE = 96  # a face mesh needs a face of about 60 px
 
 
 def synthetic_landmarks(size: int = TINY_SIZE, frames: int = 6, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -131,20 +147,25 @@ class TinyRun:
     variant: str
     source: np.ndarray  # 64 x 64 x 3 uint8
     driving: np.ndarray  # T x 64 x 64 x 3 uint8
-    source_landmarks: np.ndarray  # 1 x 68 x 2
-    driving_landmarks: np.ndarray  # T x 68 x 2
+    source_landmarks: np.ndarray | None  # 1 x 68 x 2 (None: found by the engine)
+    driving_landmarks: np.ndarray | None  # T x 68 x 2
     model: Any = None  # the tiny model as built (the engine serves a fused copy)
+    size: int = TINY_SIZE
+
+    @property
+    def inputs(self) -> dict[str, Any]:
+        """How the inputs are given: synthetic frames with their landmarks (crop off: the frames are the face), or
+        the bundled example, cropped, for a backbone that finds its own points (a face mesh)."""
+        if self.source_landmarks is None:
+            return {}
+        return {"crop": False, "source_landmarks": self.source_landmarks[0], "driving_landmarks": self.driving_landmarks}
 
     def prepare(self, **options):
-        """The inputs prepared by the engine at the tiny size (crop off: the synthetic frames are the face)."""
-        return self.engine.prepare(self.source, self.driving, size=TINY_SIZE, crop=False,
-                                   source_landmarks=self.source_landmarks[0],
-                                   driving_landmarks=self.driving_landmarks, **options)
+        """The inputs prepared by the engine at the tiny size."""
+        return self.engine.prepare(self.source, self.driving, size=self.size, **self.inputs, **options)
 
     def animate(self, **options):
-        return self.engine.animate(self.source, self.driving, variant=self.variant, crop=False,
-                                   source_landmarks=self.source_landmarks[0],
-                                   driving_landmarks=self.driving_landmarks, **options)
+        return self.engine.animate(self.source, self.driving, variant=self.variant, **self.inputs, **options)
 
 
 @pytest.fixture
@@ -160,16 +181,25 @@ def tiny_engine() -> Callable[..., TinyRun]:
 
     def make(variant: str, seed: int = 0, **engine_options) -> TinyRun:
         engine = Engine(device="cpu", batch_size=engine_options.pop("batch_size", 2), **engine_options)
+        spec = get_variant(variant)
+        mesh = spec.spec.points == "mesh"  # finds its own points: the bundled example face, large enough for them
+        size = MESH_SIZE if mesh else TINY_SIZE
         torch.manual_seed(seed)
-        model = build_model(tiny_config(get_variant(variant).config, TINY_SIZE)).eval()
+        model = build_model(tiny_config(spec.config, size)).eval()
         with torch.no_grad():  # batch-norm statistics off the identity, so fused and unfused paths differ
             for module in model.modules():
                 if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
                     module.running_mean.uniform_(-0.1, 0.1)
                     module.running_var.uniform_(0.5, 1.5)
         engine.use_model(variant, model, weights=f"tiny random (seed {seed})")
+        if mesh:
+            from mefacial.video import read_clip, read_image
+
+            source, driving = read_image(REPO / "examples" / "astronaut.png"), \
+                read_clip(REPO / "examples" / "brow_raise.mp4").frames[:6]
+            return TinyRun(engine, variant, source, driving, None, None, model, size)
         source, driving = synthetic_face(seed=seed)
         src_points, drv_points = synthetic_landmarks(seed=seed)
-        return TinyRun(engine, variant, source, driving, src_points, drv_points, model)
+        return TinyRun(engine, variant, source, driving, src_points, drv_points, model, size)
 
     return make

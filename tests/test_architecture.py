@@ -25,7 +25,7 @@ EXAMPLE = ["--source", str(REPO / "examples" / "astronaut.png"), "--driving", st
     (["animate", *EXAMPLE, "--out", "out.txt"], "unknown type"),
     (["animate", *EXAMPLE, "--out", "/nonexistent-folder/out.mp4"], "does not exist"),
     (["animate", *EXAMPLE, "--out", "out.mp4", "--variant", "nope"], "unknown variant"),
-    (["animate", *EXAMPLE, "--out", "out.mp4", "--motion", "avd"], "not available for warp"),
+    (["animate", *EXAMPLE, "--out", "out.mp4", "--variant", "warp", "--motion", "avd"], "not available for warp"),
     (["animate", *EXAMPLE, "--out", "out.mp4", "--batch-size", "0"], "batch_size"),
     (["animate", *EXAMPLE, "--out", "out.mp4", "--no-crop", "--paste-back"], "crop"),
     (["animate", *EXAMPLE, "--out", "out.mp4", "--device", "nonsense"], "unknown device"),

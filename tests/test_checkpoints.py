@@ -10,6 +10,7 @@ import json
 import os
 import shlex
 import socket
+import time
 from pathlib import Path
 
 import huggingface_hub
@@ -28,6 +29,10 @@ from mefacial.models import CHECKPOINT_PARTS, INFERENCE_PARTS, build_model
 
 PARTS = ("generator", "kp_detector")
 REPO = "lab/tiny-weights"
+# Registry keys must be variant ids of the code (mefacial.variants): tests register their Hub files under
+# learned variants that have no public weights of their own.
+VARIANT = "fomm-awp"
+VARIANT_ENV = "MEFACIAL_CHECKPOINT_FOMM_AWP"
 
 
 # ---- helpers and fixtures ------------------------------------------------------------------------
@@ -131,11 +136,16 @@ def use_registry(tmp_path: Path, monkeypatch, entries: dict) -> None:
     monkeypatch.setenv(ck.ENV_REGISTRY, str(path))
 
 
+def hub_source(filename: str = "weights/tiny.pth.tar", revision: str = "main", sha256: str | None = None,
+               repo_type: str = "model", repo_id: str = REPO) -> dict:
+    return {"repo_id": repo_id, "repo_type": repo_type, "filename": filename, "revision": revision, "sha256": sha256}
+
+
 def hub_entry(filename: str = "weights/tiny.pth.tar", revision: str = "main", sha256: str | None = None,
               repo_type: str = "model", repo_id: str = REPO) -> dict:
-    return {"config": "fomm-vox256", "licence": "mit", "how_to_get": "ask the lab",
-            "weights": {"repo_id": repo_id, "repo_type": repo_type, "filename": filename,
-                        "revision": revision, "sha256": sha256}}
+    """A registry entry with one Hub source."""
+    return {"licence": "mit", "how_to_get": "ask the lab",
+            "sources": [hub_source(filename, revision, sha256, repo_type, repo_id)]}
 
 
 def closed_port() -> int:
@@ -154,35 +164,46 @@ def run_cli(argv: list[str]) -> int:
 # ---- registry -----------------------------------------------------------------------------------
 
 
-def test_registry_covers_every_learned_variant_with_a_real_config():
+def test_registry_covers_every_learned_variant_and_only_says_where_weights_live():
     from mefacial.variants import get_variant, variant_ids
 
     registry = ck.load_registry()
-    learned = {v: get_variant(v).config_name for v in variant_ids() if get_variant(v).needs_weights}
-    assert set(registry) == set(learned)
+    learned = {v for v in variant_ids() if get_variant(v).needs_weights}
+    assert set(registry) == learned
+    raw = yaml.safe_load(ck.registry_path().read_text())
     for variant, spec in registry.items():
-        assert spec.config == learned[variant], variant
-        assert (CONFIG_DIR / f"{spec.config}.yaml").is_file()
+        assert "config" not in raw[variant]  # the architecture is the code's
+        assert spec.config == get_variant(variant).config_name and (CONFIG_DIR / f"{spec.config}.yaml").is_file()
         assert spec.licence and spec.origin.get("paper") and spec.how_to_get, variant
-        load_config(spec.config)
 
 
-def test_registry_default_for_fomm_none_is_the_vox_adv_space():
+def test_registry_sources_for_fomm_none_are_the_space_then_the_dataset_mirror():
     spec = ck.load_registry()["fomm-none"]
-    assert spec.weights == ck.HubWeights(repo_id="abhishek/first-order-motion-model", repo_type="space",
-                                         filename="weights/vox-adv-cpk.pth.tar", revision="main", sha256=None)
+    assert spec.sources == (
+        ck.HubSource(repo_id="abhishek/first-order-motion-model", repo_type="space",
+                     filename="weights/vox-adv-cpk.pth.tar", revision="main", sha256=None),
+        ck.HubSource(repo_id="mishig/first-order-motion-model", repo_type="dataset",
+                     filename="vox-cpk.pth.tar", revision="main", sha256=None))
+    assert spec.weights == spec.sources[0]
+    assert ck.load_registry()["fomm-awp"].sources == ()
 
 
 @pytest.mark.parametrize("bad, field", [
-    ({"weights": None}, "config"),
-    ({"config": "fomm-vox256", "weights": {"repo_id": "a/b"}}, "weights"),
-    ({"config": "fomm-vox256", "weights": {"repo_id": "a/b", "filename": "f", "sha256": "abc"}}, "sha256"),
-    ({"config": "fomm-vox256", "weights": {"repo_id": "a/b", "filename": "f", "repo_type": "bucket"}}, "repo_type"),
-    ({"config": "fomm-vox256", "weights": None, "licnce": "mit"}, "licnce"),
+    ({"fomm-awp": {"config": "fomm-awp"}}, "'config'.*variant registry"),
+    ({"fomm-awp": {"weights": {"repo_id": "a/b", "filename": "f"}}}, "'weights'.*sources"),
+    ({"fomm-awp": {"sources": {"repo_id": "a/b", "filename": "f"}}}, "must be a list"),
+    ({"fomm-awp": {"sources": [{"repo_id": "a/b"}]}}, r"sources\[0\].*repo_id and filename"),
+    ({"fomm-awp": {"sources": [{"repo_id": "a/b", "filename": "f"}, {"repo_id": "a/b", "filename": "f", "sha256": "abc"}]}},
+     r"sources\[1\].*sha256"),
+    ({"fomm-awp": {"sources": [{"repo_id": "a/b", "filename": "f", "repo_type": "bucket"}]}}, "repo_type"),
+    ({"fomm-awp": {"sources": [{"repo_id": "a/b", "filename": "f", "branch": "x"}]}}, "branch"),
+    ({"fomm-awp": {"licnce": "mit"}}, "licnce"),
+    ({"fomm-awp": {}, "fomm-avp": {}}, "unknown variant id 'fomm-avp'.*fomm-awp"),
+    ({"warp": {}}, "'warp' needs no weights"),
 ])
 def test_registry_errors_name_the_field(tmp_path, bad, field):
     path = tmp_path / "registry.yaml"
-    path.write_text(yaml.safe_dump({"v": bad}))
+    path.write_text(yaml.safe_dump(bad))
     with pytest.raises(ck.ConfigError, match=field):
         ck.load_registry(path)
 
@@ -198,22 +219,22 @@ def test_env_var_name_and_unknown_variant(isolated):
 
 def test_resolution_order_explicit_env_local_cache(isolated, monkeypatch, hub):
     hub.add_file(REPO, "weights/tiny.pth.tar", checkpoint_bytes(isolated, 0))
-    use_registry(isolated, monkeypatch, {"tiny": hub_entry()})
-    assert ck.resolve_checkpoint("tiny", progress=False).source == "hub"
-    assert ck.resolve_checkpoint("tiny").source == "hf-cache"
+    use_registry(isolated, monkeypatch, {VARIANT: hub_entry()})
+    assert ck.resolve_checkpoint(VARIANT, progress=False).source == "hub"
+    assert ck.resolve_checkpoint(VARIANT).source == "hf-cache"
 
-    local = isolated / "ckpts" / "tiny.pth.tar"
+    local = isolated / "ckpts" / f"{VARIANT}.pth.tar"
     torch.save(tiny_checkpoint(1), local)
-    assert ck.resolve_checkpoint("tiny") == ck.ResolvedWeights(local, "local", None, ck.get_spec("tiny"))
+    assert ck.resolve_checkpoint(VARIANT) == ck.ResolvedWeights(local, "local", None, ck.get_spec(VARIANT))
 
     env_file = isolated / "env.pth.tar"
     torch.save(tiny_checkpoint(2), env_file)
-    monkeypatch.setenv("MEFACIAL_CHECKPOINT_TINY", str(env_file))
-    assert (ck.resolve_checkpoint("tiny").path, ck.resolve_checkpoint("tiny").source) == (env_file, "env")
+    monkeypatch.setenv(VARIANT_ENV, str(env_file))
+    assert (ck.resolve_checkpoint(VARIANT).path, ck.resolve_checkpoint(VARIANT).source) == (env_file, "env")
 
     explicit = isolated / "mine.pth.tar"
     torch.save(tiny_checkpoint(3), explicit)
-    assert (ck.resolve_checkpoint("tiny", explicit).path, ck.resolve_checkpoint("tiny", str(explicit)).source) == (explicit, "explicit")
+    assert (ck.resolve_checkpoint(VARIANT, explicit).path, ck.resolve_checkpoint(VARIANT, str(explicit)).source) == (explicit, "explicit")
 
 
 def test_missing_explicit_or_env_path_never_falls_back(isolated, monkeypatch):
@@ -253,15 +274,15 @@ def test_variant_without_public_weights_says_how_to_get_them(isolated):
 def test_download_then_served_from_cache_without_requests(hub, isolated, monkeypatch, lfs):
     data = checkpoint_bytes(isolated, 0)
     hub.add_file(REPO, "weights/tiny.pth.tar", data, lfs=lfs)
-    use_registry(isolated, monkeypatch, {"tiny": hub_entry()})
+    use_registry(isolated, monkeypatch, {VARIANT: hub_entry()})
 
-    first = ck.resolve_checkpoint("tiny", progress=False)
+    first = ck.resolve_checkpoint(VARIANT, progress=False)
     assert first.source == "hub" and first.path.read_bytes() == data
     assert first.path.is_relative_to(isolated / "hf" / "hub")  # HF_HOME honoured
     assert hub.count("GET") == 1 and any(r.path.startswith("/cdn/") for r in hub.requests) == lfs
     seen = hub.count()
 
-    second = ck.resolve_checkpoint("tiny", progress=False)
+    second = ck.resolve_checkpoint(VARIANT, progress=False)
     assert (second.source, second.path) == ("hf-cache", first.path)
     assert hub.count() == seen  # the second call made no request
     model = Tiny()
@@ -273,13 +294,13 @@ def test_space_repo_and_revision_pinning(hub, isolated, monkeypatch):
     commit_v1 = hub.add_file(REPO, "w.pth.tar", v1, repo_type="space")
     hub.add_file(REPO, "w.pth.tar", v2, repo_type="space", revision="v2")
     use_registry(isolated, monkeypatch, {
-        "main": hub_entry("w.pth.tar", repo_type="space"),
-        "tag": hub_entry("w.pth.tar", revision="v2", repo_type="space"),
-        "commit": hub_entry("w.pth.tar", revision=commit_v1, repo_type="space"),
+        "fomm-awp": hub_entry("w.pth.tar", repo_type="space"),  # main
+        "fomm-ewp": hub_entry("w.pth.tar", revision="v2", repo_type="space"),  # a tag
+        "mraa-awp": hub_entry("w.pth.tar", revision=commit_v1, repo_type="space"),  # a commit
     })
-    assert ck.resolve_checkpoint("tag").path.read_bytes() == v2  # with progress bars
-    assert ck.resolve_checkpoint("main", progress=False).path.read_bytes() == v1
-    assert ck.resolve_checkpoint("commit", progress=False).path.read_bytes() == v1
+    assert ck.resolve_checkpoint("fomm-ewp").path.read_bytes() == v2  # with progress bars
+    assert ck.resolve_checkpoint("fomm-awp", progress=False).path.read_bytes() == v1
+    assert ck.resolve_checkpoint("mraa-awp", progress=False).path.read_bytes() == v1
     assert any(r.path == resolve_path(REPO, "w.pth.tar", "v2", "space") for r in hub.requests)
 
 
@@ -287,16 +308,16 @@ def test_sha256_verified_and_mismatch_is_a_checkpoint_error(hub, isolated, monke
     data = checkpoint_bytes(isolated, 0)
     hub.add_file(REPO, "w.pth.tar", data)
     good, bad = hashlib.sha256(data).hexdigest(), "0" * 64
-    use_registry(isolated, monkeypatch, {"good": hub_entry("w.pth.tar", sha256=good),
-                                         "bad": hub_entry("w.pth.tar", sha256=bad)})
+    use_registry(isolated, monkeypatch, {"fomm-ewp": hub_entry("w.pth.tar", sha256=good),
+                                         "fomm-awp": hub_entry("w.pth.tar", sha256=bad)})
     with pytest.raises(CheckpointError) as info:
-        ck.resolve_checkpoint("bad", progress=False)  # checked after the download
+        ck.resolve_checkpoint("fomm-awp", progress=False)  # checked after the download
     assert not isinstance(info.value, WeightsNotFoundError)
     assert good in str(info.value) and bad in str(info.value) and "w.pth.tar" in str(info.value)
     requests = hub.count()
-    assert ck.resolve_checkpoint("good", progress=False).sha256 == good  # checked in the cache too
+    assert ck.resolve_checkpoint("fomm-ewp", progress=False).sha256 == good  # checked in the cache too
     with pytest.raises(CheckpointError, match=bad):
-        ck.resolve_checkpoint("bad", progress=False)
+        ck.resolve_checkpoint("fomm-awp", progress=False)
     assert hub.count() == requests
 
 
@@ -307,12 +328,12 @@ def test_sha256_verified_and_mismatch_is_a_checkpoint_error(hub, isolated, monke
 ], ids=["file", "repo", "revision"])
 def test_not_found_on_the_hub_is_a_helpful_error(hub, isolated, monkeypatch, entry, expected):
     hub.add_file(REPO, "weights/tiny.pth.tar", b"data")
-    use_registry(isolated, monkeypatch, {"tiny": entry})
+    use_registry(isolated, monkeypatch, {VARIANT: entry})
     with pytest.raises(WeightsNotFoundError) as info:
-        ck.resolve_checkpoint("tiny", progress=False)
+        ck.resolve_checkpoint(VARIANT, progress=False)
     message = str(info.value)
     assert expected in message
-    for place in ("MEFACIAL_CHECKPOINT_TINY", str(isolated / "ckpts" / "tiny.pth.tar"), str(isolated / "hf" / "hub"),
+    for place in (VARIANT_ENV, str(isolated / "ckpts" / f"{VARIANT}.pth.tar"), str(isolated / "hf" / "hub"),
                   "ask the lab", "HF_ENDPOINT"):
         assert place in message
 
@@ -320,20 +341,20 @@ def test_not_found_on_the_hub_is_a_helpful_error(hub, isolated, monkeypatch, ent
 def test_private_repo_needs_a_token(hub, isolated, monkeypatch):
     data = checkpoint_bytes(isolated, 0)
     hub.add_file(REPO, "weights/tiny.pth.tar", data, token="hf_secret")
-    use_registry(isolated, monkeypatch, {"tiny": hub_entry()})
+    use_registry(isolated, monkeypatch, {VARIANT: hub_entry()})
     with pytest.raises(WeightsNotFoundError, match="HF_TOKEN"):
-        ck.resolve_checkpoint("tiny", progress=False)
+        ck.resolve_checkpoint(VARIANT, progress=False)
     monkeypatch.setenv("HF_TOKEN", "hf_secret")
-    assert ck.resolve_checkpoint("tiny", progress=False).path.read_bytes() == data
+    assert ck.resolve_checkpoint(VARIANT, progress=False).path.read_bytes() == data
     assert hub.requests[-1].authorization == "Bearer hf_secret"
 
 
 @pytest.mark.timeout(60)  # hang guard: the call must return (with an error) instead of retrying for minutes
 def test_server_down_fails_with_an_error(isolated, monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed_port()}")
-    use_registry(isolated, monkeypatch, {"tiny": hub_entry()})
+    use_registry(isolated, monkeypatch, {VARIANT: hub_entry()})
     with pytest.raises(WeightsNotFoundError, match="Hub unreachable") as info:
-        ck.resolve_checkpoint("tiny", progress=False)
+        ck.resolve_checkpoint(VARIANT, progress=False)
     assert "weights/tiny.pth.tar" in str(info.value)
 
 
@@ -344,24 +365,112 @@ def test_server_that_never_answers_times_out(isolated, monkeypatch):
         silent.listen(4)
         monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{silent.getsockname()[1]}")
         monkeypatch.setenv("HF_HUB_ETAG_TIMEOUT", "1")
-        use_registry(isolated, monkeypatch, {"tiny": hub_entry()})
+        use_registry(isolated, monkeypatch, {VARIANT: hub_entry()})
         with pytest.raises(WeightsNotFoundError, match="Hub unreachable.*Timeout"):
-            ck.resolve_checkpoint("tiny", progress=False)
+            ck.resolve_checkpoint(VARIANT, progress=False)
 
 
 def test_offline_mode_fails_at_once_and_lists_where_it_looked(hub, isolated, monkeypatch):
     hub.add_file(REPO, "weights/tiny.pth.tar", b"data")
-    use_registry(isolated, monkeypatch, {"tiny": hub_entry()})
+    use_registry(isolated, monkeypatch, {VARIANT: hub_entry()})
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(WeightsNotFoundError) as info:
-        ck.resolve_checkpoint("tiny")
+        ck.resolve_checkpoint(VARIANT)
     message = str(info.value)
-    for place in ("MEFACIAL_CHECKPOINT_TINY", str(isolated / "ckpts"), str(isolated / "hf" / "hub"), "offline"):
+    for place in (VARIANT_ENV, str(isolated / "ckpts"), str(isolated / "hf" / "hub"), "offline"):
         assert place in message
     monkeypatch.delenv("HF_HUB_OFFLINE")
     with pytest.raises(WeightsNotFoundError, match="offline"):
-        ck.resolve_checkpoint("tiny", offline=True)
+        ck.resolve_checkpoint(VARIANT, offline=True)
     assert hub.count() == 0
+
+
+# ---- resolver: several sources (mirrors) ------------------------------------------------------------
+
+MIRRORS = {"licence": "mit", "how_to_get": "ask the lab", "sources": [
+    hub_source("weights/vox.pth.tar", repo_id="lab/models"),  # a model repo
+    hub_source("vox.pth.tar", repo_type="dataset", repo_id="lab/mirror"),  # a dataset mirror
+    hub_source("weights/vox.pth.tar", repo_type="space", repo_id="lab/demo"),  # a Space
+]}
+
+
+def test_missing_first_source_falls_through_to_the_next(hub, isolated, monkeypatch):
+    data = checkpoint_bytes(isolated, 0)
+    hub.add_file("lab/mirror", "vox.pth.tar", data, repo_type="dataset")
+    hub.add_file("lab/demo", "weights/vox.pth.tar", checkpoint_bytes(isolated, 1), repo_type="space")
+    use_registry(isolated, monkeypatch, {VARIANT: MIRRORS})
+    resolved = ck.resolve_checkpoint(VARIANT, progress=False)
+    assert resolved.source == "hub" and resolved.path.read_bytes() == data
+    assert resolved.hub == ck.HubSource("lab/mirror", "vox.pth.tar", repo_type="dataset")
+    assert not any(r.path.startswith("/spaces/") for r in hub.requests)  # the Space was not needed
+    seen = hub.count()
+    cached = ck.resolve_checkpoint(VARIANT, progress=False)  # found in the cache, under its source
+    assert (cached.source, cached.path, cached.hub) == ("hf-cache", resolved.path, resolved.hub)
+    assert hub.count() == seen
+    row = next(r for r in ck.list_checkpoints() if r["variant"] == VARIANT)
+    assert row["from"] == resolved.hub.describe() and len(row["sources"]) == 3
+
+
+def test_every_source_failing_names_each_one_and_why(hub, isolated, monkeypatch):
+    hub.add_file("lab/mirror", "other.pth.tar", b"x", repo_type="dataset")  # the repo is there, not the file
+    hub.add_file("lab/demo", "weights/vox.pth.tar", b"x", repo_type="space", revision="old")  # no main branch
+    use_registry(isolated, monkeypatch, {VARIANT: MIRRORS})
+    with pytest.raises(WeightsNotFoundError) as info:
+        ck.resolve_checkpoint(VARIANT, progress=False)
+    message = str(info.value)
+    assert "the download failed from all 3 Hub sources" in message
+    lines = message.splitlines()
+    first = next(line for line in lines if "Hub source 1/3" in line)
+    second = next(line for line in lines if "Hub source 2/3" in line)
+    third = next(line for line in lines if "Hub source 3/3" in line)
+    assert "/lab/models/" in first and "repository model lab/models not found" in first
+    assert "/datasets/lab/mirror/" in second and "file 'vox.pth.tar' does not exist in lab/mirror@main" in second
+    assert "/spaces/lab/demo/" in third and "revision 'main' does not exist in lab/demo" in third
+    for source in MIRRORS["sources"]:  # the cache lines name each source too
+        assert f"{ck.HubSource(**source).describe()} is not cached" in message
+
+
+def test_hash_mismatch_stops_without_trying_the_next_source(hub, isolated, monkeypatch):
+    data = checkpoint_bytes(isolated, 0)
+    good = hashlib.sha256(data).hexdigest()
+    wrong = "ab" * 32
+    hub.add_file("lab/models", "weights/vox.pth.tar", data)
+    hub.add_file("lab/mirror", "vox.pth.tar", data, repo_type="dataset")
+    entry = {**MIRRORS, "sources": [{**MIRRORS["sources"][0], "sha256": wrong}, MIRRORS["sources"][1]]}
+    use_registry(isolated, monkeypatch, {VARIANT: entry})
+    with pytest.raises(CheckpointError) as info:
+        ck.resolve_checkpoint(VARIANT, progress=False)
+    message = str(info.value)
+    assert not isinstance(info.value, WeightsNotFoundError)
+    assert "sha256 mismatch" in message and "weights/vox.pth.tar in Hub repo lab/models@main" in message
+    assert f"expected {wrong}" in message and f"got {good}" in message
+    assert not any("/datasets/" in r.path for r in hub.requests)  # a wrong file is not routed around
+    with pytest.raises(CheckpointError, match=wrong):  # nor taken from the cache afterwards
+        ck.resolve_checkpoint(VARIANT, progress=False, offline=True)
+
+
+def test_offline_fails_fast_naming_every_source(hub, isolated, monkeypatch):
+    use_registry(isolated, monkeypatch, {VARIANT: MIRRORS})
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    started = time.perf_counter()
+    with pytest.raises(WeightsNotFoundError) as info:
+        ck.resolve_checkpoint(VARIANT)
+    assert time.perf_counter() - started < 5
+    message = str(info.value)
+    for source in MIRRORS["sources"]:
+        assert f"Hub download of {ck.HubSource(**source).describe()}: skipped, offline mode" in message
+    assert "3 Hub sources" in message and hub.count() == 0
+
+
+@pytest.mark.timeout(60)
+def test_unreachable_hub_is_asked_once_not_once_per_source(isolated, monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed_port()}")
+    use_registry(isolated, monkeypatch, {VARIANT: MIRRORS})
+    with pytest.raises(WeightsNotFoundError) as info:
+        ck.resolve_checkpoint(VARIANT, progress=False)
+    message = str(info.value)
+    assert "Hub source 1/3" in message and "Hub unreachable" in message
+    assert "Hub source 2/3" in message and "Hub source 3/3" in message and message.count("not tried") == 2
 
 
 # ---- loading and conversion ----------------------------------------------------------------------
@@ -536,7 +645,7 @@ class FakeApi:
 @pytest.fixture
 def fake_api(monkeypatch):
     FakeApi.calls = []
-    monkeypatch.setattr(ck, "HfApi", FakeApi)
+    monkeypatch.setattr(ck.publish, "HfApi", FakeApi)
     return FakeApi
 
 
@@ -588,7 +697,7 @@ def test_cli_push_prints_a_registry_entry(isolated, fake_api, tmp_path, capsys):
                     "--config", str(config), "--metrics", str(metrics)]) == 0
     printed = capsys.readouterr().out
     entry = yaml.safe_load(printed.split("registry entry (mefacial/registry.yaml):")[1])
-    assert entry["fomm-awp"]["weights"]["repo_id"] == "me/awp"
+    assert entry["fomm-awp"]["sources"][0]["repo_id"] == "me/awp"
     assert fake_api.calls[1][2] == {"private": False, "exist_ok": True, "repo_type": "model"}
 
 

@@ -31,7 +31,7 @@ import torch
 import yaml
 from conftest import DATA, REPO, require
 from hub_server import FakeHub
-from test_checkpoints import PARTS, Tiny, hub_entry, isolated, tiny_checkpoint, use_registry  # noqa: F401 (a fixture)
+from test_checkpoints import PARTS, VARIANT, Tiny, hub_entry, isolated, tiny_checkpoint, use_registry  # noqa: F401 (a fixture)
 from test_checkpoints import REPO as HUB_REPO
 
 from mefacial import checkpoints as ck
@@ -240,13 +240,13 @@ class HubPlace:
         self.folder, self.monkeypatch, self.servers = folder, monkeypatch, []
 
     def start(self, data: bytes, lfs: bool, ranges: bool = True, sha256: bool = False) -> FakeHub:
-        """Serve `data` as FILENAME (ranges honoured or not) at HF_ENDPOINT, registered as variant `tiny`."""
+        """Serve `data` as FILENAME (ranges honoured or not) at HF_ENDPOINT, registered as VARIANT (test_checkpoints)."""
         server = FakeHub(ranges=ranges).start()
         self.servers.append(server)
         self.monkeypatch.setenv("HF_ENDPOINT", server.endpoint)
         server.add_file(HUB_REPO, FILENAME, data, lfs=lfs)
         entry = hub_entry(FILENAME, sha256=hashlib.sha256(data).hexdigest() if sha256 else None)
-        use_registry(self.folder, self.monkeypatch, {"tiny": entry})
+        use_registry(self.folder, self.monkeypatch, {VARIANT: entry})
         return server
 
     def leftovers(self) -> list[Path]:
@@ -292,7 +292,7 @@ def test_cut_download_is_restarted_by_the_client(place, lfs):
     data = weights_bytes(place.folder, big=False)
     hub = place.start(data, lfs, sha256=True)
     hub.cut(FILENAME, after=len(data) // 2, times=2)
-    resolved = ck.resolve_checkpoint("tiny", progress=False)
+    resolved = ck.resolve_checkpoint(VARIANT, progress=False)
     assert resolved.source == "hub"
     assert_served_file(resolved.path, data)
     gets = body_requests(hub)
@@ -309,7 +309,7 @@ def test_cut_download_past_a_chunk_resumes_with_range(place, lfs, ranges):
     data = weights_bytes(place.folder, big=True)
     hub = place.start(data, lfs, ranges=ranges)
     hub.cut(FILENAME, after=CHUNK + 500_000, times=1)
-    resolved = ck.resolve_checkpoint("tiny", progress=False)
+    resolved = ck.resolve_checkpoint(VARIANT, progress=False)
     assert_served_file(resolved.path, data)
     gets = body_requests(hub)
     assert [(r.status, r.range, r.sent) for r in gets] == [
@@ -324,7 +324,7 @@ def test_download_that_keeps_failing_is_an_error_and_the_next_call_completes(pla
     hub = place.start(data, lfs)
     hub.cut(FILENAME, after=len(data) // 2, times=100)
     with pytest.raises(WeightsNotFoundError) as info:
-        ck.resolve_checkpoint("tiny", progress=False)
+        ck.resolve_checkpoint(VARIANT, progress=False)
     message = str(info.value)
     assert "the download failed" in message and FILENAME in message and "RemoteProtocolError" in message, message
     assert "cut during the download" in message and "retry" in message, message
@@ -333,16 +333,16 @@ def test_download_that_keeps_failing_is_an_error_and_the_next_call_completes(pla
     # nothing of the cut download is in the cache, so nothing partial can be taken for the weights
     assert place.leftovers() == [] and not list((place.folder / "hf" / "hub").rglob("blobs/*"))
     with pytest.raises(WeightsNotFoundError, match="not cached"):
-        ck.resolve_checkpoint("tiny", offline=True)
+        ck.resolve_checkpoint(VARIANT, offline=True)
 
     hub.faults.clear()  # the connection is back
-    resolved = ck.resolve_checkpoint("tiny", progress=False)
+    resolved = ck.resolve_checkpoint(VARIANT, progress=False)
     assert resolved.source == "hub" and len(body_requests(hub)) == tries + 1
     assert_served_file(resolved.path, data)
     print(f"\n{'lfs' if lfs else 'git'} file: {tries} cut attempts in the failing call, then one whole download")
 
 
-RESOLVE_SCRIPT = "from mefacial.checkpoints import resolve_checkpoint; print(resolve_checkpoint('tiny', progress=False).path)"
+RESOLVE_SCRIPT = f"from mefacial.checkpoints import resolve_checkpoint; print(resolve_checkpoint({VARIANT!r}, progress=False).path)"
 
 
 @pytest.mark.slow
@@ -363,16 +363,16 @@ def test_download_killed_midway_leaves_nothing_taken_for_the_weights(place, lfs)
     assert code == -signal.SIGKILL
     partial = place.leftovers()
     assert [p.stat().st_size for p in partial] == [CHUNK]  # killed midway: one chunk of the file on disk
-    assert ck._cached_hub_file(ck.get_spec("tiny").weights) is None
+    assert ck.cached_hub_file(ck.get_spec(VARIANT).sources[0]) is None
     with pytest.raises(WeightsNotFoundError, match="not cached"):
-        ck.resolve_checkpoint("tiny", offline=True)
+        ck.resolve_checkpoint(VARIANT, offline=True)
 
     hub.release()
-    resolved = ck.resolve_checkpoint("tiny", progress=False)
+    resolved = ck.resolve_checkpoint(VARIANT, progress=False)
     assert resolved.source == "hub" and resolved.sha256 == hashlib.sha256(data).hexdigest()
     assert_served_file(resolved.path, data)
     assert resolved.path.resolve() not in {p.resolve() for p in partial}
-    assert ck.resolve_checkpoint("tiny", offline=True).source == "hf-cache"
+    assert ck.resolve_checkpoint(VARIANT, offline=True).source == "hf-cache"
 
 
 # ---- 3. generation killed after its first finished pair, then run again -----------------------------

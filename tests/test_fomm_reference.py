@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import FIXTURES, fixture_meta, fixture_params, require
+from conftest import FIXTURES, device_under_test, fixture_meta, fixture_params, require
 from mefacial import motion
 from mefacial.checkpoints import load_original_checkpoint
 from mefacial.config import config_from_reference
@@ -41,7 +41,9 @@ class Reference:
         self.model.eval()
         if fused:  # what the engine runs: batch norms and upsampling folded into the convs
             self.model = fuse_for_inference(self.model)
-        self.expected = load_file(str(folder / "tensors.safetensors"))
+        device = device_under_test()  # MEFACIAL_TEST_DEVICE, default cpu
+        self.model.to(device)
+        self.expected = {k: v.to(device) for k, v in load_file(str(folder / "tensors.safetensors")).items()}
         self.tolerance = self.meta["tolerance"]
         self.compared: set[str] = set()
         with torch.no_grad():

@@ -26,7 +26,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import fixture_meta, fixture_params, require
+from conftest import device_under_test, fixture_meta, fixture_params, require
 from mefacial.checkpoints import load_original_checkpoint
 from mefacial.config import config_from_reference
 from mefacial.models import CHECKPOINT_PARTS
@@ -57,7 +57,9 @@ class Reference:
         self.model.eval()
         if fused:  # what the engine runs: batch norms and upsampling folded into the convs
             self.model = fuse_for_inference(self.model)
-        self.expected = load_file(str(folder / "tensors.safetensors"))
+        device = device_under_test()  # MEFACIAL_TEST_DEVICE, default cpu
+        self.model.to(device)
+        self.expected = {k: v.to(device) for k, v in load_file(str(folder / "tensors.safetensors")).items()}
         self.tolerance = self.meta["tolerance"]
         self.compared: set[str] = set()
         self.source = self.expected["inputs.source"]  # 1 x 3 x H x W
