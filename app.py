@@ -44,6 +44,7 @@ from mefacial.evaluate import compare_columns, first_line
 from mefacial.grid import Column, prior_panels, render_grid
 from mefacial.landmarks import get_detector
 from mefacial.models import backbones
+from mefacial.options import AnimateOptions
 from mefacial.variants import find_variant, get_variant, variant_ids
 from mefacial.video import Limits as VideoLimits
 from mefacial.video import read_clip, read_image, write_video
@@ -155,6 +156,18 @@ def titled_error(title: str, text: str) -> gr.Error:
     """The toast: the short title in bold on its own line (Gradio's toast header only says "Error"), then the
     sentences; `title` also travels to API clients (`AppError.title`)."""
     return gr.Error(f"<strong>{title}</strong><br>{text}", title=title, print_exception=False)
+
+
+def inputs_by_name(handler: Callable, **components: Any) -> list:
+    """The components of a handler's parameters, in the order Gradio passes them, matched by name: every
+    parameter but `progress` needs one, and every component must name a parameter."""
+    import inspect
+
+    names = [n for n in inspect.signature(handler).parameters if n != "progress"]
+    missing, unknown = sorted(set(names) - set(components)), sorted(set(components) - set(names))
+    if missing or unknown:
+        raise TypeError(f"{handler.__name__}: controls missing for {missing}, controls for unknown parameters {unknown}")
+    return [components[n] for n in names]
 
 
 def upload_path(payload: Any, what: str) -> str:
@@ -294,9 +307,15 @@ class Demo:
         clip = read_clip(upload_path(driving, "driving clip"), limits=self.limits.files)
         return image, clip
 
-    def animate_options(self, crop, paste_back, landmarks, smooth) -> dict:
-        return {"crop": bool(crop), "paste_back": bool(paste_back),
-                "landmarks": choice(landmarks, LANDMARKS, "landmark backend"), "smooth": bool(smooth)}
+    @staticmethod
+    def options(**controls: Any) -> AnimateOptions:
+        """The AnimateOptions of the form's controls, matched by name; a bad value is an InputError naming it."""
+        if "landmarks" in controls:
+            controls["landmarks"] = choice(controls["landmarks"], LANDMARKS, "landmark backend")
+        for name in ("crop", "paste_back", "smooth", "confine"):
+            if name in controls:
+                controls[name] = bool(controls[name])
+        return AnimateOptions(**controls)  # an InputError becomes the page's error (user_errors)
 
     # ---- Generate -------------------------------------------------------------------------------
     def generate(self, source, driving, backbone="dense", prior="none", confine=False, motion="relative",
@@ -304,16 +323,16 @@ class Demo:
                  slowdown=1.0, format="mp4", progress=gr.Progress()):
         """Animate the face with the clip; returns (result mp4, side-by-side mp4, download file, status)."""
         variant = variant_id(choice(backbone, BACKBONES, "backbone"), prior)
-        slowdown = number(slowdown, "slow-down factor", 1, 20)
         format = choice(format, ["mp4", "gif"], "output format")
-        options = self.animate_options(crop, paste_back, landmarks, smooth)
-        adapt_scale = ADAPT_SCALE[choice(adapt_scale, ADAPT_SCALE, "movement-scale adaptation")]
+        options = self.options(
+            motion=motion, adapt_scale=ADAPT_SCALE[choice(adapt_scale, ADAPT_SCALE, "movement-scale adaptation")],
+            magnify=number(magnify, "magnification", 1, 5), crop=crop, paste_back=paste_back, landmarks=landmarks,
+            smooth=smooth, confine=confine, slowdown=number(slowdown, "slow-down factor", 1, 20))
         image, clip = self.read_inputs(source, driving)
-        result = self.engine.animate(
-            image, clip.frames, variant=variant, motion=motion, adapt_scale=adapt_scale,
-            magnify=number(magnify, "magnification", 1, 5), fps=clip.fps, confine=bool(confine),
-            progress=self.progress_fn(progress), **options)
+        result = self.engine.animate(image, clip.frames, variant=variant, options=options.replace(fps=clip.fps),
+                                     progress=self.progress_fn(progress))
         out = self.request_dir()
+        slowdown = options.slowdown
         video = write_video(out / "result.mp4", result.frames, result.fps, slowdown=slowdown)
         download = video if format == "mp4" else write_video(out / "result.gif", result.frames, result.fps,
                                                             slowdown=slowdown)
@@ -347,12 +366,11 @@ class Demo:
         chosen = [v for v in known if v in variants]
         if not chosen:
             raise page_error("No variant chosen", "No variant is ticked", "Tick at least one variant")
-        slowdown = number(slowdown, "slow-down factor", 1, 20)
-        options = self.animate_options(crop, paste_back, landmarks, smooth)
+        options = self.options(magnify=number(magnify, "magnification", 1, 5), crop=crop, paste_back=paste_back,
+                               landmarks=landmarks, smooth=smooth, slowdown=number(slowdown, "slow-down factor", 1, 20))
         image, clip = self.read_inputs(source, driving)
-        comparison = compare_columns(
-            self.engine, image, clip.frames, chosen, motion="relative", magnify=number(magnify, "magnification", 1, 5),
-            fps=clip.fps, progress=self.progress_fn(progress), **options)
+        comparison = compare_columns(self.engine, image, clip.frames, chosen, options.replace(fps=clip.fps),
+                                     progress=self.progress_fn(progress))
         for column, outcome in zip(comparison.columns[1:], comparison.outcomes.values()):  # driving first
             if isinstance(outcome, MefacialError):
                 column.reason = short_reason(outcome)  # the page's words on the placeholder, as in the table
@@ -366,53 +384,50 @@ class Demo:
                              f"{outcome.landmark_backend or 'none'}, weights {Path(str(outcome.weights)).name} |")
         out = self.request_dir()
         grid = write_video(out / "compare.mp4", render_grid(comparison.columns, heatmaps=bool(heatmaps)),
-                           comparison.fps, slowdown=slowdown)
+                           comparison.fps, slowdown=options.slowdown)
         return str(grid), "\n".join(lines)
 
     # ---- Prior ----------------------------------------------------------------------------------
     def prior(self, source, driving=None, frame=0, landmarks="dlib", crop=True):
         """Landmarks, AU points and prior maps over the face (and a driving frame) -> (gallery, status).
 
-        The landmarks and crops come from the engine (a one-frame `warp` animation); the AWP
-        map from an AWP model's learned fusion when one has weights on this machine.
+        Everything drawn is what the models compute (`Engine.prior_view`): the EWP map the warp confines motion
+        with, and the AWP map of an AWP model's learned fusion when one has weights on this machine.
         """
+        options = self.options(crop=crop, landmarks=landmarks, smooth=False)
         image = read_image(upload_path(source, "face"), limits=self.limits.files)
-        options = self.animate_options(crop, False, landmarks, False)
-        index = None
+        index, clip = 0, None
         if driving is not None:
             clip = read_clip(upload_path(driving, "driving clip"), limits=self.limits.files)
             index = min(int(number(frame, "driving frame", 0, self.limits.max_frames - 1)), clip.num_frames - 1)
-            still = clip.frames[index:index + 1]
-        else:
-            still = image[None]  # 1 x H x W x 3: the face drives itself
-        result = self.engine.animate(image, still, variant="warp", **options)
-        if result.source_landmarks is None or result.driving_landmarks is None:
-            raise gr.Error("the engine returned no landmarks for this face; try the other landmark backend")
-        faces = [(result.model_source, result.source_landmarks, "source")]
-        if index is not None:
-            faces.append((result.model_driving[0], result.driving_landmarks[0], f"driving frame {index}"))
         awp_variant, awp_reason = self.awp_model()
-        config = get_variant("fomm-ewp").config  # sigma and distance of the TIP 2024 EWP
+        variants = ["warp"] + ([awp_variant] if awp_variant else [])
+        views = self.engine.prior_view(image, variants, driving=None if clip is None else clip.frames, frame=index,
+                                       options=options)
         gallery = []
-        for face, points, title in faces:
-            awp = None
-            if awp_variant is not None:
-                awp = self.engine.animate(face, face[None], variant=awp_variant, crop=False,
-                                          landmarks=options["landmarks"], smooth=False).prior_map
-            gallery += prior_panels(face, points, image_size=config.image_size, sigma=config.prior_sigma,
-                                    distance=config.prior_distance, awp=awp, awp_reason=awp_reason, title=title)
-        status = (f"landmarks: {result.landmark_backend or 'none'} · AWP map: "
-                  + (f"{get_variant(awp_variant).label} ({self.engine.model(awp_variant)[1]})" if awp_variant
-                     else awp_reason))
+        for view, title in zip(views, ["source", f"driving frame {index}"]):
+            maps = [("EWP map (equal-weighted)", view.maps["warp"]["prior"])]  # the map the warp confines with
+            missing = []
+            if awp_variant in view.maps:
+                maps.append(("AWP map (adaptive weighted)", view.maps[awp_variant]["prior"]))  # its learned fusion
+            else:
+                reason = awp_reason or short_reason(view.unavailable.get(awp_variant, "unavailable"))
+                missing.append(("AWP map", reason))
+            gallery += prior_panels(view.face, view.landmarks, view.au_points, maps, missing, title=title)
+        status = (f"landmarks: {views[0].landmark_backend or 'none'} · AWP map: "
+                  + (f"{mefacial.get_variant(awp_variant).label} ({self.engine.model(awp_variant)[1]})"
+                     if awp_variant in views[0].maps else awp_reason or "not available"))
         return gallery, status
 
     def awp_model(self) -> tuple[str | None, str | None]:
-        """An AWP variant whose learned fusion can draw the AWP map here (FOMM computes it), or why there is none."""
+        """An AWP variant whose weights are on this machine (its learned fusion draws the AWP map), or why none."""
         status = readiness(self.engine, self.variants)
-        for v in self.variants:
-            if v["prior"] == "awp" and v["backbone"] == "fomm" and status[v["id"]] is None:
+        awp = [v for v in self.variants if v["prior"] == "awp"]
+        for v in awp:
+            if status[v["id"]] is None:
                 return v["id"], None
-        return None, "it needs the weights of FOMM + AWP (its learned fusion), which are not on this server"
+        return None, f"it needs the weights of {' or '.join(v['label'] for v in awp)} (its learned fusion), " \
+                     "which are not on this server"
 
     # ---- checks when a file arrives (upload, webcam, paste), with Generate's limits and detector --------
     def find_face(self, frames, role: str, landmarks: str) -> None:
@@ -946,19 +961,25 @@ def build_demo(engine: mefacial.Engine, limits: Limits | None = None) -> gr.Bloc
                                            (c_record, c_driving, c_landmarks)):
             record.change(user_errors(demo_state.use_recording), [record, landmarks], driving, api_name=False,
                           **raw).failure(**reset(record, clear=True))
+        # Controls are matched to the handlers' parameters by name (inputs_by_name), never by position.
         g_button.click(
             user_errors(demo_state.generate),
-            [g_source, g_driving, g_backbone, g_prior, g_confine, g_motion, g_adapt, g_magnify, g_crop, g_paste,
-             g_landmarks, g_smooth, g_slowdown, g_format],
+            inputs_by_name(demo_state.generate, source=g_source, driving=g_driving, backbone=g_backbone, prior=g_prior,
+                           confine=g_confine, motion=g_motion, adapt_scale=g_adapt, magnify=g_magnify, crop=g_crop,
+                           paste_back=g_paste, landmarks=g_landmarks, smooth=g_smooth, slowdown=g_slowdown,
+                           format=g_format),
             [g_result, g_grid, g_download, g_status], api_name="generate", concurrency_limit=1, **raw
         ).failure(**reset(g_result, g_grid, g_download, g_status))
-        p_button.click(user_errors(demo_state.prior), [p_source, p_driving, p_frame, p_landmarks, p_crop],
-                       [p_gallery, p_status], api_name="prior", concurrency_limit=1, **raw
-                       ).failure(**reset(p_gallery, p_status))
+        p_button.click(
+            user_errors(demo_state.prior),
+            inputs_by_name(demo_state.prior, source=p_source, driving=p_driving, frame=p_frame, landmarks=p_landmarks,
+                           crop=p_crop),
+            [p_gallery, p_status], api_name="prior", concurrency_limit=1, **raw).failure(**reset(p_gallery, p_status))
         c_button.click(
             user_errors(demo_state.compare),
-            [c_source, c_driving, c_variants, c_magnify, c_crop, c_paste, c_landmarks, c_smooth, c_heatmaps,
-             c_slowdown],
+            inputs_by_name(demo_state.compare, source=c_source, driving=c_driving, variants=c_variants,
+                           magnify=c_magnify, crop=c_crop, paste_back=c_paste, landmarks=c_landmarks, smooth=c_smooth,
+                           heatmaps=c_heatmaps, slowdown=c_slowdown),
             [c_grid, c_status], api_name="compare", concurrency_limit=1, **raw).failure(**reset(c_grid, c_status))
         demo.load(functools.partial(variants_markdown, engine, variants), None, v_table, api_name="variants",
                   queue=False)

@@ -1,4 +1,9 @@
-"""Command line: python -m mefacial animate | checkpoints | variants ..."""
+"""Command line: python -m mefacial (or `mefacial`) animate | compare | evaluate | generate | variants | bench | checkpoints.
+
+The animation flags of every subcommand are generated from `mefacial.options.AnimateOptions`. A user error
+(a bad flag or value, a missing file, no weights, no face) prints one line naming the cause and the remedy and
+exits with status 2, without a traceback.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,46 @@ import logging
 import os
 import sys
 
-from .errors import MefacialError
+from .errors import InputError, MefacialError
+from .options import AnimateOptions
+
+
+class CliParser(argparse.ArgumentParser):
+    """argparse with one-line errors (cause, then where the flags are listed) and exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"error: {message}; see `{self.prog} --help`\n")
+
+
+def _tile(text: str) -> int:
+    """--tile: a positive multiple of 16 (video encoders need it)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of pixels, got {text!r}") from None
+    if value < 16 or value % 16:
+        raise argparse.ArgumentTypeError(f"the tile side must be a multiple of 16 (video encoders need it), got "
+                                         f"{value}; e.g. {max(16, round(value / 16) * 16)}")
+    return value
+
+
+def _frame_list(text: str) -> list[int]:
+    """--strip-frames I,J,...: frame indices."""
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated frame numbers such as 0,10,20, got {text!r}") \
+            from None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
 
 
 def _cmd_variants(args: argparse.Namespace) -> int:
@@ -29,54 +73,56 @@ def _cmd_variants(args: argparse.Namespace) -> int:
 def _add_engine_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1 ...")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
-    parser.add_argument("--landmarks", default="auto", choices=["auto", "dlib", "fan"], help="landmark backend")
-    parser.add_argument("--batch-size", type=int, default=None, help="driving frames per network batch")
 
 
-def _add_animation_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--motion", default="relative", help="relative | absolute (FOMM) | standard | avd (MRAA)")
-    parser.add_argument("--adapt-scale", action=argparse.BooleanOptionalAction, default=None,
-                        help="movement-scale adaptation (default: off for FOMM, on for MRAA, as the originals)")
-    parser.add_argument("--magnify", type=float, default=1.0, help="multiply the relative motion (1 = faithful)")
-    parser.add_argument("--no-crop", dest="crop", action="store_false", help="use the frames as they are, resized")
-    parser.add_argument("--margin", type=float, default=0.0, help="extra face-box margin (fraction of the face)")
-    parser.add_argument("--no-smooth", dest="smooth", action="store_false", help="keep raw landmark tracks")
-    parser.add_argument("--fps", type=float, default=None, help="frame rate of the driving clip, if the file lacks it")
-    parser.add_argument("--slowdown", type=float, default=1.0, help="play the output this many times slower")
+def _engine(args: argparse.Namespace, options: AnimateOptions, checkpoints: dict[str, str] | None = None,
+            device: str | None = None):
+    """The engine of a command: --device / --precision, and the options' batch size and landmark backend."""
+    from .engine import Engine
+
+    return Engine(device=device or args.device, precision=args.precision, batch_size=options.batch_size,
+                  landmarks=options.landmarks or "auto", checkpoints=checkpoints)
 
 
 def _cmd_animate(args: argparse.Namespace) -> int:
-    from .engine import Engine
     from .console import ConsoleProgress
-    from .video import write_video
+    from .video import check_output, write_video
 
-    engine = Engine(device=args.device, precision=args.precision, batch_size=args.batch_size, landmarks=args.landmarks)
+    options = AnimateOptions.from_args(args)
+    options.for_variant(args.variant)  # an unknown variant or a motion mode it lacks fails before any work
+    check_output(args.out)
+    engine = _engine(args, options)
     with ConsoleProgress(args.variant) as progress:  # a bar on a terminal, plain lines in a log
         result = engine.animate(args.source, args.driving, variant=args.variant, checkpoint=args.checkpoint,
-                                motion=args.motion, adapt_scale=args.adapt_scale, magnify=args.magnify,
-                                crop=args.crop, margin=args.margin, paste_back=args.paste_back,
-                                smooth=args.smooth, fps=args.fps, progress=progress)
-    out = write_video(args.out, result.frames, result.fps, slowdown=args.slowdown)
-    print(f"{out}: {result.num_frames} frames at {result.fps:g} fps (played at {result.fps / args.slowdown:g}), "
+                                options=options, progress=progress)
+    out = write_video(args.out, result.frames, result.fps, slowdown=options.slowdown)
+    print(f"{out}: {result.num_frames} frames at {result.fps:g} fps (played at {result.fps / options.slowdown:g}), "
           f"{result.timings['ms_per_frame']:.0f} ms/frame, weights: {result.weights}, "
           f"landmarks: {result.landmark_backend or 'not needed'}")
     return 0
 
 
 def _split_variants(text: str) -> list[str]:
-    return [v.strip() for v in text.split(",") if v.strip()]
+    from .variants import get_variant
+
+    variants = [v.strip() for v in text.split(",") if v.strip()]
+    if not variants:
+        raise InputError("--variants is empty; give comma-separated variant ids (see `python -m mefacial variants`)")
+    for variant in variants:
+        get_variant(variant)  # an unknown id fails here, listing the known ones
+    return variants
 
 
 def _checkpoint_overrides(items: list[str] | None) -> dict[str, str]:
     """--checkpoint VARIANT=PATH (repeatable) -> {variant: path}."""
-    from .errors import InputError
+    from .variants import get_variant
 
     overrides = {}
     for item in items or []:
         variant, sep, path = item.partition("=")
         if not sep or not variant or not path:
             raise InputError(f"--checkpoint expects VARIANT=PATH (e.g. fomm-awp=weights/fomm-awp.pth.tar), got {item!r}")
-        overrides[variant.strip()] = os.path.abspath(os.path.expanduser(path.strip()))  # as recorded in manifests
+        overrides[get_variant(variant.strip()).id] = os.path.abspath(os.path.expanduser(path.strip()))  # as in manifests
     return overrides
 
 
@@ -84,8 +130,6 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from . import generate as gen
-    from .engine import Engine
-    from .errors import InputError
 
     if not args.out and not args.write_pairs:
         raise InputError("give the output folder: --out DIR")
@@ -103,23 +147,16 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         print(f"{gen.write_pairs(pairs, args.write_pairs)}: {len(pairs)} pairs")
         return 0
     variants = _split_variants(args.variants)
-    settings = gen.Settings(motion=args.motion, adapt_scale=args.adapt_scale, magnify=args.magnify, crop=args.crop,
-                            margin=args.margin, smooth=args.smooth, paste_back=args.paste_back, fps=args.fps,
-                            slowdown=args.slowdown, format=args.format, landmarks=args.landmarks,
-                            precision=args.precision)
+    settings = gen.Settings.from_args(args, format=args.format, precision=args.precision)
     checkpoints = _checkpoint_overrides(args.checkpoint)
     ranks = gen.Ranks.from_env()
     total = len(ranks.shard(range(len(pairs) * len(variants))))
     bar = tqdm(total=total, desc=f"rank {ranks.rank}/{ranks.world}", unit="video", position=ranks.local_rank,
                disable=None)
 
-    def make_engine(device: str) -> Engine:
-        return Engine(device=device, precision=args.precision, batch_size=args.batch_size, landmarks=args.landmarks,
-                      checkpoints=checkpoints)
-
     with bar:
-        summary = gen.run(pairs, variants, args.out, make_engine, settings, device=args.device,
-                          on_item=lambda record: bar.update(1))
+        summary = gen.run(pairs, variants, args.out, lambda device: _engine(args, settings, checkpoints, device),
+                          settings, device=args.device, on_item=lambda record: bar.update(1))
     print(f"rank {ranks.rank}/{ranks.world}: {summary.describe()}")
     if summary.manifest is not None:
         print(f"{summary.manifest}: {gen.manifest_totals(summary.manifest)}")
@@ -152,15 +189,13 @@ def _generate_aus(args: argparse.Namespace) -> int:
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from . import evaluate as ev
-    from .engine import Engine
     from .generate import find_clips, find_faces
 
-    engine = Engine(device=args.device, precision=args.precision, batch_size=args.batch_size, landmarks=args.landmarks,
-                    checkpoints=_checkpoint_overrides(args.checkpoint))
-    settings = ev.EvalSettings(crop=args.crop, margin=args.margin, smooth=args.smooth, landmarks=args.landmarks,
-                               max_frames=args.max_frames, min_motion=args.min_motion)
+    settings = ev.EvalSettings.from_args(args, max_frames=args.max_frames, min_motion=args.min_motion)
+    engine = _engine(args, settings, _checkpoint_overrides(args.checkpoint))
+    variants = _split_variants(args.variants)
     faces = find_faces(args.faces) if args.faces else []
-    report = ev.evaluate(engine, find_clips(args.clips), _split_variants(args.variants), faces, settings,
+    report = ev.evaluate(engine, find_clips(args.clips), variants, faces, settings,
                          learned=() if args.no_learned else ("lpips", "fid"), readout_dir=args.readout)
     paths = ev.write_report(report, args.out)
     print(ev.markdown(report))
@@ -170,17 +205,18 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _cmd_compare(args: argparse.Namespace) -> int:
     from . import evaluate as ev
-    from .engine import Engine
     from .grid import render_grid
-    from .video import write_video
+    from .video import check_output, write_video
 
-    engine = Engine(device=args.device, precision=args.precision, batch_size=args.batch_size, landmarks=args.landmarks,
-                    checkpoints=_checkpoint_overrides(args.checkpoint))
-    comparison = ev.compare_columns(engine, args.source, args.driving, _split_variants(args.variants),
-                                    motion=args.motion, adapt_scale=args.adapt_scale, magnify=args.magnify,
-                                    crop=args.crop, margin=args.margin, smooth=args.smooth, fps=args.fps)
+    options = AnimateOptions.from_args(args)
+    check_output(args.out)
+    if args.strip:
+        check_output(args.strip, (".png", ".jpg", ".jpeg"))
+    variants = _split_variants(args.variants)
+    engine = _engine(args, options, _checkpoint_overrides(args.checkpoint))
+    comparison = ev.compare_columns(engine, args.source, args.driving, variants, options)
     grid = render_grid(comparison.columns, tile=args.tile, heatmaps=args.heatmaps)
-    out = write_video(args.out, grid, comparison.fps, slowdown=args.slowdown)
+    out = write_video(args.out, grid, comparison.fps, slowdown=options.slowdown)
     for variant, outcome in comparison.outcomes.items():
         print(f"{variant}: " + (f"not run: {ev.first_line(outcome)}" if isinstance(outcome, Exception) else
                                 f"{outcome.timings.get('total_s', 0):.2f} s, weights: {outcome.weights}"))
@@ -189,8 +225,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         from PIL import Image
 
         driving = comparison.columns[0].frames
-        indices = ([int(i) for i in args.strip_frames.split(",")] if args.strip_frames
-                   else ev.strip_indices(driving, args.strip_count))
+        indices = args.strip_frames if args.strip_frames else ev.strip_indices(driving, args.strip_count)
         Image.fromarray(ev.frame_strip(grid, indices, tile=args.tile)).save(args.strip)
         print(f"{args.strip}: frames {indices}")
     return 0
@@ -271,9 +306,9 @@ def _cmd_readout(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m mefacial", description=__doc__)
+    parser = CliParser(prog="python -m mefacial", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the engine decides")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=CliParser)
     variants = sub.add_parser("variants", help="list the variants and what each needs")
     variants.add_argument("--json", action="store_true", help="print JSON instead of a table")
     variants.set_defaults(func=_cmd_variants)
@@ -284,10 +319,10 @@ def build_parser() -> argparse.ArgumentParser:
     animate.add_argument("--variant", default="dense", help="e.g. dense, warp, fomm-awp, mraa-awp (see `variants`)")
     animate.add_argument("--checkpoint", default=None, help="weights file (default: resolved from the registry)")
     animate.add_argument("--out", required=True, help="output .mp4 or .gif")
-    animate.add_argument("--paste-back", action="store_true", help="paste the face back into the source picture")
-    _add_animation_options(animate)
+    AnimateOptions.add_arguments(animate)
     _add_engine_options(animate)
     animate.set_defaults(func=_cmd_animate)
+
     generate = sub.add_parser("generate", help="generate a dataset: pairs x variants -> videos + manifest "
                               "(shards over ranks under torchrun)")
     pairs = generate.add_mutually_exclusive_group(required=False)
@@ -305,10 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--format", default="mp4", choices=["mp4", "gif"])
     generate.add_argument("--checkpoint", action="append", metavar="VARIANT=PATH",
                           help="weights of one variant (repeatable; default: resolved from the registry)")
-    generate.add_argument("--paste-back", action="store_true", help="paste the face back into the source picture")
     generate.add_argument("--merge", action="store_true", help="only merge the ranks' manifest parts and exit")
     generate.add_argument("--write-pairs", metavar="CSV", help="write the pairs as a CSV and exit (e.g. for --megc)")
-    _add_animation_options(generate)
+    AnimateOptions.add_arguments(generate)
     _add_engine_options(generate)
     generate.set_defaults(func=_cmd_generate)
 
@@ -318,15 +352,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", required=True, help="output folder for scores.json and scores.md")
     evaluate.add_argument("--faces", help="folder of other faces: adds cross-identity motion-transfer scores")
     evaluate.add_argument("--checkpoint", action="append", metavar="VARIANT=PATH", help="weights of one variant (repeatable)")
-    evaluate.add_argument("--max-frames", type=int, default=None, help="score only the first N frames of each clip")
+    evaluate.add_argument("--max-frames", type=_positive_int, default=None,
+                          help="score only the first N frames of each clip")
     evaluate.add_argument("--min-motion", type=float, default=0.01,
                           help="frames scored: landmark motion above this fraction of the inter-ocular distance")
-    evaluate.add_argument("--no-crop", dest="crop", action="store_false", help="use the frames as they are, resized")
-    evaluate.add_argument("--margin", type=float, default=0.0, help="extra face-box margin (fraction of the face)")
-    evaluate.add_argument("--no-smooth", dest="smooth", action="store_false", help="keep raw landmark tracks")
     evaluate.add_argument("--no-learned", action="store_true", help="skip LPIPS and FID even when available")
     evaluate.add_argument("--readout", metavar="DIR", help="also plot the AU-region motion over time of every real clip "
                           "and self-reenactment output: DIR/<clip>/<variant or 'real'>.png")
+    AnimateOptions.add_arguments(evaluate, exclude=("paste_back", "slowdown"))  # scored at the model size
     _add_engine_options(evaluate)
     evaluate.set_defaults(func=_cmd_evaluate)
 
@@ -337,11 +370,12 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--out", required=True, help="grid video, .mp4 or .gif")
     compare.add_argument("--checkpoint", action="append", metavar="VARIANT=PATH", help="weights of one variant (repeatable)")
     compare.add_argument("--heatmaps", action="store_true", help="add a row of motion heatmaps |frame_t - frame_0|")
-    compare.add_argument("--tile", type=int, default=256, help="tile side in pixels (a multiple of 16)")
+    compare.add_argument("--tile", type=_tile, default=256, help="tile side in pixels (a multiple of 16)")
     compare.add_argument("--strip", metavar="PNG", help="also save an image strip of selected frames (for papers)")
-    compare.add_argument("--strip-frames", metavar="I,J,...", help="frame indices of the strip (default: onset to apex)")
-    compare.add_argument("--strip-count", type=int, default=5, help="frames in the strip when not chosen")
-    _add_animation_options(compare)
+    compare.add_argument("--strip-frames", metavar="I,J,...", type=_frame_list,
+                         help="frame indices of the strip (default: onset to apex)")
+    compare.add_argument("--strip-count", type=_positive_int, default=5, help="frames in the strip when not chosen")
+    AnimateOptions.add_arguments(compare, exclude=("paste_back",))
     _add_engine_options(compare)
     compare.set_defaults(func=_cmd_compare)
 
@@ -362,6 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--slowdown", type=float, default=1.0, help="play the output this many times slower")
     synth.add_argument("--list", action="store_true", help="list the action units and presets, and exit")
     _add_engine_options(synth)
+    synth.add_argument("--landmarks", default="auto", choices=["auto", "dlib", "fan"], help="landmark backend")
+    synth.add_argument("--batch-size", type=_positive_int, default=None, help="frames per network batch")
     synth.set_defaults(func=_cmd_synthesize)
 
     read = sub.add_parser("readout", help="plot the AU-region motion of any clip over time (PNG)")
@@ -379,7 +415,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse: --help (0) or a one-line usage error (2)
+        return int(exc.code or 0)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if not sys.stderr.isatty():  # a log, not a terminal: no Hub download bars (our own progress writes plain lines)
         from huggingface_hub.utils import disable_progress_bars
@@ -388,9 +427,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except MefacialError as exc:
-        print(f"error: {exc.cli_message}", file=sys.stderr)
+        print(f"error: {' '.join(exc.cli_message.split())}", file=sys.stderr)  # one line: cause and remedy
         logging.getLogger("mefacial").debug("traceback", exc_info=True)
         return 2
+    except BrokenPipeError:  # the output went to a pager or `head` that stopped reading: not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except OSError as exc:  # a file the user named cannot be read or written
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"error: cannot use{where}: {exc.strerror or exc}; check the path and its permissions", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
 
 
 def cli() -> None:

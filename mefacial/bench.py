@@ -42,6 +42,7 @@ from torch import nn
 
 from . import video
 from .config import ModelConfig
+from .device import pick_device
 from .engine import (PRECISIONS, ClipAnimator, Engine, check_precision, native_bf16, to_tensor,
                      to_uint8)
 from .errors import InputError
@@ -343,9 +344,10 @@ def landmark_seconds(inputs: BenchInputs, backend: str = "dlib") -> tuple[float,
 # ---- the benchmark --------------------------------------------------------------------------------
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    """PSNR in dB of frames in [0, 1]."""
-    mse = float(((a.float() - b.float()) ** 2).mean())
-    return float("inf") if mse == 0 else 10 * math.log10(1 / mse)
+    """PSNR in dB of two clips of frames in [0, 1] (T x 3 x H x W), over all their pixels (`metrics.psnr`)."""
+    from .metrics import psnr as frame_psnr
+
+    return float(frame_psnr(a.float().reshape(1, 1, 1, -1), b.float().reshape(1, 1, 1, -1))[0])
 
 
 def supported_precisions(requested: Sequence[str], device: torch.device) -> tuple[list[str], dict[str, str]]:
@@ -376,8 +378,7 @@ def run(variants: Sequence[str] = DEFAULT_VARIANTS, frames: int = 16, batch_size
     """
     if frames < 1 or (batch_size is not None and batch_size < 1) or repeats < 1:
         raise InputError("frames, batch size and repeats must be at least 1")
-    device_t = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                            ("cpu" if device == "auto" else device))
+    device_t = pick_device(device)
     kept, skipped = supported_precisions(precisions, device_t)
     if "fp32" not in kept:
         kept.insert(0, "fp32")  # the reference the others are compared with

@@ -19,8 +19,8 @@ def pick_device(device: str | torch.device = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         chosen = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise InputError(f"unknown device {device!r} ({exc}); use auto, cpu, cuda, cuda:N or mps") from None
+    except (RuntimeError, TypeError):
+        raise InputError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps") from None
     if chosen.type == "cuda":
         if not torch.cuda.is_available():
             raise InputError(f"device {device!r} asked for, but no CUDA GPU is available here; use --device cpu "

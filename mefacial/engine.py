@@ -464,11 +464,17 @@ class Engine:
         model, _ = self.model(spec, checkpoint)  # fail on missing weights before any detection
         prepared = self.prepare(source, driving, options, size=model.config.image_size, progress=report,
                                 source_landmarks=source_landmarks, driving_landmarks=driving_landmarks)
-        return self._collect(prepared, spec, options, checkpoint, report, started)
+        return self.collect(prepared, spec, options, checkpoint=checkpoint, progress=report, started=started)
 
-    def _collect(self, prepared: PreparedClip, spec: Variant, options: AnimateOptions, checkpoint, report: ProgressFn,
-                 started: float) -> AnimationResult:
-        """Run one variant over an in-memory prepared clip and gather everything into an AnimationResult."""
+    def collect(self, prepared: PreparedClip, variant: str | Variant, options: AnimateOptions | None = None, *,
+                checkpoint: str | Path | None = None, progress: ProgressFn | None = None,
+                started: float | None = None) -> AnimationResult:
+        """`run` one variant over an in-memory prepared clip and gather its frames and what they were made from
+        into an AnimationResult (timings from `started`, default now)."""
+        spec = get_variant(variant)
+        options = options or prepared.options
+        report = progress or (lambda fraction, message: None)
+        started = time.perf_counter() if started is None else started
         if spec.needs_landmarks:
             report(0.02, "landmarks")
             self.find_landmarks(prepared, spec)
@@ -513,9 +519,10 @@ class Engine:
         return synthesize(self, source, aus, timing, options, progress)
 
     def compare(self, source: Any, driving: Any, variants: Sequence[str], options: AnimateOptions | None = None, *,
+                source_landmarks: np.ndarray | None = None, driving_landmarks: np.ndarray | None = None,
                 progress: ProgressFn | None = None, **changes: Any) -> dict[str, AnimationResult | MefacialError]:
-        """Animate with each variant, the inputs prepared once (per model size); a variant that cannot run maps to
-        its error instead of a result."""
+        """Animate with each variant, the inputs prepared once (per model size: `prepare`, whose arguments these
+        are); a variant that cannot run maps to its error instead of a result."""
         options = as_options(options, **changes)
         results: dict[str, AnimationResult | MefacialError] = {}
         prepared: dict[int, PreparedClip | MefacialError] = {}
@@ -532,31 +539,32 @@ class Engine:
                 size = self.model(spec)[0].config.image_size
                 if size not in prepared:
                     try:
-                        prepared[size] = self.prepare(source, driving, options, size=size, progress=report)
+                        prepared[size] = self.prepare(source, driving, options, size=size, progress=report,
+                                                      source_landmarks=source_landmarks,
+                                                      driving_landmarks=driving_landmarks)
                     except MefacialError as exc:
                         prepared[size] = exc
                 if isinstance(prepared[size], MefacialError):
                     raise prepared[size]
-                results[variant] = self._collect(prepared[size], spec, options, None, report, started)
+                results[variant] = self.collect(prepared[size], spec, options, progress=report, started=started)
             except MefacialError as exc:
                 results[variant] = exc
         return results
 
     # ---- the prior as the models compute it ---------------------------------------------------
     def prior_view(self, source: Any, variants: Sequence[str] = ("warp",), driving: Any = None, frame: int = 0,
-                   options: AnimateOptions | None = None, **changes: Any) -> list[PriorView]:
+                   options: AnimateOptions | None = None, *, source_landmarks: np.ndarray | None = None,
+                   driving_landmarks: np.ndarray | None = None, **changes: Any) -> list[PriorView]:
         """The landmarks, AU points and prior maps of the source face (and of frame `frame` of `driving`, when
         given) as each variant's own model computes them (`model.prior_maps`), at the model size. A variant whose
-        model cannot be loaded here (no weights) is listed in `unavailable` with its error."""
+        model cannot be loaded here (no weights) is listed in `unavailable` with its error. Optional landmarks
+        (68 x 2, and T x 68 x 2 for the clip) replace detection, as in `prepare`."""
         options = as_options(options, **{"smooth": False, **changes})
         still = video.read_image(source, self.limits)[None] if driving is None else \
             video.read_clip(driving, fps=options.fps, limits=self.limits).frames
         frame = min(max(int(frame), 0), len(still) - 1)
-        prepared = self.prepare(source, still[frame:frame + 1], options)
-        source_points, driving_points = self.find_landmarks(prepared)
-        faces = [(prepared.source, source_points[0])]
-        if driving is not None:
-            faces.append((prepared.driving[0], driving_points[0]))
+        if driving is None and source_landmarks is not None:
+            driving_landmarks = np.asarray(source_landmarks, np.float32).reshape(1, -1, 2)  # the face drives itself
         models: dict[str, nn.Module] = {}
         unavailable: dict[str, MefacialError] = {}
         for variant in variants:
@@ -564,6 +572,19 @@ class Engine:
                 models[variant] = self.model(variant)[0]
             except MefacialError as exc:
                 unavailable[variant] = exc
+        size = next(iter(models.values())).config.image_size if models else 256
+        for variant, model in list(models.items()):
+            if model.config.image_size != size:  # one prepared face per call
+                unavailable[variant] = InputError(f"{variant} works at {model.config.image_size} px, the other "
+                                                  f"variants at {size} px; ask for it in another call")
+                del models[variant]
+        prepared = self.prepare(source, still[frame:frame + 1], options, size=size, source_landmarks=source_landmarks,
+                                driving_landmarks=None if driving_landmarks is None else
+                                np.asarray(driving_landmarks)[frame:frame + 1])
+        source_points, driving_points = self.find_landmarks(prepared)
+        faces = [(prepared.source, source_points[0])]
+        if driving is not None:
+            faces.append((prepared.driving[0], driving_points[0]))
         views = []
         for face, landmarks in faces:
             points = torch.from_numpy(np.ascontiguousarray(landmarks))[None].to(self.device)  # 1 x 68 x 2

@@ -25,12 +25,14 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from .errors import InputError, MefacialError
 from .grid import BACKGROUND, HEADER, TEXT, TILE, Column, text_tile
+from .options import AnimateOptions
+from .utils import first_line  # noqa: F401 - used by the CLI and the app
 
 
 NO_WEIGHTS = "no weights: see checkpoints/README.md"
@@ -38,11 +40,6 @@ STRIP_FRAMES = 5  # frames in an image strip, onset to apex, unless chosen
 
 
 # ---- comparison figures ---------------------------------------------------------------------------
-
-
-def first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def variant_label(variant: str) -> str:
@@ -61,22 +58,26 @@ class Comparison:
     outcomes: dict[str, Any]  # variant -> AnimationResult or the error that stopped it
 
 
-def compare_columns(engine: Any, source: Any, driving: Any, variants: Sequence[str], **options: Any) -> Comparison:
-    """Animate `source` by `driving` with each variant: a labelled column per variant, the driving clip first.
+def compare_columns(engine: Any, source: Any, driving: Any, variants: Sequence[str],
+                    options: AnimateOptions | None = None, *, progress: Any = None, **changes: Any) -> Comparison:
+    """Animate `source` by `driving` with each variant (the inputs prepared once, `Engine.compare`): a labelled
+    column per variant, the driving clip first.
 
     A variant that cannot run (no weights, ...) gets a placeholder column with the
     reason; when none runs and the inputs are the problem (no face, unreadable
     clip), that error is raised.
     """
     from .errors import WeightsNotFoundError
+    from .options import as_options
     from .video import read_clip
 
-    outcomes = engine.compare(source, driving, list(variants), **options)
+    options = as_options(options, **changes)
+    outcomes = engine.compare(source, driving, list(variants), options, progress=progress)
     done = [r for r in outcomes.values() if not isinstance(r, MefacialError)]
     errors = [r for r in outcomes.values() if isinstance(r, MefacialError)]
     if not done and any(not isinstance(e, WeightsNotFoundError) for e in errors):
         raise next(e for e in errors if not isinstance(e, WeightsNotFoundError))
-    clip = None if done else read_clip(driving, fps=options.get("fps"), limits=engine.limits)
+    clip = None if done else read_clip(driving, fps=options.fps, limits=engine.limits)
     columns = [Column("driving", done[0].model_driving if done else clip.frames)]
     for variant in variants:
         outcome = outcomes[variant]
@@ -120,37 +121,25 @@ def frame_strip(grid: np.ndarray, indices: Sequence[int], tile: int = TILE) -> n
 
 
 @dataclasses.dataclass(frozen=True)
-class EvalSettings:
-    """How clips are animated and measured (recorded in the report)."""
+class EvalSettings(AnimateOptions):
+    """How clips are animated (the AnimateOptions) and measured (recorded in the report)."""
 
-    crop: bool = True
-    margin: float = 0.0
-    smooth: bool = True
-    landmarks: str = "auto"  # one detector for the crops and every score, recorded in the report
     max_frames: int | None = None  # first frames of each clip only
     min_motion: float = 0.01  # frames scored: landmark motion above this fraction of the inter-ocular distance
 
-    def animate_options(self) -> dict[str, Any]:
-        return dict(crop=self.crop, margin=self.margin, smooth=self.smooth)
+    def animate_options(self) -> AnimateOptions:
+        """The animation options alone (what Engine.prepare / run take)."""
+        return AnimateOptions(**{name: getattr(self, name) for name in AnimateOptions.names()})
 
 
-class CachedLandmarks:
-    """68 landmarks of frames with one detector, cached by content (real frames are shared by variants)."""
+def landmark_finder(backend: str, device: Any) -> Callable[[np.ndarray], np.ndarray]:
+    """frames (T x H x W x 3 uint8) -> T x 68 x 2 float32 pixels, NaN where no face is found, with one detector."""
+    from .landmarks import get_detector
 
-    def __init__(self, backend: str, device: Any):
-        from .landmarks import get_detector
-
-        self.detector = get_detector(backend, device)
-        self._cache: dict[str, np.ndarray] = {}
-
-    def __call__(self, frames: np.ndarray) -> np.ndarray:
-        """T x H x W x 3 uint8 -> T x 68 x 2 float32 pixels, NaN where no face is found."""
-        import hashlib
-
-        key = hashlib.sha1(np.ascontiguousarray(frames).tobytes()).hexdigest() + str(frames.shape)
-        if key not in self._cache:
-            self._cache[key] = self.detector.detect(frames, allow_missing=True).points
-        return self._cache[key]
+    detector = get_detector(backend, device)
+    finder = lambda frames: detector.detect(frames, allow_missing=True).points  # noqa: E731
+    finder.name = detector.name
+    return finder
 
 
 def _tensor(frames: np.ndarray):
@@ -167,24 +156,26 @@ def _track(points: np.ndarray):
     return None if np.isnan(points).any() else torch.from_numpy(points).float()
 
 
-def self_reenactment(engine: Any, frames: np.ndarray, variant: str, landmarks: CachedLandmarks,
+def self_reenactment(engine: Any, frames: np.ndarray, variant: str, landmarks: Callable[[np.ndarray], np.ndarray],
                      settings: EvalSettings = EvalSettings()) -> dict[str, Any]:
     """Animate the clip's first frame by the clip (T x H x W x 3) and score it against the real frames."""
-    result = engine.animate(frames[0], frames, variant=variant, **settings.animate_options())
+    result = engine.animate(frames[0], frames, variant=variant, options=settings.animate_options())
     return score_reenactment(result, landmarks, settings)
 
 
-def score_reenactment(result: Any, landmarks: CachedLandmarks, settings: EvalSettings = EvalSettings()) -> dict[str, Any]:
+def score_reenactment(result: Any, landmarks: Callable[[np.ndarray], np.ndarray],
+                      settings: EvalSettings = EvalSettings(), real_landmarks: np.ndarray | None = None) -> dict[str, Any]:
     """Scores of a self-reenactment (an AnimationResult of a clip's first frame driven by the clip).
 
     Real and generated frames are compared at the model size (the real ones as the
     model saw them: cropped and resized like the source); landmarks are detected on
-    both with the same detector. Returns `metrics.SelfReenactment.as_dict()` and `beats_static`.
+    both with the same detector (`landmarks`; `real_landmarks` when those of the real frames are known
+    already). Returns `metrics.SelfReenactment.as_dict()` and `beats_static`.
     """
     from . import metrics
 
     real, generated = result.model_driving, result.frames  # T x S x S x 3 each
-    real_points = _track(landmarks(real))
+    real_points = _track(landmarks(real) if real_landmarks is None else real_landmarks)
     if real_points is None:
         raise InputError("the landmark detector misses the face in some real frames: no motion reference")
     generated_points = _track(landmarks(generated))
@@ -196,14 +187,20 @@ def score_reenactment(result: Any, landmarks: CachedLandmarks, settings: EvalSet
     return scores
 
 
-def motion_transfer(engine: Any, face: Any, frames: np.ndarray, variant: str, landmarks: CachedLandmarks,
+def motion_transfer(engine: Any, face: Any, frames: np.ndarray, variant: str, landmarks: Callable[[np.ndarray], np.ndarray],
                     settings: EvalSettings = EvalSettings()) -> dict[str, Any]:
     """Animate another face by the clip and compare the AU-point motion of the output with the clip's
     (`metrics.score_motion_transfer`: displacements divided by each face's inter-ocular distance)."""
+    result = engine.animate(face, frames, variant=variant, options=settings.animate_options())
+    return score_transfer(result, landmarks, settings)
+
+
+def score_transfer(result: Any, landmarks: Callable[[np.ndarray], np.ndarray], settings: EvalSettings = EvalSettings(),
+                   driving_landmarks: np.ndarray | None = None) -> dict[str, Any]:
+    """Scores of a cross-identity motion transfer (an AnimationResult of another face driven by a clip)."""
     from . import metrics
 
-    result = engine.animate(face, frames, variant=variant, **settings.animate_options())
-    driving_points = _track(landmarks(result.model_driving))
+    driving_points = _track(landmarks(result.model_driving) if driving_landmarks is None else driving_landmarks)
     generated_points = _track(landmarks(result.frames))
     if driving_points is None or generated_points is None:
         raise InputError("the landmark detector misses the face in some "
@@ -324,18 +321,18 @@ def evaluate(engine: Any, clips: Sequence[str | Path], variants: Sequence[str], 
              settings: EvalSettings = EvalSettings(), learned: Sequence[str] = ("lpips", "fid"),
              readout_dir: str | Path | None = None) -> dict[str, Any]:
     """Self-reenactment scores on every clip and, with `faces`, motion-transfer scores on every face x clip,
-    per variant; a clip or pair that fails is reported with its error. Returns the report (JSON-ready).
-    With `readout_dir`, the AU-region motion over time of each real clip and each output is plotted
-    (`mefacial.readout`) to readout_dir/<clip>/<real | variant>.png and listed in the report."""
+    per variant; a clip or pair that fails is reported with its error. Each clip (and face x clip) is prepared
+    once (`Engine.prepare`: crops and landmarks) and every variant runs on it. Returns the report (JSON-ready)."""
     from .variants import get_variant
     from .video import read_clip
 
     variants = [get_variant(v).id for v in variants]
+    options = settings.animate_options()
     scorers, notes = optional_metrics(learned)
-    landmarks = CachedLandmarks(settings.landmarks, engine.device)
+    landmarks = landmark_finder(settings.landmarks or engine.landmarks, engine.device)
     names = {str(c): n for c, n in _names(clips).items()}
     face_names = {str(f): n for f, n in _names(faces).items()}
-    report: dict[str, Any] = {"settings": dataclasses.asdict(settings), "landmarks": landmarks.detector.name,
+    report: dict[str, Any] = {"settings": dataclasses.asdict(settings), "landmarks": landmarks.name,
                               "clips": sorted(names.values()), "faces": sorted(face_names.values()),
                               "variants": {}, "notes": notes}
     frames = {}
@@ -345,39 +342,62 @@ def evaluate(engine: Any, clips: Sequence[str | Path], variants: Sequence[str], 
             frames[str(clip)] = loaded[:settings.max_frames] if settings.max_frames else loaded
         except MefacialError as exc:
             report.setdefault("errors", {})[names[str(clip)]] = first_line(exc)
-    for variant in variants:
-        entry: dict[str, Any] = {"self_reenactment": {"clips": {}}, "errors": {}}
-        learned_scores = {name: make() for name, make in scorers.items()}
-        for clip, clip_frames in frames.items():
-            name = names[clip]
-            try:
-                result = engine.animate(clip_frames[0], clip_frames, variant=variant, **settings.animate_options())
-                scores = score_reenactment(result, landmarks, settings)
-                if readout_dir is not None:
-                    from .readout import write_readouts
+    entries = {v: {"self_reenactment": {"clips": {}}, "errors": {}} for v in variants}
+    learned_scores = {v: {name: make() for name, make in scorers.items()} for v in variants}
+    pairs: dict[str, dict[str, Any]] = {v: {} for v in variants}
 
-                    report.setdefault("readout", {})[name] = write_readouts(
-                        readout_dir, name, {"real": result.model_driving, variant: result.frames}, result.fps)
-                for metric, scorer in learned_scores.items():
-                    value = scorer.add(_tensor(result.frames), _tensor(result.model_driving))
-                    if value is not None:
-                        scores[metric] = value
-                entry["self_reenactment"]["clips"][name] = scores
+    def each_variant(source: Any, clip_frames: np.ndarray, name: str, score: Callable[..., Any]) -> dict[str, Any]:
+        """Prepare the inputs once (per model size), run every variant on them, score each; errors per variant.
+        Returns the variants' results."""
+        prepared: dict[int, Any] = {}
+        real_points: dict[int, np.ndarray] = {}
+        results: dict[str, Any] = {}
+        for variant in variants:
+            try:
+                size = engine.model(variant)[0].config.image_size
+                if size not in prepared:
+                    try:
+                        prepared[size] = engine.prepare(source, clip_frames, options, size=size)
+                        real_points[size] = landmarks(prepared[size].driving)  # the real frames' landmarks, once
+                    except Exception as exc:  # noqa: BLE001 - reported for every variant of this size
+                        prepared[size] = exc
+                if isinstance(prepared[size], Exception):
+                    raise prepared[size]
+                result = results[variant] = engine.collect(prepared[size], variant, options)
+                score(variant, name, result, real_points[size])
             except Exception as exc:  # noqa: BLE001 - one failing clip is reported, the evaluation goes on
-                entry["errors"][name] = f"{type(exc).__name__}: {first_line(exc)}"
+                entries[variant]["errors"][name] = f"{type(exc).__name__}: {first_line(exc)}"
+        return results
+
+    def reenactment(variant: str, name: str, result: Any, real: np.ndarray) -> None:
+        scores = score_reenactment(result, landmarks, settings, real_landmarks=real)
+        for metric, scorer in learned_scores[variant].items():
+            value = scorer.add(_tensor(result.frames), _tensor(result.model_driving))
+            if value is not None:
+                scores[metric] = value
+        entries[variant]["self_reenactment"]["clips"][name] = scores
+
+    def transfer(variant: str, name: str, result: Any, driving: np.ndarray) -> None:
+        pairs[variant][name] = score_transfer(result, landmarks, settings, driving_landmarks=driving)
+
+    for clip, clip_frames in frames.items():
+        results = each_variant(clip_frames[0], clip_frames, names[clip], reenactment)
+        if readout_dir is not None and results:
+            from .readout import write_readouts
+
+            first = next(iter(results.values()))
+            report.setdefault("readout", {})[names[clip]] = write_readouts(
+                readout_dir, names[clip], {"real": first.model_driving, **{v: r.frames for v, r in results.items()}},
+                first.fps)
+    for clip, clip_frames in frames.items():
+        for face in faces:
+            each_variant(face, clip_frames, f"{names[clip]}-{face_names[str(face)]}", transfer)
+    for variant, entry in entries.items():
         entry["self_reenactment"]["mean"] = _mean(list(entry["self_reenactment"]["clips"].values()))
-        for metric, scorer in learned_scores.items():
+        for metric, scorer in learned_scores[variant].items():
             entry[metric] = scorer.result()
         if faces:
-            pairs = {}
-            for clip, clip_frames in frames.items():
-                for face in faces:
-                    name = f"{names[clip]}-{face_names[str(face)]}"
-                    try:
-                        pairs[name] = motion_transfer(engine, face, clip_frames, variant, landmarks, settings)
-                    except Exception as exc:  # noqa: BLE001
-                        entry["errors"][name] = f"{type(exc).__name__}: {first_line(exc)}"
-            entry["motion_transfer"] = {"pairs": pairs, "mean": _mean(list(pairs.values()))}
+            entry["motion_transfer"] = {"pairs": pairs[variant], "mean": _mean(list(pairs[variant].values()))}
         report["variants"][variant] = entry
     return report
 

@@ -42,6 +42,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from .errors import InputError, MefacialError
+from .distributed import Ranks, barrier, init_process_group  # noqa: F401 - Ranks, barrier: public here
+from .options import AnimateOptions
+from .utils import atomic_write
 from .video import ANIMATED_IMAGE_EXTENSIONS, IMAGE_EXTENSIONS, MP4_EXTENSIONS, list_frame_files, natural_key
 
 log = logging.getLogger("mefacial")
@@ -278,30 +281,21 @@ def write_pairs(pairs: Sequence[Pair], path: str | os.PathLike) -> Path:
 
 
 @dataclasses.dataclass(frozen=True)
-class Settings:
-    """How every pair is animated and written; recorded in the manifest and compared on resume."""
+class Settings(AnimateOptions):
+    """How every pair is animated (the AnimateOptions) and written; recorded in the manifest and compared on
+    resume. `landmarks` and `precision` are recorded as the engine runs them."""
 
-    motion: str = "relative"
-    adapt_scale: bool | None = None  # None: the backbone's default (FOMM off, MRAA on)
-    magnify: float = 1.0
-    crop: bool = True
-    margin: float = 0.0
-    smooth: bool = True
-    paste_back: bool = False
-    fps: float | None = None  # driving frame rate when the files lack one
-    slowdown: float = 1.0
     format: str = "mp4"
-    landmarks: str = "auto"  # the engine's landmark backend and precision (`generate` records the engine's)
     precision: str = "fp32"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.format not in OUTPUT_FORMATS:
             raise InputError(f"output format {self.format!r} is not supported; use one of {OUTPUT_FORMATS}")
 
-    def animate_options(self) -> dict[str, Any]:
-        """Keyword arguments of Engine.animate."""
-        return dict(motion=self.motion, adapt_scale=self.adapt_scale, magnify=self.magnify, crop=self.crop,
-                    margin=self.margin, smooth=self.smooth, paste_back=self.paste_back, fps=self.fps)
+    def animate_options(self) -> AnimateOptions:
+        """The animation options alone (what Engine.animate takes)."""
+        return AnimateOptions(**{name: getattr(self, name) for name in AnimateOptions.names()})
 
     def fingerprint(self) -> str:
         """Short hash of the settings: a finished pair counts as done only under the same one."""
@@ -309,60 +303,9 @@ class Settings:
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-@dataclasses.dataclass(frozen=True)
-class Ranks:
-    """This process's place in a torchrun job (RANK, WORLD_SIZE, LOCAL_RANK; 0, 1, 0 when run alone)."""
-
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @classmethod
-    def from_env(cls) -> "Ranks":
-        def number(name: str, default: int) -> int:
-            value = os.environ.get(name, "")
-            try:
-                return int(value) if value else default
-            except ValueError:
-                raise InputError(f"${name}={value!r} is not an integer (set by torchrun)") from None
-
-        ranks = cls(number("RANK", 0), number("WORLD_SIZE", 1), number("LOCAL_RANK", 0))
-        if not 0 <= ranks.rank < ranks.world:
-            raise InputError(f"RANK={ranks.rank} is not in [0, WORLD_SIZE={ranks.world})")
-        return ranks
-
-    def shard(self, items: Sequence) -> list:
-        """Every world-th item from this rank's index: over all ranks, each item exactly once."""
-        return list(items[self.rank::self.world])
-
-    def device(self, device: str) -> str:
-        """The device of this rank: 'auto' / 'cuda' become cuda:LOCAL_RANK when CUDA is present."""
-        import torch
-
-        if device in ("auto", "cuda") and torch.cuda.is_available():
-            if self.local_rank >= torch.cuda.device_count():
-                raise InputError(f"LOCAL_RANK {self.local_rank} has no GPU ({torch.cuda.device_count()} visible); "
-                                 "run at most one process per GPU (--nproc_per_node)")
-            return f"cuda:{self.local_rank}"
-        return device
-
-
 def init_distributed(ranks: Ranks, timeout: dt.timedelta = BARRIER_TIMEOUT) -> bool:
     """Join the torchrun process group (gloo: only the final barrier uses it); False when alone or already joined."""
-    import torch.distributed as dist
-
-    if ranks.world == 1 or not dist.is_available() or dist.is_initialized():
-        return False
-    dist.init_process_group(backend="gloo", timeout=timeout)
-    return True
-
-
-def barrier() -> None:
-    """Wait for every rank, when a process group is up."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+    return init_process_group(ranks, "cpu", timeout)
 
 
 # ---- manifest -------------------------------------------------------------------------------------
@@ -401,12 +344,8 @@ def read_records(out_dir: str | os.PathLike) -> dict[str, dict]:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_write(path, "w", encoding="utf-8") as f:
         f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def merge_manifest(out_dir: str | os.PathLike) -> Path:
@@ -557,7 +496,7 @@ def generate(pairs: Sequence[Pair], variants: Sequence[str], out_dir: str | os.P
                     raise InputError(pair.error)
                 if variant in broken:  # the variant cannot run at all: same error, no new attempt
                     raise InputError(f"{variant} cannot run: {broken[variant]}") from broken[variant]
-                result = engine.animate(pair.source, pair.driving, variant=variant, **settings.animate_options())
+                result = engine.animate(pair.source, pair.driving, variant=variant, options=settings.animate_options())
                 final = out_dir / record["output"]
                 final.parent.mkdir(parents=True, exist_ok=True)
                 tmp = partial / final.name

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -179,7 +180,6 @@ def render_grid(columns: list[Column], tile: int = TILE, heatmaps: bool = False,
 # ---- the facial prior drawn over a face (the app's Prior tab) -----------------------------------
 
 LANDMARK_COLOR = (80, 220, 120)
-PRIOR_MAP_SCALE = 0.25  # prior maps live at the keypoint detector's resolution (scale_factor of the published configs)
 AU_COLOR = (255, 70, 70)
 
 
@@ -210,32 +210,21 @@ def overlay_map(image: np.ndarray, values: np.ndarray, alpha: float = 0.6) -> np
     return (image * (1 - weight) + colorize(resized) * weight).round().astype(np.uint8)
 
 
-def prior_panels(face: np.ndarray, landmarks: np.ndarray, image_size: int, map_size: int | None = None, sigma: float = 0.75,
-                 distance: str = "l2", awp: np.ndarray | None = None, awp_reason: str | None = None,
+def prior_panels(face: np.ndarray, landmarks: np.ndarray, au_points: np.ndarray,
+                 maps: Sequence[tuple[str, np.ndarray]] = (), missing: Sequence[tuple[str, str]] = (),
                  title: str = "source") -> list[tuple[np.ndarray, str]]:
-    """The prior of one face as captioned pictures: 68 landmarks, 18 AU points, EWP map, AWP map (or why not).
+    """The prior of one face as captioned pictures: 68 landmarks, 18 AU points, then each prior map, then a tile
+    saying why each missing map is not shown.
 
-    face: H x W x 3 uint8 as the model sees it; landmarks: 68 x 2 pixels of `face`.
-    The AU points and the EWP map come from `mefacial.prior` (the arithmetic the
-    models use) at `map_size` (default: the keypoint detector's resolution,
-    PRIOR_MAP_SCALE of the frame); `awp` is a fused map computed by an AWP model,
-    when one has weights.
+    face: H x W x 3 uint8 as the model sees it; landmarks: 68 x 2 and au_points: 18 x 2, pixels of `face`;
+    maps: (name, h x w map) as a model computed it (`Engine.prior_view`), drawn over the face;
+    missing: (name, reason).
     """
-    from . import prior
-
-    map_size = map_size or round(image_size * PRIOR_MAP_SCALE)
-    points = torch.as_tensor(np.asarray(landmarks, dtype=np.float32))[None]  # 1 x 68 x 2
-    au = prior.au_points_from_landmarks(points)  # 1 x 18 x 2
-    scale = image_size / face.shape[0]  # the maps are defined on the model frame
-    ewp = prior.ewp_map(au * scale, image_size, map_size, sigma, distance)[0, 0].numpy()  # map x map
     panels = [
         (draw_points(face, landmarks, LANDMARK_COLOR, radius=1.5), f"{title}: 68 landmarks"),
-        (draw_points(face, au[0].numpy(), AU_COLOR, radius=3), f"{title}: 18 AU points"),
-        (overlay_map(face, ewp), f"{title}: EWP map (equal-weighted)"),
+        (draw_points(face, au_points, AU_COLOR, radius=3), f"{title}: 18 AU points"),
     ]
-    if awp is not None:
-        panels.append((overlay_map(face, awp), f"{title}: AWP map (adaptive weighted)"))
-    elif awp_reason:
-        panels.append((text_tile(f"AWP map not shown: {awp_reason}", face.shape[1], face.shape[0]),
-                       f"{title}: AWP map"))
+    panels += [(overlay_map(face, values), f"{title}: {name}") for name, values in maps]
+    panels += [(text_tile(f"{name} not shown: {reason}", face.shape[1], face.shape[0]), f"{title}: {name}")
+               for name, reason in missing]
     return panels

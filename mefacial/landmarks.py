@@ -270,10 +270,10 @@ class FanDetector(LandmarkDetector):
 
 
 def resolve_device(device: torch.device | str | None) -> torch.device:
-    """None or "auto" -> CUDA when available, else the CPU."""
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    """None or "auto" -> CUDA when available, else the CPU (`mefacial.device.pick_device`)."""
+    from .device import pick_device
+
+    return pick_device("auto" if device is None else device)
 
 
 def get_detector(name: str = "auto", device: torch.device | str | None = None) -> LandmarkDetector:

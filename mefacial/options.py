@@ -69,6 +69,9 @@ class AnimateOptions:
                "use a positive frame rate, e.g. 200 for a 200 fps clip")
         _check(_number(self.slowdown) and 0 < self.slowdown <= MAX_SLOWDOWN, "slowdown", self.slowdown,
                f"use a positive factor up to {MAX_SLOWDOWN:g} (1 = real time, 4 plays four times slower)")
+        if self.magnify != 1 and self.motion != "relative":
+            raise InputError(f"option 'magnify' = {self.magnify!r} multiplies relative motion; use motion='relative' "
+                             "or magnify=1")
         if self.paste_back and not self.crop:
             raise InputError("option 'paste_back' needs crop=True (the face is pasted back into the box it was cut "
                              "from); turn cropping on or paste_back off")

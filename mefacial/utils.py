@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import time
-from typing import Iterator
+from pathlib import Path
+from typing import IO, Iterator
 
 import torch
 
@@ -20,3 +22,41 @@ def timer(seconds: dict[str, float], key: str, device: torch.device | None = Non
     if device is not None and device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds[key] = seconds.get(key, 0.0) + time.perf_counter() - t0
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message (its type's name when it has none)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def temporary_path(path: str | os.PathLike, pid: int | None = None) -> Path:
+    """Where process `pid` (default: this one) writes `path` before renaming it: `.<name>.<pid>.tmp` beside it."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{os.getpid() if pid is None else pid}.tmp")
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "wb", encoding: str | None = None) -> Iterator[IO]:
+    """Open a temporary file beside `path` for writing; on success fsync it and rename it over `path` (then fsync
+    the folder, so the rename survives a crash); on failure remove it. A reader never sees a partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_path(path)
+    try:
+        with open(tmp, mode, encoding=encoding) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    try:
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:  # folders cannot be opened for fsync on some systems
+        pass

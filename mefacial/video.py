@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps, ImageSequence, UnidentifiedImageError
 
 from .errors import InputError, InputTooLargeError, MefacialError, NotAnImageError, UnreadableVideoError
+from .utils import first_line
 
 logger = logging.getLogger("mefacial")
 
@@ -468,7 +469,7 @@ class _FfmpegStream:
         except Exception as err:  # imageio-ffmpeg raises OSError, RuntimeError, IndexError on bad input
             self._reader.close()
             raise UnreadableVideoError(
-                f"cannot read {self.what}: ffmpeg finds no decodable video stream ({_first_line(err)}). "
+                f"cannot read {self.what}: ffmpeg finds no decodable video stream ({first_line(err)}). "
                 "The file may be empty, truncated or not a video; re-export it as mp4 (H.264) or GIF.",
                 page=f"{self.what} has no decodable video stream: it may be empty, truncated or not a video") from err
         self.width, self.height = meta["size"]
@@ -490,7 +491,7 @@ class _FfmpegStream:
                 yield np.frombuffer(data, dtype=np.uint8).reshape(shape)
         except Exception as err:  # imageio-ffmpeg's RuntimeError when ffmpeg stops mid-frame
             raise UnreadableVideoError(f"cannot decode {self.what}: the file is corrupt or truncated "
-                                       f"({_first_line(err)}); re-export it as mp4 (H.264) or GIF.",
+                                       f"({first_line(err)}); re-export it as mp4 (H.264) or GIF.",
                                        page=f"{self.what} is corrupt or truncated") from err
 
     def check_complete(self, count: int) -> None:
@@ -508,12 +509,20 @@ class _FfmpegStream:
         self._reader.close()  # stops ffmpeg
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
 # ----------------------------------------------------------------------------- writing
+
+
+def check_output(path: str | os.PathLike, suffixes: Sequence[str] | None = None) -> Path:
+    """An output path that `write_video` (or, with `suffixes`, another writer) can write: known type, existing
+    folder; an InputError naming the remedy otherwise. Checked before any work."""
+    path = Path(path)
+    allowed = tuple(suffixes) if suffixes is not None else (".gif", *MP4_EXTENSIONS)
+    if path.suffix.lower() not in allowed:
+        raise InputError(f"cannot write {path}: unknown type {path.suffix.lower() or '(none)'!r}; use one of "
+                         f"{', '.join(allowed)}")
+    if not path.parent.is_dir():
+        raise InputError(f"cannot write {path}: the folder {path.parent} does not exist; create it first")
+    return path
 
 
 def write_video(path: str | os.PathLike, frames: np.ndarray | Sequence[np.ndarray], fps: float,
@@ -585,7 +594,7 @@ def _write_mp4(path: Path, frames: np.ndarray, fps: float, quality: int) -> None
         writer.close()
     except (OSError, RuntimeError) as err:
         writer.close()
-        raise MefacialError(f"cannot write {path}: ffmpeg failed ({_first_line(err)}); check that the folder "
+        raise MefacialError(f"cannot write {path}: ffmpeg failed ({first_line(err)}); check that the folder "
                             "exists, is writable and has space.") from err
 
 

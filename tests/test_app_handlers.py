@@ -114,7 +114,7 @@ def test_movement_scale_adaptation_defaults_to_the_backbones_own(monkeypatch, gi
     options = {} if given is None else {"adapt_scale": given}
     with pytest.raises(RuntimeError, match="stop here"):
         demo.generate({"path": str(app.EXAMPLE_FACE)}, {"path": str(app.EXAMPLE_CLIP)}, "mraa", "none", **options)
-    assert seen["adapt_scale"] is expected and seen["variant"] == "mraa-none"
+    assert seen["options"].adapt_scale is expected and seen["variant"] == "mraa-none"
     with pytest.raises(gr.Error, match="movement-scale adaptation must be one of"):
         demo.generate({"path": str(app.EXAMPLE_FACE)}, {"path": str(app.EXAMPLE_CLIP)}, "mraa", "none",
                       adapt_scale="sometimes")

@@ -44,7 +44,7 @@ from train import checkpointing
 from train.config import load_train_config
 from train.monitor import read_jsonl
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]  # processes killed midway, downloads
 
 
 def child_env(**extra: str) -> dict[str, str]:

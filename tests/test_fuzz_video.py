@@ -23,6 +23,8 @@ from mefacial import video
 from mefacial.errors import MefacialError
 from mefacial.video import Limits
 
+pytestmark = pytest.mark.slow  # hypothesis over mutated real clips
+
 FRAMES = 8  # frames of the real clip kept in the seed files (small: every example decodes the whole file)
 FUZZ_LIMITS = Limits(max_frames=500, max_pixels=4_000_000, max_seconds=60.0)  # a mutated header may claim anything
 FUZZ_SETTINGS = settings(max_examples=50, deadline=None, derandomize=True, database=None,

@@ -101,13 +101,14 @@ def test_prior_panels_draw_the_models_au_points():
     data = load_file(str(folder / "landmarks.safetensors"))
     clip = sorted(k.rsplit(".", 1)[0] for k in data if k.endswith(".landmarks68"))[0]
     face, landmarks = data[f"{clip}.frames_uint8"][0], data[f"{clip}.landmarks68"][0]
-    panels = prior_panels(face, landmarks, image_size=face.shape[0], map_size=face.shape[0] // 4,
-                          awp_reason="no weights: see checkpoints/README.md")
+    au = prior.au_points_from_landmarks(torch.from_numpy(landmarks)).numpy()  # 18 x 2
+    ewp = prior.ewp_map(torch.from_numpy(au)[None], face.shape[0], face.shape[0] // 4)[0, 0].numpy()
+    panels = prior_panels(face, landmarks, au, maps=[("EWP map", ewp)],
+                          missing=[("AWP map", "no weights: see checkpoints/README.md")])
     assert len(panels) == 4 and all(p.shape == face.shape for p, _ in panels)
-    assert "AWP" in panels[3][1]
-    au = prior.au_points_from_landmarks(torch.from_numpy(landmarks)).round().long().numpy()  # 18 x 2
-    x, y = au[:, 0].clip(0, face.shape[1] - 1), au[:, 1].clip(0, face.shape[0] - 1)
+    assert "AWP" in panels[3][1] and "EWP" in panels[2][1]
+    x, y = au.round().astype(int)[:, 0].clip(0, face.shape[1] - 1), au.round().astype(int)[:, 1].clip(0, face.shape[0] - 1)
     assert (panels[1][0][y, x] == AU_COLOR).all(axis=-1).mean() > 0.8  # AU dots where the model's AU points are
     assert not np.array_equal(panels[2][0], face)  # the EWP map is drawn
-    with_awp = prior_panels(face, landmarks, image_size=face.shape[0], map_size=16, awp=np.ones((16, 16)))
+    with_awp = prior_panels(face, landmarks, au, maps=[("EWP map", ewp), ("AWP map", np.ones((16, 16)))])
     assert len(with_awp) == 4 and "AWP" in with_awp[3][1]

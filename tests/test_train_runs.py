@@ -26,7 +26,7 @@ from train.monitor import read_jsonl
 
 from conftest import DATA, REPO, require
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]  # training runs
 
 
 @pytest.fixture(scope="module")

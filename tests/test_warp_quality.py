@@ -24,6 +24,8 @@ import pytest
 
 from conftest import DATA, require
 
+pytestmark = pytest.mark.slow  # self-reenactment of every real clip at 256 px
+
 CLIPS = sorted((DATA / "driving").glob("*.gif")) if (DATA / "driving").is_dir() else []
 PSNR_GAIN_DB = 0.5  # mean over clips; every clip must also beat the static baseline
 LANDMARK_ERROR_RATIO = 0.8  # mean over clips of generated / static landmark-motion error
@@ -31,15 +33,15 @@ LANDMARK_ERROR_RATIO = 0.8  # mean over clips of generated / static landmark-mot
 
 @pytest.fixture(scope="module")
 def evaluation():
-    """(engine, landmark detector with a cache, settings): dlib everywhere, so the figures do not depend on
+    """(engine, landmark finder, settings): dlib everywhere, so the figures do not depend on
     which FAN weights happen to be cached."""
     require(DATA / "driving", "micro-expression clips")
     from mefacial import Engine
-    from mefacial.evaluate import EvalSettings, CachedLandmarks
+    from mefacial.evaluate import EvalSettings, landmark_finder
 
     engine = Engine(device="cpu", landmarks="dlib")
     settings = EvalSettings(landmarks="dlib")
-    return engine, CachedLandmarks(settings.landmarks, engine.device), settings
+    return engine, landmark_finder(settings.landmarks, engine.device), settings
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +92,7 @@ def test_twice_the_motion_scores_worse(evaluation, scores):
     engine, landmarks, settings = evaluation
     clip = min(CLIPS, key=lambda c: len(read_clip(c).frames))  # the shortest clip keeps this fast
     frames = read_clip(clip).frames
-    result = engine.animate(frames[0], frames, variant="warp", magnify=2.0, **settings.animate_options())
+    result = engine.animate(frames[0], frames, variant="warp", options=settings.animate_options(), magnify=2.0)
     doubled = score_reenactment(result, landmarks, settings)["generated"]
     faithful = scores[clip.stem]["generated"]
     print(f"\n{clip.stem} at magnify 2: PSNR {doubled['psnr']:.2f} dB, SSIM {doubled['ssim']:.4f}, "

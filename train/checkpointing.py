@@ -31,6 +31,7 @@ from torch import nn
 
 from mefacial.checkpoints import flatten_parts, load_state_dict_strict, read_pickled_checkpoint
 from mefacial.errors import CheckpointError
+from mefacial.utils import atomic_write, temporary_path
 from mefacial.models import CHECKPOINT_PARTS
 
 FORMAT = "mefacial-train"
@@ -105,32 +106,14 @@ def load_parts(model: nn.Module, checkpoint: Mapping[str, Any], parts: tuple[str
 
 def atomic_save(obj: Any, path: str | Path) -> Path:
     """`torch.save` to a temporary file beside `path`, fsync, then rename over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temporary(path, os.getpid())
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    try:  # make the rename itself durable
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
-    return path
+    with atomic_write(path) as f:  # the temporary is `_temporary(path, pid)`
+        torch.save(obj, f)
+    return Path(path)
 
 
 def _temporary(path: Path, pid: int) -> Path:
     """Where process `pid` writes `path` before renaming it: `.<name>.<pid>.tmp` beside it."""
-    return path.with_name(f".{path.name}.{pid}.tmp")
+    return temporary_path(path, pid)
 
 
 def remove_stale_temporaries(folder: str | Path) -> list[Path]:

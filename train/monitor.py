@@ -143,9 +143,8 @@ def render_grid(visuals: dict[str, torch.Tensor]) -> np.ndarray:
         key = f"points_{name}"
         if key in visuals:
             tiles[name] = np.stack([_draw_points(tiles[name][i], visuals[key][i]) for i in range(rows)])
-    gap = 2
-    grid = np.full((rows * (size + gap) - gap, len(columns) * (size + gap) - gap, 3), 255, dtype=np.uint8)
-    for c, name in enumerate(columns):
-        for r in range(rows):
-            grid[r * (size + gap):r * (size + gap) + size, c * (size + gap):c * (size + gap) + size] = tiles[name][r]
-    return grid
+    from torchvision.utils import make_grid
+
+    ordered = torch.from_numpy(np.stack([tiles[name][r] for r in range(rows) for name in columns]))  # N x S x S x 3
+    grid = make_grid(ordered.permute(0, 3, 1, 2), nrow=len(columns), padding=2, pad_value=255)  # 3 x H x W uint8
+    return np.ascontiguousarray(grid.permute(1, 2, 0).numpy())

@@ -30,7 +30,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import random
 import time
 from pathlib import Path
@@ -41,6 +40,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
+from mefacial.device import pick_device
+from mefacial.distributed import Ranks, init_process_group
 from mefacial.errors import CheckpointError, ConfigError
 from mefacial.models import build_model
 
@@ -84,21 +85,14 @@ class DistContext:
 
 def setup_distributed(device: str = "auto") -> DistContext:
     """Read torchrun's RANK / WORLD_SIZE / LOCAL_RANK, pick the device, init the process group (NCCL or gloo)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"runtime.device is {device!r} but no CUDA GPU is available; use auto or cpu")
-    use_cuda = torch.cuda.is_available() and device in ("auto", "cuda") or device.startswith("cuda:")
-    if use_cuda:
-        index = local if device in ("auto", "cuda") else torch.device(device).index or 0
-        chosen = torch.device("cuda", index)
+    ranks = Ranks.from_env()
+    chosen = pick_device(ranks.device(device))  # auto / cuda: this rank's GPU (LOCAL_RANK) when there is one
+    if chosen.type == "cuda":
         torch.cuda.set_device(chosen)
-    else:
-        chosen = torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return DistContext(rank, world, local, chosen)
+    init_process_group(ranks, chosen)
+    return DistContext(ranks.rank, ranks.world, ranks.local_rank, chosen)
 
 
 def teardown_distributed(ctx: DistContext) -> None:

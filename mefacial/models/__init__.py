@@ -95,6 +95,7 @@ class BackboneSpec:
     inference_parts: tuple[str, ...] = ()  # the ones inference loads
     num_points: Callable[["ModelConfig"], int] = lambda config: 0  # keypoints / regions of a config
     points_name: str = "points"  # what num_points counts ("keypoints", "regions")
+    tiny_params: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # model_params of a tiny network
 
     def __post_init__(self) -> None:
         if self.points not in POINT_KINDS:
@@ -157,6 +158,19 @@ def get_backbone(name: str) -> BackboneSpec:
 def build_model(config: "ModelConfig", for_training: bool = False) -> "nn.Module":
     """Build the backbone of `config` (with its training-only parts, e.g. a discriminator, when `for_training`)."""
     return get_backbone(config.backbone).builder(config, for_training)
+
+
+def tiny_config(config: "ModelConfig", image_size: int = 64) -> "ModelConfig":
+    """A tiny version of an architecture (its backbone's `tiny_params` deep-merged into `model_params`, at
+    `image_size` px): the same code paths with few channels, for fast tests and smoke runs."""
+    def merge(base: Any, over: Any) -> Any:
+        if isinstance(base, Mapping) and isinstance(over, Mapping):
+            return {**base, **{k: merge(base.get(k), v) for k, v in over.items()}}
+        return over
+
+    spec = get_backbone(config.backbone)
+    return dataclasses.replace(config, name=f"tiny-{config.name}", image_size=image_size,
+                               model_params=merge(config.model_params, spec.tiny_params))
 
 
 class _PartsView(Mapping):

@@ -420,6 +420,12 @@ SPEC = register_backbone(BackboneSpec(
     inference_parts=("generator", "kp_detector"),
     num_points=lambda config: int(config.model_params["common_params"]["num_kp"]),
     points_name="keypoints",
+    tiny_params={
+        "kp_detector_params": {"block_expansion": 4, "max_features": 16, "num_blocks": 3},
+        "generator_params": {"block_expansion": 4, "max_features": 16, "num_bottleneck_blocks": 1,
+                             "dense_motion_params": {"block_expansion": 4, "max_features": 16, "num_blocks": 3}},
+        "discriminator_params": {"block_expansion": 4, "max_features": 16, "num_blocks": 2},
+    },
     variants=(
         VariantDecl("fomm-none", "fomm-vox256", "FOMM"),
         VariantDecl("fomm-ewp", "fomm-ewp", "FOMM + EWP"),

@@ -589,6 +589,14 @@ SPEC = register_backbone(BackboneSpec(
     inference_parts=("generator", "region_predictor", "bg_predictor", "avd_network"),
     num_points=lambda config: int(config.model_params["num_regions"]),
     points_name="regions",
+    tiny_params={
+        "bg_predictor_params": {"block_expansion": 4, "max_features": 16, "num_blocks": 3},
+        "region_predictor_params": {"block_expansion": 4, "max_features": 16, "num_blocks": 3},
+        "generator_params": {"block_expansion": 4, "max_features": 16, "num_bottleneck_blocks": 1,
+                             "pixelwise_flow_predictor_params": {"block_expansion": 4, "max_features": 16,
+                                                                 "num_blocks": 3}},
+        "avd_network_params": {"id_bottle_size": 8, "pose_bottle_size": 8},
+    },
     variants=(
         VariantDecl("mraa-none", "mraa-vox256", "MRAA"),
         VariantDecl("mraa-ewp", "mraa-ewp", "MRAA + EWP"),

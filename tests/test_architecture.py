@@ -1,0 +1,93 @@
+"""The architecture's promises, checked: one place per concept (backbone specs, variant registry, options),
+clean command-line errors, and a package that installs with its data."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+from mefacial.__main__ import main
+from mefacial.models import backbones, build_model, tiny_config
+from mefacial.variants import get_variant, list_variants
+
+EXAMPLE = ["--source", str(REPO / "examples" / "astronaut.png"), "--driving", str(REPO / "examples" / "brow_raise.mp4")]
+
+
+@pytest.mark.parametrize("argv, cause", [
+    (["compare", *EXAMPLE, "--out", "grid.mp4", "--tile", "100"], "multiple of 16"),
+    (["animate", *EXAMPLE, "--out", "out.mp4", "--magnify", "-1"], "magnify"),
+    (["animate", *EXAMPLE, "--out", "out.mp4", "--magnify", "x"], "invalid float"),
+    (["animate", *EXAMPLE, "--out", "out.txt"], "unknown type"),
+    (["animate", *EXAMPLE, "--out", "/nonexistent-folder/out.mp4"], "does not exist"),
+    (["animate", *EXAMPLE, "--out", "out.mp4", "--variant", "nope"], "unknown variant"),
+    (["animate", *EXAMPLE, "--out", "out.mp4", "--variant", "warp", "--motion", "avd"], "not available for warp"),
+    (["animate", *EXAMPLE, "--out", "out.mp4", "--batch-size", "0"], "batch_size"),
+    (["animate", *EXAMPLE, "--out", "out.mp4", "--no-crop", "--paste-back"], "crop"),
+    (["animate", *EXAMPLE, "--out", "out.mp4", "--device", "nonsense"], "unknown device"),
+    (["compare", *EXAMPLE, "--out", "grid.mp4", "--strip-frames", "a,b", "--strip", "s.png"], "frame numbers"),
+    (["compare", *EXAMPLE, "--out", "grid.mp4", "--variants", "warp,zzz"], "unknown variant"),
+    (["animate"], "required"),
+    (["nosuch"], "invalid choice"),
+])
+def test_user_errors_are_one_line_with_status_2(argv, cause, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("error: ") and cause in err, err
+    assert "Traceback" not in err
+
+
+def test_a_bad_flag_through_the_real_command_has_no_traceback(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "mefacial", "compare", *EXAMPLE, "--out", str(tmp_path / "g.mp4"),
+                          "--tile", "100"], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert run.returncode == 2 and run.stderr.strip().count("\n") == 0 and "Traceback" not in run.stderr
+
+
+def test_every_variant_is_declared_once_by_a_registered_backbone():
+    specs = backbones()
+    declared = [decl.id for spec in specs.values() for decl in spec.variants]
+    assert len(declared) == len(set(declared)) == len(list_variants())
+    for spec in specs.values():
+        for decl in spec.variants:
+            variant = get_variant(decl.id)
+            assert variant.config.backbone == spec.name and variant.label == decl.label
+            assert variant.config.prior in spec.priors
+            assert set(variant.motion_modes) == set(spec.motion_modes)
+            model = build_model(tiny_config(variant.config))
+            assert all(hasattr(model, part) for part in spec.inference_parts), decl.id
+
+
+def test_no_backbone_names_compared_outside_their_own_module():
+    """Backbone knowledge lives in mefacial/models/<backbone>.py: nowhere else compares a backbone's name or sniffs
+    a model's attributes to tell backbones apart."""
+    names = "|".join(backbones())
+    pattern = re.compile(rf"""(==|!=)\s*["']({names})["']|["']({names})["']\s*(==|!=)|backbone\s+(not\s+)?in\s*[(\[{{]"""
+                         r"|hasattr\([^)]*(prior_maps|kp_detector|region_predictor)")
+    offenders = []
+    for path in [*sorted((REPO / "mefacial").rglob("*.py")), REPO / "app.py"]:
+        if path.parent.name == "models" and path.stem in backbones():
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if pattern.search(line.split("#")[0]):
+                offenders.append(f"{path.relative_to(REPO)}:{number}: {line.strip()}")
+    assert not offenders, "\n".join(offenders)
+
+
+def test_configs_and_registry_are_package_data():
+    from importlib import resources
+
+    from mefacial import checkpoints
+    from mefacial.config import CONFIG_DIR
+
+    package = Path(str(resources.files("mefacial")))
+    assert CONFIG_DIR == package / "configs" and (CONFIG_DIR / "train").is_dir()
+    assert checkpoints.DEFAULT_REGISTRY == package / "registry.yaml" and checkpoints.DEFAULT_REGISTRY.is_file()
+    pyproject = (REPO / "pyproject.toml").read_text()
+    for data in ("configs/*.yaml", "configs/train/*.yaml", "registry.yaml"):
+        assert data in pyproject
+    assert 'mefacial = "mefacial.__main__:cli"' in pyproject
