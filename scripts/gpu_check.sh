@@ -84,7 +84,7 @@ for BS in $BATCHES; do
 done
 
 part "5. torch.compile: fomm-awp bf16 batch 64, eager vs compiled"
-timeout "$T_COMPILE" python benchmarks/gpu_check.py compile --device "$DEVICE" $COMPILE_ARGS --out "$PARTS/compile.json"
+TORCHINDUCTOR_CACHE_DIR="$PARTS/inductor" timeout "$T_COMPILE" python benchmarks/gpu_check.py compile --device "$DEVICE" $COMPILE_ARGS --out "$PARTS/compile.json"
 status compile $?
 
 part "6. one training step of each learned variant, bf16 and fp32"
