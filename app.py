@@ -299,7 +299,7 @@ class Demo:
                 "landmarks": choice(landmarks, LANDMARKS, "landmark backend"), "smooth": bool(smooth)}
 
     # ---- Generate -------------------------------------------------------------------------------
-    def generate(self, source, driving, backbone="warp", prior="none", confine=False, motion="relative",
+    def generate(self, source, driving, backbone="dense", prior="none", confine=False, motion="relative",
                  adapt_scale="default", magnify=1.0, crop=True, paste_back=False, landmarks="dlib", smooth=True,
                  slowdown=1.0, format="mp4", progress=gr.Progress()):
         """Animate the face with the clip; returns (result mp4, side-by-side mp4, download file, status)."""
@@ -471,6 +471,225 @@ def short_reason(error: MefacialError) -> str:
     return error.page_message.split(". ")[0].rstrip(".") + "."
 
 
+# ---- Action units tab (synthesis from FACS action units, no driving clip) ----------------------------------------
+
+AU_FPS = [25, 30, 50, 60, 100, 120, 200]
+AU_OFF = "-"
+# One choice per AU: not used, an intensity A-E on both sides, or on the person's right / left side only.
+AU_CHOICES = [AU_OFF, "A", "B", "C", "D", "E"] + [f"{side} {letter}" for side in "RL" for letter in "ABCDE"]
+
+
+def au_spec_from_choices(*choices) -> str:
+    """The per-AU choices (in `au.SUPPORTED` order: '-', 'C', 'R A' ...) -> '4:C,R12:A'."""
+    from mefacial import au
+
+    items = []
+    for number, choice_ in zip(au.SUPPORTED, choices):
+        if choice_ and choice_ != AU_OFF:
+            side, _, letter = str(choice_).rpartition(" ")
+            items.append(f"{side}{number}:{letter}")
+    return ",".join(items)
+
+
+def au_choices_from_spec(spec: str) -> list[str]:
+    """'4:C,R12:A' -> one choice per library AU ('-' for the absent ones); a numeric intensity shows as the nearest
+    letter."""
+    from mefacial import au
+
+    chosen = {}
+    for item in au.parse_aus(spec):
+        letter = item.letter or min(au.INTENSITY, key=lambda k: abs(au.INTENSITY[k] - item.intensity))
+        chosen[item.au] = f"{item.side} {letter}" if item.side else letter
+    return [chosen.get(n, AU_OFF) for n in au.SUPPORTED]
+
+
+def choices_or_unchanged(spec: str) -> list:
+    """The AU choices of a specification being typed; unchanged while it does not parse yet."""
+    from mefacial import au
+
+    try:
+        return au_choices_from_spec(spec)
+    except MefacialError:
+        return [gr.update() for _ in au.SUPPORTED]
+
+
+def synthesis_endpoint(demo: "Demo") -> Callable:
+    """The /synthesize handler: the face, one bounded choice per AU (au1 ... au43: '-', 'A'-'E', 'R A', 'L E' ...),
+    the timing, magnification, appearance and playback speed (no free-text parameter) -> `synthesize_clip`."""
+    import inspect
+
+    from mefacial import au
+
+    count = len(au.SUPPORTED)
+
+    def handler(source, *values, progress=gr.Progress()):
+        choices, rest = values[:count], values[count:]
+        for number, value in zip(au.SUPPORTED, choices):
+            choice(value or AU_OFF, AU_CHOICES, f"AU{number}")
+        spec = au_spec_from_choices(*choices)
+        return synthesize_clip(demo, source, spec, *rest, progress=progress)
+
+    defaults = inspect.signature(synthesize_clip).parameters
+    timing = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=defaults[name].default)
+              for name in ("onset_ms", "apex_ms", "offset_ms", "fps", "lead_in_ms", "lead_out_ms", "magnify",
+                           "appearance", "slowdown")]
+    handler.__signature__ = inspect.Signature(
+        [inspect.Parameter("source", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+        + [inspect.Parameter(f"au{n}", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=AU_OFF) for n in au.SUPPORTED]
+        + timing + [inspect.Parameter("progress", inspect.Parameter.KEYWORD_ONLY, default=gr.Progress())])
+    return user_errors(handler)
+
+
+def synthesize_clip(demo: "Demo", source, aus="6:C,12:C", onset_ms=100.0, apex_ms=60.0, offset_ms=140.0, fps=200,
+                    lead_in_ms=0.0, lead_out_ms=0.0, magnify=1.0, appearance=True, slowdown=10.0,
+                    progress=gr.Progress()):
+    """Synthesise the face performing the AU specification -> (mp4, readout png, download, status)."""
+    from mefacial import au, readout
+
+    image = read_image(upload_path(source, "source face"), limits=demo.limits.files)
+    if not str(aus or "").strip():
+        raise gr.Error("Choose at least one action unit (or a preset) and try again.")
+    timing = au.Timing(onset_ms=number(onset_ms, "onset (ms)", 1, 2000), apex_ms=number(apex_ms, "apex (ms)", 1, 2000),
+                       offset_ms=number(offset_ms, "offset (ms)", 1, 2000), fps=number(fps, "frame rate", 1, 1000),
+                       lead_in_ms=number(lead_in_ms, "lead-in (ms)", 0, 2000),
+                       lead_out_ms=number(lead_out_ms, "lead-out (ms)", 0, 2000))
+    slowdown = number(slowdown, "slow-down factor", 1, 20)
+    au.plan(str(aus), timing, max_frames=demo.limits.max_frames, max_seconds=demo.limits.max_seconds)  # the app's limits
+    result = demo.engine.synthesize(image, str(aus), timing, magnify=number(magnify, "magnification", 0.5, 5),
+                                    appearance=bool(appearance), progress=demo.progress_fn(progress))
+    out = demo.request_dir()
+    video = write_video(out / "synthesized.mp4", result.frames, result.fps, slowdown=slowdown)
+    units = result.action_units
+    motion = readout.region_motion(result.meshes, result.fps)
+    marks = {"apex": 1000 * min(a["apex_frames"][0] for a in units["aus"]) / result.fps,
+             "end of apex": 1000 * max(a["apex_frames"][1] for a in units["aus"]) / result.fps}
+    plot = out / "readout.png"
+    readout.plot(motion, plot, title=f"{units['spec']}: AU-region motion of the face mesh (% IOD)", marks=marks)
+    duration = 1000 * (result.num_frames - 1) / result.fps
+    kind = "micro-expression" if duration <= au.MICRO_MAX_MS else "macro-expression: over 500 ms"
+    status = (f"**{units['spec']}**: {result.num_frames} frames at {result.fps:g} fps = {duration:.0f} ms "
+              f"({kind}), first frame neutral; apex frames "
+              + ", ".join("AU{} {}-{}".format(a["au"], *a["apex_frames"]) for a in units["aus"])
+              + f" · {result.timings.get('total_s', 0):.1f} s · "
+              + ("real time" if slowdown == 1 else f"slowed down x{slowdown:g}"))
+    return str(video), str(plot), str(video), status
+
+
+def timing_preview(demo: "Demo", aus, onset_ms, apex_ms, offset_ms, fps, lead_in_ms, lead_out_ms):
+    """The specification's timing before rendering (each AU's activation over time) -> png, or None while the
+    specification or the timing is incomplete (typing)."""
+    from mefacial import au, readout
+
+    try:
+        timing = au.Timing(onset_ms=float(onset_ms), apex_ms=float(apex_ms), offset_ms=float(offset_ms),
+                           fps=float(fps), lead_in_ms=float(lead_in_ms), lead_out_ms=float(lead_out_ms))
+        plan = au.plan(str(aus or ""), timing, max_frames=demo.limits.max_frames, max_seconds=demo.limits.max_seconds)
+    except (MefacialError, TypeError, ValueError):
+        return None
+    path = demo.request_dir() / "timing.png"
+    readout.plot_plan(plan, path)
+    return str(path)
+
+
+def readout_clip(demo: "Demo", clip, slowdown=1.0):
+    """The AU-region motion over time of any clip (a result video of another tab, or an upload) -> png."""
+    from mefacial import readout
+
+    path = upload_path(clip, "clip")
+    loaded = read_clip(path, limits=demo.limits.files)
+    fps = loaded.fps * float(slowdown or 1)  # a slowed-down result video plays at fps / slowdown
+    motion = readout.clip_motion(loaded.frames, fps)
+    out = demo.request_dir() / "readout.png"
+    readout.plot(motion, out, title="AU-region motion of the re-detected face mesh (% IOD)")
+    return str(out)
+
+
+def readout_panel(demo: "Demo", video: gr.components.Component, slowdown: gr.components.Component | None = None):
+    """A button and a plot under a result video: the AU-region motion of what the video shows, over time."""
+    with gr.Accordion("AU-region motion (readout)", open=False):
+        button = gr.Button("Plot what moved, and when", size="sm")
+        image = gr.Image(label="AU-region motion (% of the inter-ocular distance)", interactive=False, type="filepath")
+    inputs = [video] + ([slowdown] if slowdown is not None else [])
+    # UI only (api_name=False): the plot reads the result video the page already shows, no file parameter in the API
+    button.click(user_errors(functools.partial(readout_clip, demo)), inputs, image, api_name=False,
+                 concurrency_limit=1)
+    return image
+
+
+def action_units_tab(demo: "Demo", default_face: str | None, blocks: gr.Blocks) -> None:
+    """The 'Action units' tab: pick AUs and FACS intensities (or a preset of the literature), the timing and the
+    playback speed; the synthesised clip plays next to its AU-region readout."""
+    from mefacial import au
+
+    with gr.Tab("Action units", id="action-units"):
+        gr.Markdown("Synthesise a micro-expression from FACS action units, with no driving clip: choose the AUs and "
+                    "their intensities (A trace, B slight, C marked, D severe, E maximum), the timing, and play it "
+                    "slowed down. The first frame is the neutral face; the clip spans exactly onset + apex + offset "
+                    "(plus any lead-in / lead-out). Micro-expressions last at most 500 ms (Yan et al. 2013).")
+        with gr.Row():
+            with gr.Column(scale=1):
+                a_source = gr.Image(value=default_face, label="Face", type="filepath", image_mode=None, height=256,
+                                    sources=["upload", "webcam", "clipboard"], elem_id="a-source")
+                gr.Markdown("**Presets** (one click; source below)")
+                with gr.Row():
+                    preset_buttons = [gr.Button(name, size="sm") for name in au.PRESETS]
+                a_preset_note = gr.Markdown(elem_id="a-preset-note")
+                a_spec = gr.Textbox("", label="AU specification (AU:intensity, comma-separated; R/L prefix "
+                                    "= one side)", elem_id="a-spec")
+                with gr.Row():
+                    a_onset = gr.Slider(5, 500, value=100, step=5, label="Onset (ms)")
+                    a_apex = gr.Slider(5, 500, value=60, step=5, label="Apex (ms)")
+                    a_offset = gr.Slider(5, 500, value=140, step=5, label="Offset (ms)")
+                with gr.Row():
+                    a_fps = gr.Dropdown(AU_FPS, value=200, label="Frame rate (fps)")
+                    a_lead_in = gr.Slider(0, 500, value=0, step=10, label="Neutral lead-in (ms)")
+                    a_lead_out = gr.Slider(0, 500, value=0, step=10, label="Neutral lead-out (ms)")
+                with gr.Row():
+                    a_magnify = gr.Slider(0.5, 5, value=1, step=0.5, label="Magnification (1 = as specified)")
+                    a_slowdown = gr.Slider(1, 20, value=10, step=1, label="Playback: slow down by (1 = real time)")
+                    a_appearance = gr.Checkbox(True, label="Appearance (furrows, lash line, mouth opening)")
+                a_timing = gr.Image(label="Timing preview (each AU's activation over time)", interactive=False,
+                                    type="filepath", height=200, elem_id="a-timing")
+                a_button = gr.Button("Synthesise", variant="primary", elem_id="a-button")
+            with gr.Column(scale=1):
+                a_result = gr.Video(label="Result", interactive=False, autoplay=True, loop=True, height=320,
+                                    elem_id="a-result")
+                a_readout = gr.Image(label="AU-region motion over time (% of the inter-ocular distance)",
+                                     interactive=False, type="filepath", elem_id="a-readout")
+                a_download = gr.File(label="Download", interactive=False, height=70, elem_id="a-download")
+                a_status = gr.Markdown(elem_id="a-status")
+        with gr.Accordion("Action units and intensities (R / L: the person's right / left side only)", open=True):
+            radios = []
+            rows = list(au.AUS.values())
+            for start in range(0, len(rows), 6):
+                with gr.Row():
+                    for unit in rows[start:start + 6]:  # '-' by default: an AU left out of an API call is not used
+                        radios.append(gr.Dropdown(AU_CHOICES, value=AU_OFF, label=f"AU{unit.number} {unit.name}",
+                                                  info=unit.muscles, min_width=150))
+    for radio in radios:
+        radio.input(au_spec_from_choices, radios, a_spec, api_name=False, queue=False)
+    a_spec.input(choices_or_unchanged, a_spec, radios, api_name=False, queue=False, trigger_mode="always_last")
+    def preset(name: str) -> list:
+        spec, source = au.PRESETS[name]
+        return [spec, f"**{name}** = {spec}: {source}", *au_choices_from_spec(spec)]
+
+    for name, button in zip(au.PRESETS, preset_buttons):
+        button.click(functools.partial(preset, name), None, [a_spec, a_preset_note, *radios], api_name=False,
+                     queue=False)
+    blocks.load(functools.partial(preset, "positive"), None, [a_spec, a_preset_note, *radios], api_name=False,
+                queue=False)  # the page opens with a preset chosen
+    timing_inputs = [a_onset, a_apex, a_offset, a_fps, a_lead_in, a_lead_out]
+    count = len(radios)
+    gr.on([c.change for c in [*radios, *timing_inputs]],
+          lambda *values: timing_preview(demo, au_spec_from_choices(*values[:count]), *values[count:]),
+          [*radios, *timing_inputs], a_timing, api_name=False, trigger_mode="always_last")
+    a_button.click(synthesis_endpoint(demo),
+                   [a_source, *radios, a_onset, a_apex, a_offset, a_fps, a_lead_in, a_lead_out, a_magnify,
+                    a_appearance, a_slowdown],
+                   [a_result, a_readout, a_download, a_status], api_name="synthesize", concurrency_limit=1,
+                   preprocess=False)
+
+
 # ---- layout -------------------------------------------------------------------------------------
 
 
@@ -594,8 +813,9 @@ def build_demo(engine: mefacial.Engine, limits: Limits | None = None) -> gr.Bloc
     with gr.Blocks(title="mefacial: micro-expression generation", delete_cache=delete_cache) as demo:
         gr.Markdown("# mefacial: facial-prior-guided micro-expression generation\n"
                     "Give a face and a micro-expression clip; get the face performing that micro-expression. "
-                    "Backbones FOMM and MRAA with a facial prior (none, EWP, AWP), or a training-free landmark warp "
-                    "that needs no weights. The example below is ready: press **Generate**.")
+                    "Backbones FOMM and MRAA with a facial prior (none, EWP, AWP), or the training-free generators "
+                    "that need no weights: the dense face mesh (the default) and the 68-point landmark warp. The "
+                    "example below is ready: press **Generate**.")
         with gr.Tab("Generate", id="generate"):
             with gr.Row():
                 with gr.Column(scale=1):
@@ -608,12 +828,12 @@ def build_demo(engine: mefacial.Engine, limits: Limits | None = None) -> gr.Bloc
                             g_clip_info = gr.Markdown(clip0_info, elem_id="g-clip-info")
                     with gr.Group():
                         with gr.Row():
-                            g_backbone = gr.Radio([(label, b) for b, label in BACKBONES.items()], value="warp",
+                            g_backbone = gr.Radio([(label, b) for b, label in BACKBONES.items()], value="dense",
                                                   label="Backbone", elem_id="g-backbone")
-                            g_prior = gr.Radio(prior_choices(), value="none", label="Facial prior",
-                                               interactive=False, elem_id="g-prior")
-                        g_confine = gr.Checkbox(False, label="Confine the warp to the face (EWP map)", visible=True)
-                        g_variant = gr.Markdown(variant_note("warp", "none"), padding=True, elem_id="g-variant")
+                            g_prior = gr.Radio(prior_choices("dense"), value="none", label="Facial prior",
+                                               interactive=True, elem_id="g-prior")
+                        g_confine = gr.Checkbox(False, label="Confine the warp to the face (EWP map)", visible=False)
+                        g_variant = gr.Markdown(variant_note("dense", "none"), padding=True, elem_id="g-variant")
                         with gr.Row():
                             g_motion = gr.Radio(motion_choices(), value="relative", label="Motion", elem_id="g-motion",
                                                 interactive=False)
@@ -640,6 +860,7 @@ def build_demo(engine: mefacial.Engine, limits: Limits | None = None) -> gr.Bloc
                                       autoplay=True, loop=True, elem_id="g-grid")
                     g_download = gr.File(label="Download", interactive=False, height=70, elem_id="g-download")
                     g_status = gr.Markdown(label="Status", elem_id="g-status")
+                    readout_panel(demo_state, g_result, g_slowdown)
 
         with gr.Tab("Prior", id="prior"):
             gr.Markdown("What guides the motion: the 68 landmarks, the 18 action-unit (AU) points derived from them, "
@@ -690,6 +911,8 @@ def build_demo(engine: mefacial.Engine, limits: Limits | None = None) -> gr.Bloc
             c_status = gr.Markdown(label="Status", elem_id="c-status")
             if pairs:
                 gr.Examples(pairs, inputs=[c_source, c_driving], label="Examples")
+
+        action_units_tab(demo_state, str(EXAMPLE_FACE) if EXAMPLE_FACE.exists() else None, demo)
 
         with gr.Accordion("Variants and weights", open=False):
             v_table = gr.Markdown(variants_markdown(engine, variants), elem_id="variants")
@@ -801,7 +1024,7 @@ def warm_up(engine: mefacial.Engine) -> float | None:
     started = time.perf_counter()
     try:
         clip = read_clip(EXAMPLE_CLIP)
-        engine.animate(read_image(EXAMPLE_FACE), clip.frames, variant="warp", fps=clip.fps)
+        engine.animate(read_image(EXAMPLE_FACE), clip.frames, variant=mefacial.engine.DEFAULT_VARIANT, fps=clip.fps)
     except Exception as exc:  # noqa: BLE001 - a warm-up must never stop the app
         log.warning("warm-up skipped: %s", first_line(exc))
         return None

@@ -93,8 +93,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         path = gen.merge_manifest(args.out)
         print(f"{path}: {gen.manifest_totals(path)}")
         return 0
+    if args.aus:
+        return _generate_aus(args)
     if not args.pairs and not args.megc:
-        raise InputError("give the pairs: --pairs CSV or --megc FACES_DIR CLIPS_DIR (or --merge to merge manifests)")
+        raise InputError("give the pairs: --pairs CSV or --megc FACES_DIR CLIPS_DIR, or action units: --aus CSV "
+                         "(or --merge to merge manifests)")
     pairs = gen.read_pairs(args.pairs) if args.pairs else gen.megc_pairs(*args.megc)
     if args.write_pairs:
         print(f"{gen.write_pairs(pairs, args.write_pairs)}: {len(pairs)} pairs")
@@ -123,6 +126,30 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate_aus(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from . import generate as gen
+    from .engine import Engine
+
+    rows = gen.read_au_rows(args.aus, _timing(args))
+    ranks = gen.Ranks.from_env()
+    bar = tqdm(total=len(ranks.shard(rows)), desc=f"rank {ranks.rank}/{ranks.world}", unit="video",
+               position=ranks.local_rank, disable=None)
+
+    def make_engine(device: str) -> Engine:
+        return Engine(device=device, precision=args.precision, batch_size=args.batch_size, landmarks=args.landmarks)
+
+    with bar:
+        summary = gen.run_aus(rows, args.out, make_engine, _synthesis_options(args), args.format, args.slowdown,
+                              device=args.device, on_item=lambda record: bar.update(1))
+    print(f"rank {ranks.rank}/{ranks.world}: {summary.describe()}")
+    if summary.manifest is not None:
+        print(f"{summary.manifest}: {gen.manifest_totals(summary.manifest)}; labels: "
+              f"{os.path.join(args.out, gen.AU_LABELS)}")
+    return 0
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from . import evaluate as ev
     from .engine import Engine
@@ -134,7 +161,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                                max_frames=args.max_frames, min_motion=args.min_motion)
     faces = find_faces(args.faces) if args.faces else []
     report = ev.evaluate(engine, find_clips(args.clips), _split_variants(args.variants), faces, settings,
-                         learned=() if args.no_learned else ("lpips", "fid"))
+                         learned=() if args.no_learned else ("lpips", "fid"), readout_dir=args.readout)
     paths = ev.write_report(report, args.out)
     print(ev.markdown(report))
     print(f"written: {paths[0]}, {paths[1]}")
@@ -169,6 +196,80 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_timing_options(parser: argparse.ArgumentParser, required_fps: bool = False) -> None:
+    from .au import Timing
+
+    d = Timing()
+    parser.add_argument("--onset-ms", type=float, default=d.onset_ms, help=f"onset duration (default {d.onset_ms:g})")
+    parser.add_argument("--apex-ms", type=float, default=d.apex_ms, help=f"apex duration (default {d.apex_ms:g})")
+    parser.add_argument("--offset-ms", type=float, default=d.offset_ms, help=f"offset duration (default {d.offset_ms:g})")
+    parser.add_argument("--lead-in-ms", type=float, default=0.0, help="neutral frames before the event (ms)")
+    parser.add_argument("--lead-out-ms", type=float, default=0.0, help="neutral frames after the event (ms)")
+
+
+def _timing(args: argparse.Namespace):
+    from .au import Timing
+
+    return Timing(onset_ms=args.onset_ms, apex_ms=args.apex_ms, offset_ms=args.offset_ms, fps=args.au_fps,
+                  lead_in_ms=args.lead_in_ms, lead_out_ms=args.lead_out_ms)
+
+
+def _synthesis_options(args: argparse.Namespace):
+    from .synthesis import SynthesisOptions
+
+    given = {name: getattr(args, name, None) for name in ("crop", "margin", "paste_back", "magnify", "appearance",
+                                                          "landmarks")}
+    return SynthesisOptions(**{name: value for name, value in given.items() if value is not None})
+
+
+def _cmd_synthesize(args: argparse.Namespace) -> int:
+    from . import au, readout
+    from .engine import Engine
+    from .errors import InputError
+    from .video import write_video
+
+    if args.list:
+        for row in au.table():
+            print(f"AU{row['au']:<3} {row['name']:<22} {row['appearance']}")
+        print("\npresets (--preset NAME):")
+        for name, (spec, source) in au.PRESETS.items():
+            print(f"  {name:<18} {spec:<22} {source}")
+        return 0
+    if not args.source or not args.out or not (args.au or args.preset):
+        raise InputError("give --source FACE, --au SPEC (e.g. 4:C,7:B) or --preset NAME, and --out VIDEO "
+                         "(--list shows the action units and presets)")
+    if args.au and args.preset:
+        raise InputError("give either --au or --preset, not both")
+    if args.preset and args.preset not in au.PRESETS:
+        raise InputError(f"unknown preset {args.preset!r}; presets: {', '.join(au.PRESETS)}")
+    spec = au.PRESETS[args.preset][0] if args.preset else args.au
+    engine = Engine(device=args.device, precision=args.precision, batch_size=args.batch_size, landmarks=args.landmarks)
+    result = engine.synthesize(args.source, spec, _timing(args), _synthesis_options(args))
+    out = write_video(args.out, result.frames, result.fps, slowdown=args.slowdown)
+    units = result.action_units
+    apex = ", ".join("AU{} {}-{}".format(a["au"], *a["apex_frames"]) for a in units["aus"])
+    print(f"{out}: {units['spec']}, {result.num_frames} frames at {result.fps:g} fps "
+          f"({1000 * (result.num_frames - 1) / result.fps:.0f} ms; played at {result.fps / args.slowdown:g} fps), "
+          f"apex frames {apex}, {result.timings['ms_per_frame']:.0f} ms/frame")
+    if args.readout:
+        motion = readout.region_motion(result.meshes, result.fps)
+        readout.plot(motion, args.readout, title=f"{units['spec']}: AU-region motion (% IOD)")
+        print(f"{args.readout}: AU-region motion over time")
+    return 0
+
+
+def _cmd_readout(args: argparse.Namespace) -> int:
+    from . import readout
+    from .video import read_clip
+
+    clip = read_clip(args.clip, fps=args.fps)
+    motion = readout.clip_motion(clip.frames, clip.fps)
+    readout.plot(motion, args.out, title=f"{os.path.basename(args.clip)}: AU-region motion (% IOD)")
+    print(readout.table(motion))
+    print(f"{args.out}: AU-region motion over time")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m mefacial", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the engine decides")
@@ -180,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     animate = sub.add_parser("animate", help="animate a face with a driving clip")
     animate.add_argument("--source", required=True, help="image of the target face")
     animate.add_argument("--driving", required=True, help="driving clip: video, GIF or folder of frames")
-    animate.add_argument("--variant", default="warp", help="e.g. warp, fomm-awp, mraa-awp (see `variants`)")
+    animate.add_argument("--variant", default="dense", help="e.g. dense, warp, fomm-awp, mraa-awp (see `variants`)")
     animate.add_argument("--checkpoint", default=None, help="weights file (default: resolved from the registry)")
     animate.add_argument("--out", required=True, help="output .mp4 or .gif")
     animate.add_argument("--paste-back", action="store_true", help="paste the face back into the source picture")
@@ -193,7 +294,13 @@ def build_parser() -> argparse.ArgumentParser:
     pairs.add_argument("--pairs", help="CSV with a header: source,driving[,label]; paths relative to the CSV")
     pairs.add_argument("--megc", nargs=2, metavar=("FACES_DIR", "CLIPS_DIR"),
                        help="every target face x every source clip (MEGC layout; labels from clip names)")
-    generate.add_argument("--variants", default="warp", help="comma-separated variant ids (see `variants`)")
+    pairs.add_argument("--aus", metavar="CSV", help="synthesise from action units: CSV with a header face,aus,label "
+                       "(optional name, onset_ms, apex_ms, offset_ms, fps); writes au/<label>/*.mp4 + labels.csv")
+    generate.add_argument("--au-fps", type=float, default=200.0, help="--aus: frame rate of the clips (default 200)")
+    _add_timing_options(generate)
+    generate.add_argument("--no-appearance", dest="appearance", action="store_false",
+                          help="--aus: geometry only (no furrows, lash line or mouth opening)")
+    generate.add_argument("--variants", default="dense", help="comma-separated variant ids (see `variants`)")
     generate.add_argument("--out", help="output folder: <variant>/<label>/<clip>-<face>.<format> + manifest.jsonl")
     generate.add_argument("--format", default="mp4", choices=["mp4", "gif"])
     generate.add_argument("--checkpoint", action="append", metavar="VARIANT=PATH",
@@ -207,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = sub.add_parser("evaluate", help="score variants on real clips: self-reenactment and motion transfer")
     evaluate.add_argument("--clips", required=True, help="folder of clips (videos, GIFs, folders of frames; recursive)")
-    evaluate.add_argument("--variants", default="warp", help="comma-separated variant ids")
+    evaluate.add_argument("--variants", default="dense", help="comma-separated variant ids")
     evaluate.add_argument("--out", required=True, help="output folder for scores.json and scores.md")
     evaluate.add_argument("--faces", help="folder of other faces: adds cross-identity motion-transfer scores")
     evaluate.add_argument("--checkpoint", action="append", metavar="VARIANT=PATH", help="weights of one variant (repeatable)")
@@ -218,13 +325,15 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--margin", type=float, default=0.0, help="extra face-box margin (fraction of the face)")
     evaluate.add_argument("--no-smooth", dest="smooth", action="store_false", help="keep raw landmark tracks")
     evaluate.add_argument("--no-learned", action="store_true", help="skip LPIPS and FID even when available")
+    evaluate.add_argument("--readout", metavar="DIR", help="also plot the AU-region motion over time of every real clip "
+                          "and self-reenactment output: DIR/<clip>/<variant or 'real'>.png")
     _add_engine_options(evaluate)
     evaluate.set_defaults(func=_cmd_evaluate)
 
     compare = sub.add_parser("compare", help="side-by-side grid video (and image strip) of several variants")
     compare.add_argument("--source", required=True, help="image of the target face")
     compare.add_argument("--driving", required=True, help="driving clip: video, GIF or folder of frames")
-    compare.add_argument("--variants", default="warp", help="comma-separated variant ids, in column order")
+    compare.add_argument("--variants", default="dense,dense-geometry,warp", help="comma-separated variant ids, in column order")
     compare.add_argument("--out", required=True, help="grid video, .mp4 or .gif")
     compare.add_argument("--checkpoint", action="append", metavar="VARIANT=PATH", help="weights of one variant (repeatable)")
     compare.add_argument("--heatmaps", action="store_true", help="add a row of motion heatmaps |frame_t - frame_0|")
@@ -235,6 +344,31 @@ def build_parser() -> argparse.ArgumentParser:
     _add_animation_options(compare)
     _add_engine_options(compare)
     compare.set_defaults(func=_cmd_compare)
+
+    synth = sub.add_parser("synthesize", help="a micro-expression from FACS action units, no driving clip")
+    synth.add_argument("--source", help="image of the face")
+    synth.add_argument("--au", help="action units with FACS intensities A-E, e.g. 4:C,7:B (R12:A: right side only)")
+    synth.add_argument("--preset", help="an emotion preset of the literature instead of --au (see --list)")
+    synth.add_argument("--fps", dest="au_fps", type=float, default=200.0, help="frame rate of the clip (default 200)")
+    _add_timing_options(synth)
+    synth.add_argument("--out", help="output .mp4 or .gif")
+    synth.add_argument("--readout", metavar="PNG", help="also plot the AU-region motion over time")
+    synth.add_argument("--magnify", type=float, default=1.0, help="multiply every AU's motion (1 = as specified)")
+    synth.add_argument("--no-appearance", dest="appearance", action="store_false",
+                       help="geometry only: no furrows, lash line or mouth opening")
+    synth.add_argument("--no-crop", dest="crop", action="store_false", help="use the picture as it is, resized")
+    synth.add_argument("--margin", type=float, default=0.0, help="extra face-box margin (fraction of the face)")
+    synth.add_argument("--paste-back", action="store_true", help="paste the face back into the source picture")
+    synth.add_argument("--slowdown", type=float, default=1.0, help="play the output this many times slower")
+    synth.add_argument("--list", action="store_true", help="list the action units and presets, and exit")
+    _add_engine_options(synth)
+    synth.set_defaults(func=_cmd_synthesize)
+
+    read = sub.add_parser("readout", help="plot the AU-region motion of any clip over time (PNG)")
+    read.add_argument("--clip", required=True, help="video, GIF or folder of frames (a generated or a real clip)")
+    read.add_argument("--out", required=True, help="output PNG")
+    read.add_argument("--fps", type=float, default=None, help="frame rate, if the file lacks it")
+    read.set_defaults(func=_cmd_readout)
 
     from . import bench, checkpoints
 

@@ -563,6 +563,69 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# ---- training-free generators, end to end ---------------------------------------------------------------
+
+TRAINING_FREE = ("dense", "dense-geometry", "warp")
+
+
+def training_free(variants: Sequence[str] = TRAINING_FREE, data: Path | None = None, frames: int | None = None,
+                  repeats: int = 3, reference: str = "warp", log: Callable[[str], None] = lambda message: None
+                  ) -> dict[str, Any]:
+    """The training-free generators end to end through `Engine.animate` (face crops, landmarks or mesh, motion,
+    rendering) on the same face and clip, in one run, alternating their order between repeats (other
+    processes share the machine); per variant the medians of its ms per frame, per stage and end to end, and
+    the ratio of `reference`'s end-to-end time to its own in each repeat (median)."""
+    clip_path = _first_clip(data)
+    if clip_path is not None:
+        face = sorted(p for p in (data / "faces").iterdir() if p.suffix.lower() in video.IMAGE_EXTENSIONS)[0]
+        source, clip = video.read_image(face), video.read_clip(clip_path)
+        driving, fps = clip.frames, clip.fps
+        origin = f"{clip_path.name} ({len(driving)} frames) driving {face.name}"
+    else:
+        from skimage.data import astronaut
+
+        source = astronaut()
+        driving, fps = _sway(video.resize_frames(source[None], 256, 256)[0], frames or 48), video.DEFAULT_FPS
+        origin = "synthetic: scikit-image astronaut, swaying"
+    if frames is not None:
+        driving = driving[:frames]
+    variants = list(dict.fromkeys([*variants, reference]))
+    engine = Engine(device="cpu", landmarks="dlib")
+    log(f"warming up ({', '.join(variants)})")
+    for variant in variants:
+        engine.animate(source, driving[:4], variant=variant, fps=fps)
+    times: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
+    for r in range(repeats):
+        for variant in (variants if r % 2 == 0 else variants[::-1]):
+            result = engine.animate(source, driving, variant=variant, fps=fps)
+            times[variant].append(result.timings)
+        log(f"repeat {r + 1}/{repeats}: " + ", ".join(f"{v} {1000 * t[-1]['total_s'] / len(driving):.0f} ms/frame"
+                                                     for v, t in times.items()))
+    rows = []
+    for variant in variants:
+        per_frame = {key: 1000 * _median([t.get(f"{key}_s", 0.0) for t in times[variant]]) / len(driving)
+                     for key in ("read", "landmarks", "generator", "total")}
+        ratio = _median([ref["total_s"] / own["total_s"] for ref, own in zip(times[reference], times[variant])])
+        rows.append({"variant": variant, "ms_per_frame": per_frame, "speedup_vs": {reference: ratio}})
+    return {"machine": machine(torch.device("cpu")), "inputs": origin, "frames": len(driving), "repeats": repeats,
+            "reference": reference, "rows": rows}
+
+
+def format_training_free(report: dict[str, Any]) -> str:
+    m, reference = report["machine"], report["reference"]
+    lines = [f"Machine: {m.get('cpu', platform.processor())}, {m['cpu_count']} cores, torch {m['torch']}"
+             + (f", load average {m['load_average']}" if "load_average" in m else ""),
+             f"Inputs: {report['inputs']}; {report['frames']} frames at 256 x 256, {report['repeats']} repeats "
+             "(medians), end to end through Engine.animate", "",
+             f"| variant | read | face crops + landmarks / mesh | generator | end-to-end ms/frame | speed-up vs {reference} |",
+             "|---|--:|--:|--:|--:|--:|"]
+    for row in report["rows"]:
+        ms = row["ms_per_frame"]
+        lines.append(f"| {row['variant']} | {ms['read']:.1f} | {ms['landmarks']:.1f} | {ms['generator']:.1f} "
+                     f"| {ms['total']:.1f} | {row['speedup_vs'][reference]:.2f}x |")
+    return "\n".join(lines)
+
+
 # ---- command line -----------------------------------------------------------------------------------
 
 def _split(values: Sequence[str]) -> list[str]:
@@ -592,6 +655,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        help="landmark backend of the inputs (timed as a stage); synthetic: a fixed 68-point layout "
                             "on the synthetic clip, nothing detected or timed (speed runs without a detector)")
     bench.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
+    bench.add_argument("--training-free", action="store_true",
+                       help="time the training-free generators (dense, dense-geometry, warp, or --variants) end to end "
+                            "through Engine.animate on one real clip, side by side, with their speed-up over warp")
     bench.set_defaults(func=main)
 
 
@@ -601,6 +667,15 @@ def main(args: argparse.Namespace) -> int:
     unknown = [v for v in variants if v not in variant_ids()]
     if unknown:
         raise InputError(f"unknown variant(s) {unknown}; known: {', '.join(variant_ids())}")
+    if args.training_free:
+        chosen = [v for v in variants if not get_variant(v).needs_weights] if args.variants != list(DEFAULT_VARIANTS) \
+            else list(TRAINING_FREE)
+        report = training_free(chosen or list(TRAINING_FREE), data=args.data, repeats=args.repeats,
+                               log=lambda message: print(message, flush=True))
+        print(format_training_free(report))
+        if args.json is not None:
+            args.json.write_text(json.dumps(report, indent=2, default=float))
+        return 0
     precisions = _split(args.precisions)
     bad = [p for p in precisions if p not in PRECISIONS]
     if bad:

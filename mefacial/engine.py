@@ -32,6 +32,7 @@ from . import video
 from .device import PRECISIONS, check_precision, inference_context, native_bf16, pick_device  # noqa: F401
 from .errors import InputError, InputTooLargeError, MefacialError
 from .landmarks import get_detector, smooth_tracks, smoothing_window
+from .mesh import detect_mesh
 from .model_cache import ModelCache
 from .models import au_points, get_backbone
 from .models.blocks import fuse_for_inference
@@ -65,6 +66,8 @@ class AnimationResult:
     crop_box: tuple | None = None
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
     options: AnimateOptions | None = None  # as run (adapt_scale resolved)
+    meshes: np.ndarray | None = None  # T x V x 2: the output's face mesh (synthesised clips: the moved meshes)
+    action_units: dict | None = None  # synthesised clips: the AU specification, intensities and timing
 
     @property
     def num_frames(self) -> int:
@@ -81,6 +84,23 @@ class PriorView:
     maps: dict[str, dict[str, np.ndarray]]  # variant -> {"prior": h x w (, "per_au": 18 x h x w)}
     unavailable: dict[str, MefacialError]  # variant -> why its maps could not be computed
     landmark_backend: str | None = None
+
+
+DEFAULT_VARIANT = "dense"  # the training-free dense face-mesh generator: runs offline, needs no weights
+MESH_BACKEND = "mesh (MediaPipe face mesh + iris, LiteRT)"
+
+
+def _uses_mesh(spec: Variant) -> bool:
+    """Whether the variant's backbone consumes the 478-point face mesh (mefacial.mesh) rather than 68 landmarks."""
+    return spec.spec.points == "mesh"
+
+
+def _given_meshes(prepared: PreparedClip) -> bool:
+    """Whether the caller gave face meshes (478 points) for both the source and the clip."""
+    from .mesh import NUM_VERTICES
+
+    return (prepared.given_source is not None and prepared.given_driving is not None
+            and prepared.given_source.shape[-2] == NUM_VERTICES and prepared.given_driving.shape[-2] == NUM_VERTICES)
 
 
 class ClipRun:
@@ -118,7 +138,8 @@ class ClipRun:
                 with engine._memory_errors(spec, batch_size), engine.inference_context():
                     if animator is None:
                         animator = ClipAnimator(engine, spec, self.model, prepared.source, frames[0],
-                                                prepared.source_points, None if points is None else points[0],
+                                                engine._clip_source_points(prepared, spec),
+                                                None if points is None else points[0],
                                                 motion=options.motion, adapt_scale=options.adapt_scale,
                                                 magnify=options.magnify, confine_to_prior=options.confine)
                         self.prior_map = animator.prior_map
@@ -283,6 +304,8 @@ class Engine:
 
     def _backend_name(self, prepared: PreparedClip, spec: Variant) -> str | None:
         """The landmark backend that served a variant on the clip: the detector's name, "given", or None."""
+        if _uses_mesh(spec) and not _given_meshes(prepared):
+            return MESH_BACKEND
         missing = prepared.given_source is None or prepared.given_driving is None
         if missing and (prepared.options.crop or spec.needs_landmarks):
             return self._detector(prepared.options).name
@@ -290,7 +313,10 @@ class Engine:
 
     def find_landmarks(self, prepared: PreparedClip, spec: Variant | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The source's 1 x P x 2 and the clip's T x P x 2 (smoothed) landmarks of an in-memory prepared clip,
-        found on first use (given ones mapped to model pixels); checked against `spec` when given."""
+        found on first use (given ones mapped to model pixels); checked against `spec` when given. A mesh-point
+        backend (dense) gets the 478-point face meshes instead (`mefacial.mesh`), tracked in the onset frame's box."""
+        if spec is not None and _uses_mesh(spec):
+            return self._find_meshes(prepared, spec)
         if prepared.streamed:
             raise InputError("a streamed clip finds its landmarks chunk by chunk while it runs (Engine.run)")
         if prepared.source_points is None:
@@ -309,6 +335,36 @@ class Engine:
             self._check_points(spec, prepared.source_points, prepared.driving_points)
         return prepared.source_points, prepared.driving_points
 
+    def _find_meshes(self, prepared: PreparedClip, spec: Variant) -> tuple[np.ndarray, np.ndarray]:
+        """The source's 1 x 478 x 2 and the clip's T x 478 x 2 (smoothed) face meshes of an in-memory clip, found
+        on first use (or the given points, when they are meshes)."""
+        if prepared.streamed:
+            raise InputError("a streamed clip finds its landmarks chunk by chunk while it runs (Engine.run)")
+        meshes = prepared.meshes
+        if "source" not in meshes:
+            meshes["source"] = self._source_mesh(prepared)
+        if "driving" not in meshes:
+            t0 = time.perf_counter()
+            if _given_meshes(prepared):
+                points = prepared.given_driving
+            else:
+                points = detect_mesh(prepared.driving, role="driving")
+                if prepared.options.smooth and len(points) >= 3:
+                    points = smooth_tracks(points, smoothing_window(prepared.fps))
+            meshes["driving"] = points  # T x 478 x 2
+            prepared.timings["landmarks_s"] = prepared.timings.get("landmarks_s", 0.0) + time.perf_counter() - t0
+        self._check_points(spec, meshes["source"], meshes["driving"])
+        return meshes["source"], meshes["driving"]
+
+    def _source_mesh(self, prepared: PreparedClip) -> np.ndarray:
+        if _given_meshes(prepared):
+            return prepared.given_source
+        return detect_mesh(prepared.source, role="source")[0][None]  # 1 x 478 x 2
+
+    def _clip_source_points(self, prepared: PreparedClip, spec: Variant) -> np.ndarray | None:
+        """The source points a variant's clip runner gets: the mesh for mesh-point backends, else the landmarks."""
+        return prepared.meshes.get("source") if _uses_mesh(spec) else prepared.source_points
+
     def _source_points(self, prepared: PreparedClip) -> np.ndarray:
         if prepared.given_source is not None:
             return prepared.given_source
@@ -325,7 +381,9 @@ class Engine:
             raise InputError("this streamed clip has been run already: prepare it again to run another variant "
                              "(or prepare it in memory, stream=False, to run several)")
         prepared.consumed = True
-        if spec.needs_landmarks:
+        if _uses_mesh(spec):
+            prepared.meshes["source"] = self._source_mesh(prepared)
+        elif spec.needs_landmarks:
             prepared.source_points = self._source_points(prepared)
         smooth = spec.needs_landmarks and prepared.options.smooth and prepared.given_driving is None
         smoother = StreamingSmoother(smoothing_window(prepared.fps)) if smooth else None
@@ -345,9 +403,12 @@ class Engine:
                         raise InputError(f"driving_landmarks has {len(prepared.given_driving)} frames, but the clip "
                                          "has more")
                     points = prepared.to_model(given, shape[1:], prepared.driving_box)
+                elif _uses_mesh(spec):  # tracked in the box of the onset frame's mesh, chunk after chunk
+                    points = detect_mesh(model_frames, box=prepared.meshes.get("box"))
+                    prepared.meshes.setdefault("box", (*points[0, :468].min(0), *points[0, :468].max(0)))
                 else:
                     points = self._detector(prepared.options).detect(model_frames, role="driving").points
-                self._check_points(spec, prepared.source_points, points)
+                self._check_points(spec, self._clip_source_points(prepared, spec), points)
             seen += len(model_frames)
             pending = np.concatenate([pending, model_frames])
             if smoother is not None:
@@ -364,7 +425,7 @@ class Engine:
                 yield pending[:len(points)], points
 
     # ---- stage 2: run -----------------------------------------------------------------------
-    def run(self, prepared: PreparedClip, variant: str | Variant = "warp", options: AnimateOptions | None = None, *,
+    def run(self, prepared: PreparedClip, variant: str | Variant = DEFAULT_VARIANT, options: AnimateOptions | None = None, *,
             checkpoint: str | Path | None = None, progress: ProgressFn | None = None, **changes: Any) -> ClipRun:
         """Animate a prepared clip with one variant: an iterator of n x S x S x 3 uint8 batches of output frames
         (n <= the batch size; pasted back into the source picture with `paste_back`), made as it is iterated, in
@@ -385,7 +446,7 @@ class Engine:
                              f"prepare it with size={size}")
         return ClipRun(self, prepared, spec, model, weights, options, progress)
 
-    def animate(self, source: Any, driving: Any, variant: str = "warp", checkpoint: str | Path | None = None,
+    def animate(self, source: Any, driving: Any, variant: str = DEFAULT_VARIANT, checkpoint: str | Path | None = None,
                 options: AnimateOptions | None = None, *, source_landmarks: np.ndarray | None = None,
                 driving_landmarks: np.ndarray | None = None, progress: ProgressFn | None = None,
                 **changes: Any) -> AnimationResult:
@@ -418,8 +479,11 @@ class Engine:
                    **clip_run.timings}
         timings["total_s"] = time.perf_counter() - started
         timings["ms_per_frame"] = 1000 * timings["total_s"] / len(frames)
-        src_points = prepared.source_points if spec.needs_landmarks else None
-        drv_points = prepared.driving_points if spec.needs_landmarks else None
+        if _uses_mesh(spec):
+            src_points, drv_points = prepared.meshes["source"], prepared.meshes["driving"]
+        else:
+            src_points = prepared.source_points if spec.needs_landmarks else None
+            drv_points = prepared.driving_points if spec.needs_landmarks else None
         src_au, drv_au = self._au_points(clip_run.model.config, src_points, drv_points)
         points68 = lambda p: None if p is None or p.shape[-2] != prior_lib.NUM_LANDMARKS else p  # noqa: E731
         return AnimationResult(
@@ -432,6 +496,21 @@ class Engine:
             landmark_backend=clip_run.landmark_backend, crop_box=prepared.source_box, timings=timings,
             options=clip_run.options,
         )
+
+    def synthesize(self, source: Any, aus: Any, timing: Any = None, options: Any = None,
+                   progress: ProgressFn | None = None, **overrides) -> AnimationResult:
+        """A micro-expression of the face in `source` from a FACS specification, with no driving clip.
+
+        `aus`: '4:C,7:B' (AU:intensity A-E; see `mefacial.au.parse_aus`) or a list of `au.AUSpec`; `timing`: an
+        `au.Timing` (onset / apex / offset ms, fps, lead-in / lead-out; default a 300 ms event at 200 fps);
+        `options`: a `synthesis.SynthesisOptions` (crop, margin, paste_back, magnify, appearance, landmarks; the
+        animation options' fields of the same names are taken too), or its fields as keyword arguments. Returns
+        the same `AnimationResult` as `animate`, with the moved meshes and the specification (`meshes`,
+        `action_units`)."""
+        from .synthesis import SynthesisOptions, synthesize
+
+        options = dataclasses.replace(SynthesisOptions.of(options), **overrides)
+        return synthesize(self, source, aus, timing, options, progress)
 
     def compare(self, source: Any, driving: Any, variants: Sequence[str], options: AnimateOptions | None = None, *,
                 progress: ProgressFn | None = None, **changes: Any) -> dict[str, AnimationResult | MefacialError]:

@@ -321,9 +321,12 @@ LEARNED = {"lpips": LPIPSScore, "fid": FIDScore}
 
 
 def evaluate(engine: Any, clips: Sequence[str | Path], variants: Sequence[str], faces: Sequence[str | Path] = (),
-             settings: EvalSettings = EvalSettings(), learned: Sequence[str] = ("lpips", "fid")) -> dict[str, Any]:
+             settings: EvalSettings = EvalSettings(), learned: Sequence[str] = ("lpips", "fid"),
+             readout_dir: str | Path | None = None) -> dict[str, Any]:
     """Self-reenactment scores on every clip and, with `faces`, motion-transfer scores on every face x clip,
-    per variant; a clip or pair that fails is reported with its error. Returns the report (JSON-ready)."""
+    per variant; a clip or pair that fails is reported with its error. Returns the report (JSON-ready).
+    With `readout_dir`, the AU-region motion over time of each real clip and each output is plotted
+    (`mefacial.readout`) to readout_dir/<clip>/<real | variant>.png and listed in the report."""
     from .variants import get_variant
     from .video import read_clip
 
@@ -350,6 +353,11 @@ def evaluate(engine: Any, clips: Sequence[str | Path], variants: Sequence[str], 
             try:
                 result = engine.animate(clip_frames[0], clip_frames, variant=variant, **settings.animate_options())
                 scores = score_reenactment(result, landmarks, settings)
+                if readout_dir is not None:
+                    from .readout import write_readouts
+
+                    report.setdefault("readout", {})[name] = write_readouts(
+                        readout_dir, name, {"real": result.model_driving, variant: result.frames}, result.fps)
                 for metric, scorer in learned_scores.items():
                     value = scorer.add(_tensor(result.frames), _tensor(result.model_driving))
                     if value is not None:

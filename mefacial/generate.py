@@ -621,3 +621,198 @@ def manifest_totals(path: str | os.PathLike) -> dict[str, int]:
     for record in read_jsonl(Path(path)):
         totals[record.get("status", "?")] = totals.get(record.get("status", "?"), 0) + 1
     return totals
+
+
+# ---- datasets from action units (no driving clip) --------------------------------------------------
+
+AU_CSV_COLUMNS = ("face", "aus", "label", "name", "onset_ms", "apex_ms", "offset_ms", "fps")
+AU_LABELS = "labels.csv"
+AU_FOLDER = "au"
+
+
+@dataclasses.dataclass(frozen=True)
+class AURow:
+    """One row of an AU dataset CSV: a face, an AU specification ('4:C,7:B'), a label, and optional timing."""
+
+    face: str
+    aus: str
+    label: str = UNLABELLED
+    name: str = ""
+    timing: Any = None  # au.Timing, or None for the run's timing
+    row: int | None = None
+    error: str | None = None
+
+    def output(self, fmt: str = "mp4") -> str:
+        return f"{AU_FOLDER}/{self.label}/{self.name}.{fmt}"
+
+    def key(self) -> str:
+        return f"{AU_FOLDER}/{self.label}/{self.name}"
+
+
+def read_au_rows(csv_path: str | os.PathLike, timing: Any = None) -> list[AURow]:
+    """Rows of an AU dataset CSV with a header naming `face` (or `source`) and `aus`, optionally `label`, `name`
+    (the output stem; default <face>-<AUs>) and per-row `onset_ms`, `apex_ms`, `offset_ms`, `fps` (default: the
+    run's `timing`). Relative paths resolve against the CSV's folder. A row whose specification is invalid is kept
+    with its error (recorded as failed, the run goes on)."""
+    from . import au
+
+    path = Path(csv_path)
+    if not path.is_file():
+        raise InputError(f"AU file {path} does not exist; pass a CSV with a header 'face,aus,label'")
+    timing = timing or au.Timing()
+    base = Path(os.path.abspath(path)).parent
+    rows: list[AURow] = []
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        columns = [c.strip().lower() for c in reader.fieldnames or []]
+        if "aus" not in columns or not ({"face", "source"} & set(columns)):
+            raise InputError(f"AU file {path}: the header must name the columns 'face' and 'aus' (and optionally "
+                             f"'label', 'name', 'onset_ms', 'apex_ms', 'offset_ms', 'fps'); it has {columns or 'none'}")
+        for number, raw in enumerate(reader, start=1):
+            row = {(k or "").strip().lower(): (v or "").strip() if isinstance(v, str) else "" for k, v in raw.items()}
+            if not any(row.values()):
+                continue
+            face = row.get("face") or row.get("source") or ""
+            label = safe_name(row.get("label") or UNLABELLED)
+            try:
+                if not face or not row.get("aus"):
+                    raise InputError(f"no {'face' if not face else 'AU specification'} given")
+                changes = {k: float(row[k]) for k in ("onset_ms", "apex_ms", "offset_ms", "fps") if row.get(k)}
+                own = dataclasses.replace(timing, **changes) if changes else timing
+                specs = au.parse_aus(row["aus"], own)
+                au.plan(specs, own)  # timing errors now, not mid-run
+            except (InputError, ValueError) as exc:
+                rows.append(AURow(face, row.get("aus", ""), label, f"row-{number}", None, number,
+                                  f"{path.name} row {number}: {exc}"))
+                continue
+            resolved = os.path.abspath(base / Path(face).expanduser())
+            stem = row.get("name") or f"{_stem(resolved)}-{au.describe(specs).replace('+', '_')}"
+            rows.append(AURow(resolved, row["aus"], label, safe_name(stem), own, number))
+    taken: dict[tuple[str, str], int] = {}
+    named = []
+    for r in rows:  # unique output names per label
+        count = taken.get((r.label, r.name), 0)
+        taken[(r.label, r.name)] = count + 1
+        named.append(r if count == 0 else dataclasses.replace(r, name=f"{r.name}-{count + 1}"))
+    return named
+
+
+def au_label_columns(action_units: dict) -> dict[str, Any]:
+    """One column per library AU (its intensity as a fraction of the maximum, 0 when absent; a unilateral AU is
+    reported with its side in `AUk_side`), for a recogniser's data loader."""
+    from . import au
+
+    columns: dict[str, Any] = {f"AU{n}": 0.0 for n in au.SUPPORTED}
+    for entry in action_units["aus"]:
+        columns[f"AU{entry['au']}"] = max(columns[f"AU{entry['au']}"], entry["fraction"])
+        if entry["side"]:
+            columns[f"AU{entry['au']}_side"] = entry["side"]
+    return columns
+
+
+def generate_aus(rows: Sequence[AURow], out_dir: str | os.PathLike, engine: Any, options: Any = None,
+                 fmt: str = "mp4", slowdown: float = 1.0, ranks: Ranks = Ranks(),
+                 on_item: Callable[[dict | None], None] | None = None) -> Summary:
+    """Synthesise this rank's share of AU rows into `out_dir/au/<label>/<name>.<fmt>`, one manifest line each
+    (the spec, intensities, timing, apex frames, status); resumable as `generate` (same settings -> skipped)."""
+    from .synthesis import SynthesisOptions
+    from .video import write_video
+
+    if fmt not in OUTPUT_FORMATS:
+        raise InputError(f"output format {fmt!r} is not supported; use one of {OUTPUT_FORMATS}")
+    options = options or SynthesisOptions()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    partial = out_dir / PARTIAL_DIR / f"rank-{ranks.rank:05d}"
+    partial.mkdir(parents=True, exist_ok=True)
+    records = read_records(out_dir)
+    summary = Summary()
+    context = {"rank": ranks.rank, "world": ranks.world, "host": socket.gethostname(), "device": str(engine.device)}
+    with ManifestPart(out_dir, ranks.rank) as part:
+        for row in ranks.shard(list(rows)):
+            settings = {"options": dataclasses.asdict(options), "format": fmt, "slowdown": slowdown,
+                        "timing": dataclasses.asdict(row.timing) if row.timing else None, "aus": row.aus}
+            settings_id = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+            if is_done(records.get(row.key()), out_dir, settings_id, None):
+                summary.skipped += 1
+                if on_item:
+                    on_item(None)
+                continue
+            record: dict[str, Any] = {"key": row.key(), "variant": "au", "label": row.label, "name": row.name,
+                                      "row": row.row, "source": row.face, "aus": row.aus, "output": row.output(fmt),
+                                      "settings": settings, "settings_id": settings_id, **context}
+            started = time.perf_counter()
+            try:
+                if row.error:
+                    raise InputError(row.error)
+                result = engine.synthesize(row.face, row.aus, row.timing, options)
+                final = out_dir / record["output"]
+                final.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(write_video(partial / final.name, result.frames, result.fps, slowdown=slowdown), final)
+                record.update(status="ok", error=None, frames=result.num_frames, fps=result.fps,
+                              action_units=result.action_units, labels=au_label_columns(result.action_units),
+                              timings=result.timings)
+                summary.ok += 1
+            except Exception as exc:  # noqa: BLE001 - one failing row is recorded, the run goes on
+                record.update(_error_fields(exc))
+                log.warning("%s: %s: %s", row.key(), record["error_type"], record["error"].splitlines()[0])
+                summary.failed += 1
+            record.update(seconds=time.perf_counter() - started, finished=_now())
+            part.write(record)
+            if on_item:
+                on_item(record)
+    for leftover in partial.glob("*"):
+        leftover.unlink()
+    partial.rmdir()
+    return summary
+
+
+def write_au_labels(out_dir: str | os.PathLike) -> Path:
+    """DIR/labels.csv from the merged manifest's ok AU records: video, face, label, spec, fps, frames, the event's
+    onset / apex / offset frames, then one intensity column per AU (fraction of the maximum, 0 = absent)."""
+    from . import au
+
+    out_dir = Path(out_dir)
+    path = out_dir / AU_LABELS
+    head = ["video", "face", "label", "spec", "fps", "frames", "onset_frame", "apex_first", "apex_last",
+            "offset_frame"]
+    au_columns = [f"AU{n}" for n in au.SUPPORTED]
+    lines = []
+    for record in sorted(read_records(out_dir).values(), key=lambda r: r["key"]):
+        if record.get("variant") != "au" or record.get("status") != "ok":
+            continue
+        units = record["action_units"]
+        apex = [a["apex_frames"] for a in units["aus"]]
+        labels = record["labels"]
+        sides = ";".join(f"{k[:-5]}:{v}" for k, v in sorted(labels.items()) if k.endswith("_side"))
+        lines.append([record["output"], record["source"], record["label"], units["spec"], units["fps"],
+                      units["frames"], units["event_frames"][0], min(a[0] for a in apex), max(a[1] for a in apex),
+                      units["event_frames"][1], *[labels[c] for c in au_columns], sides])
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(head + au_columns + ["sides"])
+        writer.writerows(lines)
+    os.replace(tmp, path)
+    return path
+
+
+def run_aus(rows: Sequence[AURow], out_dir: str | os.PathLike, make_engine: Callable[[str], Any], options: Any = None,
+            fmt: str = "mp4", slowdown: float = 1.0, device: str = "auto",
+            on_item: Callable[[dict | None], None] | None = None) -> Summary:
+    """`generate_aus` on this rank (torchrun or alone), then rank 0 merges the manifest and writes labels.csv."""
+    ranks = Ranks.from_env()
+    joined = init_distributed(ranks)
+    try:
+        summary = generate_aus(rows, out_dir, make_engine(ranks.device(device)), options, fmt, slowdown, ranks, on_item)
+        barrier()
+        if ranks.rank == 0:
+            summary.manifest = merge_manifest(out_dir)
+            write_au_labels(out_dir)
+        barrier()
+        return summary
+    finally:
+        if joined:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()

@@ -72,6 +72,9 @@ class PreparedClip:
     source_points: np.ndarray | None = None  # 1 x P x 2
     driving_points: np.ndarray | None = None  # T x P x 2, smoothed
     consumed: bool = False  # a stream that has been run
+    # the 478-point face meshes of mesh-point backends (dense): "source" 1 x 478 x 2, "driving" T x 478 x 2
+    # (smoothed), "box" the face box (x0, y0, x1, y1) a streamed clip's later chunks are tracked in
+    meshes: dict = dataclasses.field(default_factory=dict)
 
     @property
     def streamed(self) -> bool:

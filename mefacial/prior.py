@@ -78,10 +78,12 @@ def _distance_maps(au_points_px: torch.Tensor, image_size: int, map_size: int, s
 
 
 def per_au_maps(
-    au_points_px: torch.Tensor, image_size: int, map_size: int, sigma: float = 0.75, distance: str = "l2"
+    au_points_px: torch.Tensor, image_size: int, map_size: int, sigma: float = 0.75, distance: str = "l2",
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """Per-AU distance maps: B x P x 2 AU points (pixels of an image_size frame) -> B x P x map x map (float32)."""
-    return _distance_maps(au_points_px, image_size, map_size, sigma, distance).float()
+    """Per-AU distance maps: B x P x 2 AU points (pixels of an image_size frame) -> B x P x map x map (in `dtype`:
+    float32, or float64 for a model run in float64)."""
+    return _distance_maps(au_points_px, image_size, map_size, sigma, distance).to(dtype)
 
 
 def equal_weighted(maps: torch.Tensor) -> torch.Tensor:
@@ -91,7 +93,8 @@ def equal_weighted(maps: torch.Tensor) -> torch.Tensor:
 
 
 def ewp_map(
-    au_points_px: torch.Tensor, image_size: int, map_size: int, sigma: float = 0.75, distance: str = "l2"
+    au_points_px: torch.Tensor, image_size: int, map_size: int, sigma: float = 0.75, distance: str = "l2",
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """Equal-weighted prior: B x P x 2 AU points -> B x 1 x map x map (float32)."""
-    return equal_weighted(_distance_maps(au_points_px, image_size, map_size, sigma, distance)).float()
+    """Equal-weighted prior: B x P x 2 AU points -> B x 1 x map x map (in `dtype`, as `per_au_maps`)."""
+    return equal_weighted(_distance_maps(au_points_px, image_size, map_size, sigma, distance)).to(dtype)

@@ -662,12 +662,36 @@ def face_box(landmarks: np.ndarray, image_shape: Sequence[int], margin: float = 
 
 
 def _cut(frames: np.ndarray, box: FaceBox) -> np.ndarray:
-    """The box region of T x H x W x 3 frames, edge-padded where the box reaches past the border."""
+    """The box region of T x H x W x 3 frames, padded where the box reaches past the border (`soft_pad`)."""
     height, width = frames.shape[1:3]
     ys, xs = slice(max(box.y0, 0), min(box.y1, height)), slice(max(box.x0, 0), min(box.x1, width))
     region = frames[:, ys, xs]
     pad = ((0, 0), (ys.start - box.y0, box.y1 - ys.stop), (xs.start - box.x0, box.x1 - xs.stop), (0, 0))
-    return np.pad(region, pad, mode="edge") if any(p != (0, 0) for p in pad) else region
+    return soft_pad(region, pad) if any(p != (0, 0) for p in pad) else region
+
+
+def soft_pad(frames: np.ndarray, pad: tuple) -> np.ndarray:
+    """Pad T x H x W x 3 uint8 frames (`pad` as for np.pad) without edge-replication streaks: the picture is
+    mirrored into the pad, and the mirror fades into a blur of itself away from the picture's edge, so the
+    padding reads as out-of-focus background rather than stripes (which replicated edge pixels make)."""
+    import cv2
+
+    (_, _), (top, bottom), (left, right), (_, _) = pad
+    height, width = frames.shape[1:3]
+    # mirror as far as the picture reaches, then continue with the edge (only for pads wider than the picture)
+    mirror = tuple((min(a, n - 1), min(b, n - 1)) for (a, b), n in zip(((top, bottom), (left, right)), (height, width)))
+    out = np.pad(frames, ((0, 0), *mirror, (0, 0)), mode="reflect")
+    rest = ((0, 0), (top - mirror[0][0], bottom - mirror[0][1]), (left - mirror[1][0], right - mirror[1][1]), (0, 0))
+    out = np.pad(out, rest, mode="edge") if any(p != (0, 0) for p in rest) else out
+    size_h, size_w = out.shape[1:3]
+    ys, xs = np.arange(size_h, dtype=np.float32), np.arange(size_w, dtype=np.float32)
+    dist_y = np.maximum(np.maximum(top - ys, ys - (top + height - 1)), 0)  # pixels outside the picture
+    dist_x = np.maximum(np.maximum(left - xs, xs - (left + width - 1)), 0)
+    ramp = max(4.0, 0.05 * max(height, width))
+    weight = np.clip(np.maximum(dist_y[:, None], dist_x[None, :]) / ramp, 0, 1)[..., None]  # H' x W' x 1
+    sigma = max(2.0, 0.04 * max(height, width))
+    blurred = np.stack([cv2.GaussianBlur(f, (0, 0), sigma, borderType=cv2.BORDER_REFLECT) for f in out])
+    return np.round(out * (1 - weight) + blurred * weight).astype(np.uint8)
 
 
 def _resize(frames: np.ndarray, size: int | tuple[int, int]) -> torch.Tensor:

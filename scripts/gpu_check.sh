@@ -45,7 +45,7 @@ if [ "$QUICK" = 1 ]; then  # a CPU smoke run of every part: tiny sizes, one repe
   T_TESTS=900; T_FUSION=600; T_BENCH=600; T_COMPILE=300; T_TRAIN=300
 else
   BATCHES="1 4 16 64"; PRECISIONS="fp32 bf16 fp16"; REPEATS=2; FUSION_FRAMES=16; COMPILE_ARGS="--batch-size 64 --frames 128 --repeats 3"
-  T_TESTS=120; T_FUSION=45; T_BENCH=40; T_COMPILE=120; T_TRAIN=60
+  T_TESTS=100; T_FUSION=45; T_BENCH=35; T_COMPILE=90; T_TRAIN=60
 fi
 
 {

@@ -63,12 +63,15 @@ def test_gif_download_slowed_down_and_pasted_back(client, clip):
 
 
 def test_compare_by_default_runs_only_the_variants_ready_here(client, clip):
-    """No weights on this server: the default Compare is the driving clip and the warp, no placeholder columns."""
+    """No weights on this server: the default Compare is the driving clip and the training-free variants (dense,
+    dense geometry-only, warp), no placeholder columns."""
+    ready = [v["id"] for v in list_variants() if not v["needs_weights"]]
     grid, table = client.predict(source=handle_file(FACE), driving=handle_file(CLIP), api_name="/compare")
     frames = frames_of(grid)
     assert frames.shape[0] == clip.num_frames
-    assert frames.shape[1:3] == (HEADER + TILE, 2 * TILE)  # driving | warp
-    assert table.count("\n|") == 2 and get_variant("warp").label in table and "not run" not in table
+    assert frames.shape[1:3] == (HEADER + TILE, (1 + len(ready)) * TILE)  # driving | dense | dense-geometry | warp
+    assert table.count("\n|") == 1 + len(ready) and "not run" not in table
+    assert all(get_variant(v).label in table for v in ready)
 
 
 def test_compare_of_every_variant_shows_each_with_its_label_or_reason(client, clip):
@@ -79,7 +82,8 @@ def test_compare_of_every_variant_shows_each_with_its_label_or_reason(client, cl
     assert frames.shape[1:3] == (HEADER + TILE, (1 + len(variants)) * TILE)  # the driving clip first
     for variant in variants:
         assert f"| {get_variant(variant).label} |" in table  # the registry's label, as in the checkboxes
-    assert table.count("has no weights on this server") == len(variants) - 1  # every learned variant, none hidden
+    learned = [v for v in variants if get_variant(v).needs_weights]
+    assert table.count("has no weights on this server") == len(learned)  # every learned variant, none hidden
     tiles = frames[:, HEADER:].reshape(len(frames), TILE, 1 + len(variants), TILE, 3)
     change = np.abs(tiles.astype(int) - tiles[:1].astype(int)).mean(axis=(0, 1, 3, 4))  # per column
     warp_column = 1 + variants.index("warp")

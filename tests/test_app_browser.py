@@ -1,5 +1,5 @@
 """The demo in a real browser, as a first-time visitor meets it: Playwright drives Debian's headless Chromium
-against `python app.py` (CPU, offline, no weights: only the training-free warp can run).
+against `python app.py` (CPU, offline, no weights: only the training-free generators can run).
 
 The page opens with the example loaded and Generate works with one click; Compare ticks only what can run;
 errors are a short title and at most three plain sentences without flags, shown when a file arrives (upload,
@@ -162,14 +162,14 @@ def test_the_page_opens_with_the_example_ready_and_generates_with_one_click(page
     expect(page.locator("#g-driving")).to_contain_text(CLIP.stem)
     page.locator("#g-source img").first.wait_for(timeout=30_000)
     expect(page.locator("#g-clip-info")).to_contain_text(f"{clip.num_frames} frames")
-    expect(page.locator("#g-variant")).to_contain_text(get_variant("warp").label)
+    expect(page.locator("#g-variant")).to_contain_text(get_variant("dense").label)  # the default generator
     page.click("#g-button")  # nothing uploaded: the example runs
     video = wait_for_video(page, "g-result")
     assert video["duration"] == pytest.approx(clip.duration, abs=0.15)
     assert fetch_frames(page, video["src"], tmp_path, "result.mp4").shape[0] == clip.num_frames
     grid = wait_for_video(page, "g-grid")
     assert fetch_frames(page, grid["src"], tmp_path, "grid.mp4").shape[1:3] == (HEADER + TILE, 3 * TILE)
-    page.locator("#g-status").get_by_text("landmarks: dlib").wait_for()
+    page.locator("#g-status").get_by_text("landmarks: mesh").wait_for()
     screenshot(page, "app-generate.png")
 
 
@@ -186,18 +186,19 @@ def test_compare_ticks_what_runs_here_and_lists_the_rest_with_a_reason(page, cli
     boxes = page.locator("#c-variants input[type=checkbox]")
     expect(boxes).to_have_count(len(variants))
     ticked = [v["label"] for v, box in zip(variants, boxes.all()) if box.is_checked()]
-    assert ticked == [get_variant("warp").label]  # no weights on this server: only the warp can run
+    ready = [v for v in variants if not v["needs_weights"]]
+    assert ticked == [v["label"] for v in ready]  # no weights on this server: only the training-free ones run
     labels = page.locator("#c-variants label").all_inner_texts()
     assert [label.strip() for label in labels] == [v["label"] for v in variants]  # the registry's labels
     not_ready = page.locator("#c-not-ready").inner_text()
     for v in variants:
-        if v["id"] != "warp":
+        if v["needs_weights"]:
             assert v["label"] in not_ready
     assert "downloads on first use" not in not_ready and "downloads are off" in not_ready  # FOMM, offline
     page.click("#c-button")  # the example is loaded: one click
     frames = fetch_frames(page, wait_for_video(page, "c-grid")["src"], tmp_path, "compare.mp4")
     assert frames.shape[0] == clip.num_frames
-    assert frames.shape[2] == 2 * TILE  # driving | warp: no placeholder columns
+    assert frames.shape[2] == (1 + len(ready)) * TILE  # driving | dense | dense-geometry | warp: no placeholders
     screenshot(page, "app-compare.png")
 
 

@@ -87,7 +87,7 @@ def test_warm_up_loads_the_landmark_models_and_never_raises(monkeypatch, caplog)
     real_animate = engine.animate
     monkeypatch.setattr(engine, "animate", lambda *a, **k: calls.append(k) or real_animate(*a, **k))
     assert app.warm_up(engine) > 0
-    assert calls and calls[0]["variant"] == "warp"
+    assert calls and calls[0]["variant"] == "dense"  # the default generator (its mesh models load too)
 
     def broken(*args, **kwargs):
         raise NotAnImageError("example missing")

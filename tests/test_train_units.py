@@ -155,6 +155,45 @@ def test_vgg_loads_from_the_cache_file(tmp_path, monkeypatch):
     assert not any(p.requires_grad for p in vgg.parameters())
 
 
+def test_vgg_loads_a_local_file_of_any_float_dtype(tmp_path):
+    """`train.vgg19_weights`: a local VGG19 file (safetensors, float16 here) loads without the network; a file
+    lacking a layer is a clear error."""
+    import torchvision
+    from safetensors.torch import save_file
+
+    features = torchvision.models.vgg19().features
+    state = {f"features.{k}": v.half() for k, v in features.state_dict().items() if int(k.split(".")[0]) < 30}
+    save_file(state, str(tmp_path / "vgg.safetensors"))
+    vgg = losses.load_vgg19(path=tmp_path / "vgg.safetensors")
+    assert vgg.slices[4][-1].__class__.__name__ == "ReLU" and vgg.slices[0][0].weight.dtype == torch.float32
+    assert torch.equal(vgg.slices[0][0].weight, features[0].weight.half().float())
+    del state["features.28.weight"]
+    save_file(state, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(WeightsNotFoundError, match="features.28.weight"):
+        losses.load_vgg19(path=tmp_path / "bad.safetensors")
+    with pytest.raises(WeightsNotFoundError, match="does not exist"):
+        losses.load_vgg19(path=tmp_path / "missing.pth")
+
+
+def test_config_from_original_reads_the_original_yaml():
+    """An original config.yaml (train_params / train_avd_params) becomes a TrainConfig; unknown keys are errors."""
+    from mefacial.config import ModelConfig
+    from train.config import config_from_original
+
+    model = ModelConfig(name="m", backbone="mraa", model_params={"num_regions": 10})
+    block = {"train_params": {"num_epochs": 3, "num_repeats": 7, "lr": 1e-3, "batch_size": 5, "use_sync_bn": True,
+                              "dataloader_workers": 2, "checkpoint_freq": 1,
+                              "loss_weights": {"perceptual": [1, 1, 1, 1, 1], "equivariance_shift": 2}},
+             "train_avd_params": {"num_epochs": 4, "num_repeats": 9, "batch_size": 6, "lr": 1e-2, "random_scale": 0.1,
+                                  "checkpoint_freq": 1, "dataloader_workers": 3}}
+    cfg = config_from_original(block, model, stage="avd")
+    assert (cfg.train.num_epochs, cfg.train.lr, cfg.dataset.num_repeats, cfg.stage) == (3, 1e-3, 7, "avd")
+    assert cfg.train.loss_weights["equivariance_shift"] == 2 and cfg.train.loss_weights["equivariance_affine"] == 10
+    assert (cfg.avd.num_repeats, cfg.avd.batch_size, cfg.avd.random_scale) == (9, 6, 0.1)
+    with pytest.raises(ConfigError, match="lr_typo"):
+        config_from_original({"train_params": {"lr_typo": 1}}, model)
+
+
 # ---- data ---------------------------------------------------------------------------------------------
 
 

@@ -4,6 +4,7 @@
     datasets.py       videos (frame folders or files), landmarks cached on disk, reproducible frame pairs, sampler
     losses.py         VGG19 perceptual pyramid, equivariance with a random TPS, LSGAN + feature matching
     recipes.py        one training step per backbone / stage (FOMM, MRAA, MRAA's AVD stage)
+    draws.py          where a step's random draws and the warped frame's AU points come from (a seam for tests)
     checkpointing.py  self-describing checkpoints in the original part layout, written atomically
     monitor.py        JSONL + TensorBoard losses, visualisation PNGs, tqdm
     trainer.py        the loop: single process or DDP under torchrun

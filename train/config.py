@@ -109,6 +109,7 @@ class OptimConfig:
         default_factory=lambda: {"sigma_affine": 0.05, "sigma_tps": 0.005, "points_tps": 5})
     loss_weights: dict[str, Any] = dataclasses.field(default_factory=dict)
     grad_clip: float | None = None  # max global grad norm; None as in the originals
+    vgg19_weights: str | None = None  # a local VGG19 weight file (torchvision names); default: torchvision's ImageNet
 
     def __post_init__(self) -> None:
         if int(self.batch_size) < 1 or int(self.num_epochs) < 1:
@@ -308,3 +309,33 @@ def load_train_config(path_or_name: str | Path, overrides: list[str] | None = No
     """Load `configs/train/<name>.yaml` (or a path), apply `--set` overrides, validate."""
     data, stem = read_yaml(path_or_name)
     return config_from_dict(apply_overrides(data, overrides or []), name=stem)
+
+
+# The original YAML's train_params / train_avd_params keys this trainer has no use for (DataParallel /
+# sync-BN / DataLoader settings and the original's checkpoint period in epochs).
+_ORIGINAL_IGNORED = {"use_sync_bn", "dataloader_workers", "checkpoint_freq", "num_repeats"}
+
+
+def config_from_original(block: dict[str, Any], model: ModelConfig, name: str = "original",
+                         **sections: dict[str, Any]) -> TrainConfig:
+    """A `TrainConfig` from an original implementation's YAML (`train_params`, `train_avd_params`).
+
+    `model` is the architecture (e.g. `mefacial.config.config_from_reference` of the same YAML);
+    `sections` add or override sections of this project's format (e.g. `train={"vgg19_weights": path}`).
+    Keys of the original this trainer does not know are errors; DataLoader / sync-BN settings are ignored.
+    """
+    params = dict(block.get("train_params") or {})
+    train = {k: v for k, v in params.items() if k not in _ORIGINAL_IGNORED}
+    data: dict[str, Any] = {"name": name, "model": model, "train": train,
+                            "dataset": {"num_repeats": params.get("num_repeats", DatasetConfig.num_repeats)}}
+    if block.get("train_avd_params"):
+        avd_params = dict(block["train_avd_params"])
+        data["avd"] = {k: v for k, v in avd_params.items() if k not in _ORIGINAL_IGNORED - {"num_repeats"}}
+    for section, values in sections.items():
+        data[section] = deep_merge(data.get(section) or {}, values) if isinstance(values, dict) else values
+    return TrainConfig(
+        name=name, model=model, variant=str(data.get("variant") or ""), stage=str(data.get("stage") or "reconstruction"),
+        dataset=_from_dict(DatasetConfig, data.get("dataset"), "dataset"),
+        train=_from_dict(OptimConfig, data["train"], "train_params"),
+        avd=_from_dict(AVDConfig, data.get("avd"), "train_avd_params"),
+        runtime=_from_dict(RuntimeConfig, data.get("runtime"), "runtime"), source=copy.deepcopy(block))

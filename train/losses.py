@@ -3,7 +3,8 @@
 * Multi-scale perceptual loss: L1 between VGG19 features (5 slices) of the
   prediction and the driving frame at each scale of an image pyramid
   (`ImagePyramid`, `VGG19Features`, `perceptual_loss`). VGG19 weights are
-  torchvision's ImageNet ones from the torch hub cache (`load_vgg19`).
+  torchvision's ImageNet ones from the torch hub cache, or a local file
+  (`load_vgg19`, `train.vgg19_weights`).
 * Equivariance (`RandomTPS`, `equivariance_*`): the driving frame warped by a
   random affine + thin-plate-spline transform must give keypoints / regions
   that map back onto the driving frame's (values / shifts) and whose
@@ -134,27 +135,64 @@ def ensure_vgg19_weights(download: bool = True) -> Path:
         "(e.g. `--set train.loss_weights.perceptual=0`) to train without it.")
 
 
-def load_vgg19(download: bool = True) -> VGG19Features:
-    """VGG19 feature slices with torchvision's ImageNet weights (see `ensure_vgg19_weights`)."""
+VGG_LAYERS_USED = VGG_SLICES[-1][1]  # features[:30]: everything up to relu5_1
+
+
+def read_vgg19_features(path: str | Path) -> nn.Sequential:
+    """torchvision's `vgg19().features[:30]` with the weights of a local file, in float32.
+
+    The file holds torchvision names (`features.N.weight` / `.bias`, N < 30 all
+    present; later layers are ignored): torchvision's own `.pth`, or a
+    `.safetensors` file of any float dtype (e.g. an offline copy, or a test
+    fixture's seeded weights).
+    """
     import torchvision
 
-    path = ensure_vgg19_weights(download)
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    features = torchvision.models.vgg19().features  # only the convolutions are needed
-    features.load_state_dict({k[len("features."):]: v for k, v in state.items() if k.startswith("features.")})
-    return VGG19Features(features)
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsNotFoundError(f"VGG19 weight file {path} does not exist (train.vgg19_weights)")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a truncated / foreign file: say which and why
+        raise WeightsNotFoundError(f"cannot read VGG19 weights from {path} ({type(exc).__name__}: {exc})") from exc
+    features = torchvision.models.vgg19().features[:VGG_LAYERS_USED]  # only the convolutions are needed
+    wanted = {k[len("features."):]: v.float() for k, v in state.items()
+              if k.startswith("features.") and int(k.split(".")[1]) < VGG_LAYERS_USED}
+    missing = sorted(set(features.state_dict()) - set(wanted))
+    if missing:
+        raise WeightsNotFoundError(f"{path} is not a VGG19 weight file with torchvision names: it lacks "
+                                   f"features.{missing[0]} (and {len(missing) - 1} more)")
+    features.load_state_dict(wanted)
+    return features
+
+
+def load_vgg19(download: bool = True, path: str | Path | None = None) -> VGG19Features:
+    """VGG19 feature slices: from `path` (a local weight file, see `read_vgg19_features`) when given, else
+    torchvision's ImageNet weights from the torch hub cache (see `ensure_vgg19_weights`)."""
+    return VGG19Features(read_vgg19_features(path if path is not None else ensure_vgg19_weights(download)))
 
 
 def perceptual_loss(vgg: nn.Module, generated: dict[float, torch.Tensor], real: dict[float, torch.Tensor],
-                    weights: list[float]) -> torch.Tensor:
-    """Sum over scales and VGG slices of weight_i * mean |vgg_i(generated) - vgg_i(real)| (real detached)."""
+                    weights: list[float], terms: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """Sum over scales and VGG slices of weight_i * mean |vgg_i(generated) - vgg_i(real)| (real detached).
+
+    `terms`, when given, receives the unweighted means, scale by scale, slice by slice.
+    """
     total = 0
     for scale, prediction in generated.items():
         batch = prediction.shape[0]
         features = vgg(torch.cat([prediction, real[scale].detach()]))  # one pass for both: 2B x ...
         for weight, feature in zip(weights, features):
-            if weight:
-                total = total + weight * (feature[:batch] - feature[batch:].detach()).abs().mean()
+            if weight or terms is not None:
+                l1 = (feature[:batch] - feature[batch:].detach()).abs().mean()
+                total = total + weight * l1 if weight else total
+                if terms is not None:
+                    terms.append(l1.detach())
     return total
 
 
@@ -190,6 +228,22 @@ class RandomTPS:
             params = torch.randn(batch, 1, points * points, generator=generator) * sigma_tps
             self.control_params = params.to(device=device, dtype=dtype)  # B x 1 x P
         self.batch = batch
+
+    @classmethod
+    def from_params(cls, theta: torch.Tensor, control_params: torch.Tensor | None = None,
+                    control_points: torch.Tensor | None = None) -> "RandomTPS":
+        """The warp of given parameters (e.g. an original run's draws): theta B x 2 x 3, control_params
+        B x 1 x P, control_points P x 2 (default: the P = n x n grid `make_coordinate_grid((n, n))`)."""
+        tps = cls.__new__(cls)
+        tps.theta, tps.batch = theta, theta.shape[0]
+        tps.tps = control_params is not None
+        if tps.tps:
+            if control_points is None:
+                points = round(control_params.shape[-1] ** 0.5)
+                control_points = make_coordinate_grid((points, points), theta.dtype, theta.device).view(-1, 2)
+            tps.control_points = control_points.to(device=theta.device, dtype=theta.dtype).view(1, -1, 2)  # 1 x P x 2
+            tps.control_params = control_params.to(device=theta.device, dtype=theta.dtype)  # B x 1 x P
+        return tps
 
     def _radial(self, coordinates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """L1 distances to the control points and the coordinate differences: B x N x P, B x N x P x 2."""
@@ -269,14 +323,22 @@ def generator_gan_loss(maps_generated: dict, scales: Iterable, weight: float) ->
     return sum(weight * ((1 - maps_generated[f"prediction_map_{s}"]) ** 2).mean() for s in scales)
 
 
-def feature_matching_loss(maps_real: dict, maps_generated: dict, scales: Iterable, weights: list[float]) -> torch.Tensor:
-    """Sum over scales and discriminator blocks of weight_i * mean |D_i(real) - D_i(generated)|."""
+def feature_matching_loss(maps_real: dict, maps_generated: dict, scales: Iterable, weights: list[float],
+                          terms: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """Sum over scales and discriminator blocks of weight_i * mean |D_i(real) - D_i(generated)|.
+
+    The real features are not detached, as in the original (the generator's backward also reaches the
+    discriminator; the recipe throws those gradients away). `terms` receives the unweighted means.
+    """
     total = 0
     for s in scales:
         pairs = zip(maps_real[f"feature_maps_{s}"], maps_generated[f"feature_maps_{s}"])
         for weight, (a, b) in zip(weights, pairs):
-            if weight:
-                total = total + weight * (a - b).abs().mean()
+            if weight or terms is not None:
+                l1 = (a - b).abs().mean()
+                total = total + weight * l1 if weight else total
+                if terms is not None:
+                    terms.append(l1.detach())
     return total
 
 

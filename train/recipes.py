@@ -12,14 +12,18 @@
   driving regions (pose); the rest of the model is frozen.
 
 Sources and drivings are paired per batch item (B x 3 x H x W each). Prior
-variants get the AU points of both frames from the dataset; the transformed
-frame of the equivariance loss gets its AU points from the driving landmarks
-moved by the inverse of the random warp (the original re-ran dlib on it), or,
-for the ACM MM 2021 flavour (AU points fixed per clip), the same points, as
-that code does.
+variants get the AU points of both frames from the dataset; the random warp of
+the equivariance losses, the AU points of the warped frame and the AVD
+stage's rescaling come from the recipe's `draws` (`train/draws.py`: drawn from
+the step's generator by default, or given, e.g. an original run's).
 
 The parts that see data go through one `DistributedDataParallel` module per
-optimiser step; losses are computed outside it in float32.
+optimiser step; losses are computed outside it in float32 (float64 when the
+model runs in float64, as the reference checks do).
+
+Setting `recipe.trace = {}` makes each step record its intermediate tensors
+there (network outputs, unweighted loss terms, every parameter's gradient
+after each backward): what the reference tests compare with the originals.
 """
 
 from __future__ import annotations
@@ -31,25 +35,29 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from mefacial import prior
-
 from . import losses as L
 from .config import TrainConfig
+from .draws import StepDraws
 
 Batch = dict[str, torch.Tensor]
 
 
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _full(x: torch.Tensor) -> torch.Tensor:
+    """A half-precision tensor (mixed precision) in float32; float32 / float64 unchanged."""
+    return x.float() if x.dtype in HALF_DTYPES else x
+
+
 def _float(d: dict) -> dict:
-    """Model outputs in float32 for the losses (mixed precision runs the networks in bf16 / fp16)."""
-    return {k: (v.float() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in d.items()}
+    """Model outputs in full precision for the losses (mixed precision runs the networks in bf16 / fp16)."""
+    return {k: (_full(v) if torch.is_tensor(v) else v) for k, v in d.items()}
 
 
-def _pixels_to_unit(points: torch.Tensor, size: int) -> torch.Tensor:
-    return points * 2 / size - 1
-
-
-def _unit_to_pixels(points: torch.Tensor, size: int) -> torch.Tensor:
-    return (points + 1) * size / 2
+def _gradients(module: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of every parameter gradient of `module` (parameters without one left out)."""
+    return {name: p.grad.detach().clone() for name, p in module.named_parameters() if p.grad is not None}
 
 
 def _adam(params, lr: float, betas) -> torch.optim.Adam:
@@ -86,12 +94,27 @@ class Recipe:
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.schedulers: dict[str, torch.optim.lr_scheduler.MultiStepLR] = {}
         self.last: dict[str, Any] = {}  # the latest step's inputs and outputs, for the visualisation
+        self.draws: StepDraws = StepDraws()  # random warp, warped-frame AU points, AVD scaling (train/draws.py)
+        self.trace: dict[str, Any] | None = None  # when a dict: each step's intermediate tensors (see the module doc)
 
     def _wrap(self, module: nn.Module, find_unused: bool = False) -> nn.Module:
         if not self.ddp:
             return module
         ids = [self.device.index] if self.device.type == "cuda" else None
         return DistributedDataParallel(module, device_ids=ids, find_unused_parameters=find_unused)
+
+    def _record(self, **values: Any) -> None:
+        if self.trace is not None:
+            self.trace.update(values)
+
+    def to(self, dtype: torch.dtype) -> "Recipe":
+        """Cast the model, the perceptual network and the pyramids to `dtype` (the float64 reference checks:
+        built in float32, then cast, as the originals' `.double()`)."""
+        self.model.to(dtype)
+        for name in ("vgg", "pyramid"):
+            if getattr(self, name, None) is not None:
+                getattr(self, name).to(dtype)
+        return self
 
     def _schedule(self, milestones: list[int], gamma: float) -> None:
         self.schedulers = {name: torch.optim.lr_scheduler.MultiStepLR(opt, milestones, gamma=gamma)
@@ -149,36 +172,29 @@ class Recipe:
             return {}
         batch, out = self.last["batch"], self.last["out"]
         src, drv = out.get("kp_source") or out.get("regions_source"), out.get("kp_driving") or out.get("regions_driving")
-        vis = {"source": batch["source"], "driving": batch["driving"], "prediction": out["prediction"].float()}
+        vis = {"source": batch["source"], "driving": batch["driving"], "prediction": _full(out["prediction"])}
         if "deformed" in out:
-            vis["deformed"] = out["deformed"].float()
+            vis["deformed"] = _full(out["deformed"])
         if "occlusion_map" in out:
-            vis["occlusion"] = out["occlusion_map"].float()
+            vis["occlusion"] = _full(out["occlusion_map"])
         if src is not None:
             vis["points_source"], vis["points_driving"] = src["value" if "value" in src else "shift"], drv[
                 "value" if "value" in drv else "shift"]
             if "heatmap" in src:  # MRAA: the region maps in use (the per-AU maps with a prior)
-                vis["prior"] = src["heatmap"].float().sum(dim=1, keepdim=True)
+                vis["prior"] = _full(src["heatmap"]).sum(dim=1, keepdim=True)
             elif "prior" in src:  # FOMM with a prior: the map fed to the keypoint hourglass
-                vis["prior"] = src["prior"].float()
-        return {k: v.detach() for k, v in vis.items()}
+                vis["prior"] = _full(src["prior"])
+        return {k: v.detach().float() for k, v in vis.items()}
 
     # ---- shared pieces ----
 
     def _transform(self, batch: Batch, generator: torch.Generator) -> tuple[L.RandomTPS, torch.Tensor, torch.Tensor | None]:
         """The random warp of this step, the warped driving frames and their AU points (prior variants)."""
         driving = batch["driving"]
-        tps = L.RandomTPS(driving.shape[0], **self.cfg.train.transform_params, generator=generator,
-                          device=driving.device)
-        transformed = tps.transform_frame(driving, self.align_corners)
-        au = None
-        if "driving_au" in batch:
-            if self.cfg.model.au_points == "first_frame":
-                au = batch["driving_au"]  # fixed per clip, as the ACM MM 2021 code feeds its detector
-            else:
-                landmarks = _pixels_to_unit(batch["driving_landmarks"].to(tps.theta.dtype), self.size)
-                moved = _unit_to_pixels(tps.inverse_warp(landmarks), self.size)  # B x 68 x 2
-                au = prior.au_points_from_landmarks(moved)
+        tps = self.draws.transform(driving.shape[0], self.cfg.train.transform_params, generator, driving)
+        transformed = tps.transform_frame(driving, self.align_corners)  # B x 3 x H x W
+        au = self.draws.transformed_au_points(batch, tps, transformed, self.cfg.model.au_points)
+        self._record(transformed_frame=transformed.detach(), au_transformed=au)
         return tps, transformed, au
 
     def _image_losses(self, prediction: torch.Tensor, driving: torch.Tensor, pyramid: L.ImagePyramid
@@ -190,9 +206,12 @@ class Recipe:
         real_t, generated_t = {s: real[s] for s in scales}, {s: generated[s] for s in scales}
         out: dict[str, torch.Tensor] = {}
         if self.vgg is not None and sum(weights["perceptual"]) != 0:
+            terms: list[torch.Tensor] | None = [] if self.trace is not None else None
             with self.autocast():
-                out["perceptual"] = L.perceptual_loss(self.vgg, generated_t, real_t, weights["perceptual"])
-            out["perceptual"] = out["perceptual"].float()
+                out["perceptual"] = L.perceptual_loss(self.vgg, generated_t, real_t, weights["perceptual"], terms)
+            out["perceptual"] = _full(out["perceptual"])
+            if terms is not None:  # scales x VGG slices
+                self._record(perceptual_l1=_full(torch.stack(terms)).view(len(scales), -1))
         if weights.get("reconstruction"):
             out["reconstruction"] = L.pyramid_l1_loss(generated_t, real_t, float(weights["reconstruction"]))
         return out, real, generated
@@ -250,8 +269,9 @@ class FOMMRecipe(Recipe):
         with self.autocast():
             out = self.forward(source, driving, batch.get("source_au"), batch.get("driving_au"),
                                transformed, au_transformed)
-        prediction = out["prediction"].float()
+        prediction = _full(out["prediction"])
         kp_driving = _float(out["kp_driving"])
+        self._record(out=out)
         losses, real, generated = self._image_losses(prediction, driving, self.pyramid)
         disc = self.model.discriminator  # the generator step only reads it (its gradients are discarded)
         kp_detached = {k: v.detach() for k, v in kp_driving.items() if k in ("value", "jacobian")}
@@ -260,10 +280,14 @@ class FOMMRecipe(Recipe):
                 maps_generated = disc(self._disc_input(generated), kp=kp_detached)
                 maps_real = disc(self._disc_input(real), kp=kp_detached)
             maps_generated, maps_real = _float_maps(maps_generated), _float_maps(maps_real)
+            self._record(disc_maps_generated=maps_generated, disc_maps_real=maps_real)
             losses["gen_gan"] = L.generator_gan_loss(maps_generated, self.disc_scales, self.weights["generator_gan"])
             if sum(self.weights["feature_matching"]) != 0:
+                terms: list[torch.Tensor] | None = [] if self.trace is not None else None
                 losses["feature_matching"] = L.feature_matching_loss(maps_real, maps_generated, self.disc_scales,
-                                                                     self.weights["feature_matching"])
+                                                                     self.weights["feature_matching"], terms)
+                if terms:
+                    self._record(feature_matching_l1=torch.stack(terms))
         if self.equivariance:
             kp_t = _float(out["kp_transformed"])
             if self.weights["equivariance_value"]:
@@ -273,18 +297,24 @@ class FOMMRecipe(Recipe):
                 losses["equivariance_jacobian"] = self.weights["equivariance_jacobian"] * L.equivariance_matrix_loss(
                     kp_driving["jacobian"], kp_t["value"], kp_t["jacobian"], tps)
         total = sum(losses.values())
+        losses_generator = {name: value.detach() for name, value in losses.items()}
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)
         self._backward_and_step(total, [self.optimizers["generator"], self.optimizers["kp_detector"]])
+        if self.trace is not None:
+            self._record(losses_generator=losses_generator, generator_total=total.detach(),
+                         grad_generator_step=_gradients(self.model))
 
         if self.use_gan:
-            self.optimizers["discriminator"].zero_grad(set_to_none=True)
+            self.optimizers["discriminator"].zero_grad(set_to_none=True)  # drops what the generator's backward left
             with self.autocast():
                 maps_real, maps_generated = self.discriminate(
                     self._disc_input(real), self._disc_input({k: v.detach() for k, v in generated.items()}), kp_detached)
             losses["disc_gan"] = L.discriminator_gan_loss(_float_maps(maps_real), _float_maps(maps_generated),
                                                           self.disc_scales, self.weights["discriminator_gan"])
             self._backward_and_step(losses["disc_gan"], [self.optimizers["discriminator"]])
+            if self.trace is not None:
+                self._record(disc_gan=losses["disc_gan"].detach(), grad_disc_step=_gradients(self.model.discriminator))
         self.scaler.update()
 
         self.last = {"batch": batch, "out": out, "transformed": transformed}
@@ -297,11 +327,11 @@ class FOMMRecipe(Recipe):
             kp_source = model.kp_detector(batch["source"], batch.get("source_au"))
             kp_driving = model.kp_detector(batch["driving"], batch.get("driving_au"))
             out = model.generator(batch["source"], kp_driving=kp_driving, kp_source=kp_source)
-        return out["prediction"].float()
+        return _full(out["prediction"])
 
 
 def _float_maps(maps: dict) -> dict:
-    return {k: ([f.float() for f in v] if isinstance(v, list) else v.float()) for k, v in maps.items()}
+    return {k: ([_full(f) for f in v] if isinstance(v, list) else _full(v)) for k, v in maps.items()}
 
 
 # ---- MRAA ---------------------------------------------------------------------------------------------
@@ -351,7 +381,8 @@ class MRAARecipe(Recipe):
         with self.autocast():
             out = self.forward(source, driving, batch.get("source_au"), batch.get("driving_au"),
                                transformed, au_transformed)
-        prediction = out["prediction"].float()
+        prediction = _full(out["prediction"])
+        self._record(out=out)
         losses, _, _ = self._image_losses(prediction, driving, self.pyramid)
         if self.equivariance:
             drv, trn = _float(out["regions_driving"]), _float(out["regions_transformed"])
@@ -366,6 +397,9 @@ class MRAARecipe(Recipe):
         opt.zero_grad(set_to_none=True)
         self._backward_and_step(total, [opt])
         self.scaler.update()
+        if self.trace is not None:
+            self._record(losses_generator={k: v.detach() for k, v in losses.items()}, generator_total=total.detach(),
+                         grad_generator_step=_gradients(self.model))
         self.last = {"batch": batch, "out": out, "transformed": transformed}
         return self._step_values(losses, float((prediction.detach() - driving).abs().mean()))
 
@@ -378,18 +412,20 @@ class MRAARecipe(Recipe):
             bg_params = model.bg_predictor(batch["source"], batch["driving"])
             out = model.generator(batch["source"], driving_region_params=regions_driving,
                                   source_region_params=regions_source, bg_params=bg_params)
-        return out["prediction"].float()
+        return _full(out["prediction"])
 
 
 # ---- MRAA, animation via disentanglement -------------------------------------------------------------
 
 
-def random_scale(regions: dict[str, torch.Tensor], scale: float, generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """Regions of a randomly rescaled object: shift and affine multiplied by diag(s_x, s_y), s in [1-scale, 1+scale]."""
+def random_scale(regions: dict[str, torch.Tensor], scale: float, uniform: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Regions of a randomly rescaled object: shift and affine multiplied by diag(s_x, s_y), s = u * 2 scale +
+    1 - scale for B x 2 uniform numbers u in [0, 1) (the original's `random_scale`); "scale" holds s (B x 2)."""
     shift = regions["shift"]
-    factors = torch.rand(shift.shape[0], 2, generator=generator) * (2 * scale) + (1 - scale)  # B x 2
+    factors = uniform * (2 * scale) + (1 - scale)  # B x 2
     theta = torch.diag_embed(factors).unsqueeze(1).to(device=shift.device, dtype=shift.dtype)  # B x 1 x 2 x 2
-    return {"shift": (theta @ shift.unsqueeze(-1)).squeeze(-1), "affine": theta @ regions["affine"]}
+    return {"shift": (theta @ shift.unsqueeze(-1)).squeeze(-1), "affine": theta @ regions["affine"],
+            "scale": factors.to(device=shift.device, dtype=shift.dtype)}
 
 
 def _avd_forward(parts: nn.ModuleDict, identity: dict, pose: dict) -> dict:
@@ -397,7 +433,12 @@ def _avd_forward(parts: nn.ModuleDict, identity: dict, pose: dict) -> dict:
 
 
 class AVDRecipe(Recipe):
-    """MRAA stage 2: train the AVD network on frozen region predictions."""
+    """MRAA stage 2: train the AVD network on the regions of the frozen region predictor.
+
+    As the original `train_avd.py`, the region predictor runs in train mode
+    under no_grad: BatchNorm uses each batch's statistics (and updates its
+    running statistics), its weights do not change.
+    """
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -410,28 +451,49 @@ class AVDRecipe(Recipe):
         self._schedule(avd.epoch_milestones, avd.gamma)
 
     def train(self) -> None:
-        self.model.eval()  # the reconstruction model is frozen (eval: its BatchNorm statistics stay as trained)
+        self.model.eval()  # generator and background predictor are not used
+        self.model.region_predictor.train()  # batch statistics, as the original (under no_grad: weights frozen)
         self.model.avd_network.train()
 
-    def step(self, batch: Batch, generator: torch.Generator) -> dict[str, float]:
-        avd = self.cfg.avd
+    @torch.no_grad()
+    def regions(self, batch: Batch) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Region params of the sources (identity) and drivings (pose ground truth): shift, affine."""
         model = self.model
-        with torch.no_grad(), self.autocast():
+        with self.autocast():
             identity = model.region_predictor(batch["source"], batch.get("source_au"))
             pose_gt = model.region_predictor(batch["driving"], batch.get("driving_au"))
-        identity, pose_gt = _float(identity), _float(pose_gt)
-        pose = random_scale(pose_gt, avd.random_scale, generator)
+        keep = ("shift", "affine")
+        return ({k: _full(identity[k]) for k in keep}, {k: _full(pose_gt[k]) for k in keep})
+
+    def step(self, batch: Batch, generator: torch.Generator) -> dict[str, float]:
+        identity, pose_gt = self.regions(batch)
+        values = self.step_on_regions(identity, pose_gt, generator)
+        self.last["batch"] = batch
+        return values
+
+    def step_on_regions(self, identity: dict[str, torch.Tensor], pose_gt: dict[str, torch.Tensor],
+                        generator: torch.Generator) -> dict[str, float]:
+        """The AVD step on given regions (B x K x 2 shifts, B x K x 2 x 2 affines): random rescaling of the
+        pose (`draws.scale_uniform`), reconstruction, L1 losses, backward, Adam step."""
+        avd = self.cfg.avd
+        uniform = self.draws.scale_uniform(pose_gt["shift"].shape[0], generator)  # B x 2
+        pose = random_scale(pose_gt, avd.random_scale, uniform)
         with self.autocast():
             rec = _float(self.forward({"shift": identity["shift"], "affine": identity["affine"]}, pose))
         losses = {
             "rec_shift": avd.lambda_shift * (pose_gt["shift"] - rec["shift"]).abs().mean(),
             "rec_affine": avd.lambda_affine * (pose_gt["affine"] - rec["affine"]).abs().mean(),
         }
+        total = losses["rec_shift"] + losses["rec_affine"]
         opt = self.optimizers["avd"]
         opt.zero_grad(set_to_none=True)
-        self._backward_and_step(losses["rec_shift"] + losses["rec_affine"], [opt])
+        self._backward_and_step(total, [opt])
         self.scaler.update()
-        self.last = {"batch": batch, "identity": identity, "pose": pose_gt, "rec": rec}
+        if self.trace is not None:
+            self._record(avd_pose=pose, avd_rec=rec, avd_losses={k: v.detach() for k, v in losses.items()},
+                         avd_total=total.detach(),
+                         grad_avd_step=_gradients(self.model.avd_network))
+        self.last = {"identity": identity, "pose": pose_gt, "rec": rec}
         return self._step_values(losses, _region_l1(pose_gt, rec))
 
     @torch.no_grad()
@@ -453,10 +515,10 @@ class AVDRecipe(Recipe):
             pose = model.region_predictor(batch["driving"], batch.get("driving_au"))
             new = _float(model.avd_network(identity, pose))  # float32 covariances: the generator inverts them
             out = model.generator(batch["source"], driving_region_params=new, source_region_params=identity)
-        return out["prediction"].float()
+        return _full(out["prediction"])
 
     def visuals(self) -> dict[str, torch.Tensor]:
-        if not self.last:
+        if "batch" not in self.last:
             return {}
         batch = self.last["batch"]
         with torch.no_grad():

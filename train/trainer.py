@@ -180,6 +180,36 @@ def _datasets(cfg: TrainConfig, root: Path, ctx: DistContext, num_repeats: int) 
     return train, evaluation
 
 
+def perceptual_network(cfg: TrainConfig, device: torch.device, is_main: bool = True,
+                       barrier=lambda: None) -> torch.nn.Module | None:
+    """The VGG19 of the perceptual loss on `device` (None when the stage / config does not use it): from
+    `train.vgg19_weights` when set, else torchvision's ImageNet weights (rank 0 downloads them once)."""
+    if cfg.stage != "reconstruction" or cfg.perceptual_weight == 0:
+        return None
+    if cfg.train.vgg19_weights:
+        return load_vgg19(path=cfg.train.vgg19_weights).to(device)
+    if is_main:
+        ensure_vgg19_weights()  # rank 0 downloads (once, into the torch hub cache) or stops with how to fix it
+    barrier()
+    return load_vgg19(download=False).to(device)
+
+
+def build_recipe(cfg: TrainConfig, device: torch.device | str = "cpu", distributed: bool = False,
+                 vgg: torch.nn.Module | None = None, init: str | Path | None = None, verbose: bool = True) -> Recipe:
+    """The model of `cfg` (with the parts only training needs), optionally initialised from a checkpoint of this
+    trainer or of an original implementation (`init`), and the recipe (optimisers, step) of its stage."""
+    device = torch.device(device)
+    model = build_model(cfg.model, for_training=True).to(device)
+    if init is not None:
+        loaded = ckpt.load_parts(model, ckpt.read_checkpoint(init), source=str(init))
+        if cfg.stage == "avd" and not {"generator", "region_predictor", "bg_predictor"} <= set(loaded):
+            raise CheckpointError(f"{init} lacks parts the AVD stage needs (has {loaded})")
+        if verbose:
+            log.info("initialised %s from %s", ", ".join(loaded), init)
+    autocast, scaler = _precision(cfg.runtime.precision, device)
+    return RECIPES[(cfg.model.backbone, cfg.stage)](cfg, model, device, distributed, autocast, scaler, vgg)
+
+
 def _default_init(cfg: TrainConfig, out_dir: Path) -> Path | None:
     """The AVD stage starts from the reconstruction stage's `last` checkpoint in the same run folder."""
     candidate = out_dir / ckpt.LAST
@@ -217,28 +247,16 @@ def _run(cfg: TrainConfig, ctx: DistContext, data_dir, out_dir, max_steps, resum
         raise ConfigError(f"the AVD stage starts from a trained reconstruction model: pass --init CKPT "
                           f"(or train the reconstruction stage into {base_dir} first)")
 
-    vgg = None
-    if cfg.stage == "reconstruction" and cfg.perceptual_weight != 0:
-        if ctx.is_main:
-            ensure_vgg19_weights()  # rank 0 downloads (once, into the torch hub cache) or stops with how to fix it
-        ctx.barrier()
-        vgg = load_vgg19(download=False).to(ctx.device)
+    vgg = perceptual_network(cfg, ctx.device, ctx.is_main, ctx.barrier)
 
     _seed_everything(cfg.runtime.seed)
     stage_params = cfg.avd if cfg.stage == "avd" else cfg.train
     num_repeats = cfg.avd.num_repeats if cfg.stage == "avd" else cfg.dataset.num_repeats
     train_set, eval_set = _datasets(cfg, root, ctx, num_repeats)
 
-    model = build_model(cfg.model, for_training=True).to(ctx.device)
-    if init is not None and resume is None:
-        loaded = ckpt.load_parts(model, ckpt.read_checkpoint(init), source=str(init))
-        if cfg.stage == "avd" and not {"generator", "region_predictor", "bg_predictor"} <= set(loaded):
-            raise CheckpointError(f"{init} lacks parts the AVD stage needs (has {loaded})")
-        if ctx.is_main:
-            log.info("initialised %s from %s", ", ".join(loaded), init)
-    autocast, scaler = _precision(cfg.runtime.precision, ctx.device)
-    recipe: Recipe = RECIPES[(cfg.model.backbone, cfg.stage)](cfg, model, ctx.device, ctx.distributed, autocast,
-                                                              scaler, vgg)
+    recipe = build_recipe(cfg, ctx.device, ctx.distributed, vgg, init=None if resume is not None else init,
+                          verbose=ctx.is_main)
+    model, scaler = recipe.model, recipe.scaler
 
     progress = Progress()
     restored_rng = None

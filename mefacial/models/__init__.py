@@ -55,8 +55,8 @@ if TYPE_CHECKING:
     from ..config import ModelConfig
 
 # Modules that register a backbone when imported (one line per backbone).
-BACKBONE_MODULES = ("warp", "fomm", "mraa")  # also the order of menus and listings
-POINT_KINDS = ("landmarks", "au_points")
+BACKBONE_MODULES = ("dense", "warp", "fomm", "mraa")  # also the order of menus and listings
+POINT_KINDS = ("landmarks", "au_points", "mesh")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,7 +83,8 @@ class BackboneSpec:
     builder: Callable[["ModelConfig", bool], "nn.Module"]  # (config, for_training) -> model
     clip: type  # a ClipRunner subclass: animates one clip with a built model
     motion_modes: Mapping[str, str]  # mode -> label; the first one is the default
-    points: str  # "landmarks": 68 landmarks always; "au_points": 18 AU points, only with a prior
+    points: str  # "landmarks": 68 landmarks always; "au_points": 18 AU points, only with a prior;
+    # "mesh": the 478-point face mesh of mefacial.mesh, always
     variants: tuple[VariantDecl, ...]
     adapt_scale_default: bool = False  # what the original code does in relative mode
     adapt_scale: bool = True  # whether movement-scale adaptation means anything here
@@ -107,13 +108,17 @@ class BackboneSpec:
 
     def needs_landmarks(self, prior: str) -> bool:
         """Whether a model of this backbone with `prior` consumes landmarks (68 points or 18 AU points)."""
-        return self.points == "landmarks" or prior != "none"
+        return self.points in ("landmarks", "mesh") or prior != "none"
 
     @property
     def points_per_face(self) -> tuple[int, ...]:
         """How many points per face may be given: 68 landmarks (or, for AU-point models, the 18 AU points)."""
         if self.points == "landmarks":
             return (prior_lib.NUM_LANDMARKS,)
+        if self.points == "mesh":
+            from ..mesh import NUM_VERTICES
+
+            return (NUM_VERTICES,)
         return (prior_lib.NUM_LANDMARKS, prior_lib.NUM_AU_POINTS)
 
 

@@ -105,9 +105,11 @@ class KPDetector(nn.Module):
 
     def prior_maps(self, au_points: torch.Tensor, image_size: int, map_size: int) -> dict[str, torch.Tensor]:
         """The prior channel (B x 1 x m x m, key "prior") and, for AWP, the per-AU maps ("per_au")."""
+        # float32, or float64 when the model is (the training reference checks)
+        dtype = torch.float64 if self.kp.weight.dtype == torch.float64 else torch.float32
         if self.prior_kind == "ewp":
-            return {"prior": prior.ewp_map(au_points, image_size, map_size, self.prior_sigma, self.prior_distance)}
-        per_au = prior.per_au_maps(au_points, image_size, map_size, self.prior_sigma, self.prior_distance)
+            return {"prior": prior.ewp_map(au_points, image_size, map_size, self.prior_sigma, self.prior_distance, dtype)}
+        per_au = prior.per_au_maps(au_points, image_size, map_size, self.prior_sigma, self.prior_distance, dtype)
         per_au = per_au.to(self.learn.weight.dtype)  # B x 18 x m x m
         return {"prior": self.learn1(self.learn(per_au)), "per_au": per_au}
 

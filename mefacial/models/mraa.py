@@ -58,8 +58,13 @@ def full_precision(device: torch.device):
     return torch.autocast(device_type=device.type, enabled=False)
 
 
+def _full(x: torch.Tensor) -> torch.Tensor:
+    """Half precision (autocast) -> float32; float32 and float64 (the training reference checks) unchanged."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def _float(regions: Regions) -> Regions:
-    return {k: v.float() for k, v in regions.items()}
+    return {k: _full(v) for k, v in regions.items()}
 
 
 def _weighted_moments(heatmap: torch.Tensor, shift: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,7 +91,7 @@ def covar_sqrt(covar: torch.Tensor) -> torch.Tensor:
     the signs of the singular vectors are part of what the published models
     learned, and GPU solvers may pick others.
     """
-    u, s, _ = torch.linalg.svd(covar.float().cpu(), full_matrices=False)
+    u, s, _ = torch.linalg.svd(_full(covar).cpu(), full_matrices=False)
     u, s = u.to(covar.device), s.to(covar.device)
     return u @ torch.diag_embed(s**0.5)  # ... x 2 x 2
 
@@ -187,7 +192,7 @@ class RegionPredictor(nn.Module):
         x = self.down(frames) if self.scale_factor != 1 else frames  # B x C x h x w
         if self.prior == "none":
             feature_map = self.predictor(x)
-            logits = self.regions(feature_map).float()  # B x K x h x w
+            logits = _full(self.regions(feature_map))  # B x K x h x w
             heatmap = F.softmax(logits.flatten(2) / self.temperature, dim=2).view_as(logits)
             with full_precision(x.device):
                 shift, covar = _weighted_moments(heatmap)
@@ -196,9 +201,12 @@ class RegionPredictor(nn.Module):
             if au_points is None:
                 raise InputError("this model has a facial prior: pass the 18 AU points of every frame (B x 18 x 2 pixels)")
             heatmap = prior_lib.per_au_maps(au_points, image_size=size[0], map_size=x.shape[2],
-                                            sigma=self.prior_sigma, distance=self.prior_distance)  # B x K x h x w
-            frame_wh = torch.tensor([size[1], size[0]], dtype=torch.float32, device=au_points.device)
-            shift = au_points.float() * 2 / frame_wh - 1  # B x K x 2, the original's `kp * 2 / 256 - 1`
+                                            sigma=self.prior_sigma, distance=self.prior_distance,
+                                            dtype=torch.float64 if self.regions.weight.dtype == torch.float64
+                                            else torch.float32)  # B x K x h x w
+            points = au_points.double() if au_points.dtype == torch.float64 else au_points.float()
+            frame_wh = torch.tensor([size[1], size[0]], dtype=points.dtype, device=au_points.device)
+            shift = points * 2 / frame_wh - 1  # B x K x 2, the original's `kp * 2 / 256 - 1`
             with full_precision(x.device):
                 _, covar = _weighted_moments(heatmap, shift)
             fused = self.fused_prior(heatmap.to(x.dtype))  # B x 1 x h x w
@@ -206,7 +214,7 @@ class RegionPredictor(nn.Module):
             feature_map = self.predictor(torch.cat([x, fused.to(x.dtype)], dim=1)) if self.jacobian is not None else None
 
         if self.jacobian is not None:
-            jacobian_map = self.jacobian(feature_map).float()  # B x 4 x h x w
+            jacobian_map = _full(self.jacobian(feature_map))  # B x 4 x h x w
             weighted = heatmap.unsqueeze(2) * jacobian_map.unsqueeze(1)  # B x K x 4 x h x w
             affine = weighted.flatten(3).sum(dim=-1).view(*heatmap.shape[:2], 2, 2)  # B x K x 2 x 2
             params["affine"] = affine
@@ -328,20 +336,20 @@ class PixelwiseFlowPredictor(nn.Module):
         bs = driving["shift"].shape[0]
         with full_precision(source_down.device):
             source, driving = _float(source), _float(driving)
-            bg_params = None if bg_params is None else bg_params.float()
+            bg_params = None if bg_params is None else _full(bg_params)
             heatmap = self.heatmap_representation((h, w), source, driving)  # B x K+1 x 1 x h x w
             sparse = self.sparse_motions((h, w), source, driving, bg_params)  # B x K+1 x h x w x 2
             if self.use_deformed_source:
-                deformed = shared_grid_sample(source_down.float(), sparse, self.align_corners)  # B x K+1 x C x h x w
+                deformed = shared_grid_sample(_full(source_down), sparse, self.align_corners)  # B x K+1 x C x h x w
                 predictor_input = torch.cat([heatmap, deformed], dim=2)
             else:
                 predictor_input = heatmap
         prediction = self.hourglass(predictor_input.view(bs, -1, h, w))
-        mask = F.softmax(self.mask(prediction).float(), dim=1)  # B x K+1 x h x w
+        mask = F.softmax(_full(self.mask(prediction)), dim=1)  # B x K+1 x h x w
         flow = (sparse * mask.unsqueeze(-1)).sum(dim=1)  # B x h x w x 2
         out = {"optical_flow": flow}
         if self.occlusion is not None:
-            out["occlusion_map"] = torch.sigmoid(self.occlusion(prediction).float())  # B x 1 x h x w
+            out["occlusion_map"] = torch.sigmoid(_full(self.occlusion(prediction)))  # B x 1 x h x w
         return out
 
 
@@ -478,11 +486,11 @@ class AVDNetwork(nn.Module):
         id_shift, id_affine = x_id["shift"].expand(bs, -1, -1), x_id["affine"].expand(bs, -1, -1, -1)
         if self.revert_axis_swap:
             with full_precision(device):
-                sign = torch.sign((id_affine.float() @ torch.inverse(x_pose["affine"].float()))[:, :, 0:1, 0:1])
+                sign = torch.sign((_full(id_affine) @ torch.inverse(_full(x_pose["affine"])))[:, :, 0:1, 0:1])
             id_affine = id_affine * sign
         pose_emb = self.pose_encoder(self._embed(x_pose))
         id_emb = self.id_encoder(self._embed({"shift": id_shift, "affine": id_affine}))
-        rec = self.decoder(torch.cat([pose_emb, id_emb], dim=1)).float().view(bs, self.num_regions, 6)
+        rec = _full(self.decoder(torch.cat([pose_emb, id_emb], dim=1))).view(bs, self.num_regions, 6)
         affine = rec[:, :, 2:].reshape(bs, self.num_regions, 2, 2)
         with full_precision(device):
             covar = affine @ affine.transpose(-1, -2)

@@ -136,6 +136,25 @@ def tps_evaluate(control: torch.Tensor, coefficients: torch.Tensor, points: torc
     return radial @ coefficients[:, :n] + affine @ coefficients[:, n:]
 
 
+CONFINE_REACH = 0.15  # with confine_to_prior, motion fades out over this share of the face's size outside it
+
+
+def face_reach(landmarks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """1 inside the convex hull of a face's landmarks (P x 2 pixels), easing (smoothstep) to 0 at CONFINE_REACH x
+    the face's size outside it: H x W float32."""
+    import cv2
+    import numpy as np
+
+    points = landmarks.detach().double().cpu().numpy()
+    hull = cv2.convexHull(np.round(points * 4).astype(np.int32))  # quarter-pixel precision
+    outside = np.full(size, 255, np.uint8)
+    cv2.fillConvexPoly(outside, hull, 0, lineType=cv2.LINE_8, shift=2)
+    distance = cv2.distanceTransform(outside, cv2.DIST_L2, 5)  # px to the hull, 0 inside
+    reach = CONFINE_REACH * float((points.max(0) - points.min(0)).max())
+    ramp = np.clip(1 - distance / max(reach, 1.0), 0, 1)
+    return torch.from_numpy((ramp * ramp * (3 - 2 * ramp)).astype(np.float32))
+
+
 class LandmarkWarp(nn.Module):
     """The `warp` backbone: transfers landmark motion by a thin-plate-spline warp of the source.
 
@@ -222,11 +241,13 @@ class LandmarkWarp(nn.Module):
 
     def prior_weight(self, source_landmarks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """Motion weight from the source's EWP map (max 1): 0 below `confine_range[0]`, 1 above
-        `confine_range[1]`, linear between. 1 x 68 x 2 -> 1 x H x W x 1.
+        `confine_range[1]`, linear between, times `face_reach` (1 on the face, 0 from CONFINE_REACH x the
+        face's size outside its landmarks' hull). 1 x 68 x 2 -> 1 x H x W x 1.
 
-        On face crops the map is about 0.3 on the cheeks, 0.15-0.3 on the nose, 0.05-0.2
-        along the jaw and below 0.05 in the frame's corners: the face moves, the
-        contour fades out and the background holds still.
+        On loosely framed face crops the map is about 0.3 on the cheeks, 0.15-0.3 on the nose, 0.05-0.2
+        along the jaw and below 0.05 in the frame's corners. The map's Gaussians have a fixed size in
+        the frame, so on a tightly framed face it stays high into the corners; the reach term follows
+        the face's own size, so the background holds still however the face is framed.
         """
         from .. import prior
 
@@ -236,7 +257,8 @@ class LandmarkWarp(nn.Module):
         ewp = F.interpolate(ewp.to(source_landmarks.dtype), size=(side, side), mode="bilinear", align_corners=False)
         ewp = ewp[..., : size[0], : size[1]]  # 1 x 1 x H x W
         low, high = self.confine_range
-        return ((ewp - low) / (high - low)).clamp(0, 1).permute(0, 2, 3, 1)
+        weight = ((ewp - low) / (high - low)).clamp(0, 1).permute(0, 2, 3, 1)  # 1 x H x W x 1
+        return weight * face_reach(source_landmarks[0], size).to(weight)[None, ..., None]
 
     def animate(
         self,

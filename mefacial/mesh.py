@@ -1,0 +1,305 @@
+"""Dense face mesh: 478 points per frame (468 MediaPipe face-mesh vertices + 2 x 5 iris points), offline.
+
+    from mefacial.mesh import detect_mesh, REGIONS
+    points = detect_mesh(frames)           # N x H x W x 3 uint8 -> N x 478 x 2 float32 pixel (x, y)
+    points[:, REGIONS["upper_lids"]]       # any named region below
+
+The models are MediaPipe's `face_landmark.tflite` (468 points, 192 x 192 input)
+and `iris_landmark.tflite` (71 refined eye-contour points and 5 iris points per
+eye, 64 x 64 input), taken unchanged from the `mediapipe==0.10.21` wheel
+(Apache-2.0, see `mefacial/assets/mediapipe/README.md`) and run by the light
+LiteRT interpreter (`ai-edge-litert`, numpy-2 compatible) on the CPU; nothing
+is downloaded. The 478-point layout is MediaPipe's "refined" face mesh: the
+eye contours of the mesh are replaced by the iris model's, and points 468-472
+(right iris: centre, then 4 on its rim) and 473-477 (left iris) are appended.
+"Left" and "right" are the person's, as in MediaPipe: the right eye is on the
+image's left.
+
+Tracking inside a fixed face box: the face is found once, on the clip's first
+(onset) frame, by dlib's HOG detector (or `box` is given); the mesh is fitted
+there twice (the second time in the box its first fit gives, as MediaPipe's
+tracker does) and that region of interest is kept for every frame of the clip.
+A frame whose mesh falls out of it (the head moved) gets a box from the
+previous frame's mesh. No per-frame face search: about 4-5 ms per frame on one
+CPU core.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import threading
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from .errors import InputError, NoFaceError, WeightsNotFoundError
+
+ASSETS = Path(__file__).parent / "assets" / "mediapipe"
+FACE_MODEL = ASSETS / "face_landmark.tflite"
+IRIS_MODEL = ASSETS / "iris_landmark.tflite"
+
+NUM_MESH = 468  # face-mesh vertices
+NUM_VERTICES = 478  # + 5 iris points per eye
+FACE_INPUT = 192
+IRIS_INPUT = 64
+ROI_SCALE = 1.5  # MediaPipe's face region of interest: 1.5 x the landmarks' extent, square
+IRIS_ROI_SCALE = 2.3  # MediaPipe's eye region: 2.3 x the eye-corner distance, square
+PRESENCE_THRESHOLD = 0.5  # sigmoid of the face-flag output
+RETRACK_SHIFT = 0.08  # a mesh whose centre moved by more than this x the box size gets a new box
+
+# ---- named vertex sets (MediaPipe's topology; indices into the 478 points) ---------------------------------
+# Eye contours in the order of MediaPipe's iris model output (71 points per eye), person's right eye first.
+EYE_CONTOUR_INDICES = (
+    (33, 7, 163, 144, 145, 153, 154, 155, 133, 246, 161, 160, 159, 158, 157, 173, 130, 25, 110, 24, 23, 22, 26, 112,
+     243, 247, 30, 29, 27, 28, 56, 190, 226, 31, 228, 229, 230, 231, 232, 233, 244, 113, 225, 224, 223, 222, 221, 189,
+     35, 124, 46, 53, 52, 65, 143, 111, 117, 118, 119, 120, 121, 128, 245, 156, 70, 63, 105, 66, 107, 55, 193),
+    (263, 249, 390, 373, 374, 380, 381, 382, 362, 466, 388, 387, 386, 385, 384, 398, 359, 255, 339, 254, 253, 252, 256,
+     341, 463, 467, 260, 259, 257, 258, 286, 414, 446, 261, 448, 449, 450, 451, 452, 453, 464, 342, 445, 444, 443, 442,
+     441, 413, 265, 353, 276, 283, 282, 295, 372, 340, 346, 347, 348, 349, 350, 357, 465, 383, 300, 293, 334, 296, 336,
+     285, 417),
+)
+EYE_CORNERS = ((33, 133), (362, 263))  # (image-left, image-right) corner of the right eye, the left eye
+RIGHT_EYE_LOWER = (33, 7, 163, 144, 145, 153, 154, 155, 133)  # lid margins, corner to corner
+RIGHT_EYE_UPPER = (33, 246, 161, 160, 159, 158, 157, 173, 133)
+LEFT_EYE_LOWER = (263, 249, 390, 373, 374, 380, 381, 382, 362)
+LEFT_EYE_UPPER = (263, 466, 388, 387, 386, 385, 384, 398, 362)
+RIGHT_IRIS = (468, 469, 470, 471, 472)  # centre first
+LEFT_IRIS = (473, 474, 475, 476, 477)
+RIGHT_UPPER_LID = (246, 161, 160, 159, 158, 157, 173, 247, 30, 29, 27, 28, 56, 190, 113, 225, 224, 223, 222, 221, 189)
+LEFT_UPPER_LID = (466, 388, 387, 386, 385, 384, 398, 467, 260, 259, 257, 258, 286, 414, 342, 445, 444, 443, 442, 441, 413)
+RIGHT_LOWER_LID = (7, 163, 144, 145, 153, 154, 155, 25, 110, 24, 23, 22, 26, 112)
+LEFT_LOWER_LID = (249, 390, 373, 374, 380, 381, 382, 255, 339, 254, 253, 252, 256, 341)
+RIGHT_BROW = (46, 52, 53, 55, 63, 65, 66, 70, 105, 107)
+LEFT_BROW = (276, 282, 283, 285, 293, 295, 296, 300, 334, 336)
+LIPS = (0, 13, 14, 17, 37, 39, 40, 61, 78, 80, 81, 82, 84, 87, 88, 91, 95, 146, 178, 181, 185, 191, 267, 269, 270, 291,
+        308, 310, 311, 312, 314, 317, 318, 321, 324, 375, 402, 405, 409, 415)
+NOSE = (1, 2, 4, 5, 6, 19, 45, 48, 64, 94, 97, 98, 115, 168, 195, 197, 220, 275, 278, 294, 326, 327, 344, 440)
+FACE_OVAL = (10, 338, 297, 332, 284, 251, 389, 356, 454, 323, 361, 288, 397, 365, 379, 378, 400, 377, 152, 148, 176,
+             149, 150, 136, 172, 58, 132, 93, 234, 127, 162, 21, 54, 103, 67, 109)  # in order around the face
+# Derived from a frontal mesh by position (scripts/mesh_regions.py prints them): forehead above the brows' mean height,
+# cheeks between the lower lids and the mouth corners outside the nose, jaw below the mouth corners.
+FOREHEAD = (9, 10, 21, 54, 67, 68, 69, 71, 103, 104, 108, 109, 151, 251, 284, 297, 298, 299, 301, 332, 333, 337, 338)
+CHEEKS = (36, 50, 74, 92, 93, 100, 101, 102, 111, 116, 117, 118, 119, 120, 123, 129, 132, 137, 142, 147, 165, 177, 184, 186,
+          187, 203, 205, 206, 207, 213, 215, 216, 227, 228, 229, 230, 231, 234, 266, 280, 322, 323, 329, 330, 331,
+          340, 345, 346, 347, 348, 349, 352, 358, 361, 366, 371, 376, 391, 401, 408, 410, 411, 423, 425, 426, 427,
+          433, 435, 436, 447, 448, 449, 450, 451, 454)
+JAW = (15, 16, 18, 32, 43, 77, 83, 85, 86, 89, 90, 96, 106, 135, 136, 138, 140, 148, 149, 150, 152, 169, 170, 171, 172,
+       175, 176, 179, 180, 182, 194, 199, 200, 201, 202, 204, 208, 210, 211, 214, 262, 273, 307, 313, 315, 316, 319,
+       320, 325, 335, 364, 365, 367, 369, 377, 378, 379, 394, 395, 396, 397, 400, 403, 404, 406, 418, 421, 422, 424,
+       428, 430, 431, 434)
+
+REGIONS: dict[str, tuple[int, ...]] = {
+    "right_eye": tuple(sorted(set(RIGHT_EYE_LOWER + RIGHT_EYE_UPPER))),
+    "left_eye": tuple(sorted(set(LEFT_EYE_LOWER + LEFT_EYE_UPPER))),
+    "eyes": tuple(sorted(set(RIGHT_EYE_LOWER + RIGHT_EYE_UPPER + LEFT_EYE_LOWER + LEFT_EYE_UPPER))),
+    "upper_lids": tuple(sorted(set(RIGHT_UPPER_LID + LEFT_UPPER_LID))),
+    "lower_lids": tuple(sorted(set(RIGHT_LOWER_LID + LEFT_LOWER_LID))),
+    "lids": tuple(sorted(set(RIGHT_UPPER_LID + LEFT_UPPER_LID + RIGHT_LOWER_LID + LEFT_LOWER_LID))),
+    "irises": RIGHT_IRIS + LEFT_IRIS,
+    "brows": tuple(sorted(set(RIGHT_BROW + LEFT_BROW))),
+    "forehead": FOREHEAD,
+    "cheeks": CHEEKS,
+    "nose": NOSE,
+    "lips": LIPS,
+    "jaw": JAW,
+    "face_oval": FACE_OVAL,
+}
+
+
+def eye_aperture(points: np.ndarray) -> np.ndarray:
+    """Mean lid-to-lid distance of both eyes, across the eye (perpendicular to the corner-to-corner axis), over
+    the middle 5 points of each margin: ... x 478 x 2 -> ... pixels. The eye-narrowing measure of the README."""
+    points = np.asarray(points, np.float64)
+    gaps = []
+    for upper, lower in ((RIGHT_EYE_UPPER, RIGHT_EYE_LOWER), (LEFT_EYE_UPPER, LEFT_EYE_LOWER)):
+        axis = points[..., upper[-1], :] - points[..., upper[0], :]
+        normal = np.stack([-axis[..., 1], axis[..., 0]], -1) / np.linalg.norm(axis, axis=-1, keepdims=True)
+        across = ((points[..., list(lower[2:7]), :] - points[..., list(upper[2:7]), :]) * normal[..., None, :]).sum(-1)
+        gaps.append(np.abs(across).mean(-1))
+    return (gaps[0] + gaps[1]) / 2
+
+
+def inter_ocular(points: np.ndarray) -> np.ndarray:
+    """Distance between the outer eye corners (33, 263): ... x 478 x 2 -> ... pixels."""
+    points = np.asarray(points, np.float64)
+    return np.linalg.norm(points[..., 33, :] - points[..., 263, :], axis=-1)
+
+
+# ---- the models ------------------------------------------------------------------------------------------
+
+
+def model_files() -> list[Path]:
+    return [FACE_MODEL, IRIS_MODEL]
+
+
+class _Runner:
+    """One LiteRT interpreter per model; calls are serialised (an interpreter is not thread-safe)."""
+
+    def __init__(self, path: Path):
+        try:
+            from ai_edge_litert.interpreter import Interpreter
+        except ImportError as err:
+            raise WeightsNotFoundError(
+                "the dense face mesh needs the LiteRT runtime: `pip install ai-edge-litert` (see requirements.txt), "
+                "or use the 68-point `warp` variant") from err
+        if not path.is_file():
+            raise WeightsNotFoundError(f"the face-mesh model {path} is missing from the installed package; "
+                                       "reinstall mefacial (the .tflite files ship in mefacial/assets/mediapipe)")
+        self.interpreter = Interpreter(model_path=str(path), num_threads=1)
+        self.interpreter.allocate_tensors()
+        self.input = self.interpreter.get_input_details()[0]["index"]
+        self.outputs = [d["index"] for d in self.interpreter.get_output_details()]
+        self.lock = threading.Lock()
+
+    def __call__(self, image: np.ndarray) -> list[np.ndarray]:
+        """h x w x 3 float32 in [0, 1] -> the model's outputs, flattened."""
+        with self.lock:
+            self.interpreter.set_tensor(self.input, image[None])
+            self.interpreter.invoke()
+            return [self.interpreter.get_tensor(i).ravel().copy() for i in self.outputs]
+
+
+@functools.lru_cache(maxsize=None)
+def _runners(pid: int) -> tuple[_Runner, _Runner]:
+    """The face and iris interpreters of this process (built again in a forked child)."""
+    return _Runner(FACE_MODEL), _Runner(IRIS_MODEL)
+
+
+def _crop_transform(centre: np.ndarray, size: float, angle: float, out: int) -> np.ndarray:
+    """2 x 3 affine map from crop pixels (out x out, the box rotated by `angle`) to image pixels."""
+    c, s = np.cos(angle) * size / out, np.sin(angle) * size / out
+    linear = np.array([[c, -s], [s, c]])
+    return np.concatenate([linear, (centre - linear @ np.full(2, out / 2.0))[:, None]], axis=1)
+
+
+def _cut(frame: np.ndarray, transform: np.ndarray, out: int, flip: bool = False) -> np.ndarray:
+    """The rotated box of `frame` as an out x out float32 image in [0, 1] (zero outside the picture)."""
+    if flip:  # mirror the crop: crop pixel u -> out - u
+        transform = transform @ np.array([[-1.0, 0, out], [0, 1, 0], [0, 0, 1]])
+    crop = cv2.warpAffine(frame, transform, (out, out), flags=cv2.WARP_INVERSE_MAP | cv2.INTER_LINEAR,
+                          borderMode=cv2.BORDER_CONSTANT)
+    return crop.astype(np.float32) / 255.0
+
+
+def _to_image(points: np.ndarray, transform: np.ndarray, out: int, flip: bool = False) -> np.ndarray:
+    if flip:
+        points = np.stack([out - points[:, 0], points[:, 1]], axis=-1)
+    return points @ transform[:, :2].T + transform[:, 2]
+
+
+def _box_of(points: np.ndarray, scale: float = ROI_SCALE) -> tuple[np.ndarray, float, float]:
+    """MediaPipe's region of interest of a mesh: (centre, side, angle), the box aligned with the eye line."""
+    axis = points[263] - points[33]
+    angle = float(np.arctan2(axis[1], axis[0]))
+    c, s = np.cos(-angle), np.sin(-angle)
+    upright = points[:NUM_MESH] @ np.array([[c, -s], [s, c]]).T  # rotated so the eyes are level
+    low, high = upright.min(0), upright.max(0)
+    centre = ((low + high) / 2) @ np.array([[c, s], [-s, c]]).T
+    return centre, float(max(high - low) * scale), angle
+
+
+def _fit_face(frame: np.ndarray, box: tuple[np.ndarray, float, float]) -> tuple[np.ndarray, float]:
+    """468 mesh points (468 x 2 image pixels) in the box, and the face-presence probability."""
+    centre, size, angle = box
+    transform = _crop_transform(centre, size, angle, FACE_INPUT)
+    face, _ = _runners(os.getpid())
+    raw, flag = face(_cut(frame, transform, FACE_INPUT))
+    points = _to_image(raw.reshape(NUM_MESH, 3)[:, :2].astype(np.float64), transform, FACE_INPUT)
+    return points, float(1.0 / (1.0 + np.exp(-flag[0])))
+
+
+def _refine_eyes(frame: np.ndarray, mesh: np.ndarray) -> np.ndarray:
+    """The 468 points with the iris model's eye contours, and the 10 iris points appended: 478 x 2."""
+    _, iris = _runners(os.getpid())
+    out = np.empty((NUM_VERTICES, 2))
+    out[:NUM_MESH] = mesh
+    for eye, ((a, b), contour) in enumerate(zip(EYE_CORNERS, EYE_CONTOUR_INDICES)):
+        axis = mesh[b] - mesh[a]
+        transform = _crop_transform((mesh[a] + mesh[b]) / 2, float(np.linalg.norm(axis)) * IRIS_ROI_SCALE,
+                                    float(np.arctan2(axis[1], axis[0])), IRIS_INPUT)
+        flip = eye == 1  # the model is trained on the person's right eye; the left eye is mirrored
+        contours, irises = iris(_cut(frame, transform, IRIS_INPUT, flip))
+        out[list(contour)] = _to_image(contours.reshape(71, 3)[:, :2].astype(np.float64), transform, IRIS_INPUT, flip)
+        out[NUM_MESH + 5 * eye:NUM_MESH + 5 * eye + 5] = _to_image(irises.reshape(5, 3)[:, :2].astype(np.float64),
+                                                                  transform, IRIS_INPUT, flip)
+    return out
+
+
+def _initial_box(frame: np.ndarray, box) -> tuple[np.ndarray, float, float] | None:
+    """A region of interest for the first frame: from `box` (x0, y0, x1, y1) when given, else (or when the mesh
+    finds no face there) from dlib's face search, else the whole picture (a face crop); None when no face."""
+    height, width = frame.shape[:2]
+
+    def candidates():
+        if box is not None:
+            x0, y0, x1, y1 = (float(v) for v in box)
+            if not (x1 > x0 and y1 > y0):
+                raise InputError(f"box must be (x0, y0, x1, y1) with x1 > x0 and y1 > y0, got {tuple(box)}")
+            yield np.array([(x0 + x1) / 2, (y0 + y1) / 2]), max(x1 - x0, y1 - y0) * ROI_SCALE, 0.0
+        from .landmarks import get_detector
+
+        found = get_detector("dlib").detect(frame[None], allow_missing=True)
+        if found.found[0]:
+            points = found.points[0].astype(np.float64)
+            angle = float(np.arctan2(*(points[45] - points[36])[::-1]))
+            low, high = points.min(0), points.max(0)
+            yield (low + high) / 2 - [0, 0.1 * (high - low)[1]], float(max(high - low)) * ROI_SCALE, angle
+        yield np.array([width / 2, height / 2]), float(max(width, height)), 0.0  # a face crop
+
+    for candidate in candidates():
+        mesh, presence = _fit_face(frame, candidate)
+        if presence >= PRESENCE_THRESHOLD:
+            return _box_of(mesh)
+    return None
+
+
+def detect_mesh(frames: np.ndarray, box=None, *, refine_eyes: bool = True, allow_missing: bool = False,
+                role: str = "driving") -> np.ndarray:
+    """The 478-point face mesh of each frame: N x H x W x 3 uint8 (or one H x W x 3 image) -> N x 478 x 2 float32
+    pixel (x, y) (pixel centres at integers, as the 68-point landmarks).
+
+    `box` (x0, y0, x1, y1), in pixels of the frames, is the face's box on the first frame (a face detector's
+    box, or the extent of 68 landmarks); without it (or when the mesh finds no face in it) dlib finds the face
+    there. The box is then kept for the clip (tracking, no per-frame face
+    search). `refine_eyes=False` skips the iris model (points 468-477 are then NaN and the eye contours are the
+    mesh's own). A frame without a face raises NoFaceError naming it (`role` "source" or "driving" words the
+    message), or gives NaN points with `allow_missing`.
+    """
+    frames = np.asarray(frames)
+    if frames.ndim == 3:
+        frames = frames[None]
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or len(frames) == 0:
+        raise InputError(f"detect_mesh takes N x H x W x 3 uint8 frames, got {frames.dtype} {frames.shape}")
+    count = len(frames)
+    out = np.full((count, NUM_VERTICES, 2), np.nan, np.float32)
+    roi = _initial_box(frames[0], box)
+    if roi is None:
+        if allow_missing:
+            return out
+        raise _no_face(0, count, frames.shape, role)
+    for index, frame in enumerate(frames):
+        mesh, presence = _fit_face(frame, roi)
+        if presence < PRESENCE_THRESHOLD and index > 0 and np.isfinite(out[index - 1, 0, 0]):
+            roi = _box_of(out[index - 1].astype(np.float64))  # the head moved: the previous frame's box
+            mesh, presence = _fit_face(frame, roi)
+        if presence < PRESENCE_THRESHOLD:
+            if not allow_missing:
+                raise _no_face(index, count, frames.shape, role)
+            continue
+        centre, size, _ = _box_of(mesh)
+        if np.linalg.norm(centre - roi[0]) > RETRACK_SHIFT * roi[1]:
+            roi = _box_of(mesh)  # follow a moving head from the next frame on
+        out[index] = _refine_eyes(frame, mesh) if refine_eyes else np.concatenate([mesh, np.full((10, 2), np.nan)])
+    return out
+
+
+def _no_face(index: int, count: int, shape: tuple, role: str) -> NoFaceError:
+    remedy = (f"the face mesh needs a frontal or near-frontal face, at least about 60 px tall, in this "
+              f"{shape[2]}x{shape[1]} picture: crop closer to the face, avoid strong profile views, occlusions "
+              "and deep shadows")
+    if role == "source":
+        return NoFaceError(f"no face found in the source image: {remedy}.", frame_index=None)
+    return NoFaceError(f"no face in driving frame {index} (of {count}): {remedy}; trim frames where the face "
+                       "leaves the picture.", frame_index=index)

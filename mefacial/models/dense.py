@@ -1,0 +1,484 @@
+"""Training-free dense generator: the `dense` variant (478-point face mesh, local retargeting, appearance transfer).
+
+For a target (source) face S and a driving clip D_0 .. D_T-1 (all with their
+`mefacial.mesh` points, V = 478):
+
+1. Retargeting (`DenseMeshWarp.retarget`): each vertex's motion relative to the
+   onset frame, D_t - D_0, is carried onto the target face by a local linear map:
+   the area-weighted mean, over the vertex's triangles (a Delaunay triangulation
+   of the target mesh, the same vertex indices on the driving face), of the
+   affine map taking the driving onset triangle onto the target's one, bounded
+   to [1/2, 2] x the faces' global similarity and brought to its scale (local
+   proportions steer the motion; its size in inter-ocular units is kept). The lid margins use each eye's own
+   frame (width ratio along the eye, aperture ratio across it), so a lid that
+   closes half of the driving eye closes half of the target eye. `magnify`
+   multiplies the motion; lids never cross.
+2. Geometry (`render`): an exact piecewise-affine backward map from the target
+   mesh of frame t to the source mesh (plus still anchors on a ring around the
+   face and on the picture border), evaluated on a grid of every `grid_step`
+   pixels and upsampled: dense, continuous (no tearing), the background still.
+   Eyes are layered: inside the target eye opening the eyeball is drawn unsquashed
+   (moved by the iris motion only), and outside it the lid skin is stretched over
+   what the lids now cover. A closing lid therefore covers the iris instead of
+   squeezing it into a dark band.
+3. Appearance (`appearance_ratios`): what geometry cannot carry (furrows, lid
+   shading) as an expression-ratio image on luminance: each driving frame is
+   aligned to the onset frame through the mesh (the same triangles map target
+   pixels to driving pixels), their luminance ratio is smoothed, normalised by its
+   median over the face (no global flicker), masked to the face outside the lids (whose
+   change the layered geometry draws), raised to the power `magnify` and bounded to
+   exp(+-ratio_bound); the target's RGB is multiplied by it, so colour and identity
+   stay the target's.
+
+Options (config `model_params` or keyword arguments): grid_step (px), ring_scale
+(the still ring around the face oval), ratio_bound, ratio_blur (px), appearance
+(bool: with the driving frames' ratio images).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.interpolate import LinearNDInterpolator
+from scipy.sparse import csr_matrix
+from scipy.spatial import Delaunay
+from torch import nn
+
+from .. import mesh as M
+from ..config import ModelConfig
+from . import BackboneSpec, ClipRunner, VariantDecl, register_backbone
+
+DEFAULTS: dict[str, Any] = {
+    "grid_step": 2,
+    "ring_scale": 1.35,
+    "ratio_bound": 0.35,
+    "ratio_blur": 2.5,
+    "appearance": True,
+}
+MAP_BOUNDS = (0.5, 2.0)  # local maps: singular values within these multiples of the global similarity's scale
+RATIO_EPS = 0.06  # luminance offset of the ratio images (dark pixels would make them noisy)
+# the lid region (up to the brows' lower edge, down to MediaPipe's fifth ring below the eye): geometry's
+PERIOCULAR = (((143, 35, 124, 46, 53, 52, 65, 245), (143, 111, 117, 118, 119, 120, 121, 128, 245), None),
+              ((372, 265, 353, 276, 283, 282, 295, 465), (372, 340, 346, 347, 348, 349, 350, 357, 465), None))
+EYES = ((M.RIGHT_EYE_UPPER, M.RIGHT_EYE_LOWER, M.RIGHT_IRIS), (M.LEFT_EYE_UPPER, M.LEFT_EYE_LOWER, M.LEFT_IRIS))
+CLOSED = 0.15  # a closed eye keeps this share of its aperture (the lids meet without crossing)
+BORDER_TAPER = 0.06  # share of the picture's size over which motion fades out towards its edge
+SUPERSAMPLE = 4  # eye-opening masks are drawn at 4x and averaged (anti-aliased edges)
+
+
+@dataclasses.dataclass
+class DenseState:
+    """What `prepare` computes once per (source, clip): meshes, triangles, local maps, grid weights, masks."""
+
+    size: tuple[int, int]  # H, W
+    source_mesh: np.ndarray  # V x 2 float64
+    initial_mesh: np.ndarray  # V x 2
+    maps: np.ndarray  # V x 2 x 2: driving motion -> target motion, per vertex
+    anchors: np.ndarray  # A x 2: still points (ring around the face, picture border)
+    grid: np.ndarray  # G x 2: the coarse grid (pixels)
+    grid_shape: tuple[int, int]
+    grid_vertices: np.ndarray  # G x 3 vertex indices of the source triangle holding each grid point (-1: none)
+    grid_weights: np.ndarray  # G x 3 barycentric weights
+    taper: np.ndarray  # G: motion weight, 0 on the picture's edge
+    face_mask: torch.Tensor  # 1 x 1 x h x w on the grid: where ratio images apply (face, eye openings left out)
+    source: torch.Tensor  # 1 x 3 x H x W
+    initial_luma: torch.Tensor | None  # 1 x 1 x H x W
+    barycentric: Any  # G x V sparse (scipy CSR): grid points as barycentric combinations of mesh vertices
+
+
+def _luma(frames: torch.Tensor) -> torch.Tensor:
+    """T x 3 x H x W in [0, 1] -> T x 1 x H x W luminance (BT.601)."""
+    weights = frames.new_tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+    return (frames * weights).sum(1, keepdim=True)
+
+
+def _blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of T x C x H x W (reflect padding)."""
+    if sigma <= 0:
+        return images
+    radius = max(1, int(round(3 * sigma)))
+    x = torch.arange(-radius, radius + 1, dtype=images.dtype, device=images.device)
+    kernel = torch.exp(-x**2 / (2 * sigma**2))
+    kernel = kernel / kernel.sum()
+    channels = images.shape[1]
+    padded = F.pad(images, (radius, radius, radius, radius), mode="reflect")
+    out = F.conv2d(padded, kernel.view(1, 1, 1, -1).expand(channels, 1, 1, -1), groups=channels)
+    return F.conv2d(out, kernel.view(1, 1, -1, 1).expand(channels, 1, -1, 1), groups=channels)
+
+
+def _to_grid(points: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Pixel (x, y) -> grid_sample coordinates (align_corners=False): ... x 2 -> ... x 2."""
+    height, width = size
+    return (2 * points + 1) / points.new_tensor([width, height]) - 1
+
+
+def _similarity(source: np.ndarray, initial: np.ndarray) -> np.ndarray:
+    """2 x 2 rotation-and-scale taking the driving eye axis (33 -> 263) onto the source's."""
+    a, b = source[263] - source[33], initial[263] - initial[33]
+    ratio = complex(*a) / complex(*b)
+    return np.array([[ratio.real, -ratio.imag], [ratio.imag, ratio.real]])
+
+
+def _bounded(maps: np.ndarray, similarity: np.ndarray) -> np.ndarray:
+    """K x 2 x 2 maps with singular values relative to the similarity bounded to MAP_BOUNDS; reflections -> it."""
+    relative = np.linalg.inv(similarity) @ maps
+    u, s, vt = np.linalg.svd(relative)
+    s = np.clip(s, *MAP_BOUNDS)
+    fixed = u @ (s[:, :, None] * vt)
+    fixed[np.linalg.det(relative) <= 0] = np.eye(2)
+    return similarity @ fixed
+
+
+def _eye_frame(points: np.ndarray, upper, lower) -> tuple[np.ndarray, float, float]:
+    """(2 x 2 rotation whose columns are the eye axis and its normal, eye width, aperture) of one eye."""
+    axis = points[upper[-1]] - points[upper[0]]
+    width = float(np.linalg.norm(axis))
+    u = axis / width
+    normal = np.array([-u[1], u[0]])
+    if (points[list(lower[2:7])] - points[list(upper[2:7])]).mean(0) @ normal < 0:
+        normal = -normal  # from the upper lid towards the lower one, whichever way the eye's corners run
+    rotation = np.stack([u, normal], axis=1)
+    aperture = float(np.mean(np.linalg.norm(points[list(upper[2:7])] - points[list(lower[2:7])], axis=1)))
+    return rotation, width, aperture
+
+
+def local_maps(source: np.ndarray, initial: np.ndarray, triangles: np.ndarray) -> np.ndarray:
+    """Per-vertex 2 x 2 maps (V x 2 x 2) carrying driving motion at the onset mesh `initial` onto the `source` mesh."""
+    similarity = _similarity(source, initial)
+    s0, s1, s2 = (source[triangles[:, k]] for k in range(3))
+    d0, d1, d2 = (initial[triangles[:, k]] for k in range(3))
+    edges_s = np.stack([s1 - s0, s2 - s0], axis=-1)  # K x 2 x 2 (edges as columns)
+    edges_d = np.stack([d1 - d0, d2 - d0], axis=-1)
+    det_d = np.linalg.det(edges_d)
+    ok = np.abs(det_d) > 1e-6
+    maps = np.repeat(similarity[None], len(triangles), axis=0)
+    maps[ok] = _bounded(edges_s[ok] @ np.linalg.inv(edges_d[ok]), similarity)
+    area = np.abs(np.linalg.det(edges_s)) / 2 + 1e-9  # K
+    total = np.zeros((len(source), 2, 2))
+    weight = np.zeros(len(source))
+    for k in range(3):
+        np.add.at(total, triangles[:, k], area[:, None, None] * maps)
+        np.add.at(weight, triangles[:, k], area)
+    out = np.repeat(similarity[None], len(source), axis=0)
+    used = weight > 0
+    out[used] = total[used] / weight[used, None, None]
+    # keep each local map's shape (direction, anisotropy) at the faces' global scale: motion keeps its size
+    # relative to the face (inter-ocular units), and local proportions only steer it
+    scale = np.sqrt(np.abs(np.linalg.det(out)))
+    out *= (np.sqrt(abs(np.linalg.det(similarity))) / np.maximum(scale, 1e-9))[:, None, None]
+    # the lid margins and irises: each eye's own frame (width along it, aperture across it)
+    for upper, lower, iris in EYES:
+        rot_s, width_s, gap_s = _eye_frame(source, upper, lower)
+        rot_d, width_d, gap_d = _eye_frame(initial, upper, lower)
+        along = width_s / width_d
+        across = float(np.clip(gap_s / max(gap_d, 1e-6), MAP_BOUNDS[0] * along, MAP_BOUNDS[1] * along))
+        eye_map = rot_s @ np.diag([along, across]) @ rot_d.T
+        out[list(set(upper[1:-1]) | set(lower[1:-1]) | set(iris))] = eye_map
+    return out
+
+
+def _eye_polygon(points: np.ndarray, upper, lower) -> np.ndarray:
+    """The eye opening's outline (upper margin, then the lower one back): n x 2."""
+    return np.concatenate([points[list(upper)], points[list(lower[-2:0:-1])]])
+
+
+def _fill(polygons: list[np.ndarray], size: tuple[int, int]) -> np.ndarray:
+    """Anti-aliased coverage (H x W float32 in [0, 1]) of polygons in pixel coordinates (drawn in their
+    bounding box only, at SUPERSAMPLE x)."""
+    height, width = size
+    out = np.zeros((height, width), np.float32)
+    if not polygons:
+        return out
+    points = np.concatenate(polygons)
+    x0, y0 = (max(int(np.floor(v)) - 1, 0) for v in points.min(0))
+    x1, y1 = min(int(np.ceil(points[:, 0].max())) + 2, width), min(int(np.ceil(points[:, 1].max())) + 2, height)
+    if x1 <= x0 or y1 <= y0:
+        return out
+    canvas = np.zeros(((y1 - y0) * SUPERSAMPLE, (x1 - x0) * SUPERSAMPLE), np.uint8)
+    for polygon in polygons:  # pixel centre (x, y) -> supersampled pixel centre, in 1/16 px
+        scaled = np.round(((polygon - [x0, y0] + 0.5) * SUPERSAMPLE - 0.5) * 16).astype(np.int32)
+        cv2.fillPoly(canvas, [scaled], 255, lineType=cv2.LINE_8, shift=4)
+    out[y0:y1, x0:x1] = cv2.resize(canvas, (x1 - x0, y1 - y0), interpolation=cv2.INTER_AREA) / 255.0
+    return out
+
+
+class DenseMeshWarp(nn.Module):
+    """The `dense` backbone (no parameters): `prepare` once per clip, then `animate` batches of driving frames.
+
+    Meshes are pixel (x, y) points of `mefacial.mesh` (V = 478) in frames of the source's size. `render` is the
+    geometry + appearance renderer on its own (target meshes given), for callers that make their own meshes.
+    """
+
+    def __init__(self, config: ModelConfig, **options: Any) -> None:
+        super().__init__()
+        given = {**(config.model_params or {}), **options}
+        unknown = sorted(set(given) - set(DEFAULTS))
+        if unknown:
+            raise ValueError(f"config {config.name!r}: unknown dense option(s) {unknown}; known: {sorted(DEFAULTS)}")
+        settings = {**DEFAULTS, **given}
+        self.config = config
+        self.grid_step = int(settings["grid_step"])
+        self.ring_scale = float(settings["ring_scale"])
+        self.ratio_bound = float(settings["ratio_bound"])
+        self.ratio_blur = float(settings["ratio_blur"])
+        self.appearance = bool(settings["appearance"])
+        if self.grid_step < 1 or self.ring_scale <= 1 or not 0 <= self.ratio_bound <= 1:
+            raise ValueError(f"config {config.name!r}: need grid_step >= 1, ring_scale > 1, 0 <= ratio_bound <= 1")
+
+    # ---- once per clip ---------------------------------------------------------------------------------
+    def prepare(self, source: torch.Tensor, source_mesh, initial_mesh=None, initial_frame: torch.Tensor | None = None
+                ) -> DenseState:
+        """source 1 x 3 x H x W in [0, 1]; source_mesh V x 2; initial_mesh V x 2 (the driving clip's onset mesh,
+        None when only `render` is used); initial_frame 1 x 3 x H x W (the onset frame, for ratio images)."""
+        if source.dim() != 4 or source.shape[:2] != (1, 3):
+            raise ValueError(f"source must be 1 x 3 x H x W, got shape {tuple(source.shape)}")
+        src = _mesh(source_mesh, "source_mesh")
+        init = src if initial_mesh is None else _mesh(initial_mesh, "initial_mesh")
+        size = (int(source.shape[-2]), int(source.shape[-1]))
+        triangles = Delaunay(src[:M.NUM_MESH]).simplices
+        maps = local_maps(src, init, triangles)
+        oval = src[list(M.FACE_OVAL)]
+        centre = oval.mean(0)
+        ring = centre + (oval - centre) * self.ring_scale
+        height, width = size
+        side = np.linspace(0, 1, 9)
+        border = np.concatenate([np.stack([side * (width - 1), np.full(9, v)], 1) for v in (0, height - 1)] +
+                                [np.stack([np.full(9, u), side * (height - 1)], 1) for u in (0, width - 1)])
+        ring = ring[(ring >= 0).all(1) & (ring[:, 0] <= width - 1) & (ring[:, 1] <= height - 1)]  # in the picture
+        if len(ring):
+            border = border[(np.linalg.norm(border[:, None] - ring[None], axis=-1).min(1) > 2)]  # keep them apart
+        # grid nodes from the first to the last pixel (upsampled with align_corners=True)
+        ys = np.linspace(0, height - 1, (height - 1) // self.grid_step + 1)
+        xs = np.linspace(0, width - 1, (width - 1) // self.grid_step + 1)
+        grid = np.stack(np.meshgrid(xs, ys), -1).reshape(-1, 2)
+        delaunay = Delaunay(src[:M.NUM_MESH])
+        simplex = delaunay.find_simplex(grid)
+        inside = simplex >= 0
+        vertices = np.full((len(grid), 3), -1)
+        weights = np.zeros((len(grid), 3))
+        vertices[inside] = delaunay.simplices[simplex[inside]]
+        affine = delaunay.transform[simplex[inside]]  # n x 3 x 2
+        bary = np.einsum("nij,nj->ni", affine[:, :2], grid[inside] - affine[:, 2])
+        weights[inside] = np.concatenate([bary, 1 - bary.sum(1, keepdims=True)], 1)
+        shape = (len(ys), len(xs))
+        rows = np.repeat(np.flatnonzero(inside), 3)
+        barycentric = csr_matrix((weights[inside].ravel(), (rows, vertices[inside].ravel())),
+                                 shape=(len(grid), len(src)))  # G x V
+        # motion tapers to 0 at the picture's edge (smoothstep over BORDER_TAPER of its size): the border holds
+        # still and nothing is sampled from outside the picture, however tightly the face is framed
+        ramp = max(BORDER_TAPER * max(size), 1.0)
+        edge = np.minimum(np.minimum(grid[:, 0], width - 1 - grid[:, 0]), np.minimum(grid[:, 1], height - 1 - grid[:, 1]))
+        taper = np.clip(edge / ramp, 0, 1)
+        taper = taper * taper * (3 - 2 * taper)
+        # ratio images apply on the face (inside its oval), not in the eye openings (the eyeball layer's)
+        face = _fill([oval], size) * (1 - _fill([_eye_polygon(src, u, l) for u, l, _ in PERIOCULAR], size))
+        face_mask = torch.from_numpy(face)[None, None].to(source.device)
+        face_mask = _blur(face_mask, 2.0)
+        face_mask = F.interpolate(face_mask, size=shape, mode="area") if self.grid_step > 1 else face_mask
+        initial_luma = None if initial_frame is None else _luma(initial_frame.float())
+        return DenseState(size, src, init, maps, np.concatenate([ring, border]), grid, shape, vertices, weights,
+                          taper, face_mask, source.float(), initial_luma, barycentric)
+
+    # ---- per batch --------------------------------------------------------------------------------------
+    @staticmethod
+    def retarget(state: DenseState, driving_mesh: np.ndarray, magnify: float = 1.0) -> np.ndarray:
+        """Target meshes T x V x 2: the source mesh moved by the driving motion (T x V x 2 meshes, relative to
+        the onset mesh) carried by the local maps and multiplied by `magnify`; lids never cross."""
+        motion = np.asarray(driving_mesh, np.float64) - state.initial_mesh  # T x V x 2
+        target = state.source_mesh + magnify * np.einsum("vij,tvj->tvi", state.maps, motion)
+        for upper, lower, _ in EYES:
+            rotation, _, _ = _eye_frame(state.source_mesh, upper, lower)
+            normal = rotation[:, 1]  # from the upper lid towards the lower one
+            # a lid closes the eye at most: the lid margins' motion is scaled down until no pair crosses
+            gap_s = (state.source_mesh[list(lower[1:-1])] - state.source_mesh[list(upper[1:-1])]) @ normal  # 7
+            gap = (target[:, list(lower[1:-1])] - target[:, list(upper[1:-1])]) @ normal  # T x 7
+            floor = CLOSED * np.maximum(gap_s, 0)
+            allowed = np.where(gap < floor, (gap_s - floor) / np.maximum(gap_s - gap, 1e-9), 1.0).min(1)  # T
+            lids = list(set(upper[1:-1]) | set(lower[1:-1]))
+            moved = target[:, lids] - state.source_mesh[lids]  # T x n x 2
+            target[:, lids] = state.source_mesh[lids] + np.clip(allowed, 0, 1)[:, None, None] * moved
+        return target
+
+    def appearance_ratios(self, state: DenseState, driving: torch.Tensor, driving_mesh: np.ndarray,
+                          magnify: float = 1.0) -> torch.Tensor:
+        """Expression-ratio images in the source's geometry: T x 1 x H x W (1 = unchanged), bounded.
+
+        driving: T x 3 x H x W frames in [0, 1] (the size of the source); driving_mesh T x V x 2."""
+        if state.initial_luma is None:
+            raise ValueError("appearance_ratios needs the onset frame: prepare(..., initial_frame=...)")
+        frames = len(driving)
+        inside = state.grid_vertices[:, 0] >= 0
+        drv = np.asarray(driving_mesh, np.float64)
+        # where each source grid point is in frame t and in the onset frame: the same barycentric weights in the
+        # same triangles (a sparse G x V matrix times the meshes), the grid itself outside the mesh
+        at_t = (state.barycentric @ drv.transpose(1, 0, 2).reshape(len(state.source_mesh), -1)).reshape(-1, frames, 2)
+        at_t = at_t.transpose(1, 0, 2)  # T x G x 2
+        at_0 = state.barycentric @ state.initial_mesh  # G x 2
+        at_t[:, ~inside] = state.grid[~inside]
+        at_0[~inside] = state.grid[~inside]
+        h, wd = state.grid_shape
+        grid_t = _to_grid(torch.from_numpy(at_t).float(), state.size).view(frames, h, wd, 2).to(driving.device)
+        grid_0 = _to_grid(torch.from_numpy(at_0).float(), state.size).view(1, h, wd, 2).to(driving.device)
+        sigma = self.ratio_blur / self.grid_step  # blurred on the grid (grid_step px apart)
+        aligned = _blur(_luma(F.grid_sample(driving.float(), grid_t, mode="bilinear", padding_mode="border",
+                                            align_corners=False)), sigma)
+        base = _blur(F.grid_sample(state.initial_luma, grid_0, mode="bilinear", padding_mode="border",
+                                   align_corners=False), sigma)
+        log_ratio = torch.log((aligned + RATIO_EPS) / (base + RATIO_EPS))  # T x 1 x h x w
+        mask = state.face_mask
+        weights = (mask > 0.5).flatten()
+        if weights.any():  # no global brightness change: the face's median ratio is 1
+            log_ratio = log_ratio - log_ratio.flatten(1)[:, weights].median(1).values.view(-1, 1, 1, 1)
+        log_ratio = (magnify * log_ratio * mask).clamp(-self.ratio_bound, self.ratio_bound)
+        return torch.exp(F.interpolate(log_ratio, size=state.size, mode="bilinear", align_corners=True))
+
+    def render(self, state: DenseState, target_mesh: np.ndarray, appearance: torch.Tensor | None = None
+               ) -> dict[str, torch.Tensor]:
+        """Frames of the source moved to `target_mesh` (T x V x 2, pixels of the source), shaded by `appearance`
+        (T x 1 x H x W luminance ratios in the source's geometry, clamped to exp(+-ratio_bound); None = 1).
+
+        Returns {"prediction": T x 3 x H x W in [0, 1], "flow": T x H x W x 2 backward sampling grid of the skin
+        (grid_sample coordinates, align_corners=False), "eye_mask": T x 1 x H x W where the eyeball layer shows}."""
+        target = np.asarray(target_mesh, np.float64)
+        if target.ndim != 3 or target.shape[1:] != state.source_mesh.shape:
+            raise ValueError(f"target_mesh must be T x {len(state.source_mesh)} x 2, got {target.shape}")
+        if not np.isfinite(target).all():
+            raise ValueError("target_mesh holds NaN / inf (frames without a face)")
+        frames, (height, width) = len(target), state.size
+        device = state.source.device
+        still = state.anchors
+        src_points = np.concatenate([state.source_mesh[:M.NUM_MESH], still])
+        flows, masks, eyeball, sides = [], [], [], []
+        h, w = state.grid_shape
+        for t in range(frames):
+            points = np.concatenate([target[t, :M.NUM_MESH], still])
+            backward = LinearNDInterpolator(points, src_points, fill_value=np.nan)(state.grid)  # G x 2
+            missing = ~np.isfinite(backward[:, 0])
+            backward[missing] = state.grid[missing]  # outside the anchors' hull: still
+            flows.append((backward - state.grid) * state.taper[:, None])
+            polygons, shifts = [], []
+            for upper, lower, iris in EYES:
+                gaze = target[t, iris[0]] - state.source_mesh[iris[0]]
+                polygons.append((_eye_polygon(target[t], upper, lower), _eye_polygon(state.source_mesh, upper, lower)
+                                 + gaze))
+                shifts.append(gaze)
+            covers = [np.minimum(_fill([now], state.size), _fill([was], state.size))  # eyeball still visible
+                      for now, was in polygons]
+            masks.append(np.maximum(*covers))
+            eyeball.append(np.stack(shifts))  # 2 x 2: each eye's gaze shift
+            sides.append(covers[0] >= covers[1])  # pixels of the first eye
+        displacement = torch.from_numpy(np.stack(flows)).float().view(frames, h, w, 2).permute(0, 3, 1, 2)
+        displacement = F.interpolate(displacement, size=(height, width), mode="bilinear", align_corners=True)
+        ys, xs = torch.meshgrid(torch.arange(height, dtype=torch.float32), torch.arange(width, dtype=torch.float32),
+                                indexing="ij")
+        base = torch.stack([xs, ys], -1)  # H x W x 2 pixels
+        skin = _to_grid(base + displacement.permute(0, 2, 3, 1), state.size).to(device)  # T x H x W x 2
+        gaze = torch.from_numpy(np.stack(eyeball)).float()  # T x 2 eyes x 2
+        first = torch.from_numpy(np.stack(sides))[..., None]  # T x H x W x 1
+        shift = torch.where(first, gaze[:, None, None, 0], gaze[:, None, None, 1])  # T x H x W x 2
+        eye_grid = _to_grid(base - shift, state.size).to(device)
+        eye_mask = torch.from_numpy(np.stack(masks))[:, None].to(device)  # T x 1 x H x W
+        source = state.source.expand(frames, -1, -1, -1)
+        shaded = source
+        if appearance is not None:
+            bound = float(np.exp(self.ratio_bound))
+            shaded = (source * appearance.to(device).float().clamp(1 / bound, bound)).clamp(0, 1)
+        skin_image = F.grid_sample(shaded, skin, mode="bilinear", padding_mode="reflection", align_corners=False)
+        eye_image = F.grid_sample(source, eye_grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+        prediction = skin_image * (1 - eye_mask) + eye_image * eye_mask
+        return {"prediction": prediction, "flow": skin, "eye_mask": eye_mask}
+
+    def animate(self, state: DenseState, driving_mesh, driving: torch.Tensor | None = None, magnify: float = 1.0,
+                appearance: bool | None = None) -> dict[str, torch.Tensor]:
+        """A batch of driving frames: driving_mesh T x V x 2 (pixels of frames the source's size), driving
+        T x 3 x H x W (needed with appearance, the default of the config). Returns `render`'s dict plus
+        "landmarks" (T x V x 2 target meshes) and "ratio" (the appearance ratios, or None)."""
+        use_appearance = self.appearance if appearance is None else appearance
+        meshes = _mesh(driving_mesh, "driving_mesh", frames=True)
+        target = self.retarget(state, meshes, magnify)
+        ratio = None
+        if use_appearance:
+            if driving is None:
+                raise ValueError("appearance transfer needs the driving frames; pass driving=... or appearance=False")
+            ratio = self.appearance_ratios(state, driving, meshes, magnify)
+        out = self.render(state, target, ratio)
+        out.update(landmarks=torch.from_numpy(target).float(), ratio=ratio)
+        return out
+
+
+def _mesh(points, name: str, frames: bool = False) -> np.ndarray:
+    """A mesh (V x 2, or T x V x 2 with `frames`) as float64, checked."""
+    array = np.asarray(points.detach().cpu() if isinstance(points, torch.Tensor) else points, np.float64)
+    if not frames and array.ndim == 3 and array.shape[0] == 1:
+        array = array[0]
+    want = 3 if frames else 2
+    if array.ndim != want or array.shape[-2:] != (M.NUM_VERTICES, 2):
+        raise ValueError(f"{name} must be {'T x ' if frames else ''}{M.NUM_VERTICES} x 2 mesh points "
+                         f"(mefacial.mesh.detect_mesh), got shape {array.shape}")
+    if not np.isfinite(array).all():
+        raise ValueError(f"{name} holds NaN / inf (no face found in some frame)")
+    return array
+
+
+def render_frames(source: np.ndarray, source_mesh: np.ndarray, target_meshes: np.ndarray,
+                  appearance: np.ndarray | None = None, **options: Any) -> np.ndarray:
+    """The renderer on numpy arrays: source H x W x 3 uint8 with its mesh (V x 2), target meshes T x V x 2 (pixels of
+    the source), optional luminance ratios T x H x W (1 = unchanged) -> T x H x W x 3 uint8."""
+    from ..config import load_config
+    from ..engine import to_tensor, to_uint8
+
+    model = DenseMeshWarp(load_config("dense"), **options)
+    image = to_tensor(source, torch.device("cpu"))
+    state = model.prepare(image, source_mesh)
+    ratio = None if appearance is None else torch.from_numpy(np.asarray(appearance, np.float32))[:, None]
+    with torch.inference_mode():
+        return to_uint8(model.render(state, target_meshes, ratio)["prediction"])
+
+
+class DenseClip(ClipRunner):
+    """A clip through the dense generator: the meshes (478 points) of the source, the clip's onset frame and each
+    batch; the onset frame and each batch's frames feed the appearance transfer."""
+
+    def __init__(self, model, source, first_frame, source_points, first_points, settings, to_tensor, stage=None):
+        super().__init__(model, source, first_frame, source_points, first_points, settings, to_tensor, stage)
+        with self.stage("generator"):
+            self.state = model.prepare(source.float(), source_points[0], first_points[0], first_frame.float())
+
+    def __call__(self, frames, points):
+        with self.stage("generator"):
+            driving = self.to_tensor(frames).float() if self.model.appearance else None  # B x 3 x H x W
+            return self.model.animate(self.state, points, driving, magnify=self.settings.magnify)["prediction"]
+
+    @classmethod
+    def original_loop(cls, model, source, driving, source_points, driving_points, settings, to_tensor, stage):
+        """One frame at a time (the unbatched form; the dense generator has no original code)."""
+        with stage("generator", -1):
+            state = model.prepare(source.float(), source_points[0], driving_points[0], to_tensor(driving[:1]).float())
+        preds = []
+        for t in range(len(driving)):
+            with stage("generator", t):
+                frame = to_tensor(driving[t:t + 1]).float() if model.appearance else None
+                preds.append(model.animate(state, driving_points[t:t + 1], frame, magnify=settings.magnify)["prediction"])
+        return preds
+
+
+SPEC = register_backbone(BackboneSpec(
+    name="dense",
+    label="Training-free dense mesh",
+    title="Training-free dense face-mesh generator (local retargeting, layered lids, expression-ratio images)",
+    builder=lambda config, for_training=False: DenseMeshWarp(config),
+    clip=DenseClip,
+    motion_modes={"relative": "relative"},
+    points="mesh",
+    adapt_scale=False,  # the motion is mapped by local (per-triangle) maps instead
+    priors=("none",),
+    needs_weights=False,
+    variants=(VariantDecl("dense", "dense", "Training-free dense mesh"),
+              VariantDecl("dense-geometry", "dense-geometry", "Dense mesh, geometry only", prior_option="geometry",
+                          prior_label="geometry only (no appearance transfer)")),
+))

@@ -1,0 +1,134 @@
+"""Synthesise a micro-expression from a FACS specification, with no driving clip: `Engine.synthesize`.
+
+    result = engine.synthesize("face.png", "4:C,7:B", au.Timing(onset_ms=60, apex_ms=40, offset_ms=120, fps=200))
+
+The source face is cut to the model size around the face (as `animate` cuts it), its dense mesh is found
+(`mefacial.mesh`), the AU library (`mefacial.au`) moves the mesh frame by frame, and the dense generator's
+renderer (`mefacial.models.dense`) draws the source at every moved mesh, shaded by the AUs' appearance cues.
+The clip spans exactly the event (first frame = the neutral source face) plus any lead-in / lead-out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from . import au
+from . import video
+from .errors import InputError
+
+RENDER_VARIANT = "dense"  # the generator whose renderer draws the moved meshes
+MODEL_SIZE = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class SynthesisOptions:
+    """How a specification becomes frames.
+
+    crop / margin / paste_back: as in `Engine.animate` (cut the face box, optionally paste the result back into
+    the whole picture). magnify: multiplies every AU's motion and appearance (1 = the templates' FACS
+    intensities; larger to inspect or to make a macro-expression; the eyelid and lip contact rules still hold).
+    appearance: paint the AUs' appearance cues (furrows, lash line, mouth opening). landmarks: the backend that
+    finds the face box ("auto", "dlib", "fan"; default: the engine's)."""
+
+    crop: bool = True
+    margin: float = 0.0
+    paste_back: bool = False
+    magnify: float = 1.0
+    appearance: bool = True
+    landmarks: str | None = None
+
+    @classmethod
+    def of(cls, options: Any) -> "SynthesisOptions":
+        """These options from any options object with some of the same fields (e.g. the engine's animation options:
+        crop, margin, paste_back, magnify, landmarks; the others are ignored); None -> the defaults."""
+        if options is None or isinstance(options, cls):
+            return options or cls()
+        names = [f.name for f in dataclasses.fields(cls)]
+        return cls(**{n: getattr(options, n) for n in names if getattr(options, n, None) is not None})
+
+    def __post_init__(self) -> None:
+        if not 0 < float(self.magnify) <= 10:
+            raise InputError(f"magnify must be in (0, 10], got {self.magnify}")
+        if self.paste_back and not self.crop:
+            raise InputError("paste_back needs crop=True (the face is pasted back into the box it was cut from)")
+
+
+def synthesize(engine: Any, source: Any, aus: str | Sequence, timing: au.Timing | None = None,
+               options: SynthesisOptions | None = None, progress: Callable[[float, str], None] | None = None):
+    """The clip of `source` performing the AU specification `aus` ('4:C,7:B', or AUSpecs) with `timing`;
+    returns an `AnimationResult` whose `meshes` are the moved meshes and `action_units` the specification."""
+    from .engine import AnimationResult, to_tensor, to_uint8
+    from .landmarks import get_detector
+    from .mesh import detect_mesh
+
+    timing = timing or au.Timing()
+    options = SynthesisOptions.of(options)
+    report = progress or (lambda fraction, message: None)
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    specs = au.parse_aus(aus, timing)
+    plan = au.plan(specs, timing, max_frames=engine.limits.max_frames, max_seconds=engine.limits.max_seconds)
+    report(0.0, "reading the face")
+    image = video.read_image(source, engine.limits)
+    model, weights = engine.model(RENDER_VARIANT)
+    size = getattr(getattr(model, "config", None), "image_size", MODEL_SIZE)
+
+    t0 = time.perf_counter()
+    box = None
+    if options.crop:
+        report(0.02, "finding the face")
+        points = get_detector(options.landmarks or engine.landmarks, engine.device).detect(image, role="source").points[0]
+        box = video.face_box(points, image.shape, margin=options.margin)
+        face = video.crop_to_model(image[None], box, size)[0]
+    else:
+        face = video.resize_frames(image[None], size, size)[0]
+    neutral = detect_mesh(face, role="source")[0].astype(np.float64)  # V x 2
+    timings["landmarks_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    scaled = dataclasses.replace(plan, activations=plan.activations * options.magnify)
+    targets = au.target_meshes(neutral, scaled)  # T x V x 2
+    cues = au.appearance(face.shape[:2], neutral, targets, plan, gain=options.magnify) if options.appearance else None
+    timings["motion_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    frames = []
+    total = plan.num_frames
+    with engine.inference_context():
+        state = model.prepare(to_tensor(face, engine.device), neutral)
+        for start in range(0, total, engine.batch_size):
+            batch = slice(start, min(start + engine.batch_size, total))
+            ratio = None if cues is None else torch.from_numpy(cues.source_ratio(batch))[:, None]  # B x 1 x H x W
+            out = to_uint8(model.render(state, targets[batch], ratio)["prediction"])
+            frames.append(out if cues is None else cues.apply_output(out, batch.start))
+            report(0.05 + 0.95 * batch.stop / total, f"frames {batch.stop}/{total}")
+    rendered = np.concatenate(frames)
+    timings["generator_s"] = time.perf_counter() - t0
+    if options.paste_back:
+        rendered = video.paste_back(rendered, image, box)
+    timings["total_s"] = time.perf_counter() - started
+    timings["ms_per_frame"] = 1000 * timings["total_s"] / total
+    return AnimationResult(
+        frames=rendered, fps=plan.fps, variant=RENDER_VARIANT, weights=weights, model_source=face,
+        landmark_backend="mediapipe face mesh", crop_box=box, timings=timings, meshes=targets.astype(np.float32),
+        action_units=labels(plan))
+
+
+def labels(plan: au.Plan) -> dict[str, Any]:
+    """What a synthesised clip holds, for manifests and status lines: the specification in FACS notation, each AU's
+    intensity (letter and fraction), its frames of onset / apex / offset, and the timing."""
+    timing = plan.timing
+    return {
+        "spec": au.describe(plan.specs),
+        "aus": [{"au": s.au, "side": s.side, "intensity": s.letter or round(s.intensity, 3),
+                 "fraction": round(s.intensity, 3), "apex_frames": list(plan.apex_frames[k])}
+                for k, s in enumerate(plan.specs)],
+        "onset_ms": timing.onset_ms, "apex_ms": timing.apex_ms, "offset_ms": timing.offset_ms, "fps": timing.fps,
+        "lead_in_ms": timing.lead_in_ms, "lead_out_ms": timing.lead_out_ms,
+        "event_frames": list(plan.event_frames), "frames": plan.num_frames,
+    }

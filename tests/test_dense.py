@@ -1,0 +1,278 @@
+"""The dense face mesh (`mefacial.mesh`) and the training-free `dense` generator (`mefacial.models.dense`):
+offline detection on real faces and clips, identity, direction and region of motion, lids that cover the eye,
+bounded appearance transfer, clean borders, and errors. Faces are framed tightly (the shared 128 px face) and
+loosely (scikit-image's astronaut portrait)."""
+
+from __future__ import annotations
+
+import socket
+
+import numpy as np
+import pytest
+import torch
+
+from mefacial import mesh as M
+from mefacial.config import load_config
+from mefacial.errors import InputError, NoFaceError
+from mefacial.models.dense import DenseMeshWarp, render_frames
+from conftest import DATA, require
+
+
+def _resized(image: np.ndarray, size: int = 256) -> np.ndarray:
+    from mefacial.video import resize_frames
+
+    return resize_frames(image[None], size, size)[0]
+
+
+@pytest.fixture(scope="module")
+def tight_face():
+    """The shared target face (a tight 128 px crop), at 256 px, with its mesh."""
+    from mefacial.video import read_image
+
+    image = _resized(read_image(require(DATA / "faces" / "asian_female.png", "shared face")))
+    return image, M.detect_mesh(image, role="source")[0]
+
+
+@pytest.fixture(scope="module")
+def loose_face():
+    """scikit-image's astronaut (a loosely framed colour portrait), at 256 px, with its mesh."""
+    from skimage.data import astronaut
+
+    image = _resized(astronaut())
+    return image, M.detect_mesh(image, role="source")[0]
+
+
+@pytest.fixture(params=["tight", "loose"])
+def face(request, tight_face, loose_face):
+    return tight_face if request.param == "tight" else loose_face
+
+
+def _model(**options) -> DenseMeshWarp:
+    return DenseMeshWarp(load_config("dense"), **options)
+
+
+def _tensor(image: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float() / 255  # 1 x 3 x H x W
+
+
+# ---- the mesh backend ---------------------------------------------------------------------------------------
+
+
+def test_mesh_finds_the_shared_faces_and_clips_offline(monkeypatch):
+    from mefacial.video import read_clip, read_image
+
+    def no_network(*args, **kwargs):
+        raise OSError("network unreachable (test)")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    faces = sorted(require(DATA / "faces", "shared faces").glob("*.png"))
+    clips = sorted(require(DATA / "driving", "shared clips").glob("*.gif"))
+    for path in faces:
+        points = M.detect_mesh(read_image(path), role="source")
+        assert points.shape == (1, M.NUM_VERTICES, 2) and np.isfinite(points).all(), path.name
+    for path in clips:
+        frames = read_clip(path).frames
+        points = M.detect_mesh(frames)
+        assert points.shape == (len(frames), M.NUM_VERTICES, 2) and np.isfinite(points).all(), path.name
+        # tracked points on a near-still face: the irises sit inside their eyes, the mesh inside the picture
+        for upper, lower, iris in ((M.RIGHT_EYE_UPPER, M.RIGHT_EYE_LOWER, M.RIGHT_IRIS),
+                                   (M.LEFT_EYE_UPPER, M.LEFT_EYE_LOWER, M.LEFT_IRIS)):
+            corners = points[:, [upper[0], upper[-1]], 0]
+            assert ((points[:, iris[0], 0] > corners.min(1)) & (points[:, iris[0], 0] < corners.max(1))).all()
+        size = np.array(frames.shape[2:0:-1])
+        assert (points[:, M.REGIONS["eyes"]] > 0).all() and (points[:, M.REGIONS["eyes"]] < size).all()
+
+
+def test_regions_cover_the_face_in_their_places(loose_face):
+    _, points = loose_face
+    y = lambda name: points[list(M.REGIONS[name]), 1].mean()  # noqa: E731 - mean height of a region
+    assert y("forehead") < y("brows") < y("eyes") < y("nose") < y("lips") < y("jaw")
+    assert y("eyes") < y("cheeks") < y("jaw")
+    assert y("upper_lids") < y("lower_lids")
+    assert M.eye_aperture(points) > 0.05 * M.inter_ocular(points)
+    assert len(set().union(*M.REGIONS.values())) > 300 and max(max(v) for v in M.REGIONS.values()) < M.NUM_VERTICES
+
+
+def test_mesh_errors_name_the_frame():
+    blank = np.full((3, 128, 128, 3), 127, np.uint8)
+    with pytest.raises(NoFaceError, match="driving frame 0"):
+        M.detect_mesh(blank)
+    with pytest.raises(NoFaceError, match="source image"):
+        M.detect_mesh(blank[0], role="source")
+    assert np.isnan(M.detect_mesh(blank, allow_missing=True)).all()
+    with pytest.raises(InputError, match="uint8"):
+        M.detect_mesh(np.zeros((2, 64, 64), np.float32))
+
+
+# ---- the generator -----------------------------------------------------------------------------------------
+
+
+def test_still_driving_leaves_the_source_unchanged(face):
+    image, points = face
+    model = _model()
+    source = _tensor(image)
+    state = model.prepare(source, points, points, source)
+    out = model.animate(state, np.repeat(points[None], 3, 0), source.expand(3, -1, -1, -1))
+    assert (out["prediction"] - source).abs().max() < 1e-4
+    assert torch.allclose(out["ratio"], torch.ones_like(out["ratio"]), atol=1e-4)
+
+
+def _displacement(out: dict, point: np.ndarray, size: int) -> np.ndarray:
+    """Pixel offset (sampled source position - output position) of the skin flow at `point` (x, y)."""
+    x, y = (int(round(v)) for v in point)
+    sampled = (out["flow"][0, y, x].numpy() + 1) * size / 2 - 0.5
+    return sampled - np.array([x, y])
+
+
+def test_motion_goes_where_and_which_way_the_driving_moves(face):
+    image, points = face
+    size = image.shape[0]
+    model = _model(appearance=False)
+    state = model.prepare(_tensor(image), points, points)
+    lips = list(M.REGIONS["lips"])
+    centre = points[lips].mean(0)
+    sigma = 0.25 * M.inter_ocular(points)
+    drop = 3.0 * np.exp(-((points - centre) ** 2).sum(1) / (2 * sigma**2))  # V: the mouth drops up to 3 px
+    driving = points.copy()
+    driving[:, 1] += drop
+    out = model.animate(state, driving[None])
+    target = out["landmarks"][0].numpy()
+    assert np.allclose(target[:, 1] - points[:, 1], drop, atol=0.05) and np.allclose(target[:, 0], points[:, 0], atol=0.05)
+    # the output at the moved lower lip samples the source higher up: the content moved down
+    for lip in (14, 17):
+        assert np.allclose(_displacement(out, target[lip], size), [0, -drop[lip]], atol=0.15 * drop[lip] + 0.1)
+    for still in (M.REGIONS["forehead"], M.REGIONS["upper_lids"], M.REGIONS["brows"]):
+        assert np.abs(target[list(still)] - points[list(still)]).max() < 0.05 * 3.0
+        moved = [np.abs(_displacement(out, points[i], size)).max() for i in still
+                 if points[i].min() >= 0 and points[i].max() < size - 1]
+        assert max(moved) < 0.3
+    # the picture's corners and borders hold still
+    flow_px = (out["flow"][0].numpy() + 1) * size / 2 - 0.5 - np.stack(np.meshgrid(np.arange(size), np.arange(size)), -1)
+    assert np.abs(flow_px[[0, -1]]).max() < 1e-3 and np.abs(flow_px[:, [0, -1]]).max() < 1e-3
+
+
+def test_motion_follows_the_faces_proportions(tight_face, loose_face):
+    """Retargeted in local frames: a drop of the upper lids that closes half the driving eye closes about half of
+    the target's eye, whatever the two faces' eye sizes."""
+    (image, target_points), (_, driving_points) = tight_face, loose_face
+    model = _model(appearance=False)
+    state = model.prepare(_tensor(image), target_points, driving_points)
+    closing = driving_points.copy()
+    for upper, lower in ((M.RIGHT_EYE_UPPER, M.RIGHT_EYE_LOWER), (M.LEFT_EYE_UPPER, M.LEFT_EYE_LOWER)):
+        inner_u, inner_l = list(upper[1:-1]), list(lower[1:-1])
+        closing[inner_u] += (driving_points[inner_l] - driving_points[inner_u]) * 0.5
+    driving_ratio = M.eye_aperture(closing) / M.eye_aperture(driving_points)
+    target = model.retarget(state, closing[None])[0]
+    target_ratio = M.eye_aperture(target) / M.eye_aperture(target_points)
+    assert abs(target_ratio - driving_ratio) < 0.12 * driving_ratio, (target_ratio, driving_ratio)
+
+
+def test_closed_lids_cover_the_eye_without_smear(face):
+    image, points = face
+    model = _model(appearance=False)
+    state = model.prepare(_tensor(image), points, points)
+    closed = points.copy()
+    for upper, lower in ((M.RIGHT_EYE_UPPER, M.RIGHT_EYE_LOWER), (M.LEFT_EYE_UPPER, M.LEFT_EYE_LOWER)):
+        closed[list(upper[1:-1])] = points[list(lower[1:-1])]  # the upper lids come down onto the lower ones
+    for magnify in (1.0, 2.0):
+        out = model.animate(state, closed[None], magnify=magnify)
+        target = out["landmarks"][0].numpy()
+        assert 0 < M.eye_aperture(target) < 0.2 * M.eye_aperture(points), "the lids close, and do not cross"
+        assert out["eye_mask"].sum() < 0.25 * model.animate(state, points[None])["eye_mask"].sum()
+        # where the eye was open, the output now shows lid skin: about as bright as the skin above the lid
+        luma = out["prediction"][0].mean(0).numpy()
+        source_luma = _tensor(image)[0].mean(0).numpy()
+        from mefacial.models.dense import _eye_polygon, _fill
+
+        opening = _fill([_eye_polygon(points, M.RIGHT_EYE_UPPER, M.RIGHT_EYE_LOWER)], luma.shape) > 0.99
+        lid = _fill([points[[M.RIGHT_EYE_UPPER[0], *M.RIGHT_UPPER_LID[14:21], M.RIGHT_EYE_UPPER[-1]]]], luma.shape)
+        assert luma[opening].mean() > source_luma[opening].mean() + 0.25 * (
+            source_luma[lid > 0.99].mean() - source_luma[opening].mean()), f"magnify {magnify}"
+
+
+def test_appearance_transfer_is_bounded_and_keeps_the_colour(loose_face):
+    image, points = loose_face
+    model = _model()
+    source = _tensor(image)
+    state = model.prepare(source, points, points, source)
+    torch.manual_seed(0)
+    noisy = (source * (0.4 + 1.2 * torch.rand(4, 1, *source.shape[-2:]))).clamp(0, 1)  # wild luminance changes
+    for magnify in (1.0, 3.0):
+        out = model.animate(state, np.repeat(points[None], 4, 0), noisy, magnify=magnify)
+        bound = float(np.exp(model.ratio_bound))
+        assert out["ratio"].min() >= 1 / bound - 1e-5 and out["ratio"].max() <= bound + 1e-5
+        # luminance ratios scale R, G and B alike: where nothing clips, the chromaticity is the source's
+        prediction, src = out["prediction"], source.expand_as(out["prediction"])
+        ok = (prediction < 0.99).all(1, keepdim=True) & (src > 0.1).all(1, keepdim=True)
+        chroma = lambda x: x / x.sum(1, keepdim=True)  # noqa: E731
+        assert (chroma(prediction) - chroma(src)).abs().masked_select(ok).max() < 0.02
+    # a global brightness change of the driving clip is no expression: the ratio is ~1
+    brighter = model.animate(state, points[None], (source * 1.3).clamp(0, 1))
+    assert (brighter["ratio"] - 1).abs().mean() < 0.02
+
+
+def test_render_frames_takes_and_gives_arrays(tight_face):
+    image, points = tight_face
+    frames = render_frames(image, points, np.repeat(points[None], 2, 0))
+    assert frames.shape == (2, *image.shape) and frames.dtype == np.uint8
+    assert np.abs(frames.astype(int) - image).max() <= 1
+
+
+def test_bad_meshes_are_refused(tight_face):
+    image, points = tight_face
+    model = _model()
+    with pytest.raises(ValueError, match="478"):
+        model.prepare(_tensor(image), points[:68])
+    state = model.prepare(_tensor(image), points, points, _tensor(image))
+    bad = np.repeat(points[None], 2, 0)
+    bad[1, 5] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        model.animate(state, bad, _tensor(image).expand(2, -1, -1, -1))
+    with pytest.raises(ValueError, match="driving frames"):
+        model.animate(state, points[None])
+    with pytest.raises(ValueError, match="unknown dense option"):
+        _model(stiffness=1)
+
+
+# ---- through the engine ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def engine():
+    from mefacial import Engine
+
+    return Engine(device="cpu", landmarks="dlib")
+
+
+def test_engine_default_is_dense_and_runs_a_real_clip(engine):
+    from mefacial.video import read_clip
+
+    clip = read_clip(require(DATA / "driving" / "s3_po_05.gif", "shared clip")).frames[:12]
+    result = engine.animate(DATA / "faces" / "asian_female.png", clip)
+    assert result.variant == "dense" and result.frames.shape == (12, 256, 256, 3)
+    assert "mesh" in result.landmark_backend
+    assert np.abs(result.frames[0].astype(int) - result.model_source).mean() < 1.0  # the onset frame: the face
+
+
+def _streak_share(frame: np.ndarray, band: int = 6) -> float:
+    """Share of the picture's border (left, top, right, bottom) where the first `band` pixels repeat one value
+    across the band while the next `band` pixels inwards do not: edge-replication streaks (flat background,
+    flat on both, does not count)."""
+    f = frame.astype(int).mean(-1)
+    sides = [f[:, :2 * band].T, f[:2 * band], f[:, -2 * band:][:, ::-1].T, f[-2 * band:][::-1]]  # 2 band x length
+    streaks = [(np.abs(np.diff(side[:band], axis=0)).max(0) <= 1) & (np.abs(np.diff(side[band:], axis=0)).max(0) > 2)
+               for side in sides]
+    return float(np.mean(np.concatenate(streaks)))
+
+
+def test_no_streaks_when_the_face_touches_the_border(engine):
+    """A face cut by the picture's left edge: the crop box reaches past the edges, and no output frame shows
+    edge-replication streaks (with edge padding, about a third of this border does)."""
+    from skimage.data import astronaut
+
+    picture = np.ascontiguousarray(astronaut()[90:400, 195:480])
+    result = engine.animate(picture, np.repeat(picture[None], 3, 0), variant="dense", margin=0.2)
+    assert result.crop_box.x0 < 0 and result.crop_box.y0 < 0  # the box does leave the picture
+    for frame in result.frames:
+        assert _streak_share(frame) < 0.03, _streak_share(frame)
