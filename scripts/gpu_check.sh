@@ -92,7 +92,7 @@ if [ -f benchmarks/train_step.py ]; then
   HELP="$(timeout 60 python benchmarks/train_step.py --help 2>&1)"; echo "$HELP" | head -30
   SHORT=""  # one timed step per row, when the script has the options
   echo "$HELP" | grep -q -- "--repeats" && SHORT="--repeats 1"
-  echo "$HELP" | grep -q -- "--warmup" && SHORT="$SHORT --warmup 1"
+  echo "$HELP" | grep -q -- "--warmup" && SHORT="$SHORT --warmup 0"
   for P in bf16 fp32; do
     timeout $(( T_TRAIN / 2 )) python benchmarks/train_step.py --device "$DEVICE" --precision "$P" $SHORT
     status "train-step-$P" $?
