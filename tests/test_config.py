@@ -29,8 +29,9 @@ def test_config_errors_name_the_field():
 def test_variants_list_what_they_need():
     variants = {v["id"]: v for v in list_variants()}
     assert set(variants) == set(variant_ids())
-    assert variants["warp"]["needs_weights"] is False
-    assert all(v["needs_weights"] for k, v in variants.items() if k != "warp")
+    training_free = ("dense", "dense-geometry", "warp")
+    assert all(variants[k]["needs_weights"] is False and variants[k]["needs_landmarks"] for k in training_free)
+    assert all(v["needs_weights"] for k, v in variants.items() if k not in training_free)
     assert variants["fomm-none"]["needs_landmarks"] is False
     assert variants["mraa-awp"]["needs_landmarks"] is True
     assert "avd" in variants["mraa-awp"]["motion_modes"]
