@@ -383,6 +383,12 @@ def run(variants: Sequence[str] = DEFAULT_VARIANTS, frames: int = 16, batch_size
     if "fp32" not in kept:
         kept.insert(0, "fp32")  # the reference the others are compared with
     specs = [get_variant(v) for v in variants]
+    meshed = [s.id for s in specs if s.spec.points == "mesh"]
+    if landmarks == SYNTHETIC and meshed and inputs is None:
+        raise InputError(f"{', '.join(meshed)} {'consumes' if len(meshed) == 1 else 'consume'} a 478-point face "
+                         "mesh (MediaPipe, with OpenCV) and --landmarks synthetic gives 68 landmarks: leave "
+                         f"{'it' if len(meshed) == 1 else 'them'} out here; `python -m mefacial bench --training-free` "
+                         "times the training-free generators end to end")
     configs = dict(configs or {})
     size = {configs.get(s.id, s.config).image_size for s in specs}
     if len(size) != 1:

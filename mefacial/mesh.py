@@ -31,7 +31,6 @@ import os
 import threading
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from .errors import InputError, NoFaceError, WeightsNotFoundError
@@ -176,6 +175,8 @@ def _crop_transform(centre: np.ndarray, size: float, angle: float, out: int) -> 
 
 def _cut(frame: np.ndarray, transform: np.ndarray, out: int, flip: bool = False) -> np.ndarray:
     """The rotated box of `frame` as an out x out float32 image in [0, 1] (zero outside the picture)."""
+    import cv2  # here, not at import: `import mefacial` must work where OpenCV is absent (a GPU box for benchmarks)
+
     if flip:  # mirror the crop: crop pixel u -> out - u
         transform = transform @ np.array([[-1.0, 0, out], [0, 1, 0], [0, 0, 1]])
     crop = cv2.warpAffine(frame, transform, (out, out), flags=cv2.WARP_INVERSE_MAP | cv2.INTER_LINEAR,

@@ -84,7 +84,7 @@ for BS in $BATCHES; do
 done
 
 part "5. torch.compile: fomm-awp bf16 batch 64, eager vs compiled"
-timeout "$T_COMPILE" python benchmarks/gpu_check.py compile --device "$DEVICE" $COMPILE_ARGS --out "$PARTS/compile.json"
+TORCHINDUCTOR_CACHE_DIR="$PARTS/inductor" timeout "$T_COMPILE" python benchmarks/gpu_check.py compile --device "$DEVICE" $COMPILE_ARGS --out "$PARTS/compile.json"
 status compile $?
 
 part "6. one training step of each learned variant, bf16 and fp32"
@@ -92,7 +92,7 @@ if [ -f benchmarks/train_step.py ]; then
   HELP="$(timeout 60 python benchmarks/train_step.py --help 2>&1)"; echo "$HELP" | head -30
   SHORT=""  # one timed step per row, when the script has the options
   echo "$HELP" | grep -q -- "--repeats" && SHORT="--repeats 1"
-  echo "$HELP" | grep -q -- "--warmup" && SHORT="$SHORT --warmup 1"
+  echo "$HELP" | grep -q -- "--warmup" && SHORT="$SHORT --warmup 0"
   for P in bf16 fp32; do
     timeout $(( T_TRAIN / 2 )) python benchmarks/train_step.py --device "$DEVICE" --precision "$P" $SHORT
     status "train-step-$P" $?

@@ -68,3 +68,24 @@ def test_fusion_and_compile_parts_run_on_the_cpu(tmp_path):
     cases = json.loads(out.read_text())["cases"]
     assert [c["precision"] for c in cases] == ["fp32", "bf16"]  # fp16: not on a CPU
     assert cases[0]["fused_vs_unfused_same_precision"]["max_abs_diff"] == 0 and all(c["finite"] for c in cases)
+
+
+ABSENT_ON_GPU_BOX = ("cv2", "dlib", "face_alignment", "gradio", "imageio_ffmpeg", "face_recognition_models",
+                     "ai_edge_litert", "mediapipe", "spaces", "psutil")
+
+
+def test_engine_bench_and_reference_tests_import_without_the_packages_the_gpu_box_lacks():
+    """scripts/gpu_check.sh runs where none of these is installed: `import mefacial`, the bench and the
+    reference tests' modules must not need them at import."""
+    code = ("import importlib.abc, sys\n"
+            f"ABSENT = {ABSENT_ON_GPU_BOX!r}\n"
+            "class Absent(importlib.abc.MetaPathFinder):\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name.split('.')[0] in ABSENT:\n"
+            "            raise ModuleNotFoundError(name, name=name)\n"
+            "sys.meta_path.insert(0, Absent())\n"
+            "sys.path[:0] = ['tests', 'benchmarks']\n"
+            "import mefacial, mefacial.bench, mefacial.checkpoints, gpu_check, test_fomm_reference, test_mraa_reference\n"
+            "print('ok')")
+    run = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]

@@ -40,7 +40,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -199,6 +198,8 @@ def _fill(polygons: list[np.ndarray], size: tuple[int, int]) -> np.ndarray:
     x1, y1 = min(int(np.ceil(points[:, 0].max())) + 2, width), min(int(np.ceil(points[:, 1].max())) + 2, height)
     if x1 <= x0 or y1 <= y0:
         return out
+    import cv2  # here, not at import: `import mefacial` must work where OpenCV is absent (a GPU box for benchmarks)
+
     canvas = np.zeros(((y1 - y0) * SUPERSAMPLE, (x1 - x0) * SUPERSAMPLE), np.uint8)
     for polygon in polygons:  # pixel centre (x, y) -> supersampled pixel centre, in 1/16 px
         scaled = np.round(((polygon - [x0, y0] + 0.5) * SUPERSAMPLE - 0.5) * 16).astype(np.int32)
