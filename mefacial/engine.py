@@ -32,7 +32,7 @@ from . import video
 from .device import PRECISIONS, check_precision, inference_context, native_bf16, pick_device  # noqa: F401
 from .errors import InputError, InputTooLargeError, MefacialError
 from .landmarks import get_detector, smooth_tracks, smoothing_window
-from .mesh import detect_mesh
+from .mesh import MeshTracker, detect_mesh
 from .model_cache import ModelCache
 from .models import au_points, get_backbone
 from .models.blocks import fuse_for_inference
@@ -403,9 +403,9 @@ class Engine:
                         raise InputError(f"driving_landmarks has {len(prepared.given_driving)} frames, but the clip "
                                          "has more")
                     points = prepared.to_model(given, shape[1:], prepared.driving_box)
-                elif _uses_mesh(spec):  # tracked in the box of the onset frame's mesh, chunk after chunk
-                    points = detect_mesh(model_frames, box=prepared.meshes.get("box"))
-                    prepared.meshes.setdefault("box", (*points[0, :468].min(0), *points[0, :468].max(0)))
+                elif _uses_mesh(spec):  # one tracker for the clip: the onset frame's box, carried chunk after chunk
+                    tracker = prepared.meshes.setdefault("tracker", MeshTracker(role="driving"))
+                    points = tracker.track(model_frames)
                 else:
                     points = self._detector(prepared.options).detect(model_frames, role="driving").points
                 self._check_points(spec, self._clip_source_points(prepared, spec), points)

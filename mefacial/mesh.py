@@ -266,41 +266,74 @@ def detect_mesh(frames: np.ndarray, box=None, *, refine_eyes: bool = True, allow
     there. The box is then kept for the clip (tracking, no per-frame face
     search). `refine_eyes=False` skips the iris model (points 468-477 are then NaN and the eye contours are the
     mesh's own). A frame without a face raises NoFaceError naming it (`role` "source" or "driving" words the
-    message), or gives NaN points with `allow_missing`.
+    message), or gives NaN points with `allow_missing`. A clip read in chunks is tracked by one `MeshTracker`.
     """
+    frames = _checked(frames)
+    return MeshTracker(box, refine_eyes=refine_eyes, allow_missing=allow_missing, role=role).track(frames, len(frames))
+
+
+def _checked(frames) -> np.ndarray:
     frames = np.asarray(frames)
     if frames.ndim == 3:
         frames = frames[None]
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or len(frames) == 0:
         raise InputError(f"detect_mesh takes N x H x W x 3 uint8 frames, got {frames.dtype} {frames.shape}")
-    count = len(frames)
-    out = np.full((count, NUM_VERTICES, 2), np.nan, np.float32)
-    roi = _initial_box(frames[0], box)
-    if roi is None:
-        if allow_missing:
+    return frames
+
+
+class MeshTracker:
+    """The face mesh of a clip read chunk after chunk: the onset frame's region of interest (and the tracking
+    state: the current box, the previous frame's mesh) is found once, on the first chunk, and carried to the next
+    ones, so a chunked clip gets exactly the meshes of the whole clip (`detect_mesh`)."""
+
+    def __init__(self, box=None, *, refine_eyes: bool = True, allow_missing: bool = False, role: str = "driving"):
+        self.box, self.refine_eyes, self.allow_missing, self.role = box, refine_eyes, allow_missing, role
+        self.roi: tuple[np.ndarray, float, float] | None = None  # the region of interest of the next frame
+        self.previous: np.ndarray | None = None  # 478 x 2 float32: the last frame's mesh (NaN: no face)
+        self.seen = 0  # frames tracked so far
+
+    def track(self, frames: np.ndarray, count: int | None = None) -> np.ndarray:
+        """N x H x W x 3 uint8 -> N x 478 x 2 float32 meshes, tracking on from the previous chunk. `count`: the
+        clip's length, for error messages (unknown while streaming)."""
+        frames = _checked(frames)
+        out = np.full((len(frames), NUM_VERTICES, 2), np.nan, np.float32)
+        if self.roi is None and self.seen == 0:
+            self.roi = _initial_box(frames[0], self.box)
+            if self.roi is None:
+                if self.allow_missing:
+                    self.seen += len(frames)  # no face on the onset frame: none is tracked
+                    return out
+                raise _no_face(0, count, frames.shape, self.role)
+        if self.roi is None:  # the onset frame had no face (allow_missing)
+            self.seen += len(frames)
             return out
-        raise _no_face(0, count, frames.shape, role)
-    for index, frame in enumerate(frames):
-        mesh, presence = _fit_face(frame, roi)
-        if presence < PRESENCE_THRESHOLD and index > 0 and np.isfinite(out[index - 1, 0, 0]):
-            roi = _box_of(out[index - 1].astype(np.float64))  # the head moved: the previous frame's box
+        roi = self.roi
+        for index, frame in enumerate(frames):
             mesh, presence = _fit_face(frame, roi)
-        if presence < PRESENCE_THRESHOLD:
-            if not allow_missing:
-                raise _no_face(index, count, frames.shape, role)
-            continue
-        centre, size, _ = _box_of(mesh)
-        if np.linalg.norm(centre - roi[0]) > RETRACK_SHIFT * roi[1]:
-            roi = _box_of(mesh)  # follow a moving head from the next frame on
-        out[index] = _refine_eyes(frame, mesh) if refine_eyes else np.concatenate([mesh, np.full((10, 2), np.nan)])
-    return out
+            previous = out[index - 1] if index > 0 else self.previous
+            if presence < PRESENCE_THRESHOLD and previous is not None and np.isfinite(previous[0, 0]):
+                roi = _box_of(previous.astype(np.float64))  # the head moved: the previous frame's box
+                mesh, presence = _fit_face(frame, roi)
+            if presence < PRESENCE_THRESHOLD:
+                if not self.allow_missing:
+                    raise _no_face(self.seen + index, count, frames.shape, self.role)
+                continue
+            centre, size, _ = _box_of(mesh)
+            if np.linalg.norm(centre - roi[0]) > RETRACK_SHIFT * roi[1]:
+                roi = _box_of(mesh)  # follow a moving head from the next frame on
+            out[index] = (_refine_eyes(frame, mesh) if self.refine_eyes
+                          else np.concatenate([mesh, np.full((10, 2), np.nan)]))
+        self.roi, self.previous = roi, out[-1].copy()
+        self.seen += len(frames)
+        return out
 
 
-def _no_face(index: int, count: int, shape: tuple, role: str) -> NoFaceError:
+def _no_face(index: int, count: int | None, shape: tuple, role: str) -> NoFaceError:
     remedy = (f"the face mesh needs a frontal or near-frontal face, at least about 60 px tall, in this "
               f"{shape[2]}x{shape[1]} picture: crop closer to the face, avoid strong profile views, occlusions "
               "and deep shadows")
     if role == "source":
         return NoFaceError(f"no face found in the source image: {remedy}.", frame_index=None)
-    return NoFaceError(f"no face in driving frame {index} (of {count}): {remedy}; trim frames where the face "
+    of = f" (of {count})" if count else ""
+    return NoFaceError(f"no face in driving frame {index}{of}: {remedy}; trim frames where the face "
                        "leaves the picture.", frame_index=index)

@@ -73,7 +73,7 @@ class PreparedClip:
     driving_points: np.ndarray | None = None  # T x P x 2, smoothed
     consumed: bool = False  # a stream that has been run
     # the 478-point face meshes of mesh-point backends (dense): "source" 1 x 478 x 2, "driving" T x 478 x 2
-    # (smoothed), "box" the face box (x0, y0, x1, y1) a streamed clip's later chunks are tracked in
+    # (smoothed), "tracker" a streamed clip's MeshTracker (the onset frame's box and tracking state, across chunks)
     meshes: dict = dataclasses.field(default_factory=dict)
 
     @property

@@ -276,3 +276,17 @@ def test_no_streaks_when_the_face_touches_the_border(engine):
     assert result.crop_box.x0 < 0 and result.crop_box.y0 < 0  # the box does leave the picture
     for frame in result.frames:
         assert _streak_share(frame) < 0.03, _streak_share(frame)
+
+
+def test_streamed_clip_equals_the_whole_clip(engine):
+    """A clip run in small chunks (Engine.run over a stream) gives the frames of the whole-clip `animate`: the
+    onset frame's face box and the tracking state are found once and carried from chunk to chunk."""
+    from mefacial.video import read_clip
+
+    clip = read_clip(require(DATA / "driving" / "s3_po_05.gif", "shared clip")).frames[:15]
+    face = DATA / "faces" / "asian_female.png"
+    options = dict(batch_size=4, magnify=2.0)
+    whole = engine.animate(face, clip, variant="dense", **options).frames
+    streamed = np.concatenate(list(engine.run(engine.prepare(face, clip, stream=True, chunk=4, **options), "dense")))
+    assert streamed.shape == whole.shape
+    assert np.abs(streamed.astype(int) - whole).max() <= 1

@@ -13,12 +13,14 @@ For a target (source) face S and a driving clip D_0 .. D_T-1 (all with their
    frame (width ratio along the eye, aperture ratio across it), so a lid that
    closes half of the driving eye closes half of the target eye. `magnify`
    multiplies the motion; lids never cross.
-2. Geometry (`render`): an exact piecewise-affine backward map from the target
-   mesh of frame t to the source mesh (plus still anchors on a ring around the
-   face and on the picture border), evaluated on a grid of every `grid_step`
-   pixels and upsampled: dense, continuous (no tearing), the background still.
-   Eyes are layered: inside the target eye opening the eyeball is drawn unsquashed
-   (moved by the iris motion only), and outside it the lid skin is stretched over
+2. Geometry (`render`): a piecewise-affine map from the source mesh to the target
+   mesh of frame t (a fixed triangulation of the source mesh plus still anchors on a
+   ring around the face and on the picture border), evaluated on a grid of every
+   `grid_step` pixels for all frames at once (one sparse product) and inverted there
+   by two Newton steps (`backward_flow`), then upsampled bilinearly: dense, continuous
+   (no tearing), the background still, one full-size sampling of the source.
+   Eyes are layered: inside the target eye opening (drawn in the eyes' box only) the
+   eyeball is drawn unsquashed (moved by the iris motion only), and outside it the lid skin is stretched over
    what the lids now cover. A closing lid therefore covers the iris instead of
    squeezing it into a dark band.
 3. Appearance (`appearance_ratios`): what geometry cannot carry (furrows, lid
@@ -43,7 +45,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.interpolate import LinearNDInterpolator
 from scipy.sparse import csr_matrix
 from scipy.spatial import Delaunay
 from torch import nn
@@ -67,6 +68,8 @@ PERIOCULAR = (((143, 35, 124, 46, 53, 52, 65, 245), (143, 111, 117, 118, 119, 12
 EYES = ((M.RIGHT_EYE_UPPER, M.RIGHT_EYE_LOWER, M.RIGHT_IRIS), (M.LEFT_EYE_UPPER, M.LEFT_EYE_LOWER, M.LEFT_IRIS))
 CLOSED = 0.15  # a closed eye keeps this share of its aperture (the lids meet without crossing)
 BORDER_TAPER = 0.06  # share of the picture's size over which motion fades out towards its edge
+NEWTON_STEPS = 2  # sampled Newton steps inverting the forward map on the grid
+MAX_STEP = 4.0  # px: the longest Newton step inverting the forward map on the grid
 SUPERSAMPLE = 4  # eye-opening masks are drawn at 4x and averaged (anti-aliased edges)
 
 
@@ -88,6 +91,7 @@ class DenseState:
     source: torch.Tensor  # 1 x 3 x H x W
     initial_luma: torch.Tensor | None  # 1 x 1 x H x W
     barycentric: Any  # G x V sparse (scipy CSR): grid points as barycentric combinations of mesh vertices
+    motion_weights: Any  # G x (468 + A) sparse (scipy CSR): grid points in the triangles of the mesh + still anchors
 
 
 def _luma(frames: torch.Tensor) -> torch.Tensor:
@@ -208,6 +212,59 @@ def _fill(polygons: list[np.ndarray], size: tuple[int, int]) -> np.ndarray:
     return out
 
 
+def _barycentric_matrix(points: np.ndarray, grid: np.ndarray) -> csr_matrix:
+    """G x N sparse matrix of the grid points' barycentric weights in a Delaunay triangulation of `points` (N x 2);
+    rows of points outside it are empty."""
+    delaunay = Delaunay(points)
+    simplex = delaunay.find_simplex(grid)
+    inside = np.flatnonzero(simplex >= 0)
+    affine = delaunay.transform[simplex[inside]]  # n x 3 x 2
+    bary = np.einsum("nij,nj->ni", affine[:, :2], grid[inside] - affine[:, 2])
+    weights = np.concatenate([bary, 1 - bary.sum(1, keepdims=True)], 1)  # n x 3
+    return csr_matrix((weights.ravel(), (np.repeat(inside, 3), delaunay.simplices[simplex[inside]].ravel())),
+                      shape=(len(grid), len(points)))
+
+
+def _solve(packed: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """(I + J)^-1 residual per grid point: packed T x 6 x h x w (d, dd/dx, dd/dy), residual T x 2 x h x w; a
+    near-singular (folded) Jacobian gives a bounded step."""
+    a, c = 1 + packed[:, 2], packed[:, 3]  # I + J = [[a, b], [c, e]] (columns: d/dx, d/dy)
+    b, e = packed[:, 4], 1 + packed[:, 5]
+    det = a * e - b * c
+    det = torch.where(det.abs() < 0.05, torch.full_like(det, 0.05).copysign(det), det)
+    return torch.stack([e * residual[:, 0] - b * residual[:, 1], a * residual[:, 1] - c * residual[:, 0]], 1) / det[:, None]
+
+
+def backward_flow(state: "DenseState", target: np.ndarray, iterations: int = NEWTON_STEPS) -> torch.Tensor:
+    """The backward map of the skin on the coarse grid, all frames at once: T x 2 x h x w displacement (pixels)
+    from each target grid point to the source point that lands there, tapered to 0 at the picture's edge.
+
+    The forward map (source -> target) is piecewise affine on a fixed triangulation of the source mesh and the
+    still anchors (one sparse product for every frame's grid); it is inverted by Newton steps on the grid
+    (x <- x - (I + J)^-1 (x + d(x) - y), d and its Jacobian J sampled bilinearly), batched over the frames."""
+    frames, (h, w), (height, width) = len(target), state.grid_shape, state.size
+    points = len(state.anchors) + M.NUM_MESH
+    motion = np.zeros((points, frames, 2))
+    motion[:M.NUM_MESH] = (target[:, :M.NUM_MESH] - state.source_mesh[:M.NUM_MESH]).transpose(1, 0, 2)
+    forward = (state.motion_weights @ motion.reshape(points, -1)).reshape(h, w, frames, 2)  # at source grid points
+    field = torch.from_numpy(forward).float().permute(2, 3, 0, 1).contiguous()  # T x 2 x h x w: d(x)
+    step_y, step_x = (height - 1) / max(h - 1, 1), (width - 1) / max(w - 1, 1)
+    d_dy, d_dx = torch.gradient(field, spacing=(step_y, step_x), dim=(2, 3))  # T x 2 x h x w each
+    packed = torch.cat([field, d_dx, d_dy], 1)  # T x 6 x h x w: d, dd/dx, dd/dy
+    ys, xs = torch.meshgrid(torch.linspace(0, height - 1, h), torch.linspace(0, width - 1, w), indexing="ij")
+    y = torch.stack([xs, ys])[None].expand(frames, -1, -1, -1)  # T x 2 x h x w target grid points (pixels)
+    scale = torch.tensor([2 / max(width - 1, 1), 2 / max(height - 1, 1)]).view(1, 2, 1, 1)
+    x = y - field  # first guess: the forward motion taken back
+    for _ in range(iterations):
+        at = F.grid_sample(packed, (x * scale - 1).permute(0, 2, 3, 1), mode="bilinear", padding_mode="border",
+                           align_corners=True)  # T x 6 x h x w
+        step = _solve(at, x + at[:, :2] - y)
+        length = (step[:, :1] ** 2 + step[:, 1:] ** 2).sqrt()  # T x 1 x h x w (faster than norm over dim 1)
+        x = x - step * (MAX_STEP / length.clamp(min=MAX_STEP))  # folds: bounded steps
+    taper = torch.from_numpy(state.taper).float().view(1, 1, h, w)
+    return (x - y) * taper
+
+
 class DenseMeshWarp(nn.Module):
     """The `dense` backbone (no parameters): `prepare` once per clip, then `animate` batches of driving frames.
 
@@ -282,8 +339,10 @@ class DenseMeshWarp(nn.Module):
         face_mask = _blur(face_mask, 2.0)
         face_mask = F.interpolate(face_mask, size=shape, mode="area") if self.grid_step > 1 else face_mask
         initial_luma = None if initial_frame is None else _luma(initial_frame.float())
-        return DenseState(size, src, init, maps, np.concatenate([ring, border]), grid, shape, vertices, weights,
-                          taper, face_mask, source.float(), initial_luma, barycentric)
+        anchors = np.concatenate([ring, border])
+        return DenseState(size, src, init, maps, anchors, grid, shape, vertices, weights, taper, face_mask,
+                          source.float(), initial_luma, barycentric, _barycentric_matrix(
+                              np.concatenate([src[:M.NUM_MESH], anchors]), grid))
 
     # ---- per batch --------------------------------------------------------------------------------------
     @staticmethod
@@ -352,46 +411,45 @@ class DenseMeshWarp(nn.Module):
             raise ValueError("target_mesh holds NaN / inf (frames without a face)")
         frames, (height, width) = len(target), state.size
         device = state.source.device
-        still = state.anchors
-        src_points = np.concatenate([state.source_mesh[:M.NUM_MESH], still])
-        flows, masks, eyeball, sides = [], [], [], []
-        h, w = state.grid_shape
-        for t in range(frames):
-            points = np.concatenate([target[t, :M.NUM_MESH], still])
-            backward = LinearNDInterpolator(points, src_points, fill_value=np.nan)(state.grid)  # G x 2
-            missing = ~np.isfinite(backward[:, 0])
-            backward[missing] = state.grid[missing]  # outside the anchors' hull: still
-            flows.append((backward - state.grid) * state.taper[:, None])
-            polygons, shifts = [], []
-            for upper, lower, iris in EYES:
-                gaze = target[t, iris[0]] - state.source_mesh[iris[0]]
-                polygons.append((_eye_polygon(target[t], upper, lower), _eye_polygon(state.source_mesh, upper, lower)
-                                 + gaze))
-                shifts.append(gaze)
-            covers = [np.minimum(_fill([now], state.size), _fill([was], state.size))  # eyeball still visible
-                      for now, was in polygons]
-            masks.append(np.maximum(*covers))
-            eyeball.append(np.stack(shifts))  # 2 x 2: each eye's gaze shift
-            sides.append(covers[0] >= covers[1])  # pixels of the first eye
-        displacement = torch.from_numpy(np.stack(flows)).float().view(frames, h, w, 2).permute(0, 3, 1, 2)
+        displacement = backward_flow(state, target)  # T x 2 x h x w pixels, on the coarse grid
         displacement = F.interpolate(displacement, size=(height, width), mode="bilinear", align_corners=True)
         ys, xs = torch.meshgrid(torch.arange(height, dtype=torch.float32), torch.arange(width, dtype=torch.float32),
                                 indexing="ij")
         base = torch.stack([xs, ys], -1)  # H x W x 2 pixels
         skin = _to_grid(base + displacement.permute(0, 2, 3, 1), state.size).to(device)  # T x H x W x 2
-        gaze = torch.from_numpy(np.stack(eyeball)).float()  # T x 2 eyes x 2
-        first = torch.from_numpy(np.stack(sides))[..., None]  # T x H x W x 1
-        shift = torch.where(first, gaze[:, None, None, 0], gaze[:, None, None, 1])  # T x H x W x 2
-        eye_grid = _to_grid(base - shift, state.size).to(device)
-        eye_mask = torch.from_numpy(np.stack(masks))[:, None].to(device)  # T x 1 x H x W
         source = state.source.expand(frames, -1, -1, -1)
         shaded = source
         if appearance is not None:
             bound = float(np.exp(self.ratio_bound))
             shaded = (source * appearance.to(device).float().clamp(1 / bound, bound)).clamp(0, 1)
-        skin_image = F.grid_sample(shaded, skin, mode="bilinear", padding_mode="reflection", align_corners=False)
-        eye_image = F.grid_sample(source, eye_grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-        prediction = skin_image * (1 - eye_mask) + eye_image * eye_mask
+        prediction = F.grid_sample(shaded, skin, mode="bilinear", padding_mode="reflection", align_corners=False)
+        # the eyeball layer, drawn in the eyes' box only: inside the target eye opening (and where the eyeball
+        # was), the source moved by the iris motion alone
+        polygons = [[(_eye_polygon(target[t], upper, lower),
+                      _eye_polygon(state.source_mesh, upper, lower) + target[t, iris[0]] - state.source_mesh[iris[0]])
+                     for upper, lower, iris in EYES] for t in range(frames)]
+        corners = np.concatenate([np.concatenate(pair) for eyes in polygons for pair in eyes])
+        x0, y0 = (max(int(np.floor(v)) - 2, 0) for v in corners.min(0))
+        x1, y1 = min(int(np.ceil(corners[:, 0].max())) + 3, width), min(int(np.ceil(corners[:, 1].max())) + 3, height)
+        eye_mask = torch.zeros(frames, 1, height, width, device=device)
+        if x1 > x0 and y1 > y0:
+            box, offset = (y1 - y0, x1 - x0), np.array([x0, y0])
+            masks, sides, shifts = [], [], []
+            for t, eyes in enumerate(polygons):
+                covers = [np.minimum(_fill([now - offset], box), _fill([was - offset], box)) for now, was in eyes]
+                masks.append(np.maximum(*covers))  # eyeball still visible
+                sides.append(covers[0] >= covers[1])  # pixels of the first eye
+                shifts.append([target[t, iris[0]] - state.source_mesh[iris[0]] for _, _, iris in EYES])
+            gaze = torch.from_numpy(np.array(shifts)).float()  # T x 2 eyes x 2: each eye's gaze shift
+            first = torch.from_numpy(np.stack(sides))[..., None]  # T x h x w x 1
+            shift = torch.where(first, gaze[:, None, None, 0], gaze[:, None, None, 1])  # T x h x w x 2
+            eye_grid = _to_grid(base[y0:y1, x0:x1] - shift, state.size).to(device)
+            eye_image = F.grid_sample(state.source.expand(frames, -1, -1, -1), eye_grid, mode="bilinear",
+                                      padding_mode="reflection", align_corners=False)  # T x 3 x h x w
+            inside = torch.from_numpy(np.stack(masks))[:, None].to(device)  # T x 1 x h x w
+            eye_mask[..., y0:y1, x0:x1] = inside
+            region = prediction[..., y0:y1, x0:x1]
+            prediction[..., y0:y1, x0:x1] = region * (1 - inside) + eye_image * inside
         return {"prediction": prediction, "flow": skin, "eye_mask": eye_mask}
 
     def animate(self, state: DenseState, driving_mesh, driving: torch.Tensor | None = None, magnify: float = 1.0,
