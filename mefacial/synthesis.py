@@ -19,43 +19,30 @@ import torch
 
 from . import au
 from . import video
-from .errors import InputError
+from .options import AnimateOptions
 
 RENDER_VARIANT = "dense"  # the generator whose renderer draws the moved meshes
 MODEL_SIZE = 256
 
 
 @dataclasses.dataclass(frozen=True)
-class SynthesisOptions:
-    """How a specification becomes frames.
+class SynthesisOptions(AnimateOptions):
+    """The animation options (`AnimateOptions`: crop, margin, paste_back, magnify, landmarks, slowdown, ... with
+    their validation) plus what only synthesis has. magnify multiplies every AU's motion and appearance (1 = the
+    templates' FACS intensities; the eyelid and lip contact rules still hold); options about a driving clip
+    (motion, adapt_scale, smooth, confine, fps) do not apply. appearance: paint the AUs' appearance cues
+    (furrows, lash line, mouth opening)."""
 
-    crop / margin / paste_back: as in `Engine.animate` (cut the face box, optionally paste the result back into
-    the whole picture). magnify: multiplies every AU's motion and appearance (1 = the templates' FACS
-    intensities; larger to inspect or to make a macro-expression; the eyelid and lip contact rules still hold).
-    appearance: paint the AUs' appearance cues (furrows, lash line, mouth opening). landmarks: the backend that
-    finds the face box ("auto", "dlib", "fan"; default: the engine's)."""
-
-    crop: bool = True
-    margin: float = 0.0
-    paste_back: bool = False
-    magnify: float = 1.0
     appearance: bool = True
-    landmarks: str | None = None
 
     @classmethod
     def of(cls, options: Any) -> "SynthesisOptions":
-        """These options from any options object with some of the same fields (e.g. the engine's animation options:
-        crop, margin, paste_back, magnify, landmarks; the others are ignored); None -> the defaults."""
+        """These options from any options object with some of the same fields (e.g. `AnimateOptions`); None -> the
+        defaults."""
         if options is None or isinstance(options, cls):
             return options or cls()
         names = [f.name for f in dataclasses.fields(cls)]
         return cls(**{n: getattr(options, n) for n in names if getattr(options, n, None) is not None})
-
-    def __post_init__(self) -> None:
-        if not 0 < float(self.magnify) <= 10:
-            raise InputError(f"magnify must be in (0, 10], got {self.magnify}")
-        if self.paste_back and not self.crop:
-            raise InputError("paste_back needs crop=True (the face is pasted back into the box it was cut from)")
 
 
 def synthesize(engine: Any, source: Any, aus: str | Sequence, timing: au.Timing | None = None,

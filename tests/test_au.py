@@ -330,12 +330,12 @@ def test_evaluate_plots_the_readout_of_real_clips_and_outputs(tmp_path):
 
 
 def test_synthesis_options_from_other_options_objects():
-    import types
-
+    from mefacial.options import AnimateOptions
     from mefacial.synthesis import SynthesisOptions
 
-    other = types.SimpleNamespace(crop=False, margin=0.2, paste_back=False, magnify=2.0, landmarks=None, motion="x")
+    other = AnimateOptions(crop=False, margin=0.2, magnify=2.0, slowdown=4)  # the one options type
     options = SynthesisOptions.of(other)
+    assert isinstance(options, AnimateOptions) and options.slowdown == 4
     assert (options.crop, options.margin, options.magnify, options.appearance) == (False, 0.2, 2.0, True)
     assert SynthesisOptions.of(None) == SynthesisOptions()
     with pytest.raises(InputError, match="magnify"):
