@@ -95,13 +95,20 @@ def put_clip(page, prefix: str, clip: Path) -> None:
     driving.locator("input[type=file]").set_input_files(str(clip))
 
 
-def wait_for_video(page, elem_id: str) -> dict:
-    """Wait until the video in #elem_id has loaded its metadata; return its src and duration."""
-    page.wait_for_function(
-        f"() => {{ const v = document.querySelector('#{elem_id} video'); return v && v.readyState >= 1 && v.duration > 0; }}",
-        timeout=WAIT_MS)
-    return page.evaluate(f"() => {{ const v = document.querySelector('#{elem_id} video'); "
-                         "return {src: v.currentSrc, duration: v.duration}; }")
+def wait_for_video(page, elem_id: str, other_than: str | None = None) -> dict:
+    """Wait until the video in #elem_id (one whose src is not `other_than`) has loaded its metadata; return its
+    src and duration, read in the same check (Gradio may replace the element in between two calls)."""
+    handle = page.wait_for_function(
+        f"""(previous) => {{ const v = document.querySelector('#{elem_id} video');
+            return v && v.readyState >= 1 && v.duration > 0 && v.currentSrc !== previous
+                && {{src: v.currentSrc, duration: v.duration}}; }}""",
+        arg=other_than, timeout=WAIT_MS)
+    return handle.json_value()
+
+
+def video_src(page, elem_id: str) -> str | None:
+    """The src of the video now in #elem_id, if any."""
+    return page.evaluate(f"() => document.querySelector('#{elem_id} video')?.currentSrc ?? null")
 
 
 def fetch_frames(page, src: str, tmp_path: Path, name: str):
@@ -174,8 +181,9 @@ def test_the_page_opens_with_the_example_ready_and_generates_with_one_click(page
 
 
 def test_generate_with_uploaded_files(page, clip, tmp_path):
+    example_preview = video_src(page, "g-preview")  # the page opens with the example clip's preview
     upload(page, "g", FACE, CLIP)
-    wait_for_video(page, "g-preview")  # the driving clip's preview
+    wait_for_video(page, "g-preview", other_than=example_preview)  # the uploaded clip's preview
     page.click("#g-button")
     assert fetch_frames(page, wait_for_video(page, "g-result")["src"], tmp_path, "r.mp4").shape[0] == clip.num_frames
 
