@@ -651,12 +651,13 @@ def action_units_tab(demo: "Demo", default_face: str | None, blocks: gr.Blocks) 
                 a_preset_note = gr.Markdown(elem_id="a-preset-note")
                 a_spec = gr.Textbox("", label="AU specification (AU:intensity, comma-separated; R/L prefix "
                                     "= one side)", elem_id="a-spec")
+                default = au.Timing()  # the literature's defaults (mefacial.au.Timing)
                 with gr.Row():
-                    a_onset = gr.Slider(5, 500, value=100, step=5, label="Onset (ms)")
-                    a_apex = gr.Slider(5, 500, value=60, step=5, label="Apex (ms)")
-                    a_offset = gr.Slider(5, 500, value=140, step=5, label="Offset (ms)")
+                    a_onset = gr.Slider(5, 500, value=default.onset_ms, step=5, label="Onset (ms)", elem_id="a-onset")
+                    a_apex = gr.Slider(5, 500, value=default.apex_ms, step=5, label="Apex (ms)", elem_id="a-apex")
+                    a_offset = gr.Slider(5, 500, value=default.offset_ms, step=5, label="Offset (ms)", elem_id="a-offset")
                 with gr.Row():
-                    a_fps = gr.Dropdown(AU_FPS, value=200, label="Frame rate (fps)")
+                    a_fps = gr.Dropdown(AU_FPS, value=default.fps, label="Frame rate (fps)")
                     a_lead_in = gr.Slider(0, 500, value=0, step=10, label="Neutral lead-in (ms)")
                     a_lead_out = gr.Slider(0, 500, value=0, step=10, label="Neutral lead-out (ms)")
                 with gr.Row():

@@ -210,6 +210,26 @@ def test_compare_ticks_what_runs_here_and_lists_the_rest_with_a_reason(page, cli
     screenshot(page, "app-compare.png")
 
 
+def test_action_units_preset_synthesises_the_specified_event(page, tmp_path):
+    from mefacial import au
+
+    page.get_by_role("tab", name="Action units").click()
+    page.get_by_role("button", name="surprise", exact=True).click()  # a preset of the literature, one click
+    spec = au.PRESETS["surprise"][0]
+    expect(page.locator("#a-spec textarea, #a-spec input").first).to_have_value(spec, timeout=30_000)
+    expect(page.locator("#a-preset-note")).to_contain_text("surprise")  # its source is named
+    timing = au.Timing(onset_ms=60, apex_ms=40, offset_ms=50)  # 31 frames at 200 fps: within the test app's limit
+    for name in ("onset", "apex", "offset"):
+        field = page.locator(f"#a-{name} input[type=number]")
+        field.fill(str(int(getattr(timing, f"{name}_ms"))))
+        field.press("Enter")
+    page.click("#a-button")  # the example face is loaded
+    frames = fetch_frames(page, wait_for_video(page, "a-result")["src"], tmp_path, "au.mp4")
+    assert frames.shape[0] == au.plan(spec, timing).num_frames == 31  # exactly the event, first frame neutral
+    expect(page.locator("#a-readout img")).to_be_visible(timeout=30_000)  # what moved and when
+    screenshot(page, "app-action-units.png")
+
+
 def test_prior_slider_follows_the_clip_and_the_gallery_shows_every_panel(page, clip, tmp_path):
     page.get_by_role("tab", name="Prior").click()
     short = tmp_path / "seven_frames.mp4"
