@@ -309,12 +309,14 @@ def test_a_clip_recorded_with_the_webcam_is_checked_like_an_upload(page):
     page.get_by_text("Record a clip with the webcam").first.click()
     record = page.locator("#g-record")
     record.get_by_text("Click to Access Webcam").click()
-    button = record.get_by_role("button", name="start recording")
-    button.wait_for(timeout=30_000)
+    start = record.get_by_role("button", name="start recording")
+    start.wait_for(timeout=30_000)
     page.wait_for_timeout(1500)  # the stream starts
-    button.click()
+    start.click()
+    stop = record.locator("[title='stop recording']")  # Gradio's icon while it records
+    stop.wait_for(timeout=30_000)
     page.wait_for_timeout(2000)
-    button.click()  # the same button now stops the recording
+    stop.click()
     text = assert_page_wording(read_toast(page, "No face found"), "No face found")
     assert "first (onset) frame of the driving clip" in text
     assert_no_error_state(page, "g-record", "g-preview")
