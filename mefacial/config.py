@@ -70,6 +70,14 @@ class ModelConfig:
 
         return get_backbone(self.backbone).num_points(self)
 
+    def options(self, defaults: dict[str, Any], **overrides: Any) -> dict[str, Any]:
+        """A training-free model's settings: `defaults`, then `model_params`, then `overrides`; unknown names refused."""
+        given = {**(self.model_params or {}), **overrides}
+        unknown = sorted(set(given) - set(defaults))
+        if unknown:
+            raise ValueError(f"config {self.name!r}: unknown {self.backbone} option(s) {unknown}; known: {sorted(defaults)}")
+        return {**defaults, **given}
+
     @classmethod
     def from_dict(cls, data: dict[str, Any], name: str | None = None) -> "ModelConfig":
         if not isinstance(data, dict):

@@ -274,11 +274,7 @@ class DenseMeshWarp(nn.Module):
 
     def __init__(self, config: ModelConfig, **options: Any) -> None:
         super().__init__()
-        given = {**(config.model_params or {}), **options}
-        unknown = sorted(set(given) - set(DEFAULTS))
-        if unknown:
-            raise ValueError(f"config {config.name!r}: unknown dense option(s) {unknown}; known: {sorted(DEFAULTS)}")
-        settings = {**DEFAULTS, **given}
+        settings = config.options(DEFAULTS, **options)
         self.config = config
         self.grid_step = int(settings["grid_step"])
         self.ring_scale = float(settings["ring_scale"])

@@ -164,11 +164,7 @@ class LandmarkWarp(nn.Module):
 
     def __init__(self, config: ModelConfig, **options: Any) -> None:
         super().__init__()
-        given = {**(config.model_params or {}), **options}
-        unknown = sorted(set(given) - set(DEFAULTS))
-        if unknown:
-            raise ValueError(f"config {config.name!r}: unknown warp option(s) {unknown}; known: {sorted(DEFAULTS)}")
-        settings = {**DEFAULTS, **given}
+        settings = config.options(DEFAULTS, **options)
         self.config = config
         self.use_jaw = bool(settings["use_jaw"])
         self.regularization = float(settings["regularization"])
