@@ -68,12 +68,12 @@ def main() -> None:
     args = parser.parse_args()
 
     from mefacial import Engine, metrics
-    from mefacial.evaluate import CachedLandmarks, EvalSettings, score_reenactment
+    from mefacial.evaluate import EvalSettings, landmark_finder, score_reenactment
     from mefacial.video import read_clip
 
     engine = Engine(device="cpu", landmarks="dlib")
     settings = EvalSettings(landmarks="dlib")
-    landmarks = CachedLandmarks("dlib", engine.device)
+    landmarks = landmark_finder("dlib", engine.device)
     face = args.data / "faces" / "asian_female.png"
     rows = []
     for clip_path in sorted((args.data / "driving").glob("*.gif")):
