@@ -22,7 +22,10 @@ For a target (source) face S and a driving clip D_0 .. D_T-1 (all with their
    Eyes are layered: inside the target eye opening (drawn in the eyes' box only) the
    eyeball is drawn unsquashed (moved by the iris motion only), and outside it the lid skin is stretched over
    what the lids now cover. A closing lid therefore covers the iris instead of
-   squeezing it into a dark band.
+   squeezing it into a dark band. The lid margins are drawn where the eye shows what a narrowing eye shows
+   (`cover_lids`: the margins and lashes hide the eyeball below LID_MARGIN of the aperture a mesh reads), and a
+   drawn opening under FADE_OPEN of the source's shows the lids around it (lid skin and lash line) instead of
+   the eyeball (`_lid_fade`), so a closing eye reads as closed lids, to a viewer and a landmark detector.
 3. Appearance (`appearance_ratios`): what geometry cannot carry (furrows, lid
    shading) as an expression-ratio image on luminance: each driving frame is
    aligned to the onset frame through the mesh (the same triangles map target
@@ -67,9 +70,12 @@ PERIOCULAR = (((143, 35, 124, 46, 53, 52, 65, 245), (143, 111, 117, 118, 119, 12
               ((372, 265, 353, 276, 283, 282, 295, 465), (372, 340, 346, 347, 348, 349, 350, 357, 465), None))
 EYES = ((M.RIGHT_EYE_UPPER, M.RIGHT_EYE_LOWER, M.RIGHT_IRIS), (M.LEFT_EYE_UPPER, M.LEFT_EYE_LOWER, M.LEFT_IRIS))
 CLOSED = 0.15  # a closed eye keeps this share of its aperture (the lids meet without crossing)
+LID_MARGIN = 0.35  # share of an eye's aperture taken by the lid margins and lashes: the eyeball is hidden below it
 BORDER_TAPER = 0.06  # share of the picture's size over which motion fades out towards its edge
 NEWTON_STEPS = 2  # sampled Newton steps inverting the forward map on the grid
 MAX_STEP = 4.0  # px: the longest Newton step inverting the forward map on the grid
+FADE_OPEN = 0.5  # a drawn eye opening narrower than this share of the source's starts showing lids, not eyeball
+LID_BLUR = 0.2  # x the source's eye aperture: the reach (Gaussian sigma) of the lid colours filling a closing eye
 SUPERSAMPLE = 4  # eye-opening masks are drawn at 4x and averaged (anti-aliased edges)
 
 
@@ -183,6 +189,48 @@ def local_maps(source: np.ndarray, initial: np.ndarray, triangles: np.ndarray) -
         eye_map = rot_s @ np.diag([along, across]) @ rot_d.T
         out[list(set(upper[1:-1]) | set(lower[1:-1]) | set(iris))] = eye_map
     return out
+
+
+def cover_lids(source: np.ndarray, target: np.ndarray, margin: float = LID_MARGIN) -> np.ndarray:
+    """Target meshes (T x V x 2) whose lid margins are drawn where the eye shows what a narrowing eye shows.
+
+    A mesh's lid contour lies on the lid margins, which have thickness (margin skin and lashes): an eye narrowed
+    to a share r of its aperture shows only (r - margin) / (1 - margin) of its visible eyeball, and none below
+    r = margin (a detector's closed eye keeps about that aperture). So each eye's drawn opening is narrowed to
+    that share of the source's (each lid moving in proportion to its own closing motion, the corners kept), and
+    the lid skin, with its lash line at the margin, is drawn over the rest. An eye that does not narrow is
+    unchanged; the drawn opening keeps CLOSED of the source's, as retargeting does."""
+    out = np.array(target, np.float64, copy=True)
+    for upper, lower, _ in EYES:
+        rotation, _, _ = _eye_frame(source, upper, lower)
+        normal = rotation[:, 1]  # from the upper lid towards the lower one
+        up, lo = list(upper[1:-1]), list(lower[1:-1])
+        gap_s = np.maximum((source[lo] - source[up]) @ normal, 0)  # 7
+        gap = (out[:, lo] - out[:, up]) @ normal  # T x 7
+        ratio = gap[:, 1:-1].sum(1) / max(gap_s[1:-1].sum(), 1e-9)  # T: the eye's aperture share (middle pairs)
+        drawn = np.maximum(CLOSED, ratio - margin * ((1 - np.minimum(ratio, 1)) / (1 - margin)) ** 2)
+        shrink = np.clip(np.where(ratio < 1, drawn / np.maximum(ratio, 1e-9), 1.0), 0, 1)  # T: gap multiplier
+        down = np.maximum((out[:, up] - source[up]) @ normal, 0).sum(1)  # T: the upper lid's closing motion
+        rise = np.maximum((source[lo] - out[:, lo]) @ normal, 0).sum(1)  # T: the lower lid's
+        share = np.where(down + rise > 1e-9, down / np.maximum(down + rise, 1e-9), 0.5)[:, None, None]  # upper's
+        span = out[:, lo] - out[:, up]  # T x 7 x 2
+        cut = (1 - shrink)[:, None, None] * span
+        out[:, up] = out[:, up] + share * cut
+        out[:, lo] = out[:, lo] - (1 - share) * cut
+    return out
+
+
+def _lid_fade(source: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """T x 2 (the EYES): how far each drawn eye opening has closed, 0 (at FADE_OPEN of the source's aperture or
+    more) to 1 (the lids met, at CLOSED), smoothstepped: the share of the opening drawn as the lids around it."""
+    shares = []
+    for upper, lower, _ in EYES:
+        normal = _eye_frame(source, upper, lower)[0][:, 1]
+        up, lo = list(upper[2:7]), list(lower[2:7])
+        gap_s = max(float(((source[lo] - source[up]) @ normal).sum()), 1e-9)
+        shares.append(((target[:, lo] - target[:, up]) @ normal).sum(1) / gap_s)  # T
+    x = np.clip((FADE_OPEN - np.stack(shares, 1)) / (FADE_OPEN - CLOSED), 0, 1)
+    return x * x * (3 - 2 * x)
 
 
 def _eye_polygon(points: np.ndarray, upper, lower) -> np.ndarray:
@@ -425,17 +473,23 @@ class DenseMeshWarp(nn.Module):
                       _eye_polygon(state.source_mesh, upper, lower) + target[t, iris[0]] - state.source_mesh[iris[0]])
                      for upper, lower, iris in EYES] for t in range(frames)]
         corners = np.concatenate([np.concatenate(pair) for eyes in polygons for pair in eyes])
-        x0, y0 = (max(int(np.floor(v)) - 2, 0) for v in corners.min(0))
-        x1, y1 = min(int(np.ceil(corners[:, 0].max())) + 3, width), min(int(np.ceil(corners[:, 1].max())) + 3, height)
+        sigma = max(1.0, LID_BLUR * float(np.mean(M.eye_aperture(state.source_mesh))))  # lid colours' reach
+        pad = 2 + int(np.ceil(3 * sigma))  # the box holds the lids around the openings, whatever the batch
+        x0, y0 = (max(int(np.floor(v)) - pad, 0) for v in corners.min(0))
+        x1 = min(int(np.ceil(corners[:, 0].max())) + pad + 1, width)
+        y1 = min(int(np.ceil(corners[:, 1].max())) + pad + 1, height)
         eye_mask = torch.zeros(frames, 1, height, width, device=device)
         if x1 > x0 and y1 > y0:
             box, offset = (y1 - y0, x1 - x0), np.array([x0, y0])
-            masks, sides, shifts = [], [], []
+            masks, sides, shifts, openings, fades = [], [], [], [], []
             for t, eyes in enumerate(polygons):
-                covers = [np.minimum(_fill([now - offset], box), _fill([was - offset], box)) for now, was in eyes]
+                nows = [_fill([now - offset], box) for now, _ in eyes]
+                covers = [np.minimum(now, _fill([was - offset], box)) for now, (_, was) in zip(nows, eyes)]
                 masks.append(np.maximum(*covers))  # eyeball still visible
-                sides.append(covers[0] >= covers[1])  # pixels of the first eye
+                openings.append(np.maximum(*nows))  # the drawn eye openings
+                sides.append(nows[0] >= nows[1])  # pixels of the first eye
                 shifts.append([target[t, iris[0]] - state.source_mesh[iris[0]] for _, _, iris in EYES])
+            fade = torch.from_numpy(_lid_fade(state.source_mesh, target)).float()  # T x 2 eyes
             gaze = torch.from_numpy(np.array(shifts)).float()  # T x 2 eyes x 2: each eye's gaze shift
             first = torch.from_numpy(np.stack(sides))[..., None]  # T x h x w x 1
             shift = torch.where(first, gaze[:, None, None, 0], gaze[:, None, None, 1])  # T x h x w x 2
@@ -443,9 +497,17 @@ class DenseMeshWarp(nn.Module):
             eye_image = F.grid_sample(state.source.expand(frames, -1, -1, -1), eye_grid, mode="bilinear",
                                       padding_mode="reflection", align_corners=False)  # T x 3 x h x w
             inside = torch.from_numpy(np.stack(masks))[:, None].to(device)  # T x 1 x h x w
-            eye_mask[..., y0:y1, x0:x1] = inside
             region = prediction[..., y0:y1, x0:x1]
-            prediction[..., y0:y1, x0:x1] = region * (1 - inside) + eye_image * inside
+            layered = region * (1 - inside) + eye_image * inside
+            closing = torch.where(first[..., 0], fade[:, None, None, 0], fade[:, None, None, 1])[:, None].to(device)
+            if (fade > 0).any():  # closing eyes: the opening shows the lids around it (lid skin, lash line)
+                opening = torch.from_numpy(np.stack(openings))[:, None].to(device)  # T x 1 x h x w
+                known = (1 - opening).clamp(min=0) ** 2
+                lids = _blur(region * known, sigma) / _blur(known, sigma).clamp(min=1e-3)  # T x 3 x h x w
+                weight = opening * closing
+                layered = layered * (1 - weight) + lids * weight
+            eye_mask[..., y0:y1, x0:x1] = inside * (1 - closing)
+            prediction[..., y0:y1, x0:x1] = layered
         return {"prediction": prediction, "flow": skin, "eye_mask": eye_mask}
 
     def animate(self, state: DenseState, driving_mesh, driving: torch.Tensor | None = None, magnify: float = 1.0,
@@ -456,12 +518,13 @@ class DenseMeshWarp(nn.Module):
         use_appearance = self.appearance if appearance is None else appearance
         meshes = _mesh(driving_mesh, "driving_mesh", frames=True)
         target = self.retarget(state, meshes, magnify)
+        drawn = cover_lids(state.source_mesh, target)
         ratio = None
         if use_appearance:
             if driving is None:
                 raise ValueError("appearance transfer needs the driving frames; pass driving=... or appearance=False")
             ratio = self.appearance_ratios(state, driving, meshes, magnify)
-        out = self.render(state, target, ratio)
+        out = self.render(state, drawn, ratio)
         out.update(landmarks=torch.from_numpy(target).float(), ratio=ratio)
         return out
 
