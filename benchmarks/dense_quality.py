@@ -8,7 +8,8 @@ For each driving clip (and the shared target face), with the routine of `python 
 - cross-identity: the AU-point motion error of the output against the driving clip, as a multiple of the
   still face's (1 = no better than not moving), and the share of the driving motion carried over;
 - eye narrowing at the driving clip's eye apex (the frame where its 68-point eye aperture is smallest):
-  1 - aperture(apex) / aperture(onset), output / driving (1 = reproduced);
+  1 - aperture(apex) / aperture(onset), output / driving (1 = reproduced); printed also as read by the face
+  mesh re-detected on output and driving (`narrowing_mesh`, `mefacial.mesh.eye_aperture`);
 - background stability: mean |frame t - frame 0| (grey levels, 0-255) outside the face (farther than
   CONFINE_REACH x its size from the hull of its landmarks);
 - self-reenactment (each clip's first frame driven by the clip): PSNR, SSIM and landmark-motion error, for
@@ -68,6 +69,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from mefacial import Engine, metrics
+    from mefacial import mesh as M
     from mefacial.evaluate import EvalSettings, landmark_finder, score_reenactment
     from mefacial.video import read_clip
 
@@ -81,7 +83,7 @@ def main() -> None:
         outputs: dict[str, np.ndarray] = {}
         driving = None
         for variant in OURS:
-            result = engine.animate(face, clip.frames, variant=variant, **settings.animate_options())
+            result = engine.animate(face, clip.frames, variant=variant, options=settings.animate_options())
             outputs[variant] = result.frames
             driving = result.model_driving
         size = driving.shape[1]
@@ -95,6 +97,7 @@ def main() -> None:
         ap = eye_aperture68(drv_points)
         apex = int(np.argmin(ap))
         drv_narrow = narrowing(drv_points, apex)
+        drv_mesh = M.eye_aperture(M.detect_mesh(driving, allow_missing=True))
         for name, frames in outputs.items():
             count = min(len(frames), len(driving))
             gen_points = landmarks(frames[:count])
@@ -108,9 +111,12 @@ def main() -> None:
                 row.update(error_ratio=scored.error / scored.static_error, carried=scored.gain,
                            narrowing=narrowing(gen_points, apex) / drv_narrow if apex < count else float("nan"),
                            background=background_change(frames[:count], gen_points[0]))
+                if apex < count:  # the same narrowing read by the face mesh (a second detector)
+                    gen_mesh = M.eye_aperture(M.detect_mesh(frames[:count], allow_missing=True))
+                    row["narrowing_mesh"] = (1 - gen_mesh[apex] / gen_mesh[0]) / (1 - drv_mesh[apex] / drv_mesh[0])
             if name in OURS or name == "static":
                 variant = "dense" if name == "static" else name
-                result = engine.animate(clip.frames[0], clip.frames, variant=variant, **settings.animate_options())
+                result = engine.animate(clip.frames[0], clip.frames, variant=variant, options=settings.animate_options())
                 self_scores = score_reenactment(result, landmarks, settings)
                 part = self_scores["static" if name == "static" else "generated"]
                 row.update(psnr=part["psnr"], ssim=part["ssim"], landmark_error=part["landmark_error"])
@@ -150,7 +156,7 @@ def write_strips(folder: Path, engine, face, clip_frames, driving, outputs, apex
     strip = np.concatenate([row(driving)] + [row(outputs[k]) for k in ("dense", "dense-geometry", "warp", "FOMM")
                                              if k in outputs], axis=0)
     iio.imwrite(folder / "s3_po_05-onset-apex.jpg", strip, quality=85)
-    doubled = [engine.animate(face, clip_frames, variant=v, magnify=2.0, **settings.animate_options()).frames
+    doubled = [engine.animate(face, clip_frames, variant=v, options=settings.animate_options(), magnify=2.0).frames
                for v in ("dense", "warp")]
     iio.imwrite(folder / "s3_po_05-onset-apex-magnify2.jpg",
                 np.concatenate([row(driving)] + [row(f) for f in doubled], axis=0), quality=85)

@@ -23,7 +23,7 @@ For a target (source) face S and a driving clip D_0 .. D_T-1 (all with their
    eyeball is drawn unsquashed (moved by the iris motion only), and outside it the lid skin is stretched over
    what the lids now cover. A closing lid therefore covers the iris instead of
    squeezing it into a dark band. The lid margins are drawn where the eye shows what a narrowing eye shows
-   (`cover_lids`: the margins and lashes hide the eyeball below LID_MARGIN of the aperture a mesh reads), and a
+   (`cover_lids`: the margins and lashes hide the eyeball below `lid_margin` of the aperture a mesh reads), and a
    drawn opening under FADE_OPEN of the source's shows the lids around it (lid skin and lash line) instead of
    the eyeball (`_lid_fade`), so a closing eye reads as closed lids, to a viewer and a landmark detector.
 3. Appearance (`appearance_ratios`): what geometry cannot carry (furrows, lid
@@ -37,7 +37,8 @@ For a target (source) face S and a driving clip D_0 .. D_T-1 (all with their
 
 Options (config `model_params` or keyword arguments): grid_step (px), ring_scale
 (the still ring around the face oval), ratio_bound, ratio_blur (px), appearance
-(bool: with the driving frames' ratio images).
+(bool: with the driving frames' ratio images), lid_margin (share of the aperture a mesh reads on a
+closed eye; 0 draws the retargeted lids as they are).
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ DEFAULTS: dict[str, Any] = {
     "ratio_bound": 0.35,
     "ratio_blur": 2.5,
     "appearance": True,
+    "lid_margin": 0.45,
 }
 MAP_BOUNDS = (0.5, 2.0)  # local maps: singular values within these multiples of the global similarity's scale
 RATIO_EPS = 0.06  # luminance offset of the ratio images (dark pixels would make them noisy)
@@ -70,7 +72,6 @@ PERIOCULAR = (((143, 35, 124, 46, 53, 52, 65, 245), (143, 111, 117, 118, 119, 12
               ((372, 265, 353, 276, 283, 282, 295, 465), (372, 340, 346, 347, 348, 349, 350, 357, 465), None))
 EYES = ((M.RIGHT_EYE_UPPER, M.RIGHT_EYE_LOWER, M.RIGHT_IRIS), (M.LEFT_EYE_UPPER, M.LEFT_EYE_LOWER, M.LEFT_IRIS))
 CLOSED = 0.15  # a closed eye keeps this share of its aperture (the lids meet without crossing)
-LID_MARGIN = 0.35  # share of an eye's aperture taken by the lid margins and lashes: the eyeball is hidden below it
 BORDER_TAPER = 0.06  # share of the picture's size over which motion fades out towards its edge
 NEWTON_STEPS = 2  # sampled Newton steps inverting the forward map on the grid
 MAX_STEP = 4.0  # px: the longest Newton step inverting the forward map on the grid
@@ -191,15 +192,17 @@ def local_maps(source: np.ndarray, initial: np.ndarray, triangles: np.ndarray) -
     return out
 
 
-def cover_lids(source: np.ndarray, target: np.ndarray, margin: float = LID_MARGIN) -> np.ndarray:
+def cover_lids(source: np.ndarray, target: np.ndarray, margin: float = DEFAULTS["lid_margin"]) -> np.ndarray:
     """Target meshes (T x V x 2) whose lid margins are drawn where the eye shows what a narrowing eye shows.
 
-    A mesh's lid contour lies on the lid margins, which have thickness (margin skin and lashes): an eye narrowed
-    to a share r of its aperture shows only (r - margin) / (1 - margin) of its visible eyeball, and none below
-    r = margin (a detector's closed eye keeps about that aperture). So each eye's drawn opening is narrowed to
-    that share of the source's (each lid moving in proportion to its own closing motion, the corners kept), and
-    the lid skin, with its lash line at the margin, is drawn over the rest. An eye that does not narrow is
-    unchanged; the drawn opening keeps CLOSED of the source's, as retargeting does."""
+    A mesh's lid contour lies on the lid margins, which have thickness (margin skin and lashes): a face mesh reads
+    a closed eye at about 0.4-0.55 of its open aperture (measured on 256 px faces: the published FOMM outputs'
+    closed eyes, our own fully closed lids), so an eye read at a share r of its aperture shows less eyeball than
+    r, none at r = margin. Each eye's drawn opening is narrowed to r - margin * ((1 - r) / (1 - margin))^2 of the
+    source's (a small narrowing is carried as it is, slope 1 at r = 1; shut at r = margin), at least CLOSED (as
+    retargeting keeps), each lid taking the cut in proportion to its own closing motion (corners kept), and the
+    lid skin, with its lash line at the margin, is drawn over the rest. An eye that does not narrow is unchanged;
+    margin 0 draws the retargeted mesh as it is."""
     out = np.array(target, np.float64, copy=True)
     for upper, lower, _ in EYES:
         rotation, _, _ = _eye_frame(source, upper, lower)
@@ -208,7 +211,7 @@ def cover_lids(source: np.ndarray, target: np.ndarray, margin: float = LID_MARGI
         gap_s = np.maximum((source[lo] - source[up]) @ normal, 0)  # 7
         gap = (out[:, lo] - out[:, up]) @ normal  # T x 7
         ratio = gap[:, 1:-1].sum(1) / max(gap_s[1:-1].sum(), 1e-9)  # T: the eye's aperture share (middle pairs)
-        drawn = np.maximum(CLOSED, ratio - margin * ((1 - np.minimum(ratio, 1)) / (1 - margin)) ** 2)
+        drawn = np.maximum(CLOSED, ratio - margin * ((1 - np.minimum(ratio, 1)) / (1 - margin)) ** 2)  # T
         shrink = np.clip(np.where(ratio < 1, drawn / np.maximum(ratio, 1e-9), 1.0), 0, 1)  # T: gap multiplier
         down = np.maximum((out[:, up] - source[up]) @ normal, 0).sum(1)  # T: the upper lid's closing motion
         rise = np.maximum((source[lo] - out[:, lo]) @ normal, 0).sum(1)  # T: the lower lid's
@@ -329,8 +332,10 @@ class DenseMeshWarp(nn.Module):
         self.ratio_bound = float(settings["ratio_bound"])
         self.ratio_blur = float(settings["ratio_blur"])
         self.appearance = bool(settings["appearance"])
-        if self.grid_step < 1 or self.ring_scale <= 1 or not 0 <= self.ratio_bound <= 1:
-            raise ValueError(f"config {config.name!r}: need grid_step >= 1, ring_scale > 1, 0 <= ratio_bound <= 1")
+        self.lid_margin = float(settings["lid_margin"])
+        if self.grid_step < 1 or self.ring_scale <= 1 or not 0 <= self.ratio_bound <= 1 or not 0 <= self.lid_margin < 1:
+            raise ValueError(f"config {config.name!r}: need grid_step >= 1, ring_scale > 1, 0 <= ratio_bound <= 1, "
+                             "0 <= lid_margin < 1")
 
     # ---- once per clip ---------------------------------------------------------------------------------
     def prepare(self, source: torch.Tensor, source_mesh, initial_mesh=None, initial_frame: torch.Tensor | None = None
@@ -518,7 +523,7 @@ class DenseMeshWarp(nn.Module):
         use_appearance = self.appearance if appearance is None else appearance
         meshes = _mesh(driving_mesh, "driving_mesh", frames=True)
         target = self.retarget(state, meshes, magnify)
-        drawn = cover_lids(state.source_mesh, target)
+        drawn = cover_lids(state.source_mesh, target, self.lid_margin) if self.lid_margin > 0 else target
         ratio = None
         if use_appearance:
             if driving is None:
