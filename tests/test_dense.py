@@ -191,6 +191,79 @@ def test_closed_lids_cover_the_eye_without_smear(face):
             source_luma[lid > 0.99].mean() - source_luma[opening].mean()), f"magnify {magnify}"
 
 
+def _squint(points: np.ndarray, share: float) -> np.ndarray:
+    """The mesh with both upper lids brought down by `share` of the way to the lower ones (corners kept)."""
+    out = points.copy()
+    for upper, lower in ((M.RIGHT_EYE_UPPER, M.RIGHT_EYE_LOWER), (M.LEFT_EYE_UPPER, M.LEFT_EYE_LOWER)):
+        out[list(upper[1:-1])] += (points[list(lower[1:-1])] - points[list(upper[1:-1])]) * share
+    return out
+
+
+def _render(model: DenseMeshWarp, image: np.ndarray, points: np.ndarray, meshes: np.ndarray) -> np.ndarray:
+    state = model.prepare(_tensor(image), points, points)
+    with torch.inference_mode():
+        out = model.animate(state, meshes)["prediction"]
+    return (out.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()  # T x H x W x 3
+
+
+@pytest.fixture(scope="module")
+def half_closed_face(tight_face):
+    """A face whose eyes start half-closed: the shared face with its lids drawn at 60 % of their aperture (the
+    retargeted lids as they are, lid_margin 0), and its mesh detected afresh."""
+    image, points = tight_face
+    half = _render(_model(appearance=False, lid_margin=0.0), image, points, _squint(points, 0.4)[None])[0]
+    return half, M.detect_mesh(half, role="source")[0]
+
+
+def test_cover_lids_keeps_open_eyes_and_shuts_at_the_margin(loose_face):
+    from mefacial.models.dense import CLOSED, EYES, cover_lids
+
+    _, points = loose_face
+    shares = np.array([0.0, 0.05, 0.3, 0.5, 0.7])
+    meshes = np.stack([_squint(points, c) for c in shares] + [_squint(points, -0.2)])  # the last opens wider
+    drawn = cover_lids(points, meshes, margin=0.45)
+    asked, got = M.eye_aperture(meshes) / M.eye_aperture(points), M.eye_aperture(drawn) / M.eye_aperture(points)
+    assert np.array_equal(drawn[[0, -1]], meshes[[0, -1]]), "an eye that does not narrow is drawn as it is"
+    assert abs(got[1] - asked[1]) < 0.01, "a small narrowing is carried as it is"
+    assert (np.diff(got[:-1]) <= 1e-9).all() and (got[2:-1] < asked[2:-1] - 0.1).all(), "more eyeball hidden, monotonically"
+    assert abs(got[4] - CLOSED) < 0.02, "shut (the lids meet without crossing) below the margin"
+    others = [v for v in range(M.NUM_VERTICES) if v not in {i for u, l, _ in EYES for i in (*u[1:-1], *l[1:-1])}]
+    assert np.array_equal(drawn[:, others], meshes[:, others]), "only the lid margins move; corners and irises kept"
+    assert np.array_equal(cover_lids(points, meshes, margin=0.0)[:-1], meshes[:-1])
+
+
+@pytest.mark.parametrize("which", ["tight", "loose", "half-closed"])
+def test_a_squint_reads_as_one_to_a_landmark_detector(which, tight_face, loose_face, half_closed_face):
+    """Lids brought down by half the aperture (what a face mesh reads on a strong squint): the face mesh detected
+    afresh on the rendered frame reads a clear share of that narrowing, on a tightly and a loosely framed face and
+    on one whose eyes start half-closed (drawn as an open band between the lids, it read 6-25 %)."""
+    image, points = {"tight": tight_face, "loose": loose_face, "half-closed": half_closed_face}[which]
+    model = _model(appearance=False)
+    squint = _squint(points, 0.5)
+    frames = _render(model, image, points, np.stack([points, squint]))
+    asked = 1 - M.eye_aperture(squint) / M.eye_aperture(points)
+    read = M.eye_aperture(M.detect_mesh(frames))
+    assert 1 - read[1] / read[0] > 0.35 * asked, (which, read, asked)
+
+
+@pytest.mark.parametrize("which", ["tight", "half-closed"])
+def test_a_squinting_eye_shows_lid_skin_not_a_dark_band(which, tight_face, half_closed_face):
+    """Where the eye was open, a strong squint shows mostly lids: few pixels of the opening stay darker than half
+    way between the eyeball and the lid skin above it (a squashed eyeball band kept 60-65 % of them dark)."""
+    from mefacial.models.dense import _eye_polygon, _fill
+
+    image, points = {"tight": tight_face, "half-closed": half_closed_face}[which]
+    frames = _render(_model(appearance=False), image, points, np.stack([points, _squint(points, 0.5)]))
+    luma = frames.mean(-1) / 255.0  # T x H x W
+    eyes = ((M.RIGHT_EYE_UPPER, M.RIGHT_UPPER_LID), (M.LEFT_EYE_UPPER, M.LEFT_UPPER_LID))
+    opening = _fill([_eye_polygon(points, upper, lower) for (upper, _), lower in
+                     zip(eyes, (M.RIGHT_EYE_LOWER, M.LEFT_EYE_LOWER))], luma.shape[1:]) > 0.99
+    lid = _fill([points[[upper[0], *lid[14:21], upper[-1]]] for upper, lid in eyes], luma.shape[1:]) > 0.99
+    middle = (luma[0][opening].mean() + luma[0][lid].mean()) / 2
+    assert (luma[0][opening] < middle).mean() > 0.8, "the open eye is dark between its lids"
+    assert (luma[1][opening] < middle).mean() < 0.45, which
+
+
 def test_appearance_transfer_is_bounded_and_keeps_the_colour(loose_face):
     image, points = loose_face
     model = _model()
