@@ -92,6 +92,10 @@ class DenseState:
     initial_luma: torch.Tensor | None  # 1 x 1 x H x W
     barycentric: Any  # G x V sparse (scipy CSR): grid points as barycentric combinations of mesh vertices
     motion_weights: Any  # G x (468 + A) sparse (scipy CSR): grid points in the triangles of the mesh + still anchors
+    # made on first use, then reused by every batch
+    pixels: torch.Tensor | None = None  # H x W x 2: pixel centres (x, y)
+    pixel_grid: torch.Tensor | None = None  # H x W x 2: the same in grid_sample coordinates
+    onset_luma: torch.Tensor | None = None  # 1 x 1 x h x w: the onset frame's luminance on the grid, blurred
 
 
 def _luma(frames: torch.Tensor) -> torch.Tensor:
@@ -362,7 +366,7 @@ class DenseMeshWarp(nn.Module):
 
     def appearance_ratios(self, state: DenseState, driving: torch.Tensor, driving_mesh: np.ndarray,
                           magnify: float = 1.0) -> torch.Tensor:
-        """Expression-ratio images in the source's geometry: T x 1 x H x W (1 = unchanged), bounded.
+        """Expression-ratio images in the source's geometry, on the grid: T x 1 x h x w (1 = unchanged), bounded.
 
         driving: T x 3 x H x W frames in [0, 1] (the size of the source); driving_mesh T x V x 2."""
         if state.initial_luma is None:
@@ -383,20 +387,23 @@ class DenseMeshWarp(nn.Module):
         sigma = self.ratio_blur / self.grid_step  # blurred on the grid (grid_step px apart)
         aligned = _blur(_luma(F.grid_sample(driving.float(), grid_t, mode="bilinear", padding_mode="border",
                                             align_corners=False)), sigma)
-        base = _blur(F.grid_sample(state.initial_luma, grid_0, mode="bilinear", padding_mode="border",
-                                   align_corners=False), sigma)
-        log_ratio = torch.log((aligned + RATIO_EPS) / (base + RATIO_EPS))  # T x 1 x h x w
+        if state.onset_luma is None:
+            state.onset_luma = _blur(F.grid_sample(state.initial_luma, grid_0, mode="bilinear", padding_mode="border",
+                                                   align_corners=False), sigma)
+        log_ratio = torch.log((aligned + RATIO_EPS) / (state.onset_luma + RATIO_EPS))  # T x 1 x h x w
         mask = state.face_mask
         weights = (mask > 0.5).flatten()
         if weights.any():  # no global brightness change: the face's median ratio is 1
             log_ratio = log_ratio - log_ratio.flatten(1)[:, weights].median(1).values.view(-1, 1, 1, 1)
         log_ratio = (magnify * log_ratio * mask).clamp(-self.ratio_bound, self.ratio_bound)
-        return torch.exp(F.interpolate(log_ratio, size=state.size, mode="bilinear", align_corners=True))
+        return torch.exp(log_ratio)  # the renderer samples it where the skin comes from (bilinear, corner to corner)
 
     def render(self, state: DenseState, target_mesh: np.ndarray, appearance: torch.Tensor | None = None
                ) -> dict[str, torch.Tensor]:
         """Frames of the source moved to `target_mesh` (T x V x 2, pixels of the source), shaded by `appearance`
-        (T x 1 x H x W luminance ratios in the source's geometry, clamped to exp(+-ratio_bound); None = 1).
+        (T x 1 x h x w luminance ratios in the source's geometry, clamped to exp(+-ratio_bound); None = 1), on a
+        grid spanning the picture corner to corner: the picture's pixels (h x w = H x W) or a coarser grid, as
+        `appearance_ratios` gives.
 
         Returns {"prediction": T x 3 x H x W in [0, 1], "flow": T x H x W x 2 backward sampling grid of the skin
         (grid_sample coordinates, align_corners=False), "eye_mask": T x 1 x H x W where the eyeball layer shows}."""
@@ -407,18 +414,26 @@ class DenseMeshWarp(nn.Module):
             raise ValueError("target_mesh holds NaN / inf (frames without a face)")
         frames, (height, width) = len(target), state.size
         device = state.source.device
+        if state.pixels is None:
+            ys, xs = torch.meshgrid(torch.arange(height, dtype=torch.float32),
+                                    torch.arange(width, dtype=torch.float32), indexing="ij")
+            state.pixels = torch.stack([xs, ys], -1)  # H x W x 2 pixels
+            state.pixel_grid = _to_grid(state.pixels, state.size).to(device)
+        base = state.pixels
         displacement = backward_flow(state, target)  # T x 2 x h x w pixels, on the coarse grid
-        displacement = F.interpolate(displacement, size=(height, width), mode="bilinear", align_corners=True)
-        ys, xs = torch.meshgrid(torch.arange(height, dtype=torch.float32), torch.arange(width, dtype=torch.float32),
-                                indexing="ij")
-        base = torch.stack([xs, ys], -1)  # H x W x 2 pixels
-        skin = _to_grid(base + displacement.permute(0, 2, 3, 1), state.size).to(device)  # T x H x W x 2
-        source = state.source.expand(frames, -1, -1, -1)
-        shaded = source
+        displacement = displacement * torch.tensor([2 / width, 2 / height]).view(1, 2, 1, 1)  # grid_sample units
+        displacement = F.interpolate(displacement.to(device), size=(height, width), mode="bilinear", align_corners=True)
+        skin = state.pixel_grid + displacement.permute(0, 2, 3, 1)  # T x H x W x 2
+        # the source, then its shading, sampled where the skin comes from (an expanded source takes grid_sample's
+        # fast path: 2x faster than sampling the shaded frames)
+        prediction = F.grid_sample(state.source.expand(frames, -1, -1, -1), skin, mode="bilinear",
+                                   padding_mode="reflection", align_corners=False)  # T x 3 x H x W
         if appearance is not None:
             bound = float(np.exp(self.ratio_bound))
-            shaded = (source * appearance.to(device).float().clamp(1 / bound, bound)).clamp(0, 1)
-        prediction = F.grid_sample(shaded, skin, mode="bilinear", padding_mode="reflection", align_corners=False)
+            corners = skin * torch.tensor([width / max(width - 1, 1), height / max(height - 1, 1)])  # corner to corner
+            shading = F.grid_sample(appearance.to(device).float().clamp(1 / bound, bound), corners, mode="bilinear",
+                                    padding_mode="border", align_corners=True)  # T x 1 x H x W
+            prediction = prediction.mul_(shading).clamp_(0, 1)
         # the eyeball layer, drawn in the eyes' box only: inside the target eye opening (and where the eyeball
         # was), the source moved by the iris motion alone
         polygons = [[(_eye_polygon(target[t], upper, lower),
