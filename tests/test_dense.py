@@ -121,7 +121,7 @@ def test_still_driving_leaves_the_source_unchanged(face):
 def _displacement(out: dict, point: np.ndarray, size: int) -> np.ndarray:
     """Pixel offset (sampled source position - output position) of the skin flow at `point` (x, y)."""
     x, y = (int(round(v)) for v in point)
-    sampled = (out["flow"][0, y, x].numpy() + 1) * size / 2 - 0.5
+    sampled = (out["flow"][0, y, x].numpy() + 1) * (size - 1) / 2  # align_corners=True units -> pixels
     return sampled - np.array([x, y])
 
 
@@ -148,7 +148,7 @@ def test_motion_goes_where_and_which_way_the_driving_moves(face):
                  if points[i].min() >= 0 and points[i].max() < size - 1]
         assert max(moved) < 0.3
     # the picture's corners and borders hold still
-    flow_px = (out["flow"][0].numpy() + 1) * size / 2 - 0.5 - np.stack(np.meshgrid(np.arange(size), np.arange(size)), -1)
+    flow_px = (out["flow"][0].numpy() + 1) * (size - 1) / 2 - np.stack(np.meshgrid(np.arange(size), np.arange(size)), -1)
     assert np.abs(flow_px[[0, -1]]).max() < 1e-3 and np.abs(flow_px[:, [0, -1]]).max() < 1e-3
 
 
