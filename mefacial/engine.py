@@ -434,7 +434,7 @@ class Engine:
             if len(points):
                 yield pending[:len(points)], points
 
-    def _tracked_chunks(self, prepared: PreparedClip, spec: Variant, chunk: int = TRACK_CHUNK
+    def _tracked_chunks(self, prepared: PreparedClip, spec: Variant, chunk: int | None = None
                         ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(n x S x S x 3 frames, n x 478 x 2 smoothed meshes) of an in-memory clip whose meshes are not found yet:
         a worker thread tracks them chunk by chunk (the LiteRT models run outside the GIL) while the caller
@@ -444,6 +444,7 @@ class Engine:
         from concurrent.futures import ThreadPoolExecutor
 
         meshes, frames = prepared.meshes, prepared.driving
+        chunk = chunk or TRACK_CHUNK
         if "source" not in meshes:
             meshes["source"] = self._source_mesh(prepared)
         tracker = MeshTracker(landmarks=prepared.faces.get("driving"), role="driving")

@@ -290,3 +290,36 @@ def test_streamed_clip_equals_the_whole_clip(engine):
     streamed = np.concatenate(list(engine.run(engine.prepare(face, clip, stream=True, chunk=4, **options), "dense")))
     assert streamed.shape == whole.shape
     assert np.abs(streamed.astype(int) - whole).max() <= 1
+
+
+def test_tracking_alongside_rendering_equals_tracking_first(engine):
+    """An in-memory clip's meshes are tracked in a worker thread while the frames are rendered: the same meshes
+    and frames as finding every mesh first (`find_landmarks`), kept on the clip for the next variant, and torch's
+    thread count is given back."""
+    from mefacial.variants import get_variant
+    from mefacial.video import read_clip
+
+    clip = read_clip(require(DATA / "driving" / "s3_po_05.gif", "shared clip")).frames[:21]
+    face = DATA / "faces" / "asian_female.png"
+    threads = torch.get_num_threads()
+    overlapped = engine.prepare(face, clip)
+    frames = engine.collect(overlapped, "dense").frames
+    assert torch.get_num_threads() == threads
+    assert overlapped.meshes["driving"].shape == (21, M.NUM_VERTICES, 2)
+    first = engine.prepare(face, clip)
+    engine.find_landmarks(first, get_variant("dense"))
+    assert np.array_equal(overlapped.meshes["driving"], first.meshes["driving"])
+    assert np.array_equal(frames, engine.collect(first, "dense").frames)
+    # the kept meshes serve the next variant without tracking again
+    assert np.array_equal(engine.collect(overlapped, "dense-geometry").frames,
+                          engine.collect(first, "dense-geometry").frames)
+
+
+def test_tracking_alongside_rendering_names_a_frame_without_a_face(engine):
+    """A driving frame without a face, found by the worker thread, stops the run with the frame's number."""
+    from mefacial.video import read_clip
+
+    clip = read_clip(require(DATA / "driving" / "s3_po_05.gif", "shared clip")).frames[:20].copy()
+    clip[13] = 90  # a grey frame: no face
+    with pytest.raises(NoFaceError, match="frame 13"):
+        engine.animate(DATA / "faces" / "asian_female.png", clip, variant="dense")
