@@ -86,6 +86,7 @@ class PriorView:
     landmark_backend: str | None = None
 
 
+TRACK_CHUNK = 8  # frames per face-mesh tracking step of an in-memory clip (`Engine._tracked_chunks`)
 DEFAULT_VARIANT = "dense"  # the training-free dense face-mesh generator: runs offline, needs no weights
 MESH_BACKEND = "mesh (MediaPipe face mesh + iris, LiteRT)"
 
@@ -290,6 +291,10 @@ class Engine:
                                 backend=options.landmarks or self.landmarks, timings=timings)
         prepared.source = prepared.to_model_frames(source_image[None], source_box)[0]
         prepared.driving = prepared.to_model_frames(first, driving_box)
+        if options.crop:
+            prepared.faces = {
+                "source": prepared.to_model(np.asarray(src_face, np.float32), source_image.shape, source_box),
+                "driving": prepared.to_model(np.asarray(drv_face, np.float32), first.shape[1:], driving_box)}
         if given_src is not None:
             prepared.given_source = prepared.to_model(given_src, source_image.shape, source_box)[None]  # 1 x P x 2
         if given_drv is not None:
@@ -348,7 +353,7 @@ class Engine:
             if _given_meshes(prepared):
                 points = prepared.given_driving
             else:
-                points = detect_mesh(prepared.driving, role="driving")
+                points = detect_mesh(prepared.driving, landmarks=prepared.faces.get("driving"), role="driving")
                 if prepared.options.smooth and len(points) >= 3:
                     points = smooth_tracks(points, smoothing_window(prepared.fps))
             meshes["driving"] = points  # T x 478 x 2
@@ -359,7 +364,8 @@ class Engine:
     def _source_mesh(self, prepared: PreparedClip) -> np.ndarray:
         if _given_meshes(prepared):
             return prepared.given_source
-        return detect_mesh(prepared.source, role="source")[0][None]  # 1 x 478 x 2
+        found = detect_mesh(prepared.source, landmarks=prepared.faces.get("source"), role="source")
+        return found[0][None]  # 1 x 478 x 2
 
     def _clip_source_points(self, prepared: PreparedClip, spec: Variant) -> np.ndarray | None:
         """The source points a variant's clip runner gets: the mesh for mesh-point backends, else the landmarks."""
@@ -374,6 +380,9 @@ class Engine:
         """(n x S x S x 3 model frames, n x P x 2 points or None) of the clip, in order: the whole clip at once
         for an in-memory one, chunk by chunk (landmarks found and smoothed across chunk borders) for a stream."""
         if not prepared.streamed:
+            if _uses_mesh(spec) and "driving" not in prepared.meshes and not _given_meshes(prepared):
+                yield from self._tracked_chunks(prepared, spec)
+                return
             points = self.find_landmarks(prepared, spec)[1] if spec.needs_landmarks else None
             yield prepared.driving, points
             return
@@ -404,7 +413,8 @@ class Engine:
                                          "has more")
                     points = prepared.to_model(given, shape[1:], prepared.driving_box)
                 elif _uses_mesh(spec):  # one tracker for the clip: the onset frame's box, carried chunk after chunk
-                    tracker = prepared.meshes.setdefault("tracker", MeshTracker(role="driving"))
+                    tracker = prepared.meshes.setdefault("tracker", MeshTracker(landmarks=prepared.faces.get("driving"),
+                                                                                  role="driving"))
                     points = tracker.track(model_frames)
                 else:
                     points = self._detector(prepared.options).detect(model_frames, role="driving").points
@@ -423,6 +433,51 @@ class Engine:
             points = smoother.finish()
             if len(points):
                 yield pending[:len(points)], points
+
+    def _tracked_chunks(self, prepared: PreparedClip, spec: Variant, chunk: int | None = None
+                        ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(n x S x S x 3 frames, n x 478 x 2 smoothed meshes) of an in-memory clip whose meshes are not found yet:
+        a worker thread tracks them chunk by chunk (the LiteRT models run outside the GIL) while the caller
+        generates the frames whose smoothed meshes are final, so tracking and rendering share the CPU's cores.
+        The meshes are kept on the clip, the same as `find_landmarks` finds them (`MeshTracker` and
+        `StreamingSmoother` equal the whole-clip calls frame for frame)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        meshes, frames = prepared.meshes, prepared.driving
+        chunk = chunk or TRACK_CHUNK
+        if "source" not in meshes:
+            meshes["source"] = self._source_mesh(prepared)
+        tracker = MeshTracker(landmarks=prepared.faces.get("driving"), role="driving")
+        smooth = prepared.options.smooth and len(frames) >= 3
+        smoother = StreamingSmoother(smoothing_window(prepared.fps)) if smooth else None
+        seconds: dict[str, float] = {}
+
+        def track(part: np.ndarray) -> np.ndarray:
+            with timer(seconds, "track"):
+                return tracker.track(part, len(frames))
+
+        found, done = [], 0
+        pool = ThreadPoolExecutor(1, thread_name_prefix="mesh")  # one worker: chunks are tracked in order
+        threads = torch.get_num_threads()
+        if threads > 1:  # leave the tracker its core: torch's threads wait for each other where one lacks a core
+            torch.set_num_threads(threads - 1)
+        try:
+            pending = [pool.submit(track, frames[i:i + chunk]) for i in range(0, len(frames), chunk)]
+            for future in pending:
+                points = future.result()
+                self._check_points(spec, meshes["source"], points)
+                points = smoother.push(points) if smoother is not None else points
+                found.append(points)
+                yield frames[done:done + len(points)], points
+                done += len(points)
+            if smoother is not None:
+                found.append(smoother.finish())
+                yield frames[done:], found[-1]
+        finally:
+            pool.shutdown(cancel_futures=True)
+            torch.set_num_threads(threads)
+        meshes["driving"] = np.concatenate(found)  # T x 478 x 2
+        prepared.timings["landmarks_s"] = prepared.timings.get("landmarks_s", 0.0) + seconds.get("track", 0.0)
 
     # ---- stage 2: run -----------------------------------------------------------------------
     def run(self, prepared: PreparedClip, variant: str | Variant = DEFAULT_VARIANT, options: AnimateOptions | None = None, *,
@@ -475,7 +530,7 @@ class Engine:
         options = options or prepared.options
         report = progress or (lambda fraction, message: None)
         started = time.perf_counter() if started is None else started
-        if spec.needs_landmarks:
+        if spec.needs_landmarks and not _uses_mesh(spec):  # face meshes are tracked while the frames are made
             report(0.02, "landmarks")
             self.find_landmarks(prepared, spec)
         report(0.05, f"{spec.id}: {prepared.num_frames} frames")

@@ -16,7 +16,7 @@ eye contours of the mesh are replaced by the iris model's, and points 468-472
 image's left.
 
 Tracking inside a fixed face box: the face is found once, on the clip's first
-(onset) frame, by dlib's HOG detector (or `box` is given); the mesh is fitted
+(onset) frame, by dlib's HOG detector (or from a given `box` or 68 `landmarks`); the mesh is fitted
 there twice (the second time in the box its first fit gives, as MediaPipe's
 tracker does) and that region of interest is kept for every frame of the clip.
 A frame whose mesh falls out of it (the head moved) gets a box from the
@@ -228,9 +228,18 @@ def _refine_eyes(frame: np.ndarray, mesh: np.ndarray) -> np.ndarray:
     return out
 
 
-def _initial_box(frame: np.ndarray, box) -> tuple[np.ndarray, float, float] | None:
-    """A region of interest for the first frame: from `box` (x0, y0, x1, y1) when given, else (or when the mesh
-    finds no face there) from dlib's face search, else the whole picture (a face crop); None when no face."""
+def _roi_of_landmarks(points: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """A first region of interest from a face's 68 landmarks (68 x 2): (centre, side, angle of the eye line)."""
+    points = np.asarray(points, np.float64)
+    angle = float(np.arctan2(*(points[45] - points[36])[::-1]))
+    low, high = points.min(0), points.max(0)
+    return (low + high) / 2 - [0, 0.1 * (high - low)[1]], float(max(high - low)) * ROI_SCALE, angle
+
+
+def _initial_box(frame: np.ndarray, box, landmarks=None) -> tuple[np.ndarray, float, float] | None:
+    """A region of interest for the first frame: from `box` (x0, y0, x1, y1) or the face's 68 `landmarks` when
+    given, else (or when the mesh finds no face there) from dlib's face search, else the whole picture (a face
+    crop); None when no face."""
     height, width = frame.shape[:2]
 
     def candidates():
@@ -239,14 +248,16 @@ def _initial_box(frame: np.ndarray, box) -> tuple[np.ndarray, float, float] | No
             if not (x1 > x0 and y1 > y0):
                 raise InputError(f"box must be (x0, y0, x1, y1) with x1 > x0 and y1 > y0, got {tuple(box)}")
             yield np.array([(x0 + x1) / 2, (y0 + y1) / 2]), max(x1 - x0, y1 - y0) * ROI_SCALE, 0.0
+        if landmarks is not None:
+            points = np.asarray(landmarks, np.float64)
+            if points.shape != (68, 2) or not np.isfinite(points).all():
+                raise InputError(f"landmarks must be the face's 68 x 2 landmarks, got shape {points.shape}")
+            yield _roi_of_landmarks(points)
         from .landmarks import get_detector
 
         found = get_detector("dlib").detect(frame[None], allow_missing=True)
         if found.found[0]:
-            points = found.points[0].astype(np.float64)
-            angle = float(np.arctan2(*(points[45] - points[36])[::-1]))
-            low, high = points.min(0), points.max(0)
-            yield (low + high) / 2 - [0, 0.1 * (high - low)[1]], float(max(high - low)) * ROI_SCALE, angle
+            yield _roi_of_landmarks(found.points[0])
         yield np.array([width / 2, height / 2]), float(max(width, height)), 0.0  # a face crop
 
     for candidate in candidates():
@@ -256,20 +267,22 @@ def _initial_box(frame: np.ndarray, box) -> tuple[np.ndarray, float, float] | No
     return None
 
 
-def detect_mesh(frames: np.ndarray, box=None, *, refine_eyes: bool = True, allow_missing: bool = False,
-                role: str = "driving") -> np.ndarray:
+def detect_mesh(frames: np.ndarray, box=None, *, landmarks=None, refine_eyes: bool = True,
+                allow_missing: bool = False, role: str = "driving") -> np.ndarray:
     """The 478-point face mesh of each frame: N x H x W x 3 uint8 (or one H x W x 3 image) -> N x 478 x 2 float32
     pixel (x, y) (pixel centres at integers, as the 68-point landmarks).
 
     `box` (x0, y0, x1, y1), in pixels of the frames, is the face's box on the first frame (a face detector's
-    box, or the extent of 68 landmarks); without it (or when the mesh finds no face in it) dlib finds the face
-    there. The box is then kept for the clip (tracking, no per-frame face
+    box, or the extent of 68 landmarks); `landmarks`, the face's 68 landmarks on the first frame (68 x 2, found
+    already, e.g. to cut the face box), place it as dlib's would; without either (or when the mesh finds no face
+    there) dlib finds the face. The box is then kept for the clip (tracking, no per-frame face
     search). `refine_eyes=False` skips the iris model (points 468-477 are then NaN and the eye contours are the
     mesh's own). A frame without a face raises NoFaceError naming it (`role` "source" or "driving" words the
     message), or gives NaN points with `allow_missing`. A clip read in chunks is tracked by one `MeshTracker`.
     """
     frames = _checked(frames)
-    return MeshTracker(box, refine_eyes=refine_eyes, allow_missing=allow_missing, role=role).track(frames, len(frames))
+    return MeshTracker(box, landmarks=landmarks, refine_eyes=refine_eyes, allow_missing=allow_missing,
+                       role=role).track(frames, len(frames))
 
 
 def _checked(frames) -> np.ndarray:
@@ -286,8 +299,10 @@ class MeshTracker:
     state: the current box, the previous frame's mesh) is found once, on the first chunk, and carried to the next
     ones, so a chunked clip gets exactly the meshes of the whole clip (`detect_mesh`)."""
 
-    def __init__(self, box=None, *, refine_eyes: bool = True, allow_missing: bool = False, role: str = "driving"):
-        self.box, self.refine_eyes, self.allow_missing, self.role = box, refine_eyes, allow_missing, role
+    def __init__(self, box=None, *, landmarks=None, refine_eyes: bool = True, allow_missing: bool = False,
+                 role: str = "driving"):
+        self.box, self.landmarks, self.refine_eyes, self.allow_missing, self.role = (
+            box, landmarks, refine_eyes, allow_missing, role)
         self.roi: tuple[np.ndarray, float, float] | None = None  # the region of interest of the next frame
         self.previous: np.ndarray | None = None  # 478 x 2 float32: the last frame's mesh (NaN: no face)
         self.seen = 0  # frames tracked so far
@@ -298,7 +313,7 @@ class MeshTracker:
         frames = _checked(frames)
         out = np.full((len(frames), NUM_VERTICES, 2), np.nan, np.float32)
         if self.roi is None and self.seen == 0:
-            self.roi = _initial_box(frames[0], self.box)
+            self.roi = _initial_box(frames[0], self.box, self.landmarks)
             if self.roi is None:
                 if self.allow_missing:
                     self.seen += len(frames)  # no face on the onset frame: none is tracked

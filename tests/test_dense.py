@@ -121,7 +121,7 @@ def test_still_driving_leaves_the_source_unchanged(face):
 def _displacement(out: dict, point: np.ndarray, size: int) -> np.ndarray:
     """Pixel offset (sampled source position - output position) of the skin flow at `point` (x, y)."""
     x, y = (int(round(v)) for v in point)
-    sampled = (out["flow"][0, y, x].numpy() + 1) * size / 2 - 0.5
+    sampled = (out["flow"][0, y, x].numpy() + 1) * (size - 1) / 2  # align_corners=True units -> pixels
     return sampled - np.array([x, y])
 
 
@@ -148,7 +148,7 @@ def test_motion_goes_where_and_which_way_the_driving_moves(face):
                  if points[i].min() >= 0 and points[i].max() < size - 1]
         assert max(moved) < 0.3
     # the picture's corners and borders hold still
-    flow_px = (out["flow"][0].numpy() + 1) * size / 2 - 0.5 - np.stack(np.meshgrid(np.arange(size), np.arange(size)), -1)
+    flow_px = (out["flow"][0].numpy() + 1) * (size - 1) / 2 - np.stack(np.meshgrid(np.arange(size), np.arange(size)), -1)
     assert np.abs(flow_px[[0, -1]]).max() < 1e-3 and np.abs(flow_px[:, [0, -1]]).max() < 1e-3
 
 
@@ -363,3 +363,36 @@ def test_streamed_clip_equals_the_whole_clip(engine):
     streamed = np.concatenate(list(engine.run(engine.prepare(face, clip, stream=True, chunk=4, **options), "dense")))
     assert streamed.shape == whole.shape
     assert np.abs(streamed.astype(int) - whole).max() <= 1
+
+
+def test_tracking_alongside_rendering_equals_tracking_first(engine):
+    """An in-memory clip's meshes are tracked in a worker thread while the frames are rendered: the same meshes
+    and frames as finding every mesh first (`find_landmarks`), kept on the clip for the next variant, and torch's
+    thread count is given back."""
+    from mefacial.variants import get_variant
+    from mefacial.video import read_clip
+
+    clip = read_clip(require(DATA / "driving" / "s3_po_05.gif", "shared clip")).frames[:21]
+    face = DATA / "faces" / "asian_female.png"
+    threads = torch.get_num_threads()
+    overlapped = engine.prepare(face, clip)
+    frames = engine.collect(overlapped, "dense").frames
+    assert torch.get_num_threads() == threads
+    assert overlapped.meshes["driving"].shape == (21, M.NUM_VERTICES, 2)
+    first = engine.prepare(face, clip)
+    engine.find_landmarks(first, get_variant("dense"))
+    assert np.array_equal(overlapped.meshes["driving"], first.meshes["driving"])
+    assert np.array_equal(frames, engine.collect(first, "dense").frames)
+    # the kept meshes serve the next variant without tracking again
+    assert np.array_equal(engine.collect(overlapped, "dense-geometry").frames,
+                          engine.collect(first, "dense-geometry").frames)
+
+
+def test_tracking_alongside_rendering_names_a_frame_without_a_face(engine):
+    """A driving frame without a face, found by the worker thread, stops the run with the frame's number."""
+    from mefacial.video import read_clip
+
+    clip = read_clip(require(DATA / "driving" / "s3_po_05.gif", "shared clip")).frames[:20].copy()
+    clip[13] = 90  # a grey frame: no face
+    with pytest.raises(NoFaceError, match="frame 13"):
+        engine.animate(DATA / "faces" / "asian_female.png", clip, variant="dense")

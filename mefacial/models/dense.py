@@ -99,26 +99,41 @@ class DenseState:
     initial_luma: torch.Tensor | None  # 1 x 1 x H x W
     barycentric: Any  # G x V sparse (scipy CSR): grid points as barycentric combinations of mesh vertices
     motion_weights: Any  # G x (468 + A) sparse (scipy CSR): grid points in the triangles of the mesh + still anchors
+    # made on first use, then reused by every batch
+    pixels: torch.Tensor | None = None  # H x W x 2: pixel centres (x, y)
+    pixel_grid: torch.Tensor | None = None  # H x W x 2: the same in grid_sample coordinates
+    onset_luma: torch.Tensor | None = None  # 1 x 1 x h x w: the onset frame's luminance on the grid, blurred
+
+
+LUMA = (0.299, 0.587, 0.114)  # BT.601 luminance weights of R, G, B
 
 
 def _luma(frames: torch.Tensor) -> torch.Tensor:
-    """T x 3 x H x W in [0, 1] -> T x 1 x H x W luminance (BT.601)."""
-    weights = frames.new_tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
-    return (frames * weights).sum(1, keepdim=True)
+    """T x 3 x H x W in [0, 1] -> T x 1 x H x W luminance (BT.601); a T x 1 x H x W luminance as it is."""
+    if frames.shape[1] == 1:
+        return frames
+    return (frames * frames.new_tensor(LUMA).view(1, 3, 1, 1)).sum(1, keepdim=True)
+
+
+def luminance(frames: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
+    """B x H x W x 3 uint8 frames -> B x 1 x H x W float32 luminance in [0, 1] (BT.601), as `_luma` of the frames
+    as tensors, without making their float RGB (what the appearance transfer needs of the driving frames)."""
+    luma = np.asarray(frames) @ (np.array(LUMA, np.float32) / 255)  # B x H x W
+    return torch.from_numpy(luma)[:, None].to(device)
 
 
 def _blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of T x C x H x W (reflect padding)."""
+    """Separable Gaussian blur of T x C x H x W (reflect padding), as sums of shifted copies: for these small
+    kernels several times faster on the CPU than conv2d, whose oneDNN path is slow for them."""
     if sigma <= 0:
         return images
     radius = max(1, int(round(3 * sigma)))
-    x = torch.arange(-radius, radius + 1, dtype=images.dtype, device=images.device)
-    kernel = torch.exp(-x**2 / (2 * sigma**2))
+    kernel = np.exp(-np.arange(-radius, radius + 1) ** 2 / (2 * sigma**2))
     kernel = kernel / kernel.sum()
-    channels = images.shape[1]
+    height, width = images.shape[-2:]
     padded = F.pad(images, (radius, radius, radius, radius), mode="reflect")
-    out = F.conv2d(padded, kernel.view(1, 1, 1, -1).expand(channels, 1, 1, -1), groups=channels)
-    return F.conv2d(out, kernel.view(1, 1, -1, 1).expand(channels, 1, -1, 1), groups=channels)
+    rows = sum(float(k) * padded[..., i:i + height, :] for i, k in enumerate(kernel))  # T x C x H x (W + 2r)
+    return sum(float(k) * rows[..., i:i + width] for i, k in enumerate(kernel))
 
 
 def _to_grid(points: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -415,9 +430,10 @@ class DenseMeshWarp(nn.Module):
 
     def appearance_ratios(self, state: DenseState, driving: torch.Tensor, driving_mesh: np.ndarray,
                           magnify: float = 1.0) -> torch.Tensor:
-        """Expression-ratio images in the source's geometry: T x 1 x H x W (1 = unchanged), bounded.
+        """Expression-ratio images in the source's geometry, on the grid: T x 1 x h x w (1 = unchanged), bounded.
 
-        driving: T x 3 x H x W frames in [0, 1] (the size of the source); driving_mesh T x V x 2."""
+        driving: T x 3 x H x W frames in [0, 1] (the size of the source), or their luminance T x 1 x H x W
+        (`luminance`); driving_mesh T x V x 2."""
         if state.initial_luma is None:
             raise ValueError("appearance_ratios needs the onset frame: prepare(..., initial_frame=...)")
         frames = len(driving)
@@ -434,25 +450,29 @@ class DenseMeshWarp(nn.Module):
         grid_t = _to_grid(torch.from_numpy(at_t).float(), state.size).view(frames, h, wd, 2).to(driving.device)
         grid_0 = _to_grid(torch.from_numpy(at_0).float(), state.size).view(1, h, wd, 2).to(driving.device)
         sigma = self.ratio_blur / self.grid_step  # blurred on the grid (grid_step px apart)
-        aligned = _blur(_luma(F.grid_sample(driving.float(), grid_t, mode="bilinear", padding_mode="border",
-                                            align_corners=False)), sigma)
-        base = _blur(F.grid_sample(state.initial_luma, grid_0, mode="bilinear", padding_mode="border",
-                                   align_corners=False), sigma)
-        log_ratio = torch.log((aligned + RATIO_EPS) / (base + RATIO_EPS))  # T x 1 x h x w
+        aligned = _blur(F.grid_sample(_luma(driving.float()), grid_t, mode="bilinear", padding_mode="border",
+                                      align_corners=False), sigma)  # T x 1 x h x w
+        if state.onset_luma is None:
+            state.onset_luma = _blur(F.grid_sample(state.initial_luma, grid_0, mode="bilinear", padding_mode="border",
+                                                   align_corners=False), sigma)
+        log_ratio = torch.log((aligned + RATIO_EPS) / (state.onset_luma + RATIO_EPS))  # T x 1 x h x w
         mask = state.face_mask
         weights = (mask > 0.5).flatten()
         if weights.any():  # no global brightness change: the face's median ratio is 1
             log_ratio = log_ratio - log_ratio.flatten(1)[:, weights].median(1).values.view(-1, 1, 1, 1)
         log_ratio = (magnify * log_ratio * mask).clamp(-self.ratio_bound, self.ratio_bound)
-        return torch.exp(F.interpolate(log_ratio, size=state.size, mode="bilinear", align_corners=True))
+        return torch.exp(log_ratio)  # the renderer samples it where the skin comes from (bilinear, corner to corner)
 
     def render(self, state: DenseState, target_mesh: np.ndarray, appearance: torch.Tensor | None = None
                ) -> dict[str, torch.Tensor]:
         """Frames of the source moved to `target_mesh` (T x V x 2, pixels of the source), shaded by `appearance`
-        (T x 1 x H x W luminance ratios in the source's geometry, clamped to exp(+-ratio_bound); None = 1).
+        (T x 1 x h x w luminance ratios in the source's geometry, clamped to exp(+-ratio_bound); None = 1), on a
+        grid spanning the picture corner to corner: the picture's pixels (h x w = H x W) or a coarser grid, as
+        `appearance_ratios` gives.
 
         Returns {"prediction": T x 3 x H x W in [0, 1], "flow": T x H x W x 2 backward sampling grid of the skin
-        (grid_sample coordinates, align_corners=False), "eye_mask": T x 1 x H x W where the eyeball layer shows}."""
+        (grid_sample coordinates, align_corners=True: -1 and 1 are the corner pixels' centres), "eye_mask":
+        T x 1 x H x W where the eyeball layer shows}."""
         target = np.asarray(target_mesh, np.float64)
         if target.ndim != 3 or target.shape[1:] != state.source_mesh.shape:
             raise ValueError(f"target_mesh must be T x {len(state.source_mesh)} x 2, got {target.shape}")
@@ -460,18 +480,27 @@ class DenseMeshWarp(nn.Module):
             raise ValueError("target_mesh holds NaN / inf (frames without a face)")
         frames, (height, width) = len(target), state.size
         device = state.source.device
-        displacement = backward_flow(state, target)  # T x 2 x h x w pixels, on the coarse grid
-        displacement = F.interpolate(displacement, size=(height, width), mode="bilinear", align_corners=True)
-        ys, xs = torch.meshgrid(torch.arange(height, dtype=torch.float32), torch.arange(width, dtype=torch.float32),
-                                indexing="ij")
-        base = torch.stack([xs, ys], -1)  # H x W x 2 pixels
-        skin = _to_grid(base + displacement.permute(0, 2, 3, 1), state.size).to(device)  # T x H x W x 2
-        source = state.source.expand(frames, -1, -1, -1)
-        shaded = source
+        if state.pixels is None:
+            ys, xs = torch.meshgrid(torch.arange(height, dtype=torch.float32),
+                                    torch.arange(width, dtype=torch.float32), indexing="ij")
+            state.pixels = torch.stack([xs, ys], -1)  # H x W x 2 pixels
+        base = state.pixels
+        # the skin's backward map in grid_sample units, corner to corner (align_corners=True), as the grid is laid out
+        units = torch.tensor([2 / max(width - 1, 1), 2 / max(height - 1, 1)])
+        if state.pixel_grid is None:
+            state.pixel_grid = (base * units - 1).to(device)  # H x W x 2
+        displacement = backward_flow(state, target) * units.view(1, 2, 1, 1)  # T x 2 x h x w, on the coarse grid
+        displacement = F.interpolate(displacement.to(device), size=(height, width), mode="bilinear", align_corners=True)
+        skin = state.pixel_grid + displacement.permute(0, 2, 3, 1)  # T x H x W x 2
+        # the source, then its shading, sampled where the skin comes from (an expanded source takes grid_sample's
+        # fast path: 2x faster than sampling the shaded frames)
+        prediction = F.grid_sample(state.source.expand(frames, -1, -1, -1), skin, mode="bilinear",
+                                   padding_mode="reflection", align_corners=True)  # T x 3 x H x W
         if appearance is not None:
             bound = float(np.exp(self.ratio_bound))
-            shaded = (source * appearance.to(device).float().clamp(1 / bound, bound)).clamp(0, 1)
-        prediction = F.grid_sample(shaded, skin, mode="bilinear", padding_mode="reflection", align_corners=False)
+            shading = F.grid_sample(appearance.to(device).float().clamp(1 / bound, bound), skin, mode="bilinear",
+                                    padding_mode="border", align_corners=True)  # T x 1 x H x W
+            prediction = prediction.mul_(shading).clamp_(0, 1)
         # the eyeball layer, drawn in the eyes' box only: inside the target eye opening (and where the eyeball
         # was), the source moved by the iris motion alone
         polygons = [[(_eye_polygon(target[t], upper, lower),
@@ -574,7 +603,7 @@ class DenseClip(ClipRunner):
 
     def __call__(self, frames, points):
         with self.stage("generator"):
-            driving = self.to_tensor(frames).float() if self.model.appearance else None  # B x 3 x H x W
+            driving = luminance(frames, self.state.source.device) if self.model.appearance else None  # B x 1 x H x W
             return self.model.animate(self.state, points, driving, magnify=self.settings.magnify)["prediction"]
 
     @classmethod
@@ -585,7 +614,7 @@ class DenseClip(ClipRunner):
         preds = []
         for t in range(len(driving)):
             with stage("generator", t):
-                frame = to_tensor(driving[t:t + 1]).float() if model.appearance else None
+                frame = luminance(driving[t:t + 1], state.source.device) if model.appearance else None
                 preds.append(model.animate(state, driving_points[t:t + 1], frame, magnify=settings.magnify)["prediction"])
         return preds
 
