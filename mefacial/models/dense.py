@@ -515,7 +515,7 @@ class DenseMeshWarp(nn.Module):
         eye_mask = torch.zeros(frames, 1, height, width, device=device)
         if x1 > x0 and y1 > y0:
             box, offset = (y1 - y0, x1 - x0), np.array([x0, y0])
-            masks, sides, shifts, openings, fades = [], [], [], [], []
+            masks, sides, shifts, openings = [], [], [], []
             for t, eyes in enumerate(polygons):
                 nows = [_fill([now - offset], box) for now, _ in eyes]
                 covers = [np.minimum(now, _fill([was - offset], box)) for now, (_, was) in zip(nows, eyes)]
