@@ -305,3 +305,18 @@ def test_crop_pads_a_box_past_the_border(clip):
     assert crops.shape == (3, 64, 64, 3)
     rgba = np.dstack([clip.frames[0], np.full(clip.frames.shape[1:3], 255, np.uint8)])
     assert np.array_equal(video.crop_to_model(rgba, box, 64), crops[0])
+
+
+@pytest.mark.parametrize("shape, size", [((3, 128, 128, 3), (256, 256)), ((2, 100, 77, 3), (256, 256)),
+                                         ((2, 300, 260, 3), (256, 256)), ((2, 64, 64, 3), (64, 64))])
+def test_resize_gives_torch_bilinear_values(shape, size):
+    """Frames are enlarged through OpenCV (fast) and shrunk through torch (anti-aliased): either way the values
+    of torch's bilinear resize, anti-aliased when shrinking, rounded to uint8."""
+    import torch
+    import torch.nn.functional as F
+
+    frames = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    batch = torch.from_numpy(frames).permute(0, 3, 1, 2).float()
+    expected = F.interpolate(batch, size=size, mode="bilinear", align_corners=False, antialias=True)
+    expected = expected.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    assert np.array_equal(video.resize_frames(frames, *size), expected)
