@@ -396,3 +396,23 @@ def test_tracking_alongside_rendering_names_a_frame_without_a_face(engine):
     clip[13] = 90  # a grey frame: no face
     with pytest.raises(NoFaceError, match="frame 13"):
         engine.animate(DATA / "faces" / "asian_female.png", clip, variant="dense")
+
+
+def test_ratio_images_stay_off_the_outer_eye_corners(face):
+    """The appearance transfer leaves the lid regions to the layered lids, up to and around their narrow outer
+    tips (a closing driving eye's brightening leaked past them as a light spot by the eye's corner)."""
+    from mefacial.models.dense import PERIOCULAR
+
+    image, points = face
+    model = _model()
+    state = model.prepare(_tensor(image), points, points, _tensor(image))
+    mask = state.face_mask[0, 0].numpy()  # h x w on the grid (grid_step px apart)
+    step = model.grid_step
+    reach = 0.05 * M.inter_ocular(points)
+    for upper, _, _ in PERIOCULAR:
+        tip, inner = points[upper[0]], points[upper[-1]]
+        outward = (tip - inner) / np.linalg.norm(tip - inner)
+        for offset in (0.0, reach):
+            x, y = tip + offset * outward
+            if 0 <= x < image.shape[1] - 1 and 0 <= y < image.shape[0] - 1:
+                assert mask[int(round(y / step)), int(round(x / step))] < 0.5, (upper[0], offset)
