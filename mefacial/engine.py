@@ -349,15 +349,11 @@ class Engine:
         if "source" not in meshes:
             meshes["source"] = self._source_mesh(prepared)
         if "driving" not in meshes:
-            t0 = time.perf_counter()
             if _given_meshes(prepared):
-                points = prepared.given_driving
+                meshes["driving"] = prepared.given_driving  # T x 478 x 2
             else:
-                points = detect_mesh(prepared.driving, landmarks=prepared.faces.get("driving"), role="driving")
-                if prepared.options.smooth and len(points) >= 3:
-                    points = smooth_tracks(points, smoothing_window(prepared.fps))
-            meshes["driving"] = points  # T x 478 x 2
-            prepared.timings["landmarks_s"] = prepared.timings.get("landmarks_s", 0.0) + time.perf_counter() - t0
+                for _ in self._tracked_chunks(prepared, spec):  # a run's tracking, with nothing rendered
+                    pass
         self._check_points(spec, meshes["source"], meshes["driving"])
         return meshes["source"], meshes["driving"]
 
@@ -434,19 +430,18 @@ class Engine:
             if len(points):
                 yield pending[:len(points)], points
 
-    def _tracked_chunks(self, prepared: PreparedClip, spec: Variant, chunk: int | None = None
+    def _tracked_chunks(self, prepared: PreparedClip, spec: Variant, chunk: int = TRACK_CHUNK
                         ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(n x S x S x 3 frames, n x 478 x 2 smoothed meshes) of an in-memory clip whose meshes are not found yet:
         a worker thread tracks them chunk by chunk (the LiteRT models run outside the GIL) while the caller
         generates the frames whose smoothed meshes are final, so tracking and rendering share the CPU's cores.
-        The meshes are kept on the clip, the same as `find_landmarks` finds them (`MeshTracker` and
-        `StreamingSmoother` equal the whole-clip calls frame for frame)."""
+        The meshes are kept on the clip for every later variant (`find_landmarks` finds them here too, rendering
+        nothing; `MeshTracker` and `StreamingSmoother` equal the whole-clip calls frame for frame)."""
         from concurrent.futures import ThreadPoolExecutor
 
         from threadpoolctl import threadpool_limits
 
         meshes, frames = prepared.meshes, prepared.driving
-        chunk = chunk or TRACK_CHUNK
         if "source" not in meshes:
             meshes["source"] = self._source_mesh(prepared)
         tracker = MeshTracker(landmarks=prepared.faces.get("driving"), role="driving")
