@@ -469,7 +469,6 @@ def generate(pairs: Sequence[Pair], variants: Sequence[str], out_dir: str | os.P
     out_dir.mkdir(parents=True, exist_ok=True)
     partial = out_dir / PARTIAL_DIR / f"rank-{ranks.rank:05d}"
     partial.mkdir(parents=True, exist_ok=True)
-    items = [(pair, variant) for variant in variants for pair in pairs]
     records = read_records(out_dir)
     settings = dataclasses.replace(settings, landmarks=engine.landmarks, precision=engine.precision)  # as run
     settings_id = settings.fingerprint()
@@ -477,49 +476,71 @@ def generate(pairs: Sequence[Pair], variants: Sequence[str], out_dir: str | os.P
     broken: dict[str, BaseException] = {}  # variant -> the error that stops all its pairs
     summary = Summary()
     context = {"rank": ranks.rank, "world": ranks.world, "host": socket.gethostname(), "device": str(engine.device)}
-    with ManifestPart(out_dir, ranks.rank) as part:
-        for pair, variant in ranks.shard(items):
-            key = pair.key(variant)
-            if is_done(records.get(key), out_dir, settings_id, weights[variant]["sha256"]):
-                summary.skipped += 1
-                if on_item:
-                    on_item(None)
-                continue
-            record: dict[str, Any] = {
-                "key": key, "variant": variant, "label": pair.label, "name": pair.name, "row": pair.row,
-                "source": pair.source, "driving": pair.driving, "output": pair.output(variant, settings.format),
-                "settings": dataclasses.asdict(settings), "settings_id": settings_id, **context,
-            }
-            started = time.perf_counter()
+    options = settings.animate_options()
+    prepared: dict[int, Any] = {}  # model size -> this pair's PreparedClip (or the error preparing it)
+
+    def animate(pair: Pair, variant: str, started: float):
+        """One variant on the pair, whose inputs are read, cut and tracked once for all its variants (dense and
+        dense-geometry share the face meshes, the 68-point variants the landmarks)."""
+        spec = get_variant(variant)
+        options.for_variant(spec)  # a motion mode the variant lacks fails before any work
+        model, _ = engine.model(spec)  # and missing weights, before any detection
+        size = model.config.image_size
+        if size not in prepared:
             try:
-                if pair.error:
-                    raise InputError(pair.error)
-                if variant in broken:  # the variant cannot run at all: same error, no new attempt
-                    raise InputError(f"{variant} cannot run: {broken[variant]}") from broken[variant]
-                result = engine.animate(pair.source, pair.driving, variant=variant, options=settings.animate_options())
-                final = out_dir / record["output"]
-                final.parent.mkdir(parents=True, exist_ok=True)
-                tmp = partial / final.name
-                os.replace(write_video(tmp, result.frames, result.fps, slowdown=settings.slowdown), final)  # atomic
-                info = weights[variant]
-                if info["path"] is not None and info["path"] not in result.weights:  # e.g. an injected model
-                    info = {"path": None, "source": "engine", "sha256": None}
-                record.update(status="ok", error=None, frames=result.num_frames, fps=result.fps,
-                              landmarks=result.landmark_backend, timings=result.timings,
-                              weights={**info, "description": result.weights})
-                summary.ok += 1
-            except Exception as exc:  # noqa: BLE001 - any failure of one pair is recorded, the run goes on
-                if type(exc).__name__ in VARIANT_ERRORS:
-                    broken[variant] = exc
-                failure = exc.__cause__ if variant in broken and exc.__cause__ is not None else exc
-                record.update(_error_fields(failure), weights=weights[variant])
-                log.warning("%s: %s: %s", key, record["error_type"], record["error"].splitlines()[0])
-                log.debug("%s failed", key, exc_info=True)
-                summary.failed += 1
-            record.update(seconds=time.perf_counter() - started, finished=_now())
-            part.write(record)
-            if on_item:
-                on_item(record)
+                prepared[size] = engine.prepare(pair.source, pair.driving, options, size=size)
+            except Exception as exc:  # noqa: BLE001 - every variant of the pair records it
+                prepared[size] = exc
+        if isinstance(prepared[size], Exception):
+            raise prepared[size]
+        return engine.collect(prepared[size], spec, options, started=started)
+
+    with ManifestPart(out_dir, ranks.rank) as part:
+        for pair in ranks.shard(pairs):  # a rank takes whole pairs, each prepared once for all its variants
+            prepared.clear()
+            for variant in variants:
+                key = pair.key(variant)
+                if is_done(records.get(key), out_dir, settings_id, weights[variant]["sha256"]):
+                    summary.skipped += 1
+                    if on_item:
+                        on_item(None)
+                    continue
+                record: dict[str, Any] = {
+                    "key": key, "variant": variant, "label": pair.label, "name": pair.name, "row": pair.row,
+                    "source": pair.source, "driving": pair.driving, "output": pair.output(variant, settings.format),
+                    "settings": dataclasses.asdict(settings), "settings_id": settings_id, **context,
+                }
+                started = time.perf_counter()
+                try:
+                    if pair.error:
+                        raise InputError(pair.error)
+                    if variant in broken:  # the variant cannot run at all: same error, no new attempt
+                        raise InputError(f"{variant} cannot run: {broken[variant]}") from broken[variant]
+                    result = animate(pair, variant, started)
+                    final = out_dir / record["output"]
+                    final.parent.mkdir(parents=True, exist_ok=True)
+                    tmp = partial / final.name
+                    video = write_video(tmp, result.frames, result.fps, slowdown=settings.slowdown)
+                    os.replace(video, final)  # atomic
+                    info = weights[variant]
+                    if info["path"] is not None and info["path"] not in result.weights:  # e.g. an injected model
+                        info = {"path": None, "source": "engine", "sha256": None}
+                    record.update(status="ok", error=None, frames=result.num_frames, fps=result.fps,
+                                  landmarks=result.landmark_backend, timings=result.timings,
+                                  weights={**info, "description": result.weights})
+                    summary.ok += 1
+                except Exception as exc:  # noqa: BLE001 - any failure of one pair is recorded, the run goes on
+                    if type(exc).__name__ in VARIANT_ERRORS:
+                        broken[variant] = exc
+                    failure = exc.__cause__ if variant in broken and exc.__cause__ is not None else exc
+                    record.update(_error_fields(failure), weights=weights[variant])
+                    log.warning("%s: %s: %s", key, record["error_type"], record["error"].splitlines()[0])
+                    log.debug("%s failed", key, exc_info=True)
+                    summary.failed += 1
+                record.update(seconds=time.perf_counter() - started, finished=_now())
+                part.write(record)
+                if on_item:
+                    on_item(record)
     for leftover in partial.glob("*"):  # an output whose write failed
         leftover.unlink()
     partial.rmdir()  # the shared .partial/ folder goes at the merge, when no rank writes any more

@@ -193,8 +193,8 @@ def test_second_run_skips_finished_pairs(single_run, tmp_path, pairs_csv, engine
     out = copy_of(single_run, tmp_path)
     first = manifest(out)
     calls = []
-    animate = engine.animate
-    monkeypatch.setattr(engine, "animate", lambda *a, **k: calls.append(a[1]) or animate(*a, **k))
+    prepare = engine.prepare
+    monkeypatch.setattr(engine, "prepare", lambda *a, **k: calls.append(a[1]) or prepare(*a, **k))
 
     summary = run_in_process(pairs_csv, out, engine)
     assert (summary.ok, summary.failed, summary.skipped) == (0, 2, 2)
@@ -211,6 +211,29 @@ def test_second_run_skips_finished_pairs(single_run, tmp_path, pairs_csv, engine
     calls.clear()
     assert run_in_process(pairs_csv, out, engine, magnify=2.0).ok == 2 and len(calls) == 3
     assert {r["settings"]["magnify"] for r in manifest(out).values() if r["status"] == "ok"} == {2.0}
+
+
+@pytest.mark.slow
+def test_variants_of_a_pair_share_its_preparation(material, engine, tmp_path, monkeypatch):
+    """A pair is read, cut and tracked once for all its variants (dense and dense-geometry share the meshes),
+    and each variant's video is what `Engine.animate` makes of the pair."""
+    pairs = gen.read_pairs(write_csv(tmp_path / "pairs.csv", [
+        [str(material["face"]), str(material["clips"] / f"{name}.gif"), ""] for name in material["names"]]))
+    variants = ["dense", "dense-geometry"]
+    calls = []
+    prepare = engine.prepare
+    monkeypatch.setattr(engine, "prepare", lambda *a, **k: calls.append(a[1]) or prepare(*a, **k))
+    summary = gen.generate(pairs, variants, tmp_path / "out", engine, gen.Settings(landmarks="dlib"))
+    assert (summary.ok, summary.failed) == (4, 0)
+    assert sorted(calls) == sorted(pair.driving for pair in pairs)  # once per pair
+    monkeypatch.undo()
+    for pair in pairs:
+        for variant in variants:
+            made = read_clip(tmp_path / "out" / pair.output(variant)).frames
+            result = engine.animate(pair.source, pair.driving, variant=variant,
+                                    options=gen.Settings(landmarks="dlib").animate_options())
+            alone = read_clip(write_video(tmp_path / "alone.mp4", result.frames, result.fps)).frames
+            assert np.array_equal(made, alone), (pair.name, variant)
 
 
 @pytest.mark.slow
