@@ -58,7 +58,7 @@ class RegionMotion:
         return {r: float(self.magnitude[:, k].max()) for k, r in enumerate(self.regions)}
 
 
-def _similarity(src: np.ndarray, dst: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+def fit_similarity(src: np.ndarray, dst: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
     """Least-squares similarity (scale, 2 x 2 rotation, translation) taking src (n x 2) onto dst (Umeyama 1991)."""
     mu_s, mu_d = src.mean(0), dst.mean(0)
     a, b = src - mu_s, dst - mu_d
@@ -75,7 +75,7 @@ def align(points: np.ndarray) -> np.ndarray:
     stable = list(STABLE_68 if points.shape[1] == 68 else STABLE_MESH)
     out = np.empty_like(points)
     for t, frame in enumerate(points):
-        scale, rotation, shift = _similarity(frame[stable], points[0, stable])
+        scale, rotation, shift = fit_similarity(frame[stable], points[0, stable])
         out[t] = scale * frame @ rotation.T + shift
     return out
 

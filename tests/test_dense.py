@@ -152,6 +152,46 @@ def test_motion_goes_where_and_which_way_the_driving_moves(face):
     assert np.abs(flow_px[[0, -1]]).max() < 1e-3 and np.abs(flow_px[:, [0, -1]]).max() < 1e-3
 
 
+def test_head_motion_is_carried_bounded_and_never_magnified(tight_face, loose_face):
+    """The driving head's shift, turn and zoom are taken out before the facial motion is retargeted (and
+    magnified), then put back unmagnified and softly bounded: the same brow drop reaches the target whether the
+    driving head stays still, sways or drifts far, and a far drift moves the target face by at most HEAD_SHIFT."""
+    from mefacial.models import dense as D
+    from mefacial.readout import STABLE_MESH, fit_similarity
+
+    (image, target_points), (_, driving_points) = tight_face, loose_face
+    state = _model(appearance=False).prepare(_tensor(image), target_points, driving_points)
+    brows = list(M.REGIONS["brows"])
+    expression = driving_points.copy()
+    expression[brows, 1] += 4.0  # the brows drop 4 px
+    centre = driving_points[list(STABLE_MESH)].mean(0)
+    iod_driving, iod_target = M.inter_ocular(driving_points), M.inter_ocular(target_points)
+
+    def head(points, shift, degrees, zoom=1.0):  # the whole face moved about its centre
+        turn = np.radians(degrees)
+        rotation = zoom * np.array([[np.cos(turn), -np.sin(turn)], [np.sin(turn), np.cos(turn)]])
+        return (points - centre) @ rotation.T + centre + np.array([shift * iod_driving, 0.0])
+
+    def facial_and_head(target):  # the target's own motion, its head's taken out; the head's shift (IOD units)
+        stable = list(STABLE_MESH)
+        scale, rotation, moved = fit_similarity(target[stable], target_points[stable])
+        centre_t = target_points[stable].mean(0)
+        return scale * target @ rotation.T + moved - target_points, \
+            np.linalg.norm(rotation.T @ (centre_t - moved) / scale - centre_t) / iod_target
+
+    for magnify in (1.0, 2.0):
+        still = DenseMeshWarp.retarget(state, expression[None], magnify)[0] - target_points
+        assert np.abs(still[brows, 1]).mean() > 0.8 * magnify * 4.0 * iod_target / iod_driving
+        for shift, degrees, zoom in ((0.03, 1.0, 1.01), (0.6, 8.0, 1.2)):  # a sway, a far drift and turn
+            target = DenseMeshWarp.retarget(state, head(expression, shift, degrees, zoom)[None], magnify)[0]
+            facial, moved = facial_and_head(target)
+            assert np.abs(facial - still).max() < 0.05 * magnify * 4.0, (magnify, shift)  # the same brow drop
+            if shift < 0.1:  # a sway is carried nearly as it is, never magnified
+                assert abs(moved - shift) < 0.15 * shift, (magnify, moved)
+            else:  # a drift: bounded
+                assert D.HEAD_SHIFT * 0.8 < moved <= D.HEAD_SHIFT + 1e-9, moved
+
+
 def test_motion_follows_the_faces_proportions(tight_face, loose_face):
     """Retargeted in local frames: a drop of the upper lids that closes half the driving eye closes about half of
     the target's eye, whatever the two faces' eye sizes."""

@@ -3,8 +3,9 @@
 For a target (source) face S and a driving clip D_0 .. D_T-1 (all with their
 `mefacial.mesh` points, V = 478):
 
-1. Retargeting (`DenseMeshWarp.retarget`): each vertex's motion relative to the
-   onset frame, D_t - D_0, is carried onto the target face by a local linear map:
+1. Retargeting (`DenseMeshWarp.retarget`): the head's motion (a similarity fitted on the points
+   facial actions barely move, as the readout does) is taken out of each frame; what is left, each vertex's
+   motion relative to the onset frame, D_t - D_0, is carried onto the target face by a local linear map:
    the area-weighted mean, over the vertex's triangles (a Delaunay triangulation
    of the target mesh, the same vertex indices on the driving face), of the
    affine map taking the driving onset triangle onto the target's one, bounded
@@ -12,7 +13,9 @@ For a target (source) face S and a driving clip D_0 .. D_T-1 (all with their
    proportions steer the motion; its size in inter-ocular units is kept). The lid margins use each eye's own
    frame (width ratio along the eye, aperture ratio across it), so a lid that
    closes half of the driving eye closes half of the target eye. `magnify`
-   multiplies the motion; lids never cross.
+   multiplies this motion; lids never cross. The head's motion is then put back, not magnified and softly
+   bounded (HEAD_SHIFT, HEAD_TURN, HEAD_ZOOM): the background holds still, so a head that drifts or turns
+   far in the driving clip would tear the face from it; the small sway of a still-sitting subject passes.
 2. Geometry (`render`): a piecewise-affine map from the source mesh to the target
    mesh of frame t (a fixed triangulation of the source mesh plus still anchors on a
    ring around the face and on the picture border), evaluated on a grid of every
@@ -55,6 +58,7 @@ from torch import nn
 
 from .. import mesh as M
 from ..config import ModelConfig
+from ..readout import STABLE_MESH, fit_similarity
 from . import BackboneSpec, ClipRunner, VariantDecl, register_backbone
 
 DEFAULTS: dict[str, Any] = {
@@ -78,6 +82,9 @@ NEWTON_STEPS = 2  # sampled Newton steps inverting the forward map on the grid
 MAX_STEP = 4.0  # px: the longest Newton step inverting the forward map on the grid
 FADE_OPEN = 0.5  # a drawn eye opening narrower than this share of the source's starts showing lids, not eyeball
 LID_BLUR = 0.2  # x the source's eye aperture: the reach (Gaussian sigma) of the lid colours filling a closing eye
+HEAD_SHIFT = 0.1  # x the source's inter-ocular distance: the soft bound of the head shift carried over
+HEAD_TURN = float(np.radians(3.0))  # the soft bound of the in-plane head turn carried over
+HEAD_ZOOM = 0.05  # the soft bound of the head's change of scale carried over (log)
 SUPERSAMPLE = 4  # eye-opening masks are drawn at 4x and averaged (anti-aliased edges)
 
 
@@ -148,6 +155,28 @@ def _similarity(source: np.ndarray, initial: np.ndarray) -> np.ndarray:
     a, b = source[263] - source[33], initial[263] - initial[33]
     ratio = complex(*a) / complex(*b)
     return np.array([[ratio.real, -ratio.imag], [ratio.imag, ratio.real]])
+
+
+def _move_head(faces: np.ndarray, heads: list, source: np.ndarray, onset: np.ndarray) -> np.ndarray:
+    """Target meshes T x V x 2 moved by the driving head's motion: `heads`, per frame, the (scale, rotation,
+    shift) taking frame t's stable points onto the onset's (`fit_similarity`), whose inverse is carried onto the
+    source face (its shift through the faces' similarity) and softly bounded (HEAD_SHIFT, HEAD_TURN, HEAD_ZOOM)."""
+    stable = list(STABLE_MESH)
+    centre_s, centre_d = source[stable].mean(0), onset[stable].mean(0)
+    faces_map = _similarity(source, onset)  # driving face -> source face (2 x 2)
+    reach = HEAD_SHIFT * float(M.inter_ocular(source))
+    out = np.empty_like(faces)
+    for t, (scale, rotation, shift) in enumerate(heads):
+        moved = rotation.T @ (centre_d - shift) / scale - centre_d  # the onset centre's motion to frame t
+        moved = faces_map @ moved
+        length = float(np.linalg.norm(moved))
+        if length > 1e-9:
+            moved *= reach * np.tanh(length / reach) / length
+        turn = HEAD_TURN * np.tanh(-np.arctan2(rotation[1, 0], rotation[0, 0]) / HEAD_TURN)
+        zoom = np.exp(HEAD_ZOOM * np.tanh(-np.log(scale) / HEAD_ZOOM))
+        c, s = np.cos(turn) * zoom, np.sin(turn) * zoom
+        out[t] = (faces[t] - centre_s) @ np.array([[c, -s], [s, c]]).T + centre_s + moved
+    return out
 
 
 def _bounded(maps: np.ndarray, similarity: np.ndarray) -> np.ndarray:
@@ -417,10 +446,15 @@ class DenseMeshWarp(nn.Module):
     # ---- per batch --------------------------------------------------------------------------------------
     @staticmethod
     def retarget(state: DenseState, driving_mesh: np.ndarray, magnify: float = 1.0) -> np.ndarray:
-        """Target meshes T x V x 2: the source mesh moved by the driving motion (T x V x 2 meshes, relative to
-        the onset mesh) carried by the local maps and multiplied by `magnify`; lids never cross."""
-        motion = np.asarray(driving_mesh, np.float64) - state.initial_mesh  # T x V x 2
-        target = state.source_mesh + magnify * np.einsum("vij,tvj->tvi", state.maps, motion)
+        """Target meshes T x V x 2: the source mesh moved by the driving's facial motion (T x V x 2 meshes relative
+        to the onset mesh, the head's motion taken out) carried by the local maps and multiplied by `magnify`, lids
+        never crossing, then by the driving head's motion, bounded."""
+        driving = np.asarray(driving_mesh, np.float64)  # T x V x 2
+        onset, source = state.initial_mesh, state.source_mesh
+        stable = list(STABLE_MESH)
+        heads = [fit_similarity(mesh[stable], onset[stable]) for mesh in driving]  # frame t -> onset: the head undone
+        motion = np.stack([scale * mesh @ rotation.T + shift for mesh, (scale, rotation, shift) in zip(driving, heads)])
+        target = source + magnify * np.einsum("vij,tvj->tvi", state.maps, motion - onset)
         for upper, lower, _ in EYES:
             rotation, _, _ = _eye_frame(state.source_mesh, upper, lower)
             normal = rotation[:, 1]  # from the upper lid towards the lower one
@@ -432,7 +466,7 @@ class DenseMeshWarp(nn.Module):
             lids = list(set(upper[1:-1]) | set(lower[1:-1]))
             moved = target[:, lids] - state.source_mesh[lids]  # T x n x 2
             target[:, lids] = state.source_mesh[lids] + np.clip(allowed, 0, 1)[:, None, None] * moved
-        return target
+        return _move_head(target, heads, source, onset)
 
     def appearance_ratios(self, state: DenseState, driving: torch.Tensor, driving_mesh: np.ndarray,
                           magnify: float = 1.0) -> torch.Tensor:
