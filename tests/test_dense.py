@@ -186,10 +186,10 @@ def test_head_motion_is_carried_bounded_and_never_magnified(tight_face, loose_fa
             target = DenseMeshWarp.retarget(state, head(expression, shift, degrees, zoom)[None], magnify)[0]
             facial, moved = facial_and_head(target)
             assert np.abs(facial - still).max() < 0.05 * magnify * 4.0, (magnify, shift)  # the same brow drop
-            if shift < 0.1:  # a sway is carried nearly as it is, never magnified
-                assert abs(moved - shift) < 0.15 * shift, (magnify, moved)
+            if shift < 0.1:  # a sway (under half the bounds) is carried as it is, never magnified
+                assert abs(moved - shift) < 0.05 * shift, (magnify, moved)
             else:  # a drift: bounded
-                assert D.HEAD_SHIFT * 0.8 < moved <= D.HEAD_SHIFT + 1e-9, moved
+                assert D.HEAD_SHIFT * 0.8 < moved <= D.HEAD_SHIFT * 1.01, moved
 
 
 def test_motion_follows_the_faces_proportions(tight_face, loose_face):

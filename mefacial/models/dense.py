@@ -14,8 +14,9 @@ For a target (source) face S and a driving clip D_0 .. D_T-1 (all with their
    frame (width ratio along the eye, aperture ratio across it), so a lid that
    closes half of the driving eye closes half of the target eye. `magnify`
    multiplies this motion; lids never cross. The head's motion is then put back, not magnified and softly
-   bounded (HEAD_SHIFT, HEAD_TURN, HEAD_ZOOM): the background holds still, so a head that drifts or turns
-   far in the driving clip would tear the face from it; the small sway of a still-sitting subject passes.
+   bounded (HEAD_SHIFT, HEAD_TURN, HEAD_ZOOM; unchanged up to half of each): the background holds still, so
+   a head that drifts or turns far in the driving clip would tear the face from it; the small sway of a
+   still-sitting subject passes as it is.
 2. Geometry (`render`): a piecewise-affine map from the source mesh to the target
    mesh of frame t (a fixed triangulation of the source mesh plus still anchors on a
    ring around the face and on the picture border), evaluated on a grid of every
@@ -157,10 +158,20 @@ def _similarity(source: np.ndarray, initial: np.ndarray) -> np.ndarray:
     return np.array([[ratio.real, -ratio.imag], [ratio.imag, ratio.real]])
 
 
+def _soft_bound(value: float, bound: float) -> float:
+    """`value` as it is up to half the bound, then bent smoothly (tanh) towards the bound, which it never passes."""
+    knee = bound / 2
+    size = abs(value)
+    if size <= knee:
+        return value
+    return float(np.copysign(knee + knee * np.tanh((size - knee) / knee), value))
+
+
 def _move_head(faces: np.ndarray, heads: list, source: np.ndarray, onset: np.ndarray) -> np.ndarray:
     """Target meshes T x V x 2 moved by the driving head's motion: `heads`, per frame, the (scale, rotation,
     shift) taking frame t's stable points onto the onset's (`fit_similarity`), whose inverse is carried onto the
-    source face (its shift through the faces' similarity) and softly bounded (HEAD_SHIFT, HEAD_TURN, HEAD_ZOOM)."""
+    source face (its shift through the faces' similarity) and softly bounded (HEAD_SHIFT, HEAD_TURN, HEAD_ZOOM: as
+    it is up to half of each, bent towards it beyond)."""
     stable = list(STABLE_MESH)
     centre_s, centre_d = source[stable].mean(0), onset[stable].mean(0)
     faces_map = _similarity(source, onset)  # driving face -> source face (2 x 2)
@@ -171,9 +182,9 @@ def _move_head(faces: np.ndarray, heads: list, source: np.ndarray, onset: np.nda
         moved = faces_map @ moved
         length = float(np.linalg.norm(moved))
         if length > 1e-9:
-            moved *= reach * np.tanh(length / reach) / length
-        turn = HEAD_TURN * np.tanh(-np.arctan2(rotation[1, 0], rotation[0, 0]) / HEAD_TURN)
-        zoom = np.exp(HEAD_ZOOM * np.tanh(-np.log(scale) / HEAD_ZOOM))
+            moved *= _soft_bound(length, reach) / length
+        turn = _soft_bound(-np.arctan2(rotation[1, 0], rotation[0, 0]), HEAD_TURN)
+        zoom = np.exp(_soft_bound(-np.log(scale), HEAD_ZOOM))
         c, s = np.cos(turn) * zoom, np.sin(turn) * zoom
         out[t] = (faces[t] - centre_s) @ np.array([[c, -s], [s, c]]).T + centre_s + moved
     return out
