@@ -8,8 +8,10 @@ The models are MediaPipe's `face_landmark.tflite` (468 points, 192 x 192 input)
 and `iris_landmark.tflite` (71 refined eye-contour points and 5 iris points per
 eye, 64 x 64 input), taken unchanged from the `mediapipe==0.10.21` wheel
 (Apache-2.0, see `mefacial/assets/mediapipe/README.md`) and run by the light
-LiteRT interpreter (`ai-edge-litert`, numpy-2 compatible) on the CPU; nothing
-is downloaded. The 478-point layout is MediaPipe's "refined" face mesh: the
+LiteRT interpreter (`ai-edge-litert`, numpy-2 compatible) on the CPU. The face
+model ships in the package; the iris model (2.6 MB) is taken once from that
+wheel on PyPI by pip, on first use (`iris_model`), checked against its sha256
+and kept in the user's cache. The 478-point layout is MediaPipe's "refined" face mesh: the
 eye contours of the mesh are replaced by the iris model's, and points 468-472
 (right iris: centre, then 4 on its rim) and 473-477 (left iris) are appended.
 "Left" and "right" are the person's, as in MediaPipe: the right eye is on the
@@ -27,8 +29,13 @@ CPU core.
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
+import subprocess
+import sys
+import tempfile
 import threading
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +44,10 @@ from .errors import InputError, NoFaceError, WeightsNotFoundError
 
 ASSETS = Path(__file__).parent / "assets" / "mediapipe"
 FACE_MODEL = ASSETS / "face_landmark.tflite"
-IRIS_MODEL = ASSETS / "iris_landmark.tflite"
+# the iris model comes from the last mediapipe wheel that bundles it (a fixed one: the file is the same in all)
+IRIS_WHEEL = ("mediapipe==0.10.21", "manylinux_2_28_x86_64", "311")  # requirement, platform, CPython version
+IRIS_MEMBER = "mediapipe/modules/iris_landmark/iris_landmark.tflite"
+IRIS_SHA256 = "d1744d2a09c25f501d39eba4faff47e53ecca8852c5ce19bce8eeac39357521f"
 
 NUM_MESH = 468  # face-mesh vertices
 NUM_VERTICES = 478  # + 5 iris points per eye
@@ -129,8 +139,43 @@ def inter_ocular(points: np.ndarray) -> np.ndarray:
 # ---- the models ------------------------------------------------------------------------------------------
 
 
-def model_files() -> list[Path]:
-    return [FACE_MODEL, IRIS_MODEL]
+def cache_dir() -> Path:
+    """Where fetched models are kept: $MEFACIAL_CACHE, else $XDG_CACHE_HOME/mefacial (~/.cache/mefacial)."""
+    if os.environ.get("MEFACIAL_CACHE"):
+        return Path(os.environ["MEFACIAL_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mefacial"
+
+
+def iris_model(sha256: str = IRIS_SHA256) -> Path:
+    """The iris model's path, fetched on first use: pip downloads the mediapipe wheel (35 MB, no dependencies,
+    from the index pip is configured with), its iris model is taken out, checked against `sha256` and kept in
+    `cache_dir()`. Fails fast with what to do where pip cannot reach an index."""
+    path = cache_dir() / "mediapipe" / "iris_landmark.tflite"
+    if path.is_file():
+        return path
+    requirement, platform, version = IRIS_WHEEL
+    remedy = (f"on a machine that can, run `pip download {requirement} --no-deps --only-binary=:all: --platform "
+              f"{platform} --python-version {version}` and copy {IRIS_MEMBER} from the wheel (a zip) to {path}; "
+              "or use the 68-point `warp` variant")
+    with tempfile.TemporaryDirectory() as folder:
+        done = subprocess.run([sys.executable, "-m", "pip", "download", requirement, "--no-deps", "--only-binary=:all:",
+                               "--platform", platform, "--python-version", version, "--retries", "1",
+                               "--timeout", "15", "--quiet", "--dest", folder], capture_output=True, text=True)
+        wheels = sorted(Path(folder).glob("*.whl"))
+        if done.returncode != 0 or not wheels:
+            reason = (done.stderr.strip().splitlines() or ["no wheel"])[-1]
+            raise WeightsNotFoundError(f"the face mesh's iris model comes from PyPI's {requirement} wheel, and pip "
+                                       f"could not fetch it ({reason}); {remedy}")
+        with zipfile.ZipFile(wheels[0]) as wheel:
+            data = wheel.read(IRIS_MEMBER)
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise WeightsNotFoundError(f"the iris model in the fetched {requirement} wheel is not the expected file "
+                                   f"(sha256 {hashlib.sha256(data).hexdigest()}, expected {sha256}); {remedy}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}")
+    partial.write_bytes(data)
+    os.replace(partial, path)  # atomic: a concurrent first use never reads half a file
+    return path
 
 
 class _Runner:
@@ -145,7 +190,7 @@ class _Runner:
                 "or use the 68-point `warp` variant") from err
         if not path.is_file():
             raise WeightsNotFoundError(f"the face-mesh model {path} is missing from the installed package; "
-                                       "reinstall mefacial (the .tflite files ship in mefacial/assets/mediapipe)")
+                                       "reinstall mefacial (face_landmark.tflite ships in mefacial/assets/mediapipe)")
         self.interpreter = Interpreter(model_path=str(path), num_threads=1)
         self.interpreter.allocate_tensors()
         self.input = self.interpreter.get_input_details()[0]["index"]
@@ -163,7 +208,7 @@ class _Runner:
 @functools.lru_cache(maxsize=None)
 def _runners(pid: int) -> tuple[_Runner, _Runner]:
     """The face and iris interpreters of this process (built again in a forked child)."""
-    return _Runner(FACE_MODEL), _Runner(IRIS_MODEL)
+    return _Runner(FACE_MODEL), _Runner(iris_model())
 
 
 def _crop_transform(centre: np.ndarray, size: float, angle: float, out: int) -> np.ndarray:

@@ -5,6 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install -q -r requirements-dev.txt
+# the face mesh's iris model, taken once from PyPI's mediapipe wheel (the tests then run with the network cut)
+python -c "import sys; sys.path.insert(0, '.'); from mefacial.mesh import iris_model; iris_model()"
 if ! command -v chromium >/dev/null 2>&1; then
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq

@@ -84,6 +84,42 @@ def test_mesh_finds_the_shared_faces_and_clips_offline(monkeypatch):
         assert (points[:, M.REGIONS["eyes"]] > 0).all() and (points[:, M.REGIONS["eyes"]] < size).all()
 
 
+def test_iris_model_is_fetched_once_checked_and_kept(tmp_path, monkeypatch):
+    """The iris model comes from the mediapipe wheel through pip (here from a local folder of wheels standing in
+    for PyPI), is checked against its sha256, kept in the cache and not fetched again; without an index the error
+    says what to do."""
+    import hashlib
+    import zipfile
+
+    from mefacial.errors import WeightsNotFoundError
+
+    payload = b"a stand-in for the iris model"
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    wheel = wheels / "mediapipe-0.10.21-cp311-cp311-manylinux_2_28_x86_64.whl"
+    info = "mediapipe-0.10.21.dist-info"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr(M.IRIS_MEMBER, payload)
+        archive.writestr(f"{info}/METADATA", "Metadata-Version: 2.1\nName: mediapipe\nVersion: 0.10.21\n")
+        archive.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: false\n"
+                                          "Tag: cp311-cp311-manylinux_2_28_x86_64\n")
+        archive.writestr(f"{info}/RECORD", "")
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(wheels))
+    monkeypatch.setenv("MEFACIAL_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(WeightsNotFoundError, match="not the expected file"):
+        M.iris_model()  # the real model's checksum: the stand-in is refused, nothing is kept
+    assert not (tmp_path / "cache" / "mediapipe" / "iris_landmark.tflite").exists()
+    checksum = hashlib.sha256(payload).hexdigest()
+    path = M.iris_model(checksum)
+    assert path == tmp_path / "cache" / "mediapipe" / "iris_landmark.tflite" and path.read_bytes() == payload
+    wheel.unlink()  # kept: no second fetch
+    assert M.iris_model(checksum) == path
+    monkeypatch.setenv("MEFACIAL_CACHE", str(tmp_path / "empty"))
+    with pytest.raises(WeightsNotFoundError, match="could not fetch it .* copy mediapipe/modules/iris_landmark"):
+        M.iris_model()
+
+
 def test_regions_cover_the_face_in_their_places(loose_face):
     _, points = loose_face
     y = lambda name: points[list(M.REGIONS[name]), 1].mean()  # noqa: E731 - mean height of a region
