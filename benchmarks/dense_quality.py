@@ -18,6 +18,15 @@ For each driving clip (and the shared target face), with the routine of `python 
 Rows: dense, dense-geometry (no appearance transfer), warp (68 points), the static face, and the five
 published methods (`published-results/<METHOD>/<clip>-normalized_asianFemale.gif`, scored as generated
 frames of the same target face). With --strips, writes onset-to-apex image strips (JPEG) of s3_po_05.
+
+Instead of that table, --cross-faces scores each clip's onset frame as a further target face, driven by the other
+clips (cross-identity error, motion carried over and eye narrowing for dense, dense-geometry and warp): faces
+besides the shared one; and --transparency measures what the detectors read on a rendered frame that its
+geometry does not hold. The dense renderer draws the driving's apex (of each clip, on the shared face) and
+the source unmoved; dlib's 68 points and the face mesh are re-detected on both, and the motion they read is
+compared with the motion the target mesh asks for (at dlib's points: their barycentric place in the source
+mesh, moved with it), in % of the inter-ocular distance: overall, the eyes' points across (x), and the
+forehead (mesh vertex 10, down +).
 """
 
 from __future__ import annotations
@@ -66,7 +75,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=Path(os.environ.get("MEFACIAL_DATA", "../shared/data/microexpression")))
     parser.add_argument("--strips", type=Path, default=None, help="write onset-to-apex strips (JPEG) here")
+    parser.add_argument("--cross-faces", action="store_true", help="only drive each clip's onset frame by the others")
+    parser.add_argument("--transparency", action="store_true",
+                        help="only measure what detectors read on rendered apex frames beyond their geometry")
     args = parser.parse_args()
+    if args.transparency:
+        transparency(args.data)
+        return
 
     from mefacial import Engine, metrics
     from mefacial import mesh as M
@@ -76,6 +91,9 @@ def main() -> None:
     engine = Engine(device="cpu", landmarks="dlib")
     settings = EvalSettings(landmarks="dlib")
     landmarks = landmark_finder("dlib", engine.device)
+    if args.cross_faces:
+        cross_faces(args.data, engine, settings, landmarks)
+        return
     face = args.data / "faces" / "asian_female.png"
     rows = []
     for clip_path in sorted((args.data / "driving").glob("*.gif")):
@@ -125,6 +143,87 @@ def main() -> None:
         if args.strips is not None and clip_path.stem == "s3_po_05":
             write_strips(args.strips, engine, face, clip.frames, driving, outputs, apex, settings)
     print(table(rows))
+
+
+def cross_faces(data: Path, engine, settings, landmarks) -> None:
+    """Each clip's onset frame as the target face, driven by every other clip: error / still face, carried,
+    eye narrowing (dlib), for our generators."""
+    from mefacial import metrics
+    from mefacial.video import read_clip
+
+    clips = {path.stem: read_clip(path) for path in sorted((data / "driving").glob("*.gif"))}
+    lines = ["| target face (onset frame of) | driving clip | method | cross-identity error / still face | "
+             "motion carried over | eye narrowing output / driving |", "| --- | --- | --- | --: | --: | --: |"]
+    for face_name, face_clip in clips.items():
+        for clip_name, clip in clips.items():
+            if clip_name == face_name:
+                continue
+            for variant in OURS:
+                result = engine.animate(face_clip.frames[0], clip.frames, variant=variant,
+                                        options=settings.animate_options())
+                drv, gen = landmarks(result.model_driving), landmarks(result.frames)
+                apex = int(np.argmin(eye_aperture68(drv)))
+                scored = metrics.score_motion_transfer(torch.from_numpy(gen).float(), torch.from_numpy(drv).float(),
+                                                       min_motion=settings.min_motion)
+                lines.append(f"| {face_name} | {clip_name} | {variant} | {fmt(scored.error / scored.static_error)} "
+                             f"| {fmt(scored.gain)} | {fmt(narrowing(gen, apex) / narrowing(drv, apex))} |")
+                print(lines[-1], flush=True)
+    print("\n".join(lines))
+
+
+def transparency(data: Path) -> None:
+    """Detector readings on rendered apex frames against the geometry they were rendered with (module docstring)."""
+    from scipy.spatial import Delaunay
+
+    from mefacial import Engine
+    from mefacial import mesh as M
+    from mefacial.config import load_config
+    from mefacial.engine import to_tensor, to_uint8
+    from mefacial.evaluate import landmark_finder
+    from mefacial.landmarks import smooth_tracks, smoothing_window
+    from mefacial.models.dense import EYES, DenseMeshWarp, cover_lids
+    from mefacial.video import read_clip
+
+    engine = Engine(device="cpu", landmarks="dlib")
+    landmarks = landmark_finder("dlib", engine.device)
+    model = DenseMeshWarp(load_config("dense"))
+    lids = sorted({i for upper, lower, iris in EYES for i in (*upper, *lower, *iris)} |
+                  {i for contour in M.EYE_CONTOUR_INDICES for i in contour})
+    print("| clip | frame drawn | dlib: mean abs % IOD | dlib eyes' points across | mesh: mean abs % IOD | "
+          "mesh forehead down |\n| --- | --- | --: | --: | --: | --: |")
+    for clip_path in sorted((data / "driving").glob("*.gif")):
+        clip = read_clip(clip_path)
+        prepared = engine.prepare(data / "faces" / "asian_female.png", clip.frames, fps=clip.fps)
+        driving = smooth_tracks(M.detect_mesh(prepared.driving).astype(np.float64), smoothing_window(clip.fps))
+        source = M.detect_mesh(prepared.source)[0].astype(np.float64)
+        state = model.prepare(to_tensor(prepared.source, "cpu").float(), source, driving[0])
+        apex = int(np.argmin(M.eye_aperture(driving)))
+        target = model.retarget(state, driving[apex:apex + 1], 1.0)
+        still_lids = target.copy()
+        still_lids[0, lids] = source[lids] + (target[0, 168] - source[168])  # the lids only follow the nose root
+        iod = float(M.inter_ocular(source)) / 100
+
+        def draw(mesh: np.ndarray) -> np.ndarray:
+            with torch.inference_mode():
+                return to_uint8(model.render(state, cover_lids(source, mesh, model.lid_margin))["prediction"])[0]
+
+        unmoved = draw(source[None])
+        base68 = landmarks(unmoved[None])[0].astype(np.float64)
+        base_mesh = M.detect_mesh(unmoved)[0].astype(np.float64)
+        triangles = Delaunay(source[:M.NUM_MESH])
+        simplex = triangles.find_simplex(base68)
+        affine = triangles.transform[simplex]
+        bary = np.einsum("nij,nj->ni", affine[:, :2], base68 - affine[:, 2])
+        bary = np.concatenate([bary, 1 - bary.sum(1, keepdims=True)], 1)  # 68 x 3
+        corners = triangles.simplices[simplex]  # 68 x 3 mesh vertices
+        for label, mesh in (("apex", target), ("apex, lids left open", still_lids)):
+            frame = draw(mesh)
+            asked68 = base68 + (bary[..., None] * (mesh[0][corners] - source[corners])).sum(1)
+            read68 = (landmarks(frame[None])[0] - asked68) / iod
+            read_mesh = ((M.detect_mesh(frame)[0] - base_mesh) - (mesh[0] - source))[:M.NUM_MESH] / iod
+            print(f"| {clip_path.stem} (frame {apex}) | {label} | {np.abs(read68).mean():.2f} "
+                  f"| {np.abs(read68[36:48, 0]).mean():.2f} | {np.abs(read_mesh).mean():.2f} | {read_mesh[10, 1]:.2f} |",
+                  flush=True)
 
 
 def fmt(value, digits=2) -> str:
