@@ -83,7 +83,7 @@ def main() -> None:
         transparency(args.data)
         return
 
-    from mefacial import Engine, metrics
+    from mefacial import Engine
     from mefacial import mesh as M
     from mefacial.evaluate import EvalSettings, landmark_finder, score_reenactment
     from mefacial.video import read_clip
@@ -114,7 +114,6 @@ def main() -> None:
         drv_points = landmarks(driving)
         ap = eye_aperture68(drv_points)
         apex = int(np.argmin(ap))
-        drv_narrow = narrowing(drv_points, apex)
         drv_mesh = M.eye_aperture(M.detect_mesh(driving, allow_missing=True))
         for name, frames in outputs.items():
             count = min(len(frames), len(driving))
@@ -123,11 +122,8 @@ def main() -> None:
             if np.isnan(gen_points).any():
                 row["note"] = "no face on some output frames"
             else:
-                scored = metrics.score_motion_transfer(torch.from_numpy(gen_points).float(),
-                                                       torch.from_numpy(drv_points[:count]).float(),
-                                                       min_motion=settings.min_motion)
-                row.update(error_ratio=scored.error / scored.static_error, carried=scored.gain,
-                           narrowing=narrowing(gen_points, apex) / drv_narrow if apex < count else float("nan"),
+                error_ratio, carried, narrowed = cross_identity(gen_points, drv_points[:count], apex, settings)
+                row.update(error_ratio=error_ratio, carried=carried, narrowing=narrowed,
                            background=background_change(frames[:count], gen_points[0]))
                 if apex < count:  # the same narrowing read by the face mesh (a second detector)
                     gen_mesh = M.eye_aperture(M.detect_mesh(frames[:count], allow_missing=True))
@@ -145,10 +141,20 @@ def main() -> None:
     print(table(rows))
 
 
+def cross_identity(generated: np.ndarray, driving: np.ndarray, apex: int, settings) -> tuple[float, float, float]:
+    """dlib points of an output and its driving clip (T x 68 x 2) -> (error / still face's, share of the motion
+    carried over, eye narrowing output / driving at `apex`; NaN when the output is shorter than that)."""
+    from mefacial import metrics
+
+    scored = metrics.score_motion_transfer(torch.from_numpy(generated).float(), torch.from_numpy(driving).float(),
+                                           min_motion=settings.min_motion)
+    narrowed = narrowing(generated, apex) / narrowing(driving, apex) if apex < len(generated) else float("nan")
+    return scored.error / scored.static_error, scored.gain, narrowed
+
+
 def cross_faces(data: Path, engine, settings, landmarks) -> None:
     """Each clip's onset frame as the target face, driven by every other clip: error / still face, carried,
     eye narrowing (dlib), for our generators."""
-    from mefacial import metrics
     from mefacial.video import read_clip
 
     clips = {path.stem: read_clip(path) for path in sorted((data / "driving").glob("*.gif"))}
@@ -161,12 +167,9 @@ def cross_faces(data: Path, engine, settings, landmarks) -> None:
             for variant in OURS:
                 result = engine.animate(face_clip.frames[0], clip.frames, variant=variant,
                                         options=settings.animate_options())
-                drv, gen = landmarks(result.model_driving), landmarks(result.frames)
-                apex = int(np.argmin(eye_aperture68(drv)))
-                scored = metrics.score_motion_transfer(torch.from_numpy(gen).float(), torch.from_numpy(drv).float(),
-                                                       min_motion=settings.min_motion)
-                lines.append(f"| {face_name} | {clip_name} | {variant} | {fmt(scored.error / scored.static_error)} "
-                             f"| {fmt(scored.gain)} | {fmt(narrowing(gen, apex) / narrowing(drv, apex))} |")
+                drv = landmarks(result.model_driving)
+                scores = cross_identity(landmarks(result.frames), drv, int(np.argmin(eye_aperture68(drv))), settings)
+                lines.append(f"| {face_name} | {clip_name} | {variant} | " + " | ".join(map(fmt, scores)) + " |")
                 print(lines[-1], flush=True)
     print("\n".join(lines))
 
@@ -180,8 +183,8 @@ def transparency(data: Path) -> None:
     from mefacial.config import load_config
     from mefacial.engine import to_tensor, to_uint8
     from mefacial.evaluate import landmark_finder
-    from mefacial.landmarks import smooth_tracks, smoothing_window
     from mefacial.models.dense import EYES, DenseMeshWarp, cover_lids
+    from mefacial.variants import get_variant
     from mefacial.video import read_clip
 
     engine = Engine(device="cpu", landmarks="dlib")
@@ -194,8 +197,8 @@ def transparency(data: Path) -> None:
     for clip_path in sorted((data / "driving").glob("*.gif")):
         clip = read_clip(clip_path)
         prepared = engine.prepare(data / "faces" / "asian_female.png", clip.frames, fps=clip.fps)
-        driving = smooth_tracks(M.detect_mesh(prepared.driving).astype(np.float64), smoothing_window(clip.fps))
-        source = M.detect_mesh(prepared.source)[0].astype(np.float64)
+        meshes = engine.find_landmarks(prepared, get_variant("dense"))  # the engine's own, smoothed as it runs them
+        source, driving = meshes[0][0].astype(np.float64), meshes[1].astype(np.float64)
         state = model.prepare(to_tensor(prepared.source, "cpu").float(), source, driving[0])
         apex = int(np.argmin(M.eye_aperture(driving)))
         target = model.retarget(state, driving[apex:apex + 1], 1.0)

@@ -168,9 +168,10 @@ def iris_model(sha256: str = IRIS_SHA256) -> Path:
                                        f"could not fetch it ({reason}); {remedy}")
         with zipfile.ZipFile(wheels[0]) as wheel:
             data = wheel.read(IRIS_MEMBER)
-    if hashlib.sha256(data).hexdigest() != sha256:
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != sha256:
         raise WeightsNotFoundError(f"the iris model in the fetched {requirement} wheel is not the expected file "
-                                   f"(sha256 {hashlib.sha256(data).hexdigest()}, expected {sha256}); {remedy}")
+                                   f"(sha256 {digest}, expected {sha256}); {remedy}")
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.{os.getpid()}")
     partial.write_bytes(data)
