@@ -294,13 +294,14 @@ class Engine:
         if options.crop:
             prepared.faces = {
                 "source": prepared.to_model(np.asarray(src_face, np.float32), source_image.shape, source_box),
-                "driving": prepared.to_model(np.asarray(drv_face, np.float32), first.shape[1:], driving_box)}
+                "driving": np.asarray(drv_face, np.float32)}
         if given_src is not None:
             prepared.given_source = prepared.to_model(given_src, source_image.shape, source_box)[None]  # 1 x P x 2
         if given_drv is not None:
             prepared.given_driving = given_drv if streamed else prepared.to_model(given_drv, first.shape[1:], driving_box)
+        prepared.frames = first
         if streamed:
-            prepared.stream, prepared.first_shape = chunks, first.shape
+            prepared.stream = chunks
         timings["landmarks_s"] = time.perf_counter() - t0
         return prepared
 
@@ -319,7 +320,8 @@ class Engine:
     def find_landmarks(self, prepared: PreparedClip, spec: Variant | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The source's 1 x P x 2 and the clip's T x P x 2 (smoothed) landmarks of an in-memory prepared clip,
         found on first use (given ones mapped to model pixels); checked against `spec` when given. A mesh-point
-        backend (dense) gets the 478-point face meshes instead (`mefacial.mesh`), tracked in the onset frame's box."""
+        backend (dense) gets the 478-point face meshes instead (`mefacial.mesh`), tracked from the onset frame's
+        face on the frames as read (a face drifting out of the onset crop stays whole), in model pixels."""
         if spec is not None and _uses_mesh(spec):
             return self._find_meshes(prepared, spec)
         if prepared.streamed:
@@ -363,6 +365,12 @@ class Engine:
         found = detect_mesh(prepared.source, landmarks=prepared.faces.get("source"), role="source")
         return found[0][None]  # 1 x 478 x 2
 
+    @staticmethod
+    def _mesh_in_model(prepared: PreparedClip, meshes: np.ndarray) -> np.ndarray:
+        """n x 478 x 2 face meshes tracked on the driving frames as read -> pixels of the model frames (they may
+        reach past a model frame's border where the face drifted out of the onset frame's box)."""
+        return prepared.to_model(meshes, prepared.frames.shape[1:], prepared.driving_box)
+
     def _clip_source_points(self, prepared: PreparedClip, spec: Variant) -> np.ndarray | None:
         """The source points a variant's clip runner gets: the mesh for mesh-point backends, else the landmarks."""
         return prepared.meshes.get("source") if _uses_mesh(spec) else prepared.source_points
@@ -394,12 +402,13 @@ class Engine:
         smoother = StreamingSmoother(smoothing_window(prepared.fps)) if smooth else None
         pending = np.zeros((0, prepared.size, prepared.size, 3), np.uint8)  # frames whose points are not final
         seen = 0
-        def model_frames_of_chunks() -> Iterator[tuple[np.ndarray, tuple[int, ...]]]:
-            yield prepared.driving, prepared.first_shape  # the first chunk, cut when the clip was prepared
+        def model_frames_of_chunks() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+            yield prepared.driving, prepared.frames  # the first chunk, cut when the clip was prepared
             for frames, _ in prepared.stream:
-                yield prepared.to_model_frames(frames, prepared.driving_box), frames.shape
+                yield prepared.to_model_frames(frames, prepared.driving_box), frames
 
-        for model_frames, shape in model_frames_of_chunks():
+        for model_frames, full in model_frames_of_chunks():
+            shape = full.shape
             points = None
             if spec.needs_landmarks:
                 if prepared.given_driving is not None:
@@ -411,7 +420,7 @@ class Engine:
                 elif _uses_mesh(spec):  # one tracker for the clip: the onset frame's box, carried chunk after chunk
                     tracker = prepared.meshes.setdefault("tracker", MeshTracker(landmarks=prepared.faces.get("driving"),
                                                                                   role="driving"))
-                    points = tracker.track(model_frames)
+                    points = self._mesh_in_model(prepared, tracker.track(full))
                 else:
                     points = self._detector(prepared.options).detect(model_frames, role="driving").points
                 self._check_points(spec, self._clip_source_points(prepared, spec), points)
@@ -451,7 +460,7 @@ class Engine:
 
         def track(part: np.ndarray) -> np.ndarray:
             with timer(seconds, "track"):
-                return tracker.track(part, len(frames))
+                return self._mesh_in_model(prepared, tracker.track(part, len(frames)))
 
         found, done = [], 0
         pool = ThreadPoolExecutor(1, thread_name_prefix="mesh")  # one worker: chunks are tracked in order
@@ -462,7 +471,7 @@ class Engine:
         if threads > 1:
             torch.set_num_threads(threads - 1)
         try:
-            pending = [pool.submit(track, frames[i:i + chunk]) for i in range(0, len(frames), chunk)]
+            pending = [pool.submit(track, prepared.frames[i:i + chunk]) for i in range(0, len(frames), chunk)]
             for future in pending:
                 points = future.result()
                 self._check_points(spec, meshes["source"], points)

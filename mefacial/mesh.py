@@ -23,7 +23,8 @@ there twice (the second time in the box its first fit gives, as MediaPipe's
 tracker does) and that region of interest is kept for every frame of the clip.
 A frame whose mesh falls out of it (the head moved) gets a box from the
 previous frame's mesh. No per-frame face search: about 4-5 ms per frame on one
-CPU core.
+CPU core. Frames whose face box is larger than LARGEST_ROI (high-resolution
+video) are shrunk for the clip (area-averaged) so the models' crops do not alias.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ ROI_SCALE = 1.5  # MediaPipe's face region of interest: 1.5 x the landmarks' ext
 IRIS_ROI_SCALE = 2.3  # MediaPipe's eye region: 2.3 x the eye-corner distance, square
 PRESENCE_THRESHOLD = 0.5  # sigmoid of the face-flag output
 RETRACK_SHIFT = 0.08  # a mesh whose centre moved by more than this x the box size gets a new box
+LARGEST_ROI = 2 * FACE_INPUT  # px: a clip whose face box is larger is tracked on frames shrunk to fit it
 
 # ---- named vertex sets (MediaPipe's topology; indices into the 478 points) ---------------------------------
 # Eye contours in the order of MediaPipe's iris model output (71 points per eye), person's right eye first.
@@ -349,8 +351,10 @@ class MeshTracker:
                  role: str = "driving"):
         self.box, self.landmarks, self.refine_eyes, self.allow_missing, self.role = (
             box, landmarks, refine_eyes, allow_missing, role)
+        # the tracking state, in pixels of the frames as tracked (shrunk by `scale`)
         self.roi: tuple[np.ndarray, float, float] | None = None  # the region of interest of the next frame
         self.previous: np.ndarray | None = None  # 478 x 2 float32: the last frame's mesh (NaN: no face)
+        self.scale = 1.0  # the clip's frames are tracked at this size (set on the onset frame)
         self.seen = 0  # frames tracked so far
 
     def track(self, frames: np.ndarray, count: int | None = None) -> np.ndarray:
@@ -365,11 +369,15 @@ class MeshTracker:
                     self.seen += len(frames)  # no face on the onset frame: none is tracked
                     return out
                 raise _no_face(0, count, frames.shape, self.role)
+            centre, size, angle = self.roi
+            self.scale = min(1.0, LARGEST_ROI / size)
+            self.roi = ((centre + 0.5) * self.scale - 0.5, size * self.scale, angle)
         if self.roi is None:  # the onset frame had no face (allow_missing)
             self.seen += len(frames)
             return out
         roi = self.roi
         for index, frame in enumerate(frames):
+            frame = _shrunk(frame, self.scale)
             mesh, presence = _fit_face(frame, roi)
             previous = out[index - 1] if index > 0 else self.previous
             if presence < PRESENCE_THRESHOLD and previous is not None and np.isfinite(previous[0, 0]):
@@ -386,7 +394,16 @@ class MeshTracker:
                           else np.concatenate([mesh, np.full((10, 2), np.nan)]))
         self.roi, self.previous = roi, out[-1].copy()
         self.seen += len(frames)
-        return out
+        return out if self.scale == 1 else ((out + 0.5) / self.scale - 0.5).astype(np.float32)
+
+
+def _shrunk(frame: np.ndarray, scale: float) -> np.ndarray:
+    """The frame at `scale` (<= 1) of its size, area-averaged (pixel centres: x' = (x + 0.5) scale - 0.5)."""
+    if scale == 1:
+        return frame
+    import cv2
+
+    return cv2.resize(frame, (0, 0), fx=scale, fy=scale, interpolation=cv2.INTER_AREA)  # mapped with `scale` itself
 
 
 def _no_face(index: int, count: int | None, shape: tuple, role: str) -> NoFaceError:

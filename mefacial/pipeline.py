@@ -67,7 +67,9 @@ class PreparedClip:
     given_driving: np.ndarray | None = None  # T x P x 2 (a stream: the caller's, in pixels of its frames)
     backend: str = "auto"  # the landmark backend
     stream: Iterator[tuple[np.ndarray, float]] | None = None  # the rest of a streamed clip (full-size chunks, fps)
-    first_shape: tuple[int, ...] = ()  # a streamed clip: the shape of its first chunk's full-size frames
+    # the driving frames as read (a stream: its first chunk), where the face mesh is tracked: a face drifting out
+    # of the onset frame's box stays whole there
+    frames: np.ndarray | None = None
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
     # found on first need, then shared by every variant run on the clip
     source_points: np.ndarray | None = None  # 1 x P x 2
@@ -76,8 +78,8 @@ class PreparedClip:
     # the 478-point face meshes of mesh-point backends (dense): "source" 1 x 478 x 2, "driving" T x 478 x 2
     # (smoothed), "tracker" a streamed clip's MeshTracker (the onset frame's box and tracking state, across chunks)
     meshes: dict = dataclasses.field(default_factory=dict)
-    # the 68 landmarks that placed the face boxes ("source", "driving": its onset frame), 68 x 2 in model pixels:
-    # where the face mesh starts, with no second face search
+    # the 68 landmarks that placed the face boxes, 68 x 2: "source" in model pixels, "driving" (its onset frame)
+    # in pixels of the frames as read; where the face mesh starts, with no second face search
     faces: dict = dataclasses.field(default_factory=dict)
 
     @property

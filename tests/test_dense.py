@@ -492,3 +492,75 @@ def test_ratio_images_stay_off_the_outer_eye_corners(face):
             x, y = tip + offset * outward
             if 0 <= x < image.shape[1] - 1 and 0 <= y < image.shape[0] - 1:
                 assert mask[int(round(y / step)), int(round(x / step))] < 0.5, (upper[0], offset)
+
+
+def _drifting(frames: np.ndarray, shift: float) -> np.ndarray:
+    """The clip placed in a canvas twice its size, the face drifting right by `shift` px over the clip."""
+    import cv2
+
+    height, width = frames.shape[1:3]
+    out = np.zeros((len(frames), 2 * height, 2 * width, 3), np.uint8)
+    for t, frame in enumerate(frames):
+        move = np.float32([[1, 0, width / 2 + shift * t / (len(frames) - 1)], [0, 1, height / 2]])
+        out[t] = cv2.warpAffine(frame, move, (2 * width, 2 * height), borderMode=cv2.BORDER_REPLICATE)
+    return out
+
+
+def test_a_face_drifting_out_of_the_onset_crop_keeps_its_shape(engine):
+    """A still face whose head drifts far out of the onset frame's crop (a fixed box, as the models' frames are
+    cut): the mesh is tracked on the frames as read, so it stays whole (before, it was fitted to a face cut by
+    the crop's edge and the distortion was carried as facial motion), and the output's face keeps its shape:
+    moved by the bounded head motion only."""
+    from mefacial.readout import STABLE_MESH, fit_similarity
+    from mefacial.variants import get_variant
+    from mefacial.video import read_image
+
+    face = read_image(require(DATA / "faces" / "asian_female.png", "shared face"))
+    clip = _drifting(np.repeat(face[None], 12, 0), shift=45.0)
+    prepared = engine.prepare(face, clip)
+    _, meshes = engine.find_landmarks(prepared, get_variant("dense"))
+    assert meshes[-1, :M.NUM_MESH, 0].max() > prepared.size + 20  # the face left the crop by far
+
+    def shape_change(points: np.ndarray, reference: np.ndarray) -> float:
+        """Mean distance after the best similarity, in % of the inter-ocular distance."""
+        scale, rotation, shift = fit_similarity(points[:M.NUM_MESH], reference[:M.NUM_MESH])
+        moved = scale * points[:M.NUM_MESH] @ rotation.T + shift
+        return float(np.linalg.norm(moved - reference[:M.NUM_MESH], axis=1).mean() / M.inter_ocular(reference) * 100)
+
+    # the driving face stays rigid within the mesh's noise (0.4-0.5 % for a 10 px drift; 4.5 % when it was cut)
+    assert max(shape_change(mesh, meshes[0]) for mesh in meshes) < 1.5
+    result = engine.collect(prepared, "dense")
+    found = M.detect_mesh(result.frames)
+    assert max(shape_change(mesh, found[0]) for mesh in found) < 2.0  # the output face: not distorted (was 3.6)
+    drift = found[-1, list(STABLE_MESH)].mean(0) - found[0, list(STABLE_MESH)].mean(0)
+    assert 0 < drift[0] <= 0.1 * M.inter_ocular(found[0]) + 1  # moved the drift's way, within HEAD_SHIFT
+
+
+def test_ratio_images_ignore_a_driving_face_past_its_frame(tight_face):
+    """Where the driving mesh lies past its frame's border (a drifting head), the frame holds no skin to compare
+    with the onset's: the ratio images are 1 there, not the border's padding compared with the face."""
+    image, mesh = tight_face
+    model = _model()
+    state = model.prepare(_tensor(image), mesh, mesh, _tensor(image))
+    moved = mesh + np.array([image.shape[1] / 2, 0])  # the right half of the face past the frame's right edge
+    driving = _tensor(np.full_like(image, 30))  # a dark frame: ratios would be far from 1 wherever compared
+    ratio = model.appearance_ratios(state, driving, moved[None])[0, 0].numpy()  # h x w
+    at = state.barycentric @ moved  # where each grid point of the face lies in the driving frame
+    inside = state.grid_vertices[:, 0] >= 0
+    past = inside & (at[:, 0] > image.shape[1] - 1)
+    assert past.sum() > 100
+    assert np.allclose(ratio.ravel()[past], 1.0)
+
+
+def test_large_frames_are_tracked_shrunk_to_the_same_mesh():
+    """A high-resolution clip (here 4x enlarged) is tracked on frames shrunk so its face box fits LARGEST_ROI
+    (the models' crops would alias): the same meshes, in its own pixels, as at the original size."""
+    import cv2
+    from mefacial.video import read_clip
+
+    frames = read_clip(require(DATA / "driving" / "s3_po_05.gif", "shared clip")).frames[:6]
+    large = np.stack([cv2.resize(frame, None, fx=4, fy=4, interpolation=cv2.INTER_CUBIC) for frame in frames])
+    tracker = M.MeshTracker()
+    found = tracker.track(large)
+    assert tracker.scale < 1
+    assert np.abs((found + 0.5) / 4 - 0.5 - M.detect_mesh(frames)).mean() < 0.25  # px of the original size

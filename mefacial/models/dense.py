@@ -511,6 +511,11 @@ class DenseMeshWarp(nn.Module):
         weights = (mask > 0.5).flatten()
         if weights.any():  # no global brightness change: the face's median ratio is 1
             log_ratio = log_ratio - log_ratio.flatten(1)[:, weights].median(1).values.view(-1, 1, 1, 1)
+        # where the driving face has drifted past its frame's border, the frame holds no skin to compare: no ratio
+        height, width = state.size
+        seen = ((at_t >= 0) & (at_t <= [width - 1, height - 1])).all(-1)  # T x G
+        if not seen.all():
+            mask = mask * torch.from_numpy(seen).view(frames, 1, h, wd).to(log_ratio)
         log_ratio = (magnify * log_ratio * mask).clamp(-self.ratio_bound, self.ratio_bound)
         return torch.exp(log_ratio)  # the renderer samples it where the skin comes from (bilinear, corner to corner)
 
