@@ -133,7 +133,11 @@ class ClipRun:
         animator: ClipAnimator | None = None
         done = 0
         t0 = time.perf_counter()
-        for frames, points in engine._model_chunks(prepared, spec):
+        def ahead(source_points: np.ndarray) -> None:  # while the clip's onset points are being found
+            with engine.inference_context():
+                spec.spec.clip.prepare_source(self.model, prepared.source, source_points)
+
+        for frames, points in engine._model_chunks(prepared, spec, ahead):
             for start in range(0, len(frames), batch_size):
                 batch = slice(start, min(start + batch_size, len(frames)))
                 with engine._memory_errors(spec, batch_size), engine.inference_context():
@@ -380,12 +384,14 @@ class Engine:
             return prepared.given_source
         return self._detector(prepared.options).detect(prepared.source, role="source").points[0][None]  # 1 x 68 x 2
 
-    def _model_chunks(self, prepared: PreparedClip, spec: Variant) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+    def _model_chunks(self, prepared: PreparedClip, spec: Variant, meanwhile: Callable[[np.ndarray], None] | None = None
+                      ) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
         """(n x S x S x 3 model frames, n x P x 2 points or None) of the clip, in order: the whole clip at once
-        for an in-memory one, chunk by chunk (landmarks found and smoothed across chunk borders) for a stream."""
+        for an in-memory one, chunk by chunk (landmarks found and smoothed across chunk borders) for a stream.
+        `meanwhile(source_points)` is called where the first chunk's points are found in the background."""
         if not prepared.streamed:
             if _uses_mesh(spec) and "driving" not in prepared.meshes and not _given_meshes(prepared):
-                yield from self._tracked_chunks(prepared, spec)
+                yield from self._tracked_chunks(prepared, spec, meanwhile=meanwhile)
                 return
             points = self.find_landmarks(prepared, spec)[1] if spec.needs_landmarks else None
             yield prepared.driving, points
@@ -439,13 +445,14 @@ class Engine:
             if len(points):
                 yield pending[:len(points)], points
 
-    def _tracked_chunks(self, prepared: PreparedClip, spec: Variant, chunk: int = TRACK_CHUNK
-                        ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def _tracked_chunks(self, prepared: PreparedClip, spec: Variant, chunk: int = TRACK_CHUNK,
+                        meanwhile: Callable[[np.ndarray], None] | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(n x S x S x 3 frames, n x 478 x 2 smoothed meshes) of an in-memory clip whose meshes are not found yet:
         a worker thread tracks them chunk by chunk (the LiteRT models run outside the GIL) while the caller
         generates the frames whose smoothed meshes are final, so tracking and rendering share the CPU's cores.
         The meshes are kept on the clip for every later variant (`find_landmarks` finds them here too, rendering
-        nothing; `MeshTracker` and `StreamingSmoother` equal the whole-clip calls frame for frame)."""
+        nothing; `MeshTracker` and `StreamingSmoother` equal the whole-clip calls frame for frame). `meanwhile` is
+        called with the source mesh once tracking has started (work that needs no driving mesh)."""
         from concurrent.futures import ThreadPoolExecutor
 
         from threadpoolctl import threadpool_limits
@@ -472,6 +479,8 @@ class Engine:
             torch.set_num_threads(threads - 1)
         try:
             pending = [pool.submit(track, prepared.frames[i:i + chunk]) for i in range(0, len(frames), chunk)]
+            if meanwhile is not None:
+                meanwhile(meshes["source"])
             for future in pending:
                 points = future.result()
                 self._check_points(spec, meshes["source"], points)

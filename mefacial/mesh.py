@@ -29,6 +29,7 @@ video) are shrunk for the clip (area-averaged) so the models' crops do not alias
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import os
@@ -59,6 +60,11 @@ IRIS_ROI_SCALE = 2.3  # MediaPipe's eye region: 2.3 x the eye-corner distance, s
 PRESENCE_THRESHOLD = 0.5  # sigmoid of the face-flag output
 RETRACK_SHIFT = 0.08  # a mesh whose centre moved by more than this x the box size gets a new box
 LARGEST_ROI = 2 * FACE_INPUT  # px: a clip whose face box is larger is tracked on frames shrunk to fit it
+# The iris model refines an eye of a tracked frame only where it may read something new: when the face model's
+# points of that eye moved by more than EYE_HOLD x the inter-ocular distance since it last ran there, and at
+# least every EYE_HOLD_FRAMES frames; in between, its last correction rides on the face model's points.
+EYE_HOLD = 0.005
+EYE_HOLD_FRAMES = 3
 
 # ---- named vertex sets (MediaPipe's topology; indices into the 478 points) ---------------------------------
 # Eye contours in the order of MediaPipe's iris model output (71 points per eye), person's right eye first.
@@ -259,20 +265,44 @@ def _fit_face(frame: np.ndarray, box: tuple[np.ndarray, float, float]) -> tuple[
     return points, float(1.0 / (1.0 + np.exp(-flag[0])))
 
 
-def _refine_eyes(frame: np.ndarray, mesh: np.ndarray) -> np.ndarray:
-    """The 468 points with the iris model's eye contours, and the 10 iris points appended: 478 x 2."""
-    _, iris = _runners(os.getpid())
+@dataclasses.dataclass
+class _EyeReading:
+    """The iris model's last reading of one eye in a tracked clip: the face model's points of that eye then
+    (71 x 2), what the iris model moved them by (71 x 2), its iris points (5 x 2), frames since."""
+
+    face: np.ndarray
+    correction: np.ndarray
+    iris: np.ndarray
+    age: int = 0
+
+
+def _refine_eyes(frame: np.ndarray, mesh: np.ndarray, readings: list | None = None) -> np.ndarray:
+    """The 468 points with the iris model's eye contours, and the 10 iris points appended: 478 x 2.
+
+    `readings` (per eye, None at first; updated): the last reading of each eye in a tracked clip, reused where
+    that eye's face-model points have barely moved since (EYE_HOLD, EYE_HOLD_FRAMES); without it both eyes run
+    the model."""
     out = np.empty((NUM_VERTICES, 2))
     out[:NUM_MESH] = mesh
+    reach = EYE_HOLD * float(np.linalg.norm(mesh[263] - mesh[33]))
     for eye, ((a, b), contour) in enumerate(zip(EYE_CORNERS, EYE_CONTOUR_INDICES)):
+        contour = list(contour)
+        irises = slice(NUM_MESH + 5 * eye, NUM_MESH + 5 * eye + 5)
+        last = None if readings is None else readings[eye]
+        if last is not None and last.age + 1 < EYE_HOLD_FRAMES and np.abs(mesh[contour] - last.face).max() < reach:
+            last.age += 1
+            out[contour] = mesh[contour] + last.correction
+            out[irises] = last.iris + (mesh[contour] - last.face).mean(0)
+            continue
         axis = mesh[b] - mesh[a]
         transform = _crop_transform((mesh[a] + mesh[b]) / 2, float(np.linalg.norm(axis)) * IRIS_ROI_SCALE,
                                     float(np.arctan2(axis[1], axis[0])), IRIS_INPUT)
         flip = eye == 1  # the model is trained on the person's right eye; the left eye is mirrored
-        contours, irises = iris(_cut(frame, transform, IRIS_INPUT, flip))
-        out[list(contour)] = _to_image(contours.reshape(71, 3)[:, :2].astype(np.float64), transform, IRIS_INPUT, flip)
-        out[NUM_MESH + 5 * eye:NUM_MESH + 5 * eye + 5] = _to_image(irises.reshape(5, 3)[:, :2].astype(np.float64),
-                                                                  transform, IRIS_INPUT, flip)
+        contours, iris = _runners(os.getpid())[1](_cut(frame, transform, IRIS_INPUT, flip))
+        out[contour] = _to_image(contours.reshape(71, 3)[:, :2].astype(np.float64), transform, IRIS_INPUT, flip)
+        out[irises] = _to_image(iris.reshape(5, 3)[:, :2].astype(np.float64), transform, IRIS_INPUT, flip)
+        if readings is not None:
+            readings[eye] = _EyeReading(mesh[contour].copy(), out[contour] - mesh[contour], out[irises].copy())
     return out
 
 
@@ -355,6 +385,7 @@ class MeshTracker:
         self.roi: tuple[np.ndarray, float, float] | None = None  # the region of interest of the next frame
         self.previous: np.ndarray | None = None  # 478 x 2 float32: the last frame's mesh (NaN: no face)
         self.scale = 1.0  # the clip's frames are tracked at this size (set on the onset frame)
+        self.eyes: list[_EyeReading | None] = [None, None]  # the iris model's last reading of each eye
         self.seen = 0  # frames tracked so far
 
     def track(self, frames: np.ndarray, count: int | None = None) -> np.ndarray:
@@ -386,11 +417,12 @@ class MeshTracker:
             if presence < PRESENCE_THRESHOLD:
                 if not self.allow_missing:
                     raise _no_face(self.seen + index, count, frames.shape, self.role)
+                self.eyes = [None, None]
                 continue
             centre, size, _ = _box_of(mesh)
             if np.linalg.norm(centre - roi[0]) > RETRACK_SHIFT * roi[1]:
                 roi = _box_of(mesh)  # follow a moving head from the next frame on
-            out[index] = (_refine_eyes(frame, mesh) if self.refine_eyes
+            out[index] = (_refine_eyes(frame, mesh, self.eyes) if self.refine_eyes
                           else np.concatenate([mesh, np.full((10, 2), np.nan)]))
         self.roi, self.previous = roi, out[-1].copy()
         self.seen += len(frames)

@@ -232,6 +232,11 @@ class ClipRunner:
         raise NotImplementedError
 
     @classmethod
+    def prepare_source(cls, model: "nn.Module", source: np.ndarray, source_points: np.ndarray | None) -> None:
+        """Work of `__init__` that needs the source alone (S x S x 3 uint8, its 1 x P x 2 points), done ahead by the
+        engine while the clip's onset points are still being found, and kept by the model; none by default."""
+
+    @classmethod
     def original_loop(cls, model: "nn.Module", source: torch.Tensor, driving: np.ndarray,
                       source_points: torch.Tensor | None, driving_points: torch.Tensor | None, settings: ClipSettings,
                       to_tensor: Callable[[np.ndarray], torch.Tensor], stage: Callable[[str, int], Any]) -> list[torch.Tensor]:

@@ -100,8 +100,7 @@ class DenseState:
     anchors: np.ndarray  # A x 2: still points (ring around the face, picture border)
     grid: np.ndarray  # G x 2: the coarse grid (pixels)
     grid_shape: tuple[int, int]
-    grid_vertices: np.ndarray  # G x 3 vertex indices of the source triangle holding each grid point (-1: none)
-    grid_weights: np.ndarray  # G x 3 barycentric weights
+    inside: np.ndarray  # G bool: grid points inside the source mesh
     taper: np.ndarray  # G: motion weight, 0 on the picture's edge
     face_mask: torch.Tensor  # 1 x 1 x h x w on the grid: where ratio images apply (face, eye openings left out)
     source: torch.Tensor  # 1 x 3 x H x W
@@ -112,6 +111,21 @@ class DenseState:
     pixels: torch.Tensor | None = None  # H x W x 2: pixel centres (x, y)
     pixel_grid: torch.Tensor | None = None  # H x W x 2: the same in grid_sample coordinates
     onset_luma: torch.Tensor | None = None  # 1 x 1 x h x w: the onset frame's luminance on the grid, blurred
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceGeometry:
+    """The part of a `DenseState` that depends on the source mesh (and the picture's size) alone."""
+
+    triangles: np.ndarray  # K x 3: Delaunay triangles of the source mesh
+    anchors: np.ndarray
+    grid: np.ndarray
+    grid_shape: tuple[int, int]
+    inside: np.ndarray
+    taper: np.ndarray
+    face_mask: torch.Tensor  # on the CPU
+    barycentric: Any
+    motion_weights: Any
 
 
 LUMA = (0.299, 0.587, 0.114)  # BT.601 luminance weights of R, G, B
@@ -319,17 +333,16 @@ def _fill(polygons: list[np.ndarray], size: tuple[int, int]) -> np.ndarray:
     return out
 
 
-def _barycentric_matrix(points: np.ndarray, grid: np.ndarray) -> csr_matrix:
-    """G x N sparse matrix of the grid points' barycentric weights in a Delaunay triangulation of `points` (N x 2);
-    rows of points outside it are empty."""
-    delaunay = Delaunay(points)
+def _barycentric_matrix(delaunay: Delaunay, grid: np.ndarray) -> csr_matrix:
+    """G x N sparse matrix of the grid points' barycentric weights in a Delaunay triangulation of N points; rows of
+    points outside it are empty."""
     simplex = delaunay.find_simplex(grid)
     inside = np.flatnonzero(simplex >= 0)
     affine = delaunay.transform[simplex[inside]]  # n x 3 x 2
     bary = np.einsum("nij,nj->ni", affine[:, :2], grid[inside] - affine[:, 2])
     weights = np.concatenate([bary, 1 - bary.sum(1, keepdims=True)], 1)  # n x 3
     return csr_matrix((weights.ravel(), (np.repeat(inside, 3), delaunay.simplices[simplex[inside]].ravel())),
-                      shape=(len(grid), len(points)))
+                      shape=(len(grid), len(delaunay.points)))
 
 
 def _solve(packed: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
@@ -389,6 +402,7 @@ class DenseMeshWarp(nn.Module):
         self.ratio_blur = float(settings["ratio_blur"])
         self.appearance = bool(settings["appearance"])
         self.lid_margin = float(settings["lid_margin"])
+        self._geometry: tuple[tuple, SourceGeometry] | None = None  # (size, source mesh) -> `source_geometry`
         if self.grid_step < 1 or self.ring_scale <= 1 or not 0 <= self.ratio_bound <= 1 or not 0 <= self.lid_margin < 1:
             raise ValueError(f"config {config.name!r}: need grid_step >= 1, ring_scale > 1, 0 <= ratio_bound <= 1, "
                              "0 <= lid_margin < 1")
@@ -403,8 +417,21 @@ class DenseMeshWarp(nn.Module):
         src = _mesh(source_mesh, "source_mesh")
         init = src if initial_mesh is None else _mesh(initial_mesh, "initial_mesh")
         size = (int(source.shape[-2]), int(source.shape[-1]))
-        triangles = Delaunay(src[:M.NUM_MESH]).simplices
-        maps = local_maps(src, init, triangles)
+        face = self.source_geometry(size, src)
+        initial_luma = None if initial_frame is None else _luma(initial_frame.float())
+        return DenseState(size, src, init, local_maps(src, init, face.triangles), face.anchors, face.grid,
+                          face.grid_shape, face.inside, face.taper, face.face_mask.to(source.device), source.float(),
+                          initial_luma, face.barycentric, face.motion_weights)
+
+    def source_geometry(self, size: tuple[int, int], source_mesh: np.ndarray) -> "SourceGeometry":
+        """What `prepare` computes from the source mesh alone (triangulation, grid weights, masks; about 15 ms),
+        kept for the last source mesh: the engine has it made while the clip's onset mesh is still being found."""
+        src = _mesh(source_mesh, "source_mesh")
+        key = (tuple(size), src.tobytes())
+        cached = self._geometry
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        delaunay = Delaunay(src[:M.NUM_MESH])
         oval = src[list(M.FACE_OVAL)]
         centre = oval.mean(0)
         ring = centre + (oval - centre) * self.ring_scale
@@ -419,19 +446,10 @@ class DenseMeshWarp(nn.Module):
         ys = np.linspace(0, height - 1, (height - 1) // self.grid_step + 1)
         xs = np.linspace(0, width - 1, (width - 1) // self.grid_step + 1)
         grid = np.stack(np.meshgrid(xs, ys), -1).reshape(-1, 2)
-        delaunay = Delaunay(src[:M.NUM_MESH])
-        simplex = delaunay.find_simplex(grid)
-        inside = simplex >= 0
-        vertices = np.full((len(grid), 3), -1)
-        weights = np.zeros((len(grid), 3))
-        vertices[inside] = delaunay.simplices[simplex[inside]]
-        affine = delaunay.transform[simplex[inside]]  # n x 3 x 2
-        bary = np.einsum("nij,nj->ni", affine[:, :2], grid[inside] - affine[:, 2])
-        weights[inside] = np.concatenate([bary, 1 - bary.sum(1, keepdims=True)], 1)
         shape = (len(ys), len(xs))
-        rows = np.repeat(np.flatnonzero(inside), 3)
-        barycentric = csr_matrix((weights[inside].ravel(), (rows, vertices[inside].ravel())),
-                                 shape=(len(grid), len(src)))  # G x V
+        barycentric = _barycentric_matrix(delaunay, grid)  # G x 468
+        barycentric.resize(len(grid), len(src))  # G x V (the irises hold no grid point)
+        inside = np.diff(barycentric.indptr) > 0
         # motion tapers to 0 at the picture's edge (smoothstep over BORDER_TAPER of its size): the border holds
         # still and nothing is sampled from outside the picture, however tightly the face is framed
         ramp = max(BORDER_TAPER * max(size), 1.0)
@@ -444,15 +462,15 @@ class DenseMeshWarp(nn.Module):
         radius = PERIOCULAR_TIP * float(M.inter_ocular(src))
         circle = radius * np.stack([np.cos(np.linspace(0, 2 * np.pi, 24)), np.sin(np.linspace(0, 2 * np.pi, 24))], 1)
         lids = [_eye_polygon(src, u, l) for u, l, _ in PERIOCULAR] + [src[u[0]] + circle for u, _, _ in PERIOCULAR]
-        face = _fill([oval], size) * (1 - _fill(lids, size))
-        face_mask = torch.from_numpy(face)[None, None].to(source.device)
+        face_mask = torch.from_numpy(_fill([oval], size) * (1 - _fill(lids, size)))[None, None]
         face_mask = _blur(face_mask, 2.0)
         face_mask = F.interpolate(face_mask, size=shape, mode="area") if self.grid_step > 1 else face_mask
-        initial_luma = None if initial_frame is None else _luma(initial_frame.float())
         anchors = np.concatenate([ring, border])
-        return DenseState(size, src, init, maps, anchors, grid, shape, vertices, weights, taper, face_mask,
-                          source.float(), initial_luma, barycentric, _barycentric_matrix(
-                              np.concatenate([src[:M.NUM_MESH], anchors]), grid))
+        motion_weights = _barycentric_matrix(Delaunay(np.concatenate([src[:M.NUM_MESH], anchors])), grid)
+        face = SourceGeometry(delaunay.simplices, anchors, grid, shape, inside, taper, face_mask, barycentric,
+                              motion_weights)
+        self._geometry = (key, face)
+        return face
 
     # ---- per batch --------------------------------------------------------------------------------------
     @staticmethod
@@ -488,18 +506,17 @@ class DenseMeshWarp(nn.Module):
         if state.initial_luma is None:
             raise ValueError("appearance_ratios needs the onset frame: prepare(..., initial_frame=...)")
         frames = len(driving)
-        inside = state.grid_vertices[:, 0] >= 0
+        inside = state.inside
         drv = np.asarray(driving_mesh, np.float64)
         # where each source grid point is in frame t and in the onset frame: the same barycentric weights in the
         # same triangles (a sparse G x V matrix times the meshes), the grid itself outside the mesh
+        outside = np.where(inside[:, None], 0.0, state.grid)  # G x 2
         at_t = (state.barycentric @ drv.transpose(1, 0, 2).reshape(len(state.source_mesh), -1)).reshape(-1, frames, 2)
-        at_t = at_t.transpose(1, 0, 2)  # T x G x 2
-        at_0 = state.barycentric @ state.initial_mesh  # G x 2
-        at_t[:, ~inside] = state.grid[~inside]
-        at_0[~inside] = state.grid[~inside]
+        at_t = torch.from_numpy(at_t).float().transpose(0, 1) + torch.from_numpy(outside).float()  # T x G x 2
+        at_0 = torch.from_numpy(state.barycentric @ state.initial_mesh + outside).float()  # G x 2
         h, wd = state.grid_shape
-        grid_t = _to_grid(torch.from_numpy(at_t).float(), state.size).view(frames, h, wd, 2).to(driving.device)
-        grid_0 = _to_grid(torch.from_numpy(at_0).float(), state.size).view(1, h, wd, 2).to(driving.device)
+        grid_t = _to_grid(at_t, state.size).view(frames, h, wd, 2).to(driving.device)
+        grid_0 = _to_grid(at_0, state.size).view(1, h, wd, 2).to(driving.device)
         sigma = self.ratio_blur / self.grid_step  # blurred on the grid (grid_step px apart)
         aligned = _blur(F.grid_sample(_luma(driving.float()), grid_t, mode="bilinear", padding_mode="border",
                                       align_corners=False), sigma)  # T x 1 x h x w
@@ -513,9 +530,9 @@ class DenseMeshWarp(nn.Module):
             log_ratio = log_ratio - log_ratio.flatten(1)[:, weights].median(1).values.view(-1, 1, 1, 1)
         # where the driving face has drifted past its frame's border, the frame holds no skin to compare: no ratio
         height, width = state.size
-        seen = ((at_t >= 0) & (at_t <= [width - 1, height - 1])).all(-1)  # T x G
+        seen = ((at_t >= 0) & (at_t <= at_t.new_tensor([width - 1, height - 1]))).all(-1)  # T x G
         if not seen.all():
-            mask = mask * torch.from_numpy(seen).view(frames, 1, h, wd).to(log_ratio)
+            mask = mask * seen.view(frames, 1, h, wd).to(log_ratio)
         log_ratio = (magnify * log_ratio * mask).clamp(-self.ratio_bound, self.ratio_bound)
         return torch.exp(log_ratio)  # the renderer samples it where the skin comes from (bilinear, corner to corner)
 
@@ -656,6 +673,10 @@ class DenseClip(ClipRunner):
         super().__init__(model, source, first_frame, source_points, first_points, settings, to_tensor, stage)
         with self.stage("generator"):
             self.state = model.prepare(source.float(), source_points[0], first_points[0], first_frame.float())
+
+    @classmethod
+    def prepare_source(cls, model, source, source_points):
+        model.source_geometry(source.shape[:2], source_points[0])
 
     def __call__(self, frames, points):
         with self.stage("generator"):
