@@ -118,6 +118,15 @@ def test_eyes_are_refined_again_only_where_they_may_have_changed(monkeypatch):
         assert aperture.max() < 0.05 * M.eye_aperture(every).mean(), name
 
 
+def test_blur_is_the_same_on_every_device():
+    """The CPU's blur (OpenCV) and the one other devices run (shifted copies) give the same values."""
+    from mefacial.models.dense import _blur, _blur_shifted
+
+    images = torch.rand(3, 2, 40, 57)
+    for sigma in (0.6, 1.25, 2.0):
+        assert torch.allclose(_blur(images, sigma), _blur_shifted(images, sigma), atol=1e-6)
+
+
 def test_iris_model_is_fetched_once_checked_and_kept(tmp_path, monkeypatch):
     """The iris model comes from the mediapipe wheel through pip (here from a local folder of wheels standing in
     for PyPI), is checked against its sha256, kept in the cache and not fetched again; without an index the error
