@@ -478,7 +478,10 @@ class Engine:
         if threads > 1:
             torch.set_num_threads(threads - 1)
         try:
-            pending = [pool.submit(track, prepared.frames[i:i + chunk]) for i in range(0, len(frames), chunk)]
+            # the first chunk fills the smoothing window, so the first frames' meshes are final with it
+            first = min(len(frames), max(chunk, smoother.window if smoother is not None else chunk))
+            starts = [0, *range(first, len(frames), chunk)]
+            pending = [pool.submit(track, prepared.frames[i:j]) for i, j in zip(starts, [*starts[1:], len(frames)])]
             if meanwhile is not None:
                 meanwhile(meshes["source"])
             for future in pending:

@@ -89,43 +89,45 @@ HEAD_ZOOM = 0.05  # the soft bound of the head's change of scale carried over (l
 SUPERSAMPLE = 4  # eye-opening masks are drawn at 4x and averaged (anti-aliased edges)
 
 
+@dataclasses.dataclass(frozen=True)
+class SourceGeometry:
+    """What a `DenseState` holds that depends on the source mesh (and the picture's size) alone."""
+
+    triangles: np.ndarray  # K x 3: Delaunay triangles of the source mesh
+    anchors: np.ndarray  # A x 2: still points (ring around the face, picture border)
+    grid: np.ndarray  # G x 2: the coarse grid (pixels)
+    grid_shape: tuple[int, int]  # h x w = G
+    inside: np.ndarray  # G bool: grid points inside the source mesh
+    outside: np.ndarray  # G x 2 float32: the grid points outside the mesh in grid_sample units, 0 inside it
+    taper: np.ndarray  # G: motion weight, 0 on the picture's edge
+    face_mask: torch.Tensor  # 1 x 1 x h x w on the grid (CPU): where ratio images apply (face, eye openings left out)
+    face_points: torch.Tensor  # n: flat grid indices where face_mask > 0.5 (the ratio images' median)
+    barycentric: Any  # G x V sparse float32 (scipy CSR): grid points as barycentric combinations of mesh vertices
+    motion_weights: Any  # G x (468 + A) sparse (scipy CSR): grid points in the triangles of the mesh + still anchors
+
+
 @dataclasses.dataclass
 class DenseState:
-    """What `prepare` computes once per (source, clip): meshes, triangles, local maps, grid weights, masks."""
+    """What `prepare` computes once per (source, clip): meshes, local maps, and the source's geometry (whose
+    fields it answers for: `state.grid` is `state.geometry.grid`)."""
 
     size: tuple[int, int]  # H, W
     source_mesh: np.ndarray  # V x 2 float64
     initial_mesh: np.ndarray  # V x 2
     maps: np.ndarray  # V x 2 x 2: driving motion -> target motion, per vertex
-    anchors: np.ndarray  # A x 2: still points (ring around the face, picture border)
-    grid: np.ndarray  # G x 2: the coarse grid (pixels)
-    grid_shape: tuple[int, int]
-    inside: np.ndarray  # G bool: grid points inside the source mesh
-    taper: np.ndarray  # G: motion weight, 0 on the picture's edge
-    face_mask: torch.Tensor  # 1 x 1 x h x w on the grid: where ratio images apply (face, eye openings left out)
+    geometry: SourceGeometry
+    face_mask: torch.Tensor  # the geometry's, on the source's device
     source: torch.Tensor  # 1 x 3 x H x W
     initial_luma: torch.Tensor | None  # 1 x 1 x H x W
-    barycentric: Any  # G x V sparse (scipy CSR): grid points as barycentric combinations of mesh vertices
-    motion_weights: Any  # G x (468 + A) sparse (scipy CSR): grid points in the triangles of the mesh + still anchors
     # made on first use, then reused by every batch
     pixels: torch.Tensor | None = None  # H x W x 2: pixel centres (x, y)
     pixel_grid: torch.Tensor | None = None  # H x W x 2: the same in grid_sample coordinates
     onset_luma: torch.Tensor | None = None  # 1 x 1 x h x w: the onset frame's luminance on the grid, blurred
 
-
-@dataclasses.dataclass(frozen=True)
-class SourceGeometry:
-    """The part of a `DenseState` that depends on the source mesh (and the picture's size) alone."""
-
-    triangles: np.ndarray  # K x 3: Delaunay triangles of the source mesh
-    anchors: np.ndarray
-    grid: np.ndarray
-    grid_shape: tuple[int, int]
-    inside: np.ndarray
-    taper: np.ndarray
-    face_mask: torch.Tensor  # on the CPU
-    barycentric: Any
-    motion_weights: Any
+    def __getattr__(self, name: str) -> Any:
+        if name == "geometry":  # not set yet (copying)
+            raise AttributeError(name)
+        return getattr(self.geometry, name)
 
 
 LUMA = (0.299, 0.587, 0.114)  # BT.601 luminance weights of R, G, B
@@ -179,6 +181,17 @@ def _to_grid(points: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Pixel (x, y) -> grid_sample coordinates (align_corners=False): ... x 2 -> ... x 2."""
     height, width = size
     return (2 * points + 1) / points.new_tensor([width, height]) - 1
+
+
+def _grid_in(state: "DenseState", meshes: np.ndarray) -> torch.Tensor:
+    """Where each grid point of the source is in frames with the given meshes (T x V x 2 float32 pixels): the same
+    barycentric weights in the same triangles (one sparse product), the grid itself outside the mesh; T x h x w x 2
+    in grid_sample coordinates (align_corners=False)."""
+    frames, (h, w), (height, width) = len(meshes), state.grid_shape, state.size
+    units = (2 * meshes + 1) / np.array([width, height], np.float32) - 1  # T x V x 2 (affine: weights sum to 1)
+    at = (state.barycentric @ units.transpose(1, 0, 2).reshape(meshes.shape[1], -1)).reshape(-1, frames, 2)
+    at += state.outside[:, None]
+    return torch.from_numpy(np.ascontiguousarray(at.transpose(1, 0, 2))).view(frames, h, w, 2)
 
 
 def _similarity(source: np.ndarray, initial: np.ndarray) -> np.ndarray:
@@ -435,9 +448,8 @@ class DenseMeshWarp(nn.Module):
         size = (int(source.shape[-2]), int(source.shape[-1]))
         face = self.source_geometry(size, src)
         initial_luma = None if initial_frame is None else _luma(initial_frame.float())
-        return DenseState(size, src, init, local_maps(src, init, face.triangles), face.anchors, face.grid,
-                          face.grid_shape, face.inside, face.taper, face.face_mask.to(source.device), source.float(),
-                          initial_luma, face.barycentric, face.motion_weights)
+        return DenseState(size, src, init, local_maps(src, init, face.triangles), face, face.face_mask.to(source.device),
+                          source.float(), initial_luma)
 
     def source_geometry(self, size: tuple[int, int], source_mesh: np.ndarray) -> "SourceGeometry":
         """What `prepare` computes from the source mesh alone (triangulation, grid weights, masks; about 15 ms),
@@ -463,9 +475,10 @@ class DenseMeshWarp(nn.Module):
         xs = np.linspace(0, width - 1, (width - 1) // self.grid_step + 1)
         grid = np.stack(np.meshgrid(xs, ys), -1).reshape(-1, 2)
         shape = (len(ys), len(xs))
-        barycentric = _barycentric_matrix(delaunay, grid)  # G x 468
+        barycentric = _barycentric_matrix(delaunay, grid).astype(np.float32)  # G x 468
         barycentric.resize(len(grid), len(src))  # G x V (the irises hold no grid point)
         inside = np.diff(barycentric.indptr) > 0
+        outside = np.where(inside[:, None], 0, (2 * grid + 1) / [width, height] - 1).astype(np.float32)
         # motion tapers to 0 at the picture's edge (smoothstep over BORDER_TAPER of its size): the border holds
         # still and nothing is sampled from outside the picture, however tightly the face is framed
         ramp = max(BORDER_TAPER * max(size), 1.0)
@@ -483,8 +496,8 @@ class DenseMeshWarp(nn.Module):
         face_mask = F.interpolate(face_mask, size=shape, mode="area") if self.grid_step > 1 else face_mask
         anchors = np.concatenate([ring, border])
         motion_weights = _barycentric_matrix(Delaunay(np.concatenate([src[:M.NUM_MESH], anchors])), grid)
-        face = SourceGeometry(delaunay.simplices, anchors, grid, shape, inside, taper, face_mask, barycentric,
-                              motion_weights)
+        face = SourceGeometry(delaunay.simplices, anchors, grid, shape, inside, outside, taper, face_mask,
+                              (face_mask.flatten() > 0.5).nonzero()[:, 0], barycentric, motion_weights)
         self._geometry = (key, face)
         return face
 
@@ -521,35 +534,27 @@ class DenseMeshWarp(nn.Module):
         (`luminance`); driving_mesh T x V x 2."""
         if state.initial_luma is None:
             raise ValueError("appearance_ratios needs the onset frame: prepare(..., initial_frame=...)")
-        frames = len(driving)
-        inside = state.inside
-        drv = np.asarray(driving_mesh, np.float64)
-        # where each source grid point is in frame t and in the onset frame: the same barycentric weights in the
-        # same triangles (a sparse G x V matrix times the meshes), the grid itself outside the mesh
-        outside = np.where(inside[:, None], 0.0, state.grid)  # G x 2
-        at_t = (state.barycentric @ drv.transpose(1, 0, 2).reshape(len(state.source_mesh), -1)).reshape(-1, frames, 2)
-        at_t = torch.from_numpy(np.ascontiguousarray((at_t + outside[:, None]).transpose(1, 0, 2), np.float32))  # T x G x 2
-        at_0 = torch.from_numpy(state.barycentric @ state.initial_mesh + outside).float()  # G x 2
-        h, wd = state.grid_shape
-        grid_t = _to_grid(at_t, state.size).view(frames, h, wd, 2).to(driving.device)
-        grid_0 = _to_grid(at_0, state.size).view(1, h, wd, 2).to(driving.device)
+        frames, (h, wd), (height, width) = len(driving), state.grid_shape, state.size
+        drv = np.asarray(driving_mesh, np.float32)
         sigma = self.ratio_blur / self.grid_step  # blurred on the grid (grid_step px apart)
-        aligned = _blur(F.grid_sample(_luma(driving.float()), grid_t, mode="bilinear", padding_mode="border",
-                                      align_corners=False), sigma)  # T x 1 x h x w
+        at = _grid_in(state, drv)  # T x h x w x 2
+        aligned = _blur(F.grid_sample(_luma(driving.float()), at.to(driving.device), mode="bilinear",
+                                      padding_mode="border", align_corners=False), sigma)  # T x 1 x h x w
         if state.onset_luma is None:
-            state.onset_luma = _blur(F.grid_sample(state.initial_luma, grid_0, mode="bilinear", padding_mode="border",
+            at_0 = _grid_in(state, state.initial_mesh[None].astype(np.float32)).to(driving.device)
+            state.onset_luma = _blur(F.grid_sample(state.initial_luma, at_0, mode="bilinear", padding_mode="border",
                                                    align_corners=False), sigma)
         log_ratio = torch.log((aligned + RATIO_EPS) / (state.onset_luma + RATIO_EPS))  # T x 1 x h x w
         mask = state.face_mask
-        weights = (mask > 0.5).flatten()
-        if weights.any():  # no global brightness change: the face's median ratio is 1
-            log_ratio = log_ratio - log_ratio.flatten(1)[:, weights].median(1).values.view(-1, 1, 1, 1)
+        face = state.face_points
+        if len(face):  # no global brightness change: the face's median ratio is 1
+            log_ratio = log_ratio - log_ratio.flatten(1).index_select(1, face.to(log_ratio.device)).median(1).values.view(
+                -1, 1, 1, 1)
         # where the driving face has drifted past its frame's border, the frame holds no skin to compare: no ratio
-        height, width = state.size
-        last = at_t.new_tensor([width - 1, height - 1])
-        if at_t.amin() < 0 or (at_t.amax(dim=(0, 1)) > last).any():
-            seen = ((at_t >= 0) & (at_t <= last)).all(-1)  # T x G
-            mask = mask * seen.view(frames, 1, h, wd).to(log_ratio)
+        mesh = drv[:, :M.NUM_MESH]  # the triangles' corners: grid points lie between them
+        if (mesh < 0).any() or (mesh > [width - 1, height - 1]).any():
+            seen = (at.abs() <= 1 - 1 / at.new_tensor([width, height])).all(-1)  # T x h x w (pixel centres' range)
+            mask = mask * seen[:, None].to(log_ratio)
         log_ratio = (magnify * log_ratio * mask).clamp(-self.ratio_bound, self.ratio_bound)
         return torch.exp(log_ratio)  # the renderer samples it where the skin comes from (bilinear, corner to corner)
 
