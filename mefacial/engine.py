@@ -458,8 +458,6 @@ class Engine:
         from threadpoolctl import threadpool_limits
 
         meshes, frames = prepared.meshes, prepared.driving
-        if "source" not in meshes:
-            meshes["source"] = self._source_mesh(prepared)
         tracker = MeshTracker(landmarks=prepared.faces.get("driving"), role="driving")
         smooth = prepared.options.smooth and len(frames) >= 3
         smoother = StreamingSmoother(smoothing_window(prepared.fps)) if smooth else None
@@ -482,6 +480,8 @@ class Engine:
             first = min(len(frames), max(chunk, smoother.window if smoother is not None else chunk))
             starts = [0, *range(first, len(frames), chunk)]
             pending = [pool.submit(track, prepared.frames[i:j]) for i, j in zip(starts, [*starts[1:], len(frames)])]
+            if "source" not in meshes:  # (its own interpreters: alongside the tracker)
+                meshes["source"] = self._source_mesh(prepared)
             if meanwhile is not None:
                 meanwhile(meshes["source"])
             for future in pending:

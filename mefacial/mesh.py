@@ -29,8 +29,8 @@ video) are shrunk for the clip (area-averaged) so the models' crops do not alias
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import functools
 import hashlib
 import os
 import subprocess
@@ -39,6 +39,7 @@ import tempfile
 import threading
 import zipfile
 from pathlib import Path
+from typing import Iterator, NamedTuple
 
 import numpy as np
 
@@ -188,7 +189,7 @@ def iris_model(sha256: str = IRIS_SHA256) -> Path:
 
 
 class _Runner:
-    """One LiteRT interpreter per model; calls are serialised (an interpreter is not thread-safe)."""
+    """One LiteRT interpreter of one model, used by one thread at a time (`_models`)."""
 
     def __init__(self, path: Path):
         try:
@@ -204,20 +205,39 @@ class _Runner:
         self.interpreter.allocate_tensors()
         self.input = self.interpreter.get_input_details()[0]["index"]
         self.outputs = [d["index"] for d in self.interpreter.get_output_details()]
-        self.lock = threading.Lock()
 
     def __call__(self, image: np.ndarray) -> list[np.ndarray]:
         """h x w x 3 float32 in [0, 1] -> the model's outputs, flattened."""
-        with self.lock:
-            self.interpreter.set_tensor(self.input, image[None])
-            self.interpreter.invoke()
-            return [self.interpreter.get_tensor(i).ravel().copy() for i in self.outputs]
+        self.interpreter.set_tensor(self.input, image[None])
+        self.interpreter.invoke()
+        return [self.interpreter.get_tensor(i).ravel().copy() for i in self.outputs]
 
 
-@functools.lru_cache(maxsize=None)
-def _runners(pid: int) -> tuple[_Runner, _Runner]:
-    """The face and iris interpreters of this process (built again in a forked child)."""
-    return _Runner(FACE_MODEL), _Runner(iris_model())
+class _Models(NamedTuple):
+    face: _Runner
+    iris: _Runner
+
+
+_IDLE_MODELS: dict[int, list[_Models]] = {}  # per process (a forked child builds its own): interpreters not in use
+_IDLE_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _models() -> Iterator[_Models]:
+    """The face and iris interpreters for one caller at a time (an interpreter is not thread-safe): an idle pair
+    of this process, or a new one; given back afterwards. Tracking a clip and fitting the source's mesh at once
+    (or two requests of the app) each get their own."""
+    pid = os.getpid()
+    with _IDLE_LOCK:
+        idle = _IDLE_MODELS.setdefault(pid, [])
+        models = idle.pop() if idle else None
+    if models is None:
+        models = _Models(_Runner(FACE_MODEL), _Runner(iris_model()))
+    try:
+        yield models
+    finally:
+        with _IDLE_LOCK:
+            _IDLE_MODELS[pid].append(models)
 
 
 def _crop_transform(centre: np.ndarray, size: float, angle: float, out: int) -> np.ndarray:
@@ -255,12 +275,11 @@ def _box_of(points: np.ndarray, scale: float = ROI_SCALE) -> tuple[np.ndarray, f
     return centre, float(max(high - low) * scale), angle
 
 
-def _fit_face(frame: np.ndarray, box: tuple[np.ndarray, float, float]) -> tuple[np.ndarray, float]:
+def _fit_face(frame: np.ndarray, box: tuple[np.ndarray, float, float], models: _Models) -> tuple[np.ndarray, float]:
     """468 mesh points (468 x 2 image pixels) in the box, and the face-presence probability."""
     centre, size, angle = box
     transform = _crop_transform(centre, size, angle, FACE_INPUT)
-    face, _ = _runners(os.getpid())
-    raw, flag = face(_cut(frame, transform, FACE_INPUT))
+    raw, flag = models.face(_cut(frame, transform, FACE_INPUT))
     points = _to_image(raw.reshape(NUM_MESH, 3)[:, :2].astype(np.float64), transform, FACE_INPUT)
     return points, float(1.0 / (1.0 + np.exp(-flag[0])))
 
@@ -276,7 +295,7 @@ class _EyeReading:
     age: int = 0
 
 
-def _refine_eyes(frame: np.ndarray, mesh: np.ndarray, readings: list | None = None) -> np.ndarray:
+def _refine_eyes(frame: np.ndarray, mesh: np.ndarray, models: _Models, readings: list | None = None) -> np.ndarray:
     """The 468 points with the iris model's eye contours, and the 10 iris points appended: 478 x 2.
 
     `readings` (per eye, None at first; updated): the last reading of each eye in a tracked clip, reused where
@@ -298,7 +317,7 @@ def _refine_eyes(frame: np.ndarray, mesh: np.ndarray, readings: list | None = No
         transform = _crop_transform((mesh[a] + mesh[b]) / 2, float(np.linalg.norm(axis)) * IRIS_ROI_SCALE,
                                     float(np.arctan2(axis[1], axis[0])), IRIS_INPUT)
         flip = eye == 1  # the model is trained on the person's right eye; the left eye is mirrored
-        contours, iris = _runners(os.getpid())[1](_cut(frame, transform, IRIS_INPUT, flip))
+        contours, iris = models.iris(_cut(frame, transform, IRIS_INPUT, flip))
         out[contour] = _to_image(contours.reshape(71, 3)[:, :2].astype(np.float64), transform, IRIS_INPUT, flip)
         out[irises] = _to_image(iris.reshape(5, 3)[:, :2].astype(np.float64), transform, IRIS_INPUT, flip)
         if readings is not None:
@@ -314,7 +333,7 @@ def _roi_of_landmarks(points: np.ndarray) -> tuple[np.ndarray, float, float]:
     return (low + high) / 2 - [0, 0.1 * (high - low)[1]], float(max(high - low)) * ROI_SCALE, angle
 
 
-def _initial_box(frame: np.ndarray, box, landmarks=None) -> tuple[np.ndarray, float, float] | None:
+def _initial_box(frame: np.ndarray, box, landmarks, models: _Models) -> tuple[np.ndarray, float, float] | None:
     """A region of interest for the first frame: from `box` (x0, y0, x1, y1) or the face's 68 `landmarks` when
     given, else (or when the mesh finds no face there) from dlib's face search, else the whole picture (a face
     crop); None when no face."""
@@ -339,7 +358,7 @@ def _initial_box(frame: np.ndarray, box, landmarks=None) -> tuple[np.ndarray, fl
         yield np.array([width / 2, height / 2]), float(max(width, height)), 0.0  # a face crop
 
     for candidate in candidates():
-        mesh, presence = _fit_face(frame, candidate)
+        mesh, presence = _fit_face(frame, candidate, models)
         if presence >= PRESENCE_THRESHOLD:
             return _box_of(mesh)
     return None
@@ -392,9 +411,13 @@ class MeshTracker:
         """N x H x W x 3 uint8 -> N x 478 x 2 float32 meshes, tracking on from the previous chunk. `count`: the
         clip's length, for error messages (unknown while streaming)."""
         frames = _checked(frames)
+        with _models() as models:
+            return self._track(frames, count, models)
+
+    def _track(self, frames: np.ndarray, count: int | None, models: _Models) -> np.ndarray:
         out = np.full((len(frames), NUM_VERTICES, 2), np.nan, np.float32)
         if self.roi is None and self.seen == 0:
-            self.roi = _initial_box(frames[0], self.box, self.landmarks)
+            self.roi = _initial_box(frames[0], self.box, self.landmarks, models)
             if self.roi is None:
                 if self.allow_missing:
                     self.seen += len(frames)  # no face on the onset frame: none is tracked
@@ -409,11 +432,11 @@ class MeshTracker:
         roi = self.roi
         for index, frame in enumerate(frames):
             frame = _shrunk(frame, self.scale)
-            mesh, presence = _fit_face(frame, roi)
+            mesh, presence = _fit_face(frame, roi, models)
             previous = out[index - 1] if index > 0 else self.previous
             if presence < PRESENCE_THRESHOLD and previous is not None and np.isfinite(previous[0, 0]):
                 roi = _box_of(previous.astype(np.float64))  # the head moved: the previous frame's box
-                mesh, presence = _fit_face(frame, roi)
+                mesh, presence = _fit_face(frame, roi, models)
             if presence < PRESENCE_THRESHOLD:
                 if not self.allow_missing:
                     raise _no_face(self.seen + index, count, frames.shape, self.role)
@@ -422,7 +445,7 @@ class MeshTracker:
             centre, size, _ = _box_of(mesh)
             if np.linalg.norm(centre - roi[0]) > RETRACK_SHIFT * roi[1]:
                 roi = _box_of(mesh)  # follow a moving head from the next frame on
-            out[index] = (_refine_eyes(frame, mesh, self.eyes) if self.refine_eyes
+            out[index] = (_refine_eyes(frame, mesh, models, self.eyes) if self.refine_eyes
                           else np.concatenate([mesh, np.full((10, 2), np.nan)]))
         self.roi, self.previous = roi, out[-1].copy()
         self.seen += len(frames)
