@@ -58,15 +58,19 @@ class RegionMotion:
         return {r: float(self.magnitude[:, k].max()) for k, r in enumerate(self.regions)}
 
 
-def fit_similarity(src: np.ndarray, dst: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
-    """Least-squares similarity (scale, 2 x 2 rotation, translation) taking src (n x 2) onto dst (Umeyama 1991)."""
-    mu_s, mu_d = src.mean(0), dst.mean(0)
+def fit_similarity(src: np.ndarray, dst: np.ndarray):
+    """Least-squares similarity (scale, 2 x 2 rotation, translation) taking src (n x 2) onto dst (Umeyama 1991).
+    Batched: src ... x n x 2 (dst n x 2 or ... x n x 2) gives scales (...), rotations (... x 2 x 2), shifts (... x 2)."""
+    src, dst = np.asarray(src, np.float64), np.asarray(dst, np.float64)
+    mu_s, mu_d = src.mean(-2, keepdims=True), dst.mean(-2, keepdims=True)
     a, b = src - mu_s, dst - mu_d
-    u, s, vt = np.linalg.svd(b.T @ a)
-    d = np.diag([1.0, np.sign(np.linalg.det(u @ vt))])
-    rotation = u @ d @ vt
-    scale = float((s * np.diag(d)).sum() / max((a ** 2).sum(), 1e-12))
-    return scale, rotation, mu_d - scale * rotation @ mu_s
+    u, s, vt = np.linalg.svd(np.swapaxes(b, -1, -2) @ a)
+    d = np.ones(s.shape)
+    d[..., 1] = np.sign(np.linalg.det(u @ vt))
+    rotation = (u * d[..., None, :]) @ vt
+    scale = (s * d).sum(-1) / np.maximum((a ** 2).sum((-2, -1)), 1e-12)
+    shift = mu_d[..., 0, :] - scale[..., None] * (rotation @ mu_s[..., 0, :, None])[..., 0]
+    return (float(scale), rotation, shift) if src.ndim == 2 else (scale, rotation, shift)
 
 
 def align(points: np.ndarray) -> np.ndarray:

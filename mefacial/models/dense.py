@@ -510,8 +510,9 @@ class DenseMeshWarp(nn.Module):
         driving = np.asarray(driving_mesh, np.float64)  # T x V x 2
         onset, source = state.initial_mesh, state.source_mesh
         stable = list(STABLE_MESH)
-        heads = [fit_similarity(mesh[stable], onset[stable]) for mesh in driving]  # frame t -> onset: the head undone
-        motion = np.stack([scale * mesh @ rotation.T + shift for mesh, (scale, rotation, shift) in zip(driving, heads)])
+        scale, rotation, shift = fit_similarity(driving[:, stable], onset[stable])  # frame t -> onset: the head undone
+        motion = scale[:, None, None] * driving @ np.swapaxes(rotation, 1, 2) + shift[:, None]  # T x V x 2
+        heads = list(zip(scale, rotation, shift))
         target = source + magnify * np.einsum("vij,tvj->tvi", state.maps, motion - onset)
         for upper, lower, _ in EYES:
             rotation, _, _ = _eye_frame(state.source_mesh, upper, lower)
