@@ -424,8 +424,8 @@ class Engine:
                                          "has more")
                     points = prepared.to_model(given, shape[1:], prepared.driving_box)
                 elif _uses_mesh(spec):  # one tracker for the clip: the onset frame's box, carried chunk after chunk
-                    tracker = prepared.meshes.setdefault("tracker", MeshTracker(landmarks=prepared.faces.get("driving"),
-                                                                                  role="driving"))
+                    tracker = prepared.meshes.setdefault("tracker", MeshTracker(
+                        landmarks=prepared.faces.get("driving"), role="driving", hold_eyes=True))
                     points = self._mesh_in_model(prepared, tracker.track(full))
                 else:
                     points = self._detector(prepared.options).detect(model_frames, role="driving").points
@@ -458,7 +458,7 @@ class Engine:
         from threadpoolctl import threadpool_limits
 
         meshes, frames = prepared.meshes, prepared.driving
-        tracker = MeshTracker(landmarks=prepared.faces.get("driving"), role="driving")
+        tracker = MeshTracker(landmarks=prepared.faces.get("driving"), role="driving", hold_eyes=True)
         smooth = prepared.options.smooth and len(frames) >= 3
         smoother = StreamingSmoother(smoothing_window(prepared.fps)) if smooth else None
         seconds: dict[str, float] = {}

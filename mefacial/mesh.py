@@ -61,9 +61,10 @@ IRIS_ROI_SCALE = 2.3  # MediaPipe's eye region: 2.3 x the eye-corner distance, s
 PRESENCE_THRESHOLD = 0.5  # sigmoid of the face-flag output
 RETRACK_SHIFT = 0.08  # a mesh whose centre moved by more than this x the box size gets a new box
 LARGEST_ROI = 2 * FACE_INPUT  # px: a clip whose face box is larger is tracked on frames shrunk to fit it
-# The iris model refines an eye of a tracked frame only where it may read something new: when the face model's
-# points of that eye moved by more than EYE_HOLD x the inter-ocular distance since it last ran there, and at
-# least every EYE_HOLD_FRAMES frames; in between, its last correction rides on the face model's points.
+# Tracking with `hold_eyes` (the generators' tracking, for speed), the iris model refines an eye of a frame only
+# where it may read something new: when the face model's points of that eye moved by more than EYE_HOLD x the
+# inter-ocular distance since it last ran there, and at least every EYE_HOLD_FRAMES frames; in between, its last
+# correction rides on the face model's points. Without it (`detect_mesh`, measurements) every eye of every frame.
 EYE_HOLD = 0.005
 EYE_HOLD_FRAMES = 3
 
@@ -397,9 +398,10 @@ class MeshTracker:
     ones, so a chunked clip gets exactly the meshes of the whole clip (`detect_mesh`)."""
 
     def __init__(self, box=None, *, landmarks=None, refine_eyes: bool = True, allow_missing: bool = False,
-                 role: str = "driving"):
+                 role: str = "driving", hold_eyes: bool = False):
         self.box, self.landmarks, self.refine_eyes, self.allow_missing, self.role = (
             box, landmarks, refine_eyes, allow_missing, role)
+        self.hold_eyes = hold_eyes  # reuse an eye's last iris-model reading while its face-model points stay
         # the tracking state, in pixels of the frames as tracked (shrunk by `scale`)
         self.roi: tuple[np.ndarray, float, float] | None = None  # the region of interest of the next frame
         self.previous: np.ndarray | None = None  # 478 x 2 float32: the last frame's mesh (NaN: no face)
@@ -445,7 +447,7 @@ class MeshTracker:
             centre, size, _ = _box_of(mesh)
             if np.linalg.norm(centre - roi[0]) > RETRACK_SHIFT * roi[1]:
                 roi = _box_of(mesh)  # follow a moving head from the next frame on
-            out[index] = (_refine_eyes(frame, mesh, models, self.eyes) if self.refine_eyes
+            out[index] = (_refine_eyes(frame, mesh, models, self.eyes if self.hold_eyes else None) if self.refine_eyes
                           else np.concatenate([mesh, np.full((10, 2), np.nan)]))
         self.roi, self.previous = roi, out[-1].copy()
         self.seen += len(frames)

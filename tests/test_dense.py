@@ -85,14 +85,14 @@ def test_mesh_finds_the_shared_faces_and_clips_offline(monkeypatch):
 
 
 def test_eyes_are_refined_again_only_where_they_may_have_changed(monkeypatch):
-    """Tracking a clip, the iris model reruns on an eye only when the face model's points of that eye moved (or
-    every EYE_HOLD_FRAMES frames): on the shared clips, including one that narrows its eyes to a squint, far fewer
-    runs, the lids within a fraction of a pixel of refining every eye of every frame after smoothing, and a clip
-    tracked in chunks gets the same meshes as tracked whole."""
+    """Tracking a clip for a generator (`hold_eyes`), the iris model reruns on an eye only when the face model's
+    points of that eye moved (or every EYE_HOLD_FRAMES frames): on the shared clips, including one that narrows
+    its eyes to a squint, far fewer runs, the lids within a fraction of a pixel of `detect_mesh`'s reading of
+    every eye of every frame after smoothing, and a clip tracked in chunks gets the same meshes as tracked whole."""
     from mefacial.landmarks import smooth_tracks
     from mefacial.video import read_clip
 
-    cut, hold = M._cut, M.EYE_HOLD_FRAMES
+    cut = M._cut
     runs = []  # per crop the models get: whether it is an eye's
     monkeypatch.setattr(M, "_cut", lambda frame, transform, out, flip=False: (
         runs.append(out == M.IRIS_INPUT), cut(frame, transform, out, flip))[1])
@@ -102,14 +102,14 @@ def test_eyes_are_refined_again_only_where_they_may_have_changed(monkeypatch):
     others = [i for i in range(M.NUM_MESH) if i not in contours]  # the face model's own points
     for name in ("s3_po_05", "022_3_3", "sub19_EP01_01f"):
         frames = read_clip(require(DATA / "driving" / f"{name}.gif", "shared clip")).frames
-        monkeypatch.setattr(M, "EYE_HOLD_FRAMES", 1)  # every eye of every frame
-        every = M.detect_mesh(frames)
-        monkeypatch.setattr(M, "EYE_HOLD_FRAMES", hold)
         runs.clear()
-        held = M.detect_mesh(frames)
+        every = M.detect_mesh(frames)
+        assert sum(runs) == 2 * len(frames)
+        runs.clear()
+        held = M.MeshTracker(hold_eyes=True).track(frames)
         share = sum(runs) / (2 * len(frames))
-        assert 1 / hold <= share < 0.6, (name, share)
-        tracker = M.MeshTracker()
+        assert 1 / M.EYE_HOLD_FRAMES <= share < 0.6, (name, share)
+        tracker = M.MeshTracker(hold_eyes=True)
         assert np.array_equal(np.concatenate([tracker.track(frames[i:i + 3]) for i in range(0, len(frames), 3)]), held)
         assert np.array_equal(held[:, others], every[:, others])
         error = np.linalg.norm(smooth_tracks(held) - smooth_tracks(every), axis=-1)[:, lids]  # T x lid points, px
