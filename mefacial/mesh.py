@@ -22,8 +22,9 @@ Tracking inside a fixed face box: the face is found once, on the clip's first
 there twice (the second time in the box its first fit gives, as MediaPipe's
 tracker does) and that region of interest is kept for every frame of the clip.
 A frame whose mesh falls out of it (the head moved) gets a box from the
-previous frame's mesh. No per-frame face search: about 4-5 ms per frame on one
-CPU core. Frames whose face box is larger than LARGEST_ROI (high-resolution
+previous frame's mesh. No per-frame face search: about 4.5 ms per frame on one
+CPU core, 3-3.5 where a generator tracks with `hold_eyes` (the iris model reruns on an eye only where the face
+model saw it move, see EYE_HOLD). Frames whose face box is larger than LARGEST_ROI (high-resolution
 video) are shrunk for the clip (area-averaged) so the models' crops do not alias.
 """
 
