@@ -133,6 +133,7 @@ class ClipRun:
         animator: ClipAnimator | None = None
         done = 0
         t0 = time.perf_counter()
+
         def ahead(source_points: np.ndarray) -> None:  # while the clip's onset points are being found
             with engine.inference_context():
                 spec.spec.clip.prepare_source(self.model, prepared.source, source_points)

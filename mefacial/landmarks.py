@@ -331,7 +331,7 @@ def smooth_tracks(tracks: np.ndarray, window: int = SMOOTH_WINDOW, polyorder: in
     if window <= polyorder:
         return tracks.copy()
     # scipy's filter (mode "interp") as weighted sums of frames, each output frame from its own window in a fixed
-    # order: a clip smoothed in chunks (StreamingSmoother) gets the same bits, and short chunks go 50x faster
+    # order: a clip smoothed in chunks (StreamingSmoother) gets the same bits, and short chunks go 8x faster
     weights, half = _savgol_weights(window, polyorder), window // 2  # window x window
     x = tracks.astype(np.float64)
     out = np.empty_like(x)

@@ -535,7 +535,7 @@ class DenseMeshWarp(nn.Module):
         (`luminance`); driving_mesh T x V x 2."""
         if state.initial_luma is None:
             raise ValueError("appearance_ratios needs the onset frame: prepare(..., initial_frame=...)")
-        frames, (h, wd), (height, width) = len(driving), state.grid_shape, state.size
+        height, width = state.size
         drv = np.asarray(driving_mesh, np.float32)
         sigma = self.ratio_blur / self.grid_step  # blurred on the grid (grid_step px apart)
         at = _grid_in(state, drv)  # T x h x w x 2
