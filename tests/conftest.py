@@ -28,6 +28,27 @@ FIXTURES = _shared_path("MEFACIAL_FIXTURES", "../shared/fixtures/reference")
 DATA = _shared_path("MEFACIAL_DATA", "../shared/data/microexpression")
 
 
+def open_files() -> dict[str, str]:
+    """This process's open descriptors and what they point to (a path, "pipe:[...]", "socket:[...]"); empty where
+    /proc is absent (not Linux)."""
+    folder = Path("/proc/self/fd")
+    targets = {}
+    for fd in os.listdir(folder) if folder.is_dir() else []:
+        try:
+            targets[fd] = os.readlink(folder / fd)
+        except OSError:  # closed meanwhile (or the listing's own descriptor)
+            pass
+    return targets
+
+
+def left_open(before: dict[str, str], folder: Path) -> dict[str, str]:
+    """Descriptors opened since `before` (`open_files()`) that a reader of files in `folder` may have left: a file
+    there, or a pipe (ffmpeg's). Other threads of the test process (a server, the face mesh's interpreters
+    opening their model files) may open descriptors meanwhile; those are not the reader's."""
+    return {fd: target for fd, target in open_files().items() if before.get(fd) != target
+            and (target.startswith(str(folder)) or target.startswith("pipe:"))}
+
+
 def require(path: Path, what: str) -> Path:
     """Return `path`, or skip (fail when MEFACIAL_REQUIRE_SHARED=1) if it is absent."""
     if path.exists():

@@ -10,15 +10,13 @@ examples are bounded and derandomized so CI runs the same cases every time.
 from __future__ import annotations
 
 import math
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import DATA, require
+from conftest import DATA, left_open, open_files, require
 from mefacial import video
 from mefacial.errors import MefacialError
 from mefacial.video import Limits
@@ -71,11 +69,6 @@ def mutate(data: bytes, edits: list[tuple[str, float, int]]) -> bytes:
     return bytes(buffer)
 
 
-def open_fds() -> set[str]:
-    folder = Path("/proc/self/fd")
-    return set(os.listdir(folder)) if folder.is_dir() else set()
-
-
 def check_clip(clip: video.Clip) -> None:
     frames = clip.frames
     assert isinstance(frames, np.ndarray) and frames.dtype == np.uint8
@@ -106,10 +99,10 @@ def test_mutated_clips_read_or_raise_typed_errors(seeds, tmp_path, suffix):
         else:
             assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[-1] == 3 and 0 not in image.shape
 
-    fds = open_fds()
+    before = open_files()
     read_mutated()
     assert sum(outcomes.values()) > 0
-    assert open_fds() <= fds, "a refused file was left open (or its ffmpeg pipe)"
+    assert not left_open(before, tmp_path), "a refused file was left open (or its ffmpeg pipe)"
     print(f"{suffix}: {outcomes}")
 
 

@@ -18,7 +18,6 @@ limits (tests/test_video.py); image modes at the reader level (tests/test_video.
 
 from __future__ import annotations
 
-import os
 import tempfile
 from pathlib import Path
 
@@ -28,7 +27,7 @@ import torch
 import yaml
 from PIL import Image
 
-from conftest import DATA, FIXTURES, fixture_meta, require
+from conftest import DATA, FIXTURES, fixture_meta, left_open, open_files, require
 from hostile_files import encode, gif_bomb, png_header_only, png_rgb16
 from mefacial import Engine, video
 from mefacial.landmarks import get_detector
@@ -60,12 +59,6 @@ def driving_gif() -> Path:
     gifs = sorted(require(DATA / "driving", "micro-expression clips").glob("*.gif"))
     assert gifs, "no driving GIFs in the shared data"
     return gifs[0]
-
-
-def open_fds() -> set[str]:
-    """Names of this process's open file descriptors (Linux); empty where /proc is absent."""
-    folder = Path("/proc/self/fd")
-    return set(os.listdir(folder)) if folder.is_dir() else set()
 
 
 def assert_message_helps(err: BaseException) -> None:
@@ -111,13 +104,13 @@ def test_broken_files_raise_their_own_errors_without_leaks(engine, face, tmp_pat
     monkeypatch.setenv("TMPDIR", str(private_tmp))  # for ffmpeg and any other subprocess
     monkeypatch.setattr(tempfile, "tempdir", str(private_tmp))
     engine.animate(face, face[None], variant="warp")  # warm up: the detector's files are read and closed
-    fds = open_fds()
+    before = open_files()
     for role, path, error, words in cases:
         source, driving = (path, mp4) if role == "source" else (face, path)
         with pytest.raises(error, match=words) as caught:
             engine.animate(source, driving, variant="warp")
         assert_message_helps(caught.value)
-    assert open_fds() <= fds, "a refused input left a file open"
+    assert not left_open(before, tmp_path), "a refused input left a file open (or its ffmpeg pipe)"
     assert not list(private_tmp.iterdir()), "a refused input left a temporary file"
 
 
