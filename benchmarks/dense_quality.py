@@ -212,7 +212,7 @@ def transparency(data: Path) -> None:
     from mefacial.config import load_config
     from mefacial.engine import to_tensor, to_uint8
     from mefacial.evaluate import landmark_finder
-    from mefacial.models.dense import EYES, DenseMeshWarp, cover_lids
+    from mefacial.models.dense import EYES, DenseMeshWarp, _barycentric_matrix, cover_lids
     from mefacial.variants import get_variant
     from mefacial.video import read_clip
 
@@ -242,15 +242,10 @@ def transparency(data: Path) -> None:
         unmoved = draw(source[None])
         base68 = landmarks(unmoved[None])[0].astype(np.float64)
         base_mesh = M.detect_mesh(unmoved)[0].astype(np.float64)
-        triangles = Delaunay(source[:M.NUM_MESH])
-        simplex = triangles.find_simplex(base68)
-        affine = triangles.transform[simplex]
-        bary = np.einsum("nij,nj->ni", affine[:, :2], base68 - affine[:, 2])
-        bary = np.concatenate([bary, 1 - bary.sum(1, keepdims=True)], 1)  # 68 x 3
-        corners = triangles.simplices[simplex]  # 68 x 3 mesh vertices
+        at68 = _barycentric_matrix(Delaunay(source[:M.NUM_MESH]), base68)  # 68 x 468: dlib's points in the mesh
         for label, mesh in (("apex", target), ("apex, lids left open", still_lids)):
             frame = draw(mesh)
-            asked68 = base68 + (bary[..., None] * (mesh[0][corners] - source[corners])).sum(1)
+            asked68 = base68 + at68 @ (mesh[0] - source)[:M.NUM_MESH]
             read68 = (landmarks(frame[None])[0] - asked68) / iod
             read_mesh = ((M.detect_mesh(frame)[0] - base_mesh) - (mesh[0] - source))[:M.NUM_MESH] / iod
             print(f"| {clip_path.stem} (frame {apex}) | {label} | {np.abs(read68).mean():.2f} "

@@ -371,6 +371,11 @@ class Engine:
         return found[0][None]  # 1 x 478 x 2
 
     @staticmethod
+    def _driving_tracker(prepared: PreparedClip) -> MeshTracker:
+        """The clip's face-mesh tracker: from the face that placed the onset crop, eyes held between their changes."""
+        return MeshTracker(landmarks=prepared.faces.get("driving"), role="driving", hold_eyes=True)
+
+    @staticmethod
     def _mesh_in_model(prepared: PreparedClip, meshes: np.ndarray) -> np.ndarray:
         """n x 478 x 2 face meshes tracked on the driving frames as read -> pixels of the model frames (they may
         reach past a model frame's border where the face drifted out of the onset frame's box)."""
@@ -425,8 +430,7 @@ class Engine:
                                          "has more")
                     points = prepared.to_model(given, shape[1:], prepared.driving_box)
                 elif _uses_mesh(spec):  # one tracker for the clip: the onset frame's box, carried chunk after chunk
-                    tracker = prepared.meshes.setdefault("tracker", MeshTracker(
-                        landmarks=prepared.faces.get("driving"), role="driving", hold_eyes=True))
+                    tracker = prepared.meshes.setdefault("tracker", self._driving_tracker(prepared))
                     points = self._mesh_in_model(prepared, tracker.track(full))
                 else:
                     points = self._detector(prepared.options).detect(model_frames, role="driving").points
@@ -459,7 +463,7 @@ class Engine:
         from threadpoolctl import threadpool_limits
 
         meshes, frames = prepared.meshes, prepared.driving
-        tracker = MeshTracker(landmarks=prepared.faces.get("driving"), role="driving", hold_eyes=True)
+        tracker = self._driving_tracker(prepared)
         smooth = prepared.options.smooth and len(frames) >= 3
         smoother = StreamingSmoother(smoothing_window(prepared.fps)) if smooth else None
         seconds: dict[str, float] = {}
@@ -478,7 +482,7 @@ class Engine:
             torch.set_num_threads(threads - 1)
         try:
             # the first chunk fills the smoothing window, so the first frames' meshes are final with it
-            first = min(len(frames), max(chunk, smoother.window if smoother is not None else chunk))
+            first = max(chunk, smoother.window) if smoother is not None else chunk
             starts = [0, *range(first, len(frames), chunk)]
             pending = [pool.submit(track, prepared.frames[i:j]) for i, j in zip(starts, [*starts[1:], len(frames)])]
             if "source" not in meshes:  # (its own interpreters: alongside the tracker)

@@ -402,12 +402,12 @@ class MeshTracker:
                  role: str = "driving", hold_eyes: bool = False):
         self.box, self.landmarks, self.refine_eyes, self.allow_missing, self.role = (
             box, landmarks, refine_eyes, allow_missing, role)
-        self.hold_eyes = hold_eyes  # reuse an eye's last iris-model reading while its face-model points stay
         # the tracking state, in pixels of the frames as tracked (shrunk by `scale`)
         self.roi: tuple[np.ndarray, float, float] | None = None  # the region of interest of the next frame
         self.previous: np.ndarray | None = None  # 478 x 2 float32: the last frame's mesh (NaN: no face)
         self.scale = 1.0  # the clip's frames are tracked at this size (set on the onset frame)
-        self.eyes: list[_EyeReading | None] = [None, None]  # the iris model's last reading of each eye
+        # with `hold_eyes`, the iris model's last reading of each eye, reused while its face-model points stay
+        self.eyes: list[_EyeReading | None] | None = [None, None] if hold_eyes else None
         self.seen = 0  # frames tracked so far
 
     def track(self, frames: np.ndarray, count: int | None = None) -> np.ndarray:
@@ -443,12 +443,13 @@ class MeshTracker:
             if presence < PRESENCE_THRESHOLD:
                 if not self.allow_missing:
                     raise _no_face(self.seen + index, count, frames.shape, self.role)
-                self.eyes = [None, None]
+                if self.eyes is not None:  # the readings were of the face before it was lost
+                    self.eyes = [None, None]
                 continue
             centre, size, _ = _box_of(mesh)
             if np.linalg.norm(centre - roi[0]) > RETRACK_SHIFT * roi[1]:
                 roi = _box_of(mesh)  # follow a moving head from the next frame on
-            out[index] = (_refine_eyes(frame, mesh, models, self.eyes if self.hold_eyes else None) if self.refine_eyes
+            out[index] = (_refine_eyes(frame, mesh, models, self.eyes) if self.refine_eyes
                           else np.concatenate([mesh, np.full((10, 2), np.nan)]))
         self.roi, self.previous = roi, out[-1].copy()
         self.seen += len(frames)

@@ -97,13 +97,17 @@ class SourceGeometry:
     anchors: np.ndarray  # A x 2: still points (ring around the face, picture border)
     grid: np.ndarray  # G x 2: the coarse grid (pixels)
     grid_shape: tuple[int, int]  # h x w = G
-    inside: np.ndarray  # G bool: grid points inside the source mesh
     outside: np.ndarray  # G x 2 float32: the grid points outside the mesh in grid_sample units, 0 inside it
     taper: np.ndarray  # G: motion weight, 0 on the picture's edge
     face_mask: torch.Tensor  # 1 x 1 x h x w on the grid (CPU): where ratio images apply (face, eye openings left out)
     face_points: torch.Tensor  # n: flat grid indices where face_mask > 0.5 (the ratio images' median)
     barycentric: Any  # G x V sparse float32 (scipy CSR): grid points as barycentric combinations of mesh vertices
     motion_weights: Any  # G x (468 + A) sparse (scipy CSR): grid points in the triangles of the mesh + still anchors
+
+    @property
+    def inside(self) -> np.ndarray:
+        """G bool: grid points inside the source mesh (their barycentric row holds weights)."""
+        return np.diff(self.barycentric.indptr) > 0
 
 
 @dataclasses.dataclass
@@ -177,18 +181,20 @@ def _blur_shifted(images: torch.Tensor, sigma: float) -> torch.Tensor:
     return sum(float(k) * rows[..., i:i + width] for i, k in enumerate(kernel))
 
 
-def _to_grid(points: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Pixel (x, y) -> grid_sample coordinates (align_corners=False): ... x 2 -> ... x 2."""
+def _to_grid(points, size: tuple[int, int]):
+    """Pixel (x, y) -> grid_sample coordinates (align_corners=False): ... x 2 -> ... x 2 (a tensor or an array)."""
     height, width = size
-    return (2 * points + 1) / points.new_tensor([width, height]) - 1
+    scale = points.new_tensor([width, height]) if isinstance(points, torch.Tensor) else np.array([width, height],
+                                                                                                  points.dtype)
+    return (2 * points + 1) / scale - 1
 
 
 def _grid_in(state: "DenseState", meshes: np.ndarray) -> torch.Tensor:
     """Where each grid point of the source is in frames with the given meshes (T x V x 2 float32 pixels): the same
     barycentric weights in the same triangles (one sparse product), the grid itself outside the mesh; T x h x w x 2
     in grid_sample coordinates (align_corners=False)."""
-    frames, (h, w), (height, width) = len(meshes), state.grid_shape, state.size
-    units = (2 * meshes + 1) / np.array([width, height], np.float32) - 1  # T x V x 2 (affine: weights sum to 1)
+    frames, (h, w) = len(meshes), state.grid_shape
+    units = _to_grid(meshes, state.size)  # T x V x 2 (an affine map: barycentric weights sum to 1)
     at = (state.barycentric @ units.transpose(1, 0, 2).reshape(meshes.shape[1], -1)).reshape(-1, frames, 2)
     at += state.outside[:, None]
     return torch.from_numpy(np.ascontiguousarray(at.transpose(1, 0, 2))).view(frames, h, w, 2)
@@ -477,8 +483,8 @@ class DenseMeshWarp(nn.Module):
         shape = (len(ys), len(xs))
         barycentric = _barycentric_matrix(delaunay, grid).astype(np.float32)  # G x 468
         barycentric.resize(len(grid), len(src))  # G x V (the irises hold no grid point)
-        inside = np.diff(barycentric.indptr) > 0
-        outside = np.where(inside[:, None], 0, (2 * grid + 1) / [width, height] - 1).astype(np.float32)
+        inside = np.diff(barycentric.indptr) > 0  # grid points in a triangle of the mesh
+        outside = np.where(inside[:, None], 0, _to_grid(grid, size)).astype(np.float32)
         # motion tapers to 0 at the picture's edge (smoothstep over BORDER_TAPER of its size): the border holds
         # still and nothing is sampled from outside the picture, however tightly the face is framed
         ramp = max(BORDER_TAPER * max(size), 1.0)
@@ -496,7 +502,7 @@ class DenseMeshWarp(nn.Module):
         face_mask = F.interpolate(face_mask, size=shape, mode="area") if self.grid_step > 1 else face_mask
         anchors = np.concatenate([ring, border])
         motion_weights = _barycentric_matrix(Delaunay(np.concatenate([src[:M.NUM_MESH], anchors])), grid)
-        face = SourceGeometry(delaunay.simplices, anchors, grid, shape, inside, outside, taper, face_mask,
+        face = SourceGeometry(delaunay.simplices, anchors, grid, shape, outside, taper, face_mask,
                               (face_mask.flatten() > 0.5).nonzero()[:, 0], barycentric, motion_weights)
         self._geometry = (key, face)
         return face
