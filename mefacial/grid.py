@@ -28,6 +28,7 @@ from PIL import Image, ImageDraw, ImageFont
 TILE = 256  # default tile side in pixels
 HEADER = 32  # height of the label strip above each column
 MIN_FONT = 10  # labels shrink down to this size before they are cut
+PLAYER_CORNER = 0.2  # x the tile: the last label keeps off the top-right corner, where video players put buttons
 BACKGROUND = (24, 24, 28)
 TEXT = (235, 235, 235)
 PLACEHOLDER = (58, 58, 64)
@@ -99,16 +100,18 @@ def _wrap(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.ImageFont, width
 
 
 def text_tile(text: str, width: int, height: int, background=PLACEHOLDER, color=MUTED_TEXT,
-              font_size: int = 16, center: bool = True) -> np.ndarray:
-    """height x width x 3 uint8 with `text` wrapped and centred (a label strip or a placeholder tile)."""
+              font_size: int = 16, center: bool = True, keep_right: int = 0) -> np.ndarray:
+    """height x width x 3 uint8 with `text` wrapped and centred (a label strip or a placeholder tile), in all but the
+    rightmost `keep_right` pixels."""
     image = Image.new("RGB", (width, height), tuple(background))
     draw = ImageDraw.Draw(image)
     font = _font(font_size)
-    lines = _wrap(draw, text, font, width - 16)
+    room = width - keep_right
+    lines = _wrap(draw, text, font, room - 16)
     while len(lines) * (font_size + 4) > height and font_size > MIN_FONT:  # shrink a label that does not fit
         font_size -= 2
         font = _font(font_size)
-        lines = _wrap(draw, text, font, width - 16)
+        lines = _wrap(draw, text, font, room - 16)
     line_height = font_size + 4
     max_lines = max(1, height // line_height)
     if len(lines) > max_lines:  # too long for the tile: cut and mark the cut
@@ -116,7 +119,7 @@ def text_tile(text: str, width: int, height: int, background=PLACEHOLDER, color=
         lines[-1] = lines[-1][: max(0, len(lines[-1]) - 1)] + "…"
     top = (height - line_height * len(lines)) // 2 if center else 8
     for i, line in enumerate(lines):
-        x = (width - draw.textlength(line, font=font)) / 2
+        x = (room - draw.textlength(line, font=font)) / 2
         draw.text((x, top + i * line_height), line, fill=tuple(color), font=font)
     return np.asarray(image)
 
@@ -164,7 +167,9 @@ def render_grid(columns: list[Column], tile: int = TILE, heatmaps: bool = False,
     grid = np.empty((total, HEADER + rows * tile, len(columns) * tile, 3), dtype=np.uint8)  # T x H x W x 3
     for i, column in enumerate(columns):
         x = slice(i * tile, (i + 1) * tile)
-        grid[:, :HEADER, x] = text_tile(column.label, tile, HEADER, background=BACKGROUND, color=TEXT, font_size=22)
+        corner = round(PLAYER_CORNER * tile) if i == len(columns) - 1 else 0
+        grid[:, :HEADER, x] = text_tile(column.label, tile, HEADER, background=BACKGROUND, color=TEXT, font_size=22,
+                                        keep_right=corner)
         if column.frames is None:  # large text: grids of many columns are shown scaled down
             grid[:, HEADER:HEADER + tile, x] = text_tile(column.reason or "", tile, tile, font_size=20)
             if heatmaps:
