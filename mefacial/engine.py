@@ -32,7 +32,7 @@ from . import video
 from .device import PRECISIONS, check_precision, inference_context, native_bf16, pick_device  # noqa: F401
 from .errors import InputError, InputTooLargeError, MefacialError
 from .landmarks import get_detector, smooth_tracks, smoothing_window
-from .mesh import MeshTracker, detect_mesh
+from .mesh import NUM_VERTICES, MeshTracker, detect_mesh
 from .model_cache import ModelCache
 from .models import au_points, get_backbone
 from .models.blocks import fuse_for_inference
@@ -91,6 +91,22 @@ DEFAULT_VARIANT = "dense"  # the training-free dense face-mesh generator: runs o
 MESH_BACKEND = "mesh (MediaPipe face mesh + iris, LiteRT)"
 
 
+class Lookahead:
+    """A batch's work that needs its points alone (`ClipRunner.plan`), which the mesh tracker's thread does
+    ahead while the caller is busy with earlier batches (`Engine._tracked_chunks`). The caller sets `work` once it
+    can (its runner is made from the clip's first batch) and `waiting` to the batch it waits for, whose work it
+    then does itself (the tracker's thread moves on to tracking)."""
+
+    def __init__(self) -> None:
+        self.work: Callable[[np.ndarray], Any] | None = None
+        self.waiting = -1
+
+    def plan(self, index: int, points: np.ndarray) -> Any:
+        """The work of batch `index`, or None where there is none yet or the caller is waiting for that batch."""
+        work = self.work
+        return work(points) if work is not None and index > self.waiting else None
+
+
 def _uses_mesh(spec: Variant) -> bool:
     """Whether the variant's backbone consumes the 478-point face mesh (mefacial.mesh) rather than 68 landmarks."""
     return spec.spec.points == "mesh"
@@ -138,7 +154,12 @@ class ClipRun:
             with engine.inference_context():
                 spec.spec.clip.prepare_source(self.model, prepared.source, source_points)
 
-        for frames, points in engine._model_chunks(prepared, spec, ahead):
+        def plan(points: np.ndarray) -> Any:  # in the mesh tracker's thread
+            with engine.inference_context():
+                return animator.plan(points)
+
+        lookahead = Lookahead()
+        for frames, points, planned in engine._model_chunks(prepared, spec, batch_size, ahead, lookahead):
             for start in range(0, len(frames), batch_size):
                 batch = slice(start, min(start + batch_size, len(frames)))
                 with engine._memory_errors(spec, batch_size), engine.inference_context():
@@ -149,7 +170,9 @@ class ClipRun:
                                                 motion=options.motion, adapt_scale=options.adapt_scale,
                                                 magnify=options.magnify, confine_to_prior=options.confine)
                         self.prior_map = animator.prior_map
-                    out = to_uint8(animator(frames[batch], None if points is None else points[batch]))
+                        lookahead.work = plan
+                    out = to_uint8(animator(frames[batch], None if points is None else points[batch],
+                                            planned if len(frames) <= batch_size else None))
                 done += len(out)
                 total = prepared.num_frames
                 if total:
@@ -285,17 +308,15 @@ class Engine:
         t0 = time.perf_counter()
         if options.crop:
             report(0.01, "finding the faces")
-            src_face = given_src if given_src is not None and len(given_src) == prior_lib.NUM_LANDMARKS else \
-                self._detector(options).detect(source_image, role="source").points[0]
-            drv_face = given_drv[0] if given_drv is not None and given_drv.shape[1] == prior_lib.NUM_LANDMARKS else \
-                self._detector(options).detect(first[:1], role="driving").points[0]
+            src_face = given_src if given_src is not None and len(given_src) == prior_lib.NUM_LANDMARKS else None
+            drv_face = given_drv[0] if given_drv is not None and given_drv.shape[1] == prior_lib.NUM_LANDMARKS else None
+            src_face, drv_face = self._find_faces(options, source_image, first[0], src_face, drv_face)
             source_box = video.face_box(src_face, source_image.shape, margin=options.margin)
             driving_box = video.face_box(drv_face, first.shape[1:], margin=options.margin)
         prepared = PreparedClip(source_image=source_image, source=np.empty(0, np.uint8), size=size, fps=fps,
-                                options=options, source_box=source_box, driving_box=driving_box, driving=None,
+                                options=options, source_box=source_box, driving_box=driving_box, frames=first,
                                 backend=options.landmarks or self.landmarks, timings=timings)
         prepared.source = prepared.to_model_frames(source_image[None], source_box)[0]
-        prepared.driving = prepared.to_model_frames(first, driving_box)
         if options.crop:
             prepared.faces = {
                 "source": prepared.to_model(np.asarray(src_face, np.float32), source_image.shape, source_box),
@@ -304,11 +325,30 @@ class Engine:
             prepared.given_source = prepared.to_model(given_src, source_image.shape, source_box)[None]  # 1 x P x 2
         if given_drv is not None:
             prepared.given_driving = given_drv if streamed else prepared.to_model(given_drv, first.shape[1:], driving_box)
-        prepared.frames = first
         if streamed:
             prepared.stream = chunks
         timings["landmarks_s"] = time.perf_counter() - t0
         return prepared
+
+    def _find_faces(self, options: AnimateOptions, source: np.ndarray, onset: np.ndarray,
+                    source_face: np.ndarray | None, onset_face: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """The 68 landmarks (68 x 2) of the face in the source picture and in the clip's onset frame, where not
+        given: both searches at once where both are needed (the detectors wait outside the GIL)."""
+        detector = self._detector(options)
+        find = lambda image, role: detector.detect(image, role=role).points[0]  # noqa: E731
+        if source_face is None and onset_face is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(1, thread_name_prefix="source-face") as pool:
+                source_search = pool.submit(find, source, "source")
+                try:
+                    onset_face = find(onset, "driving")
+                except Exception:
+                    source_search.result()  # the source's own error first, where it has one
+                    raise
+                return source_search.result(), onset_face
+        return (find(source, "source") if source_face is None else source_face,
+                find(onset, "driving") if onset_face is None else onset_face)
 
     def _detector(self, options: AnimateOptions):
         return get_detector(options.landmarks or self.landmarks, self.device)
@@ -390,17 +430,20 @@ class Engine:
             return prepared.given_source
         return self._detector(prepared.options).detect(prepared.source, role="source").points[0][None]  # 1 x 68 x 2
 
-    def _model_chunks(self, prepared: PreparedClip, spec: Variant, meanwhile: Callable[[np.ndarray], None] | None = None
-                      ) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
-        """(n x S x S x 3 model frames, n x P x 2 points or None) of the clip, in order: the whole clip at once
-        for an in-memory one, chunk by chunk (landmarks found and smoothed across chunk borders) for a stream.
-        `meanwhile(source_points)` is called where the first chunk's points are found in the background."""
+    def _model_chunks(self, prepared: PreparedClip, spec: Variant, batch: int = TRACK_CHUNK,
+                      meanwhile: Callable[[np.ndarray], None] | None = None, lookahead: Lookahead | None = None
+                      ) -> Iterator[tuple[np.ndarray, np.ndarray | None, Any]]:
+        """(n x S x S x 3 model frames, n x P x 2 points or None, planned) of the clip, in order: the whole clip at
+        once for an in-memory one (or batches of `batch` frames while its face meshes are tracked), chunk by chunk
+        (landmarks found and smoothed across chunk borders) for a stream. `meanwhile(source_points)` is called where
+        the first chunk's points are found in the background; `planned` is the `lookahead`'s work done ahead for
+        the chunk, or None."""
         if not prepared.streamed:
             if _uses_mesh(spec) and "driving" not in prepared.meshes and not _given_meshes(prepared):
-                yield from self._tracked_chunks(prepared, spec, meanwhile=meanwhile)
+                yield from self._tracked_chunks(prepared, spec, batch, meanwhile=meanwhile, lookahead=lookahead)
                 return
             points = self.find_landmarks(prepared, spec)[1] if spec.needs_landmarks else None
-            yield prepared.driving, points
+            yield prepared.driving, points, None
             return
         if prepared.consumed:
             raise InputError("this streamed clip has been run already: prepare it again to run another variant "
@@ -442,68 +485,105 @@ class Engine:
             count = len(pending) if points is None else len(points)
             if count:
                 ready, pending = pending[:count], pending[count:]
-                yield ready, points
+                yield ready, points, None
         if prepared.given_driving is not None and spec.needs_landmarks and seen != len(prepared.given_driving):
             raise InputError(f"driving_landmarks has {len(prepared.given_driving)} frames for a clip of {seen}")
         if smoother is not None:
             points = smoother.finish()
             if len(points):
-                yield pending[:len(points)], points
+                yield pending[:len(points)], points, None
 
-    def _tracked_chunks(self, prepared: PreparedClip, spec: Variant, chunk: int = TRACK_CHUNK,
-                        meanwhile: Callable[[np.ndarray], None] | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """(n x S x S x 3 frames, n x 478 x 2 smoothed meshes) of an in-memory clip whose meshes are not found yet:
-        a worker thread tracks them chunk by chunk (the LiteRT models run outside the GIL) while the caller
-        generates the frames whose smoothed meshes are final, so tracking and rendering share the CPU's cores.
-        The meshes are kept on the clip for every later variant (`find_landmarks` finds them here too, rendering
-        nothing; `MeshTracker` and `StreamingSmoother` equal the whole-clip calls frame for frame). `meanwhile` is
-        called with the source mesh once tracking has started (work that needs no driving mesh)."""
-        from concurrent.futures import ThreadPoolExecutor
+    def _tracked_chunks(self, prepared: PreparedClip, spec: Variant, batch: int = TRACK_CHUNK,
+                        meanwhile: Callable[[np.ndarray], None] | None = None, lookahead: Lookahead | None = None
+                        ) -> Iterator[tuple[np.ndarray, np.ndarray, Any]]:
+        """(n x S x S x 3 model frames, n x 478 x 2 smoothed meshes, planned) of an in-memory clip whose meshes are
+        not found yet, in batches of n <= `batch` frames. A worker thread tracks the meshes TRACK_CHUNK frames at a
+        time (the LiteRT models run outside the GIL), smooths them and hands over each batch whose meshes are
+        final, while the caller generates the batches before it: tracking and rendering share the CPU's cores.
+        For a batch the caller is not yet waiting for, the worker also does the `lookahead`'s work (`planned`, else
+        None); the caller's thread cuts the frames to the model's size while it waits. The meshes and model frames
+        are kept on the clip for every later variant (`find_landmarks` finds them here too, rendering nothing;
+        `MeshTracker` and `StreamingSmoother` equal the whole-clip calls frame for frame). `meanwhile` is called
+        with the source mesh once tracking has started (work that needs no driving mesh)."""
+        import queue
+        import threading
 
         from threadpoolctl import threadpool_limits
 
-        meshes, frames = prepared.meshes, prepared.driving
+        meshes, count = prepared.meshes, len(prepared.frames)
         tracker = self._driving_tracker(prepared)
-        smooth = prepared.options.smooth and len(frames) >= 3
-        smoother = StreamingSmoother(smoothing_window(prepared.fps)) if smooth else None
+        smoother = StreamingSmoother(smoothing_window(prepared.fps)) if prepared.options.smooth and count >= 3 else None
+        lookahead = lookahead or Lookahead()
+        model_frames = np.empty((count, prepared.size, prepared.size, 3), np.uint8)
+        ready: queue.Queue = queue.Queue()  # (first frame, meshes, planned) of each batch, or the worker's error
+        stop = threading.Event()
         seconds: dict[str, float] = {}
 
-        def track(part: np.ndarray) -> np.ndarray:
-            with timer(seconds, "track"):
-                return self._mesh_in_model(prepared, tracker.track(part, len(frames)))
+        def work() -> None:
+            try:
+                # the first chunk fills the smoothing window, so the first frames' meshes are final with it
+                first = max(TRACK_CHUNK, smoother.window) if smoother is not None else TRACK_CHUNK
+                starts = [0, *range(first, count, TRACK_CHUNK)]
+                final, done = np.zeros((0, NUM_VERTICES, 2), np.float32), 0  # final meshes not handed over yet
+                for i, j in zip(starts, [*starts[1:], count]):
+                    if stop.is_set():
+                        return
+                    with timer(seconds, "track"):
+                        found = self._mesh_in_model(prepared, tracker.track(prepared.frames[i:j], count))
+                    if smoother is not None:
+                        found = smoother.push(found) if j < count else np.concatenate([smoother.push(found),
+                                                                                       smoother.finish()])
+                    final = np.concatenate([final, found])
+                    while len(final) >= batch or (j == count and len(final)):
+                        points, final = final[:batch], final[batch:]
+                        ready.put((done, points, lookahead.plan(done // batch, points)))
+                        done += len(points)
+            except BaseException as error:  # noqa: BLE001 - raised again in the caller's thread
+                ready.put(error)
 
-        found, done = [], 0
-        pool = ThreadPoolExecutor(1, thread_name_prefix="mesh")  # one worker: chunks are tracked in order
+        worker = threading.Thread(target=work, name="mesh-tracker", daemon=True)
         # leave the tracker its core: torch's threads wait for each other where one lacks a core, and numpy's BLAS
         # threads spin between calls (measured: 7-12 ms/frame, 6.3 held to one)
         blas = threadpool_limits(limits=1, user_api="blas")
         threads = torch.get_num_threads()
         if threads > 1:
             torch.set_num_threads(threads - 1)
+        found, done, cut = [], 0, 0  # frames handed over, frames cut to the model's size
+
+        def cut_until(end: int) -> None:
+            nonlocal cut
+            if end > cut:
+                model_frames[cut:end] = prepared.driving_part(cut, end)
+                cut = end
+
         try:
-            # the first chunk fills the smoothing window, so the first frames' meshes are final with it
-            first = max(chunk, smoother.window) if smoother is not None else chunk
-            starts = [0, *range(first, len(frames), chunk)]
-            pending = [pool.submit(track, prepared.frames[i:j]) for i, j in zip(starts, [*starts[1:], len(frames)])]
+            worker.start()
             if "source" not in meshes:  # (its own interpreters: alongside the tracker)
                 meshes["source"] = self._source_mesh(prepared)
             if meanwhile is not None:
                 meanwhile(meshes["source"])
-            for future in pending:
-                points = future.result()
+            while done < count:
+                while ready.empty() and cut < count:  # no batch ready: cut the next frames meanwhile
+                    cut_until(min(cut + TRACK_CHUNK, count))
+                if ready.empty():
+                    lookahead.waiting = done // batch
+                item = ready.get()
+                if isinstance(item, BaseException):
+                    raise item
+                start, points, planned = item
                 self._check_points(spec, meshes["source"], points)
-                points = smoother.push(points) if smoother is not None else points
                 found.append(points)
-                yield frames[done:done + len(points)], points
+                cut_until(start + len(points))
+                yield model_frames[start:start + len(points)], points, planned
                 done += len(points)
-            if smoother is not None:
-                found.append(smoother.finish())
-                yield frames[done:], found[-1]
         finally:
-            pool.shutdown(cancel_futures=True)
+            stop.set()
+            if worker.is_alive():
+                worker.join()
             blas.restore_original_limits()  # (it also puts back OpenMP's thread count as it found it)
             torch.set_num_threads(threads)
         meshes["driving"] = np.concatenate(found)  # T x 478 x 2
+        prepared.driving = model_frames
         prepared.timings["landmarks_s"] = prepared.timings.get("landmarks_s", 0.0) + seconds.get("track", 0.0)
 
     # ---- stage 2: run -----------------------------------------------------------------------

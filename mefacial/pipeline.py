@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 import torch
@@ -62,7 +62,6 @@ class PreparedClip:
     options: AnimateOptions  # the options it was prepared with (crop, margin, landmarks, smooth, fps)
     source_box: video.FaceBox | None
     driving_box: video.FaceBox | None
-    driving: np.ndarray | None  # T x S x S x 3 uint8 (a stream: its first chunk)
     given_source: np.ndarray | None = None  # 1 x P x 2 landmarks given by the caller
     given_driving: np.ndarray | None = None  # T x P x 2 (a stream: the caller's, in pixels of its frames)
     backend: str = "auto"  # the landmark backend
@@ -81,6 +80,25 @@ class PreparedClip:
     # the 68 landmarks that placed the face boxes, 68 x 2: "source" in model pixels, "driving" (its onset frame)
     # in pixels of the frames as read; where the face mesh starts, with no second face search
     faces: dict = dataclasses.field(default_factory=dict)
+    _driving: np.ndarray | None = dataclasses.field(default=None, repr=False)
+
+    @property
+    def driving(self) -> np.ndarray:
+        """T x S x S x 3 uint8: the driving frames as the models see them (a stream: its first chunk), cut from
+        `frames` on first use (a mesh-tracking run cuts them batch by batch alongside tracking, `driving_part`)."""
+        if self._driving is None:
+            self._driving = self.to_model_frames(self.frames, self.driving_box)
+        return self._driving
+
+    @driving.setter
+    def driving(self, frames: np.ndarray) -> None:
+        self._driving = frames
+
+    def driving_part(self, start: int, stop: int) -> np.ndarray:
+        """`driving[start:stop]`, cut on its own where the whole clip has not been cut yet."""
+        if self._driving is not None:
+            return self._driving[start:stop]
+        return self.to_model_frames(self.frames[start:stop], self.driving_box)
 
     @property
     def streamed(self) -> bool:
@@ -89,7 +107,7 @@ class PreparedClip:
     @property
     def num_frames(self) -> int | None:
         """Frames of the clip (None for a stream: not known before it ends)."""
-        return None if self.streamed else len(self.driving)
+        return None if self.streamed else len(self.frames)
 
     def to_model(self, points: np.ndarray, frame_shape: tuple[int, ...], box: video.FaceBox | None) -> np.ndarray:
         """(x, y) pixels of a full-size frame (H x W x ...) -> pixels of its model-size frame (crop or resize)."""
@@ -143,11 +161,17 @@ class ClipAnimator:
         with timer(self.seconds, name, self.engine.device):
             yield
 
-    def __call__(self, frames: np.ndarray, points: np.ndarray | None = None) -> torch.Tensor:
-        """B x H x W x 3 uint8 driving frames (and their B x P x 2 points) -> B x 3 x H x W predictions in [0, 1].
+    def plan(self, points: np.ndarray | None) -> Any:
+        """The runner's work for a batch with these points that needs no frames (`ClipRunner.plan`), for
+        `__call__`'s `planned`: the engine has it done ahead, in its mesh tracker's thread."""
+        return self.runner.plan(self._points(points))
+
+    def __call__(self, frames: np.ndarray, points: np.ndarray | None = None, planned: Any = None) -> torch.Tensor:
+        """B x H x W x 3 uint8 driving frames (and their B x P x 2 points, and what `plan` made of them, if it
+        ran) -> B x 3 x H x W predictions in [0, 1].
 
         A prediction with NaN / inf (broken weights) raises CheckpointError rather than becoming black frames."""
-        prediction = self.runner(frames, self._points(points))  # B x 3 x H x W
+        prediction = self.runner(frames, self._points(points), planned)  # B x 3 x H x W
         if not torch.isfinite(prediction.sum(dtype=torch.float32)):  # NaN / inf anywhere (a sum is ~20x cheaper)
             raise CheckpointError(
                 f"the model of {self.variant.id} produced NaN/inf values: its weights are broken (a diverged "

@@ -507,6 +507,32 @@ def test_tracking_alongside_rendering_equals_tracking_first(engine):
                           engine.collect(first, "dense-geometry").frames)
 
 
+def test_motion_made_ahead_gives_the_same_frames(engine, monkeypatch):
+    """The tracker's thread makes the motion of the batches the renderer is not yet waiting for (`Lookahead`): the
+    frames are the same whichever thread made each batch's motion."""
+    from mefacial import engine as E
+    from mefacial.models import dense as D
+    from mefacial.video import read_clip
+
+    clip = read_clip(require(DATA / "driving" / "s3_po_05.gif", "shared clip")).frames[:21]
+    face = DATA / "faces" / "asian_female.png"
+    render = D.DenseClip.__call__
+    frames, ahead = {}, {}
+    for mode in ("never", "always"):
+        monkeypatch.setattr(E.Lookahead, "plan", lambda self, index, points, mode=mode:
+                            self.work(points) if mode == "always" and self.work is not None else None)
+        seen = ahead[mode] = []
+
+        def spy(runner, batch, points, planned=None, seen=seen):
+            seen.append(planned is not None)
+            return render(runner, batch, points, planned)
+
+        monkeypatch.setattr(D.DenseClip, "__call__", spy)
+        frames[mode] = engine.animate(face, clip, variant="dense", magnify=2.0, batch_size=4).frames
+    assert not any(ahead["never"]) and sum(ahead["always"]) >= 4  # all but the first batch(es) made ahead
+    assert np.array_equal(frames["never"], frames["always"])
+
+
 def test_tracking_alongside_rendering_names_a_frame_without_a_face(engine):
     """A driving frame without a face, found by the worker thread, stops the run with the frame's number."""
     from mefacial.video import read_clip

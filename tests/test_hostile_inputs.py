@@ -207,6 +207,10 @@ def test_no_face_raises_no_face_error(engine, face):
         engine.animate(noise, face[None], variant="warp")
     assert caught.value.frame_index is None
     assert len(str(caught.value)) > 40  # says what to do, not just "no face"
+    with pytest.raises(NoFaceError, match="source"):  # (both faces are searched at once: the source's error first)
+        engine.animate(noise, noise[None], variant="warp")
+    with pytest.raises(NoFaceError, match="driving frame 0"):
+        engine.animate(face, noise[None], variant="warp")
 
 
 def test_face_at_the_border_is_padded_and_animated(engine, face):

@@ -227,9 +227,16 @@ class ClipRunner:
         self.stage = stage or (lambda name: contextlib.nullcontext())
         self.prior_map: np.ndarray | None = None  # h x w, the source's prior map fed to the network
 
-    def __call__(self, frames: np.ndarray, points: torch.Tensor | None) -> torch.Tensor:
-        """B x H x W x 3 uint8 frames (and their B x P x 2 points) -> B x 3 x H x W predictions in [0, 1]."""
+    def __call__(self, frames: np.ndarray, points: torch.Tensor | None, planned: Any = None) -> torch.Tensor:
+        """B x H x W x 3 uint8 frames (and their B x P x 2 points) -> B x 3 x H x W predictions in [0, 1];
+        `planned` is what `plan` made of these points, where the engine had it done ahead (else None)."""
         raise NotImplementedError
+
+    def plan(self, points: torch.Tensor | None) -> Any:
+        """Work of a batch that needs its points alone, no frames (for the dense generator, its motion): the engine
+        may run it in another thread while earlier batches are animated and pass its result to `__call__`. Must
+        only read what `__init__` made. None by default (nothing to do ahead)."""
+        return None
 
     @classmethod
     def prepare_source(cls, model: "nn.Module", source: np.ndarray, source_points: np.ndarray | None) -> None:
@@ -278,7 +285,7 @@ class MotionTransferClip(ClipRunner):
         if "prior" in self.src:
             self.prior_map = self.src["prior"][0, 0].float().cpu().numpy()
 
-    def __call__(self, frames: np.ndarray, points: torch.Tensor | None) -> torch.Tensor:
+    def __call__(self, frames: np.ndarray, points: torch.Tensor | None, planned: Any = None) -> torch.Tensor:
         if self.first_au is None:
             au = None
         elif self.config.au_points == "first_frame":

@@ -134,6 +134,18 @@ class DenseState:
         return getattr(self.geometry, name)
 
 
+@dataclasses.dataclass
+class MeshMotion:
+    """A batch's motion, from its driving meshes alone (`DenseMeshWarp.motion`): what the engine has its mesh
+    tracker's thread compute ahead while earlier batches are rendered."""
+
+    driving: np.ndarray  # T x V x 2 driving meshes
+    target: np.ndarray  # T x V x 2 retargeted meshes
+    drawn: np.ndarray  # T x V x 2 as drawn (lid margins covered: `cover_lids`)
+    flow: torch.Tensor  # T x 2 x h x w: the skin's backward map on the grid, pixels (`backward_flow`)
+    sampled_at: torch.Tensor | None  # T x h x w x 2: where the ratio images read the driving frames (None: no appearance)
+
+
 LUMA = (0.299, 0.587, 0.114)  # BT.601 luminance weights of R, G, B
 
 
@@ -534,17 +546,17 @@ class DenseMeshWarp(nn.Module):
         return _move_head(target, heads, source, onset)
 
     def appearance_ratios(self, state: DenseState, driving: torch.Tensor, driving_mesh: np.ndarray,
-                          magnify: float = 1.0) -> torch.Tensor:
+                          magnify: float = 1.0, sampled_at: torch.Tensor | None = None) -> torch.Tensor:
         """Expression-ratio images in the source's geometry, on the grid: T x 1 x h x w (1 = unchanged), bounded.
 
         driving: T x 3 x H x W frames in [0, 1] (the size of the source), or their luminance T x 1 x H x W
-        (`luminance`); driving_mesh T x V x 2."""
+        (`luminance`); driving_mesh T x V x 2; `sampled_at`, where given, `_grid_in` of the driving meshes."""
         if state.initial_luma is None:
             raise ValueError("appearance_ratios needs the onset frame: prepare(..., initial_frame=...)")
         height, width = state.size
         drv = np.asarray(driving_mesh, np.float32)
         sigma = self.ratio_blur / self.grid_step  # blurred on the grid (grid_step px apart)
-        at = _grid_in(state, drv)  # T x h x w x 2
+        at = _grid_in(state, drv) if sampled_at is None else sampled_at  # T x h x w x 2
         aligned = _blur(F.grid_sample(_luma(driving.float()), at.to(driving.device), mode="bilinear",
                                       padding_mode="border", align_corners=False), sigma)  # T x 1 x h x w
         if state.onset_luma is None:
@@ -565,12 +577,12 @@ class DenseMeshWarp(nn.Module):
         log_ratio = (magnify * log_ratio * mask).clamp(-self.ratio_bound, self.ratio_bound)
         return torch.exp(log_ratio)  # the renderer samples it where the skin comes from (bilinear, corner to corner)
 
-    def render(self, state: DenseState, target_mesh: np.ndarray, appearance: torch.Tensor | None = None
-               ) -> dict[str, torch.Tensor]:
+    def render(self, state: DenseState, target_mesh: np.ndarray, appearance: torch.Tensor | None = None,
+               flow: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Frames of the source moved to `target_mesh` (T x V x 2, pixels of the source), shaded by `appearance`
         (T x 1 x h x w luminance ratios in the source's geometry, clamped to exp(+-ratio_bound); None = 1), on a
         grid spanning the picture corner to corner: the picture's pixels (h x w = H x W) or a coarser grid, as
-        `appearance_ratios` gives.
+        `appearance_ratios` gives. `flow`, where given, is `backward_flow` of the target meshes.
 
         Returns {"prediction": T x 3 x H x W in [0, 1], "flow": T x H x W x 2 backward sampling grid of the skin
         (grid_sample coordinates, align_corners=True: -1 and 1 are the corner pixels' centres), "eye_mask":
@@ -591,7 +603,8 @@ class DenseMeshWarp(nn.Module):
         units = torch.tensor([2 / max(width - 1, 1), 2 / max(height - 1, 1)])
         if state.pixel_grid is None:
             state.pixel_grid = (base * units - 1).to(device)  # H x W x 2
-        displacement = backward_flow(state, target) * units.view(1, 2, 1, 1)  # T x 2 x h x w, on the coarse grid
+        flow = backward_flow(state, target) if flow is None else flow  # T x 2 x h x w pixels, on the coarse grid
+        displacement = flow * units.view(1, 2, 1, 1)
         displacement = F.interpolate(displacement.to(device), size=(height, width), mode="bilinear", align_corners=True)
         skin = state.pixel_grid + displacement.permute(0, 2, 3, 1)  # T x H x W x 2
         # the source, then its shading, sampled where the skin comes from (an expanded source takes grid_sample's
@@ -646,22 +659,33 @@ class DenseMeshWarp(nn.Module):
             prediction[..., y0:y1, x0:x1] = layered
         return {"prediction": prediction, "flow": skin, "eye_mask": eye_mask}
 
-    def animate(self, state: DenseState, driving_mesh, driving: torch.Tensor | None = None, magnify: float = 1.0,
-                appearance: bool | None = None) -> dict[str, torch.Tensor]:
-        """A batch of driving frames: driving_mesh T x V x 2 (pixels of frames the source's size), driving
-        T x 3 x H x W (needed with appearance, the default of the config). Returns `render`'s dict plus
-        "landmarks" (T x V x 2 target meshes) and "ratio" (the appearance ratios, or None)."""
-        use_appearance = self.appearance if appearance is None else appearance
+    def motion(self, state: DenseState, driving_mesh, magnify: float = 1.0, appearance: bool | None = None
+               ) -> MeshMotion:
+        """What a batch needs of its driving meshes (T x V x 2) alone: the retargeted and drawn target meshes, the
+        skin's backward map and where the ratio images read the driving frames (with appearance)."""
         meshes = _mesh(driving_mesh, "driving_mesh", frames=True)
         target = self.retarget(state, meshes, magnify)
         drawn = cover_lids(state.source_mesh, target, self.lid_margin) if self.lid_margin > 0 else target
+        use_appearance = self.appearance if appearance is None else appearance
+        sampled_at = _grid_in(state, meshes.astype(np.float32)) if use_appearance else None
+        return MeshMotion(meshes, target, drawn, backward_flow(state, drawn), sampled_at)
+
+    def animate(self, state: DenseState, driving_mesh, driving: torch.Tensor | None = None, magnify: float = 1.0,
+                appearance: bool | None = None, motion: MeshMotion | None = None) -> dict[str, torch.Tensor]:
+        """A batch of driving frames: driving_mesh T x V x 2 (pixels of frames the source's size), driving
+        T x 3 x H x W (needed with appearance, the default of the config); `motion`, where given, is `motion` of
+        the same meshes, magnify and appearance, made ahead. Returns `render`'s dict plus "landmarks" (T x V x 2
+        target meshes) and "ratio" (the appearance ratios, or None)."""
+        use_appearance = self.appearance if appearance is None else appearance
+        if motion is None:
+            motion = self.motion(state, driving_mesh, magnify, use_appearance)
         ratio = None
         if use_appearance:
             if driving is None:
                 raise ValueError("appearance transfer needs the driving frames; pass driving=... or appearance=False")
-            ratio = self.appearance_ratios(state, driving, meshes, magnify)
-        out = self.render(state, drawn, ratio)
-        out.update(landmarks=torch.from_numpy(target).float(), ratio=ratio)
+            ratio = self.appearance_ratios(state, driving, motion.driving, magnify, motion.sampled_at)
+        out = self.render(state, motion.drawn, ratio, motion.flow)
+        out.update(landmarks=torch.from_numpy(motion.target).float(), ratio=ratio)
         return out
 
 
@@ -707,10 +731,15 @@ class DenseClip(ClipRunner):
     def prepare_source(cls, model, source, source_points):
         model.source_geometry(source.shape[:2], source_points[0])
 
-    def __call__(self, frames, points):
+    def plan(self, points):
+        with self.stage("generator"):
+            return self.model.motion(self.state, points, magnify=self.settings.magnify)
+
+    def __call__(self, frames, points, planned=None):
         with self.stage("generator"):
             driving = luminance(frames, self.state.source.device) if self.model.appearance else None  # B x 1 x H x W
-            return self.model.animate(self.state, points, driving, magnify=self.settings.magnify)["prediction"]
+            return self.model.animate(self.state, points, driving, magnify=self.settings.magnify,
+                                      motion=planned)["prediction"]
 
     @classmethod
     def original_loop(cls, model, source, driving, source_points, driving_points, settings, to_tensor, stage):

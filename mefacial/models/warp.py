@@ -313,7 +313,7 @@ class WarpClip(ClipRunner):
         super().__init__(model, source, first_frame, source_points, first_points, settings, to_tensor, stage)
         self.source_points, self.first_points = source_points, first_points  # 1 x 68 x 2 each
 
-    def __call__(self, frames, points):
+    def __call__(self, frames, points, planned=None):
         with self.stage("generator"):
             return self.model.animate(self.source, self.source_points, points, self.first_points,
                                       magnify=self.settings.magnify, confine_to_prior=self.settings.confine)["prediction"]
