@@ -398,7 +398,7 @@ def _solve(packed: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     a, c = 1 + packed[:, 2], packed[:, 3]  # I + J = [[a, b], [c, e]] (columns: d/dx, d/dy)
     b, e = packed[:, 4], 1 + packed[:, 5]
     det = a * e - b * c
-    det = torch.where(det.abs() < 0.05, torch.full_like(det, 0.05).copysign(det), det)
+    det = torch.copysign(det.abs().clamp_(min=0.05), det)  # |det| >= 0.05, its sign kept
     return torch.stack([e * residual[:, 0] - b * residual[:, 1], a * residual[:, 1] - c * residual[:, 0]], 1) / det[:, None]
 
 
@@ -610,7 +610,7 @@ class DenseMeshWarp(nn.Module):
         # the source, then its shading, sampled where the skin comes from (an expanded source takes grid_sample's
         # fast path: 2x faster than sampling the shaded frames)
         prediction = F.grid_sample(state.source.expand(frames, -1, -1, -1), skin, mode="bilinear",
-                                   padding_mode="reflection", align_corners=True)  # T x 3 x H x W
+                                   padding_mode="border", align_corners=True)  # T x 3 x H x W
         if appearance is not None:
             bound = float(np.exp(self.ratio_bound))
             shading = F.grid_sample(appearance.to(device).float().clamp(1 / bound, bound), skin, mode="bilinear",
