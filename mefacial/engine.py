@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -105,6 +106,37 @@ class Lookahead:
         """The work of batch `index`, or None where there is none yet or the caller is waiting for that batch."""
         work = self.work
         return work(points) if work is not None and index > self.waiting else None
+
+
+_TRACKERS_LOCK = threading.Lock()
+_trackers: dict[str, Any] = {"running": 0, "restore": None}  # the clips being tracked, what to restore after them
+
+
+@contextlib.contextmanager
+def _core_for_trackers() -> Iterator[None]:
+    """While clips' face meshes are tracked in worker threads, the trackers keep a core: torch one thread fewer
+    (its threads wait for each other where one lacks a core) and numpy's BLAS on one (its threads spin between
+    calls; measured 7-12 ms/frame, 6.3 held to one). Overlapping runs (two requests of the app) share the
+    setting; the last to end restores what the first found."""
+    from threadpoolctl import threadpool_limits
+
+    with _TRACKERS_LOCK:
+        if _trackers["running"] == 0:
+            threads = torch.get_num_threads()
+            blas = threadpool_limits(limits=1, user_api="blas")
+            if threads > 1:
+                torch.set_num_threads(threads - 1)
+            _trackers["restore"] = (blas, threads)
+        _trackers["running"] += 1
+    try:
+        yield
+    finally:
+        with _TRACKERS_LOCK:
+            _trackers["running"] -= 1
+            if _trackers["running"] == 0:
+                blas, threads = _trackers["restore"]
+                blas.restore_original_limits()  # (it also puts back OpenMP's thread count as it found it)
+                torch.set_num_threads(threads)
 
 
 def _uses_mesh(spec: Variant) -> bool:
@@ -506,9 +538,6 @@ class Engine:
         `MeshTracker` and `StreamingSmoother` equal the whole-clip calls frame for frame). `meanwhile` is called
         with the source mesh once tracking has started (work that needs no driving mesh)."""
         import queue
-        import threading
-
-        from threadpoolctl import threadpool_limits
 
         meshes, count = prepared.meshes, len(prepared.frames)
         tracker = self._driving_tracker(prepared)
@@ -542,12 +571,6 @@ class Engine:
                 ready.put(error)
 
         worker = threading.Thread(target=work, name="mesh-tracker", daemon=True)
-        # leave the tracker its core: torch's threads wait for each other where one lacks a core, and numpy's BLAS
-        # threads spin between calls (measured: 7-12 ms/frame, 6.3 held to one)
-        blas = threadpool_limits(limits=1, user_api="blas")
-        threads = torch.get_num_threads()
-        if threads > 1:
-            torch.set_num_threads(threads - 1)
         found, done, cut = [], 0, 0  # frames handed over, frames cut to the model's size
 
         def cut_until(end: int) -> None:
@@ -556,32 +579,31 @@ class Engine:
                 model_frames[cut:end] = prepared.driving_part(cut, end)
                 cut = end
 
-        try:
-            worker.start()
-            if "source" not in meshes:  # (its own interpreters: alongside the tracker)
-                meshes["source"] = self._source_mesh(prepared)
-            if meanwhile is not None:
-                meanwhile(meshes["source"])
-            while done < count:
-                while ready.empty() and cut < count:  # no batch ready: cut the next frames meanwhile
-                    cut_until(min(cut + TRACK_CHUNK, count))
-                if ready.empty():
-                    lookahead.waiting = done // batch
-                item = ready.get()
-                if isinstance(item, BaseException):
-                    raise item
-                start, points, planned = item
-                self._check_points(spec, meshes["source"], points)
-                found.append(points)
-                cut_until(start + len(points))
-                yield model_frames[start:start + len(points)], points, planned
-                done += len(points)
-        finally:
-            stop.set()
-            if worker.is_alive():
-                worker.join()
-            blas.restore_original_limits()  # (it also puts back OpenMP's thread count as it found it)
-            torch.set_num_threads(threads)
+        with _core_for_trackers():
+            try:
+                worker.start()
+                if "source" not in meshes:  # (its own interpreters: alongside the tracker)
+                    meshes["source"] = self._source_mesh(prepared)
+                if meanwhile is not None:
+                    meanwhile(meshes["source"])
+                while done < count:
+                    while ready.empty() and cut < count:  # no batch ready: cut the next frames meanwhile
+                        cut_until(min(cut + TRACK_CHUNK, count))
+                    if ready.empty():
+                        lookahead.waiting = done // batch
+                    item = ready.get()
+                    if isinstance(item, BaseException):
+                        raise item
+                    start, points, planned = item
+                    self._check_points(spec, meshes["source"], points)
+                    found.append(points)
+                    cut_until(start + len(points))
+                    yield model_frames[start:start + len(points)], points, planned
+                    done += len(points)
+            finally:
+                stop.set()
+                if worker.is_alive():
+                    worker.join()
         meshes["driving"] = np.concatenate(found)  # T x 478 x 2
         prepared.driving = model_frames
         prepared.timings["landmarks_s"] = prepared.timings.get("landmarks_s", 0.0) + seconds.get("track", 0.0)

@@ -507,6 +507,26 @@ def test_tracking_alongside_rendering_equals_tracking_first(engine):
                           engine.collect(first, "dense-geometry").frames)
 
 
+def test_overlapping_runs_give_the_thread_count_back():
+    """Two clips tracked at once (two requests of the app) share the core left to the trackers; whichever ends
+    last, torch's thread count is what it was before either."""
+    from mefacial.engine import _core_for_trackers
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        first, second = _core_for_trackers(), _core_for_trackers()
+        first.__enter__()
+        assert torch.get_num_threads() == 1
+        second.__enter__()
+        first.__exit__(None, None, None)  # the first to start ends first
+        assert torch.get_num_threads() == 1  # the second still tracks
+        second.__exit__(None, None, None)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_motion_made_ahead_gives_the_same_frames(engine, monkeypatch):
     """The tracker's thread makes the motion of the batches the renderer is not yet waiting for (`Lookahead`): the
     frames are the same whichever thread made each batch's motion."""
