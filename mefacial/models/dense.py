@@ -75,7 +75,7 @@ RATIO_EPS = 0.06  # luminance offset of the ratio images (dark pixels would make
 # the lid region (up to the brows' lower edge, down to MediaPipe's fifth ring below the eye): geometry's
 PERIOCULAR = (((143, 35, 124, 46, 53, 52, 65, 245), (143, 111, 117, 118, 119, 120, 121, 128, 245), None),
               ((372, 265, 353, 276, 283, 282, 295, 465), (372, 340, 346, 347, 348, 349, 350, 357, 465), None))
-PERIOCULAR_TIP = 0.08  # x the inter-ocular distance: the radius that rounds off the lid regions' outer tips
+PERIOCULAR_TIP = 0.13  # x the inter-ocular distance: the radius that rounds off the lid regions' outer tips
 EYES = ((M.RIGHT_EYE_UPPER, M.RIGHT_EYE_LOWER, M.RIGHT_IRIS), (M.LEFT_EYE_UPPER, M.LEFT_EYE_LOWER, M.LEFT_IRIS))
 CLOSED = 0.15  # a closed eye keeps this share of its aperture (the lids meet without crossing)
 BORDER_TAPER = 0.06  # share of the picture's size over which motion fades out towards its edge
@@ -505,7 +505,8 @@ class DenseMeshWarp(nn.Module):
         taper = taper * taper * (3 - 2 * taper)
         # ratio images apply on the face (inside its oval), not around the eyes (the layered lids draw them); the
         # lid regions end in a narrow tip at the eye's outer side, where a closing driving eye's brightening
-        # leaked past them as a light spot: a disc of PERIOCULAR_TIP x the inter-ocular distance rounds it off
+        # leaked past them as a light spot (and, at magnify 2, above it, below the brow's tail, where a driving's
+        # lid crease flattens): a disc of PERIOCULAR_TIP x the inter-ocular distance rounds it off
         radius = PERIOCULAR_TIP * float(M.inter_ocular(src))
         circle = radius * np.stack([np.cos(np.linspace(0, 2 * np.pi, 24)), np.sin(np.linspace(0, 2 * np.pi, 24))], 1)
         lids = [_eye_polygon(src, u, l) for u, l, _ in PERIOCULAR] + [src[u[0]] + circle for u, _, _ in PERIOCULAR]
