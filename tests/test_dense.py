@@ -553,6 +553,31 @@ def test_motion_made_ahead_gives_the_same_frames(engine, monkeypatch):
     assert np.array_equal(frames["never"], frames["always"])
 
 
+def test_an_error_in_work_made_ahead_stops_the_run(engine, monkeypatch):
+    """An error in a batch's motion made in the tracker's thread reaches the caller as itself, the thread ends and
+    torch's thread count is given back."""
+    import threading
+
+    from mefacial.models import dense as D
+    from mefacial.video import read_clip
+
+    from mefacial import engine as E
+
+    clip = read_clip(require(DATA / "driving" / "s3_po_05.gif", "shared clip")).frames
+    threads = torch.get_num_threads()
+
+    def broken(self, points):
+        assert threading.current_thread() is not threading.main_thread()  # (the renderer makes its own directly)
+        raise RuntimeError("broken motion")
+
+    monkeypatch.setattr(D.DenseClip, "plan", broken)
+    monkeypatch.setattr(E.Lookahead, "plan", lambda self, index, points: self.work(points) if self.work else None)
+    with pytest.raises(RuntimeError, match="broken motion"):
+        engine.animate(DATA / "faces" / "asian_female.png", clip, variant="dense", batch_size=4)
+    assert torch.get_num_threads() == threads
+    assert not any(t.name == "mesh-tracker" for t in threading.enumerate())
+
+
 def test_tracking_alongside_rendering_names_a_frame_without_a_face(engine):
     """A driving frame without a face, found by the worker thread, stops the run with the frame's number."""
     from mefacial.video import read_clip
