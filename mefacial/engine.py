@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import threading
 import time
@@ -109,6 +110,17 @@ class Lookahead:
 
 
 _TRACKERS_LOCK = threading.Lock()
+
+
+@functools.lru_cache(maxsize=None)
+def _threadpools():
+    """threadpoolctl's view of the thread pools loaded in this process, made once (2 ms: it scans the loaded
+    libraries); the BLAS found there by the first tracked run is the one every later run limits."""
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
+
+
 _trackers: dict[str, Any] = {"running": 0, "restore": None}  # the clips being tracked, what to restore after them
 
 
@@ -118,12 +130,10 @@ def _core_for_trackers() -> Iterator[None]:
     (its threads wait for each other where one lacks a core) and numpy's BLAS on one (its threads spin between
     calls; measured 7-12 ms/frame, 6.3 held to one). Overlapping runs (two requests of the app) share the
     setting; the last to end restores what the first found."""
-    from threadpoolctl import threadpool_limits
-
     with _TRACKERS_LOCK:
         if _trackers["running"] == 0:
             threads = torch.get_num_threads()
-            blas = threadpool_limits(limits=1, user_api="blas")
+            blas = _threadpools().limit(limits=1, user_api="blas")
             if threads > 1:
                 torch.set_num_threads(threads - 1)
             _trackers["restore"] = (blas, threads)
@@ -579,7 +589,9 @@ class Engine:
                 model_frames[cut:end] = prepared.driving_part(cut, end)
                 cut = end
 
-        with _core_for_trackers():
+        cores = contextlib.ExitStack()  # the core left to the tracker, given back once its thread has ended
+        cores.enter_context(_core_for_trackers())
+        with cores:
             try:
                 worker.start()
                 if "source" not in meshes:  # (its own interpreters: alongside the tracker)
@@ -595,6 +607,8 @@ class Engine:
                     if isinstance(item, BaseException):
                         raise item
                     start, points, planned = item
+                    if not worker.is_alive():  # every batch is tracked (and queued): all cores render the rest
+                        cores.close()
                     self._check_points(spec, meshes["source"], points)
                     found.append(points)
                     cut_until(start + len(points))

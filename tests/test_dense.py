@@ -527,6 +527,30 @@ def test_overlapping_runs_give_the_thread_count_back():
         torch.set_num_threads(threads)
 
 
+def test_the_tracker_core_is_given_back_once_tracking_ends(engine, monkeypatch):
+    """While the clip's meshes are tracked, rendering leaves the tracker a core (torch one thread fewer); the
+    batches rendered after the tracker's thread has ended use all of them, and the count is restored after."""
+    from mefacial.models import dense as D
+    from mefacial.video import read_clip
+
+    clip = read_clip(require(DATA / "driving" / "s3_po_05.gif", "shared clip")).frames  # 45 frames
+    face = DATA / "faces" / "asian_female.png"
+    render, seen = D.DenseClip.__call__, []
+
+    def spy(runner, batch, points, planned=None):
+        seen.append(torch.get_num_threads())
+        return render(runner, batch, points, planned)
+
+    monkeypatch.setattr(D.DenseClip, "__call__", spy)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        engine.animate(face, clip, variant="dense", batch_size=4)
+        assert seen[0] == 1 and seen[-1] == 2 and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_motion_made_ahead_gives_the_same_frames(engine, monkeypatch):
     """The tracker's thread makes the motion of the batches the renderer is not yet waiting for (`Lookahead`): the
     frames are the same whichever thread made each batch's motion."""

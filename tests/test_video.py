@@ -307,6 +307,35 @@ def test_crop_pads_a_box_past_the_border(clip):
     assert np.array_equal(video.crop_to_model(rgba, box, 64), crops[0])
 
 
+@pytest.mark.parametrize("pad", [(1, 0, 1, 0), (0, 5, 2, 0), (3, 3, 3, 3), (0, 0, 0, 40), (40, 2, 0, 7),
+                                 (200, 0, 0, 150)])
+def test_soft_pad_blends_the_blur_of_the_whole_frame(pad):
+    """The pad blends the mirrored picture with its blur: blurred in bands along the padded sides only (or their
+    bounding box) for speed, yet every pad pixel gets the value of the whole padded frame's blur, and the picture
+    itself is left as it is."""
+    import cv2
+
+    rng = np.random.default_rng(1)
+    frames = cv2.GaussianBlur(rng.integers(0, 256, (60, 90, 3), np.uint8), (0, 0), 2)[None].repeat(2, 0)
+    frames[1] = 255 - frames[1]
+    top, bottom, left, right = pad
+    out = video.soft_pad(frames, ((0, 0), (top, bottom), (left, right), (0, 0)))
+    height, width = frames.shape[1:3]
+    mirrored = np.pad(frames, ((0, 0), (min(top, height - 1), min(bottom, height - 1)),
+                               (min(left, width - 1), min(right, width - 1)), (0, 0)), mode="reflect")
+    mirrored = np.pad(mirrored, ((0, 0), (top - min(top, height - 1), bottom - min(bottom, height - 1)),
+                                 (left - min(left, width - 1), right - min(right, width - 1)), (0, 0)), mode="edge")
+    ys, xs = np.arange(out.shape[1]), np.arange(out.shape[2])
+    outside = np.maximum(np.maximum(top - ys, ys - (top + height - 1)), 0)[:, None]
+    outside = np.maximum(outside, np.maximum(np.maximum(left - xs, xs - (left + width - 1)), 0)[None])  # px past
+    weight = np.clip(outside / max(4.0, 0.05 * max(height, width)), 0, 1)[..., None]
+    for got, mirror in zip(out, mirrored):
+        blurred = cv2.GaussianBlur(mirror, (0, 0), max(2.0, 0.04 * max(height, width)), borderType=cv2.BORDER_REFLECT)
+        expected = np.rint(mirror * (1 - weight) + blurred * weight).astype(np.uint8)
+        assert np.array_equal(got, expected)
+    assert np.array_equal(out[:, top:top + height, left:left + width], frames)
+
+
 @pytest.mark.parametrize("shape, size", [((3, 128, 128, 3), (256, 256)), ((2, 100, 77, 3), (256, 256)),
                                          ((2, 300, 260, 3), (256, 256)), ((2, 64, 64, 3), (64, 64))])
 def test_resize_gives_torch_bilinear_values(shape, size):
