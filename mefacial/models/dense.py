@@ -125,7 +125,7 @@ class DenseState:
     initial_luma: torch.Tensor | None  # 1 x 1 x H x W
     # made on first use, then reused by every batch
     pixels: torch.Tensor | None = None  # H x W x 2: pixel centres (x, y)
-    pixel_grid: torch.Tensor | None = None  # H x W x 2: the same in grid_sample coordinates
+    grid_points: torch.Tensor | None = None  # 1 x 2 x h x w: the coarse grid's points (x, y), pixels (CPU)
     onset_luma: torch.Tensor | None = None  # 1 x 1 x h x w: the onset frame's luminance on the grid, blurred
 
     def __getattr__(self, name: str) -> Any:
@@ -402,6 +402,15 @@ def _solve(packed: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     return torch.stack([e * residual[:, 0] - b * residual[:, 1], a * residual[:, 1] - c * residual[:, 0]], 1) / det[:, None]
 
 
+def _grid_points(state: "DenseState") -> torch.Tensor:
+    """The coarse grid's points (x, y) in pixels, 1 x 2 x h x w, corner to corner (made once per state)."""
+    if state.grid_points is None:
+        (h, w), (height, width) = state.grid_shape, state.size
+        ys, xs = torch.meshgrid(torch.linspace(0, height - 1, h), torch.linspace(0, width - 1, w), indexing="ij")
+        state.grid_points = torch.stack([xs, ys])[None]
+    return state.grid_points
+
+
 def backward_flow(state: "DenseState", target: np.ndarray, iterations: int = NEWTON_STEPS) -> torch.Tensor:
     """The backward map of the skin on the coarse grid, all frames at once: T x 2 x h x w displacement (pixels)
     from each target grid point to the source point that lands there, tapered to 0 at the picture's edge.
@@ -418,8 +427,7 @@ def backward_flow(state: "DenseState", target: np.ndarray, iterations: int = NEW
     step_y, step_x = (height - 1) / max(h - 1, 1), (width - 1) / max(w - 1, 1)
     d_dy, d_dx = torch.gradient(field, spacing=(step_y, step_x), dim=(2, 3))  # T x 2 x h x w each
     packed = torch.cat([field, d_dx, d_dy], 1)  # T x 6 x h x w: d, dd/dx, dd/dy
-    ys, xs = torch.meshgrid(torch.linspace(0, height - 1, h), torch.linspace(0, width - 1, w), indexing="ij")
-    y = torch.stack([xs, ys])[None].expand(frames, -1, -1, -1)  # T x 2 x h x w target grid points (pixels)
+    y = _grid_points(state).expand(frames, -1, -1, -1)  # T x 2 x h x w target grid points (pixels)
     scale = torch.tensor([2 / max(width - 1, 1), 2 / max(height - 1, 1)]).view(1, 2, 1, 1)
     x = y - field  # first guess: the forward motion taken back
     for _ in range(iterations):
@@ -573,7 +581,8 @@ class DenseMeshWarp(nn.Module):
         # where the driving face has drifted past its frame's border, the frame holds no skin to compare: no ratio
         mesh = drv[:, :M.NUM_MESH]  # the triangles' corners: grid points lie between them
         if (mesh < 0).any() or (mesh > [width - 1, height - 1]).any():
-            seen = (at.abs() <= 1 - 1 / at.new_tensor([width, height])).all(-1)  # T x h x w (pixel centres' range)
+            # T x h x w: inside the range of the pixel centres
+            seen = (at[..., 0].abs() <= 1 - 1 / width) & (at[..., 1].abs() <= 1 - 1 / height)
             mask = mask * seen[:, None].to(log_ratio)
         log_ratio = (magnify * log_ratio * mask).clamp(-self.ratio_bound, self.ratio_bound)
         return torch.exp(log_ratio)  # the renderer samples it where the skin comes from (bilinear, corner to corner)
@@ -600,14 +609,12 @@ class DenseMeshWarp(nn.Module):
                                     torch.arange(width, dtype=torch.float32), indexing="ij")
             state.pixels = torch.stack([xs, ys], -1)  # H x W x 2 pixels
         base = state.pixels
-        # the skin's backward map in grid_sample units, corner to corner (align_corners=True), as the grid is laid out
-        units = torch.tensor([2 / max(width - 1, 1), 2 / max(height - 1, 1)])
-        if state.pixel_grid is None:
-            state.pixel_grid = (base * units - 1).to(device)  # H x W x 2
+        # the skin's backward map in grid_sample units, corner to corner (align_corners=True), as the grid is laid out:
+        # the grid's points moved by the flow, upsampled to every pixel
         flow = backward_flow(state, target) if flow is None else flow  # T x 2 x h x w pixels, on the coarse grid
-        displacement = flow * units.view(1, 2, 1, 1)
-        displacement = F.interpolate(displacement.to(device), size=(height, width), mode="bilinear", align_corners=True)
-        skin = state.pixel_grid + displacement.permute(0, 2, 3, 1)  # T x H x W x 2
+        units = torch.tensor([2 / max(width - 1, 1), 2 / max(height - 1, 1)]).view(1, 2, 1, 1)
+        skin = F.interpolate(((_grid_points(state) + flow) * units - 1).to(device), size=(height, width),
+                             mode="bilinear", align_corners=True).permute(0, 2, 3, 1)  # T x H x W x 2 (a view)
         # the source, then its shading, sampled where the skin comes from (an expanded source takes grid_sample's
         # fast path: 2x faster than sampling the shaded frames)
         prediction = F.grid_sample(state.source.expand(frames, -1, -1, -1), skin, mode="bilinear",
