@@ -699,33 +699,32 @@ def soft_pad(frames: np.ndarray, pad: tuple) -> np.ndarray:
     ramp = max(4.0, 0.05 * max(height, width))
     weight = np.clip(np.maximum(dist_y[:, None], dist_x[None, :]) / ramp, 0, 1)  # H' x W'
     sigma = max(2.0, 0.04 * max(height, width))
-    faded = weight > 0  # the pad, where the mirror fades into its blur (the picture itself is left as it is)
-    # blurred only around it: each padded side's pad, within its band grown inwards by the kernel's reach (cv2
-    # cuts it at 3 sigma), so every faded pixel gets the blur of the whole frame; or, where that is smaller, all of
-    # the pad within its bounding box grown likewise
+    # the pad (where the mirror fades into its blur; the picture itself is left as it is): a rectangle per padded
+    # side, none overlapping, each blurred within its band (the side's pad grown inwards by the kernel's reach, cv2
+    # cutting it at 3 sigma), so every pad pixel gets the blur of the whole frame; or all blurred within their
+    # bounding box grown likewise, where that is smaller
     reach = math.ceil(4 * sigma) + 1
-    sides = [((slice(0, top + reach), slice(None)), (slice(0, top), slice(None))) if top else None,
-             ((slice(max(size_h - bottom - reach, 0), None), slice(None)), (slice(size_h - bottom, None), slice(None)))
-             if bottom else None,
-             ((slice(None), slice(0, left + reach)), (slice(None), slice(0, left))) if left else None,
-             ((slice(None), slice(max(size_w - right - reach, 0), None)), (slice(None), slice(size_w - right, None)))
-             if right else None]  # (band, pad) of each padded side
-    sides = [side for side in sides if side is not None]
+    middle = slice(top, size_h - bottom)
+    sides = [(pad, band) for pad, band, width in (
+        ((slice(0, top), slice(None)), (slice(0, top + reach), slice(None)), top),
+        ((slice(size_h - bottom, None), slice(None)), (slice(max(size_h - bottom - reach, 0), None), slice(None)),
+         bottom),
+        ((middle, slice(0, left)), (slice(None), slice(0, left + reach)), left),
+        ((middle, slice(size_w - right, None)), (slice(None), slice(max(size_w - right - reach, 0), None)), right))
+        if width]
+    bands = [band for _, band in sides]
+    faded = weight > 0
     rows, cols = np.flatnonzero(faded.any(1)), np.flatnonzero(faded.any(0))
     box = (slice(max(rows[0] - reach, 0), rows[-1] + reach + 1), slice(max(cols[0] - reach, 0), cols[-1] + reach + 1))
-    if sum(faded[band].size for band, _ in sides) > faded[box].size:
-        sides = [(box, box)]
-    todo, parts = faded.copy(), []  # per band: the faded pixels it blends (none twice) and their weights
-    for band, own in sides:
-        mine = np.zeros_like(faded)
-        mine[own], todo[own] = todo[own], False
-        inside = mine[band]
-        parts.append((band, inside, weight[band][inside][:, None]))  # n x 1
+    if sum(faded[band].size for band in bands) > faded[box].size:
+        bands = [box]
+    parts = [(pad, min(k, len(bands) - 1), weight[pad][..., None]) for k, (pad, _) in enumerate(sides)]  # band, weights
+    blurred = np.empty((len(bands), size_h, size_w, out.shape[-1]), np.uint8)  # each band's blur, where it lies
     for frame in out:
-        blurred = [_blurred(frame[band], sigma) for band, _, _ in parts]
-        for (band, inside, w), blur in zip(parts, blurred):  # (all bands blurred before any is blended)
-            region = frame[band]
-            region[inside] = np.rint(region[inside] * (1 - w) + blur[inside] * w).astype(np.uint8)
+        for k, band in enumerate(bands):  # (all bands blurred before any pad is blended)
+            blurred[k][band] = _blurred(frame[band], sigma)
+        for pad, k, w in parts:
+            frame[pad] = np.rint(frame[pad] * (1 - w) + blurred[k][pad] * w).astype(np.uint8)
     return out
 
 

@@ -368,8 +368,13 @@ def _lid_fade(source: np.ndarray, target: np.ndarray) -> np.ndarray:
 
 
 def _eye_polygon(points: np.ndarray, upper, lower) -> np.ndarray:
-    """The eye opening's outline (upper margin, then the lower one back): n x 2."""
-    return np.concatenate([points[list(upper)], points[list(lower[-2:0:-1])]])
+    """The eye opening's outline (upper margin, then the lower one back): ... x n x 2."""
+    return points[..., _outline(tuple(upper), tuple(lower)), :]
+
+
+@functools.lru_cache(maxsize=None)
+def _outline(upper: tuple, lower: tuple) -> np.ndarray:
+    return np.array([*upper, *lower[-2:0:-1]])
 
 
 def _fill(polygons: list[np.ndarray], size: tuple[int, int]) -> np.ndarray:
@@ -640,9 +645,9 @@ class DenseMeshWarp(nn.Module):
         # the eyeball layer, drawn in the eyes' box only: inside the target eye opening (and where the eyeball
         # was), the source moved by the iris motion alone
         source = state.source_mesh
-        outlines = [(_eye_polygon(source, upper, lower), source[iris[0]]) for upper, lower, iris in EYES]
-        polygons = [[(_eye_polygon(target[t], upper, lower), outline + target[t, iris[0]] - centre)
-                     for (upper, lower, iris), (outline, centre) in zip(EYES, outlines)] for t in range(frames)]
+        eyes = [(_eye_polygon(target, upper, lower), _eye_polygon(source, upper, lower) + target[:, iris[0], None]
+                 - source[iris[0]]) for upper, lower, iris in EYES]  # per eye: T x n x 2 outlines, now and moved
+        polygons = [[(now[t], was[t]) for now, was in eyes] for t in range(frames)]
         corners = np.concatenate([np.concatenate(pair) for eyes in polygons for pair in eyes])
         sigma = state.lid_blur  # the lid colours' reach
         pad = 2 + int(np.ceil(3 * sigma))  # the box holds the lids around the openings, whatever the batch
