@@ -553,7 +553,8 @@ def test_the_tracker_core_is_given_back_once_tracking_ends(engine, monkeypatch):
 
 def test_the_tracker_plans_a_batch_only_with_another_queued_before_it():
     """`Lookahead`: the tracker's thread makes a batch's motion only while the renderer has another batch queued
-    before it (else the renderer would soon wait for this one, and makes it itself), and only once there is work."""
+    before it (else the renderer would soon wait for this one, and makes it itself) or once the whole clip is
+    tracked, and only once there is work."""
     from mefacial.engine import Lookahead
 
     lookahead, points = Lookahead(), np.zeros((4, 2))
@@ -561,6 +562,7 @@ def test_the_tracker_plans_a_batch_only_with_another_queued_before_it():
     lookahead.work = lambda p: ("planned", p)
     assert lookahead.plan(points, queued=0) is None
     assert lookahead.plan(points, queued=1)[0] == "planned"
+    assert lookahead.plan(points, queued=0, tracked_all=True)[0] == "planned"  # nothing left to track
 
 
 def test_motion_made_ahead_gives_the_same_frames(engine, monkeypatch):
@@ -575,7 +577,7 @@ def test_motion_made_ahead_gives_the_same_frames(engine, monkeypatch):
     render = D.DenseClip.__call__
     frames, ahead = {}, {}
     for mode in ("never", "always"):
-        monkeypatch.setattr(E.Lookahead, "plan", lambda self, points, queued, mode=mode:
+        monkeypatch.setattr(E.Lookahead, "plan", lambda self, points, queued, tracked_all=False, mode=mode:
                             self.work(points) if mode == "always" and self.work is not None else None)
         seen = ahead[mode] = []
 
@@ -607,7 +609,7 @@ def test_an_error_in_work_made_ahead_stops_the_run(engine, monkeypatch):
         raise RuntimeError("broken motion")
 
     monkeypatch.setattr(D.DenseClip, "plan", broken)
-    monkeypatch.setattr(E.Lookahead, "plan", lambda self, points, queued: self.work(points) if self.work else None)
+    monkeypatch.setattr(E.Lookahead, "plan", lambda self, points, queued, tracked_all=False: self.work(points) if self.work else None)
     with pytest.raises(RuntimeError, match="broken motion"):
         engine.animate(DATA / "faces" / "asian_female.png", clip, variant="dense", batch_size=4)
     assert torch.get_num_threads() == threads
