@@ -700,18 +700,18 @@ def soft_pad(frames: np.ndarray, pad: tuple) -> np.ndarray:
     weight = np.clip(np.maximum(dist_y[:, None], dist_x[None, :]) / ramp, 0, 1)  # H' x W'
     sigma = max(2.0, 0.04 * max(height, width))
     # the pad (where the mirror fades into its blur; the picture itself is left as it is): a rectangle per padded
-    # side, none overlapping, each blurred within its band (the side's pad grown inwards by the kernel's reach, cv2
-    # cutting it at 3 sigma), so every pad pixel gets the blur of the whole frame; or all blurred within their
-    # bounding box grown likewise, where that is smaller
-    reach = math.ceil(4 * sigma) + 1
+    # side, none overlapping, each blurred within its band (the side's pad grown inwards by the kernel's radius),
+    # so every pad pixel gets the blur of the whole frame; or all blurred within their bounding box grown likewise,
+    # where that is smaller
+    reach = _blur_radius(sigma) + 1
     middle = slice(top, size_h - bottom)
-    sides = [(pad, band) for pad, band, width in (
+    sides = [(pad, band) for pad, band, thickness in (
         ((slice(0, top), slice(None)), (slice(0, top + reach), slice(None)), top),
         ((slice(size_h - bottom, None), slice(None)), (slice(max(size_h - bottom - reach, 0), None), slice(None)),
          bottom),
         ((middle, slice(0, left)), (slice(None), slice(0, left + reach)), left),
         ((middle, slice(size_w - right, None)), (slice(None), slice(max(size_w - right - reach, 0), None)), right))
-        if width]
+        if thickness]
     bands = [band for _, band in sides]
     faded = weight > 0
     rows, cols = np.flatnonzero(faded.any(1)), np.flatnonzero(faded.any(0))
@@ -728,16 +728,22 @@ def soft_pad(frames: np.ndarray, pad: tuple) -> np.ndarray:
     return out
 
 
+def _blur_radius(sigma: float) -> int:
+    """The radius of OpenCV's Gaussian kernel for 8-bit images when it chooses the size itself (3 sigma, odd)."""
+    return (int(round(6 * sigma + 1)) | 1) // 2
+
+
 def _blurred(image: np.ndarray, sigma: float) -> np.ndarray:
-    """OpenCV's Gaussian blur of an h x w x 3 uint8 image (reflected at its borders); a tall, narrow one (a band
-    along a side) is blurred transposed: the same values (OpenCV's 8-bit blur is exact fixed-point arithmetic),
-    in half the time."""
+    """OpenCV's Gaussian blur of an h x w x 3 uint8 image (reflected at its borders, `_blur_radius`); a tall,
+    narrow one (a band along a side) is blurred transposed: the same values (OpenCV's 8-bit blur is exact
+    fixed-point arithmetic), in half the time."""
     import cv2
 
+    size = 2 * _blur_radius(sigma) + 1
     if image.shape[0] <= image.shape[1]:
-        return cv2.GaussianBlur(image, (0, 0), sigma, borderType=cv2.BORDER_REFLECT)
+        return cv2.GaussianBlur(image, (size, size), sigma, borderType=cv2.BORDER_REFLECT)
     flipped = np.ascontiguousarray(image.transpose(1, 0, 2))
-    return cv2.GaussianBlur(flipped, (0, 0), sigma, borderType=cv2.BORDER_REFLECT).transpose(1, 0, 2)
+    return cv2.GaussianBlur(flipped, (size, size), sigma, borderType=cv2.BORDER_REFLECT).transpose(1, 0, 2)
 
 
 def _resize(frames: np.ndarray, size: int | tuple[int, int]) -> torch.Tensor:
