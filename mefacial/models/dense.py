@@ -211,7 +211,7 @@ def _grid_in(state: "DenseState", meshes: np.ndarray) -> torch.Tensor:
     units = _to_grid(meshes, state.size)  # T x V x 2 (an affine map: barycentric weights sum to 1)
     at = (state.barycentric @ units.transpose(1, 0, 2).reshape(meshes.shape[1], -1)).reshape(-1, frames, 2)
     at += state.outside[:, None]
-    return torch.from_numpy(np.ascontiguousarray(at.transpose(1, 0, 2))).view(frames, h, w, 2)
+    return torch.from_numpy(at).view(h, w, frames, 2).permute(2, 0, 1, 3)  # (a view: grid_sample takes its strides)
 
 
 def _similarity(source: np.ndarray, initial: np.ndarray) -> np.ndarray:
