@@ -683,8 +683,6 @@ def soft_pad(frames: np.ndarray, pad: tuple) -> np.ndarray:
     """Pad T x H x W x 3 uint8 frames (`pad` as for np.pad) without edge-replication streaks: the picture is
     mirrored into the pad, and the mirror fades into a blur of itself away from the picture's edge, so the
     padding reads as out-of-focus background rather than stripes (which replicated edge pixels make)."""
-    import cv2
-
     (_, _), (top, bottom), (left, right), (_, _) = pad
     height, width = frames.shape[1:3]
     # mirror as far as the picture reaches, then continue with the edge (only for pads wider than the picture)
