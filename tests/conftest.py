@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -41,12 +42,20 @@ def open_files() -> dict[str, str]:
     return targets
 
 
-def left_open(before: dict[str, str], folder: Path) -> dict[str, str]:
+def left_open(before: dict[str, str], folder: Path, settle: float = 5.0) -> dict[str, str]:
     """Descriptors opened since `before` (`open_files()`) that a reader of files in `folder` may have left: a file
     there, or a pipe (ffmpeg's). Other threads of the test process (a server, the face mesh's interpreters
-    opening their model files) may open descriptors meanwhile; those are not the reader's."""
-    return {fd: target for fd, target in open_files().items() if before.get(fd) != target
-            and (target.startswith(str(folder)) or target.startswith("pipe:"))}
+    opening their model files) may open descriptors meanwhile; those are not the reader's. Asked again for up to
+    `settle` seconds while any are open: imageio-ffmpeg's log thread closes ffmpeg's stderr pipe on its own once
+    ffmpeg has quit, a moment after the reader is closed (seen open once in a full CI run on a busy machine); a
+    leaked descriptor stays."""
+    deadline = time.monotonic() + settle
+    while True:
+        left = {fd: target for fd, target in open_files().items() if before.get(fd) != target
+                and (target.startswith(str(folder)) or target.startswith("pipe:"))}
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.05)
 
 
 def require(path: Path, what: str) -> Path:
