@@ -608,6 +608,8 @@ class Engine:
                     if isinstance(item, BaseException):
                         raise item
                     start, points, planned = item
+                    if start + len(points) == count:  # the tracker's last batch: its thread is ending
+                        worker.join()
                     if not worker.is_alive():  # every batch is tracked (and queued): all cores render the rest
                         cores.close()
                     self._check_points(spec, meshes["source"], points)
