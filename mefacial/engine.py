@@ -556,7 +556,8 @@ class Engine:
         tracker = self._driving_tracker(prepared)
         smoother = StreamingSmoother(smoothing_window(prepared.fps)) if prepared.options.smooth and count >= 3 else None
         lookahead = lookahead or Lookahead()
-        model_frames = np.empty((count, prepared.size, prepared.size, 3), np.uint8)
+        model_frames = (prepared.driving if prepared.driving_cut  # (cut by an earlier variant's run)
+                        else np.empty((count, prepared.size, prepared.size, 3), np.uint8))
         ready: queue.Queue = queue.Queue()  # (first frame, meshes, planned) of each batch, or the worker's error
         stop = threading.Event()
         seconds: dict[str, float] = {}
@@ -584,12 +585,13 @@ class Engine:
                 ready.put(error)
 
         worker = threading.Thread(target=work, name="mesh-tracker", daemon=True)
-        found, done, cut = [], 0, 0  # frames handed over, frames cut to the model's size
+        found, done = [], 0  # frames handed over
+        cut = count if prepared.driving_cut else 0  # frames cut to the model's size
 
         def cut_until(end: int) -> None:
             nonlocal cut
             if end > cut:
-                model_frames[cut:end] = prepared.driving_part(cut, end)
+                model_frames[cut:end] = prepared.to_model_frames(prepared.frames[cut:end], prepared.driving_box)
                 cut = end
 
         cores = contextlib.ExitStack()  # the core left to the tracker, given back once its thread has ended

@@ -85,7 +85,7 @@ class PreparedClip:
     @property
     def driving(self) -> np.ndarray:
         """T x S x S x 3 uint8: the driving frames as the models see them (a stream: its first chunk), cut from
-        `frames` on first use (a mesh-tracking run cuts them batch by batch alongside tracking, `driving_part`)."""
+        `frames` on first use (a mesh-tracking run cuts them batch by batch alongside tracking)."""
         if self._driving is None:
             self._driving = self.to_model_frames(self.frames, self.driving_box)
         return self._driving
@@ -94,11 +94,10 @@ class PreparedClip:
     def driving(self, frames: np.ndarray) -> None:
         self._driving = frames
 
-    def driving_part(self, start: int, stop: int) -> np.ndarray:
-        """`driving[start:stop]`, cut on its own where the whole clip has not been cut yet."""
-        if self._driving is not None:
-            return self._driving[start:stop]
-        return self.to_model_frames(self.frames[start:stop], self.driving_box)
+    @property
+    def driving_cut(self) -> bool:
+        """Whether `driving` is cut already (by an earlier variant's run)."""
+        return self._driving is not None
 
     @property
     def streamed(self) -> bool:
