@@ -609,7 +609,8 @@ def test_an_error_in_work_made_ahead_stops_the_run(engine, monkeypatch):
         raise RuntimeError("broken motion")
 
     monkeypatch.setattr(D.DenseClip, "plan", broken)
-    monkeypatch.setattr(E.Lookahead, "plan", lambda self, points, queued, tracked_all=False: self.work(points) if self.work else None)
+    monkeypatch.setattr(E.Lookahead, "plan",
+                        lambda self, points, queued, tracked_all=False: self.work(points) if self.work else None)
     with pytest.raises(RuntimeError, match="broken motion"):
         engine.animate(DATA / "faces" / "asian_female.png", clip, variant="dense", batch_size=4)
     assert torch.get_num_threads() == threads
