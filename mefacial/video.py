@@ -670,59 +670,85 @@ def face_box(landmarks: np.ndarray, image_shape: Sequence[int], margin: float = 
     return FaceBox(corner[0], corner[1], size)
 
 
-def _cut(frames: np.ndarray, box: FaceBox) -> np.ndarray:
-    """The box region of T x H x W x 3 frames, padded where the box reaches past the border (`soft_pad`)."""
+def _cut(frames: np.ndarray, box: FaceBox, size: int) -> np.ndarray:
+    """The box region of T x H x W x 3 frames at size x size, padded where the box reaches past the border
+    (`soft_pad`). A box larger than `size` is shrunk before its pad fades into a blur: the same fade, drawn on
+    the model's pixels (the blur of a 1024 px picture's pad cost some 150 ms a frame at its own size)."""
     height, width = frames.shape[1:3]
     ys, xs = slice(max(box.y0, 0), min(box.y1, height)), slice(max(box.x0, 0), min(box.x1, width))
     region = frames[:, ys, xs]
     pad = ((0, 0), (ys.start - box.y0, box.y1 - ys.stop), (xs.start - box.x0, box.x1 - xs.stop), (0, 0))
-    return soft_pad(region, pad) if any(p != (0, 0) for p in pad) else region
+    if all(p == (0, 0) for p in pad):
+        return _resize_uint8(region, size)
+    if box.size <= size:
+        return _resize_uint8(soft_pad(region, pad), size)
+    return _fade_pad(_resize_uint8(_mirror_pad(region, pad), size), pad, region.shape[1:3], size / box.size)
 
 
 def soft_pad(frames: np.ndarray, pad: tuple) -> np.ndarray:
     """Pad T x H x W x 3 uint8 frames (`pad` as for np.pad) without edge-replication streaks: the picture is
     mirrored into the pad, and the mirror fades into a blur of itself away from the picture's edge, so the
     padding reads as out-of-focus background rather than stripes (which replicated edge pixels make)."""
+    return _fade_pad(_mirror_pad(frames, pad), pad, frames.shape[1:3])
+
+
+def _mirror_pad(frames: np.ndarray, pad: tuple) -> np.ndarray:
+    """`pad` (as for np.pad) filled with the picture mirrored as far as it reaches, then with its edge (only
+    for pads wider than the picture)."""
     (_, _), (top, bottom), (left, right), (_, _) = pad
     height, width = frames.shape[1:3]
-    # mirror as far as the picture reaches, then continue with the edge (only for pads wider than the picture)
     mirror = tuple((min(a, n - 1), min(b, n - 1)) for (a, b), n in zip(((top, bottom), (left, right)), (height, width)))
     out = np.pad(frames, ((0, 0), *mirror, (0, 0)), mode="reflect")
     rest = ((0, 0), (top - mirror[0][0], bottom - mirror[0][1]), (left - mirror[1][0], right - mirror[1][1]), (0, 0))
-    out = np.pad(out, rest, mode="edge") if any(p != (0, 0) for p in rest) else out
+    return np.pad(out, rest, mode="edge") if any(p != (0, 0) for p in rest) else out
+
+
+def _fade_pad(out: np.ndarray, pad: tuple, picture: tuple[int, int], scale: float = 1.0) -> np.ndarray:
+    """`soft_pad`'s fade, in place on mirror-padded frames `out` (T x H' x W' x 3) drawn at `scale` x the size of
+    the padded picture (`pad` and the picture's H x W in its own pixels): a pad pixel becomes the mirror blended
+    with its blur, more so further from the picture (the same distances and blur, in the picture's pixels)."""
+    (_, _), (top, bottom), (left, right), (_, _) = pad
+    height, width = picture
     size_h, size_w = out.shape[1:3]
-    ys, xs = np.arange(size_h, dtype=np.float32), np.arange(size_w, dtype=np.float32)
-    dist_y = np.maximum(np.maximum(top - ys, ys - (top + height - 1)), 0)  # pixels outside the picture
+    # the centres of out's pixels in the padded picture's pixels, and how far they lie outside the picture
+    ys = (np.arange(size_h, dtype=np.float32) + 0.5) / scale - 0.5
+    xs = (np.arange(size_w, dtype=np.float32) + 0.5) / scale - 0.5
+    dist_y = np.maximum(np.maximum(top - ys, ys - (top + height - 1)), 0)
     dist_x = np.maximum(np.maximum(left - xs, xs - (left + width - 1)), 0)
     ramp = max(4.0, 0.05 * max(height, width))
     weight = np.clip(np.maximum(dist_y[:, None], dist_x[None, :]) / ramp, 0, 1)  # H' x W'
-    sigma = max(2.0, 0.04 * max(height, width))
+    sigma = max(2.0, 0.04 * max(height, width)) * scale
+    # the pad's rows and columns in out's pixels
+    top, bottom = int(np.count_nonzero(ys < top)), int(np.count_nonzero(ys > top + height - 1))
+    left, right = int(np.count_nonzero(xs < left)), int(np.count_nonzero(xs > left + width - 1))
     # the pad (where the mirror fades into its blur; the picture itself is left as it is): a rectangle per padded
     # side, none overlapping, each blurred within its band (the side's pad grown inwards by the kernel's radius),
     # so every pad pixel gets the blur of the whole frame; or all blurred within their bounding box grown likewise,
     # where that is smaller
     reach = _blur_radius(sigma) + 1
     middle = slice(top, size_h - bottom)
-    sides = [(pad, band) for pad, band, thickness in (
+    sides = [(area, band) for area, band, thickness in (
         ((slice(0, top), slice(None)), (slice(0, top + reach), slice(None)), top),
         ((slice(size_h - bottom, None), slice(None)), (slice(max(size_h - bottom - reach, 0), None), slice(None)),
          bottom),
         ((middle, slice(0, left)), (slice(None), slice(0, left + reach)), left),
         ((middle, slice(size_w - right, None)), (slice(None), slice(max(size_w - right - reach, 0), None)), right))
         if thickness]
+    if not sides:
+        return out
     bands = [band for _, band in sides]
     faded = weight > 0
     rows, cols = np.flatnonzero(faded.any(1)), np.flatnonzero(faded.any(0))
     box = (slice(max(rows[0] - reach, 0), rows[-1] + reach + 1), slice(max(cols[0] - reach, 0), cols[-1] + reach + 1))
     if sum(faded[band].size for band in bands) > faded[box].size:
         bands = [box]
-    parts = [(pad, min(k, len(bands) - 1), weight[pad][..., None]) for k, (pad, _) in enumerate(sides)]  # band, weights
+    parts = [(area, min(k, len(bands) - 1), weight[area][..., None]) for k, (area, _) in enumerate(sides)]
     blurred = np.empty((len(bands), size_h, size_w, out.shape[-1]), np.uint8)  # each band's blur, where it lies
     for frame in out:
         for k, band in enumerate(bands):  # (all bands blurred before any pad is blended)
             blurred[k][band] = _blurred(frame[band], sigma)
-        for pad, k, w in parts:
-            frame[pad] = np.rint(frame[pad] * (1 - w) + blurred[k][pad] * w).astype(np.uint8)
+        for area, k, w in parts:  # (a pad's area, its band's index, its weights)
+            frame[area] = np.rint(frame[area] * (1 - w) + blurred[k][area] * w).astype(np.uint8)
     return out
 
 
@@ -787,7 +813,7 @@ def crop_to_model(frames: np.ndarray, box: FaceBox, size: int, chunk: int = 64) 
     single = np.asarray(frames).ndim in (2, 3)
     frames = as_rgb(frames)
     frames = frames[None] if single else frames
-    out = np.concatenate([_resize_uint8(_cut(frames[i:i + chunk], box), size)
+    out = np.concatenate([_cut(frames[i:i + chunk], box, size)
                           for i in range(0, len(frames), chunk)])  # T x size x size x 3
     return out[0] if single else out
 

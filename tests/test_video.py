@@ -336,6 +336,23 @@ def test_soft_pad_blends_the_blur_of_the_whole_frame(pad):
     assert np.array_equal(out[:, top:top + height, left:left + width], frames)
 
 
+@pytest.mark.parametrize("box", [video.FaceBox(-150, -200, 1300), video.FaceBox(300, -40, 300),
+                                 video.FaceBox(-50, 100, 420)])
+def test_a_box_larger_than_the_model_is_padded_at_the_models_size(astronaut, box):
+    """A padded box larger than the model's size is shrunk before its pad fades into the blur: the same picture as
+    fading at the picture's own size (where the blur of a large picture's pad cost ~20x more), a few grey levels
+    apart at most where a sharp mirrored edge meets the fade's ramp (blending and averaging in the other order)."""
+    picture = np.asarray(Image.fromarray(astronaut).resize((1024, 1024))) if box.size > 1000 else astronaut
+    height, width = picture.shape[:2]
+    ys, xs = slice(max(box.y0, 0), min(box.y1, height)), slice(max(box.x0, 0), min(box.x1, width))
+    pad = ((0, 0), (ys.start - box.y0, box.y1 - ys.stop), (xs.start - box.x0, box.x1 - xs.stop), (0, 0))
+    assert any(p != (0, 0) for p in pad)
+    at_own_size = video.resize_frames(video.soft_pad(picture[None, ys, xs], pad), 256, 256)[0]
+    got = video.crop_to_model(picture, box, 256)
+    difference = np.abs(got.astype(int) - at_own_size)
+    assert difference.max() <= 6 and difference.mean() < 0.1, (difference.max(), difference.mean())
+
+
 @pytest.mark.parametrize("shape, size", [((3, 128, 128, 3), (256, 256)), ((2, 100, 77, 3), (256, 256)),
                                          ((2, 300, 260, 3), (256, 256)), ((2, 64, 64, 3), (64, 64))])
 def test_resize_gives_torch_bilinear_values(shape, size):
