@@ -15,8 +15,8 @@ Backends behind one interface (`LandmarkDetector.detect`), picked by `get_detect
 
 Where a frame holds several faces, the largest is used (on ties the last one
 found, as the reference does). Frames larger than `DETECT_MAX_SIDE` are
-downscaled for finding the face only; the landmarks are fitted at full
-resolution. A frame without a face raises `NoFaceError` naming the frame;
+downscaled for finding the face only (dlib's to 256 px first, a portrait's
+face is large); the landmarks are fitted at full resolution. A frame without a face raises `NoFaceError` naming the frame;
 nothing falls back to stored keypoints.
 
 `smooth_tracks` removes the per-frame jitter of landmark tracks (about 0.3 px
@@ -44,13 +44,14 @@ import torch
 
 from .errors import InputError, NoFaceError, WeightsNotFoundError
 from .prior import NUM_LANDMARKS
-from .video import as_rgb, resize_frames
+from .video import as_rgb
 
 logger = logging.getLogger("mefacial")
 
 BACKENDS = ("auto", "fan", "dlib")
 DETECT_MAX_SIDE = 640  # larger frames are downscaled to this longest side to find the face
 DLIB_UPSAMPLE = 1  # the reference's setting: finds faces down to about 40 px
+DLIB_FIRST_SIDE = 256  # dlib searches a frame larger than DETECT_MAX_SIDE shrunk to this side first
 DLIB_PREDICTOR_FILE = "shape_predictor_68_face_landmarks.dat"
 FAN_FACE_DETECTORS = {  # face-alignment detector -> (module, keys of its models_urls)
     "sfd": ("face_alignment.detection.sfd.sfd_detector", ("s3fd",)),
@@ -82,6 +83,7 @@ class LandmarkDetector(abc.ABC):
 
     name: str
     min_face_px: float  # smallest face found in a frame of at most DETECT_MAX_SIDE px
+    search_sides: tuple[int, ...] = (DETECT_MAX_SIDE,)  # a frame larger than that is shrunk to these sides in turn
 
     def detect(self, frames: np.ndarray, *, role: str = "driving", allow_missing: bool = False,
                batch_size: int = 16) -> Landmarks68:
@@ -96,24 +98,37 @@ class LandmarkDetector(abc.ABC):
         frames = as_rgb(frames)
         frames = frames[None] if frames.ndim == 3 else frames  # N x H x W x 3
         count, height, width = frames.shape[:3]
-        scale = max(height, width) / DETECT_MAX_SIDE
         points = np.full((count, NUM_LANDMARKS, 2), np.nan, dtype=np.float32)
         boxes = np.full((count, 4), np.nan, dtype=np.float32)
         for start in range(0, count, batch_size):
             batch = frames[start:start + batch_size]
-            small = batch if scale <= 1 else resize_frames(batch, round(height / scale), round(width / scale))
-            candidates = self._find_faces(small)  # per frame: k x 4 (x0, y0, x1, y1) in `small` pixels
-            chosen = [_largest(c) * max(scale, 1.0) if len(c) else None for c in candidates]
-            for offset, box in enumerate(chosen):
-                if box is not None:
-                    boxes[start + offset] = box
+            chosen = self._search(batch)
             found = [i for i, box in enumerate(chosen) if box is not None]
+            for i in found:
+                boxes[start + i] = chosen[i]
             if found:
                 points[[start + i for i in found]] = self._fit(batch[found], boxes[[start + i for i in found]])
         result = Landmarks68(points, ~np.isnan(boxes[:, 0]), boxes, self.name)
         if not allow_missing and not result.found.all():
             raise self._no_face(int(np.argmin(result.found)), count, (width, height), role)
         return result
+
+    def _search(self, frames: np.ndarray) -> list[np.ndarray | None]:
+        """The largest face box (x0, y0, x1, y1, in the frames' pixels) of each frame (n x H x W x 3), or None:
+        searched at the frames' own size up to DETECT_MAX_SIDE; larger frames shrunk to each of `search_sides`
+        in turn, the frames without a face yet only."""
+        height, width = frames.shape[1:3]
+        chosen: list[np.ndarray | None] = [None] * len(frames)
+        for side in self.search_sides if max(height, width) > DETECT_MAX_SIDE else [max(height, width)]:
+            todo = [i for i, box in enumerate(chosen) if box is None]
+            if not todo:
+                break
+            scale = max(height, width) / side
+            small = frames[todo] if scale <= 1 else _shrunk(frames[todo], (round(width / scale), round(height / scale)))
+            for i, candidates in zip(todo, self._find_faces(small)):  # per frame: k x 4 in `small` pixels
+                if len(candidates):
+                    chosen[i] = _largest(candidates) * max(scale, 1.0)
+        return chosen
 
     def _no_face(self, index: int, count: int, size: tuple[int, int], role: str) -> NoFaceError:
         smallest = self.min_face_px * max(max(size) / DETECT_MAX_SIDE, 1.0)
@@ -137,6 +152,14 @@ class LandmarkDetector(abc.ABC):
     @abc.abstractmethod
     def _fit(self, frames: np.ndarray, boxes: np.ndarray) -> np.ndarray:
         """68 landmarks (n x 68 x 2) of the face in `boxes` (n x 4) of each full-size frame."""
+
+
+def _shrunk(frames: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """n x H x W x 3 uint8 frames area-averaged to `size` (width, height): by OpenCV, which a forked child (a
+    worker process) can run after its parent used torch's thread pool, where torch's resize would hang."""
+    import cv2
+
+    return np.stack([cv2.resize(frame, size, interpolation=cv2.INTER_AREA) for frame in frames])
 
 
 def _largest(boxes: np.ndarray) -> np.ndarray:
@@ -167,6 +190,10 @@ class DlibDetector(LandmarkDetector):
 
     name = "dlib"
     min_face_px = 80 / 2**DLIB_UPSAMPLE  # the HOG window is 80 px
+    # a frame larger than DETECT_MAX_SIDE is searched at 256 px first, at DETECT_MAX_SIDE only where no face was
+    # found (one under 1/6 of the frame): the search's cost grows with the pixels searched (21 ms at 256 px, 130 ms
+    # at 640), and a portrait's face is large. Smaller frames get the reference's search, at their own size.
+    search_sides = (DLIB_FIRST_SIDE, DETECT_MAX_SIDE)
 
     def __init__(self):
         try:

@@ -132,6 +132,30 @@ def test_large_frames_are_downscaled_only_to_find_the_face(dlib_detector, astron
     assert np.abs(upscaled.points / 2 - native.points).max() < 4  # fitted at full size: same face
 
 
+def test_large_frames_are_searched_small_first(dlib_detector, astronaut, monkeypatch):
+    """dlib searches a frame larger than DETECT_MAX_SIDE at 256 px first, at DETECT_MAX_SIDE only where no face
+    was found there; smaller frames get the reference's search, at their own size alone."""
+    sizes = []
+    find_faces = dlib_detector._find_faces
+    monkeypatch.setattr(dlib_detector, "_find_faces", lambda frames: sizes.append(frames.shape[1:3]) or find_faces(frames))
+    big = np.kron(astronaut, np.ones((2, 2, 1), np.uint8))  # 1024 x 1024: a large face
+    full = lm.DlibDetector()
+    full.search_sides = (lm.DETECT_MAX_SIDE,)  # the one search at 640 px
+    expected = full.detect(big, role="source")
+    got = dlib_detector.detect(big, role="source")
+    assert sizes == [(256, 256)]
+    inter_ocular = np.linalg.norm(expected.points[0, 36:42].mean(0) - expected.points[0, 42:48].mean(0))
+    assert np.linalg.norm(got.points - expected.points, axis=-1).mean() < 0.03 * inter_ocular  # the same face
+    sizes.clear()
+    canvas = np.full((900, 900, 3), 90, np.uint8)  # a 112 px face in 900 px: too small for the first search
+    canvas[400:512, 500:612] = video.resize_frames(astronaut[None, 40:240, 120:320], 112, 112)[0]
+    box = dlib_detector.detect(canvas, role="source").boxes[0]
+    assert sizes == [(256, 256), (640, 640)] and 480 < (box[0] + box[2]) / 2 < 640
+    sizes.clear()
+    dlib_detector.detect(astronaut, role="source")
+    assert sizes == [(512, 512)]  # searched once, as it is
+
+
 def test_any_image_mode_works(dlib_detector, astronaut):
     grey = astronaut.mean(axis=-1).astype(np.uint8)
     rgba = np.dstack([astronaut, np.full(grey.shape, 255, np.uint8)])
