@@ -356,8 +356,8 @@ def test_a_box_larger_than_the_model_is_padded_at_the_models_size(astronaut, box
 @pytest.mark.parametrize("shape, size", [((3, 128, 128, 3), (256, 256)), ((2, 100, 77, 3), (256, 256)),
                                          ((2, 300, 260, 3), (256, 256)), ((2, 64, 64, 3), (64, 64))])
 def test_resize_gives_torch_bilinear_values(shape, size):
-    """Frames are enlarged through OpenCV (fast) and shrunk through torch (anti-aliased): either way the values
-    of torch's bilinear resize, anti-aliased when shrinking, rounded to uint8."""
+    """Frames are enlarged through OpenCV and shrunk through torch's uint8 kernel (both fast): the values of
+    torch's float bilinear resize, anti-aliased when shrinking, rounded to uint8 (shrunk: within 1 grey level)."""
     import torch
     import torch.nn.functional as F
 
@@ -365,4 +365,8 @@ def test_resize_gives_torch_bilinear_values(shape, size):
     batch = torch.from_numpy(frames).permute(0, 3, 1, 2).float()
     expected = F.interpolate(batch, size=size, mode="bilinear", align_corners=False, antialias=True)
     expected = expected.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    assert np.array_equal(video.resize_frames(frames, *size), expected)
+    got = video.resize_frames(frames, *size)
+    if shape[1] > size[0] or shape[2] > size[1]:
+        assert got.shape == expected.shape and np.abs(got.astype(int) - expected).max() <= 1
+    else:
+        assert np.array_equal(got, expected)
