@@ -15,8 +15,9 @@ Backends behind one interface (`LandmarkDetector.detect`), picked by `get_detect
 
 Where a frame holds several faces, the largest is used (on ties the last one
 found, as the reference does). Frames larger than `DETECT_MAX_SIDE` are
-downscaled for finding the face only (dlib's to 256 px first, a portrait's
-face is large); the landmarks are fitted at full resolution. A frame without a face raises `NoFaceError` naming the frame;
+downscaled for finding the face only, and dlib searches any frame larger
+than 256 px at 256 first (a portrait's face is large); the landmarks are
+fitted at full resolution. A frame without a face raises `NoFaceError` naming the frame;
 nothing falls back to stored keypoints.
 
 `smooth_tracks` removes the per-frame jitter of landmark tracks (about 0.3 px
@@ -51,7 +52,7 @@ logger = logging.getLogger("mefacial")
 BACKENDS = ("auto", "fan", "dlib")
 DETECT_MAX_SIDE = 640  # larger frames are downscaled to this longest side to find the face
 DLIB_UPSAMPLE = 1  # the reference's setting: finds faces down to about 40 px
-DLIB_FIRST_SIDE = 256  # dlib searches a frame larger than DETECT_MAX_SIDE shrunk to this side first
+DLIB_FIRST_SIDE = 256  # dlib searches a larger frame shrunk to this side first (the reference's frames' size)
 DLIB_PREDICTOR_FILE = "shape_predictor_68_face_landmarks.dat"
 FAN_FACE_DETECTORS = {  # face-alignment detector -> (module, keys of its models_urls)
     "sfd": ("face_alignment.detection.sfd.sfd_detector", ("s3fd",)),
@@ -83,7 +84,7 @@ class LandmarkDetector(abc.ABC):
 
     name: str
     min_face_px: float  # smallest face found in a frame of at most DETECT_MAX_SIDE px
-    search_sides: tuple[int, ...] = (DETECT_MAX_SIDE,)  # a frame larger than that is shrunk to these sides in turn
+    search_sides: tuple[int, ...] = ()  # longest sides a larger frame is searched at first, shrunk (`_search`)
 
     def detect(self, frames: np.ndarray, *, role: str = "driving", allow_missing: bool = False,
                batch_size: int = 16) -> Landmarks68:
@@ -115,11 +116,12 @@ class LandmarkDetector(abc.ABC):
 
     def _search(self, frames: np.ndarray) -> list[np.ndarray | None]:
         """The largest face box (x0, y0, x1, y1, in the frames' pixels) of each frame (n x H x W x 3), or None:
-        searched at the frames' own size up to DETECT_MAX_SIDE; larger frames shrunk to each of `search_sides`
-        in turn, the frames without a face yet only."""
+        searched with the frames shrunk to each of the `search_sides` smaller than they are, then at their own
+        size up to DETECT_MAX_SIDE, in turn, each time in the frames without a face yet."""
         height, width = frames.shape[1:3]
+        longest = max(height, width)
         chosen: list[np.ndarray | None] = [None] * len(frames)
-        for side in self.search_sides if max(height, width) > DETECT_MAX_SIDE else [max(height, width)]:
+        for side in sorted({*(s for s in self.search_sides if s < longest), min(longest, DETECT_MAX_SIDE)}):
             todo = [i for i, box in enumerate(chosen) if box is None]
             if not todo:
                 break
@@ -190,10 +192,10 @@ class DlibDetector(LandmarkDetector):
 
     name = "dlib"
     min_face_px = 80 / 2**DLIB_UPSAMPLE  # the HOG window is 80 px
-    # a frame larger than DETECT_MAX_SIDE is searched at 256 px first, at DETECT_MAX_SIDE only where no face was
+    # a frame larger than the reference's 256 px ones is searched at 256 px first, further only where no face was
     # found (one under 1/6 of the frame): the search's cost grows with the pixels searched (21 ms at 256 px, 130 ms
-    # at 640), and a portrait's face is large. Smaller frames get the reference's search, at their own size.
-    search_sides = (DLIB_FIRST_SIDE, DETECT_MAX_SIDE)
+    # at 640), and a portrait's or a clip's face is large. Frames up to 256 px get the reference's search alone.
+    search_sides = (DLIB_FIRST_SIDE,)
 
     def __init__(self):
         try:

@@ -460,14 +460,15 @@ def _streak_share(frame: np.ndarray, band: int = 6) -> float:
 
 def test_no_streaks_when_the_face_touches_the_border(engine):
     """A face cut by the picture's left edge: the crop box reaches past the edges, and no output frame shows
-    edge-replication streaks (with edge padding, about a third of this border does)."""
+    edge-replication streaks (with edge padding, about a third of this border does: 70 % of its padded sides;
+    the picture's own content scores 2-5 % on its unpadded sides, and on mirrored smooth skin up to 10 %)."""
     from skimage.data import astronaut
 
     picture = np.ascontiguousarray(astronaut()[90:400, 195:480])
     result = engine.animate(picture, np.repeat(picture[None], 3, 0), variant="dense", margin=0.2)
     assert result.crop_box.x0 < 0 and result.crop_box.y0 < 0  # the box does leave the picture
     for frame in result.frames:
-        assert _streak_share(frame) < 0.03, _streak_share(frame)
+        assert _streak_share(frame) < 0.1, _streak_share(frame)
 
 
 def test_streamed_clip_equals_the_whole_clip(engine):

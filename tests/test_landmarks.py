@@ -133,14 +133,15 @@ def test_large_frames_are_downscaled_only_to_find_the_face(dlib_detector, astron
 
 
 def test_large_frames_are_searched_small_first(dlib_detector, astronaut, monkeypatch):
-    """dlib searches a frame larger than DETECT_MAX_SIDE at 256 px first, at DETECT_MAX_SIDE only where no face
-    was found there; smaller frames get the reference's search, at their own size alone."""
+    """dlib searches a frame larger than the reference's 256 px ones at 256 px first, further (at its own size,
+    DETECT_MAX_SIDE at most) only where no face was found there; frames up to 256 px get the reference's
+    search alone."""
     sizes = []
     find_faces = dlib_detector._find_faces
     monkeypatch.setattr(dlib_detector, "_find_faces", lambda frames: sizes.append(frames.shape[1:3]) or find_faces(frames))
     big = np.kron(astronaut, np.ones((2, 2, 1), np.uint8))  # 1024 x 1024: a large face
     full = lm.DlibDetector()
-    full.search_sides = (lm.DETECT_MAX_SIDE,)  # the one search at 640 px
+    full.search_sides = ()  # the one search at 640 px
     expected = full.detect(big, role="source")
     got = dlib_detector.detect(big, role="source")
     assert sizes == [(256, 256)]
@@ -152,8 +153,13 @@ def test_large_frames_are_searched_small_first(dlib_detector, astronaut, monkeyp
     box = dlib_detector.detect(canvas, role="source").boxes[0]
     assert sizes == [(256, 256), (640, 640)] and 480 < (box[0] + box[2]) / 2 < 640
     sizes.clear()
-    dlib_detector.detect(astronaut, role="source")
-    assert sizes == [(512, 512)]  # searched once, as it is
+    canvas = np.full((500, 300, 3), 90, np.uint8)  # 300 x 500: the small face found at its own size
+    canvas[200:272, 100:172] = video.resize_frames(astronaut[None, 40:240, 120:320], 72, 72)[0]
+    dlib_detector.detect(canvas, role="source")
+    assert sizes == [(256, 154), (500, 300)]
+    sizes.clear()
+    dlib_detector.detect(astronaut[:256, 100:356], role="source")
+    assert sizes == [(256, 256)]  # searched once, as it is
 
 
 def test_any_image_mode_works(dlib_detector, astronaut):
