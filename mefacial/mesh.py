@@ -62,7 +62,7 @@ ROI_SCALE = 1.5  # MediaPipe's face region of interest: 1.5 x the landmarks' ext
 IRIS_ROI_SCALE = 2.3  # MediaPipe's eye region: 2.3 x the eye-corner distance, square
 PRESENCE_THRESHOLD = 0.5  # sigmoid of the face-flag output
 RETRACK_SHIFT = 0.08  # a mesh whose centre moved by more than this x the box size gets a new box
-LARGEST_ROI = 2 * FACE_INPUT  # px: a clip whose face box is larger is tracked on frames shrunk to fit it (1/2, 1/3..)
+LARGEST_ROI = 2 * FACE_INPUT  # px: a clip whose face box is larger is tracked on frames halved until it fits
 # Tracking with `hold_eyes` (the generators' tracking, for speed), the iris model refines an eye of a frame only
 # where it may read something new: when the face model's points of that eye moved by more than EYE_HOLD x the
 # inter-ocular distance since it last ran there, and at least every EYE_HOLD_FRAMES frames; in between, its last
@@ -428,7 +428,7 @@ class MeshTracker:
                     return out
                 raise _no_face(0, count, frames.shape, self.role)
             centre, size, angle = self.roi
-            self.scale = 1 / math.ceil(size / LARGEST_ROI)  # by a whole factor: OpenCV's fast, exact block average
+            self.scale = 0.5 ** math.ceil(max(math.log2(size / LARGEST_ROI), 0))  # halved, as often as needed
             self.roi = ((centre + 0.5) * self.scale - 0.5, size * self.scale, angle)
         if self.roi is None:  # the onset frame had no face (allow_missing)
             self.seen += len(frames)
@@ -458,13 +458,15 @@ class MeshTracker:
 
 
 def _shrunk(frame: np.ndarray, scale: float) -> np.ndarray:
-    """The frame at `scale` (1 / a whole number) of its size, area-averaged (pixel centres: x' = (x + 0.5) scale
-    - 0.5): OpenCV's block average, 20x faster than at a fractional scale (2 against 0.08 ms at 640 x 480)."""
-    if scale == 1:
-        return frame
+    """The frame at `scale` (1, 1/2, 1/4 ...) of its size, area-averaged by halving it (pixel centres: x' =
+    (x + 0.5) scale - 0.5): OpenCV's 2 x 2 block average has a fast path (0.07 ms a halving at 640 x 480,
+    against 0.3-2 ms for any other factor)."""
     import cv2
 
-    return cv2.resize(frame, (0, 0), fx=scale, fy=scale, interpolation=cv2.INTER_AREA)  # mapped with `scale` itself
+    while scale < 1:
+        frame = cv2.resize(frame, (0, 0), fx=0.5, fy=0.5, interpolation=cv2.INTER_AREA)
+        scale *= 2
+    return frame
 
 
 def _no_face(index: int, count: int | None, shape: tuple, role: str) -> NoFaceError:
