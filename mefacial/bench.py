@@ -576,45 +576,52 @@ TRAINING_FREE = ("dense", "dense-geometry", "warp")
 
 
 def training_free(variants: Sequence[str] = TRAINING_FREE, data: Path | None = None, frames: int | None = None,
-                  repeats: int = 3, reference: str = "warp", log: Callable[[str], None] = lambda message: None
-                  ) -> dict[str, Any]:
+                  repeats: int = 3, reference: str = "warp", log: Callable[[str], None] = lambda message: None,
+                  source: Path | None = None, driving: Path | None = None) -> dict[str, Any]:
     """The training-free generators end to end through `Engine.animate` (face crops, landmarks or mesh, motion,
     rendering) on the same face and clip, in one run, alternating their order between repeats (other
     processes share the machine); per variant the medians of its ms per frame, per stage and end to end, and
-    the ratio of `reference`'s end-to-end time to its own in each repeat (median)."""
-    clip_path = _first_clip(data)
-    if clip_path is not None:
-        face = sorted(p for p in (data / "faces").iterdir() if p.suffix.lower() in video.IMAGE_EXTENSIONS)[0]
-        source, clip = video.read_image(face), video.read_clip(clip_path)
-        driving, fps = clip.frames, clip.fps
-        origin = f"{clip_path.name} ({len(driving)} frames) driving {face.name}"
+    the ratio of `reference`'s end-to-end time to its own in each repeat (median). The face and clip: `source`
+    and `driving` where given, else the first of `data`'s faces and clips, else a synthetic swaying face."""
+    clip_path = driving or _first_clip(data)
+    faces = sorted(p for p in (data / "faces").iterdir() if p.suffix.lower() in video.IMAGE_EXTENSIONS) \
+        if data is not None and (data / "faces").is_dir() else []
+    face = source or (faces[0] if faces else None)
+    if face is not None:
+        picture, name = video.read_image(face), Path(face).name
     else:
         from skimage.data import astronaut
 
-        source = astronaut()
-        driving, fps = _sway(video.resize_frames(source[None], 256, 256)[0], frames or 48), video.DEFAULT_FPS
-        origin = "synthetic: scikit-image astronaut, swaying"
+        picture, name = astronaut(), "scikit-image astronaut"
+    if clip_path is not None:
+        clip = video.read_clip(clip_path)
+        clip_frames, fps = clip.frames, clip.fps
+        origin = (f"{Path(clip_path).name} ({len(clip_frames)} frames of {clip_frames.shape[2]} x "
+                  f"{clip_frames.shape[1]}) driving {name} ({picture.shape[1]} x {picture.shape[0]})")
+    else:
+        clip_frames, fps = _sway(video.resize_frames(picture[None], 256, 256)[0], frames or 48), video.DEFAULT_FPS
+        origin = f"synthetic: {name}, swaying"
     if frames is not None:
-        driving = driving[:frames]
+        clip_frames = clip_frames[:frames]
     variants = list(dict.fromkeys([*variants, reference]))
     engine = Engine(device="cpu", landmarks="dlib")
     log(f"warming up ({', '.join(variants)})")
     for variant in variants:
-        engine.animate(source, driving[:4], variant=variant, fps=fps)
+        engine.animate(picture, clip_frames[:4], variant=variant, fps=fps)
     times: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
     for r in range(repeats):
         for variant in (variants if r % 2 == 0 else variants[::-1]):
-            result = engine.animate(source, driving, variant=variant, fps=fps)
+            result = engine.animate(picture, clip_frames, variant=variant, fps=fps)
             times[variant].append(result.timings)
-        log(f"repeat {r + 1}/{repeats}: " + ", ".join(f"{v} {1000 * t[-1]['total_s'] / len(driving):.0f} ms/frame"
+        log(f"repeat {r + 1}/{repeats}: " + ", ".join(f"{v} {1000 * t[-1]['total_s'] / len(clip_frames):.0f} ms/frame"
                                                      for v, t in times.items()))
     rows = []
     for variant in variants:
-        per_frame = {key: 1000 * _median([t.get(f"{key}_s", 0.0) for t in times[variant]]) / len(driving)
+        per_frame = {key: 1000 * _median([t.get(f"{key}_s", 0.0) for t in times[variant]]) / len(clip_frames)
                      for key in ("read", "landmarks", "generator", "total")}
         ratio = _median([ref["total_s"] / own["total_s"] for ref, own in zip(times[reference], times[variant])])
         rows.append({"variant": variant, "ms_per_frame": per_frame, "speedup_vs": {reference: ratio}})
-    return {"machine": machine(torch.device("cpu")), "inputs": origin, "frames": len(driving), "repeats": repeats,
+    return {"machine": machine(torch.device("cpu")), "inputs": origin, "frames": len(clip_frames), "repeats": repeats,
             "reference": reference, "rows": rows}
 
 
@@ -647,7 +654,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     """The `bench` subcommand of `python -m mefacial`."""
     bench = sub.add_parser("bench", help="time the engine's batched path against the per-frame loop of the originals")
     bench.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), help="variant ids (comma or space separated)")
-    bench.add_argument("--frames", type=int, default=16, help="driving frames per clip")
+    bench.add_argument("--frames", type=int, default=None,
+                       help="driving frames per clip (default: 16; with --training-free, the whole clip)")
     bench.add_argument("--batch-size", type=int, default=None,
                        help="driving frames per network batch (fast path; default: the engine's, 4 on a CPU, 32 on a GPU)")
     bench.add_argument("--precisions", nargs="+", default=["fp32", "bf16", "fp16"],
@@ -669,6 +677,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     bench.add_argument("--training-free", action="store_true",
                        help="time the training-free generators (dense, dense-geometry, warp, or --variants) end to end "
                             "through Engine.animate on one real clip, side by side, with their speed-up over warp")
+    bench.add_argument("--source", type=Path, default=None,
+                       help="with --training-free: the face picture (default: the first of --data's faces)")
+    bench.add_argument("--driving", type=Path, default=None,
+                       help="with --training-free: the driving clip, any format the engine reads (default: the first "
+                            "of --data's clips)")
     bench.set_defaults(func=main)
 
 
@@ -681,8 +694,9 @@ def main(args: argparse.Namespace) -> int:
     if args.training_free:
         chosen = [v for v in variants if not get_variant(v).needs_weights] if args.variants != list(DEFAULT_VARIANTS) \
             else list(TRAINING_FREE)
-        report = training_free(chosen or list(TRAINING_FREE), data=args.data, repeats=args.repeats,
-                               log=lambda message: print(message, flush=True))
+        report = training_free(chosen or list(TRAINING_FREE), data=args.data, frames=args.frames, repeats=args.repeats,
+                               log=lambda message: print(message, flush=True), source=args.source,
+                               driving=args.driving)
         print(format_training_free(report))
         if args.json is not None:
             args.json.write_text(json.dumps(report, indent=2, default=float))
@@ -691,7 +705,7 @@ def main(args: argparse.Namespace) -> int:
     bad = [p for p in precisions if p not in PRECISIONS]
     if bad:
         raise InputError(f"unknown precision(s) {bad}; use {', '.join(PRECISIONS)}")
-    report = run(variants, frames=args.frames, batch_size=args.batch_size, precisions=precisions, device=args.device,
+    report = run(variants, frames=args.frames or 16, batch_size=args.batch_size, precisions=precisions, device=args.device,
                  repeats=args.repeats, seed=args.seed, data=args.data, compile=args.compile,
                  channels_last=args.channels_last, fuse=args.fuse, landmarks=args.landmarks,
                  log=lambda message: print(message, flush=True))

@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import FIXTURES, fixture_meta, model_fixture_dirs, require
+from conftest import FIXTURES, REPO, fixture_meta, model_fixture_dirs, require
 from mefacial import Engine, bench
 from mefacial.__main__ import main as cli
 from mefacial.config import config_from_reference
@@ -159,6 +159,20 @@ def test_cli_rejects_unknown_variants_and_precisions(capsys):
     assert "nope" in capsys.readouterr().err
     assert cli(["bench", "--variants", "warp", "--precisions", "fp8"]) == 2
     assert "fp8" in capsys.readouterr().err
+
+
+def test_training_free_bench_times_any_face_and_clip(tmp_path, capsys):
+    """`bench --training-free --source --driving --frames`: the generators end to end on the given face and clip
+    (here the app's bundled example), side by side with the warp, their sizes named."""
+    examples = REPO / "examples"
+    report = tmp_path / "report.json"
+    assert cli(["bench", "--training-free", "--source", str(examples / "astronaut.png"), "--driving",
+                str(examples / "brow_raise.mp4"), "--frames", "6", "--repeats", "1", "--json", str(report)]) == 0
+    out = capsys.readouterr().out
+    assert "brow_raise.mp4 (12 frames of 256 x 256) driving astronaut.png (224 x 224)" in out
+    rows = {row["variant"]: row for row in json.loads(report.read_text())["rows"]}
+    assert set(rows) == {"dense", "dense-geometry", "warp"} and json.loads(report.read_text())["frames"] == 6
+    assert rows["warp"]["speedup_vs"]["warp"] == 1.0 and all(r["ms_per_frame"]["total"] > 0 for r in rows.values())
 
 
 def test_channels_last_fast_path_equals_contiguous(inputs):
