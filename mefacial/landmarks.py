@@ -17,8 +17,8 @@ Where a frame holds several faces, the largest is used (on ties the last one
 found, as the reference does). Frames larger than `DETECT_MAX_SIDE` are
 downscaled for finding the face only, and dlib searches any frame larger
 than 256 px at 256 first (a portrait's face is large); the landmarks are
-fitted at full resolution. A frame without a face raises `NoFaceError` naming the frame;
-nothing falls back to stored keypoints.
+fitted at full resolution. A frame without a face raises `NoFaceError`
+naming the frame; nothing falls back to stored keypoints.
 
 `smooth_tracks` removes the per-frame jitter of landmark tracks (about 0.3 px
 at 128 px, while a micro-expression moves points by 1-2 px) with a zero-phase
@@ -125,8 +125,9 @@ class LandmarkDetector(abc.ABC):
             todo = [i for i, box in enumerate(chosen) if box is None]
             if not todo:
                 break
-            scale = max(height, width) / side
-            small = frames[todo] if scale <= 1 else _shrunk(frames[todo], (round(width / scale), round(height / scale)))
+            scale = longest / side
+            small = (frames[todo] if scale <= 1
+                     else _shrunk_to(frames[todo], (round(width / scale), round(height / scale))))
             for i, candidates in zip(todo, self._find_faces(small)):  # per frame: k x 4 in `small` pixels
                 if len(candidates):
                     chosen[i] = _largest(candidates) * max(scale, 1.0)
@@ -156,7 +157,7 @@ class LandmarkDetector(abc.ABC):
         """68 landmarks (n x 68 x 2) of the face in `boxes` (n x 4) of each full-size frame."""
 
 
-def _shrunk(frames: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+def _shrunk_to(frames: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """n x H x W x 3 uint8 frames area-averaged to `size` (width, height): by OpenCV, which a forked child (a
     worker process) can run after its parent used torch's thread pool, where torch's resize would hang."""
     import cv2
