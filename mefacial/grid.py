@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
+from .video import resize_frames
+
 TILE = 256  # default tile side in pixels
 HEADER = 32  # height of the label strip above each column
 MIN_FONT = 10  # labels shrink down to this size before they are cut
@@ -72,10 +74,7 @@ def fit_tile(frames: np.ndarray, size: int = TILE) -> np.ndarray:
     t, h, w, _ = frames.shape
     scale = size / max(h, w)
     new_h, new_w = max(1, round(h * scale)), max(1, round(w * scale))
-    tensor = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()  # T x 3 x H x W
-    if (new_h, new_w) != (h, w):
-        tensor = F.interpolate(tensor, size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False)
-    resized = tensor.clamp(0, 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()  # T x h' x w' x 3
+    resized = resize_frames(frames, new_h, new_w)  # T x h' x w' x 3 (as they are at the tile's size)
     tile = np.empty((t, size, size, 3), dtype=np.uint8)
     tile[:] = BACKGROUND
     top, left = (size - new_h) // 2, (size - new_w) // 2

@@ -576,6 +576,11 @@ def _write_gif(path: Path, frames: np.ndarray, fps: float) -> None:
         raise MefacialError(f"cannot write {path}: {err}; check that the folder exists and is writable.") from err
 
 
+# x264's speed preset: "veryfast" encodes in half the time of its default ("medium"; 50 frames at 256 px 94
+# against 168 ms, a 3-tile side-by-side 181 against 399), files of the same size, 0.7 dB PSNR below (44.8 dB)
+MP4_PRESET = "veryfast"
+
+
 def _write_mp4(path: Path, frames: np.ndarray, fps: float, quality: int) -> None:
     import imageio_ffmpeg
 
@@ -586,7 +591,7 @@ def _write_mp4(path: Path, frames: np.ndarray, fps: float, quality: int) -> None
     writer = imageio_ffmpeg.write_frames(
         str(path), (frames.shape[2], frames.shape[1]), fps=Fraction(fps).limit_denominator(1001),
         codec="libx264", pix_fmt_out="yuv420p", quality=quality, macro_block_size=1,
-        ffmpeg_log_level="error", output_params=["-movflags", "+faststart"])
+        ffmpeg_log_level="error", output_params=["-movflags", "+faststart", "-preset", MP4_PRESET])
     try:
         writer.send(None)  # starts ffmpeg
         for frame in frames:
