@@ -31,6 +31,7 @@ import shutil
 import signal
 import tempfile
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -351,12 +352,15 @@ class Demo:
                                      progress=self.progress_fn(progress))
         out = self.request_dir()
         slowdown = options.slowdown
-        video = write_video(out / "result.mp4", result.frames, result.fps, slowdown=slowdown)
-        download = video if format == "mp4" else write_video(out / "result.gif", result.frames, result.fps,
-                                                            slowdown=slowdown)
         columns = [Column("source", result.model_source), Column("driving", result.model_driving),
                    Column(get_variant(variant).label, result.frames)]
-        grid = write_video(out / "side_by_side.mp4", render_grid(columns), result.fps, slowdown=slowdown)
+        with ThreadPoolExecutor(1, thread_name_prefix="side-by-side") as pool:  # two encoders at once (ffmpeg)
+            grid = pool.submit(lambda: write_video(out / "side_by_side.mp4", render_grid(columns), result.fps,
+                                                   slowdown=slowdown))
+            video = write_video(out / "result.mp4", result.frames, result.fps, slowdown=slowdown)
+            download = video if format == "mp4" else write_video(out / "result.gif", result.frames, result.fps,
+                                                                slowdown=slowdown)
+            grid = grid.result()
         return str(video), str(grid), str(download), self.status_line(result, slowdown)
 
     def status_line(self, result, slowdown: float) -> str:
