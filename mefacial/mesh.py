@@ -24,7 +24,7 @@ tracker does) and that region of interest is kept for every frame of the clip.
 A frame whose mesh falls out of it (the head moved) gets a box from the
 previous frame's mesh. No per-frame face search: about 4.5 ms per frame on one
 CPU core, 3-3.5 where a generator tracks with `hold_eyes` (the iris model reruns on an eye only where the face
-model saw it move, see EYE_HOLD). Frames whose face box is larger than LARGEST_ROI (high-resolution
+model saw it change shape, see EYE_HOLD). Frames whose face box is larger than LARGEST_ROI (high-resolution
 video) are shrunk for the clip (area-averaged) so the models' crops do not alias.
 """
 
@@ -63,10 +63,11 @@ PRESENCE_THRESHOLD = 0.5  # sigmoid of the face-flag output
 RETRACK_SHIFT = 0.08  # a mesh whose centre moved by more than this x the box size gets a new box
 LARGEST_ROI = 2 * FACE_INPUT  # px: a clip whose face box is larger is tracked on frames shrunk to fit it
 # Tracking with `hold_eyes` (the generators' tracking, for speed), the iris model refines an eye of a frame only
-# where it may read something new: when the face model's points of that eye moved by more than EYE_HOLD x the
-# inter-ocular distance since it last ran there, and at least every EYE_HOLD_FRAMES frames; in between, its last
-# correction rides on the face model's points. Without it (`detect_mesh`, measurements) every eye of every frame.
-EYE_HOLD = 0.005
+# where it may read something new: when the face model's points of that eye changed shape (moved, the eye's
+# motion as a whole, the head's, aside) by more than EYE_HOLD x the inter-ocular distance since it last ran there,
+# and at least every EYE_HOLD_FRAMES frames; in between, its last reading rides on the face model's points.
+# Without it (`detect_mesh`, measurements) every eye of every frame.
+EYE_HOLD = 0.004
 EYE_HOLD_FRAMES = 3
 
 # ---- named vertex sets (MediaPipe's topology; indices into the 478 points) ---------------------------------
@@ -286,6 +287,31 @@ def _fit_face(frame: np.ndarray, box: tuple[np.ndarray, float, float], models: _
     return points, float(1.0 / (1.0 + np.exp(-flag[0])))
 
 
+class _Similarity(NamedTuple):
+    """A similarity of the plane as complex numbers: z -> rotation * (z - origin) + target."""
+
+    rotation: complex  # scale and angle
+    origin: complex
+    target: complex
+
+    @classmethod
+    def fit(cls, a: np.ndarray, b: np.ndarray) -> "_Similarity":
+        """The least-squares similarity taking points `a` to `b` (n x 2 each)."""
+        za, zb = a[:, 0] + 1j * a[:, 1], b[:, 0] + 1j * b[:, 1]
+        origin, target = za.mean(), zb.mean()
+        da = za - origin
+        return cls(np.vdot(da, zb - target) / np.vdot(da, da), origin, target)
+
+    def __call__(self, points: np.ndarray) -> np.ndarray:
+        z = self.rotation * (points[:, 0] + 1j * points[:, 1] - self.origin) + self.target
+        return np.stack([z.real, z.imag], -1)
+
+    def turn(self, vectors: np.ndarray) -> np.ndarray:
+        """Displacements (n x 2) rotated and scaled with it."""
+        z = self.rotation * (vectors[:, 0] + 1j * vectors[:, 1])
+        return np.stack([z.real, z.imag], -1)
+
+
 @dataclasses.dataclass
 class _EyeReading:
     """The iris model's last reading of one eye in a tracked clip: the face model's points of that eye then
@@ -310,11 +336,13 @@ def _refine_eyes(frame: np.ndarray, mesh: np.ndarray, models: _Models, readings:
         contour = list(contour)
         irises = slice(NUM_MESH + 5 * eye, NUM_MESH + 5 * eye + 5)
         last = None if readings is None else readings[eye]
-        if last is not None and last.age + 1 < EYE_HOLD_FRAMES and np.abs(mesh[contour] - last.face).max() < reach:
-            last.age += 1
-            out[contour] = mesh[contour] + last.correction
-            out[irises] = last.iris + (mesh[contour] - last.face).mean(0)
-            continue
+        if last is not None and last.age + 1 < EYE_HOLD_FRAMES:
+            carry = _Similarity.fit(last.face, mesh)  # the head's motion since: the whole mesh's
+            if np.abs(carry(last.face[contour]) - mesh[contour]).max() < reach:  # what is left: the eye's own
+                last.age += 1
+                out[contour] = mesh[contour] + carry.turn(last.correction)
+                out[irises] = carry(last.iris)
+                continue
         axis = mesh[b] - mesh[a]
         transform = _crop_transform((mesh[a] + mesh[b]) / 2, float(np.linalg.norm(axis)) * IRIS_ROI_SCALE,
                                     float(np.arctan2(axis[1], axis[0])), IRIS_INPUT)
@@ -323,7 +351,7 @@ def _refine_eyes(frame: np.ndarray, mesh: np.ndarray, models: _Models, readings:
         out[contour] = _to_image(contours.reshape(71, 3)[:, :2].astype(np.float64), transform, IRIS_INPUT, flip)
         out[irises] = _to_image(iris.reshape(5, 3)[:, :2].astype(np.float64), transform, IRIS_INPUT, flip)
         if readings is not None:
-            readings[eye] = _EyeReading(mesh[contour].copy(), out[contour] - mesh[contour], out[irises].copy())
+            readings[eye] = _EyeReading(mesh.copy(), out[contour] - mesh[contour], out[irises].copy())
     return out
 
 
@@ -434,7 +462,7 @@ class MeshTracker:
             return out
         roi = self.roi
         for index, frame in enumerate(frames):
-            frame = _shrunk(frame, self.scale)
+            frame = np.ascontiguousarray(_shrunk(frame, self.scale))  # OpenCV would copy it per crop
             mesh, presence = _fit_face(frame, roi, models)
             previous = out[index - 1] if index > 0 else self.previous
             if presence < PRESENCE_THRESHOLD and previous is not None and np.isfinite(previous[0, 0]):
