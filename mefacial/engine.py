@@ -564,8 +564,9 @@ class Engine:
 
         def work() -> None:
             try:
-                # the first chunk fills the smoothing window, so the first frames' meshes are final with it
-                first = max(TRACK_CHUNK, smoother.window) if smoother is not None else TRACK_CHUNK
+                # the first chunk fills the smoothing window and makes the first batch final (smoothed meshes are
+                # final half a window behind the last frame tracked): the caller starts rendering as soon as it can
+                first = max(smoother.window, batch + smoother.half) if smoother is not None else TRACK_CHUNK
                 starts = [0, *range(first, count, TRACK_CHUNK)]
                 final, done = np.zeros((0, NUM_VERTICES, 2), np.float32), 0  # final meshes not handed over yet
                 for i, j in zip(starts, [*starts[1:], count]):
