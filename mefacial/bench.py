@@ -86,7 +86,8 @@ def _sway(image: np.ndarray, frames: int) -> np.ndarray:
     theta[:, 0, 2], theta[:, 1, 2] = shift * torch.sin(t), shift * torch.cos(t) - shift
     grid = torch.nn.functional.affine_grid(theta, (frames, 3, size, size), align_corners=False)
     source = to_tensor(image, torch.device("cpu")).expand(frames, -1, -1, -1)
-    return to_uint8(torch.nn.functional.grid_sample(source, grid, padding_mode="border", align_corners=False))
+    return np.ascontiguousarray(to_uint8(torch.nn.functional.grid_sample(source, grid, padding_mode="border",
+                                                                         align_corners=False)))
 
 
 SYNTHETIC = "synthetic"  # the landmark choice of speed runs on machines without a detector (no dlib)
