@@ -24,8 +24,9 @@ tracker does) and that region of interest is kept for every frame of the clip.
 A frame whose mesh falls out of it (the head moved) gets a box from the
 previous frame's mesh. No per-frame face search: about 4.5 ms per frame on one
 CPU core, 3-3.5 where a generator tracks with `hold_eyes` (the iris model reruns on an eye only where the face
-model saw it change shape, see EYE_HOLD). Frames whose face box is larger than LARGEST_ROI (high-resolution
-video) are shrunk for the clip (area-averaged) so the models' crops do not alias.
+model saw it change shape, see EYE_HOLD). A frame equal to the one before (a clip resampled to a higher frame
+rate repeats frames) gets its mesh without running the models. Frames whose face box is larger than
+LARGEST_ROI (high-resolution video) are shrunk for the clip so the models' crops do not alias.
 """
 
 from __future__ import annotations
@@ -433,6 +434,7 @@ class MeshTracker:
         # the tracking state, in pixels of the frames as tracked (shrunk by `scale`)
         self.roi: tuple[np.ndarray, float, float] | None = None  # the region of interest of the next frame
         self.previous: np.ndarray | None = None  # 478 x 2 float32: the last frame's mesh (NaN: no face)
+        self.last_frame: np.ndarray | None = None  # the last frame as given (a repeat of it gets its mesh)
         self.scale = 1.0  # the clip's frames are tracked at this size (set on the onset frame)
         # with `hold_eyes`, the iris model's last reading of each eye, reused while its face-model points stay
         self.eyes: list[_EyeReading | None] | None = [None, None] if hold_eyes else None
@@ -461,10 +463,17 @@ class MeshTracker:
             self.seen += len(frames)
             return out
         roi = self.roi
-        for index, frame in enumerate(frames):
-            frame = np.ascontiguousarray(_shrunk(frame, self.scale))  # OpenCV would copy it per crop
-            mesh, presence = _fit_face(frame, roi, models)
+        for index, given in enumerate(frames):
             previous = out[index - 1] if index > 0 else self.previous
+            last = frames[index - 1] if index > 0 else self.last_frame
+            if last is not None and previous is not None and np.isfinite(previous[0, 0]) and _same(given, last):
+                out[index] = previous  # a repeated frame (a clip resampled to a higher frame rate): the same mesh
+                for reading in self.eyes or ():  # (its eyes held, for EYE_HOLD_FRAMES)
+                    if reading is not None:
+                        reading.age += 1
+                continue
+            frame = np.ascontiguousarray(_shrunk(given, self.scale))  # OpenCV would copy it per crop
+            mesh, presence = _fit_face(frame, roi, models)
             if presence < PRESENCE_THRESHOLD and previous is not None and np.isfinite(previous[0, 0]):
                 roi = _box_of(previous.astype(np.float64))  # the head moved: the previous frame's box
                 mesh, presence = _fit_face(frame, roi, models)
@@ -479,9 +488,15 @@ class MeshTracker:
                 roi = _box_of(mesh)  # follow a moving head from the next frame on
             out[index] = (_refine_eyes(frame, mesh, models, self.eyes) if self.refine_eyes
                           else np.concatenate([mesh, np.full((10, 2), np.nan)]))
-        self.roi, self.previous = roi, out[-1].copy()
+        self.roi, self.previous, self.last_frame = roi, out[-1].copy(), frames[-1].copy()
         self.seen += len(frames)
         return out if self.scale == 1 else ((out + 0.5) / self.scale - 0.5).astype(np.float32)
+
+
+def _same(frame: np.ndarray, other: np.ndarray) -> bool:
+    """Whether two frames are equal, pixel for pixel (every 8th row compared first: a frame that differs
+    mostly shows it there, at an eighth of the cost)."""
+    return np.array_equal(frame[::8], other[::8]) and np.array_equal(frame, other)
 
 
 def _shrunk(frame: np.ndarray, scale: float) -> np.ndarray:
