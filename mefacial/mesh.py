@@ -46,6 +46,7 @@ from typing import Iterator, NamedTuple
 import numpy as np
 
 from .errors import InputError, NoFaceError, WeightsNotFoundError
+from .video import same_frame
 
 ASSETS = Path(__file__).parent / "assets" / "mediapipe"
 FACE_MODEL = ASSETS / "face_landmark.tflite"
@@ -466,7 +467,7 @@ class MeshTracker:
         for index, given in enumerate(frames):
             previous = out[index - 1] if index > 0 else self.previous
             last = frames[index - 1] if index > 0 else self.last_frame
-            if last is not None and previous is not None and np.isfinite(previous[0, 0]) and _same(given, last):
+            if last is not None and previous is not None and np.isfinite(previous[0, 0]) and same_frame(given, last):
                 out[index] = previous  # a repeated frame (a clip resampled to a higher frame rate): the same mesh
                 for reading in self.eyes or ():  # (its eyes held, for EYE_HOLD_FRAMES)
                     if reading is not None:
@@ -491,12 +492,6 @@ class MeshTracker:
         self.roi, self.previous, self.last_frame = roi, out[-1].copy(), frames[-1].copy()
         self.seen += len(frames)
         return out if self.scale == 1 else ((out + 0.5) / self.scale - 0.5).astype(np.float32)
-
-
-def _same(frame: np.ndarray, other: np.ndarray) -> bool:
-    """Whether two frames are equal, pixel for pixel (every 8th row compared first: a frame that differs
-    mostly shows it there, at an eighth of the cost)."""
-    return np.array_equal(frame[::8], other[::8]) and np.array_equal(frame, other)
 
 
 def _shrunk(frame: np.ndarray, scale: float) -> np.ndarray:

@@ -299,6 +299,20 @@ def test_crop_and_paste_back_round_trip(astronaut):
     assert np.abs(edge - astronaut[box.y0, box.x0 + box.size // 2]).max() <= 2  # feathered to the original
 
 
+def test_a_repeated_frame_is_cut_as_the_one_before(clip, monkeypatch):
+    """Frames equal to the one before are cut once, and come out as cutting each would give them."""
+    distinct = clip.frames[:1].repeat(4, 0)
+    distinct[1:, 10, 10] = [[0, 0, 0], [255, 255, 255], [9, 9, 9]]
+    frames = np.repeat(distinct, [1, 3, 1, 2], axis=0)  # 7 frames, 4 distinct
+    box = video.FaceBox(-6, 3, clip.frames.shape[1] + 4)
+    each = np.concatenate([video.crop_to_model(frame, box, 64)[None] for frame in frames])
+    cut = video._cut
+    seen = []
+    monkeypatch.setattr(video, "_cut", lambda batch, *args: (seen.append(len(batch)), cut(batch, *args))[1])
+    assert np.array_equal(video.crop_to_model(frames, box, 64), each)
+    assert seen == [4]
+
+
 def test_crop_pads_a_box_past_the_border(clip):
     box = video.FaceBox(-10, -10, clip.frames.shape[1] + 20)
     crops = video.crop_to_model(clip.frames[:3], box, 64)
