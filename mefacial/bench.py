@@ -122,6 +122,15 @@ def _sway_points(points: np.ndarray, frames: int, size: int) -> np.ndarray:
     return ((moved + 1) * size - 1) / 2
 
 
+def _astronaut_face(size: int, detector) -> np.ndarray:
+    """size x size x 3 uint8: scikit-image's astronaut cut to her face box, framed as a micro-expression clip is."""
+    from skimage.data import astronaut
+
+    picture = astronaut()
+    box = video.face_box(detector.detect(picture, role="source").points[0], picture.shape)
+    return video.crop_to_model(picture[None], box, size)[0]
+
+
 def bench_inputs(size: int, frames: int, data: Path | None = None, landmarks: str = "dlib") -> BenchInputs:
     """A real micro-expression clip and face from `data` (MEFACIAL_DATA layout) when there, else a
     synthetic one (scikit-image's astronaut, swaying), cut to `size` and `frames` (a short clip is
@@ -145,11 +154,7 @@ def bench_inputs(size: int, frames: int, data: Path | None = None, landmarks: st
         driving = video.resize_frames(real[np.resize(order, frames)], size, size)
         origin = f"{clip.name} and {face.name} ({len(real)} frames, resized to {size}x{size})"
     else:
-        from skimage.data import astronaut
-
-        picture = astronaut()
-        box = video.face_box(detector.detect(picture, role="source").points[0], picture.shape)
-        source = video.crop_to_model(picture[None], box, size)[0]
+        source = _astronaut_face(size, detector)
         driving = _sway(source, frames)
         origin = f"synthetic: scikit-image astronaut face, {size}x{size}, swaying {SWAY_PX} px"
     source_points = detector.detect(source, role="source").points  # 1 x 68 x 2
@@ -600,8 +605,8 @@ def training_free(variants: Sequence[str] = TRAINING_FREE, data: Path | None = N
         origin = (f"{Path(clip_path).name} ({len(clip_frames)} frames of {clip_frames.shape[2]} x "
                   f"{clip_frames.shape[1]}) driving {name} ({picture.shape[1]} x {picture.shape[0]})")
     else:
-        clip_frames, fps = _sway(video.resize_frames(picture[None], 256, 256)[0], frames or 48), video.DEFAULT_FPS
-        origin = f"synthetic: {name}, swaying"
+        clip_frames, fps = _sway(_astronaut_face(256, get_detector("dlib")), frames or 48), video.DEFAULT_FPS
+        origin = f"synthetic: the scikit-image astronaut's face, swaying {SWAY_PX} px, driving {name}"
     if frames is not None:
         clip_frames = clip_frames[:frames]
     variants = list(dict.fromkeys([*variants, reference]))
