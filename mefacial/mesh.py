@@ -65,9 +65,9 @@ PRESENCE_THRESHOLD = 0.5  # sigmoid of the face-flag output
 RETRACK_SHIFT = 0.08  # a mesh whose centre moved by more than this x the box size gets a new box
 LARGEST_ROI = 2 * FACE_INPUT  # px: a clip whose face box is larger is tracked on frames shrunk to fit it
 # Tracking with `hold_eyes` (the generators' tracking, for speed), the iris model refines an eye of a frame only
-# where it may read something new: when the face model's points of that eye changed shape (moved, the eye's
-# motion as a whole, the head's, aside) by more than EYE_HOLD x the inter-ocular distance since it last ran there,
-# and at least every EYE_HOLD_FRAMES frames; in between, its last reading rides on the face model's points.
+# where it may read something new: when the face model's points of that eye moved by more than EYE_HOLD x the
+# inter-ocular distance since it last ran there, beyond the head's motion (the similarity that moves the whole
+# mesh), and at least every EYE_HOLD_FRAMES frames; in between, its last reading rides along with that motion.
 # Without it (`detect_mesh`, measurements) every eye of every frame.
 EYE_HOLD = 0.004
 EYE_HOLD_FRAMES = 3
@@ -316,8 +316,8 @@ class _Similarity(NamedTuple):
 
 @dataclasses.dataclass
 class _EyeReading:
-    """The iris model's last reading of one eye in a tracked clip: the face model's points of that eye then
-    (71 x 2), what the iris model moved them by (71 x 2), its iris points (5 x 2), frames since."""
+    """The iris model's last reading of one eye in a tracked clip: the face model's mesh then (468 x 2), what the
+    iris model moved that eye's points by (71 x 2), its iris points (5 x 2), frames since."""
 
     face: np.ndarray
     correction: np.ndarray
