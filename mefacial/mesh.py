@@ -66,8 +66,8 @@ RETRACK_SHIFT = 0.08  # a mesh whose centre moved by more than this x the box si
 LARGEST_ROI = 2 * FACE_INPUT  # px: a clip whose face box is larger is tracked on frames shrunk to fit it
 # Tracking with `hold_eyes` (the generators' tracking, for speed), the iris model refines an eye of a frame only
 # where it may read something new: when the face model's points of that eye moved by more than EYE_HOLD x the
-# inter-ocular distance since it last ran there, beyond the head's motion (the similarity that moves the whole
-# mesh), and at least every EYE_HOLD_FRAMES frames; in between, its last reading rides along with that motion.
+# inter-ocular distance since it last ran there, beyond the head's motion (the similarity of its STABLE_MESH
+# points), and at least every EYE_HOLD_FRAMES frames; in between, its last reading rides along with that motion.
 # Without it (`detect_mesh`, measurements) every eye of every frame.
 EYE_HOLD = 0.004
 EYE_HOLD_FRAMES = 3
@@ -88,6 +88,8 @@ RIGHT_EYE_LOWER = (33, 7, 163, 144, 145, 153, 154, 155, 133)  # lid margins, cor
 RIGHT_EYE_UPPER = (33, 246, 161, 160, 159, 158, 157, 173, 133)
 LEFT_EYE_LOWER = (263, 249, 390, 373, 374, 380, 381, 382, 362)
 LEFT_EYE_UPPER = (263, 466, 388, 387, 386, 385, 384, 398, 362)
+# points that move with the head, not with expressions: the upper face oval, the forehead, the nose bridge
+STABLE_MESH = (10, 338, 297, 332, 284, 251, 389, 356, 454, 234, 127, 162, 21, 54, 103, 67, 109, 168, 6, 197, 195)
 RIGHT_IRIS = (468, 469, 470, 471, 472)  # centre first
 LEFT_IRIS = (473, 474, 475, 476, 477)
 RIGHT_UPPER_LID = (246, 161, 160, 159, 158, 157, 173, 247, 30, 29, 27, 28, 56, 190, 113, 225, 224, 223, 222, 221, 189)
@@ -289,29 +291,19 @@ def _fit_face(frame: np.ndarray, box: tuple[np.ndarray, float, float], models: _
     return points, float(1.0 / (1.0 + np.exp(-flag[0])))
 
 
-class _Similarity(NamedTuple):
-    """A similarity of the plane as complex numbers: z -> rotation * (z - origin) + target."""
-
-    rotation: complex  # scale and angle
-    origin: complex
-    target: complex
-
-    @classmethod
-    def fit(cls, a: np.ndarray, b: np.ndarray) -> "_Similarity":
-        """The least-squares similarity taking points `a` to `b` (n x 2 each)."""
-        za, zb = a[:, 0] + 1j * a[:, 1], b[:, 0] + 1j * b[:, 1]
-        origin, target = za.mean(), zb.mean()
-        da = za - origin
-        return cls(np.vdot(da, zb - target) / np.vdot(da, da), origin, target)
-
-    def __call__(self, points: np.ndarray) -> np.ndarray:
-        z = self.rotation * (points[:, 0] + 1j * points[:, 1] - self.origin) + self.target
-        return np.stack([z.real, z.imag], -1)
-
-    def turn(self, vectors: np.ndarray) -> np.ndarray:
-        """Displacements (n x 2) rotated and scaled with it."""
-        z = self.rotation * (vectors[:, 0] + 1j * vectors[:, 1])
-        return np.stack([z.real, z.imag], -1)
+def fit_similarity(src: np.ndarray, dst: np.ndarray):
+    """Least-squares similarity (scale, 2 x 2 rotation, translation) taking src (n x 2) onto dst (Umeyama 1991).
+    Batched: src ... x n x 2 (dst n x 2 or ... x n x 2) gives scales (...), rotations (... x 2 x 2), shifts (... x 2)."""
+    src, dst = np.asarray(src, np.float64), np.asarray(dst, np.float64)
+    mu_s, mu_d = src.mean(-2, keepdims=True), dst.mean(-2, keepdims=True)
+    a, b = src - mu_s, dst - mu_d
+    u, s, vt = np.linalg.svd(np.swapaxes(b, -1, -2) @ a)
+    d = np.ones(s.shape)
+    d[..., 1] = np.sign(np.linalg.det(u @ vt))
+    rotation = (u * d[..., None, :]) @ vt
+    scale = (s * d).sum(-1) / np.maximum((a ** 2).sum((-2, -1)), 1e-12)
+    shift = mu_d[..., 0, :] - scale[..., None] * (rotation @ mu_s[..., 0, :, None])[..., 0]
+    return (float(scale), rotation, shift) if src.ndim == 2 else (scale, rotation, shift)
 
 
 @dataclasses.dataclass
@@ -334,16 +326,18 @@ def _refine_eyes(frame: np.ndarray, mesh: np.ndarray, models: _Models, readings:
     out = np.empty((NUM_VERTICES, 2))
     out[:NUM_MESH] = mesh
     reach = EYE_HOLD * float(np.linalg.norm(mesh[263] - mesh[33]))
+    stable = list(STABLE_MESH)
     for eye, ((a, b), contour) in enumerate(zip(EYE_CORNERS, EYE_CONTOUR_INDICES)):
         contour = list(contour)
         irises = slice(NUM_MESH + 5 * eye, NUM_MESH + 5 * eye + 5)
         last = None if readings is None else readings[eye]
         if last is not None and last.age + 1 < EYE_HOLD_FRAMES:
-            carry = _Similarity.fit(last.face, mesh)  # the head's motion since: the whole mesh's
-            if np.abs(carry(last.face[contour]) - mesh[contour]).max() < reach:  # what is left: the eye's own
+            scale, rotation, shift = fit_similarity(last.face[stable], mesh[stable])  # the head's motion since
+            moved = scale * last.face[contour] @ rotation.T + shift  # the eye then, moved with the head
+            if np.abs(mesh[contour] - moved).max() < reach:  # what is left: the eye's own motion
                 last.age += 1
-                out[contour] = mesh[contour] + carry.turn(last.correction)
-                out[irises] = carry(last.iris)
+                out[contour] = mesh[contour] + scale * last.correction @ rotation.T
+                out[irises] = scale * last.iris @ rotation.T + shift
                 continue
         axis = mesh[b] - mesh[a]
         transform = _crop_transform((mesh[a] + mesh[b]) / 2, float(np.linalg.norm(axis)) * IRIS_ROI_SCALE,

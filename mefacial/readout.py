@@ -23,8 +23,8 @@ import numpy as np
 
 from . import au
 from .errors import InputError
+from .mesh import STABLE_MESH, fit_similarity
 
-STABLE_MESH = (10, 338, 297, 332, 284, 251, 389, 356, 454, 234, 127, 162, 21, 54, 103, 67, 109, 168, 6, 197, 195)
 STABLE_68 = (0, 1, 2, 14, 15, 16, 27, 28, 29, 30)
 PALETTE = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
            (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207))
@@ -56,21 +56,6 @@ class RegionMotion:
     def peaks(self) -> dict[str, float]:
         """Each region's largest motion over the clip (% IOD)."""
         return {r: float(self.magnitude[:, k].max()) for k, r in enumerate(self.regions)}
-
-
-def fit_similarity(src: np.ndarray, dst: np.ndarray):
-    """Least-squares similarity (scale, 2 x 2 rotation, translation) taking src (n x 2) onto dst (Umeyama 1991).
-    Batched: src ... x n x 2 (dst n x 2 or ... x n x 2) gives scales (...), rotations (... x 2 x 2), shifts (... x 2)."""
-    src, dst = np.asarray(src, np.float64), np.asarray(dst, np.float64)
-    mu_s, mu_d = src.mean(-2, keepdims=True), dst.mean(-2, keepdims=True)
-    a, b = src - mu_s, dst - mu_d
-    u, s, vt = np.linalg.svd(np.swapaxes(b, -1, -2) @ a)
-    d = np.ones(s.shape)
-    d[..., 1] = np.sign(np.linalg.det(u @ vt))
-    rotation = (u * d[..., None, :]) @ vt
-    scale = (s * d).sum(-1) / np.maximum((a ** 2).sum((-2, -1)), 1e-12)
-    shift = mu_d[..., 0, :] - scale[..., None] * (rotation @ mu_s[..., 0, :, None])[..., 0]
-    return (float(scale), rotation, shift) if src.ndim == 2 else (scale, rotation, shift)
 
 
 def align(points: np.ndarray) -> np.ndarray:

@@ -284,14 +284,13 @@ def test_head_motion_is_carried_bounded_and_never_magnified(tight_face, loose_fa
     magnified), then put back unmagnified and softly bounded: the same brow drop reaches the target whether the
     driving head stays still, sways or drifts far, and a far drift moves the target face by at most HEAD_SHIFT."""
     from mefacial.models import dense as D
-    from mefacial.readout import STABLE_MESH, fit_similarity
 
     (image, target_points), (_, driving_points) = tight_face, loose_face
     state = _model(appearance=False).prepare(_tensor(image), target_points, driving_points)
     brows = list(M.REGIONS["brows"])
     expression = driving_points.copy()
     expression[brows, 1] += 4.0  # the brows drop 4 px
-    centre = driving_points[list(STABLE_MESH)].mean(0)
+    centre = driving_points[list(M.STABLE_MESH)].mean(0)
     iod_driving, iod_target = M.inter_ocular(driving_points), M.inter_ocular(target_points)
 
     def head(points, shift, degrees, zoom=1.0):  # the whole face moved about its centre
@@ -300,8 +299,8 @@ def test_head_motion_is_carried_bounded_and_never_magnified(tight_face, loose_fa
         return (points - centre) @ rotation.T + centre + np.array([shift * iod_driving, 0.0])
 
     def facial_and_head(target):  # the target's own motion, its head's taken out; the head's shift (IOD units)
-        stable = list(STABLE_MESH)
-        scale, rotation, moved = fit_similarity(target[stable], target_points[stable])
+        stable = list(M.STABLE_MESH)
+        scale, rotation, moved = M.fit_similarity(target[stable], target_points[stable])
         centre_t = target_points[stable].mean(0)
         return scale * target @ rotation.T + moved - target_points, \
             np.linalg.norm(rotation.T @ (centre_t - moved) / scale - centre_t) / iod_target
@@ -715,7 +714,6 @@ def test_a_face_drifting_out_of_the_onset_crop_keeps_its_shape(engine):
     cut): the mesh is tracked on the frames as read, so it stays whole (before, it was fitted to a face cut by
     the crop's edge and the distortion was carried as facial motion), and the output's face keeps its shape:
     moved by the bounded head motion only."""
-    from mefacial.readout import STABLE_MESH, fit_similarity
     from mefacial.variants import get_variant
     from mefacial.video import read_image
 
@@ -727,7 +725,7 @@ def test_a_face_drifting_out_of_the_onset_crop_keeps_its_shape(engine):
 
     def shape_change(points: np.ndarray, reference: np.ndarray) -> float:
         """Mean distance after the best similarity, in % of the inter-ocular distance."""
-        scale, rotation, shift = fit_similarity(points[:M.NUM_MESH], reference[:M.NUM_MESH])
+        scale, rotation, shift = M.fit_similarity(points[:M.NUM_MESH], reference[:M.NUM_MESH])
         moved = scale * points[:M.NUM_MESH] @ rotation.T + shift
         return float(np.linalg.norm(moved - reference[:M.NUM_MESH], axis=1).mean() / M.inter_ocular(reference) * 100)
 
@@ -736,7 +734,7 @@ def test_a_face_drifting_out_of_the_onset_crop_keeps_its_shape(engine):
     result = engine.collect(prepared, "dense")
     found = M.detect_mesh(result.frames)
     assert max(shape_change(mesh, found[0]) for mesh in found) < 2.0  # the output face: not distorted (was 3.6)
-    drift = found[-1, list(STABLE_MESH)].mean(0) - found[0, list(STABLE_MESH)].mean(0)
+    drift = found[-1, list(M.STABLE_MESH)].mean(0) - found[0, list(M.STABLE_MESH)].mean(0)
     assert 0 < drift[0] <= 0.1 * M.inter_ocular(found[0]) + 1  # moved the drift's way, within HEAD_SHIFT
 
 

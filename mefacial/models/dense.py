@@ -60,7 +60,6 @@ from torch import nn
 
 from .. import mesh as M
 from ..config import ModelConfig
-from ..readout import STABLE_MESH, fit_similarity
 from . import BackboneSpec, ClipRunner, VariantDecl, register_backbone
 
 DEFAULTS: dict[str, Any] = {
@@ -232,10 +231,10 @@ def _soft_bound(value: float, bound: float) -> float:
 
 def _move_head(faces: np.ndarray, heads: list, source: np.ndarray, onset: np.ndarray) -> np.ndarray:
     """Target meshes T x V x 2 moved by the driving head's motion: `heads`, per frame, the (scale, rotation,
-    shift) taking frame t's stable points onto the onset's (`fit_similarity`), whose inverse is carried onto the
+    shift) taking frame t's stable points onto the onset's (`mesh.fit_similarity`), whose inverse is carried onto the
     source face (its shift through the faces' similarity) and softly bounded (HEAD_SHIFT, HEAD_TURN, HEAD_ZOOM: as
     it is up to half of each, bent towards it beyond)."""
-    stable = list(STABLE_MESH)
+    stable = list(M.STABLE_MESH)
     centre_s, centre_d = source[stable].mean(0), onset[stable].mean(0)
     faces_map = _similarity(source, onset)  # driving face -> source face (2 x 2)
     reach = HEAD_SHIFT * float(M.inter_ocular(source))
@@ -556,8 +555,8 @@ class DenseMeshWarp(nn.Module):
         never crossing, then by the driving head's motion, bounded."""
         driving = np.asarray(driving_mesh, np.float64)  # T x V x 2
         onset, source = state.initial_mesh, state.source_mesh
-        stable = list(STABLE_MESH)
-        scale, rotation, shift = fit_similarity(driving[:, stable], onset[stable])  # frame t -> onset: the head undone
+        stable = list(M.STABLE_MESH)
+        scale, rotation, shift = M.fit_similarity(driving[:, stable], onset[stable])  # frame t -> onset: the head undone
         motion = scale[:, None, None] * driving @ np.swapaxes(rotation, 1, 2) + shift[:, None]  # T x V x 2
         heads = list(zip(scale, rotation, shift))
         target = source + magnify * np.einsum("vij,tvj->tvi", state.maps, motion - onset)
