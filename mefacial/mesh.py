@@ -66,8 +66,9 @@ RETRACK_SHIFT = 0.08  # a mesh whose centre moved by more than this x the box si
 LARGEST_ROI = 2 * FACE_INPUT  # px: a clip whose face box is larger is tracked on frames shrunk to fit it
 # Tracking with `hold_eyes` (the generators' tracking, for speed), the iris model refines an eye of a frame only
 # where it may read something new: when the face model's points of that eye moved by more than EYE_HOLD x the
-# inter-ocular distance since it last ran there, beyond the head's motion (the similarity of its STABLE_MESH
-# points), and at least every EYE_HOLD_FRAMES frames; in between, its last reading rides along with that motion.
+# inter-ocular distance since it last ran there, beyond the motion of the face around them (the similarity of the
+# face model's points outside the eyes, AROUND_EYES: the head's motion, a little of other expressions'), and at
+# least every EYE_HOLD_FRAMES frames; in between, its last reading rides along with that motion.
 # Without it (`detect_mesh`, measurements) every eye of every frame.
 EYE_HOLD = 0.004
 EYE_HOLD_FRAMES = 3
@@ -83,6 +84,7 @@ EYE_CONTOUR_INDICES = (
      441, 413, 265, 353, 276, 283, 282, 295, 372, 340, 346, 347, 348, 349, 350, 357, 465, 383, 300, 293, 334, 296, 336,
      285, 417),
 )
+AROUND_EYES = sorted(set(range(NUM_MESH)) - {i for contour in EYE_CONTOUR_INDICES for i in contour})  # the rest of the mesh
 EYE_CORNERS = ((33, 133), (362, 263))  # (image-left, image-right) corner of the right eye, the left eye
 RIGHT_EYE_LOWER = (33, 7, 163, 144, 145, 153, 154, 155, 133)  # lid margins, corner to corner
 RIGHT_EYE_UPPER = (33, 246, 161, 160, 159, 158, 157, 173, 133)
@@ -321,19 +323,19 @@ def _refine_eyes(frame: np.ndarray, mesh: np.ndarray, models: _Models, readings:
     """The 468 points with the iris model's eye contours, and the 10 iris points appended: 478 x 2.
 
     `readings` (per eye, None at first; updated): the last reading of each eye in a tracked clip, reused where
-    that eye's face-model points have barely moved since (EYE_HOLD, EYE_HOLD_FRAMES); without it both eyes run
+    that eye's face-model points have barely moved since, apart from the face around them (EYE_HOLD,
+    EYE_HOLD_FRAMES); without it both eyes run
     the model."""
     out = np.empty((NUM_VERTICES, 2))
     out[:NUM_MESH] = mesh
     reach = EYE_HOLD * float(np.linalg.norm(mesh[263] - mesh[33]))
-    stable = list(STABLE_MESH)
     for eye, ((a, b), contour) in enumerate(zip(EYE_CORNERS, EYE_CONTOUR_INDICES)):
         contour = list(contour)
         irises = slice(NUM_MESH + 5 * eye, NUM_MESH + 5 * eye + 5)
         last = None if readings is None else readings[eye]
         if last is not None and last.age + 1 < EYE_HOLD_FRAMES:
-            scale, rotation, shift = fit_similarity(last.face[stable], mesh[stable])  # the head's motion since
-            moved = scale * last.face[contour] @ rotation.T + shift  # the eye then, moved with the head
+            scale, rotation, shift = fit_similarity(last.face[AROUND_EYES], mesh[AROUND_EYES])  # the face's motion
+            moved = scale * last.face[contour] @ rotation.T + shift  # the eye then, moved with the face
             if np.abs(mesh[contour] - moved).max() < reach:  # what is left: the eye's own motion
                 last.age += 1
                 out[contour] = mesh[contour] + scale * last.correction @ rotation.T
