@@ -84,7 +84,8 @@ EYE_CONTOUR_INDICES = (
      441, 413, 265, 353, 276, 283, 282, 295, 372, 340, 346, 347, 348, 349, 350, 357, 465, 383, 300, 293, 334, 296, 336,
      285, 417),
 )
-AROUND_EYES = sorted(set(range(NUM_MESH)) - {i for contour in EYE_CONTOUR_INDICES for i in contour})  # the rest of the mesh
+# the rest of the face model's points
+AROUND_EYES = sorted(set(range(NUM_MESH)) - {i for contour in EYE_CONTOUR_INDICES for i in contour})
 EYE_CORNERS = ((33, 133), (362, 263))  # (image-left, image-right) corner of the right eye, the left eye
 RIGHT_EYE_LOWER = (33, 7, 163, 144, 145, 153, 154, 155, 133)  # lid margins, corner to corner
 RIGHT_EYE_UPPER = (33, 246, 161, 160, 159, 158, 157, 173, 133)
@@ -324,8 +325,7 @@ def _refine_eyes(frame: np.ndarray, mesh: np.ndarray, models: _Models, readings:
 
     `readings` (per eye, None at first; updated): the last reading of each eye in a tracked clip, reused where
     that eye's face-model points have barely moved since, apart from the face around them (EYE_HOLD,
-    EYE_HOLD_FRAMES); without it both eyes run
-    the model."""
+    EYE_HOLD_FRAMES); without it both eyes run the model."""
     out = np.empty((NUM_VERTICES, 2))
     out[:NUM_MESH] = mesh
     reach = EYE_HOLD * float(np.linalg.norm(mesh[263] - mesh[33]))
@@ -462,8 +462,9 @@ class MeshTracker:
         roi = self.roi
         for index, given in enumerate(frames):
             previous = out[index - 1] if index > 0 else self.previous
+            had_face = previous is not None and bool(np.isfinite(previous[0, 0]))
             last = frames[index - 1] if index > 0 else self.last_frame
-            if last is not None and previous is not None and np.isfinite(previous[0, 0]) and same_frame(given, last):
+            if had_face and last is not None and same_frame(given, last):
                 out[index] = previous  # a repeated frame (a clip resampled to a higher frame rate): the same mesh
                 for reading in self.eyes or ():  # (its eyes held, for EYE_HOLD_FRAMES)
                     if reading is not None:
@@ -471,7 +472,7 @@ class MeshTracker:
                 continue
             frame = np.ascontiguousarray(_shrunk(given, self.scale))  # OpenCV would copy it per crop
             mesh, presence = _fit_face(frame, roi, models)
-            if presence < PRESENCE_THRESHOLD and previous is not None and np.isfinite(previous[0, 0]):
+            if presence < PRESENCE_THRESHOLD and had_face:
                 roi = _box_of(previous.astype(np.float64))  # the head moved: the previous frame's box
                 mesh, presence = _fit_face(frame, roi, models)
             if presence < PRESENCE_THRESHOLD:
