@@ -17,8 +17,13 @@ eye contours of the mesh are replaced by the iris model's, and points 468-472
 "Left" and "right" are the person's, as in MediaPipe: the right eye is on the
 image's left.
 
+Finding a face (`find_face`): MediaPipe's short-range face detector (BlazeFace,
+`face_detection_short_range.tflite`, shipped too) finds it, the face model is fitted
+there, and its vertices at the places of the 68 iBUG landmarks (`MESH_68`) place the
+face boxes of `mefacial.engine` as dlib's landmarks would, in a few ms and with no dlib.
+
 Tracking inside a fixed face box: the face is found once, on the clip's first
-(onset) frame, by dlib's HOG detector (or from a given `box` or 68 `landmarks`); the mesh is fitted
+(onset) frame, from a given `box` or 68 `landmarks` (or by dlib's HOG detector); the mesh is fitted
 there twice (the second time in the box its first fit gives, as MediaPipe's
 tracker does) and that region of interest is kept for every frame of the clip.
 A frame whose mesh falls out of it (the head moved) gets a box from the
@@ -33,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import os
 import subprocess
@@ -41,7 +47,7 @@ import tempfile
 import threading
 import zipfile
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import Iterator
 
 import numpy as np
 
@@ -50,6 +56,7 @@ from .video import same_frame
 
 ASSETS = Path(__file__).parent / "assets" / "mediapipe"
 FACE_MODEL = ASSETS / "face_landmark.tflite"
+FACE_DETECTOR = ASSETS / "face_detection_short_range.tflite"  # BlazeFace, for faces that fill a fair part of a picture
 # the iris model comes from the last mediapipe wheel that bundles it (a fixed one: the file is the same in all)
 IRIS_WHEEL = ("mediapipe==0.10.21", "manylinux_2_28_x86_64", "311")  # requirement, platform, CPython version
 IRIS_MEMBER = "mediapipe/modules/iris_landmark/iris_landmark.tflite"
@@ -59,6 +66,9 @@ NUM_MESH = 468  # face-mesh vertices
 NUM_VERTICES = 478  # + 5 iris points per eye
 FACE_INPUT = 192
 IRIS_INPUT = 64
+DETECTOR_INPUT = 128
+DETECTOR_SCORE = 0.5  # MediaPipe's threshold on the detector's (sigmoid) score
+DETECTOR_OVERLAP = 0.3  # detections overlapping more (intersection over union) are one face (MediaPipe's setting)
 ROI_SCALE = 1.5  # MediaPipe's face region of interest: 1.5 x the landmarks' extent, square
 IRIS_ROI_SCALE = 2.3  # MediaPipe's eye region: 2.3 x the eye-corner distance, square
 PRESENCE_THRESHOLD = 0.5  # sigmoid of the face-flag output
@@ -86,6 +96,15 @@ EYE_CONTOUR_INDICES = (
 )
 # the rest of the face model's points
 AROUND_EYES = sorted(set(range(NUM_MESH)) - {i for contour in EYE_CONTOUR_INDICES for i in contour})
+# The 68 iBUG landmarks (dlib's) as the face model's vertices: jaw, brows, nose, eyes, lips. A face box and a first
+# region of interest are placed from them as from dlib's (on the shared faces and clips: their face boxes within
+# 1-3 px at 128 px, the jaw's points 8-9 %, the others 3-10 % of the inter-ocular distance from dlib's).
+MESH_68 = (162, 234, 93, 58, 172, 136, 149, 148, 152, 377, 378, 365, 397, 288, 323, 454, 389,
+           71, 63, 105, 66, 107, 336, 296, 334, 293, 301,
+           168, 197, 5, 4, 75, 97, 2, 326, 305,
+           33, 160, 158, 133, 153, 144, 362, 385, 387, 263, 373, 380,
+           61, 39, 37, 0, 267, 269, 291, 405, 314, 17, 84, 181,
+           78, 82, 13, 312, 308, 317, 14, 87)
 EYE_CORNERS = ((33, 133), (362, 263))  # (image-left, image-right) corner of the right eye, the left eye
 RIGHT_EYE_LOWER = (33, 7, 163, 144, 145, 153, 154, 155, 133)  # lid margins, corner to corner
 RIGHT_EYE_UPPER = (33, 246, 161, 160, 159, 158, 157, 173, 133)
@@ -223,9 +242,19 @@ class _Runner:
         return [self.interpreter.get_tensor(i).ravel().copy() for i in self.outputs]
 
 
-class _Models(NamedTuple):
-    face: _Runner
-    iris: _Runner
+class _Models:
+    """The face model's interpreter, and the iris model's and the face detector's, made on first use."""
+
+    def __init__(self) -> None:
+        self.face = _Runner(FACE_MODEL)
+
+    @functools.cached_property
+    def iris(self) -> _Runner:
+        return _Runner(iris_model())
+
+    @functools.cached_property
+    def detector(self) -> _Runner:
+        return _Runner(FACE_DETECTOR)
 
 
 _IDLE_MODELS: dict[int, list[_Models]] = {}  # per process (a forked child builds its own): interpreters not in use
@@ -234,15 +263,15 @@ _IDLE_LOCK = threading.Lock()
 
 @contextlib.contextmanager
 def _models() -> Iterator[_Models]:
-    """The face and iris interpreters for one caller at a time (an interpreter is not thread-safe): an idle pair
-    of this process, or a new one; given back afterwards. Tracking a clip and fitting the source's mesh at once
-    (or two requests of the app) each get their own."""
+    """The models' interpreters for one caller at a time (an interpreter is not thread-safe): an idle set of this
+    process, or a new one; given back afterwards. Tracking a clip and fitting the source's mesh at once (or two
+    requests of the app) each get their own."""
     pid = os.getpid()
     with _IDLE_LOCK:
         idle = _IDLE_MODELS.setdefault(pid, [])
         models = idle.pop() if idle else None
     if models is None:
-        models = _Models(_Runner(FACE_MODEL), _Runner(iris_model()))
+        models = _Models()
     try:
         yield models
     finally:
@@ -353,6 +382,71 @@ def _refine_eyes(frame: np.ndarray, mesh: np.ndarray, models: _Models, readings:
     return out
 
 
+@functools.lru_cache(maxsize=None)
+def _detector_anchors() -> np.ndarray:
+    """The face detector's 896 anchor centres (x, y), in [0, 1] of its input: 2 per cell of a 16 x 16 grid, then 6
+    per cell of an 8 x 8 one, row by row (MediaPipe's SSD anchors for the short-range model)."""
+    layers = []
+    for cells, per_cell in ((16, 2), (8, 6)):
+        ys, xs = np.mgrid[0:cells, 0:cells]
+        centres = (np.stack([xs, ys], -1).reshape(-1, 1, 2) + 0.5) / cells  # cells x 1 x 2
+        layers.append(np.repeat(centres, per_cell, axis=1).reshape(-1, 2))
+    return np.concatenate(layers)
+
+
+def _detect_faces(image: np.ndarray, models: _Models) -> np.ndarray:
+    """Face boxes (k x 4: x0, y0, x1, y1 in the picture's pixels) that MediaPipe's short-range face detector finds
+    in an H x W x 3 uint8 picture (letterboxed into its 128 x 128 input), overlapping detections merged, each
+    weighted by its score."""
+    import cv2
+
+    height, width = image.shape[:2]
+    scale = DETECTOR_INPUT / max(height, width)
+    shrunk = cv2.resize(image, (max(round(width * scale), 1), max(round(height * scale), 1)),
+                        interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+    top, left = (DETECTOR_INPUT - shrunk.shape[0]) // 2, (DETECTOR_INPUT - shrunk.shape[1]) // 2
+    canvas = np.zeros((DETECTOR_INPUT, DETECTOR_INPUT, 3), np.float32)
+    canvas[top:top + shrunk.shape[0], left:left + shrunk.shape[1]] = shrunk / 127.5 - 1.0
+    regressed, logits = models.detector(canvas)
+    regressed = regressed.reshape(-1, 16)[:, :4] / DETECTOR_INPUT  # 896 x (dx, dy, w, h): in input units
+    scores = 1.0 / (1.0 + np.exp(-np.clip(logits, -80.0, 80.0)))  # 896 (clipped: exp stays finite in float32)
+    found = scores > DETECTOR_SCORE
+    centres = regressed[found, :2] + _detector_anchors()[found]
+    half = regressed[found, 2:] / 2
+    boxes = (np.concatenate([centres - half, centres + half], 1) * DETECTOR_INPUT - [left, top, left, top]) / scale
+    return _merged(boxes, scores[found])
+
+
+def _merged(boxes: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Overlapping boxes (n x 4) merged: from the best-scored one down, each with the others overlapping it by over
+    DETECTOR_OVERLAP (intersection over union), averaged by score: k x 4."""
+    order, out = list(np.argsort(-scores)), []
+    while order:
+        best = boxes[order[0]]
+        rest = boxes[order]
+        inter = np.prod(np.clip(np.minimum(rest[:, 2:], best[2:]) - np.maximum(rest[:, :2], best[:2]), 0, None), 1)
+        areas = np.prod(rest[:, 2:] - rest[:, :2], 1)
+        overlap = inter / (areas + np.prod(best[2:] - best[:2]) - inter)
+        group = [i for i, o in zip(order, overlap) if o > DETECTOR_OVERLAP]
+        out.append(np.average(boxes[group], axis=0, weights=scores[group]))
+        order = [i for i in order if i not in group]
+    return np.array(out, np.float64).reshape(-1, 4)
+
+
+def find_face(image: np.ndarray) -> np.ndarray | None:
+    """The largest face in a picture (H x W x 3 uint8) read as its 68 landmarks (68 x 2 pixels, iBUG order, as
+    dlib's; `MESH_68`), or None: found by MediaPipe's short-range face detector (a face that fills a fair part of
+    the picture: a portrait, a clip's face) and fitted by the face model (no iris model). A few ms: no dlib."""
+    image = _checked(image)[0]
+    with _models() as models:
+        boxes = _detect_faces(image, models)
+    for box in boxes[np.argsort(-np.prod(boxes[:, 2:] - boxes[:, :2], 1))]:  # the largest first
+        mesh = MeshTracker(box, refine_eyes=False, allow_missing=True, search=False).track(image[None])[0]
+        if not np.isnan(mesh[0, 0]):  # (a box where the face model sees no face is the detector's mistake)
+            return mesh[list(MESH_68)]
+    return None
+
+
 def _roi_of_landmarks(points: np.ndarray) -> tuple[np.ndarray, float, float]:
     """A first region of interest from a face's 68 landmarks (68 x 2): (centre, side, angle of the eye line)."""
     points = np.asarray(points, np.float64)
@@ -361,10 +455,11 @@ def _roi_of_landmarks(points: np.ndarray) -> tuple[np.ndarray, float, float]:
     return (low + high) / 2 - [0, 0.1 * (high - low)[1]], float(max(high - low)) * ROI_SCALE, angle
 
 
-def _initial_box(frame: np.ndarray, box, landmarks, models: _Models) -> tuple[np.ndarray, float, float] | None:
+def _initial_box(frame: np.ndarray, box, landmarks, models: _Models, search: bool = True
+                 ) -> tuple[np.ndarray, float, float] | None:
     """A region of interest for the first frame: from `box` (x0, y0, x1, y1) or the face's 68 `landmarks` when
-    given, else (or when the mesh finds no face there) from dlib's face search, else the whole picture (a face
-    crop); None when no face."""
+    given, else (or when the mesh finds no face there, with `search`) from dlib's face search, else the whole
+    picture (a face crop); None when no face."""
     height, width = frame.shape[:2]
 
     def candidates():
@@ -378,6 +473,8 @@ def _initial_box(frame: np.ndarray, box, landmarks, models: _Models) -> tuple[np
             if points.shape != (68, 2) or not np.isfinite(points).all():
                 raise InputError(f"landmarks must be the face's 68 x 2 landmarks, got shape {points.shape}")
             yield _roi_of_landmarks(points)
+        if not search:
+            return
         from .landmarks import get_detector
 
         found = get_detector("dlib").detect(frame[None], allow_missing=True)
@@ -425,9 +522,10 @@ class MeshTracker:
     ones, so a chunked clip gets exactly the meshes of the whole clip (`detect_mesh`)."""
 
     def __init__(self, box=None, *, landmarks=None, refine_eyes: bool = True, allow_missing: bool = False,
-                 role: str = "driving", hold_eyes: bool = False):
+                 role: str = "driving", hold_eyes: bool = False, search: bool = True):
         self.box, self.landmarks, self.refine_eyes, self.allow_missing, self.role = (
             box, landmarks, refine_eyes, allow_missing, role)
+        self.search = search  # where the given box or landmarks hold no face: a face search (else no face)
         # the tracking state, in pixels of the frames as tracked (shrunk by `scale`)
         self.roi: tuple[np.ndarray, float, float] | None = None  # the region of interest of the next frame
         self.previous: np.ndarray | None = None  # 478 x 2 float32: the last frame's mesh (NaN: no face)
@@ -447,7 +545,7 @@ class MeshTracker:
     def _track(self, frames: np.ndarray, count: int | None, models: _Models) -> np.ndarray:
         out = np.full((len(frames), NUM_VERTICES, 2), np.nan, np.float32)
         if self.roi is None and self.seen == 0:
-            self.roi = _initial_box(frames[0], self.box, self.landmarks, models)
+            self.roi = _initial_box(frames[0], self.box, self.landmarks, models, self.search)
             if self.roi is None:
                 if self.allow_missing:
                     self.seen += len(frames)  # no face on the onset frame: none is tracked
