@@ -395,9 +395,9 @@ def _detector_anchors() -> np.ndarray:
 
 
 def _detect_faces(image: np.ndarray, models: _Models) -> np.ndarray:
-    """Face boxes (k x 4: x0, y0, x1, y1 in the picture's pixels) that MediaPipe's short-range face detector finds
-    in an H x W x 3 uint8 picture (letterboxed into its 128 x 128 input), overlapping detections merged, each
-    weighted by its score."""
+    """Faces that MediaPipe's short-range face detector finds in an H x W x 3 uint8 picture (letterboxed into its
+    128 x 128 input), overlapping detections merged (each weighted by its score): k x 8, each a box (x0, y0, x1,
+    y1) and the centres of its right and left eye (x, y each), in the picture's pixels."""
     import cv2
 
     height, width = image.shape[:2]
@@ -408,40 +408,45 @@ def _detect_faces(image: np.ndarray, models: _Models) -> np.ndarray:
     canvas = np.zeros((DETECTOR_INPUT, DETECTOR_INPUT, 3), np.float32)
     canvas[top:top + shrunk.shape[0], left:left + shrunk.shape[1]] = shrunk / 127.5 - 1.0
     regressed, logits = models.detector(canvas)
-    regressed = regressed.reshape(-1, 16)[:, :4] / DETECTOR_INPUT  # 896 x (dx, dy, w, h): in input units
-    scores = 1.0 / (1.0 + np.exp(-np.clip(logits, -80.0, 80.0)))  # 896 (clipped: exp stays finite in float32)
+    # 896 x (centre dx, dy, width, height, then 6 keypoints' dx, dy: the eyes first), in the input's pixels
+    regressed = regressed.reshape(-1, 16).astype(np.float64) / DETECTOR_INPUT
+    scores = 1.0 / (1.0 + np.exp(-np.clip(logits.astype(np.float64), -100.0, 100.0)))  # 896
     found = scores > DETECTOR_SCORE
-    centres = regressed[found, :2] + _detector_anchors()[found]
-    half = regressed[found, 2:] / 2
-    boxes = (np.concatenate([centres - half, centres + half], 1) * DETECTOR_INPUT - [left, top, left, top]) / scale
-    return _merged(boxes, scores[found])
+    anchors, regressed = _detector_anchors()[found], regressed[found]
+    centres, half = regressed[:, :2] + anchors, regressed[:, 2:4] / 2
+    eyes = regressed[:, 4:8] + np.tile(anchors, 2)  # n x (right x, y, left x, y)
+    detections = np.concatenate([centres - half, centres + half, eyes], 1) * DETECTOR_INPUT  # n x 8
+    return _merged((detections - np.tile([left, top], 4)) / scale, scores[found])
 
 
-def _merged(boxes: np.ndarray, scores: np.ndarray) -> np.ndarray:
-    """Overlapping boxes (n x 4) merged: from the best-scored one down, each with the others overlapping it by over
-    DETECTOR_OVERLAP (intersection over union), averaged by score: k x 4."""
+def _merged(detections: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Overlapping detections (n x D, a box x0, y0, x1, y1 first) merged: from the best-scored one down, each with
+    the others whose boxes overlap it by over DETECTOR_OVERLAP (intersection over union), averaged by score."""
     order, out = list(np.argsort(-scores)), []
     while order:
-        best = boxes[order[0]]
-        rest = boxes[order]
+        best, rest = detections[order[0], :4], detections[order, :4]
         inter = np.prod(np.clip(np.minimum(rest[:, 2:], best[2:]) - np.maximum(rest[:, :2], best[:2]), 0, None), 1)
         areas = np.prod(rest[:, 2:] - rest[:, :2], 1)
         overlap = inter / (areas + np.prod(best[2:] - best[:2]) - inter)
         group = [i for i, o in zip(order, overlap) if o > DETECTOR_OVERLAP]
-        out.append(np.average(boxes[group], axis=0, weights=scores[group]))
+        out.append(np.average(detections[group], axis=0, weights=scores[group]))
         order = [i for i in order if i not in group]
-    return np.array(out, np.float64).reshape(-1, 4)
+    return np.array(out, np.float64).reshape(-1, detections.shape[1])
 
 
 def find_face(image: np.ndarray) -> np.ndarray | None:
     """The largest face in a picture (H x W x 3 uint8) read as its 68 landmarks (68 x 2 pixels, iBUG order, as
     dlib's; `MESH_68`), or None: found by MediaPipe's short-range face detector (a face that fills a fair part of
-    the picture: a portrait, a clip's face) and fitted by the face model (no iris model). A few ms: no dlib."""
+    the picture: a portrait, a clip's face; rolled any way: the first fit is turned by its eyes) and fitted by
+    the face model (no iris model). A few ms: no dlib."""
     image = _checked(image)[0]
     with _models() as models:
-        boxes = _detect_faces(image, models)
-    for box in boxes[np.argsort(-np.prod(boxes[:, 2:] - boxes[:, :2], 1))]:  # the largest first
-        mesh = MeshTracker(box, refine_eyes=False, allow_missing=True, search=False).track(image[None])[0]
+        faces = _detect_faces(image, models)
+    for face in faces[np.argsort(-np.prod(faces[:, 2:4] - faces[:, :2], 1))]:  # the largest first
+        (right_x, right_y), (left_x, left_y) = face[4:6], face[6:8]
+        roll = float(np.arctan2(left_y - right_y, left_x - right_x))  # the eye line's angle
+        tracker = MeshTracker(face[:4], roll=roll, refine_eyes=False, allow_missing=True, search=False)
+        mesh = tracker.track(image[None])[0]
         if not np.isnan(mesh[0, 0]):  # (a box where the face model sees no face is the detector's mistake)
             return mesh[list(MESH_68)]
     return None
@@ -455,11 +460,11 @@ def _roi_of_landmarks(points: np.ndarray) -> tuple[np.ndarray, float, float]:
     return (low + high) / 2 - [0, 0.1 * (high - low)[1]], float(max(high - low)) * ROI_SCALE, angle
 
 
-def _initial_box(frame: np.ndarray, box, landmarks, models: _Models, search: bool = True
+def _initial_box(frame: np.ndarray, box, landmarks, models: _Models, search: bool = True, roll: float = 0.0
                  ) -> tuple[np.ndarray, float, float] | None:
-    """A region of interest for the first frame: from `box` (x0, y0, x1, y1) or the face's 68 `landmarks` when
-    given, else (or when the mesh finds no face there, with `search`) from dlib's face search, else the whole
-    picture (a face crop); None when no face."""
+    """A region of interest for the first frame: from `box` (x0, y0, x1, y1; turned by `roll`, radians) or the
+    face's 68 `landmarks` when given, else (or when the mesh finds no face there, with `search`) from dlib's face
+    search, else the whole picture (a face crop); None when no face."""
     height, width = frame.shape[:2]
 
     def candidates():
@@ -467,7 +472,7 @@ def _initial_box(frame: np.ndarray, box, landmarks, models: _Models, search: boo
             x0, y0, x1, y1 = (float(v) for v in box)
             if not (x1 > x0 and y1 > y0):
                 raise InputError(f"box must be (x0, y0, x1, y1) with x1 > x0 and y1 > y0, got {tuple(box)}")
-            yield np.array([(x0 + x1) / 2, (y0 + y1) / 2]), max(x1 - x0, y1 - y0) * ROI_SCALE, 0.0
+            yield np.array([(x0 + x1) / 2, (y0 + y1) / 2]), max(x1 - x0, y1 - y0) * ROI_SCALE, roll
         if landmarks is not None:
             points = np.asarray(landmarks, np.float64)
             if points.shape != (68, 2) or not np.isfinite(points).all():
@@ -522,9 +527,10 @@ class MeshTracker:
     ones, so a chunked clip gets exactly the meshes of the whole clip (`detect_mesh`)."""
 
     def __init__(self, box=None, *, landmarks=None, refine_eyes: bool = True, allow_missing: bool = False,
-                 role: str = "driving", hold_eyes: bool = False, search: bool = True):
+                 role: str = "driving", hold_eyes: bool = False, search: bool = True, roll: float = 0.0):
         self.box, self.landmarks, self.refine_eyes, self.allow_missing, self.role = (
             box, landmarks, refine_eyes, allow_missing, role)
+        self.roll = roll  # the face's roll in `box` (radians: its eye line's angle), where a detector saw it
         self.search = search  # where the given box or landmarks hold no face: a face search (else no face)
         # the tracking state, in pixels of the frames as tracked (shrunk by `scale`)
         self.roi: tuple[np.ndarray, float, float] | None = None  # the region of interest of the next frame
@@ -545,7 +551,7 @@ class MeshTracker:
     def _track(self, frames: np.ndarray, count: int | None, models: _Models) -> np.ndarray:
         out = np.full((len(frames), NUM_VERTICES, 2), np.nan, np.float32)
         if self.roi is None and self.seen == 0:
-            self.roi = _initial_box(frames[0], self.box, self.landmarks, models, self.search)
+            self.roi = _initial_box(frames[0], self.box, self.landmarks, models, self.search, self.roll)
             if self.roi is None:
                 if self.allow_missing:
                     self.seen += len(frames)  # no face on the onset frame: none is tracked

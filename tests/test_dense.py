@@ -111,6 +111,15 @@ def test_find_face_reads_the_68_landmarks_and_boxes_faces_as_dlib(loose_face):
     canvas = np.full((240, 420, 3), 128, np.uint8)
     canvas[40:200, :160], canvas[:, 180:] = _resized(tight, 160), _resized(tight, 240)
     assert M.find_face(canvas)[:, 0].min() > 170  # the larger face, on the right
+    import cv2
+
+    upright = M.find_face(tight)
+    level = np.degrees(np.arctan2(*(upright[45] - upright[36])[::-1]))
+    for degrees in (30, 60):  # a rolled head (dlib's search finds none at 60): the first fit is turned by the eyes
+        turn = cv2.getRotationMatrix2D((tight.shape[1] / 2, tight.shape[0] / 2), degrees, 1.0)
+        rolled = M.find_face(cv2.warpAffine(tight, turn, tight.shape[1::-1], borderMode=cv2.BORDER_REFLECT))
+        eye_line = np.degrees(np.arctan2(*(rolled[45] - rolled[36])[::-1]))
+        assert abs(eye_line - (level - degrees)) < 5, (degrees, eye_line, level)
     assert M.find_face(np.random.default_rng(0).integers(0, 256, (128, 128, 3), dtype=np.uint8)) is None
     assert M.find_face(np.full((128, 128, 3), 127, np.uint8)) is None
 
