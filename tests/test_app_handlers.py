@@ -86,8 +86,12 @@ def test_warm_up_loads_the_landmark_models_and_never_raises(monkeypatch, caplog)
     calls = []
     real_animate = engine.animate
     monkeypatch.setattr(engine, "animate", lambda *a, **k: calls.append(k) or real_animate(*a, **k))
+    viewed = []
+    real_prior = engine.prior_view
+    monkeypatch.setattr(engine, "prior_view", lambda *a, **k: viewed.append(a) or real_prior(*a, **k))
     assert app.warm_up(engine) > 0
     assert calls and calls[0]["variant"] == "dense"  # the default generator (its mesh models load too)
+    assert viewed  # dlib's landmarks (the warp, Compare and the prior view), which `dense` no longer needs
 
     def broken(*args, **kwargs):
         raise NotAnImageError("example missing")
