@@ -158,12 +158,12 @@ def _uses_mesh(spec: Variant) -> bool:
 
 
 def _mesh_face(image: np.ndarray) -> np.ndarray | None:
-    """`mesh.find_face`, or None where the face mesh's runtime (LiteRT, OpenCV) is not installed (a box set up for
-    the learned models alone)."""
+    """`mesh.find_face` of a picture (any image mode), or None where the face mesh's runtime (LiteRT, OpenCV) is not
+    installed (a box set up for the learned models alone)."""
     try:
         from .mesh import find_face
 
-        return find_face(image)
+        return find_face(video.as_rgb(image))
     except (WeightsNotFoundError, ImportError):
         return None
 
