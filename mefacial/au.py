@@ -39,6 +39,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from .errors import InputError, InputTooLargeError
+from .mesh import LEFT_UPPER_LID, RIGHT_UPPER_LID
 
 log = logging.getLogger("mefacial")
 
@@ -501,7 +502,7 @@ def _near(*indices: int, radius: float = 0.06, without: Sequence[int] = ()) -> C
 # Each region: the vertices near anatomical landmarks of the mesh. Regions do not overlap by much; a vertex in
 # two regions counts for both.
 REGIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
-    "brow_inner": _near(*BROWS_INNER, radius=0.08),
+    "brow_inner": _near(*BROWS_INNER, radius=0.08, without=RIGHT_UPPER_LID + LEFT_UPPER_LID),  # not the lid skin
     "brow_outer": _near(*BROWS_OUTER, radius=0.06),
     "upper_lid": _near(*UPPER_LIDS, radius=0.02, without=LOWER_LIDS + EYE_CORNERS),
     "lower_lid": _near(*LOWER_LIDS, radius=0.02, without=UPPER_LIDS + EYE_CORNERS),

@@ -23,7 +23,8 @@ there, and its vertices at the places of the 68 iBUG landmarks (`MESH_68`) place
 face boxes of `mefacial.engine` as dlib's landmarks would, in a few ms and with no dlib.
 
 Tracking inside a fixed face box: the face is found once, on the clip's first
-(onset) frame, from a given `box` or 68 `landmarks` (or by dlib's HOG detector); the mesh is fitted
+(onset) frame, from a given `box` or 68 `landmarks` (or by the face detector; dlib's HOG search for faces
+small in their picture); the mesh is fitted
 there twice (the second time in the box its first fit gives, as MediaPipe's
 tracker does) and that region of interest is kept for every frame of the clip.
 A frame whose mesh falls out of it (the head moved) gets a box from the
@@ -441,15 +442,21 @@ def find_face(image: np.ndarray) -> np.ndarray | None:
     the face model (no iris model). A few ms: no dlib."""
     image = _checked(image)[0]
     with _models() as models:
-        faces = _detect_faces(image, models)
-    for face in faces[np.argsort(-np.prod(faces[:, 2:4] - faces[:, :2], 1))]:  # the largest first
-        (right_x, right_y), (left_x, left_y) = face[4:6], face[6:8]
-        roll = float(np.arctan2(left_y - right_y, left_x - right_x))  # the eye line's angle
-        tracker = MeshTracker(face[:4], roll=roll, refine_eyes=False, allow_missing=True, search=False)
+        faces = _detected_faces(image, models)
+    for box, roll in faces:
+        tracker = MeshTracker(box, roll=roll, refine_eyes=False, allow_missing=True, search=False)
         mesh = tracker.track(image[None])[0]
         if not np.isnan(mesh[0, 0]):  # (a box where the face model sees no face is the detector's mistake)
             return mesh[list(MESH_68)]
     return None
+
+
+def _detected_faces(image: np.ndarray, models: _Models) -> list[tuple[np.ndarray, float]]:
+    """The faces the face detector finds in a picture, the largest first: (box x0, y0, x1, y1; roll, radians:
+    the angle of the line from its right eye to its left one)."""
+    faces = _detect_faces(image, models)
+    faces = faces[np.argsort(-np.prod(faces[:, 2:4] - faces[:, :2], 1))]
+    return [(face[:4], float(np.arctan2(face[7] - face[5], face[6] - face[4]))) for face in faces]
 
 
 def _roi_of_landmarks(points: np.ndarray) -> tuple[np.ndarray, float, float]:
@@ -463,16 +470,20 @@ def _roi_of_landmarks(points: np.ndarray) -> tuple[np.ndarray, float, float]:
 def _initial_box(frame: np.ndarray, box, landmarks, models: _Models, search: bool = True, roll: float = 0.0
                  ) -> tuple[np.ndarray, float, float] | None:
     """A region of interest for the first frame: from `box` (x0, y0, x1, y1; turned by `roll`, radians) or the
-    face's 68 `landmarks` when given, else (or when the mesh finds no face there, with `search`) from dlib's face
-    search, else the whole picture (a face crop); None when no face."""
+    face's 68 `landmarks` when given, else (or when the mesh finds no face there, with `search`) from the face
+    detector's boxes (`find_face`'s), then dlib's face search (faces small in their picture), then the whole
+    picture (a face crop); None when no face."""
     height, width = frame.shape[:2]
+
+    def roi_of_box(box, roll):
+        x0, y0, x1, y1 = (float(v) for v in box)
+        if not (x1 > x0 and y1 > y0):
+            raise InputError(f"box must be (x0, y0, x1, y1) with x1 > x0 and y1 > y0, got {tuple(box)}")
+        return np.array([(x0 + x1) / 2, (y0 + y1) / 2]), max(x1 - x0, y1 - y0) * ROI_SCALE, roll
 
     def candidates():
         if box is not None:
-            x0, y0, x1, y1 = (float(v) for v in box)
-            if not (x1 > x0 and y1 > y0):
-                raise InputError(f"box must be (x0, y0, x1, y1) with x1 > x0 and y1 > y0, got {tuple(box)}")
-            yield np.array([(x0 + x1) / 2, (y0 + y1) / 2]), max(x1 - x0, y1 - y0) * ROI_SCALE, roll
+            yield roi_of_box(box, roll)
         if landmarks is not None:
             points = np.asarray(landmarks, np.float64)
             if points.shape != (68, 2) or not np.isfinite(points).all():
@@ -480,6 +491,8 @@ def _initial_box(frame: np.ndarray, box, landmarks, models: _Models, search: boo
             yield _roi_of_landmarks(points)
         if not search:
             return
+        for found_box, found_roll in _detected_faces(frame, models):
+            yield roi_of_box(found_box, found_roll)
         from .landmarks import get_detector
 
         found = get_detector("dlib").detect(frame[None], allow_missing=True)
@@ -502,7 +515,7 @@ def detect_mesh(frames: np.ndarray, box=None, *, landmarks=None, refine_eyes: bo
     `box` (x0, y0, x1, y1), in pixels of the frames, is the face's box on the first frame (a face detector's
     box, or the extent of 68 landmarks); `landmarks`, the face's 68 landmarks on the first frame (68 x 2, found
     already, e.g. to cut the face box), place it as dlib's would; without either (or when the mesh finds no face
-    there) dlib finds the face. The box is then kept for the clip (tracking, no per-frame face
+    there) the face detector finds it (`find_face`'s), else dlib's search (faces small in their picture). The box is then kept for the clip (tracking, no per-frame face
     search). `refine_eyes=False` skips the iris model (points 468-477 are then NaN and the eye contours are the
     mesh's own). A frame without a face raises NoFaceError naming it (`role` "source" or "driving" words the
     message), or gives NaN points with `allow_missing`. A clip read in chunks is tracked by one `MeshTracker`.

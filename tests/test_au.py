@@ -219,7 +219,8 @@ def test_readout_ignores_head_motion_and_finds_the_moved_region(meshes):
                        + shift * t / len(moved) for t, m in enumerate(moved)])  # head motion on top of the AU
     motion = readout.region_motion(swayed, plan.fps)
     frame, apex = motion.apex()
-    assert frame == plan.apex_frames[0][0]
+    first, last = plan.apex_frames[0]
+    assert first <= frame <= last  # (the apex holds for these frames)
     assert max(apex, key=apex.get) == "brow_inner" and apex["brow_inner"] > 3.0
     assert apex["lip_corner"] < 0.3 and apex["chin"] < 0.3  # the head motion is taken out
     still = readout.region_motion(np.repeat(mesh[None], 4, 0), 100)

@@ -124,6 +124,33 @@ def test_find_face_reads_the_68_landmarks_and_boxes_faces_as_dlib(loose_face):
     assert M.find_face(np.full((128, 128, 3), 127, np.uint8)) is None
 
 
+def test_detect_mesh_finds_the_face_with_the_detector_and_dlib_only_for_small_faces(monkeypatch):
+    """Without a box or landmarks, `detect_mesh` (the AU readout's and synthesis's reader) places its first fit
+    from the face detector's boxes, as `find_face` does: no dlib search on the shared face or on it rolled by
+    60 degrees (where dlib finds none); dlib's search only for a face small in a large picture."""
+    import cv2
+
+    from mefacial.landmarks import DlibDetector
+    from mefacial.video import read_image
+
+    searched = []
+    detect = DlibDetector.detect
+    monkeypatch.setattr(DlibDetector, "detect", lambda self, frames, **kw: searched.append(1) or detect(self, frames, **kw))
+    face = read_image(require(DATA / "faces" / "asian_female.png", "shared face"))
+    turn = cv2.getRotationMatrix2D((face.shape[1] / 2, face.shape[0] / 2), 60, 1.0)
+    rolled = cv2.warpAffine(face, turn, face.shape[1::-1], borderMode=cv2.BORDER_REFLECT)
+    for picture in (face, rolled):
+        mesh = M.detect_mesh(picture, role="source")[0]
+        reference = M.find_face(picture)
+        assert np.abs(mesh[list(M.MESH_68)] - reference).mean() < 0.05 * np.ptp(reference[:, 0])
+    assert not searched
+    small = np.full((480, 640, 3), 128, np.uint8)
+    small[200:264, 300:364] = _resized(face, 64)
+    assert M.find_face(small) is None  # too small for the short-range detector
+    mesh = M.detect_mesh(small, role="source")[0]
+    assert searched and (mesh[:468, 0] > 295).all() and (mesh[:468, 0] < 369).all()
+
+
 def test_the_engine_boxes_faces_with_the_mesh_and_dlib_where_it_finds_none(monkeypatch):
     """The face boxes come from `mesh.find_face` (no dlib search: dlib is never asked here), and from the landmark
     detector where it finds no face (a face small in a large picture); a picture without a face still fails,
