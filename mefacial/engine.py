@@ -402,13 +402,13 @@ class Engine:
             with ThreadPoolExecutor(1, thread_name_prefix="source-face") as pool:
                 source_search = pool.submit(find, source, "source")
                 try:
-                    onset_face = find(onset, "driving")
+                    onset_face = find(onset, "onset")
                 except Exception:
                     source_search.result()  # the source's own error first, where it has one
                     raise
                 return source_search.result(), onset_face
         return (find(source, "source") if source_face is None else source_face,
-                find(onset, "driving") if onset_face is None else onset_face)
+                find(onset, "onset") if onset_face is None else onset_face)
 
     def _detector(self, options: AnimateOptions):
         return get_detector(options.landmarks or self.landmarks, self.device)

@@ -90,12 +90,12 @@ class LandmarkDetector(abc.ABC):
                batch_size: int = 16) -> Landmarks68:
         """Landmarks of frames (N x H x W x C, or one H x W x C image; any mode, converted to RGB uint8).
 
-        `role` ("source" or "driving") words the NoFaceError raised for the first
-        frame without a face; with `allow_missing` such frames are returned with
-        `found` False and NaN points instead.
+        `role` ("source", "driving", or "onset": a driving clip's first frame, searched alone to place its face
+        box) words the NoFaceError raised for the first frame without a face; with `allow_missing` such frames
+        are returned with `found` False and NaN points instead.
         """
-        if role not in ("source", "driving"):
-            raise ValueError(f"role must be 'source' or 'driving', got {role!r}")
+        if role not in ("source", "driving", "onset"):
+            raise ValueError(f"role must be 'source', 'driving' or 'onset', got {role!r}")
         frames = as_rgb(frames)
         frames = frames[None] if frames.ndim == 3 else frames  # N x H x W x 3
         count, height, width = frames.shape[:3]
@@ -142,6 +142,11 @@ class LandmarkDetector(abc.ABC):
         if role == "source":
             return NoFaceError(f"no face found in the source image. {remedy}.", frame_index=None,
                                page=f"No face found in the source image by the {self.name} detector", fix=fix)
+        if role == "onset":
+            return NoFaceError(f"no face in the driving clip's first frame, where its face box is placed. {remedy}; "
+                               "trim the frames before the face is in the picture.", frame_index=0,
+                               page="No face in the first frame of the driving clip",
+                               fix="Trim the clip so that it starts with a frontal, well-lit face in the picture")
         return NoFaceError(f"no face in driving frame {index} (of {count}). {remedy}; trim frames where the face "
                            "leaves the picture.", frame_index=index,
                            page=f"No face in frame {index} of the driving clip ({count} frames)",

@@ -209,8 +209,9 @@ def test_no_face_raises_no_face_error(engine, face):
     assert len(str(caught.value)) > 40  # says what to do, not just "no face"
     with pytest.raises(NoFaceError, match="source"):  # (both faces are searched at once: the source's error first)
         engine.animate(noise, noise[None], variant="warp")
-    with pytest.raises(NoFaceError, match="driving frame 0"):
-        engine.animate(face, noise[None], variant="warp")
+    with pytest.raises(NoFaceError, match="driving clip's first frame") as caught:  # where its face box goes
+        engine.animate(face, np.stack([noise] * 3), variant="warp")
+    assert caught.value.frame_index == 0 and "(of 1)" not in str(caught.value)
 
 
 def test_face_at_the_border_is_padded_and_animated(engine, face):
