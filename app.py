@@ -873,7 +873,7 @@ def build_demo(engine: mefacial.Engine, limits: Limits | None = None) -> gr.Bloc
                         g_confine = gr.Checkbox(False, label="Confine the warp to the face (EWP map)", visible=False)
                         g_variant = gr.Markdown(variant_note("dense", "none"), padding=True, elem_id="g-variant")
                         with gr.Row():
-                            g_motion = gr.Radio(motion_choices(), value="relative", label="Motion", elem_id="g-motion",
+                            g_motion = gr.Radio(motion_choices("dense"), value="relative", label="Motion", elem_id="g-motion",
                                                 interactive=False)
                             g_adapt = gr.Radio([("as the original (FOMM off, MRAA on)", "default"), ("on", "on"),
                                                 ("off", "off")], value="default", label="Movement-scale adaptation",
