@@ -394,8 +394,7 @@ class Engine:
         are needed (the models wait outside the GIL)."""
 
         def find(image: np.ndarray, role: str) -> np.ndarray:
-            face = _mesh_face(image)
-            return face if face is not None else self._detector(options).detect(image, role=role).points[0]
+            return self.find_face(image, role, options.landmarks)
         if source_face is None and onset_face is None:
             from concurrent.futures import ThreadPoolExecutor
 
@@ -409,6 +408,16 @@ class Engine:
                 return source_search.result(), onset_face
         return (find(source, "source") if source_face is None else source_face,
                 find(onset, "onset") if onset_face is None else onset_face)
+
+    def find_face(self, image: np.ndarray, role: str = "source", landmarks: str | None = None) -> np.ndarray:
+        """The 68 landmarks (68 x 2, pixels) that place the face box of a picture (H x W x C, any mode): read by the
+        face mesh (`mesh.find_face`: a few ms), else found by the landmark detector (`landmarks`, default the
+        engine's: dlib's search, for faces small in their picture). `role` ("source", or "onset": a driving
+        clip's first frame) words the NoFaceError of a picture without a face."""
+        face = _mesh_face(image)
+        if face is not None:
+            return face
+        return get_detector(landmarks or self.landmarks, self.device).detect(image, role=role).points[0]
 
     def _detector(self, options: AnimateOptions):
         return get_detector(options.landmarks or self.landmarks, self.device)

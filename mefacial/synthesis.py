@@ -50,7 +50,6 @@ def synthesize(engine: Any, source: Any, aus: str | Sequence, timing: au.Timing 
     """The clip of `source` performing the AU specification `aus` ('4:C,7:B', or AUSpecs) with `timing`;
     returns an `AnimationResult` whose `meshes` are the moved meshes and `action_units` the specification."""
     from .engine import AnimationResult, to_tensor, to_uint8
-    from .landmarks import get_detector
     from .mesh import detect_mesh
 
     timing = timing or au.Timing()
@@ -69,7 +68,7 @@ def synthesize(engine: Any, source: Any, aus: str | Sequence, timing: au.Timing 
     box = None
     if options.crop:
         report(0.02, "finding the face")
-        points = get_detector(options.landmarks or engine.landmarks, engine.device).detect(image, role="source").points[0]
+        points = engine.find_face(image, "source", options.landmarks)
         box = video.face_box(points, image.shape, margin=options.margin)
         face = video.crop_to_model(image[None], box, size)[0]
     else:
