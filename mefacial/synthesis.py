@@ -51,6 +51,7 @@ def synthesize(engine: Any, source: Any, aus: str | Sequence, timing: au.Timing 
     returns an `AnimationResult` whose `meshes` are the moved meshes and `action_units` the specification."""
     from .engine import AnimationResult, to_tensor, to_uint8
     from .mesh import detect_mesh
+    from .models.dense import carry_lash_bands
 
     timing = timing or au.Timing()
     options = SynthesisOptions.of(options)
@@ -78,7 +79,7 @@ def synthesize(engine: Any, source: Any, aus: str | Sequence, timing: au.Timing 
 
     t0 = time.perf_counter()
     scaled = dataclasses.replace(plan, activations=plan.activations * options.magnify)
-    targets = au.target_meshes(neutral, scaled)  # T x V x 2
+    targets = carry_lash_bands(neutral, au.target_meshes(neutral, scaled))  # T x V x 2 (closing lids: lash lines carried)
     cues = au.appearance(face.shape[:2], neutral, targets, plan, gain=options.magnify) if options.appearance else None
     timings["motion_s"] = time.perf_counter() - t0
 
