@@ -520,6 +520,25 @@ def half_closed_face(tight_face):
     return half, M.detect_mesh(half, role="source")[0]
 
 
+def test_a_squint_is_carried_to_another_face(loose_face):
+    """A squint (AU6 + AU7 at maximum, synthesised on the shared face: the lower lids rise) driving the astronaut:
+    the narrowing the face mesh reads on the output at the driving's apex is at least 0.4 of what it reads on the
+    driving (0.53 measured; 0.32 when small narrowings were drawn as read, see `cover_lids`)."""
+    import mefacial
+    from mefacial import au
+    from mefacial.video import read_image
+
+    engine = mefacial.Engine(device="cpu")
+    shared = read_image(require(DATA / "faces" / "asian_female.png", "shared face"))
+    squint = engine.synthesize(shared, "6:E,7:E", au.Timing(onset_ms=100, apex_ms=60, offset_ms=100, fps=100)).frames
+    result = engine.animate(loose_face[0], squint, variant="dense", fps=100)
+    driving = M.eye_aperture(M.detect_mesh(result.model_driving))
+    output = M.eye_aperture(M.detect_mesh(result.frames))
+    apex = int(np.argmin(driving))
+    narrowed, reproduced = 1 - driving[apex] / driving[0], 1 - output[apex] / output[0]
+    assert narrowed > 0.1 and reproduced > 0.4 * narrowed, (narrowed, reproduced)
+
+
 def test_cover_lids_keeps_open_eyes_and_shuts_at_the_margin(loose_face):
     from mefacial.models.dense import CLOSED, EYES, cover_lids
 
@@ -529,7 +548,7 @@ def test_cover_lids_keeps_open_eyes_and_shuts_at_the_margin(loose_face):
     drawn = cover_lids(points, meshes, margin=0.45)
     asked, got = M.eye_aperture(meshes) / M.eye_aperture(points), M.eye_aperture(drawn) / M.eye_aperture(points)
     assert np.array_equal(drawn[[0, -1]], meshes[[0, -1]]), "an eye that does not narrow is drawn as it is"
-    assert abs(got[1] - asked[1]) < 0.01, "a small narrowing is carried as it is"
+    assert abs(got[1] - (asked[1] - 0.45) / 0.55) < 0.01, "on the line from open (1) to shut (the margin)"
     assert (np.diff(got[:-1]) <= 1e-9).all() and (got[2:-1] < asked[2:-1] - 0.1).all(), "more eyeball hidden, monotonically"
     assert abs(got[4] - CLOSED) < 0.02, "shut (the lids meet without crossing) below the margin"
     others = [v for v in range(M.NUM_VERTICES) if v not in {i for u, l, _ in EYES for i in (*u[1:-1], *l[1:-1])}]

@@ -336,18 +336,19 @@ def cover_lids(source: np.ndarray, target: np.ndarray, margin: float = DEFAULTS[
     A mesh's lid contour lies on the lid margins, which have thickness (margin skin and lashes): a face mesh reads
     a closed eye at about 0.4-0.55 of its open aperture (measured on 256 px faces: the published FOMM outputs'
     closed eyes, our own fully closed lids), so an eye read at a share r of its aperture shows less eyeball than
-    r, none at r = margin. Each eye's drawn opening is narrowed to r - margin * ((1 - r) / (1 - margin))^2 of the
-    source's (a small narrowing is carried as it is, slope 1 at r = 1; shut at r = margin), at least CLOSED (as
-    retargeting keeps), each lid taking the cut in proportion to its own closing motion (corners kept), and the
-    lid skin, with its lash line at the margin, is drawn over the rest. An eye that does not narrow is unchanged;
-    margin 0 draws the retargeted mesh as it is."""
+    r, none at r = margin. Each eye's drawn opening is (r - margin) / (1 - margin) of the source's: the line from
+    open (r = 1) to shut (r = margin), at least CLOSED (as retargeting keeps), each lid taking the cut in
+    proportion to its own closing motion (corners kept), and the lid skin, with its lash line at the margin, is
+    drawn over the rest. (A mesh reads our own drawn narrowing the same way, about half of it: drawing a small
+    narrowing as it is read, as this did before, left squints at a quarter to a half of the driving's.) An eye
+    that does not narrow is unchanged; margin 0 draws the retargeted mesh as it is."""
     out = np.array(target, np.float64, copy=True)
     for (upper, lower, _), normal in zip(EYES, _lid_normals(source)):  # normal: from the upper lid to the lower one
         up, lo = list(upper[1:-1]), list(lower[1:-1])
         gap_s = np.maximum((source[lo] - source[up]) @ normal, 0)  # 7
         gap = (out[:, lo] - out[:, up]) @ normal  # T x 7
         ratio = gap[:, 1:-1].sum(1) / max(gap_s[1:-1].sum(), 1e-9)  # T: the eye's aperture share (middle pairs)
-        drawn = np.maximum(CLOSED, ratio - margin * ((1 - np.minimum(ratio, 1)) / (1 - margin)) ** 2)  # T
+        drawn = np.maximum(CLOSED, (np.minimum(ratio, 1) - margin) / (1 - margin))  # T
         shrink = np.clip(np.where(ratio < 1, drawn / np.maximum(ratio, 1e-9), 1.0), 0, 1)  # T: gap multiplier
         down = np.maximum((out[:, up] - source[up]) @ normal, 0).sum(1)  # T: the upper lid's closing motion
         rise = np.maximum((source[lo] - out[:, lo]) @ normal, 0).sum(1)  # T: the lower lid's
