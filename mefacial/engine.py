@@ -417,10 +417,11 @@ class Engine:
         face = _mesh_face(image)
         if face is not None:
             return face
-        return get_detector(landmarks or self.landmarks, self.device).detect(image, role=role).points[0]
+        return self._detector(landmarks).detect(image, role=role).points[0]
 
-    def _detector(self, options: AnimateOptions):
-        return get_detector(options.landmarks or self.landmarks, self.device)
+    def _detector(self, landmarks: str | None):
+        """The landmark detector named `landmarks` (an option's value), else the engine's."""
+        return get_detector(landmarks or self.landmarks, self.device)
 
     def _backend_name(self, prepared: PreparedClip, spec: Variant) -> str | None:
         """The landmark backend that served a variant on the clip: the detector's name, "given", or None."""
@@ -428,7 +429,7 @@ class Engine:
             return MESH_BACKEND
         missing = prepared.given_source is None or prepared.given_driving is None
         if missing and (prepared.options.crop or spec.needs_landmarks):
-            return self._detector(prepared.options).name
+            return self._detector(prepared.options.landmarks).name
         return "given" if spec.needs_landmarks else None
 
     def find_landmarks(self, prepared: PreparedClip, spec: Variant | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -447,7 +448,7 @@ class Engine:
             if prepared.given_driving is not None:
                 points = prepared.given_driving
             else:
-                points = self._detector(prepared.options).detect(prepared.driving, role="driving").points
+                points = self._detector(prepared.options.landmarks).detect(prepared.driving, role="driving").points
                 if prepared.options.smooth and len(points) >= 3:
                     points = smooth_tracks(points, smoothing_window(prepared.fps))
             prepared.driving_points = points  # T x P x 2
@@ -497,7 +498,7 @@ class Engine:
     def _source_points(self, prepared: PreparedClip) -> np.ndarray:
         if prepared.given_source is not None:
             return prepared.given_source
-        return self._detector(prepared.options).detect(prepared.source, role="source").points[0][None]  # 1 x 68 x 2
+        return self._detector(prepared.options.landmarks).detect(prepared.source, role="source").points[0][None]  # 1 x 68 x 2
 
     def _model_chunks(self, prepared: PreparedClip, spec: Variant, batch: int = TRACK_CHUNK,
                       meanwhile: Callable[[np.ndarray], None] | None = None, lookahead: Lookahead | None = None
@@ -545,7 +546,7 @@ class Engine:
                     tracker = prepared.meshes.setdefault("tracker", self._driving_tracker(prepared))
                     points = self._mesh_in_model(prepared, tracker.track(full))
                 else:
-                    points = self._detector(prepared.options).detect(model_frames, role="driving").points
+                    points = self._detector(prepared.options.landmarks).detect(model_frames, role="driving").points
                 self._check_points(spec, self._clip_source_points(prepared, spec), points)
             seen += len(model_frames)
             pending = np.concatenate([pending, model_frames])
@@ -825,7 +826,7 @@ class Engine:
                         maps[variant] = {k: v[0].float().cpu().numpy().squeeze(0) if k == "prior"
                                          else v[0].float().cpu().numpy() for k, v in computed.items()}
             views.append(PriorView(face, landmarks, au[0].cpu().numpy(), maps, unavailable,
-                                   self._detector(options).name))
+                                   self._detector(options.landmarks).name))
         return views
 
     # ---- helpers --------------------------------------------------------------------------
