@@ -395,10 +395,10 @@ def _detector_anchors() -> np.ndarray:
     return np.concatenate(layers)
 
 
-def _detect_faces(image: np.ndarray, models: _Models) -> np.ndarray:
-    """Faces that MediaPipe's short-range face detector finds in an H x W x 3 uint8 picture (letterboxed into its
-    128 x 128 input), overlapping detections merged (each weighted by its score): k x 8, each a box (x0, y0, x1,
-    y1) and the centres of its right and left eye (x, y each), in the picture's pixels."""
+def _detected_faces(image: np.ndarray, models: _Models) -> list[tuple[np.ndarray, float]]:
+    """The faces that MediaPipe's short-range face detector finds in an H x W x 3 uint8 picture (letterboxed into
+    its 128 x 128 input), overlapping detections merged (each weighted by its score), the largest first: (box x0,
+    y0, x1, y1 in the picture's pixels; roll, radians: the angle of the line from its right eye to its left one)."""
     import cv2
 
     height, width = image.shape[:2]
@@ -417,7 +417,9 @@ def _detect_faces(image: np.ndarray, models: _Models) -> np.ndarray:
     centres, half = regressed[:, :2] + anchors, regressed[:, 2:4] / 2
     eyes = regressed[:, 4:8] + np.tile(anchors, 2)  # n x (right x, y, left x, y)
     detections = np.concatenate([centres - half, centres + half, eyes], 1) * DETECTOR_INPUT  # n x 8
-    return _merged((detections - np.tile([left, top], 4)) / scale, scores[found])
+    faces = _merged((detections - np.tile([left, top], 4)) / scale, scores[found])  # k x 8, in the picture
+    faces = faces[np.argsort(-np.prod(faces[:, 2:4] - faces[:, :2], 1))]
+    return [(face[:4], float(np.arctan2(face[7] - face[5], face[6] - face[4]))) for face in faces]
 
 
 def _merged(detections: np.ndarray, scores: np.ndarray) -> np.ndarray:
@@ -449,14 +451,6 @@ def find_face(image: np.ndarray) -> np.ndarray | None:
         if not np.isnan(mesh[0, 0]):  # (a box where the face model sees no face is the detector's mistake)
             return mesh[list(MESH_68)]
     return None
-
-
-def _detected_faces(image: np.ndarray, models: _Models) -> list[tuple[np.ndarray, float]]:
-    """The faces the face detector finds in a picture, the largest first: (box x0, y0, x1, y1; roll, radians:
-    the angle of the line from its right eye to its left one)."""
-    faces = _detect_faces(image, models)
-    faces = faces[np.argsort(-np.prod(faces[:, 2:4] - faces[:, :2], 1))]
-    return [(face[:4], float(np.arctan2(face[7] - face[5], face[6] - face[4]))) for face in faces]
 
 
 def _roi_of_landmarks(points: np.ndarray) -> tuple[np.ndarray, float, float]:
