@@ -103,6 +103,17 @@ def fixture_params(backbone: str) -> list:
 
 
 @pytest.fixture
+def dlib_searches(monkeypatch) -> list[dict]:
+    """The keyword arguments (role, ...) of every dlib landmark search the test makes; the searches still run."""
+    from mefacial.landmarks import DlibDetector
+
+    searches: list[dict] = []
+    detect = DlibDetector.detect
+    monkeypatch.setattr(DlibDetector, "detect", lambda self, frames, **kw: searches.append(kw) or detect(self, frames, **kw))
+    return searches
+
+
+@pytest.fixture
 def fixtures_dir() -> Path:
     return require(FIXTURES, "reference fixtures")
 

@@ -230,22 +230,18 @@ def test_readout_ignores_head_motion_and_finds_the_moved_region(meshes):
 
 
 @pytest.mark.slow
-def test_synthesize_end_to_end(tmp_path, monkeypatch):
+def test_synthesize_end_to_end(tmp_path, dlib_searches):
     """Engine.synthesize: the clip spans the event, frame 0 is the neutral face, the moved region is what a fresh
     mesh detection on the output reads back (the face found, boxed and read by the face mesh: no dlib search);
     the CLI writes the video and the readout."""
     import mefacial
     from mefacial.__main__ import main
     from mefacial import readout
-    from mefacial.landmarks import DlibDetector
 
-    searched = []
-    detect = DlibDetector.detect
-    monkeypatch.setattr(DlibDetector, "detect", lambda self, frames, **kw: searched.append(1) or detect(self, frames, **kw))
     engine = mefacial.Engine(device="cpu", landmarks="dlib")
     timing = au.Timing(onset_ms=60, apex_ms=40, offset_ms=120, fps=200)
     result = engine.synthesize(EXAMPLE, "12:D", timing)
-    assert not searched
+    assert not dlib_searches
     assert result.frames.shape[0] == 12 + 8 + 24 + 1 and result.fps == 200
     assert result.action_units["spec"] == "AU12D" and result.action_units["aus"][0]["apex_frames"] == [12, 20]
     assert np.abs(result.frames[0].astype(int) - result.model_source.astype(int)).mean() < 2.0

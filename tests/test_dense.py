@@ -124,18 +124,14 @@ def test_find_face_reads_the_68_landmarks_and_boxes_faces_as_dlib(loose_face):
     assert M.find_face(np.full((128, 128, 3), 127, np.uint8)) is None
 
 
-def test_detect_mesh_finds_the_face_with_the_detector_and_dlib_only_for_small_faces(monkeypatch):
+def test_detect_mesh_finds_the_face_with_the_detector_and_dlib_only_for_small_faces(dlib_searches):
     """Without a box or landmarks, `detect_mesh` (the AU readout's and synthesis's reader) places its first fit
     from the face detector's boxes, as `find_face` does: no dlib search on the shared face or on it rolled by
     60 degrees (where dlib finds none); dlib's search only for a face small in a large picture."""
     import cv2
 
-    from mefacial.landmarks import DlibDetector
     from mefacial.video import read_image
 
-    searched = []
-    detect = DlibDetector.detect
-    monkeypatch.setattr(DlibDetector, "detect", lambda self, frames, **kw: searched.append(1) or detect(self, frames, **kw))
     face = read_image(require(DATA / "faces" / "asian_female.png", "shared face"))
     turn = cv2.getRotationMatrix2D((face.shape[1] / 2, face.shape[0] / 2), 60, 1.0)
     rolled = cv2.warpAffine(face, turn, face.shape[1::-1], borderMode=cv2.BORDER_REFLECT)
@@ -143,33 +139,29 @@ def test_detect_mesh_finds_the_face_with_the_detector_and_dlib_only_for_small_fa
         mesh = M.detect_mesh(picture, role="source")[0]
         reference = M.find_face(picture)
         assert np.abs(mesh[list(M.MESH_68)] - reference).mean() < 0.05 * np.ptp(reference[:, 0])
-    assert not searched
+    assert not dlib_searches
     small = np.full((480, 640, 3), 128, np.uint8)
     small[200:264, 300:364] = _resized(face, 64)
     assert M.find_face(small) is None  # too small for the short-range detector
     mesh = M.detect_mesh(small, role="source")[0]
-    assert searched and (mesh[:468, 0] > 295).all() and (mesh[:468, 0] < 369).all()
+    assert dlib_searches and (mesh[:468, 0] > 295).all() and (mesh[:468, 0] < 369).all()
 
 
-def test_the_engine_boxes_faces_with_the_mesh_and_dlib_where_it_finds_none(monkeypatch):
+def test_the_engine_boxes_faces_with_the_mesh_and_dlib_where_it_finds_none(monkeypatch, dlib_searches):
     """The face boxes come from `mesh.find_face` (no dlib search: dlib is never asked here), and from the landmark
     detector where it finds no face (a face small in a large picture); a picture without a face still fails,
     naming it."""
     from mefacial import Engine, engine as engine_module
-    from mefacial.landmarks import DlibDetector
     from mefacial.video import read_clip
 
     clip = read_clip(require(DATA / "driving" / "022_3_3.gif", "shared clip")).frames[:3]
     face = DATA / "faces" / "asian_female.png"
     engine = Engine(device="cpu", landmarks="dlib")
-    searched = []
-    detect = DlibDetector.detect
-    monkeypatch.setattr(DlibDetector, "detect", lambda self, frames, **kw: searched.append(kw) or detect(self, frames, **kw))
     result = engine.animate(face, clip, variant="dense")
-    assert not searched and result.crop_box is not None
+    assert not dlib_searches and result.crop_box is not None
     monkeypatch.setattr(engine_module, "_mesh_face", lambda image: None)  # as where the mesh finds no face
     assert engine.animate(face, clip, variant="dense").crop_box is not None
-    assert sorted(kw["role"] for kw in searched) == ["onset", "source"]
+    assert sorted(kw["role"] for kw in dlib_searches) == ["onset", "source"]
     with pytest.raises(NoFaceError, match="source image"):
         engine.animate(np.full((128, 128, 3), 127, np.uint8), clip, variant="dense")
 
