@@ -91,6 +91,7 @@ LID_BLUR = 0.2  # x the source's eye aperture: the reach (Gaussian sigma) of the
 HEAD_SHIFT = 0.1  # x the source's inter-ocular distance: the soft bound of the head shift carried over
 HEAD_TURN = float(np.radians(3.0))  # the soft bound of the in-plane head turn carried over
 HEAD_ZOOM = 0.05  # the soft bound of the head's change of scale carried over (log)
+LID_RIM = 0.25  # x the source's eye aperture: the band inside each drawn lid margin that moves with the lid (see `_rim_weights`)
 SUPERSAMPLE = 4  # eye-opening masks are drawn at 4x and averaged (anti-aliased edges)
 
 
@@ -109,6 +110,7 @@ class SourceGeometry:
     barycentric: Any  # G x V sparse float32 (scipy CSR): grid points as barycentric combinations of mesh vertices
     motion_weights: Any  # G x (468 + A) sparse (scipy CSR): grid points in the triangles of the mesh + still anchors
     lid_blur: float  # pixels: the reach (Gaussian sigma) of the lid colours filling a closing eye (LID_BLUR)
+    lid_rim: float  # pixels: the band inside the drawn lid margins that moves with the lids (LID_RIM)
 
     @property
     def inside(self) -> np.ndarray:
@@ -386,6 +388,40 @@ def _lid_fade(source: np.ndarray, target: np.ndarray) -> np.ndarray:
     return x * x * (3 - 2 * x)
 
 
+def _rim_weights(target: np.ndarray, source: np.ndarray, rim: float, offset: np.ndarray, box: tuple[int, int]
+                 ) -> list[np.ndarray]:
+    """Per eye, T x h x w in [0, 1] over the eyes' box (`offset`: its top-left pixel, `box`: h, w): 0 on the drawn
+    lid margins, rising linearly to 1 at `rim` pixels inside the opening (0 outside the eye's own opening box).
+
+    A face mesh's lid margins lie on the lids' rims, outside the visible edge of the opening (the lower one by up to
+    a fifth of the aperture): the eyeball layer drawn right up to the drawn margin showed the source's eyeball
+    where the moved lid's rim belongs, so a lid moving by less than its rim moved no visible edge, and a drawn
+    narrowing was read at a fraction of itself. In this band the skin's map, which carries the rim, shows."""
+    frames, (height, width) = len(target), box
+    out = []
+    for (upper, lower, _), normal in zip(EYES, _lid_normals(source)):
+        weights = np.zeros((frames, height, width), np.float32)
+        outline = target[:, list(upper) + list(lower)] - offset  # T x n x 2, in the box
+        (x0, y0), (x1, y1) = np.floor(outline.min((0, 1))).astype(int), np.ceil(outline.max((0, 1))).astype(int) + 1
+        x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, width), min(y1, height)
+        if x1 <= x0 or y1 <= y0:
+            out.append(weights)
+            continue
+        ys, xs = np.arange(y0, y1)[:, None], np.arange(x0, x1)[None]
+        axis = np.array([normal[1], -normal[0]])
+        along, across = xs * axis[0] + ys * axis[1], xs * normal[0] + ys * normal[1]  # h' x w' each
+        for t in range(frames):
+            margins = []
+            for lid in (outline[t, :len(upper)], outline[t, len(upper):]):  # upper, lower margin: n x 2
+                u, v = lid @ axis, lid @ normal
+                order = np.argsort(u)
+                margins.append(np.interp(along, u[order], v[order]))  # the margin across, at each pixel's place
+            depth = np.minimum(across - margins[0], margins[1] - across)  # inside the opening: > 0
+            weights[t, y0:y1, x0:x1] = np.clip(depth / rim, 0, 1)
+        out.append(weights)
+    return out
+
+
 def _eye_polygon(points: np.ndarray, upper, lower) -> np.ndarray:
     """The eye opening's outline (upper margin, then the lower one back): ... x n x 2."""
     return points[..., _outline(tuple(upper), tuple(lower)), :]
@@ -561,9 +597,10 @@ class DenseMeshWarp(nn.Module):
         face_mask = F.interpolate(face_mask, size=shape, mode="area") if self.grid_step > 1 else face_mask
         anchors = np.concatenate([ring, border])
         motion_weights = _barycentric_matrix(Delaunay(np.concatenate([src[:M.NUM_MESH], anchors])), grid)
+        aperture = float(np.mean(M.eye_aperture(src)))
         face = SourceGeometry(delaunay.simplices, anchors, grid, shape, outside, taper, face_mask,
                               (face_mask.flatten() > 0.5).nonzero()[:, 0], barycentric, motion_weights,
-                              max(1.0, LID_BLUR * float(np.mean(M.eye_aperture(src)))))
+                              max(1.0, LID_BLUR * aperture), max(0.5, LID_RIM * aperture))
         self._geometry = (key, face)
         return face
 
@@ -661,8 +698,8 @@ class DenseMeshWarp(nn.Module):
             shading = F.grid_sample(appearance.to(device).float().clamp(1 / bound, bound), skin, mode="bilinear",
                                     padding_mode="border", align_corners=True)  # T x 1 x H x W
             prediction = prediction.mul_(shading).clamp_(0, 1)
-        # the eyeball layer, drawn in the eyes' box only: inside the target eye opening (and where the eyeball
-        # was), the source moved by the iris motion alone
+        # the eyeball layer, drawn in the eyes' box only: inside the target eye opening beyond the lids' rims (and
+        # where the eyeball was), the source moved by the iris motion alone
         source = state.source_mesh
         eyes = [(_eye_polygon(target, upper, lower), _eye_polygon(source, upper, lower) + target[:, iris[0], None]
                  - source[iris[0]]) for upper, lower, iris in EYES]  # per eye: T x n x 2 outlines, now and moved
@@ -677,9 +714,11 @@ class DenseMeshWarp(nn.Module):
         if x1 > x0 and y1 > y0:
             box, offset = (y1 - y0, x1 - x0), np.array([x0, y0])
             masks, sides, shifts, openings = [], [], [], []
+            rims = _rim_weights(target, source, state.lid_rim, offset, box)  # per eye: T x h x w
             for t, eyes in enumerate(polygons):
                 nows = [_fill([now - offset], box) for now, _ in eyes]
-                covers = [np.minimum(now, _fill([was - offset], box)) for now, (_, was) in zip(nows, eyes)]
+                covers = [np.minimum(np.minimum(now, rim[t]), _fill([was - offset], box))
+                          for now, (_, was), rim in zip(nows, eyes, rims)]
                 masks.append(np.maximum(*covers))  # eyeball still visible
                 openings.append(np.maximum(*nows))  # the drawn eye openings
                 sides.append(nows[0] >= nows[1])  # pixels of the first eye
