@@ -24,7 +24,9 @@ frames of the same target face). With --strips, writes onset-to-apex image strip
 Instead of that table, --cross-faces scores each clip's onset frame as a further target face, driven by the other
 clips (cross-identity error, motion carried over and eye narrowing for dense, dense-geometry and warp): faces
 besides the shared one; and --transparency measures what the detectors read on a rendered frame that its
-geometry does not hold. The dense renderer draws the driving's apex (of each clip, on the shared face) and
+geometry does not hold; --synthetic drives each of two faces (the shared one and the bundled
+astronaut) by squints synthesised from FACS AUs on the other (`Engine.synthesize`: AU6E+7E, AU7E, AU43C) and reads
+the eye narrowing at the driving's apex, output / driving, by dlib and by the face mesh. The dense renderer draws the driving's apex (of each clip, on the shared face) and
 the source unmoved; dlib's 68 points and the face mesh are re-detected on both, and the motion they read is
 compared with the motion the target mesh asks for (at dlib's points: their barycentric place in the source
 mesh, moved with it), in % of the inter-ocular distance: overall, the eyes' points across (x), and the
@@ -80,7 +82,12 @@ def main() -> None:
     parser.add_argument("--cross-faces", action="store_true", help="only drive each clip's onset frame by the others")
     parser.add_argument("--transparency", action="store_true",
                         help="only measure what detectors read on rendered apex frames beyond their geometry")
+    parser.add_argument("--synthetic", action="store_true",
+                        help="only measure the eye narrowing carried from synthesised squints to another face")
     args = parser.parse_args()
+    if args.synthetic:
+        synthetic_squints(args.data)
+        return
     if args.transparency:
         transparency(args.data)
         return
@@ -199,6 +206,42 @@ def cross_faces(data: Path, engine, settings, landmarks) -> None:
                 drv = landmarks(result.model_driving)
                 scores = cross_identity(landmarks(result.frames), drv, int(np.argmin(eye_aperture68(drv))), settings)
                 lines.append(f"| {face_name} | {clip_name} | {variant} | " + " | ".join(map(fmt, scores)) + " |")
+                print(lines[-1], flush=True)
+    print("\n".join(lines))
+
+
+SQUINTS = ("6:E,7:E", "7:E", "43:C")  # AU specifications of the synthesised driving clips
+
+
+def synthetic_squints(data: Path) -> None:
+    """Eye narrowing at the driving's apex (dlib's smallest aperture), output / driving, read by dlib and by the
+    face mesh, when a squint synthesised on one face (`SQUINTS`) drives the other with `dense`."""
+    from mefacial import Engine
+    from mefacial import mesh as M
+    from mefacial.evaluate import EvalSettings, landmark_finder
+    from mefacial.video import read_image
+
+    engine = Engine(device="cpu", landmarks="dlib")
+    settings = EvalSettings(landmarks="dlib")
+    landmarks = landmark_finder("dlib", engine.device)
+    faces = {"asian_female": read_image(data / "faces" / "asian_female.png"),
+             "astronaut": read_image(Path(__file__).resolve().parents[1] / "examples" / "astronaut.png")}
+    lines = ["| AUs | synthesised on (driving) | target face | dlib: output / driving | face mesh: output / driving |",
+             "| --- | --- | --- | --: | --: |"]
+    for spec in SQUINTS:
+        for name, face in faces.items():
+            driving = engine.synthesize(face, spec).frames
+            drv68 = landmarks(driving)
+            apex = int(np.argmin(eye_aperture68(drv68)))
+            drv_mesh = M.eye_aperture(M.detect_mesh(driving, allow_missing=True))
+            for other, target in faces.items():
+                if other == name:
+                    continue
+                result = engine.animate(target, driving, variant="dense", options=settings.animate_options())
+                out_mesh = M.eye_aperture(M.detect_mesh(result.frames, allow_missing=True))
+                by_dlib = narrowing(landmarks(result.frames), apex) / narrowing(landmarks(result.model_driving), apex)
+                by_mesh = (1 - out_mesh[apex] / out_mesh[0]) / (1 - drv_mesh[apex] / drv_mesh[0])
+                lines.append(f"| {spec} | {name} | {other} | {fmt(by_dlib)} | {fmt(by_mesh)} |")
                 print(lines[-1], flush=True)
     print("\n".join(lines))
 

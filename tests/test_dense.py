@@ -443,25 +443,32 @@ def test_closed_lids_cover_the_eye_without_smear(face):
 
 
 def test_closing_lids_carry_their_lash_line_down_instead_of_stretching_it(tight_face, monkeypatch):
-    """A closing upper lid carries the ring above its margin (lash line and fold) down by at least LASH_CARRY of its
-    own closing motion; lids that open or stay, and every other vertex, are left as they are. Drawn, the closed
-    lid shows a thin lash line under smooth lid skin: the dark band across the closed eye's middle is at most
-    3/4 as thick as with the band stretched (which drew the lashes as streaks), on the shared face and on a
-    face-filling crop of the astronaut, and still there (a lash line, not bare skin)."""
+    """A closing lid carries the ring beyond its margin (upper: lash line and fold; lower: lash line) by at least
+    LASH_CARRY of its own closing motion; lids that open or stay, and every other vertex, are left as they are.
+    Drawn, the closed lid shows a thin lash line under smooth lid skin: the dark band across the closed eye's
+    middle is at most 3/4 as thick as with the band stretched (which drew the lashes as streaks), on the shared
+    face and on a face-filling crop of the astronaut, and still there (a lash line, not bare skin)."""
     from skimage.data import astronaut
 
     from mefacial.models import dense as dense_module
     from mefacial.models.dense import EYES, LASH_CARRY, LASH_RINGS, _lid_normals, carry_lash_bands
 
     image, points = tight_face
-    meshes = np.stack([_squint(points, share) for share in (0.0, -0.2, 0.5, 1.0)])
+    raised = points.copy()  # both lower lids brought up by 40 % of the way to the upper ones (corners kept)
+    for upper, lower, _ in EYES:
+        raised[list(lower[1:-1])] += 0.4 * (points[list(upper[1:-1])] - points[list(lower[1:-1])])
+    meshes = np.stack([_squint(points, share) for share in (0.0, -0.2, 0.5, 1.0)] + [raised])
     carried = carry_lash_bands(points, meshes)
     assert np.array_equal(carried[:2], meshes[:2]), "an eye that opens or stays is drawn as it is"
-    for (upper, _, _), ring, normal in zip(EYES, LASH_RINGS, _lid_normals(points)):
-        closing = (meshes[2:, list(upper[1:-1])] - points[list(upper[1:-1])]) @ normal  # 2 x 7
-        moved = (carried[2:, list(ring)] - points[list(ring)]) @ normal
-        assert (moved >= LASH_CARRY * closing - 1e-9).all() and (moved <= closing).all()
-    rings = {i for ring in LASH_RINGS for i in ring}
+    for (upper, lower, _), (upper_ring, lower_ring), normal in zip(EYES, LASH_RINGS, _lid_normals(points)):
+        for margin, ring, closes, frames in ((upper, upper_ring, normal, [2, 3]), (lower, lower_ring, -normal, [4])):
+            closing = (meshes[frames][:, list(margin[1:-1])] - points[list(margin[1:-1])]) @ closes  # F x 7
+            moved = (carried[frames][:, list(ring)] - points[list(ring)]) @ closes
+            assert (closing > 0).all()
+            assert (moved >= LASH_CARRY * closing - 1e-9).all() and (moved <= closing).all()
+        assert np.array_equal(carried[[2, 3]][:, list(lower_ring)], meshes[[2, 3]][:, list(lower_ring)]), \
+            "a lower lid that does not rise keeps its ring"
+    rings = {i for eye in LASH_RINGS for ring in eye for i in ring}
     others = [v for v in range(M.NUM_VERTICES) if v not in rings]
     assert np.array_equal(carried[:, others], meshes[:, others])
 

@@ -28,7 +28,7 @@ For a target (source) face S and a driving clip D_0 .. D_T-1 (all with their
    what the lids now cover. A closing lid therefore covers the iris instead of
    squeezing it into a dark band. The lid margins are drawn where the eye shows what a narrowing eye shows
    (`cover_lids`: the margins and lashes hide the eyeball below `lid_margin` of the aperture a mesh reads), a
-   closing upper lid carries its lash band down with it, stretching the lid skin above (`carry_lash_bands`), and a
+   closing lid carries its lash band with it, stretching the lid skin beyond (`carry_lash_bands`), and a
    drawn opening under FADE_OPEN of the source's shows the lids around it (lid skin and lash line) instead of
    the eyeball (`_lid_fade`), so a closing eye reads as closed lids, to a viewer and a landmark detector.
 3. Appearance (`appearance_ratios`): what geometry cannot carry (furrows, lid
@@ -79,9 +79,10 @@ PERIOCULAR = (((143, 35, 124, 46, 53, 52, 65, 245), (143, 111, 117, 118, 119, 12
 PERIOCULAR_TIP = 0.13  # x the inter-ocular distance: the radius that rounds off the lid regions' outer tips
 EYES = ((M.RIGHT_EYE_UPPER, M.RIGHT_EYE_LOWER, M.RIGHT_IRIS), (M.LEFT_EYE_UPPER, M.LEFT_EYE_LOWER, M.LEFT_IRIS))
 CLOSED = 0.15  # a closed eye keeps this share of its aperture (the lids meet without crossing)
-# each upper lid's lash band: the mesh's ring just above the margin (the lash line and the fold above it, paired
-# with EYES' upper[1:-1]); a closing lid carries it down by at least LASH_CARRY of the margin's own closing motion
-LASH_RINGS = (M.RIGHT_UPPER_LID[7:14], M.LEFT_UPPER_LID[7:14])
+# each lid's lash band: the mesh's ring just beyond its margin (above the upper margin: the lash line and the fold;
+# below the lower one: its lash line), paired with EYES' upper[1:-1] and lower[1:-1]; a closing lid carries its band
+# by at least LASH_CARRY of the margin's own closing motion. Per eye: (upper lid's ring, lower lid's ring)
+LASH_RINGS = ((M.RIGHT_UPPER_LID[7:14], M.RIGHT_LOWER_LID[7:14]), (M.LEFT_UPPER_LID[7:14], M.LEFT_LOWER_LID[7:14]))
 LASH_CARRY = 0.7
 BORDER_TAPER = 0.06  # share of the picture's size over which motion fades out towards its edge
 NEWTON_STEPS = 2  # sampled Newton steps inverting the forward map on the grid
@@ -363,16 +364,18 @@ def cover_lids(source: np.ndarray, target: np.ndarray, margin: float = DEFAULTS[
 
 
 def carry_lash_bands(source: np.ndarray, target: np.ndarray, carry: float = LASH_CARRY) -> np.ndarray:
-    """Target meshes (T x V x 2) whose ring above each upper lid margin (`LASH_RINGS`) follows at least `carry` of
-    the margin's closing motion: a closing lid moves its lash line and fold down over the eye, and the lid skin
-    above them stretches, as a real lid unfolds (stretching the band itself drew the lashes as vertical streaks
-    across a closed lid). Lids that do not close, and the rest of the mesh, are unchanged."""
+    """Target meshes (T x V x 2) whose ring beyond each lid margin (`LASH_RINGS`) follows at least `carry` of the
+    margin's closing motion: a closing lid moves its lash line (and the upper lid its fold) over the eye, and the
+    skin beyond them stretches, as a real lid unfolds (stretching the band itself drew the lashes as streaks across
+    a closed lid, and a rising lower lid's lash line stayed below it). Lids that do not close, and the rest of the
+    mesh, are unchanged."""
     out = np.array(target, np.float64, copy=True)
-    for (upper, _, _), ring, normal in zip(EYES, LASH_RINGS, _lid_normals(source)):  # normal: upper lid -> lower
-        margin, ring = list(upper[1:-1]), list(ring)
-        closing = (out[:, margin] - source[margin]) @ normal  # T x 7: each margin point's closing motion
-        moved = (out[:, ring] - source[ring]) @ normal  # T x 7: the ring's own motion the same way
-        out[:, ring] += np.where(closing > 0, np.maximum(carry * closing - moved, 0), 0)[..., None] * normal
+    for (upper, lower, _), rings, normal in zip(EYES, LASH_RINGS, _lid_normals(source)):  # normal: upper -> lower
+        for margin, ring, closes in ((upper, rings[0], normal), (lower, rings[1], -normal)):
+            margin, ring = list(margin[1:-1]), list(ring)
+            closing = (out[:, margin] - source[margin]) @ closes  # T x 7: each margin point's closing motion
+            moved = (out[:, ring] - source[ring]) @ closes  # T x 7: the ring's own motion the same way
+            out[:, ring] += np.where(closing > 0, np.maximum(carry * closing - moved, 0), 0)[..., None] * closes
     return out
 
 
