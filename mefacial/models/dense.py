@@ -716,29 +716,30 @@ class DenseMeshWarp(nn.Module):
         eye_mask = torch.zeros(frames, 1, height, width, device=device)
         if x1 > x0 and y1 > y0:
             box, offset = (y1 - y0, x1 - x0), np.array([x0, y0])
-            masks, sides, shifts, openings = [], [], [], []
             rims = _rim_weights(target, source, state.lid_rim, offset, box)  # per eye: T x h x w
-            for t, eyes in enumerate(polygons):
-                nows = [_fill([now - offset], box) for now, _ in eyes]
-                covers = [np.minimum(np.minimum(now, rim[t]), _fill([was - offset], box))
-                          for now, (_, was), rim in zip(nows, eyes, rims)]
-                masks.append(np.maximum(*covers))  # eyeball still visible
-                openings.append(np.maximum(*nows))  # the drawn eye openings
-                sides.append(nows[0] >= nows[1])  # pixels of the first eye
-                shifts.append([target[t, iris[0]] - state.source_mesh[iris[0]] for _, _, iris in EYES])
+            # the eyeball still visible: inside the opening beyond the lids' rims (the rim weights are 0 outside
+            # it), where the eyeball was (the source's opening moved with the iris)
+            masks = np.stack([np.maximum(*[np.minimum(rim[t], _fill([was - offset], box))
+                                           for rim, (_, was) in zip(rims, eyes)]) for t, eyes in enumerate(polygons)])
             fade = torch.from_numpy(_lid_fade(state.source_mesh, target)).float()  # T x 2 eyes
-            gaze = torch.from_numpy(np.array(shifts)).float()  # T x 2 eyes x 2: each eye's gaze shift
-            first = torch.from_numpy(np.stack(sides))[..., None]  # T x h x w x 1
+            gaze = torch.from_numpy(target[:, [iris[0] for _, _, iris in EYES]]
+                                    - source[[iris[0] for _, _, iris in EYES]]).float()  # T x 2 eyes x 2: gaze shifts
+            centres = torch.from_numpy(np.stack([target[:, list(upper) + list(lower)].mean(1)
+                                                 for upper, lower, _ in EYES], 1)).float()  # T x 2 eyes x 2
+            split = ((base[y0:y1, x0:x1] - centres[:, None, None].mean(3)) * (centres[:, 1] - centres[:, 0])[:, None, None]
+                     ).sum(-1, keepdim=True)  # T x h x w x 1: along the line from the first eye to the second
+            first = split < 0  # pixels on the first eye's side of the bisector between the eyes
             shift = torch.where(first, gaze[:, None, None, 0], gaze[:, None, None, 1])  # T x h x w x 2
             eye_grid = _to_grid(base[y0:y1, x0:x1] - shift, state.size).to(device)
             eye_image = F.grid_sample(state.source.expand(frames, -1, -1, -1), eye_grid, mode="bilinear",
                                       padding_mode="reflection", align_corners=False)  # T x 3 x h x w
-            inside = torch.from_numpy(np.stack(masks))[:, None].to(device)  # T x 1 x h x w
+            inside = torch.from_numpy(masks)[:, None].to(device)  # T x 1 x h x w
             region = prediction[..., y0:y1, x0:x1]
             layered = region * (1 - inside) + eye_image * inside
             closing = torch.where(first[..., 0], fade[:, None, None, 0], fade[:, None, None, 1])[:, None].to(device)
             if (fade > 0).any():  # closing eyes: the opening shows the lids around it (lid skin, lash line)
-                opening = torch.from_numpy(np.stack(openings))[:, None].to(device)  # T x 1 x h x w
+                opening = torch.from_numpy(np.stack([np.maximum(*[_fill([now - offset], box) for now, _ in eyes])
+                                                     for eyes in polygons]))[:, None].to(device)  # T x 1 x h x w
                 known = (1 - opening).clamp(min=0) ** 2
                 lids = _blur(region * known, sigma) / _blur(known, sigma).clamp(min=1e-3)  # T x 3 x h x w
                 weight = opening * closing
