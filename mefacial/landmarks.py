@@ -141,7 +141,7 @@ class LandmarkDetector(abc.ABC):
         fix = "Use a frontal, well-lit face, cropped close, without strong shadows or a profile view"
         if role == "source":
             return NoFaceError(f"no face found in the source image. {remedy}.", frame_index=None,
-                               page=f"No face found in the source image by the {self.name} detector", fix=fix)
+                               page="No face found in the source image", fix=fix)
         if role == "onset":
             return NoFaceError(f"no face in the driving clip's first frame, where its face box is placed. {remedy}; "
                                "trim the frames before the face is in the picture.", frame_index=0,
