@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from . import video
+from .video import to_uint8  # noqa: F401 (the models' frames -> uint8 pictures, here for the engine's users)
 from .errors import CheckpointError, InputError
 from .landmarks import SMOOTH_POLYORDER, SMOOTH_WINDOW, smooth_tracks
 from .models import ClipSettings
@@ -42,12 +43,6 @@ def to_tensor(frames: np.ndarray, device: torch.device) -> torch.Tensor:
     tensor = torch.from_numpy(np.ascontiguousarray(array)).to(device)
     tensor = tensor.permute(0, 3, 1, 2)  # T x 3 x H x W
     return tensor.float() / 255.0 if array.dtype == np.uint8 else tensor.float()
-
-
-def to_uint8(frames: torch.Tensor) -> np.ndarray:
-    """T x 3 x H x W float in [0, 1] -> T x H x W x 3 uint8."""
-    scaled = frames.permute(0, 2, 3, 1).float() * 255  # T x H x W x 3, a new tensor: rounded in place (3x faster)
-    return scaled.round_().clamp_(0, 255).to(torch.uint8).cpu().numpy()
 
 
 @dataclasses.dataclass(eq=False)

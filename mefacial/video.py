@@ -784,13 +784,25 @@ def _resize(frames: np.ndarray, size: int | tuple[int, int]) -> torch.Tensor:
     return F.interpolate(batch, size=size, mode="bilinear", align_corners=False, antialias=True)
 
 
-def _to_uint8(batch: torch.Tensor) -> np.ndarray:
-    """T x 3 x H x W float in [0, 255] -> T x H x W x 3 uint8."""
-    return batch.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+def to_uint8(frames: torch.Tensor, peak: float = 1.0) -> np.ndarray:
+    """T x C x H x W float in [0, peak] -> T x H x W x C uint8, rounded (half to even) and saturated. Three
+    channels on the CPU go through OpenCV's scaled conversion, channel by channel into each frame (4x faster
+    than torch's permute, scale, round, clamp and cast, and the same values); else torch's."""
+    if frames.device.type == "cpu" and frames.dim() == 4 and frames.shape[1] == 3:
+        import cv2  # here, not at import: `import mefacial` must work where OpenCV is absent (a GPU box)
+
+        planes = np.ascontiguousarray(frames.detach().float().numpy())  # T x 3 x H x W
+        out = np.empty((planes.shape[0], *planes.shape[2:], 3), np.uint8)
+        for t, frame in enumerate(planes):  # (OpenCV converts absolute values: negatives to 0 first, into new planes)
+            cv2.merge([cv2.convertScaleAbs(cv2.threshold(plane, 0, 0, cv2.THRESH_TOZERO)[1], alpha=255 / peak)
+                       for plane in frame], dst=out[t])
+        return out
+    scaled = frames.permute(0, 2, 3, 1).float() * (255 / peak)  # T x H x W x C, a new tensor: rounded in place
+    return scaled.round_().clamp_(0, 255).to(torch.uint8).cpu().numpy()
 
 
 def _resize_uint8(frames: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
-    """T x h x w x 3 uint8 -> T x H x W x 3 uint8, as `_to_uint8(_resize(...))`, some 10-20x faster: enlarging
+    """T x h x w x 3 uint8 -> T x H x W x 3 uint8, as `to_uint8(_resize(...), 255)`, some 10-20x faster: enlarging
     (no anti-aliasing to do) goes frame by frame through OpenCV's bilinear resize in float32, the same values as
     torch's (half-pixel centres); shrinking through torch's own uint8 anti-aliased bilinear (on the frames as
     they lie, channels last), within 1 grey level of the float one (rounded inside)."""
@@ -867,5 +879,5 @@ def paste_back(generated: np.ndarray, original: np.ndarray, box: FaceBox, feathe
     out = np.repeat(original[None], len(generated), axis=0)  # T x H x W x 3
     for i in range(0, len(generated), chunk):
         face = _resize(generated[i:i + chunk], box.size)[:, :, inner[0], inner[1]]  # t x 3 x h x w
-        out[i:i + chunk, ys, xs] = _to_uint8(face * mask + background * (1 - mask))
+        out[i:i + chunk, ys, xs] = to_uint8(face * mask + background * (1 - mask), 255)
     return out[0] if single else out

@@ -384,3 +384,26 @@ def test_resize_gives_torch_bilinear_values(shape, size):
         assert got.shape == expected.shape and np.abs(got.astype(int) - expected).max() <= 1
     else:
         assert np.array_equal(got, expected)
+
+
+def test_to_uint8_rounds_half_to_even_and_saturates_as_torch_does():
+    """The CPU fast path (OpenCV) gives torch's values: rounded half to even, negatives, NaN and values past the
+    peak saturated, for frames in [0, 1] or [0, 255], strided or not; other channel counts take torch's path."""
+    import torch
+
+    frames = torch.rand(3, 3, 21, 17, generator=torch.Generator().manual_seed(0)) * 1.2 - 0.1
+    frames[0, 0, 0, :9] = torch.tensor([0.5, 1.5, 2.5, 254.5, -0.5, 255.5, 0, 255, float("nan")]) / 255
+    before = frames.clone()
+
+    def reference(x: torch.Tensor, peak: float = 1.0) -> np.ndarray:
+        return (x.permute(0, 2, 3, 1) * (255 / peak)).round().clamp(0, 255).nan_to_num(0).to(torch.uint8).numpy()
+
+    out = video.to_uint8(frames)
+    assert out.shape == (3, 21, 17, 3) and out.dtype == np.uint8
+    assert list(out[0, 0, :9, 0]) == [0, 2, 2, 254, 0, 255, 0, 255, 0]
+    assert np.array_equal(out, reference(frames))
+    assert torch.equal(frames.nan_to_num(-1), before.nan_to_num(-1)), "the frames are left as they were"
+    strided = frames.transpose(2, 3)
+    assert np.array_equal(video.to_uint8(strided), reference(strided))
+    assert np.array_equal(video.to_uint8(frames * 255, peak=255), reference(frames * 255, 255))
+    assert np.array_equal(video.to_uint8(frames[:, :1]), reference(frames[:, :1]))

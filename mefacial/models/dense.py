@@ -210,6 +210,16 @@ def _to_grid(points, size: tuple[int, int]):
     return (2 * points + 1) / scale - 1
 
 
+def _lower_median(values: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """The lower median of each row of `values` (T x N) over `columns` (n indices): T. On the CPU by numpy's
+    partition (3x faster than torch's kthvalue, itself 2x faster than its median), else by kthvalue."""
+    k = (len(columns) + 1) // 2
+    if values.device.type == "cpu":
+        picked = values.detach().numpy()[:, columns.numpy()]  # T x n (a copy: partitioned in place)
+        return torch.from_numpy(np.partition(picked, k - 1, axis=1)[:, k - 1])
+    return values.index_select(1, columns.to(values.device)).kthvalue(k, 1).values
+
+
 def _grid_in(state: "DenseState", meshes: np.ndarray) -> torch.Tensor:
     """Where each grid point of the source is in frames with the given meshes (T x V x 2 float32 pixels): the same
     barycentric weights in the same triangles (one sparse product), the grid itself outside the mesh; T x h x w x 2
@@ -652,9 +662,8 @@ class DenseMeshWarp(nn.Module):
         log_ratio = torch.log((aligned + RATIO_EPS) / (state.onset_luma + RATIO_EPS))  # T x 1 x h x w
         mask = state.face_mask
         face = state.face_points
-        if len(face):  # no global brightness change: the face's median ratio is 1 (the lower median, as torch's)
-            median = log_ratio.flatten(1).index_select(1, face.to(log_ratio.device)).kthvalue((len(face) + 1) // 2, 1)
-            log_ratio = log_ratio - median.values.view(-1, 1, 1, 1)  # (kthvalue: 2x faster than median)
+        if len(face):  # no global brightness change: the face's median ratio is 1
+            log_ratio = log_ratio - _lower_median(log_ratio.flatten(1), face).view(-1, 1, 1, 1)
         # where the driving face has drifted past its frame's border, the frame holds no skin to compare: no ratio
         mesh = drv[:, :M.NUM_MESH]  # the triangles' corners: grid points lie between them
         if (mesh < 0).any() or (mesh > [width - 1, height - 1]).any():
@@ -729,8 +738,9 @@ class DenseMeshWarp(nn.Module):
             split = ((base[y0:y1, x0:x1] - centres[:, None, None].mean(3)) * (centres[:, 1] - centres[:, 0])[:, None, None]
                      ).sum(-1, keepdim=True)  # T x h x w x 1: along the line from the first eye to the second
             first = split < 0  # pixels on the first eye's side of the bisector between the eyes
+            gaze = gaze * (2 / gaze.new_tensor([width, height]))  # in grid_sample units
             shift = torch.where(first, gaze[:, None, None, 0], gaze[:, None, None, 1])  # T x h x w x 2
-            eye_grid = _to_grid(base[y0:y1, x0:x1] - shift, state.size).to(device)
+            eye_grid = (_to_grid(base[y0:y1, x0:x1], state.size) - shift).to(device)  # the pixels moved back
             eye_image = F.grid_sample(state.source.expand(frames, -1, -1, -1), eye_grid, mode="bilinear",
                                       padding_mode="reflection", align_corners=False)  # T x 3 x h x w
             inside = torch.from_numpy(masks)[:, None].to(device)  # T x 1 x h x w
