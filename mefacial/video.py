@@ -784,13 +784,21 @@ def _resize(frames: np.ndarray, size: int | tuple[int, int]) -> torch.Tensor:
     return F.interpolate(batch, size=size, mode="bilinear", align_corners=False, antialias=True)
 
 
+def _opencv():
+    """OpenCV's module, or None where it is absent (`import mefacial` works without it: a GPU box for benchmarks)."""
+    try:
+        import cv2
+    except ImportError:
+        return None
+    return cv2
+
+
 def to_uint8(frames: torch.Tensor, peak: float = 1.0) -> np.ndarray:
     """T x C x H x W float in [0, peak] -> T x H x W x C uint8, rounded (half to even) and saturated. Three
     channels on the CPU go through OpenCV's scaled conversion, channel by channel into each frame (4x faster
-    than torch's permute, scale, round, clamp and cast, and the same values); else torch's."""
-    if frames.device.type == "cpu" and frames.dim() == 4 and frames.shape[1] == 3:
-        import cv2  # here, not at import: `import mefacial` must work where OpenCV is absent (a GPU box)
-
+    than torch's permute, scale, round, clamp and cast, and the same values); else (or without OpenCV) torch's."""
+    cv2 = _opencv() if frames.device.type == "cpu" and frames.dim() == 4 and frames.shape[1] == 3 else None
+    if cv2 is not None:
         planes = np.ascontiguousarray(frames.detach().float().numpy())  # T x 3 x H x W
         out = np.empty((planes.shape[0], *planes.shape[2:], 3), np.uint8)
         for t, frame in enumerate(planes):  # (OpenCV converts absolute values: negatives to 0 first, into new planes)

@@ -386,9 +386,10 @@ def test_resize_gives_torch_bilinear_values(shape, size):
         assert np.array_equal(got, expected)
 
 
-def test_to_uint8_rounds_half_to_even_and_saturates_as_torch_does():
+def test_to_uint8_rounds_half_to_even_and_saturates_as_torch_does(monkeypatch):
     """The CPU fast path (OpenCV) gives torch's values: rounded half to even, negatives, NaN and values past the
-    peak saturated, for frames in [0, 1] or [0, 255], strided or not; other channel counts take torch's path."""
+    peak saturated, for frames in [0, 1] or [0, 255], strided or not; other channel counts, and a machine without
+    OpenCV, take torch's path."""
     import torch
 
     frames = torch.rand(3, 3, 21, 17, generator=torch.Generator().manual_seed(0)) * 1.2 - 0.1
@@ -407,3 +408,5 @@ def test_to_uint8_rounds_half_to_even_and_saturates_as_torch_does():
     assert np.array_equal(video.to_uint8(strided), reference(strided))
     assert np.array_equal(video.to_uint8(frames * 255, peak=255), reference(frames * 255, 255))
     assert np.array_equal(video.to_uint8(frames[:, :1]), reference(frames[:, :1]))
+    monkeypatch.setattr(video, "_opencv", lambda: None)
+    assert np.array_equal(video.to_uint8(frames), out)
