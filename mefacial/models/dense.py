@@ -112,6 +112,7 @@ class SourceGeometry:
     motion_weights: Any  # G x (468 + A) sparse (scipy CSR): grid points in the triangles of the mesh + still anchors
     lid_blur: float  # pixels: the reach (Gaussian sigma) of the lid colours filling a closing eye (LID_BLUR)
     lid_rim: float  # pixels: the band inside the drawn lid margins that moves with the lids (LID_RIM)
+    openings: np.ndarray  # H x W float32: the source's eye openings (anti-aliased coverage)
 
     @property
     def inside(self) -> np.ndarray:
@@ -136,6 +137,7 @@ class DenseState:
     pixels: torch.Tensor | None = None  # H x W x 2: pixel centres (x, y)
     grid_points: torch.Tensor | None = None  # 1 x 2 x h x w: the coarse grid's points (x, y), pixels (CPU)
     onset_luma: torch.Tensor | None = None  # 1 x 1 x h x w: the onset frame's luminance on the grid, blurred
+    source_eyes: torch.Tensor | None = None  # 1 x 4 x H x W: the source and its eye openings (the eyeball layer's)
 
     def __getattr__(self, name: str) -> Any:
         if name == "geometry":  # not set yet (copying)
@@ -631,7 +633,8 @@ class DenseMeshWarp(nn.Module):
         aperture = float(np.mean(M.eye_aperture(src)))
         face = SourceGeometry(delaunay.simplices, anchors, grid, shape, outside, taper, face_mask,
                               (face_mask.flatten() > 0.5).nonzero()[:, 0], barycentric, motion_weights,
-                              max(1.0, LID_BLUR * aperture), max(0.5, LID_RIM * aperture))
+                              max(1.0, LID_BLUR * aperture), max(0.5, LID_RIM * aperture),
+                              _fill([_eye_polygon(src, upper, lower) for upper, lower, _ in EYES], size))
         self._geometry = (key, face)
         return face
 
@@ -744,24 +747,25 @@ class DenseMeshWarp(nn.Module):
         if x1 > x0 and y1 > y0:
             box, offset = (y1 - y0, x1 - x0), np.array([x0, y0])
             rims = _rim_weights(target, source, state.lid_rim, offset, box)  # per eye: T x h x w
-            # the eyeball still visible: inside the opening beyond the lids' rims (the rim weights are 0 outside
-            # it), where the eyeball was (the source's opening moved with the iris)
-            masks = np.stack([np.maximum(*[np.minimum(rim[t], _fill([was - offset], box))
-                                           for rim, (_, was) in zip(rims, eyes)]) for t, eyes in enumerate(polygons)])
             fade = torch.from_numpy(_lid_fade(state.source_mesh, target)).float()  # T x 2 eyes
             gaze = torch.from_numpy(target[:, [iris[0] for _, _, iris in EYES]]
                                     - source[[iris[0] for _, _, iris in EYES]]).float()  # T x 2 eyes x 2: gaze shifts
-            centres = torch.from_numpy(np.stack([target[:, list(upper) + list(lower)].mean(1)
-                                                 for upper, lower, _ in EYES], 1)).float()  # T x 2 eyes x 2
-            split = ((base[y0:y1, x0:x1] - centres[:, None, None].mean(3)) * (centres[:, 1] - centres[:, 0])[:, None, None]
-                     ).sum(-1, keepdim=True)  # T x h x w x 1: along the line from the first eye to the second
-            first = split < 0  # pixels on the first eye's side of the bisector between the eyes
+            # each pixel's eye: the side of the bisector between the eyes' centres (in the batch: the openings lie
+            # far from it) it is on
+            centre_a, centre_b = (target[:, list(upper) + list(lower)].mean((0, 1)) for upper, lower, _ in EYES)
+            middle, towards = (torch.from_numpy(v).float() for v in ((centre_a + centre_b) / 2, centre_b - centre_a))
+            first = ((base[y0:y1, x0:x1] - middle) @ towards < 0)[..., None]  # h x w x 1: the first eye's side
             gaze = gaze * (2 / gaze.new_tensor([width, height]))  # in grid_sample units
-            shift = torch.where(first, gaze[:, None, None, 0], gaze[:, None, None, 1])  # T x h x w x 2
+            shift = torch.where(first, gaze[:, None, None, 0], gaze[:, None, None, 1])  # T x h x w x 2 (first: h x w x 1)
             eye_grid = (_to_grid(base[y0:y1, x0:x1], state.size) - shift).to(device)  # the pixels moved back
-            eye_image = F.grid_sample(state.source.expand(frames, -1, -1, -1), eye_grid, mode="bilinear",
-                                      padding_mode="reflection", align_corners=False)  # T x 3 x h x w
-            inside = torch.from_numpy(masks)[:, None].to(device)  # T x 1 x h x w
+            if state.source_eyes is None:
+                openings = torch.from_numpy(state.openings)[None, None].to(device)
+                state.source_eyes = torch.cat([state.source, openings], 1)
+            eye_image, was = F.grid_sample(state.source_eyes.expand(frames, -1, -1, -1), eye_grid, mode="bilinear",
+                                           padding_mode="reflection", align_corners=False).split([3, 1], 1)
+            # the eyeball still visible (T x 1 x h x w): inside the opening beyond the lids' rims (their weights are
+            # 0 outside it), where the eyeball was (`was`: the source's openings moved with the irises)
+            inside = torch.minimum(torch.from_numpy(np.maximum(*rims))[:, None].to(device), was)
             region = prediction[..., y0:y1, x0:x1]
             layered = region * (1 - inside) + eye_image * inside
             closing = torch.where(first[..., 0], fade[:, None, None, 0], fade[:, None, None, 1])[:, None].to(device)
