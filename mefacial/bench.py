@@ -636,7 +636,8 @@ def format_training_free(report: dict[str, Any]) -> str:
     lines = [f"Machine: {m.get('cpu', platform.processor())}, {m['cpu_count']} cores, torch {m['torch']}"
              + (f", load average {m['load_average']}" if "load_average" in m else ""),
              f"Inputs: {report['inputs']}; {report['frames']} frames at 256 x 256, {report['repeats']} repeats "
-             "(medians), end to end through Engine.animate", "",
+             "(medians), end to end through Engine.animate; speed-up: the median of each repeat's ratio, the two "
+             "run side by side", "",
              f"| variant | read | face crops + landmarks / mesh | generator | end-to-end ms/frame | speed-up vs {reference} |",
              "|---|--:|--:|--:|--:|--:|"]
     for row in report["rows"]:
