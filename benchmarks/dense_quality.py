@@ -58,6 +58,11 @@ def narrowing(points: np.ndarray, apex: int) -> float:
     return float(1 - ap[apex] / ap[0])
 
 
+def narrowing_mesh(apertures: np.ndarray, apex: int) -> float:
+    """`narrowing` from the face mesh's eye apertures (T, `mesh.eye_aperture`)."""
+    return float(1 - apertures[apex] / apertures[0])
+
+
 def background_change(frames: np.ndarray, points0: np.ndarray) -> float:
     """Mean |frame t - frame 0| (0-255) outside the face of frame 0 (beyond the warp's confinement reach)."""
     from mefacial.models.warp import face_reach
@@ -141,7 +146,7 @@ def main() -> None:
                         gen_tracks, drv_tracks[:count], drv_points[:count], settings)
                 if apex < count:
                     gen_mesh = M.eye_aperture(gen_tracks)
-                    row["narrowing_mesh"] = (1 - gen_mesh[apex] / gen_mesh[0]) / (1 - drv_mesh[apex] / drv_mesh[0])
+                    row["narrowing_mesh"] = narrowing_mesh(gen_mesh, apex) / narrowing_mesh(drv_mesh, apex)
             if name in OURS or name == "static":
                 variant = "dense" if name == "static" else name
                 result = engine.animate(clip.frames[0], clip.frames, variant=variant, options=settings.animate_options())
@@ -240,7 +245,7 @@ def synthetic_squints(data: Path) -> None:
                 result = engine.animate(target, driving, variant="dense", options=settings.animate_options())
                 out_mesh = M.eye_aperture(M.detect_mesh(result.frames, allow_missing=True))
                 by_dlib = narrowing(landmarks(result.frames), apex) / narrowing(landmarks(result.model_driving), apex)
-                by_mesh = (1 - out_mesh[apex] / out_mesh[0]) / (1 - drv_mesh[apex] / drv_mesh[0])
+                by_mesh = narrowing_mesh(out_mesh, apex) / narrowing_mesh(drv_mesh, apex)
                 lines.append(f"| {spec} | {name} | {other} | {fmt(by_dlib)} | {fmt(by_mesh)} |")
                 print(lines[-1], flush=True)
     print("\n".join(lines))

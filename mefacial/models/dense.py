@@ -748,8 +748,8 @@ class DenseMeshWarp(nn.Module):
             box, offset = (y1 - y0, x1 - x0), np.array([x0, y0])
             rims = _rim_weights(target, source, state.lid_rim, offset, box)  # per eye: T x h x w
             fade = torch.from_numpy(_lid_fade(state.source_mesh, target)).float()  # T x 2 eyes
-            gaze = torch.from_numpy(target[:, [iris[0] for _, _, iris in EYES]]
-                                    - source[[iris[0] for _, _, iris in EYES]]).float()  # T x 2 eyes x 2: gaze shifts
+            irises = [iris[0] for _, _, iris in EYES]  # the irises' centres
+            gaze = torch.from_numpy(target[:, irises] - source[irises]).float()  # T x 2 eyes x 2: gaze shifts
             # each pixel's eye: the side of the bisector between the eyes' centres (in the batch: the openings lie
             # far from it) it is on
             centre_a, centre_b = (target[:, list(upper) + list(lower)].mean((0, 1)) for upper, lower, _ in EYES)
