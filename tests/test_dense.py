@@ -333,7 +333,7 @@ def test_still_driving_leaves_the_source_unchanged(face):
 def _displacement(out: dict, point: np.ndarray, size: int) -> np.ndarray:
     """Pixel offset (sampled source position - output position) of the skin flow at `point` (x, y)."""
     x, y = (int(round(v)) for v in point)
-    sampled = (out["flow"][0, y, x].numpy() + 1) * (size - 1) / 2  # align_corners=True units -> pixels
+    sampled = ((out["flow"][0, y, x].numpy() + 1) * size - 1) / 2  # align_corners=False units -> pixels
     return sampled - np.array([x, y])
 
 
@@ -360,7 +360,7 @@ def test_motion_goes_where_and_which_way_the_driving_moves(face):
                  if points[i].min() >= 0 and points[i].max() < size - 1]
         assert max(moved) < 0.3
     # the picture's corners and borders hold still
-    flow_px = (out["flow"][0].numpy() + 1) * (size - 1) / 2 - np.stack(np.meshgrid(np.arange(size), np.arange(size)), -1)
+    flow_px = ((out["flow"][0].numpy() + 1) * size - 1) / 2 - np.stack(np.meshgrid(np.arange(size), np.arange(size)), -1)
     assert np.abs(flow_px[[0, -1]]).max() < 1e-3 and np.abs(flow_px[:, [0, -1]]).max() < 1e-3
 
 
@@ -446,8 +446,9 @@ def test_closing_lids_carry_their_lash_line_down_instead_of_stretching_it(tight_
     """A closing lid carries the ring beyond its margin (upper: lash line and fold; lower: lash line) by at least
     LASH_CARRY of its own closing motion; lids that open or stay, and every other vertex, are left as they are.
     Drawn, the closed lid shows a thin lash line under smooth lid skin: the dark band across the closed eye's
-    middle is at most 3/4 as thick as with the band stretched (which drew the lashes as streaks), on the shared
-    face and on a face-filling crop of the astronaut, and still there (a lash line, not bare skin)."""
+    middle holds at most 0.8 of the darkness it holds with the band stretched (which drew the lashes as streaks),
+    on the shared face and on a face-filling crop of the astronaut, and is still there (a lash line, not bare
+    skin)."""
     from skimage.data import astronaut
 
     from mefacial.models import dense as dense_module
@@ -473,26 +474,34 @@ def test_closing_lids_carry_their_lash_line_down_instead_of_stretching_it(tight_
     assert np.array_equal(carried[:, others], meshes[:, others])
 
     def dark_band(image: np.ndarray, points: np.ndarray, stretched: bool) -> list[float]:
-        """The dark run (px) across each closed eye's middle, from the brow-side ring down past the lower lid."""
+        """Per closed eye, the darkness across its middle: along three lines from the brow-side ring down past the
+        lower lid (through the middle three lid points), how far below the level halfway from the lid skin to the
+        eye's darkest pixel the output is, integrated (px) and relative to that half-depth; a mean of the three
+        (one pixel column's run below the level flipped with sub-pixel shifts)."""
         if stretched:
             monkeypatch.setattr(dense_module, "carry_lash_bands", lambda source, target: target)
         closed = _render(_model(appearance=False), image, points, _squint(points, 1.0)[None])[0].mean(-1)
         monkeypatch.undo()
-        luma, runs = image.mean(-1), []
+        luma, bands = image.mean(-1), []
         for lid, (upper, lower, _) in zip((M.RIGHT_UPPER_LID, M.LEFT_UPPER_LID), EYES):
-            top, bottom = points[lid[17]], points[lower[4]] + 0.3 * (points[lower[4]] - points[upper[4]])
             skin = np.median([luma[int(y), int(x)] for x, y in points[list(lid[14:21])]])
-            level = (skin + luma[int(points[upper[4], 1]):int(points[lower[4], 1]) + 1, int(points[upper[4], 0])].min()) / 2
-            along = top + np.linspace(0, 1, 200)[:, None] * (bottom - top)
-            runs.append(float((closed[along[:, 1].round().astype(int), along[:, 0].round().astype(int)] < level).mean()
-                              * np.linalg.norm(bottom - top)))
-        return runs
+            darkness = []
+            for k in (3, 4, 5):
+                top, bottom = points[lid[13 + k]], points[lower[k]] + 0.3 * (points[lower[k]] - points[upper[k]])
+                darkest = luma[int(points[upper[k], 1]):int(points[lower[k], 1]) + 1, int(points[upper[k], 0])].min()
+                level = (skin + darkest) / 2
+                along = top + np.linspace(0, 1, 200)[:, None] * (bottom - top)
+                values = closed[along[:, 1].round().astype(int), along[:, 0].round().astype(int)]
+                darkness.append(np.clip(level - values, 0, None).mean() * np.linalg.norm(bottom - top)
+                                / max(skin - level, 1.0))
+            bands.append(float(np.mean(darkness)))
+        return bands
 
     crop = _resized(astronaut()[20:220, 120:320])
     for picture, mesh in ((image, points), (crop, M.detect_mesh(crop, role="source")[0])):
-        carried_runs, stretched_runs = dark_band(picture, mesh, False), dark_band(picture, mesh, True)
-        for thin, thick in zip(carried_runs, stretched_runs):
-            assert 1.0 <= thin <= 0.75 * thick, (carried_runs, stretched_runs)
+        carried, stretched = dark_band(picture, mesh, False), dark_band(picture, mesh, True)
+        for thin, thick in zip(carried, stretched):
+            assert 0.5 <= thin <= 0.8 * thick, (carried, stretched)
 
 
 def _squint(points: np.ndarray, share: float) -> np.ndarray:
@@ -886,7 +895,7 @@ def test_ratio_images_stay_off_the_outer_eye_corners(face):
     image, points = face
     model = _model()
     state = model.prepare(_tensor(image), points, points, _tensor(image))
-    mask = state.face_mask[0, 0].numpy()  # h x w on the grid (grid_step px apart)
+    mask = state.face_mask[0, 0].numpy()  # h x w on the grid (node i at (i + 0.5) x step - 0.5 px)
     step = model.grid_step
     reach = 0.05 * M.inter_ocular(points)
     for upper, _, _ in PERIOCULAR:
@@ -895,7 +904,7 @@ def test_ratio_images_stay_off_the_outer_eye_corners(face):
         around = [outward * reach] + [np.array([np.cos(a), np.sin(a)]) * 2 * reach for a in np.radians(range(0, 360, 30))]
         for x, y in [tip, *(tip + offset for offset in around)]:
             if 0 <= x < image.shape[1] - 1 and 0 <= y < image.shape[0] - 1:
-                assert mask[int(round(y / step)), int(round(x / step))] < 0.5, (upper[0], x, y)
+                assert mask[int((y + 0.5) / step), int((x + 0.5) / step)] < 0.5, (upper[0], x, y)
 
 
 def _drifting(frames: np.ndarray, shift: float) -> np.ndarray:

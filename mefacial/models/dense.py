@@ -135,6 +135,7 @@ class DenseState:
     initial_luma: torch.Tensor | None  # 1 x 1 x H x W
     # made on first use, then reused by every batch
     pixels: torch.Tensor | None = None  # H x W x 2: pixel centres (x, y)
+    pixel_units: torch.Tensor | None = None  # H x W x 2: the same in grid_sample units (align_corners=False)
     grid_points: torch.Tensor | None = None  # 1 x 2 x h x w: the coarse grid's points (x, y), pixels (CPU)
     onset_luma: torch.Tensor | None = None  # 1 x 1 x h x w: the onset frame's luminance on the grid, blurred
     source_eyes: torch.Tensor | None = None  # 1 x 4 x H x W: the source and its eye openings (the eyeball layer's)
@@ -491,13 +492,38 @@ def _solve(packed: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     return torch.stack([e * residual[:, 0] - b * residual[:, 1], a * residual[:, 1] - c * residual[:, 0]], 1) / det[:, None]
 
 
+def _grid_nodes(size: tuple[int, int], step: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """The coarse grid: (G x 2 nodes (x, y) in pixels, (h, w)). Its nodes are the centres of the picture's pixels
+    gathered in blocks of about step x step (h = ceil(H / step) rows, the same extent as the picture), so a value
+    per node is an image of h x w pixels that bilinear upsampling with half-pixel centres (`_upsample`) and
+    grid_sample (align_corners=False) place where the nodes are."""
+    (height, width), rows, cols = size, -(-size[0] // step), -(-size[1] // step)
+    ys = (np.arange(rows) + 0.5) * height / rows - 0.5
+    xs = (np.arange(cols) + 0.5) * width / cols - 0.5
+    return np.stack(np.meshgrid(xs, ys), -1).reshape(-1, 2), (rows, cols)
+
+
 def _grid_points(state: "DenseState") -> torch.Tensor:
-    """The coarse grid's points (x, y) in pixels, 1 x 2 x h x w, corner to corner (made once per state)."""
+    """The coarse grid's nodes (x, y) in pixels, 1 x 2 x h x w (made once per state)."""
     if state.grid_points is None:
-        (h, w), (height, width) = state.grid_shape, state.size
-        ys, xs = torch.meshgrid(torch.linspace(0, height - 1, h), torch.linspace(0, width - 1, w), indexing="ij")
-        state.grid_points = torch.stack([xs, ys])[None]
+        state.grid_points = torch.from_numpy(state.grid.T.reshape(1, 2, *state.grid_shape)).float().contiguous()
     return state.grid_points
+
+
+def _upsample(values: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """T x C x h x w values at the grid's nodes -> T x H x W x C at every pixel (bilinear, half-pixel centres, the
+    edges held): OpenCV's resize on the CPU (2x faster than torch's interpolate, whose values it gives to float
+    rounding), torch's elsewhere."""
+    height, width = size
+    if values.device.type != "cpu" or not 2 <= values.shape[1] <= 4:
+        return F.interpolate(values, size=size, mode="bilinear", align_corners=False).permute(0, 2, 3, 1)
+    import cv2  # here, not at import: `import mefacial` must work where OpenCV is absent (a GPU box for benchmarks)
+
+    planes = values.float().permute(0, 2, 3, 1).contiguous().numpy()  # T x h x w x C
+    out = np.empty((len(planes), height, width, planes.shape[-1]), np.float32)
+    for plane, upsampled in zip(planes, out):
+        cv2.resize(plane, (width, height), dst=upsampled, interpolation=cv2.INTER_LINEAR)
+    return torch.from_numpy(out)
 
 
 def _with_derivatives(field: torch.Tensor, step_x: float, step_y: float) -> torch.Tensor:
@@ -532,14 +558,14 @@ def backward_flow(state: "DenseState", target: np.ndarray, iterations: int = NEW
     motion[:M.NUM_MESH] = (target[:, :M.NUM_MESH] - state.source_mesh[:M.NUM_MESH]).transpose(1, 0, 2)
     forward = (state.motion_weights @ motion.reshape(points, -1)).reshape(h, w, frames, 2)  # at source grid points
     field = torch.from_numpy(forward).float().permute(2, 3, 0, 1)  # T x 2 x h x w: d(x)
-    step_y, step_x = (height - 1) / max(h - 1, 1), (width - 1) / max(w - 1, 1)
-    packed = _with_derivatives(field, step_x, step_y)  # T x 6 x h x w: d, dd/dx, dd/dy
+    packed = _with_derivatives(field, width / w, height / h)  # T x 6 x h x w: d, dd/dx, dd/dy
     y = _grid_points(state).expand(frames, -1, -1, -1)  # T x 2 x h x w target grid points (pixels)
-    scale = torch.tensor([2 / max(width - 1, 1), 2 / max(height - 1, 1)]).view(1, 2, 1, 1)
+    scale = torch.tensor([2 / width, 2 / height]).view(1, 2, 1, 1)  # pixels -> grid_sample units: x scale + shift
+    shift = scale / 2 - 1
     x = y - field  # first guess: the forward motion taken back
     for _ in range(iterations):
-        at = F.grid_sample(packed, (x * scale - 1).permute(0, 2, 3, 1), mode="bilinear", padding_mode="border",
-                           align_corners=True)  # T x 6 x h x w
+        at = F.grid_sample(packed, (x * scale + shift).permute(0, 2, 3, 1), mode="bilinear", padding_mode="border",
+                           align_corners=False)  # T x 6 x h x w
         step = _solve(at, x + at[:, :2] - y)
         length = (step[:, :1] ** 2 + step[:, 1:] ** 2).sqrt()  # T x 1 x h x w (faster than norm over dim 1)
         x = x - step * (MAX_STEP / length.clamp(min=MAX_STEP))  # folds: bounded steps
@@ -603,11 +629,7 @@ class DenseMeshWarp(nn.Module):
         ring = ring[(ring >= 0).all(1) & (ring[:, 0] <= width - 1) & (ring[:, 1] <= height - 1)]  # in the picture
         if len(ring):
             border = border[(np.linalg.norm(border[:, None] - ring[None], axis=-1).min(1) > 2)]  # keep them apart
-        # grid nodes from the first to the last pixel (upsampled with align_corners=True)
-        ys = np.linspace(0, height - 1, (height - 1) // self.grid_step + 1)
-        xs = np.linspace(0, width - 1, (width - 1) // self.grid_step + 1)
-        grid = np.stack(np.meshgrid(xs, ys), -1).reshape(-1, 2)
-        shape = (len(ys), len(xs))
+        grid, shape = _grid_nodes(size, self.grid_step)
         barycentric = _barycentric_matrix(delaunay, grid).astype(np.float32)  # G x 468
         barycentric.resize(len(grid), len(src))  # G x V (the irises hold no grid point)
         inside = np.diff(barycentric.indptr) > 0  # grid points in a triangle of the mesh
@@ -615,7 +637,7 @@ class DenseMeshWarp(nn.Module):
         # motion tapers to 0 at the picture's edge (smoothstep over BORDER_TAPER of its size): the border holds
         # still and nothing is sampled from outside the picture, however tightly the face is framed
         ramp = max(BORDER_TAPER * max(size), 1.0)
-        edge = np.minimum(np.minimum(grid[:, 0], width - 1 - grid[:, 0]), np.minimum(grid[:, 1], height - 1 - grid[:, 1]))
+        edge = np.minimum(grid - grid.min(0), grid.max(0) - grid).min(1)  # from the outermost nodes (the edge pixels')
         taper = np.clip(edge / ramp, 0, 1)
         taper = taper * taper * (3 - 2 * taper)
         # ratio images apply on the face (inside its oval), not around the eyes (the layered lids draw them); the
@@ -692,17 +714,17 @@ class DenseMeshWarp(nn.Module):
             seen = (at[..., 0].abs() <= 1 - 1 / width) & (at[..., 1].abs() <= 1 - 1 / height)
             mask = mask * seen[:, None].to(log_ratio)
         log_ratio = (magnify * log_ratio * mask).clamp(-self.ratio_bound, self.ratio_bound)
-        return torch.exp(log_ratio)  # the renderer samples it where the skin comes from (bilinear, corner to corner)
+        return torch.exp(log_ratio)  # the renderer samples it where the skin comes from (bilinear)
 
     def render(self, state: DenseState, target_mesh: np.ndarray, appearance: torch.Tensor | None = None,
                flow: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Frames of the source moved to `target_mesh` (T x V x 2, pixels of the source), shaded by `appearance`
-        (T x 1 x h x w luminance ratios in the source's geometry, clamped to exp(+-ratio_bound); None = 1), on a
-        grid spanning the picture corner to corner: the picture's pixels (h x w = H x W) or a coarser grid, as
+        (T x 1 x h x w luminance ratios in the source's geometry, clamped to exp(+-ratio_bound); None = 1), an
+        image over the whole picture: the picture's pixels (h x w = H x W) or the coarse grid, as
         `appearance_ratios` gives. `flow`, where given, is `backward_flow` of the target meshes.
 
         Returns {"prediction": T x 3 x H x W in [0, 1], "flow": T x H x W x 2 backward sampling grid of the skin
-        (grid_sample coordinates, align_corners=True: -1 and 1 are the corner pixels' centres), "eye_mask":
+        (grid_sample coordinates, align_corners=False: -1 and 1 are the picture's outer edges), "eye_mask":
         T x 1 x H x W where the eyeball layer shows}."""
         target = np.asarray(target_mesh, np.float64)
         if target.ndim != 3 or target.shape[1:] != state.source_mesh.shape:
@@ -715,21 +737,20 @@ class DenseMeshWarp(nn.Module):
             ys, xs = torch.meshgrid(torch.arange(height, dtype=torch.float32),
                                     torch.arange(width, dtype=torch.float32), indexing="ij")
             state.pixels = torch.stack([xs, ys], -1)  # H x W x 2 pixels
+            state.pixel_units = _to_grid(state.pixels, state.size).to(device)  # H x W x 2 grid_sample units
         base = state.pixels
-        # the skin's backward map in grid_sample units, corner to corner (align_corners=True), as the grid is laid out:
-        # the grid's points moved by the flow, upsampled to every pixel
+        # the skin's backward map in grid_sample units: every pixel moved by the grid's flow, upsampled
         flow = backward_flow(state, target) if flow is None else flow  # T x 2 x h x w pixels, on the coarse grid
-        units = torch.tensor([2 / max(width - 1, 1), 2 / max(height - 1, 1)]).view(1, 2, 1, 1)
-        skin = F.interpolate(((_grid_points(state) + flow) * units - 1).to(device), size=(height, width),
-                             mode="bilinear", align_corners=True).permute(0, 2, 3, 1)  # T x H x W x 2 (a view)
+        units = torch.tensor([2 / width, 2 / height]).view(1, 2, 1, 1)  # pixels -> grid_sample units (align_corners=False)
+        skin = _upsample((flow * units).to(device), state.size).add_(state.pixel_units)  # T x H x W x 2
         # the source, then its shading, sampled where the skin comes from (an expanded source takes grid_sample's
         # fast path: 2x faster than sampling the shaded frames)
         prediction = F.grid_sample(state.source.expand(frames, -1, -1, -1), skin, mode="bilinear",
-                                   padding_mode="border", align_corners=True)  # T x 3 x H x W
+                                   padding_mode="border", align_corners=False)  # T x 3 x H x W
         if appearance is not None:
             bound = float(np.exp(self.ratio_bound))
             shading = F.grid_sample(appearance.to(device).float().clamp(1 / bound, bound), skin, mode="bilinear",
-                                    padding_mode="border", align_corners=True)  # T x 1 x H x W
+                                    padding_mode="border", align_corners=False)  # T x 1 x H x W
             prediction = prediction.mul_(shading).clamp_(0, 1)
         # the eyeball layer, drawn in the eyes' box only: inside the target eye opening beyond the lids' rims (and
         # where the eyeball was), the source moved by the iris motion alone
@@ -757,7 +778,7 @@ class DenseMeshWarp(nn.Module):
             first = ((base[y0:y1, x0:x1] - middle) @ towards < 0)[..., None]  # h x w x 1: the first eye's side
             gaze = gaze * (2 / gaze.new_tensor([width, height]))  # in grid_sample units
             shift = torch.where(first, gaze[:, None, None, 0], gaze[:, None, None, 1])  # T x h x w x 2 (first: h x w x 1)
-            eye_grid = (_to_grid(base[y0:y1, x0:x1], state.size) - shift).to(device)  # the pixels moved back
+            eye_grid = state.pixel_units[y0:y1, x0:x1] - shift.to(device)  # the pixels moved back
             if state.source_eyes is None:
                 openings = torch.from_numpy(state.openings)[None, None].to(device)
                 state.source_eyes = torch.cat([state.source, openings], 1)
