@@ -430,7 +430,7 @@ def test_closed_lids_cover_the_eye_without_smear(face):
         out = model.animate(state, closed[None], magnify=magnify)
         target = out["landmarks"][0].numpy()
         assert 0 < M.eye_aperture(target) < 0.2 * M.eye_aperture(points), "the lids close, and do not cross"
-        assert out["eye_mask"].sum() < 0.25 * model.animate(state, points[None])["eye_mask"].sum()
+        assert out["eye_layer"].sum() < 0.25 * model.animate(state, points[None])["eye_layer"].sum()
         # where the eye was open, the output now shows lid skin: about as bright as the skin above the lid
         luma = out["prediction"][0].mean(0).numpy()
         source_luma = _tensor(image)[0].mean(0).numpy()

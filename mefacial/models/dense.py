@@ -702,19 +702,18 @@ class DenseMeshWarp(nn.Module):
             at_0 = _grid_in(state, state.initial_mesh[None].astype(np.float32)).to(driving.device)
             state.onset_luma = _blur(F.grid_sample(state.initial_luma, at_0, mode="bilinear", padding_mode="border",
                                                    align_corners=False), sigma)
-        log_ratio = torch.log((aligned + RATIO_EPS) / (state.onset_luma + RATIO_EPS))  # T x 1 x h x w
-        mask = state.face_mask
+        log_ratio = aligned.add_(RATIO_EPS).div_(state.onset_luma + RATIO_EPS).log_()  # T x 1 x h x w (in place)
+        mask = state.face_mask * magnify
         face = state.face_points
         if len(face):  # no global brightness change: the face's median ratio is 1
-            log_ratio = log_ratio - _lower_median(log_ratio.flatten(1), face).view(-1, 1, 1, 1)
+            log_ratio.sub_(_lower_median(log_ratio.flatten(1), face).view(-1, 1, 1, 1).to(log_ratio))
         # where the driving face has drifted past its frame's border, the frame holds no skin to compare: no ratio
         mesh = drv[:, :M.NUM_MESH]  # the triangles' corners: grid points lie between them
         if (mesh < 0).any() or (mesh > [width - 1, height - 1]).any():
-            # T x h x w: inside the range of the pixel centres
-            seen = (at[..., 0].abs() <= 1 - 1 / width) & (at[..., 1].abs() <= 1 - 1 / height)
+            seen = (at[..., 0].abs() <= 1 - 1 / width) & (at[..., 1].abs() <= 1 - 1 / height)  # T x h x w: within the pixels
             mask = mask * seen[:, None].to(log_ratio)
-        log_ratio = (magnify * log_ratio * mask).clamp(-self.ratio_bound, self.ratio_bound)
-        return torch.exp(log_ratio)  # the renderer samples it where the skin comes from (bilinear)
+        # the renderer samples the ratios where the skin comes from (bilinear)
+        return log_ratio.mul_(mask).clamp_(-self.ratio_bound, self.ratio_bound).exp_()
 
     def render(self, state: DenseState, target_mesh: np.ndarray, appearance: torch.Tensor | None = None,
                flow: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -724,8 +723,8 @@ class DenseMeshWarp(nn.Module):
         `appearance_ratios` gives. `flow`, where given, is `backward_flow` of the target meshes.
 
         Returns {"prediction": T x 3 x H x W in [0, 1], "flow": T x H x W x 2 backward sampling grid of the skin
-        (grid_sample coordinates, align_corners=False: -1 and 1 are the picture's outer edges), "eye_mask":
-        T x 1 x H x W where the eyeball layer shows}."""
+        (grid_sample coordinates, align_corners=False: -1 and 1 are the picture's outer edges), "eye_layer":
+        T x 1 x h x w where the eyeball layer shows in the eyes' box, "eye_box": that box's (top, left) pixel}."""
         target = np.asarray(target_mesh, np.float64)
         if target.ndim != 3 or target.shape[1:] != state.source_mesh.shape:
             raise ValueError(f"target_mesh must be T x {len(state.source_mesh)} x 2, got {target.shape}")
@@ -764,7 +763,7 @@ class DenseMeshWarp(nn.Module):
         x0, y0 = (max(int(np.floor(v)) - pad, 0) for v in corners.min(0))
         x1 = min(int(np.ceil(corners[:, 0].max())) + pad + 1, width)
         y1 = min(int(np.ceil(corners[:, 1].max())) + pad + 1, height)
-        eye_mask = torch.zeros(frames, 1, height, width, device=device)
+        eye_layer = torch.zeros(frames, 1, max(y1 - y0, 0), max(x1 - x0, 0), device=device)
         if x1 > x0 and y1 > y0:
             box, offset = (y1 - y0, x1 - x0), np.array([x0, y0])
             rims = _rim_weights(target, source, state.lid_rim, offset, box)  # per eye: T x h x w
@@ -797,9 +796,9 @@ class DenseMeshWarp(nn.Module):
                 lids = _blur(region * known, sigma) / _blur(known, sigma).clamp(min=1e-3)  # T x 3 x h x w
                 weight = opening * closing
                 layered = layered * (1 - weight) + lids * weight
-            eye_mask[..., y0:y1, x0:x1] = inside * (1 - closing)
+            eye_layer = inside * (1 - closing)
             prediction[..., y0:y1, x0:x1] = layered
-        return {"prediction": prediction, "flow": skin, "eye_mask": eye_mask}
+        return {"prediction": prediction, "flow": skin, "eye_layer": eye_layer, "eye_box": (y0, x0)}
 
     def motion(self, state: DenseState, driving_mesh, magnify: float = 1.0, appearance: bool | None = None
                ) -> MeshMotion:
