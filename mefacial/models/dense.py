@@ -483,13 +483,16 @@ def _barycentric_matrix(delaunay: Delaunay, grid: np.ndarray) -> csr_matrix:
 
 
 def _solve(packed: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-    """(I + J)^-1 residual per grid point: packed T x 6 x h x w (d, dd/dx, dd/dy), residual T x 2 x h x w; a
-    near-singular (folded) Jacobian gives a bounded step."""
-    a, c = 1 + packed[:, 2], packed[:, 3]  # I + J = [[a, b], [c, e]] (columns: d/dx, d/dy)
-    b, e = packed[:, 4], 1 + packed[:, 5]
-    det = a * e - b * c
-    det = torch.copysign(det.abs().clamp_(min=0.05), det)  # |det| >= 0.05, its sign kept
-    return torch.stack([e * residual[:, 0] - b * residual[:, 1], a * residual[:, 1] - c * residual[:, 0]], 1) / det[:, None]
+    """(I + J)^-1 residual per grid point: packed T x 6 x h x w (d, then I + J's columns: d/dx, d/dy, as
+    `backward_flow` packs them), residual T x 2 x h x w; a near-singular (folded) Jacobian gives a bounded step.
+    Written into few new tensors (the Newton steps' main cost is their element-wise passes)."""
+    a, c, b, e = packed[:, 2], packed[:, 3], packed[:, 4], packed[:, 5]  # I + J = [[a, b], [c, e]]
+    det = (a * e).addcmul_(b, c, value=-1)
+    inverse = torch.copysign(det.abs().clamp_(min=0.05), det).reciprocal_()  # |det| >= 0.05, its sign kept
+    step = torch.empty_like(residual)
+    torch.mul(e, residual[:, 0], out=step[:, 0]).addcmul_(b, residual[:, 1], value=-1)
+    torch.mul(a, residual[:, 1], out=step[:, 1]).addcmul_(c, residual[:, 0], value=-1)
+    return step.mul_(inverse[:, None])
 
 
 def _grid_nodes(size: tuple[int, int], step: int) -> tuple[np.ndarray, tuple[int, int]]:
@@ -559,6 +562,8 @@ def backward_flow(state: "DenseState", target: np.ndarray, iterations: int = NEW
     forward = (state.motion_weights @ motion.reshape(points, -1)).reshape(h, w, frames, 2)  # at source grid points
     field = torch.from_numpy(forward).float().permute(2, 3, 0, 1)  # T x 2 x h x w: d(x)
     packed = _with_derivatives(field, width / w, height / h)  # T x 6 x h x w: d, dd/dx, dd/dy
+    packed[:, 2].add_(1)  # d/dx and d/dy of x + d(x): I + J
+    packed[:, 5].add_(1)
     y = _grid_points(state).expand(frames, -1, -1, -1)  # T x 2 x h x w target grid points (pixels)
     scale = torch.tensor([2 / width, 2 / height]).view(1, 2, 1, 1)  # pixels -> grid_sample units: x scale + shift
     shift = scale / 2 - 1
@@ -566,9 +571,10 @@ def backward_flow(state: "DenseState", target: np.ndarray, iterations: int = NEW
     for _ in range(iterations):
         at = F.grid_sample(packed, (x * scale + shift).permute(0, 2, 3, 1), mode="bilinear", padding_mode="border",
                            align_corners=False)  # T x 6 x h x w
-        step = _solve(at, x + at[:, :2] - y)
-        length = (step[:, :1] ** 2 + step[:, 1:] ** 2).sqrt()  # T x 1 x h x w (faster than norm over dim 1)
-        x = x - step * (MAX_STEP / length.clamp(min=MAX_STEP))  # folds: bounded steps
+        step = _solve(at, torch.add(x, at[:, :2]).sub_(y))
+        # folds: steps bounded to MAX_STEP (x MAX_STEP / max(length, MAX_STEP), T x 1 x h x w)
+        bound = (step[:, :1] * step[:, :1]).addcmul_(step[:, 1:], step[:, 1:]).clamp_(min=MAX_STEP**2).rsqrt_()
+        x = x.sub_(step.mul_(bound.mul_(MAX_STEP)))  # (x: a new tensor, `y - field`)
     taper = torch.from_numpy(state.taper).float().view(1, 1, h, w)
     return (x - y) * taper
 
