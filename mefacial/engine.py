@@ -16,6 +16,7 @@ in batches (`mefacial.pipeline`).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -100,6 +101,8 @@ class Lookahead:
 
     def __init__(self) -> None:
         self.work: Callable[[np.ndarray], Any] | None = None
+        # a whole batch's output (frames, points, planned -> n x S x S x 3 uint8), for batches at the clip's end
+        self.finish: Callable[[np.ndarray, np.ndarray, Any], np.ndarray] | None = None
 
     def plan(self, points: np.ndarray, queued: int, tracked_all: bool = False) -> Any:
         """The work of a batch that has `queued` batches handed over before it and not yet taken, or None where
@@ -110,6 +113,13 @@ class Lookahead:
         to do and plans every batch left."""
         work = self.work
         return work(points) if work is not None and (queued > 0 or tracked_all) else None
+
+
+@dataclasses.dataclass
+class Finished:
+    """A batch's output frames (n x S x S x 3 uint8, not pasted back), made in the mesh tracker's thread."""
+
+    frames: np.ndarray
 
 
 _TRACKERS_LOCK = threading.Lock()
@@ -214,6 +224,10 @@ class ClipRun:
             with engine.inference_context():
                 return animator.plan(points)
 
+        def finish(frames: np.ndarray, points: np.ndarray, planned: Any) -> np.ndarray:  # in the tracker's thread
+            with engine._memory_errors(spec, batch_size), engine.inference_context():
+                return to_uint8(animator(frames, points, planned))
+
         lookahead = Lookahead()
         for frames, points, planned in engine._model_chunks(prepared, spec, batch_size, ahead, lookahead):
             for start in range(0, len(frames), batch_size):
@@ -226,9 +240,10 @@ class ClipRun:
                                                 motion=options.motion, adapt_scale=options.adapt_scale,
                                                 magnify=options.magnify, confine_to_prior=options.confine)
                         self.prior_map = animator.prior_map
-                        lookahead.work = plan
-                    out = to_uint8(animator(frames[batch], None if points is None else points[batch],
-                                            planned if len(frames) <= batch_size else None))
+                        lookahead.work, lookahead.finish = plan, finish
+                    out = planned.frames if isinstance(planned, Finished) else to_uint8(
+                        animator(frames[batch], None if points is None else points[batch],
+                                 planned if len(frames) <= batch_size else None))
                 done += len(out)
                 total = prepared.num_frames
                 if total:
@@ -571,21 +586,50 @@ class Engine:
         time (the LiteRT models run outside the GIL), smooths them and hands over each batch whose meshes are
         final, while the caller generates the batches before it: tracking and rendering share the CPU's cores.
         For a batch with others queued before it, the worker also does the `lookahead`'s work (`planned`, else
-        None); the caller's thread cuts the frames to the model's size while it waits. The meshes and model frames
+        None); once the whole clip is tracked, it finishes batches from the clip's end (`Lookahead.finish`:
+        `planned` is then a `Finished` batch) while the caller goes through the ones before, so both end together.
+        The caller's thread cuts the frames to the model's size while it waits. The meshes and model frames
         are kept on the clip for every later variant (`find_landmarks` finds them here too, rendering nothing;
         `MeshTracker` and `StreamingSmoother` equal the whole-clip calls frame for frame). `meanwhile` is called
         with the source mesh once tracking has started (work that needs no driving mesh)."""
-        import queue
-
         meshes, count = prepared.meshes, len(prepared.frames)
         tracker = self._driving_tracker(prepared)
         smoother = StreamingSmoother(smoothing_window(prepared.fps)) if prepared.options.smooth and count >= 3 else None
         lookahead = lookahead or Lookahead()
         model_frames = (prepared.driving if prepared.driving_cut  # (cut by an earlier variant's run)
                         else np.empty((count, prepared.size, prepared.size, 3), np.uint8))
-        ready: queue.Queue = queue.Queue()  # (first frame, meshes, planned) of each batch, or the worker's error
+        queued: collections.deque = collections.deque()  # (first frame, meshes, planned) handed over, in order
+        finished: dict[int, tuple] = {}  # first frame -> (meshes, Finished batch or its error; None while made)
+        failed: list[BaseException] = []  # the worker's error
+        changed = threading.Condition()
         stop = threading.Event()
         seconds: dict[str, float] = {}
+        cut = count if prepared.driving_cut else 0  # frames cut to the model's size, from the start
+        tail = count  # the first frame of the batches the worker finishes (they run to the clip's end)
+
+        def hand_over(item: tuple[int, np.ndarray, Any]) -> None:
+            with changed:
+                queued.append(item)
+                changed.notify_all()
+
+        def finish_from_the_end() -> None:  # the clip is tracked: the worker finishes batches from its end
+            nonlocal tail
+            while not stop.is_set() and lookahead.finish is not None:
+                with changed:
+                    if len(queued) < 2:  # (the caller is on the first one)
+                        return
+                    start, points, planned = queued.pop()
+                    finished[start], tail = (points, None), start
+                try:
+                    frames = (model_frames[start:start + len(points)] if start + len(points) <= cut else
+                              prepared.to_model_frames(prepared.frames[start:start + len(points)], prepared.driving_box))
+                    model_frames[start:start + len(points)] = frames
+                    result: Any = Finished(lookahead.finish(frames, points, planned))
+                except BaseException as error:  # noqa: BLE001 - raised again in the caller's thread, in turn
+                    result = error
+                with changed:
+                    finished[start] = (points, result)
+                    changed.notify_all()
 
         def work() -> None:
             try:
@@ -605,17 +649,36 @@ class Engine:
                     final = np.concatenate([final, found])
                     while len(final) >= batch or (j == count and len(final)):
                         points, final = final[:batch], final[batch:]
-                        ready.put((done, points, lookahead.plan(points, ready.qsize(), tracked_all=j == count)))
+                        hand_over((done, points, lookahead.plan(points, len(queued), tracked_all=j == count)))
                         done += len(points)
+                finish_from_the_end()
             except BaseException as error:  # noqa: BLE001 - raised again in the caller's thread
-                ready.put(error)
+                with changed:
+                    failed.append(error)
+                    changed.notify_all()
+
+        def next_batch() -> tuple[int, np.ndarray, Any] | None:
+            """The caller's next batch, once the worker has handed it over or finished it, or None where frames are
+            left to cut meanwhile (under `changed`; the worker's error raised)."""
+            while True:
+                if failed:
+                    raise failed[0]
+                if queued:  # (the worker takes batches from the end: the first is the caller's next)
+                    return queued.popleft()
+                points, result = finished.get(done, (None, None))
+                if result is not None:
+                    del finished[done]
+                    return done, points, result
+                if cut < min(tail, count):
+                    return None
+                changed.wait()
 
         worker = threading.Thread(target=work, name="mesh-tracker", daemon=True)
         found, done = [], 0  # frames handed over
-        cut = count if prepared.driving_cut else 0  # frames cut to the model's size
 
         def cut_until(end: int) -> None:
             nonlocal cut
+            end = min(end, tail)
             if end > cut:
                 model_frames[cut:end] = prepared.to_model_frames(prepared.frames[cut:end], prepared.driving_box)
                 cut = end
@@ -630,19 +693,19 @@ class Engine:
                 if meanwhile is not None:
                     meanwhile(meshes["source"])
                 while done < count:
-                    while ready.empty() and cut < count:  # no batch ready: cut the next frames meanwhile
+                    with changed:
+                        item = next_batch()
+                    if item is None:  # no batch ready: cut the next frames meanwhile
                         cut_until(min(cut + TRACK_CHUNK, count))
-                    item = ready.get()
-                    if isinstance(item, BaseException):
-                        raise item
+                        continue
                     start, points, planned = item
-                    if start + len(points) == count:  # the tracker's last batch: its thread is ending
-                        worker.join()
-                    if not worker.is_alive():  # every batch is tracked (and queued): all cores render the rest
+                    if not worker.is_alive():  # every batch is tracked and finished: all cores render the rest
                         cores.close()
                     self._check_points(spec, meshes["source"], points)
                     found.append(points)
                     cut_until(start + len(points))
+                    if isinstance(planned, BaseException):  # (the worker's, after the checks of its points)
+                        raise planned
                     yield model_frames[start:start + len(points)], points, planned
                     done += len(points)
             finally:

@@ -787,9 +787,13 @@ def test_overlapping_runs_give_the_thread_count_back():
 
 def test_the_tracker_core_is_given_back_once_tracking_ends(engine, monkeypatch):
     """While the clip's meshes are tracked, rendering leaves the tracker a core (torch one thread fewer); the
-    batches rendered after the tracker's thread has ended use all of them, and the count is restored after."""
+    batches rendered after the tracker's thread has ended use all of them, and the count is restored after. (The
+    tracker's thread here does not finish batches from the clip's end, which keeps it alive to the end.)"""
+    from mefacial import engine as E
     from mefacial.models import dense as D
     from mefacial.video import read_clip
+
+    monkeypatch.setattr(E.Lookahead, "finish", property(lambda self: None, lambda self, value: None), raising=False)
 
     clip = read_clip(require(DATA / "driving" / "s3_po_05.gif", "shared clip")).frames  # 45 frames
     face = DATA / "faces" / "asian_female.png"
@@ -847,6 +851,67 @@ def test_motion_made_ahead_gives_the_same_frames(engine, monkeypatch):
         frames[mode] = engine.animate(face, clip, variant="dense", magnify=2.0, batch_size=4).frames
     assert not any(ahead["never"]) and sum(ahead["always"]) >= 4  # all but the first batch(es) made ahead
     assert np.array_equal(frames["never"], frames["always"])
+
+
+def test_batches_finished_by_the_tracker_give_the_same_frames(engine, monkeypatch):
+    """Once the clip is tracked, the tracker's thread finishes batches from the clip's end while the renderer goes
+    through the ones before (`Lookahead.finish`): the frames (and the clip's meshes and model frames) are the same
+    whichever thread made each batch, and in order."""
+    import threading
+    import time
+
+    from mefacial import engine as E
+    from mefacial.models import dense as D
+    from mefacial.video import read_clip
+
+    clip = read_clip(require(DATA / "driving" / "s3_po_05.gif", "shared clip")).frames[:29]
+    face = DATA / "faces" / "asian_female.png"
+    render, results, by_tracker = D.DenseClip.__call__, {}, []
+
+    def slow_renderer(runner, batch, points, planned=None):  # the renderer falls behind: batches queue up
+        if threading.current_thread() is threading.main_thread():
+            time.sleep(0.03)
+        else:
+            by_tracker.append(len(batch))
+        return render(runner, batch, points, planned)
+
+    monkeypatch.setattr(D.DenseClip, "__call__", slow_renderer)
+    for mode in ("renderer only", "both"):
+        if mode == "renderer only":
+            monkeypatch.setattr(E.Lookahead, "finish", property(lambda self: None, lambda self, value: None),
+                                raising=False)
+        prepared = engine.prepare(face, clip, batch_size=4)
+        results[mode] = (engine.collect(prepared, "dense").frames, prepared.meshes["driving"], prepared.driving)
+        monkeypatch.undo()
+        monkeypatch.setattr(D.DenseClip, "__call__", slow_renderer)
+        assert bool(by_tracker) == (mode == "both"), by_tracker
+    for ours, theirs in zip(results["renderer only"], results["both"]):
+        assert np.array_equal(ours, theirs)
+
+
+def test_an_error_in_a_batch_finished_by_the_tracker_stops_the_run(engine, monkeypatch):
+    """An error in a batch the tracker's thread finishes reaches the caller when its turn comes, the thread ends and
+    torch's thread count is given back."""
+    import threading
+    import time
+
+    from mefacial.models import dense as D
+    from mefacial.video import read_clip
+
+    clip = read_clip(require(DATA / "driving" / "s3_po_05.gif", "shared clip")).frames[:29]
+    render, threads = D.DenseClip.__call__, torch.get_num_threads()
+
+    def broken_in_the_tracker(runner, batch, points, planned=None):
+        if threading.current_thread() is threading.main_thread():
+            time.sleep(0.03)
+            return render(runner, batch, points, planned)
+        raise RuntimeError("broken batch")
+
+    monkeypatch.setattr(D.DenseClip, "__call__", broken_in_the_tracker)
+    with pytest.raises(RuntimeError, match="broken batch"):
+        engine.animate(DATA / "faces" / "asian_female.png", clip, variant="dense", batch_size=4)
+    assert torch.get_num_threads() == threads
+    assert not any(t.name == "mesh-tracker" for t in threading.enumerate())
 
 
 def test_an_error_in_work_made_ahead_stops_the_run(engine, monkeypatch):
