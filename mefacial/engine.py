@@ -96,8 +96,9 @@ MESH_BACKEND = "mesh (MediaPipe face mesh + iris, LiteRT)"
 
 class Lookahead:
     """A batch's work that needs its points alone (`ClipRunner.plan`), which the mesh tracker's thread does
-    ahead while the caller has other batches to go through first (`Engine._tracked_chunks`). The caller sets
-    `work` once it can (its runner is made from the clip's first batch)."""
+    ahead while the caller has other batches to go through first (`Engine._tracked_chunks`), and whole batches
+    (`finish`), which it makes from the clip's end once the clip is tracked. The caller sets `work` and `finish`
+    once it can (its runner is made from the clip's first batch)."""
 
     def __init__(self) -> None:
         self.work: Callable[[np.ndarray], Any] | None = None
