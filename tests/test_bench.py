@@ -173,6 +173,8 @@ def test_training_free_bench_times_any_face_and_clip(tmp_path, capsys):
     rows = {row["variant"]: row for row in json.loads(report.read_text())["rows"]}
     assert set(rows) == {"dense", "dense-geometry", "warp"} and json.loads(report.read_text())["frames"] == 6
     assert rows["warp"]["speedup_vs"]["warp"] == 1.0 and all(r["ms_per_frame"]["total"] > 0 for r in rows.values())
+    low, high = rows["dense"]["speedup_range"]  # each repeat's ratio, around their median
+    assert 0 < low <= rows["dense"]["speedup_vs"]["warp"] <= high and "(range over repeats)" in out
 
 
 def test_channels_last_fast_path_equals_contiguous(inputs):
