@@ -622,9 +622,10 @@ class Engine:
                     start, points, planned = queued.pop()
                     finished[start], tail = (points, None), start
                 try:
-                    frames = (model_frames[start:start + len(points)] if start + len(points) <= cut else
-                              prepared.to_model_frames(prepared.frames[start:start + len(points)], prepared.driving_box))
-                    model_frames[start:start + len(points)] = frames
+                    frames = model_frames[start:start + len(points)]  # (a view: cut here unless the caller has)
+                    if start + len(points) > cut:
+                        frames[:] = prepared.to_model_frames(prepared.frames[start:start + len(points)],
+                                                             prepared.driving_box)
                     result: Any = Finished(lookahead.finish(frames, points, planned))
                 except BaseException as error:  # noqa: BLE001 - raised again in the caller's thread, in turn
                     result = error

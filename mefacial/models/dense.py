@@ -213,6 +213,14 @@ def _to_grid(points, size: tuple[int, int]):
     return (2 * points + 1) / scale - 1
 
 
+def _units(size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_to_grid` for channel-first tensors (T x 2 x h x w pixels): (scale, shift), each 1 x 2 x 1 x 1, with
+    units = pixels x scale + shift (displacements: x scale alone)."""
+    height, width = size
+    scale = torch.tensor([2 / width, 2 / height]).view(1, 2, 1, 1)
+    return scale, scale / 2 - 1
+
+
 def _lower_median(values: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
     """The lower median of each row of `values` (T x N) over `columns` (n indices): T. On the CPU by numpy's
     partition (3x faster than torch's kthvalue, itself 2x faster than its median), else by kthvalue."""
@@ -565,8 +573,7 @@ def backward_flow(state: "DenseState", target: np.ndarray, iterations: int = NEW
     packed[:, 2].add_(1)  # d/dx and d/dy of x + d(x): I + J
     packed[:, 5].add_(1)
     y = _grid_points(state).expand(frames, -1, -1, -1)  # T x 2 x h x w target grid points (pixels)
-    scale = torch.tensor([2 / width, 2 / height]).view(1, 2, 1, 1)  # pixels -> grid_sample units: x scale + shift
-    shift = scale / 2 - 1
+    scale, shift = _units(state.size)  # pixels -> grid_sample units
     x = y - field  # first guess: the forward motion taken back
     for _ in range(iterations):
         at = F.grid_sample(packed, (x * scale + shift).permute(0, 2, 3, 1), mode="bilinear", padding_mode="border",
@@ -746,8 +753,8 @@ class DenseMeshWarp(nn.Module):
         base = state.pixels
         # the skin's backward map in grid_sample units: every pixel moved by the grid's flow, upsampled
         flow = backward_flow(state, target) if flow is None else flow  # T x 2 x h x w pixels, on the coarse grid
-        units = torch.tensor([2 / width, 2 / height]).view(1, 2, 1, 1)  # pixels -> grid_sample units (align_corners=False)
-        skin = _upsample((flow * units).to(device), state.size).add_(state.pixel_units)  # T x H x W x 2
+        scale, _ = _units(state.size)  # pixel displacements -> grid_sample units
+        skin = _upsample((flow * scale).to(device), state.size).add_(state.pixel_units)  # T x H x W x 2
         # the source, then its shading, sampled where the skin comes from (an expanded source takes grid_sample's
         # fast path: 2x faster than sampling the shaded frames)
         prediction = F.grid_sample(state.source.expand(frames, -1, -1, -1), skin, mode="bilinear",
