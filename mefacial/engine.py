@@ -498,8 +498,9 @@ class Engine:
 
     @staticmethod
     def _driving_tracker(prepared: PreparedClip) -> MeshTracker:
-        """The clip's face-mesh tracker: from the face that placed the onset crop, eyes held between their changes."""
-        return MeshTracker(landmarks=prepared.faces.get("driving"), role="driving", hold_eyes=True)
+        """The clip's face-mesh tracker: from the face that placed the onset crop, eyes held between their changes,
+        frames between still neighbours given their mean (`MeshTracker`'s `skip_still`)."""
+        return MeshTracker(landmarks=prepared.faces.get("driving"), role="driving", hold_eyes=True, skip_still=True)
 
     @staticmethod
     def _mesh_in_model(prepared: PreparedClip, meshes: np.ndarray) -> np.ndarray:
@@ -560,7 +561,7 @@ class Engine:
                     points = prepared.to_model(given, shape[1:], prepared.driving_box)
                 elif _uses_mesh(spec):  # one tracker for the clip: the onset frame's box, carried chunk after chunk
                     tracker = prepared.meshes.setdefault("tracker", self._driving_tracker(prepared))
-                    points = self._mesh_in_model(prepared, tracker.track(full))
+                    points = self._mesh_in_model(prepared, tracker.track(full, more=True))  # (some may wait)
                 else:
                     points = self._detector(prepared.options.landmarks).detect(model_frames, role="driving").points
                 self._check_points(spec, self._clip_source_points(prepared, spec), points)
@@ -574,10 +575,14 @@ class Engine:
                 yield ready, points, None
         if prepared.given_driving is not None and spec.needs_landmarks and seen != len(prepared.given_driving):
             raise InputError(f"driving_landmarks has {len(prepared.given_driving)} frames for a clip of {seen}")
+        points = np.zeros((0, NUM_VERTICES, 2), np.float32)
+        if "tracker" in prepared.meshes:  # the frames that waited for a next chunk
+            points = self._mesh_in_model(prepared, prepared.meshes["tracker"].finish())
+            self._check_points(spec, self._clip_source_points(prepared, spec), points)
         if smoother is not None:
-            points = smoother.finish()
-            if len(points):
-                yield pending[:len(points)], points, None
+            points = np.concatenate([smoother.push(points), smoother.finish()]) if len(points) else smoother.finish()
+        if len(points):
+            yield pending[:len(points)], points, None
 
     def _tracked_chunks(self, prepared: PreparedClip, spec: Variant, batch: int = TRACK_CHUNK,
                         meanwhile: Callable[[np.ndarray], None] | None = None, lookahead: Lookahead | None = None
@@ -644,7 +649,8 @@ class Engine:
                     if stop.is_set():
                         return
                     with timer(seconds, "track"):
-                        found = self._mesh_in_model(prepared, tracker.track(prepared.frames[i:j], count))
+                        found = self._mesh_in_model(prepared, tracker.track(prepared.frames[i:j], count,
+                                                                            more=j < count))
                     if smoother is not None:
                         found = smoother.push(found) if j < count else np.concatenate([smoother.push(found),
                                                                                        smoother.finish()])

@@ -30,8 +30,10 @@ tracker does) and that region of interest is kept for every frame of the clip.
 A frame whose mesh falls out of it (the head moved) gets a box from the
 previous frame's mesh. No per-frame face search: about 4.5 ms per frame on one
 CPU core, 3-3.5 where a generator tracks with `hold_eyes` (the iris model reruns on an eye only where the face
-model saw it change shape, see EYE_HOLD). A frame equal to the one before (a clip resampled to a higher frame
-rate repeats frames) gets its mesh without running the models. Frames whose face box is larger than
+model saw it change shape, see EYE_HOLD), a third less again with `skip_still` (a frame whose face lies between
+its neighbours' gets the mean of their meshes, see STILL: micro-expression clips are still most of the time).
+A frame equal to the one before (a clip resampled to a higher frame rate repeats frames) gets its mesh without
+running the models. Frames whose face box is larger than
 LARGEST_ROI (high-resolution video) are shrunk for the clip so the models' crops do not alias.
 """
 
@@ -83,6 +85,13 @@ LARGEST_ROI = 2 * FACE_INPUT  # px: a clip whose face box is larger is tracked o
 # Without it (`detect_mesh`, measurements) every eye of every frame.
 EYE_HOLD = 0.004
 EYE_HOLD_FRAMES = 3
+# Tracking with `skip_still` (the generators'), a frame between two fitted ones gets the mean of their meshes where
+# the face model moved no point by STILL x the inter-ocular distance between them (about the model's own jitter),
+# and the frame's block means (STILL_BLOCKS x STILL_BLOCKS over the face's box) lie within STILL_PEAK grey levels
+# of the mean of theirs (no blink between them).
+STILL = 0.01
+STILL_BLOCKS = 16
+STILL_PEAK = 8.0
 
 # ---- named vertex sets (MediaPipe's topology; indices into the 478 points) ---------------------------------
 # Eye contours in the order of MediaPipe's iris model output (71 points per eye), person's right eye first.
@@ -531,10 +540,17 @@ def _checked(frames) -> np.ndarray:
 class MeshTracker:
     """The face mesh of a clip read chunk after chunk: the onset frame's region of interest (and the tracking
     state: the current box, the previous frame's mesh) is found once, on the first chunk, and carried to the next
-    ones, so a chunked clip gets exactly the meshes of the whole clip (`detect_mesh`)."""
+    ones, so a chunked clip gets exactly the meshes of the whole clip (`detect_mesh`).
+
+    With `skip_still` (the generators' tracking, for speed) a frame whose face lies between its neighbours' (the
+    frame before it, fitted, and the next distinct one) gets the mean of their meshes without running the models
+    (`_between`, STILL): at most every other distinct frame, and only where the face is still or moves steadily.
+    Such a frame that ends a chunk waits for the next one (`track(..., more=True)` gives its mesh with the next
+    chunk's; `finish()` gives the meshes of any frames left), so chunks give the meshes of the whole clip."""
 
     def __init__(self, box=None, *, landmarks=None, refine_eyes: bool = True, allow_missing: bool = False,
-                 role: str = "driving", hold_eyes: bool = False, search: bool = True, roll: float = 0.0):
+                 role: str = "driving", hold_eyes: bool = False, search: bool = True, roll: float = 0.0,
+                 skip_still: bool = False):
         self.box, self.landmarks, self.refine_eyes, self.allow_missing, self.role = (
             box, landmarks, refine_eyes, allow_missing, role)
         self.roll = roll  # the face's roll in `box` (radians: its eye line's angle), where a detector saw it
@@ -546,16 +562,31 @@ class MeshTracker:
         self.scale = 1.0  # the clip's frames are tracked at this size (set on the onset frame)
         # with `hold_eyes`, the iris model's last reading of each eye, reused while its face-model points stay
         self.eyes: list[_EyeReading | None] | None = [None, None] if hold_eyes else None
-        self.seen = 0  # frames tracked so far
+        self.skip_still = skip_still
+        self.face: np.ndarray | None = None  # 468 x 2: the face model's points of the last frame fitted
+        self.waiting: np.ndarray | None = None  # frames held back for the next chunk (`more`)
+        self.seen = 0  # frames whose meshes were given
 
-    def track(self, frames: np.ndarray, count: int | None = None) -> np.ndarray:
+    def track(self, frames: np.ndarray, count: int | None = None, more: bool = False) -> np.ndarray:
         """N x H x W x 3 uint8 -> N x 478 x 2 float32 meshes, tracking on from the previous chunk. `count`: the
-        clip's length, for error messages (unknown while streaming)."""
+        clip's length, for error messages (unknown while streaming). With `more` (more chunks follow) a frame
+        waiting for its next neighbour (`skip_still`) and its repeats are held back: their meshes come first in
+        the next call's (or `finish()`'s), and fewer than N are given here."""
         frames = _checked(frames)
+        if self.waiting is not None:
+            frames, self.waiting = np.concatenate([self.waiting, frames]), None
         with _models() as models:
-            return self._track(frames, count, models)
+            return self._track(frames, count, models, more)
 
-    def _track(self, frames: np.ndarray, count: int | None, models: _Models) -> np.ndarray:
+    def finish(self) -> np.ndarray:
+        """The meshes (n x 478 x 2) of the frames held back by the last `track(..., more=True)`, if any."""
+        if self.waiting is None:
+            return np.zeros((0, NUM_VERTICES, 2), np.float32)
+        frames, self.waiting = self.waiting, None
+        with _models() as models:
+            return self._track(frames, None, models, more=False)
+
+    def _track(self, frames: np.ndarray, count: int | None, models: _Models, more: bool) -> np.ndarray:
         out = np.full((len(frames), NUM_VERTICES, 2), np.nan, np.float32)
         if self.roi is None and self.seen == 0:
             self.roi = _initial_box(frames[0], self.box, self.landmarks, models, self.search, self.roll)
@@ -570,36 +601,102 @@ class MeshTracker:
         if self.roi is None:  # the onset frame had no face (allow_missing)
             self.seen += len(frames)
             return out
-        roi = self.roi
-        for index, given in enumerate(frames):
+        index, end = 0, len(frames)
+        while index < end:
             previous = out[index - 1] if index > 0 else self.previous
             had_face = previous is not None and bool(np.isfinite(previous[0, 0]))
             last = frames[index - 1] if index > 0 else self.last_frame
-            if had_face and last is not None and same_frame(given, last):
+            if had_face and last is not None and same_frame(frames[index], last):
                 out[index] = previous  # a repeated frame (a clip resampled to a higher frame rate): the same mesh
-                for reading in self.eyes or ():  # (its eyes held, for EYE_HOLD_FRAMES)
-                    if reading is not None:
-                        reading.age += 1
+                self._age_eyes(1)  # (its eyes held, for EYE_HOLD_FRAMES)
+                index += 1
                 continue
-            frame = np.ascontiguousarray(_shrunk(given, self.scale))  # OpenCV would copy it per crop
-            mesh, presence = _fit_face(frame, roi, models)
-            if presence < PRESENCE_THRESHOLD and had_face:
-                roi = _box_of(previous.astype(np.float64))  # the head moved: the previous frame's box
-                mesh, presence = _fit_face(frame, roi, models)
-            if presence < PRESENCE_THRESHOLD:
-                if not self.allow_missing:
-                    raise _no_face(self.seen + index, count, frames.shape, self.role)
-                if self.eyes is not None:  # the readings were of the face before it was lost
-                    self.eyes = [None, None]
-                continue
-            centre, size, _ = _box_of(mesh)
-            if np.linalg.norm(centre - roi[0]) > RETRACK_SHIFT * roi[1]:
-                roi = _box_of(mesh)  # follow a moving head from the next frame on
-            out[index] = (_refine_eyes(frame, mesh, models, self.eyes) if self.refine_eyes
-                          else np.concatenate([mesh, np.full((10, 2), np.nan)]))
-        self.roi, self.previous, self.last_frame = roi, out[-1].copy(), frames[-1].copy()
-        self.seen += len(frames)
+            ahead = None  # the next distinct frame's face fit, made to decide this one: (box, mesh, presence)
+            if self.skip_still and had_face and self.face is not None:
+                after = index + 1  # the next distinct frame
+                while after < end and same_frame(frames[after], frames[index]):
+                    after += 1
+                if after == end and more:  # it comes with the next chunk: so does this frame
+                    self.waiting = frames[index:].copy()
+                    end = index
+                    break
+                if after < end:
+                    shrunk = [np.ascontiguousarray(_shrunk(f, self.scale)) for f in (last, frames[index], frames[after])]
+                    ahead = (self.roi, *_fit_face(shrunk[2], self.roi, models))
+                    if ahead[2] >= PRESENCE_THRESHOLD and _between(self.face, ahead[1], *shrunk, self.roi):
+                        self._age_eyes(after - index)  # (the frames between)
+                        mesh = self._fit(shrunk[2], previous, self.seen + after, count, frames.shape, models, ahead)
+                        out[index:after] = (previous + mesh) / 2
+                        out[after] = mesh
+                        index = after + 1
+                        continue
+                    if after > index + 1:  # (a repeat of this frame follows: the fit ahead is not the next)
+                        ahead = None
+            mesh = self._fit(np.ascontiguousarray(_shrunk(frames[index], self.scale)), previous if had_face else None,
+                             self.seen + index, count, frames.shape, models)
+            if mesh is not None:
+                out[index] = mesh
+            index += 1
+            if ahead is not None and index < end:  # the next frame, fitted ahead (again where its box changed)
+                mesh = self._fit(np.ascontiguousarray(_shrunk(frames[index], self.scale)), out[index - 1]
+                                 if mesh is not None else None, self.seen + index, count, frames.shape, models, ahead)
+                if mesh is not None:
+                    out[index] = mesh
+                index += 1
+        if end:
+            self.previous, self.last_frame = out[end - 1].copy(), frames[end - 1].copy()
+        self.seen += end
+        out = out[:end]
         return out if self.scale == 1 else ((out + 0.5) / self.scale - 0.5).astype(np.float32)
+
+    def _age_eyes(self, frames: int) -> None:
+        for reading in self.eyes or ():
+            if reading is not None:
+                reading.age += frames
+
+    def _fit(self, frame: np.ndarray, previous: np.ndarray | None, index: int, count: int | None, shape: tuple,
+             models: _Models, ahead: tuple | None = None) -> np.ndarray | None:
+        """One frame's 478 x 2 mesh (the frame shrunk to the tracking scale) from the current box (`roi`,
+        updated), or None where it has no face (`allow_missing`; else NoFaceError naming frame `index`).
+        `previous`: the mesh of the frame before, where it had a face; `ahead`: (box, face mesh, presence) of a
+        fit of this frame made already, used where the box is still that one."""
+        roi = self.roi
+        mesh, presence = ahead[1:] if ahead is not None and ahead[0] is roi else _fit_face(frame, roi, models)
+        if presence < PRESENCE_THRESHOLD and previous is not None:
+            roi = _box_of(previous.astype(np.float64))  # the head moved: the previous frame's box
+            mesh, presence = _fit_face(frame, roi, models)
+        self.roi, self.face = roi, None
+        if presence < PRESENCE_THRESHOLD:
+            if not self.allow_missing:
+                raise _no_face(index, count, shape, self.role)
+            if self.eyes is not None:  # the readings were of the face before it was lost
+                self.eyes = [None, None]
+            return None
+        centre, size, _ = _box_of(mesh)
+        if np.linalg.norm(centre - roi[0]) > RETRACK_SHIFT * roi[1]:
+            self.roi = _box_of(mesh)  # follow a moving head from the next frame on
+        self.face = mesh
+        return (_refine_eyes(frame, mesh, models, self.eyes) if self.refine_eyes
+                else np.concatenate([mesh, np.full((10, 2), np.nan)]))
+
+
+def _between(face: np.ndarray, next_face: np.ndarray, before: np.ndarray, frame: np.ndarray, after: np.ndarray,
+             roi: tuple[np.ndarray, float, float]) -> bool:
+    """Whether a frame's face lies between its neighbours' (the face model's points of the frame before, `face`,
+    and of the next one, `next_face`; 468 x 2 each): no point moved by STILL x the inter-ocular distance or more
+    between them, and the frame's block means over the face's box (STILL_BLOCKS x STILL_BLOCKS) lie within
+    STILL_PEAK grey levels of their mean's (a lid that closes and opens again between them is no such face)."""
+    import cv2
+
+    reach = STILL * float(np.linalg.norm(face[263] - face[33]))
+    if np.abs(next_face - face).max() >= reach:
+        return False
+    side = 4 * STILL_BLOCKS  # (the box cut at 4 x 4 pixels per block, then averaged)
+    transform = _crop_transform(*roi, side)
+    a, b, c = (cv2.resize(cv2.warpAffine(f, transform, (side, side), flags=cv2.WARP_INVERSE_MAP | cv2.INTER_LINEAR),
+                          (STILL_BLOCKS, STILL_BLOCKS), interpolation=cv2.INTER_AREA).astype(np.float32)
+               for f in (before, frame, after))  # STILL_BLOCKS x STILL_BLOCKS x 3 each
+    return bool(np.abs(b - (a + c) / 2).max() < STILL_PEAK)
 
 
 def _shrunk(frame: np.ndarray, scale: float) -> np.ndarray:
