@@ -612,6 +612,7 @@ class MeshTracker:
                 index += 1
                 continue
             ahead = None  # the next distinct frame's face fit, made to decide this one: (box, mesh, presence)
+            frame = self._shrunk(frames[index])
             if self.skip_still and had_face and self.face is not None:
                 after = index + 1  # the next distinct frame
                 while after < end and same_frame(frames[after], frames[index]):
@@ -621,25 +622,25 @@ class MeshTracker:
                     end = index
                     break
                 if after < end:
-                    shrunk = [np.ascontiguousarray(_shrunk(f, self.scale)) for f in (last, frames[index], frames[after])]
-                    ahead = (self.roi, *_fit_face(shrunk[2], self.roi, models))
-                    if ahead[2] >= PRESENCE_THRESHOLD and _between(self.face, ahead[1], *shrunk, self.roi):
+                    following = self._shrunk(frames[after])
+                    ahead = (self.roi, *_fit_face(following, self.roi, models))
+                    if ahead[2] >= PRESENCE_THRESHOLD and _between(self.face, ahead[1], self._shrunk(last), frame,
+                                                                   following, self.roi):
                         self._age_eyes(after - index)  # (the frames between)
-                        mesh = self._fit(shrunk[2], previous, self.seen + after, count, frames.shape, models, ahead)
+                        mesh = self._fit(following, previous, self.seen + after, count, frames.shape, models, ahead)
                         out[index:after] = (previous + mesh) / 2
                         out[after] = mesh
                         index = after + 1
                         continue
                     if after > index + 1:  # (a repeat of this frame follows: the fit ahead is not the next)
                         ahead = None
-            mesh = self._fit(np.ascontiguousarray(_shrunk(frames[index], self.scale)), previous if had_face else None,
-                             self.seen + index, count, frames.shape, models)
+            mesh = self._fit(frame, previous if had_face else None, self.seen + index, count, frames.shape, models)
             if mesh is not None:
                 out[index] = mesh
             index += 1
             if ahead is not None and index < end:  # the next frame, fitted ahead (again where its box changed)
-                mesh = self._fit(np.ascontiguousarray(_shrunk(frames[index], self.scale)), out[index - 1]
-                                 if mesh is not None else None, self.seen + index, count, frames.shape, models, ahead)
+                mesh = self._fit(following, out[index - 1] if mesh is not None else None, self.seen + index, count,
+                                 frames.shape, models, ahead)
                 if mesh is not None:
                     out[index] = mesh
                 index += 1
@@ -648,6 +649,9 @@ class MeshTracker:
         self.seen += end
         out = out[:end]
         return out if self.scale == 1 else ((out + 0.5) / self.scale - 0.5).astype(np.float32)
+
+    def _shrunk(self, frame: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(_shrunk(frame, self.scale))  # (OpenCV would copy a strided one per crop)
 
     def _age_eyes(self, frames: int) -> None:
         for reading in self.eyes or ():
