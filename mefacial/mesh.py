@@ -559,6 +559,7 @@ class MeshTracker:
         self.roi: tuple[np.ndarray, float, float] | None = None  # the region of interest of the next frame
         self.previous: np.ndarray | None = None  # 478 x 2 float32: the last frame's mesh (NaN: no face)
         self.last_frame: np.ndarray | None = None  # the last frame as given (a repeat of it gets its mesh)
+        self.last_shrunk: np.ndarray | None = None  # and at the tracking scale, where it was shrunk
         self.scale = 1.0  # the clip's frames are tracked at this size (set on the onset frame)
         # with `hold_eyes`, the iris model's last reading of each eye, reused while its face-model points stay
         self.eyes: list[_EyeReading | None] | None = [None, None] if hold_eyes else None
@@ -602,6 +603,7 @@ class MeshTracker:
             self.seen += len(frames)
             return out
         index, end = 0, len(frames)
+        latest = self.last_shrunk  # the frame before `index` at the tracking scale (`_shrunk`), where needed
         while index < end:
             previous = out[index - 1] if index > 0 else self.previous
             had_face = previous is not None and bool(np.isfinite(previous[0, 0]))
@@ -624,28 +626,30 @@ class MeshTracker:
                 if after < end:
                     following = self._shrunk(frames[after])
                     ahead = (self.roi, *_fit_face(following, self.roi, models))
-                    if ahead[2] >= PRESENCE_THRESHOLD and _between(self.face, ahead[1], self._shrunk(last), frame,
-                                                                   following, self.roi):
+                    if latest is None:
+                        latest = self._shrunk(last)
+                    if ahead[2] >= PRESENCE_THRESHOLD and _between(self.face, ahead[1], latest, frame, following,
+                                                                   self.roi):
                         self._age_eyes(after - index)  # (the frames between)
                         mesh = self._fit(following, previous, self.seen + after, count, frames.shape, models, ahead)
                         out[index:after] = (previous + mesh) / 2
                         out[after] = mesh
-                        index = after + 1
+                        index, latest = after + 1, following
                         continue
                     if after > index + 1:  # (a repeat of this frame follows: the fit ahead is not the next)
                         ahead = None
             mesh = self._fit(frame, previous if had_face else None, self.seen + index, count, frames.shape, models)
             if mesh is not None:
                 out[index] = mesh
-            index += 1
+            index, latest = index + 1, frame
             if ahead is not None and index < end:  # the next frame, fitted ahead (again where its box changed)
                 mesh = self._fit(following, out[index - 1] if mesh is not None else None, self.seen + index, count,
                                  frames.shape, models, ahead)
                 if mesh is not None:
                     out[index] = mesh
-                index += 1
+                index, latest = index + 1, following
         if end:
-            self.previous, self.last_frame = out[end - 1].copy(), frames[end - 1].copy()
+            self.previous, self.last_frame, self.last_shrunk = out[end - 1].copy(), frames[end - 1].copy(), latest
         self.seen += end
         out = out[:end]
         return out if self.scale == 1 else ((out + 0.5) / self.scale - 0.5).astype(np.float32)
