@@ -33,7 +33,7 @@ from torch import nn
 from . import prior as prior_lib
 from . import video
 from .device import PRECISIONS, check_precision, inference_context, native_bf16, pick_device  # noqa: F401
-from .errors import InputError, InputTooLargeError, MefacialError, WeightsNotFoundError
+from .errors import InputError, InputTooLargeError, MefacialError, NoFaceError, WeightsNotFoundError
 from .landmarks import get_detector, smooth_tracks, smoothing_window
 from .mesh import NUM_VERTICES, MeshTracker, detect_mesh
 from .model_cache import ModelCache
@@ -177,6 +177,19 @@ def _mesh_face(image: np.ndarray) -> np.ndarray | None:
         return find_face(video.as_rgb(image))
     except (WeightsNotFoundError, ImportError):
         return None
+
+
+@functools.lru_cache(maxsize=None)
+def _mesh_installed() -> bool:
+    """Whether the face mesh's runtime (LiteRT, OpenCV) and its models are installed: `_mesh_face` searches."""
+    from .mesh import FACE_DETECTOR, FACE_MODEL
+
+    try:
+        import ai_edge_litert.interpreter  # noqa: F401
+        import cv2  # noqa: F401
+    except ImportError:
+        return False
+    return FACE_MODEL.is_file() and FACE_DETECTOR.is_file()
 
 
 def _given_meshes(prepared: PreparedClip) -> bool:
@@ -433,7 +446,13 @@ class Engine:
         face = _mesh_face(image)
         if face is not None:
             return face
-        return self._detector(landmarks).detect(image, role=role).points[0]
+        try:
+            return self._detector(landmarks).detect(image, role=role).points[0]
+        except NoFaceError as error:
+            if not _mesh_installed():
+                raise
+            raise NoFaceError(f"{error} MediaPipe's face detector, which searched first, found none either.",
+                              frame_index=error.frame_index, page=error.page, fix=error.fix) from None
 
     def _detector(self, landmarks: str | None):
         """The landmark detector named `landmarks` (an option's value), else the engine's."""

@@ -164,6 +164,11 @@ def test_the_engine_boxes_faces_with_the_mesh_and_dlib_where_it_finds_none(monke
     assert sorted(kw["role"] for kw in dlib_searches) == ["onset", "source"]
     with pytest.raises(NoFaceError, match="source image"):
         engine.animate(np.full((128, 128, 3), 127, np.uint8), clip, variant="dense")
+    monkeypatch.undo()
+    with pytest.raises(NoFaceError, match="source image") as raised:  # both searches named, in the terminal
+        engine.animate(np.full((128, 128, 3), 127, np.uint8), clip, variant="dense")
+    assert "dlib detector" in str(raised.value) and "MediaPipe's face detector" in str(raised.value)
+    assert raised.value.page == "No face found in the source image"  # (the page's wording names neither)
 
 
 def test_eyes_are_refined_again_only_where_they_may_have_changed(monkeypatch):
