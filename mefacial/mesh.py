@@ -614,8 +614,8 @@ class MeshTracker:
                 index += 1
                 continue
             ahead = None  # the next distinct frame's face fit, made to decide this one: (box, mesh, presence)
-            frame = self._shrunk(frames[index])
-            if self.skip_still and had_face and self.face is not None:
+            skip = self.skip_still and had_face and self.face is not None
+            if skip:
                 after = index + 1  # the next distinct frame
                 while after < end and same_frame(frames[after], frames[index]):
                     after += 1
@@ -623,21 +623,22 @@ class MeshTracker:
                     self.waiting = frames[index:].copy()
                     end = index
                     break
-                if after < end:
-                    following = self._shrunk(frames[after])
-                    ahead = (self.roi, *_fit_face(following, self.roi, models))
-                    if latest is None:
-                        latest = self._shrunk(last)
-                    if ahead[2] >= PRESENCE_THRESHOLD and _between(self.face, ahead[1], latest, frame, following,
-                                                                   self.roi):
-                        self._age_eyes(after - index)  # (the frames between)
-                        mesh = self._fit(following, previous, self.seen + after, count, frames.shape, models, ahead)
-                        out[index:after] = (previous + mesh) / 2
-                        out[after] = mesh
-                        index, latest = after + 1, following
-                        continue
-                    if after > index + 1:  # (a repeat of this frame follows: the fit ahead is not the next)
-                        ahead = None
+            frame = self._shrunk(frames[index])  # (not for a frame that waits: it is shrunk with the next chunk)
+            if skip and after < end:
+                following = self._shrunk(frames[after])
+                ahead = (self.roi, *_fit_face(following, self.roi, models))
+                if latest is None:
+                    latest = self._shrunk(last)
+                if ahead[2] >= PRESENCE_THRESHOLD and _between(self.face, ahead[1], latest, frame, following,
+                                                               self.roi):
+                    self._age_eyes(after - index)  # (the frames between)
+                    mesh = self._fit(following, previous, self.seen + after, count, frames.shape, models, ahead)
+                    out[index:after] = (previous + mesh) / 2
+                    out[after] = mesh
+                    index, latest = after + 1, following
+                    continue
+                if after > index + 1:  # (a repeat of this frame follows: the fit ahead is not the next)
+                    ahead = None
             mesh = self._fit(frame, previous if had_face else None, self.seen + index, count, frames.shape, models)
             if mesh is not None:
                 out[index] = mesh
