@@ -26,7 +26,9 @@ clips (cross-identity error, motion carried over and eye narrowing for dense, de
 besides the shared one; and --transparency measures what the detectors read on a rendered frame that its
 geometry does not hold; --synthetic drives each of two faces (the shared one and the bundled
 astronaut) by squints synthesised from FACS AUs on the other (`Engine.synthesize`: AU6E+7E, AU7E, AU43C) and reads
-the eye narrowing at the driving's apex, output / driving, by dlib and by the face mesh. The dense renderer draws the driving's apex (of each clip, on the shared face) and
+the eye narrowing at the driving's apex, output / driving, by dlib and by the face mesh; --lid-readback draws each
+face's lids (the two faces, and the clips' onset frames) as `dense` draws an eye read at a share r of its aperture and
+reads them back with both detectors (`lid_readback`). With --transparency, the dense renderer draws the driving's apex (of each clip, on the shared face) and
 the source unmoved; dlib's 68 points and the face mesh are re-detected on both, and the motion they read is
 compared with the motion the target mesh asks for (at dlib's points: their barycentric place in the source
 mesh, moved with it), in % of the inter-ocular distance: overall, the eyes' points across (x), and the
@@ -89,7 +91,12 @@ def main() -> None:
                         help="only measure what detectors read on rendered apex frames beyond their geometry")
     parser.add_argument("--synthetic", action="store_true",
                         help="only measure the eye narrowing carried from synthesised squints to another face")
+    parser.add_argument("--lid-readback", action="store_true",
+                        help="only draw each face's lids at known apertures and read them back")
     args = parser.parse_args()
+    if args.lid_readback:
+        lid_readback(args.data)
+        return
     if args.synthetic:
         synthetic_squints(args.data)
         return
@@ -216,6 +223,52 @@ def cross_faces(data: Path, engine, settings, landmarks) -> None:
 
 
 SQUINTS = ("6:E,7:E", "7:E", "43:C")  # AU specifications of the synthesised driving clips
+READBACK_SHARES = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)  # the eye apertures `lid_readback` asks for (1 = open)
+
+
+def lid_readback(data: Path) -> None:
+    """The renderer's closed loop on the eyes: each face's lids drawn as `dense` draws an eye read at a share r of
+    its aperture (`DenseMeshWarp.motion`'s `cover_lids` and `carry_lash_bands`; no appearance ratios), the upper
+    lid alone closing, the lower alone rising, or both, then read back by the face mesh and by dlib (aperture /
+    the unmoved face's). Where a reader gives back r, an eye narrowing it reads on a driving clip is read the
+    same on the output."""
+    from mefacial import Engine
+    from mefacial import mesh as M
+    from mefacial import video
+    from mefacial.config import load_config
+    from mefacial.engine import to_tensor, to_uint8
+    from mefacial.evaluate import landmark_finder
+    from mefacial.models.dense import EYES, DenseMeshWarp, carry_lash_bands, cover_lids
+    from mefacial.video import read_clip, read_image
+
+    engine = Engine(device="cpu", landmarks="dlib")
+    landmarks = landmark_finder("dlib", engine.device)
+    model = DenseMeshWarp(load_config("dense"))
+    faces = {"asian_female": read_image(data / "faces" / "asian_female.png"),
+             "astronaut": read_image(Path(__file__).resolve().parents[1] / "examples" / "astronaut.png")}
+    faces.update({path.stem: read_clip(path).frames[0] for path in sorted((data / "driving").glob("*.gif"))})
+    shares = np.array(READBACK_SHARES)
+    print("| face | lid | reader | " + " | ".join(f"r = {r:.1f}" for r in shares[1:]) + " |\n"
+          "| --- | --- | --- |" + " --: |" * (len(shares) - 1))
+    for name, image in faces.items():
+        box = video.face_box(engine.find_face(image, "source", "dlib"), image.shape)
+        face = video.crop_to_model(image[None], box, 256)[0]  # cut as `animate` cuts a source
+        source = M.detect_mesh(face, role="source")[0].astype(np.float64)
+        state = model.prepare(to_tensor(face, "cpu").float(), source)
+        for lid, upper_share in (("upper", 1.0), ("lower", 0.0), ("both", 0.5)):
+            target = np.repeat(source[None], len(shares), 0)  # T x V x 2: the margins moved to each share
+            for upper, lower, _ in EYES:
+                up, lo = list(upper[1:-1]), list(lower[1:-1])
+                cut = (1 - shares)[:, None, None] * (source[lo] - source[up])  # T x 7 x 2
+                target[:, up] += upper_share * cut
+                target[:, lo] -= (1 - upper_share) * cut
+            drawn = carry_lash_bands(source, cover_lids(source, target, model.lid_margin))
+            frames = to_uint8(model.render(state, drawn)["prediction"])
+            by_mesh = M.eye_aperture(np.stack([M.detect_mesh(frame, role="source")[0] for frame in frames]))
+            by_dlib = eye_aperture68(landmarks(frames))
+            for reader, apertures in (("mesh", by_mesh), ("dlib", by_dlib)):
+                print(f"| {name} | {lid} | {reader} | " + " | ".join(fmt(v) for v in apertures[1:] / apertures[0]) + " |",
+                      flush=True)
 
 
 def synthetic_squints(data: Path) -> None:
