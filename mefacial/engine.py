@@ -906,7 +906,7 @@ class Engine:
             faces.append((prepared.driving[0], driving_points[0]))
         views = []
         for face, landmarks in faces:
-            points = torch.from_numpy(np.ascontiguousarray(landmarks))[None].to(self.device)  # 1 x 68 x 2
+            points = torch.from_numpy(np.require(landmarks, requirements=["C", "W"]))[None].to(self.device)  # 1 x 68 x 2
             au = prior_lib.au_points_from_landmarks(points).float()  # 1 x 18 x 2
             maps = {}
             with self.inference_context():

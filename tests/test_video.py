@@ -253,6 +253,25 @@ def test_arrays_of_any_type_become_rgb_uint8(astronaut):
     assert np.array_equal(video.read_image(Image.fromarray(astronaut)), astronaut)
 
 
+def test_read_only_pictures_are_resized_and_converted_without_a_torch_warning(astronaut, monkeypatch):
+    """Pictures may come read-only (a decoded file's buffer); torch warns, once per process, on a tensor made over
+    one ("not writable ... undefined behavior"), which a terminal user saw on shrinking a large face. Every
+    tensor made from frames is made over a writable array: a copy where the picture is read-only."""
+    import torch
+
+    from mefacial.pipeline import to_tensor
+
+    made_from = []
+    real = torch.from_numpy
+    monkeypatch.setattr(torch, "from_numpy", lambda array: made_from.append(array.flags.writeable) or real(array))
+    frames = np.stack([astronaut, astronaut])
+    frames.setflags(write=False)
+    assert video.resize_frames(frames, 128, 128).shape == (2, 128, 128, 3)  # shrinking: torch's kernel
+    assert video.resize_frames(frames[:1], 300, 300).shape == (1, 300, 300, 3)
+    assert to_tensor(frames, torch.device("cpu")).shape == (2, 3, 512, 512)
+    assert made_from and all(made_from)
+
+
 # ----------------------------------------------------------------------------- face crop and paste-back
 
 
