@@ -458,13 +458,12 @@ class Demo:
         get_detector(backend, self.engine.device).detect(frames, role=role)
 
     def check_source(self, source, landmarks="dlib"):
-        """A face just uploaded, taken with the webcam or pasted: readable, within the limits, with a face.
-        Returns a one-line note; a problem is raised at once (a toast), not when Generate is pressed."""
+        """A face just uploaded, taken with the webcam or pasted: readable, within the limits, with a face (the
+        picture shows it: no note); a problem is raised at once (a toast), not when Generate is pressed."""
         if source is None:
-            return ""
+            return
         image = read_image(upload_path(source, "source face"), limits=self.limits.files)
         self.find_face(image[None], "source", landmarks)
-        return f"Face found ({image.shape[1]}x{image.shape[0]})"
 
     def check_driving(self, driving, landmarks="dlib"):
         """A clip just uploaded or recorded: readable, within the limits, a face in its first (onset) frame.
