@@ -767,6 +767,21 @@ def test_engine_default_is_dense_and_runs_a_real_clip(engine):
     assert np.abs(result.frames[0].astype(int) - result.model_source).mean() < 1.0  # the onset frame: the face
 
 
+def test_the_pictures_edge_holds_still_with_shading_on(engine):
+    """The shared face fills its picture, so its cheeks reach the edge: with the ratio images on (s3_po_05, whose
+    closing eyes shade the face), the outer 3 pixels of every frame stay within 2 grey levels of the first, as
+    geometry alone keeps them (the shading tapered like the motion; untapered it changed them by up to 17)."""
+    from mefacial.video import read_clip
+
+    clip = read_clip(require(DATA / "driving" / "s3_po_05.gif", "shared clip")).frames
+    frames = engine.animate(DATA / "faces" / "asian_female.png", clip, variant="dense").frames.astype(np.float32)
+    change = np.abs(frames - frames[:1]).mean(-1)  # T x H x W
+    ring = np.ones(change.shape[1:], bool)
+    ring[3:-3, 3:-3] = False
+    assert change[:, ring].max() <= 2.0
+    assert change[:, 3:-3, 3:-3].max() > 20  # the face inside does change (eyes close)
+
+
 def _streak_share(frame: np.ndarray, box, picture_shape: tuple) -> float:
     """Share of the lines across the pad (rows of a side pad, columns of the top or bottom one) of an output frame
     cut with `box` from a picture of `picture_shape` that repeat one value across the pad (within 2 grey levels)

@@ -106,7 +106,8 @@ class SourceGeometry:
     grid_shape: tuple[int, int]  # h x w = G
     outside: np.ndarray  # G x 2 float32: the grid points outside the mesh in grid_sample units, 0 inside it
     taper: np.ndarray  # G: motion weight, 0 on the picture's edge
-    face_mask: torch.Tensor  # 1 x 1 x h x w on the grid (CPU): where ratio images apply (face, eye openings left out)
+    face_mask: torch.Tensor  # 1 x 1 x h x w on the grid (CPU): where ratio images apply (face, eye openings left out;
+    #                          tapered to 0 at the picture's edge as the motion is)
     face_points: torch.Tensor  # n: flat grid indices where face_mask > 0.5 (the ratio images' median)
     barycentric: Any  # G x V sparse float32 (scipy CSR): grid points as barycentric combinations of mesh vertices
     motion_weights: Any  # G x (468 + A) sparse (scipy CSR): grid points in the triangles of the mesh + still anchors
@@ -663,6 +664,9 @@ class DenseMeshWarp(nn.Module):
         face_mask = torch.from_numpy(_fill([oval], size) * (1 - _fill(lids, size)))[None, None]
         face_mask = _blur(face_mask, 2.0)
         face_mask = F.interpolate(face_mask, size=shape, mode="area") if self.grid_step > 1 else face_mask
+        # and the shading holds still at the picture's edge as the motion does (a face cut by the frame's edge kept
+        # changing shading in its outer pixels while the skin there stood still)
+        face_mask = face_mask * torch.from_numpy(taper).float().view(1, 1, *shape)
         anchors = np.concatenate([ring, border])
         motion_weights = _barycentric_matrix(Delaunay(np.concatenate([src[:M.NUM_MESH], anchors])), grid)
         aperture = float(np.mean(M.eye_aperture(src)))
