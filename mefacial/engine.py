@@ -41,7 +41,7 @@ from .models import au_points, get_backbone
 from .models.blocks import fuse_for_inference
 from .options import MAX_MAGNIFY, AnimateOptions, as_options  # noqa: F401 - MAX_MAGNIFY: public constant
 from .pipeline import ClipAnimator, PreparedClip, StreamingSmoother, to_tensor, to_uint8  # noqa: F401
-from .utils import timer
+from .utils import from_numpy, timer
 from .variants import Variant, get_variant
 
 log = logging.getLogger("mefacial")
@@ -906,7 +906,7 @@ class Engine:
             faces.append((prepared.driving[0], driving_points[0]))
         views = []
         for face, landmarks in faces:
-            points = torch.from_numpy(np.require(landmarks, requirements=["C", "W"]))[None].to(self.device)  # 1 x 68 x 2
+            points = from_numpy(landmarks)[None].to(self.device)  # 1 x 68 x 2
             au = prior_lib.au_points_from_landmarks(points).float()  # 1 x 18 x 2
             maps = {}
             with self.inference_context():

@@ -45,6 +45,7 @@ import torch
 
 from .errors import InputError, NoFaceError, WeightsNotFoundError
 from .prior import NUM_LANDMARKS
+from .utils import from_numpy
 from .video import as_rgb
 
 logger = logging.getLogger("mefacial")
@@ -288,14 +289,14 @@ class FanDetector(LandmarkDetector):
 
     @torch.no_grad()
     def _find_faces(self, frames: np.ndarray) -> list[np.ndarray]:
-        batch = torch.from_numpy(np.require(frames, requirements=["C", "W"])).to(self.device).permute(0, 3, 1, 2).float()  # n x 3 x h x w, 0..255
+        batch = from_numpy(frames).to(self.device).permute(0, 3, 1, 2).float()  # n x 3 x h x w, 0..255
         found = self._model.face_detector.detect_from_batch(batch)
         return [np.asarray(boxes, dtype=np.float32).reshape(-1, 5)[:, :4] if len(boxes) else np.zeros((0, 4))
                 for boxes in found]
 
     @torch.no_grad()
     def _fit(self, frames: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-        batch = torch.from_numpy(np.require(frames, requirements=["C", "W"])).permute(0, 3, 1, 2)  # n x 3 x H x W uint8
+        batch = from_numpy(frames).permute(0, 3, 1, 2)  # n x 3 x H x W uint8
         faces = [[box.astype(np.float64)] for box in boxes]  # face-alignment's crop needs float64 scales
         points = self._model.get_landmarks_from_batch(batch, detected_faces=faces)
         return np.stack([np.asarray(p, dtype=np.float32).reshape(-1, NUM_LANDMARKS, 2)[0] for p in points])

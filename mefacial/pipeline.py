@@ -26,7 +26,7 @@ from .errors import CheckpointError, InputError
 from .landmarks import SMOOTH_POLYORDER, SMOOTH_WINDOW, smooth_tracks
 from .models import ClipSettings
 from .options import AnimateOptions
-from .utils import timer
+from .utils import from_numpy, timer
 from .variants import Variant
 
 if TYPE_CHECKING:
@@ -40,7 +40,7 @@ def to_tensor(frames: np.ndarray, device: torch.device) -> torch.Tensor:
         array = array[None]
     if array.ndim != 4 or array.shape[-1] != 3:
         raise InputError(f"expected frames of shape (T, H, W, 3) or (H, W, 3), got {array.shape}")
-    tensor = torch.from_numpy(np.require(array, requirements=["C", "W"])).to(device)
+    tensor = from_numpy(array).to(device)
     tensor = tensor.permute(0, 3, 1, 2)  # T x 3 x H x W
     return tensor.float() / 255.0 if array.dtype == np.uint8 else tensor.float()
 

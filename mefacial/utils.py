@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import IO, Iterator
 
+import numpy as np
 import torch
 
 
@@ -22,6 +23,12 @@ def timer(seconds: dict[str, float], key: str, device: torch.device | None = Non
     if device is not None and device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds[key] = seconds.get(key, 0.0) + time.perf_counter() - t0
+
+
+def from_numpy(array: np.ndarray) -> torch.Tensor:
+    """torch.from_numpy over a C-contiguous, writable array: a copy only where `array` is not (a decoded file's
+    read-only buffer, a strided view); torch warns, in the user's terminal, on a tensor over a read-only one."""
+    return torch.from_numpy(np.require(array, requirements=["C", "W"]))
 
 
 def first_line(error: BaseException) -> str:

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps, ImageSequence, UnidentifiedImageError
 
 from .errors import InputError, InputTooLargeError, MefacialError, NotAnImageError, UnreadableVideoError
-from .utils import first_line
+from .utils import first_line, from_numpy
 
 logger = logging.getLogger("mefacial")
 
@@ -778,7 +778,7 @@ def _blurred(image: np.ndarray, sigma: float) -> np.ndarray:
 def _resize(frames: np.ndarray, size: int | tuple[int, int]) -> torch.Tensor:
     """T x h x w x 3 uint8 -> T x 3 x H x W float32 in [0, 255] (bilinear, anti-aliased when shrinking)."""
     size = (size, size) if isinstance(size, int) else tuple(size)
-    batch = torch.from_numpy(np.require(frames, requirements=["C", "W"])).permute(0, 3, 1, 2).float()  # T x 3 x h x w
+    batch = from_numpy(frames).permute(0, 3, 1, 2).float()  # T x 3 x h x w
     if tuple(batch.shape[-2:]) == size:
         return batch
     return F.interpolate(batch, size=size, mode="bilinear", align_corners=False, antialias=True)
@@ -818,7 +818,7 @@ def _resize_uint8(frames: np.ndarray, size: int | tuple[int, int]) -> np.ndarray
     if frames.shape[1:3] == size:
         return np.ascontiguousarray(frames)
     if frames.shape[1] > size[0] or frames.shape[2] > size[1]:
-        batch = torch.from_numpy(np.require(frames, requirements=["C", "W"])).permute(0, 3, 1, 2)  # T x 3 x h x w, channels last
+        batch = from_numpy(frames).permute(0, 3, 1, 2)  # T x 3 x h x w, channels last
         shrunk = F.interpolate(batch, size=size, mode="bilinear", align_corners=False, antialias=True)
         return np.ascontiguousarray(shrunk.permute(0, 2, 3, 1).numpy())
     import cv2
