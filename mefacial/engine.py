@@ -168,28 +168,16 @@ def _uses_mesh(spec: Variant) -> bool:
     return spec.spec.points == "mesh"
 
 
-def _mesh_face(image: np.ndarray) -> np.ndarray | None:
-    """`mesh.find_face` of a picture (any image mode), or None where the face mesh's runtime (LiteRT, OpenCV) is not
-    installed (a box set up for the learned models alone)."""
+def _mesh_face(image: np.ndarray) -> tuple[bool, np.ndarray | None]:
+    """(whether the face mesh searched, `mesh.find_face` of a picture, any image mode: None where it found no face);
+    it does not search where its runtime (LiteRT, OpenCV) or models are not installed (a box set up for the learned
+    models alone)."""
     try:
         from .mesh import find_face
 
-        return find_face(video.as_rgb(image))
+        return True, find_face(video.as_rgb(image))
     except (WeightsNotFoundError, ImportError):
-        return None
-
-
-@functools.lru_cache(maxsize=None)
-def _mesh_installed() -> bool:
-    """Whether the face mesh's runtime (LiteRT, OpenCV) and its models are installed: `_mesh_face` searches."""
-    from .mesh import FACE_DETECTOR, FACE_MODEL
-
-    try:
-        import ai_edge_litert.interpreter  # noqa: F401
-        import cv2  # noqa: F401
-    except ImportError:
-        return False
-    return FACE_MODEL.is_file() and FACE_DETECTOR.is_file()
+        return False, None
 
 
 def _given_meshes(prepared: PreparedClip) -> bool:
@@ -443,13 +431,13 @@ class Engine:
         face mesh (`mesh.find_face`: a few ms), else found by the landmark detector (`landmarks`, default the
         engine's: dlib's search, for faces small in their picture). `role` ("source", or "onset": a driving
         clip's first frame) words the NoFaceError of a picture without a face."""
-        face = _mesh_face(image)
+        searched, face = _mesh_face(image)
         if face is not None:
             return face
         try:
             return self._detector(landmarks).detect(image, role=role).points[0]
         except NoFaceError as error:
-            if not _mesh_installed():
+            if not searched:
                 raise
             raise NoFaceError(f"{error} MediaPipe's face detector, which searched first, found none either.",
                               frame_index=error.frame_index, page=error.page, fix=error.fix) from None
