@@ -39,7 +39,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from .errors import InputError, InputTooLargeError
-from .mesh import LEFT_UPPER_LID, RIGHT_UPPER_LID
+from .mesh import LEFT_UPPER_LID, LOWER_LIP_INNER, MOUTH_OPENING, RIGHT_UPPER_LID, UPPER_LIP_INNER
 
 log = logging.getLogger("mefacial")
 
@@ -56,8 +56,6 @@ RIGHT_BROW_INNER, LEFT_BROW_INNER = (107, 55), (336, 285)  # the inner third
 RIGHT_BROW_MID, LEFT_BROW_MID = (66, 65, 105, 52), (296, 295, 334, 282)
 RIGHT_BROW_OUTER, LEFT_BROW_OUTER = (70, 63, 46, 53), (300, 293, 276, 283)
 UPPER_LIP_OUTER = (185, 40, 39, 37, 0, 267, 269, 270, 409)  # vermilion border, left to right in the image
-UPPER_LIP_INNER = (191, 80, 81, 82, 13, 312, 311, 310, 415)  # the lip line, upper side
-LOWER_LIP_INNER = (95, 88, 178, 87, 14, 317, 402, 318, 324)  # the lip line, lower side (pairs with the upper)
 LOWER_LIP_OUTER = (146, 91, 181, 84, 17, 314, 405, 321, 375)
 UPPER_LIP_RINGS = (184, 74, 73, 72, 11, 302, 303, 304, 408, 183, 42, 41, 38, 12, 268, 271, 272, 407)  # between them
 LOWER_LIP_RINGS = (77, 90, 180, 85, 16, 315, 404, 320, 307, 96, 89, 179, 86, 15, 316, 403, 319, 325)
@@ -78,7 +76,6 @@ BROWS_OUTER = RIGHT_BROW_OUTER + LEFT_BROW_OUTER
 BROWS_MID = RIGHT_BROW_MID + LEFT_BROW_MID
 BROWS = BROWS_INNER + BROWS_MID + BROWS_OUTER
 EYE_RINGS = ((33,) + RIGHT_EYE_UPPER + (133,) + RIGHT_EYE_LOWER[::-1], (263,) + LEFT_EYE_UPPER + (362,) + LEFT_EYE_LOWER[::-1])
-MOUTH_OPENING = (78,) + UPPER_LIP_INNER + (308,) + LOWER_LIP_INNER[::-1]  # closed polygon of the lip line
 
 
 # ---- the face's frame ------------------------------------------------------------------------------------------

@@ -120,6 +120,9 @@ RIGHT_EYE_LOWER = (33, 7, 163, 144, 145, 153, 154, 155, 133)  # lid margins, cor
 RIGHT_EYE_UPPER = (33, 246, 161, 160, 159, 158, 157, 173, 133)
 LEFT_EYE_LOWER = (263, 249, 390, 373, 374, 380, 381, 382, 362)
 LEFT_EYE_UPPER = (263, 466, 388, 387, 386, 385, 384, 398, 362)
+UPPER_LIP_INNER = (191, 80, 81, 82, 13, 312, 311, 310, 415)  # the lip line, upper side
+LOWER_LIP_INNER = (95, 88, 178, 87, 14, 317, 402, 318, 324)  # the lip line, lower side (pairs with the upper)
+MOUTH_OPENING = (78,) + UPPER_LIP_INNER + (308,) + LOWER_LIP_INNER[::-1]  # closed polygon of the lip line
 # points that move with the head, not with expressions: the upper face oval, the forehead, the nose bridge
 STABLE_MESH = (10, 338, 297, 332, 284, 251, 389, 356, 454, 234, 127, 162, 21, 54, 103, 67, 109, 168, 6, 197, 195)
 RIGHT_IRIS = (468, 469, 470, 471, 472)  # centre first

@@ -13,8 +13,10 @@ For a target (source) face S and a driving clip D_0 .. D_T-1 (all with their
    proportions steer the motion; its size in inter-ocular units is kept). The lid margins use each eye's own
    frame (width ratio along the eye, aperture ratio across it), so a lid that
    closes half of the driving eye closes half of the target eye. `magnify`
-   multiplies this motion; lids never cross. The head's motion is then put back, not magnified and softly
-   bounded (HEAD_SHIFT, HEAD_TURN, HEAD_ZOOM; unchanged up to half of each): the background holds still, so
+   multiplies this motion; lids never cross, and the extra motion is cut back where it would fold the skin
+   (`_unfolded`: no triangle squashed below FOLD_FLOOR of its area; magnified jitter tore it). The head's
+   motion is then put back, not magnified and softly bounded (HEAD_SHIFT, HEAD_TURN, HEAD_ZOOM; unchanged up
+   to half of each): the background holds still, so
    a head that drifts or turns far in the driving clip would tear the face from it; the small sway of a
    still-sitting subject passes as it is.
 2. Geometry (`render`): a piecewise-affine map from the source mesh to the target
@@ -36,7 +38,8 @@ For a target (source) face S and a driving clip D_0 .. D_T-1 (all with their
    aligned to the onset frame through the mesh (the same triangles map target
    pixels to driving pixels), their luminance ratio is smoothed, normalised by its
    median over the face (no global flicker), masked to the face outside the lids (whose
-   change the layered geometry draws), raised to the power `magnify` and bounded to
+   change the layered geometry draws), magnified where it stands out of the frame's noise and is fine (furrows,
+   not the light or the head's pose: `_magnified_shading`, by at most MAGNIFIED_SHADING) and bounded to
    exp(+-ratio_bound); the target's RGB is multiplied by it, so colour and identity
    stay the target's.
 
@@ -78,6 +81,8 @@ PERIOCULAR = (((143, 35, 124, 46, 53, 52, 65, 245), (143, 111, 117, 118, 119, 12
               ((372, 265, 353, 276, 283, 282, 295, 465), (372, 340, 346, 347, 348, 349, 350, 357, 465), None))
 PERIOCULAR_TIP = 0.13  # x the inter-ocular distance: the radius that rounds off the lid regions' outer tips
 EYES = ((M.RIGHT_EYE_UPPER, M.RIGHT_EYE_LOWER, M.RIGHT_IRIS), (M.LEFT_EYE_UPPER, M.LEFT_EYE_LOWER, M.LEFT_IRIS))
+LIDS = sorted({i for upper, lower, _ in EYES for i in upper[1:-1] + lower[1:-1]})  # the lid margins, corners left out
+KEPT_SHARP = sorted(set(LIDS) | set(M.STABLE_MESH))  # vertices whose magnified motion is not averaged (`_smoothed`)
 CLOSED = 0.15  # a closed eye keeps this share of its aperture (the lids meet without crossing)
 # each lid's lash band: the mesh's ring just beyond its margin (above the upper margin: the lash line and the fold;
 # below the lower one: its lash line), paired with EYES' upper[1:-1] and lower[1:-1]; a closing lid carries its band
@@ -93,6 +98,11 @@ HEAD_SHIFT = 0.1  # x the source's inter-ocular distance: the soft bound of the 
 HEAD_TURN = float(np.radians(3.0))  # the soft bound of the in-plane head turn carried over
 HEAD_ZOOM = 0.05  # the soft bound of the head's change of scale carried over (log)
 LID_RIM = 0.25  # x the source's eye aperture: the band inside each drawn lid margin that moves with the lid (see `_rim_weights`)
+SMOOTHING = 3  # rounds of neighbour averaging of the extra motion `magnify` adds (see `_smoothed`)
+FOLD_FLOOR = 0.3  # magnified motion squashes no triangle of the face below this share of its area (see `_unfolded`)
+FINE_SHADING = 0.06  # x the inter-ocular distance: the Gaussian sigma parting fine shading from broad
+MISALIGNMENT = 1.0  # px: the tracking error between a clip's frames that magnified shading allows for at its edges
+MAGNIFIED_SHADING = 0.1  # log luminance: the most `magnify` adds to (or takes from) the driving's shading change
 SUPERSAMPLE = 4  # eye-opening masks are drawn at 4x and averaged (anti-aliased edges)
 
 
@@ -111,6 +121,10 @@ class SourceGeometry:
     face_points: torch.Tensor  # n: flat grid indices where face_mask > 0.5 (the ratio images' median)
     barycentric: Any  # G x V sparse float32 (scipy CSR): grid points as barycentric combinations of mesh vertices
     motion_weights: Any  # G x (468 + A) sparse (scipy CSR): grid points in the triangles of the mesh + still anchors
+    skin: np.ndarray  # K' x 3: triangles of the mesh + still anchors (indices past 467: anchors), the eye and mouth
+    #                   openings' left out (what `_unfolded` keeps from folding)
+    neighbours: Any  # N x N sparse (scipy CSR), rows summing to 1: each vertex's neighbours on the skin (`_smoothed`)
+    incidence: np.ndarray  # N x D: each vertex's skin triangles, padded with K (no triangle)
     lid_blur: float  # pixels: the reach (Gaussian sigma) of the lid colours filling a closing eye (LID_BLUR)
     lid_rim: float  # pixels: the band inside the drawn lid margins that moves with the lids (LID_RIM)
     openings: np.ndarray  # H x W float32: the source's eye openings (anti-aliased coverage)
@@ -139,6 +153,7 @@ class DenseState:
     pixel_units: torch.Tensor | None = None  # H x W x 2: the same in grid_sample units (align_corners=False)
     grid_points: torch.Tensor | None = None  # 1 x 2 x h x w: the coarse grid's points (x, y), pixels (CPU)
     onset_luma: torch.Tensor | None = None  # 1 x 1 x h x w: the onset frame's luminance on the grid, blurred
+    onset_edges: torch.Tensor | None = None  # 1 x 1 x h x w: |gradient| of its log, per pixel (`_magnified_shading`)
     source_eyes: torch.Tensor | None = None  # 1 x 4 x H x W: the source and its eye openings (the eyeball layer's)
 
     def __getattr__(self, name: str) -> Any:
@@ -290,6 +305,93 @@ def _bounded(maps: np.ndarray, similarity: np.ndarray) -> np.ndarray:
     fixed = u @ (s[:, :, None] * vt)
     fixed[np.linalg.det(relative) <= 0] = np.eye(2)
     return similarity @ fixed
+
+
+def _doubled_areas(points: np.ndarray, triangles: np.ndarray) -> np.ndarray:
+    """Twice the signed areas of `triangles` (K x 3) over `points` (... x N x 2): ... x K."""
+    u = points[..., triangles[:, 1], :] - points[..., triangles[:, 0], :]
+    w = points[..., triangles[:, 2], :] - points[..., triangles[:, 0], :]
+    return u[..., 0] * w[..., 1] - u[..., 1] * w[..., 0]
+
+
+def _first_root(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """Elementwise, the first s in (0, 1] where a + b s + c s^2 reaches 0 (a >= 0), else 1; 0 where a < 0."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        disc = np.sqrt(np.maximum(b * b - 4 * a * c, 0))
+        roots = np.stack([np.where(np.abs(c) > 1e-12, (-b - disc) / (2 * c), -a / b),
+                          np.where(np.abs(c) > 1e-12, (-b + disc) / (2 * c), np.inf)])
+    real = b * b - 4 * a * c >= 0
+    roots = np.where(real & (roots > 0) & (roots <= 1), roots, 1.0)
+    return np.where(a < 0, 0.0, roots.min(0))
+
+
+def _smoothed(state: "DenseState", motion: np.ndarray, rounds: int = SMOOTHING) -> np.ndarray:
+    """T x V x 2 motion averaged with its neighbours' on the face's skin (`rounds` times, half its own and half
+    theirs; the still anchors count as neighbours that do not move): what is left of the tracking's jitter, a
+    different error at each vertex, cancels out while the motion of a region stays. The lid margins (a lid's
+    edge moves apart from the skin around it) and the points the head's motion is read from (`M.STABLE_MESH`)
+    keep their own."""
+    neighbours = state.neighbours  # N x N sparse, rows summing to 1 (N: the mesh's 468 vertices + the anchors)
+    n = neighbours.shape[0]
+    flat = np.zeros((n, len(motion) * 2))
+    flat[:M.NUM_MESH] = np.moveaxis(motion[:, :M.NUM_MESH], 0, 1).reshape(M.NUM_MESH, -1)
+    for _ in range(rounds):
+        smooth = 0.5 * flat + 0.5 * (neighbours @ flat)
+        smooth[M.NUM_MESH:] = 0
+        smooth[KEPT_SHARP] = flat[KEPT_SHARP]
+        flat = smooth
+    out = np.array(motion, copy=True)
+    out[:, :M.NUM_MESH] = np.moveaxis(flat[:M.NUM_MESH].reshape(M.NUM_MESH, len(motion), 2), 1, 0)
+    return out
+
+
+def _unfolded(state: "DenseState", faithful: np.ndarray, magnified: np.ndarray, passes: int = 12) -> np.ndarray:
+    """Magnified target meshes (T x V x 2) whose extra motion over the faithful ones is cut back, vertex by vertex,
+    where it would squash a triangle of the face (`SourceGeometry.skin`, with the still anchors) below FOLD_FLOOR
+    of its area, or of the faithful motion's where that squashes it more, or stretch it past the inverse:
+    magnified tracking jitter and a lip pressed on a lip would otherwise fold the skin over itself (tears, dark
+    lines). Each triangle allows the share of its corners' extra motion that keeps its area there (the first
+    root of a quadratic) and each vertex keeps the least its triangles allow, over `passes` (continuous in the
+    meshes: it does not flicker); the few triangles then still squashed below half the floor or stretched past
+    twice the ceiling (their corners cut back unequally) have their corners keep the faithful motion. A triangle
+    the faithful motion folds keeps its fold, and the lid margins keep their motion (`retarget` keeps them from
+    crossing)."""
+    skin, anchors = state.skin, state.anchors
+    still = np.broadcast_to(anchors, (len(faithful),) + anchors.shape)
+    base = np.concatenate([faithful[:, :M.NUM_MESH], still], 1)  # T x N x 2
+    extra = np.concatenate([magnified[:, :M.NUM_MESH], still], 1) - base
+    rest = _doubled_areas(np.concatenate([state.source_mesh[:M.NUM_MESH], anchors]), skin)  # K
+    area = _doubled_areas(base, skin)  # T x K
+    floor, ceiling = FOLD_FLOOR * np.minimum(rest, area), np.maximum(rest, area) / FOLD_FLOOR
+    u, w = (base[:, skin[:, i]] - base[:, skin[:, 0]] for i in (1, 2))  # T x K x 2: the faithful edges
+    cross = lambda p, q: p[..., 0] * q[..., 1] - p[..., 1] * q[..., 0]  # noqa: E731
+    keep = np.ones(base.shape[:2])  # T x N: the share of its extra motion each vertex keeps
+    folded = area <= 0  # T x K: the faithful motion folds these already; their corners keep it
+    t, k = np.nonzero(folded)
+    keep[t[:, None], skin[k]] = 0
+    keep[:, LIDS] = 1
+    for _ in range(passes):
+        moved = keep[..., None] * extra
+        du, dw = (moved[:, skin[:, i]] - moved[:, skin[:, 0]] for i in (1, 2))
+        grow, curve = cross(u, dw) + cross(du, w), cross(du, dw)  # the area at share s: area + s grow + s^2 curve
+        allowed = np.minimum(_first_root(area - floor, grow, curve), _first_root(ceiling - area, -grow, -curve))
+        allowed[folded] = 1
+        if allowed.min() >= 0.98:  # T x K: each triangle within 2 % of its corners' extra motion from its bound
+            break
+        share = np.concatenate([allowed, np.ones((len(allowed), 1))], 1)[:, state.incidence].min(-1)  # T x N
+        share[:, LIDS] = 1
+        keep *= share
+    for _ in range(passes):
+        areas = _doubled_areas(base + keep[..., None] * extra, skin)
+        out = ~folded & ((areas < floor / 2) | (areas > 2 * ceiling))  # T x K
+        if not out.any():
+            break
+        t, k = np.nonzero(out)
+        keep[t[:, None], skin[k]] = 0
+        keep[:, LIDS] = 1
+    out = np.array(magnified, copy=True)
+    out[:, :M.NUM_MESH] = faithful[:, :M.NUM_MESH] + keep[:, :M.NUM_MESH, None] * extra[:, :M.NUM_MESH]
+    return out
 
 
 def _eye_frame(points: np.ndarray, upper, lower) -> tuple[np.ndarray, float, float]:
@@ -668,10 +770,28 @@ class DenseMeshWarp(nn.Module):
         # changing shading in its outer pixels while the skin there stood still)
         face_mask = face_mask * torch.from_numpy(taper).float().view(1, 1, *shape)
         anchors = np.concatenate([ring, border])
-        motion_weights = _barycentric_matrix(Delaunay(np.concatenate([src[:M.NUM_MESH], anchors])), grid)
+        anchored = Delaunay(np.concatenate([src[:M.NUM_MESH], anchors]))
+        motion_weights = _barycentric_matrix(anchored, grid)
+        openings = [set(u) | set(l) for u, l, _ in EYES] + [set(M.MOUTH_OPENING)]
+        skin = np.array([t for t in anchored.simplices if not any(set(t) <= hole for hole in openings)])
+        flipped = _doubled_areas(anchored.points, skin) < 0
+        skin[flipped] = skin[flipped][:, [0, 2, 1]]  # one orientation: every source area positive
+        edges = np.concatenate([skin[:, [0, 1]], skin[:, [1, 2]], skin[:, [2, 0]]])
+        edges = np.unique(np.sort(edges, 1), axis=0)
+        count = len(anchored.points)
+        adjacency = csr_matrix((np.ones(2 * len(edges)), (np.r_[edges[:, 0], edges[:, 1]], np.r_[edges[:, 1], edges[:, 0]])),
+                               shape=(count, count))
+        degree = np.maximum(np.asarray(adjacency.sum(1)).ravel(), 1)
+        neighbours = csr_matrix(adjacency.multiply(1 / degree[:, None]))
+        corners = skin.ravel()  # 3K: each triangle's three vertices
+        order = np.argsort(corners, kind="stable")
+        starts = np.searchsorted(corners[order], np.arange(count))
+        slot = np.arange(len(corners)) - starts[corners[order]]  # each corner's place among its vertex's triangles
+        incidence = np.full((count, slot.max() + 1), len(skin))
+        incidence[corners[order], slot] = order // 3
         aperture = float(np.mean(M.eye_aperture(src)))
         face = SourceGeometry(delaunay.simplices, anchors, grid, shape, outside, taper, face_mask,
-                              (face_mask.flatten() > 0.5).nonzero()[:, 0], barycentric, motion_weights,
+                              (face_mask.flatten() > 0.5).nonzero()[:, 0], barycentric, motion_weights, skin, neighbours, incidence,
                               max(1.0, LID_BLUR * aperture), max(0.5, LID_RIM * aperture),
                               _fill([_eye_polygon(src, upper, lower) for upper, lower, _ in EYES], size))
         self._geometry = (key, face)
@@ -681,25 +801,33 @@ class DenseMeshWarp(nn.Module):
     @staticmethod
     def retarget(state: DenseState, driving_mesh: np.ndarray, magnify: float = 1.0) -> np.ndarray:
         """Target meshes T x V x 2: the source mesh moved by the driving's facial motion (T x V x 2 meshes relative
-        to the onset mesh, the head's motion taken out) carried by the local maps and multiplied by `magnify`, lids
-        never crossing, then by the driving head's motion, bounded."""
+        to the onset mesh, the head's motion taken out) carried by the local maps and multiplied by `magnify` (the
+        motion it adds averaged over neighbours, `_smoothed`, and cut back where it would fold the skin,
+        `_unfolded`), lids never crossing, then by the driving head's motion, bounded."""
         driving = np.asarray(driving_mesh, np.float64)  # T x V x 2
         onset, source = state.initial_mesh, state.source_mesh
         stable = list(M.STABLE_MESH)
         scale, rotation, shift = M.fit_similarity(driving[:, stable], onset[stable])  # frame t -> onset: the head undone
         motion = scale[:, None, None] * driving @ np.swapaxes(rotation, 1, 2) + shift[:, None]  # T x V x 2
         heads = list(zip(scale, rotation, shift))
-        target = source + magnify * np.einsum("vij,tvj->tvi", state.maps, motion - onset)
+        faithful = source + np.einsum("vij,tvj->tvi", state.maps, motion - onset)  # T x V x 2
+        extra = faithful - source  # magnify adds (magnify - 1) x this, averaged over neighbours: jitter does not grow
+        target = faithful + (magnify - 1) * (_smoothed(state, extra) if magnify > 1 else extra)
         for (upper, lower, _), normal in zip(EYES, _lid_normals(source)):  # from the upper lid to the lower one
-            # a lid closes the eye at most: the lid margins' motion is scaled down until no pair crosses
-            gap_s = (state.source_mesh[list(lower[1:-1])] - state.source_mesh[list(upper[1:-1])]) @ normal  # 7
-            gap = (target[:, list(lower[1:-1])] - target[:, list(upper[1:-1])]) @ normal  # T x 7
+            # a lid closes the eye at most: each facing pair of margin points has its motion scaled down until it
+            # does not cross (a pair by the corner, a few pixels apart, crosses with little jitter: scaling the
+            # whole lid by it, as this did, left a magnified closing eye open at its ends)
+            pairs = [list(upper[1:-1]), list(lower[1:-1])]
+            gap_s = (source[pairs[1]] - source[pairs[0]]) @ normal  # 7
+            gap = (target[:, pairs[1]] - target[:, pairs[0]]) @ normal  # T x 7
             floor = CLOSED * np.maximum(gap_s, 0)
-            allowed = np.where(gap < floor, (gap_s - floor) / np.maximum(gap_s - gap, 1e-9), 1.0).min(1)  # T
-            lids = list(set(upper[1:-1]) | set(lower[1:-1]))
-            moved = target[:, lids] - state.source_mesh[lids]  # T x n x 2
-            target[:, lids] = state.source_mesh[lids] + np.clip(allowed, 0, 1)[:, None, None] * moved
-        return _move_head(target, heads, source, onset)
+            allowed = np.clip(np.where(gap < floor, (gap_s - floor) / np.maximum(gap_s - gap, 1e-9), 1.0), 0, 1)
+            for lid in pairs:
+                target[:, lid] = source[lid] + allowed[..., None] * (target[:, lid] - source[lid])
+        target = _move_head(target, heads, source, onset)
+        if magnify > 1:  # magnified motion does not fold the skin (`_unfolded`)
+            target = _unfolded(state, _move_head(faithful, heads, source, onset), target)
+        return target
 
     def appearance_ratios(self, state: DenseState, driving: torch.Tensor, driving_mesh: np.ndarray,
                           magnify: float = 1.0, sampled_at: torch.Tensor | None = None) -> torch.Tensor:
@@ -720,7 +848,7 @@ class DenseMeshWarp(nn.Module):
             state.onset_luma = _blur(F.grid_sample(state.initial_luma, at_0, mode="bilinear", padding_mode="border",
                                                    align_corners=False), sigma)
         log_ratio = aligned.add_(RATIO_EPS).div_(state.onset_luma + RATIO_EPS).log_()  # T x 1 x h x w (in place)
-        mask = state.face_mask * magnify
+        mask = state.face_mask
         face = state.face_points
         if len(face):  # no global brightness change: the face's median ratio is 1
             log_ratio.sub_(_lower_median(log_ratio.flatten(1), face).view(-1, 1, 1, 1).to(log_ratio))
@@ -729,8 +857,36 @@ class DenseMeshWarp(nn.Module):
         if (mesh < 0).any() or (mesh > [width - 1, height - 1]).any():
             seen = (at[..., 0].abs() <= 1 - 1 / width) & (at[..., 1].abs() <= 1 - 1 / height)  # T x h x w: within the pixels
             mask = mask * seen[:, None].to(log_ratio)
+        if magnify > 1:
+            log_ratio = self._magnified_shading(state, log_ratio, magnify)
+        elif magnify < 1:
+            log_ratio.mul_(magnify)
         # the renderer samples the ratios where the skin comes from (bilinear)
         return log_ratio.mul_(mask).clamp_(-self.ratio_bound, self.ratio_bound).exp_()
+
+    def _magnified_shading(self, state: DenseState, log_ratio: torch.Tensor, magnify: float) -> torch.Tensor:
+        """T x 1 x h x w log ratios whose fine part (furrows, creases: under FINE_SHADING x the inter-ocular
+        distance across), where it stands out of the frame's noise (3 sigma, estimated from its median absolute
+        value over the face), grows `magnify` times, the excess bent (tanh) to at most MAGNIFIED_SHADING; the
+        broad part (the head's pose under the light, a drifting light) and the noise (camera grain, a clip's
+        dithering, sub-pixel misalignment) keep their faithful strength: magnified, they shaded real clips' faces
+        in patches and bands."""
+        sigma = FINE_SHADING * float(M.inter_ocular(state.source_mesh)) / self.grid_step
+        weight = state.face_mask.to(log_ratio)  # 1 x 1 x h x w: the face, where the ratios mean something
+        broad = _blur(log_ratio * weight, sigma) / _blur(weight, sigma).clamp_min(1e-3)
+        fine = log_ratio - broad
+        if state.onset_edges is None:  # 1 x 1 x h x w: how fast the onset's log luminance changes, per pixel
+            log_onset = (state.onset_luma + RATIO_EPS).log()
+            dy, dx = torch.gradient(log_onset[0, 0], spacing=float(self.grid_step))
+            state.onset_edges = torch.hypot(dx, dy)[None, None]
+        # what stands out of the frame's noise (3 x its MAD-estimated sigma over the face) and of what a
+        # MISALIGNMENT would make of the clip's own edges (brows, nostrils, lips, the jaw line) grows
+        threshold = MISALIGNMENT * state.onset_edges.to(fine)
+        face = state.face_points
+        if len(face):
+            threshold = threshold + 3 * 1.4826 * _lower_median(fine.abs().flatten(1), face).view(-1, 1, 1, 1).to(fine)
+        fine = fine.sign() * (fine.abs() - threshold).clamp_min(0)
+        return log_ratio.add_(torch.tanh(fine * ((magnify - 1) / MAGNIFIED_SHADING)).mul_(MAGNIFIED_SHADING))
 
     def render(self, state: DenseState, target_mesh: np.ndarray, appearance: torch.Tensor | None = None,
                flow: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
