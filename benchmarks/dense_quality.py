@@ -26,7 +26,8 @@ clips (cross-identity error, motion carried over and eye narrowing for dense, de
 besides the shared one; and --transparency measures what the detectors read on a rendered frame that its
 geometry does not hold; --synthetic drives each of two faces (the shared one and the bundled
 astronaut) by squints synthesised from FACS AUs on the other (`Engine.synthesize`: AU6E+7E, AU7E, AU43C) and reads
-the eye narrowing at the driving's apex, output / driving, by dlib and by the face mesh; --lid-readback draws each
+the eye narrowing at the driving's apex, output / driving, by dlib and by the face mesh; --magnify-grid writes
+each clip's apex driving the astronaut at magnify 1, 2, 3 and 5 (docs/dense-magnify.jpg); --lid-readback draws each
 face's lids (the two faces, and the clips' onset frames) as `dense` draws an eye read at a share r of its aperture and
 reads them back with both detectors (`lid_readback`). With --transparency, the dense renderer draws the driving's apex (of each clip, on the shared face) and
 the source unmoved; dlib's 68 points and the face mesh are re-detected on both, and the motion they read is
@@ -91,9 +92,15 @@ def main() -> None:
                         help="only measure what detectors read on rendered apex frames beyond their geometry")
     parser.add_argument("--synthetic", action="store_true",
                         help="only measure the eye narrowing carried from synthesised squints to another face")
+    parser.add_argument("--magnify-grid", type=Path, default=None,
+                        help="only write each shared clip's apex driving the bundled astronaut at magnify 1, 2, 3 and 5 "
+                             "(JPEG) into this folder")
     parser.add_argument("--lid-readback", action="store_true",
                         help="only draw each face's lids at known apertures and read them back")
     args = parser.parse_args()
+    if args.magnify_grid is not None:
+        magnify_grid(args.data, args.magnify_grid)
+        return
     if args.lid_readback:
         lid_readback(args.data)
         return
@@ -380,6 +387,34 @@ def mesh_table(rows: list[dict]) -> str:
                      f"| {fmt(r.get('carried'))} | {fmt(r.get('carried_mesh'))} | {fmt(r.get('narrowing'))} "
                      f"| {fmt(r.get('narrowing_mesh'))} |")
     return "\n".join(lines)
+
+
+MAGNIFY_LEVELS = (1.0, 2.0, 3.0, 5.0)
+
+
+def magnify_grid(data: Path, folder: Path) -> None:
+    """One row per shared clip: its frame where `dense`'s faithful output changes most, then `dense` driving the
+    bundled astronaut there at each of MAGNIFY_LEVELS."""
+    import imageio.v3 as iio
+
+    from mefacial import Engine
+    from mefacial.video import read_clip, read_image
+
+    engine = Engine(device="cpu")
+    face = read_image(Path(__file__).resolve().parents[1] / "examples" / "astronaut.png")
+    rows = []
+    for clip_path in sorted((data / "driving").glob("*.gif")):
+        clip = read_clip(clip_path).frames
+        outputs = [engine.animate(face, clip, variant="dense", magnify=m) for m in MAGNIFY_LEVELS]
+        frames = outputs[0].frames.astype(np.float32)
+        apex = int(np.abs(frames - frames[:1]).mean((1, 2, 3)).argmax())
+        tiles = resize(np.stack([outputs[0].model_driving[apex]] + [o.frames[apex] for o in outputs]), 176)
+        rows.append(np.concatenate(list(tiles), axis=1))
+        print(f"{clip_path.stem}: frame {apex}", flush=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    iio.imwrite(folder / "dense-magnify.jpg", np.concatenate(rows, axis=0), quality=85)
+    print(f"{folder / 'dense-magnify.jpg'}: rows {[p.stem for p in sorted((data / 'driving').glob('*.gif'))]}; "
+          f"columns: driving, magnify {', '.join(f'{m:g}' for m in MAGNIFY_LEVELS)}")
 
 
 def write_strips(folder: Path, engine, face, clip_frames, driving, outputs, apex, settings) -> None:
