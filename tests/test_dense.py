@@ -741,6 +741,41 @@ def clip_meshes():
         require(DATA / "driving" / f"{name}.gif", "shared clip")).frames])) for name in ("022_3_3", "s3_po_05")}
 
 
+@pytest.mark.parametrize("magnify", [1.0, 3.0])
+def test_the_backward_map_lands_where_it_should_around_closing_lids(face, clip_meshes, magnify):
+    """The skin's backward map (Newton steps on the grid) sends each target grid point to a source point that the
+    forward map brings back within 0.25 px, inside the picture's untapered part: around s3_po_05's closing lids,
+    where the skin moves far over a short distance, two steps left nodes up to 4 px off (a ghost of the lid's
+    outline above the closed eye) until the nodes whose last step still moved take more."""
+    import torch.nn.functional as F
+
+    from mefacial.models import dense as D
+
+    image, points = face
+    model = _model(appearance=False)
+    state = model.prepare(_tensor(image), points, clip_meshes["s3_po_05"][0])
+    drawn = model.motion(state, clip_meshes["s3_po_05"], magnify).drawn
+    (h, w), (height, width) = state.grid_shape, state.size
+    motion = np.zeros((len(state.anchors) + M.NUM_MESH, len(drawn), 2))
+    motion[:M.NUM_MESH] = (drawn[:, :M.NUM_MESH] - points[:M.NUM_MESH]).transpose(1, 0, 2)
+    forward = (state.motion_weights @ motion.reshape(len(motion), -1)).reshape(h, w, len(drawn), 2)
+    field = torch.from_numpy(forward).permute(2, 3, 0, 1).float().contiguous()  # T x 2 x h x w
+    y = D._grid_points(state).expand(len(drawn), -1, -1, -1)
+    x = y + D.backward_flow(state, drawn)
+    scale, shift = D._units(state.size)
+    landed = x + F.grid_sample(field, (x * scale + shift).permute(0, 2, 3, 1), mode="bilinear",
+                               padding_mode="border", align_corners=False)
+    # around the eyes (lids, folds, brows' lower edge), inside the picture's untapered part
+    eyes = points[[i for lids in (M.RIGHT_UPPER_LID, M.LEFT_UPPER_LID, M.RIGHT_LOWER_LID, M.LEFT_LOWER_LID)
+                   for i in lids]]
+    reach = 0.2 * M.inter_ocular(points)
+    around = ((y[0, 0] > eyes[:, 0].min() - reach) & (y[0, 0] < eyes[:, 0].max() + reach) &
+              (y[0, 1] > eyes[:, 1].min() - reach) & (y[0, 1] < eyes[:, 1].max() + reach))
+    around &= torch.from_numpy(state.taper).view(h, w) > 0.999
+    miss = (landed - y).norm(dim=1)[:, around]  # T x nodes around the eyes
+    assert float(miss.max()) < 0.25, float(miss.max())
+
+
 def test_magnified_motion_does_not_fold_the_skin(tight_face, clip_meshes, monkeypatch):
     """`magnify` multiplies the clip's motion, its tracking jitter and a lip pressed on a lip with it: the extra
     motion is cut back where it would squash a triangle of the face below FOLD_FLOOR of its area (or of what the

@@ -23,7 +23,8 @@ For a target (source) face S and a driving clip D_0 .. D_T-1 (all with their
    mesh of frame t (a fixed triangulation of the source mesh plus still anchors on a
    ring around the face and on the picture border), evaluated on a grid of every
    `grid_step` pixels for all frames at once (one sparse product) and inverted there
-   by two Newton steps (`backward_flow`), then upsampled bilinearly: dense, continuous
+   by Newton steps (`backward_flow`: two over the grid, four more where a node has not converged), then
+   upsampled bilinearly: dense, continuous
    (no tearing), the background still, one full-size sampling of the source.
    Eyes are layered: inside the target eye opening (drawn in the eyes' box only) the
    eyeball is drawn unsquashed (moved by the iris motion only), and outside it the lid skin is stretched over
@@ -91,6 +92,8 @@ LASH_RINGS = ((M.RIGHT_UPPER_LID[7:14], M.RIGHT_LOWER_LID[7:14]), (M.LEFT_UPPER_
 LASH_CARRY = 0.7
 BORDER_TAPER = 0.06  # share of the picture's size over which motion fades out towards its edge
 NEWTON_STEPS = 2  # sampled Newton steps inverting the forward map on the grid
+REFINE_FROM = 0.1  # px: a node whose last Newton step was longer takes REFINE_STEPS more
+REFINE_STEPS = 4
 MAX_STEP = 4.0  # px: the longest Newton step inverting the forward map on the grid
 FADE_OPEN = 0.5  # a drawn eye opening narrower than this share of the source's starts showing lids, not eyeball
 LID_BLUR = 0.2  # x the source's eye aperture: the reach (Gaussian sigma) of the lid colours filling a closing eye
@@ -354,8 +357,8 @@ def _unfolded(state: "DenseState", faithful: np.ndarray, magnified: np.ndarray, 
     root of a quadratic) and each vertex keeps the least its triangles allow, over `passes` (continuous in the
     meshes: it does not flicker); the few triangles then still squashed below half the floor or stretched past
     twice the ceiling (their corners cut back unequally) have their corners keep the faithful motion. A triangle
-    the faithful motion folds keeps its fold, and the lid margins keep their motion (`retarget` keeps them from
-    crossing)."""
+    the faithful motion folds keeps its fold. (Lid margins are cut back too: exempt, a lower lid moved 5 times
+    past its lash line folded the skin there.)"""
     skin, anchors = state.skin, state.anchors
     still = np.broadcast_to(anchors, (len(faithful),) + anchors.shape)
     base = np.concatenate([faithful[:, :M.NUM_MESH], still], 1)  # T x N x 2
@@ -369,7 +372,6 @@ def _unfolded(state: "DenseState", faithful: np.ndarray, magnified: np.ndarray, 
     folded = area <= 0  # T x K: the faithful motion folds these already; their corners keep it
     t, k = np.nonzero(folded)
     keep[t[:, None], skin[k]] = 0
-    keep[:, LIDS] = 1
     for _ in range(passes):
         moved = keep[..., None] * extra
         du, dw = (moved[:, skin[:, i]] - moved[:, skin[:, 0]] for i in (1, 2))
@@ -379,7 +381,6 @@ def _unfolded(state: "DenseState", faithful: np.ndarray, magnified: np.ndarray, 
         if allowed.min() >= 0.98:  # T x K: each triangle within 2 % of its corners' extra motion from its bound
             break
         share = np.concatenate([allowed, np.ones((len(allowed), 1))], 1)[:, state.incidence].min(-1)  # T x N
-        share[:, LIDS] = 1
         keep *= share
     for _ in range(passes):
         areas = _doubled_areas(base + keep[..., None] * extra, skin)
@@ -388,7 +389,6 @@ def _unfolded(state: "DenseState", faithful: np.ndarray, magnified: np.ndarray, 
             break
         t, k = np.nonzero(out)
         keep[t[:, None], skin[k]] = 0
-        keep[:, LIDS] = 1
     out = np.array(magnified, copy=True)
     out[:, :M.NUM_MESH] = faithful[:, :M.NUM_MESH] + keep[:, :M.NUM_MESH, None] * extra[:, :M.NUM_MESH]
     return out
@@ -665,7 +665,8 @@ def backward_flow(state: "DenseState", target: np.ndarray, iterations: int = NEW
 
     The forward map (source -> target) is piecewise affine on a fixed triangulation of the source mesh and the
     still anchors (one sparse product for every frame's grid); it is inverted by Newton steps on the grid
-    (x <- x - (I + J)^-1 (x + d(x) - y), d and its Jacobian J sampled bilinearly), batched over the frames."""
+    (x <- x - (I + J)^-1 (x + d(x) - y), d and its Jacobian J sampled bilinearly), batched over the frames:
+    `iterations` over the whole grid, then REFINE_STEPS more at the nodes whose last step was over REFINE_FROM."""
     frames, (h, w), (height, width) = len(target), state.grid_shape, state.size
     points = len(state.anchors) + M.NUM_MESH
     motion = np.zeros((points, frames, 2))
@@ -679,14 +680,32 @@ def backward_flow(state: "DenseState", target: np.ndarray, iterations: int = NEW
     scale, shift = _units(state.size)  # pixels -> grid_sample units
     x = y - field  # first guess: the forward motion taken back
     for _ in range(iterations):
-        at = F.grid_sample(packed, (x * scale + shift).permute(0, 2, 3, 1), mode="bilinear", padding_mode="border",
-                           align_corners=False)  # T x 6 x h x w
-        step = _solve(at, torch.add(x, at[:, :2]).sub_(y))
-        # folds: steps bounded to MAX_STEP (x MAX_STEP / max(length, MAX_STEP), T x 1 x h x w)
-        bound = (step[:, :1] * step[:, :1]).addcmul_(step[:, 1:], step[:, 1:]).clamp_(min=MAX_STEP**2).rsqrt_()
-        x = x.sub_(step.mul_(bound.mul_(MAX_STEP)))  # (x: a new tensor, `y - field`)
+        x, moved = _newton_step(packed, x, y, scale, shift)  # (x: a new tensor, `y - field`)
+    # where the last step still moved a node, it has not converged (a lid closing over a short distance: up to
+    # 4 px off after two steps, 0.2-0.9 % of the grid): those nodes alone take REFINE_STEPS more
+    t, i, j = (moved > REFINE_FROM**2).nonzero(as_tuple=True)
+    if len(t):
+        counts = torch.bincount(t, minlength=frames)
+        slot = torch.arange(len(t)) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)  # place in its frame
+        xs, ys = (torch.zeros(frames, 2, 1, int(counts.max())) for _ in range(2))  # T x 2 x 1 x n (padded)
+        xs[t, :, 0, slot], ys[t, :, 0, slot] = x[t, :, i, j], y[t, :, i, j]
+        for _ in range(REFINE_STEPS):
+            xs, _ = _newton_step(packed, xs, ys, scale, shift)
+        x[t, :, i, j] = xs[t, :, 0, slot]
     taper = torch.from_numpy(state.taper).float().view(1, 1, h, w)
     return (x - y) * taper
+
+
+def _newton_step(packed: torch.Tensor, x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One Newton step of `backward_flow` at the points x (T x 2 x h x w, pixels) towards landing on y: (x moved,
+    T x h x w squared lengths of the step). Steps are bounded to MAX_STEP (folds)."""
+    at = F.grid_sample(packed, (x * scale + shift).permute(0, 2, 3, 1), mode="bilinear", padding_mode="border",
+                       align_corners=False)  # T x 6 x h x w
+    step = _solve(at, torch.add(x, at[:, :2]).sub_(y))
+    length = (step[:, :1] * step[:, :1]).addcmul_(step[:, 1:], step[:, 1:])  # T x 1 x h x w (squared)
+    bound = length.clamp(min=MAX_STEP**2).rsqrt_()  # x MAX_STEP / max(length, MAX_STEP)
+    return x.sub_(step.mul_(bound.mul_(MAX_STEP))), length[:, 0]
 
 
 class DenseMeshWarp(nn.Module):
