@@ -310,6 +310,29 @@ def _bounded(maps: np.ndarray, similarity: np.ndarray) -> np.ndarray:
     return similarity @ fixed
 
 
+def _skin(anchored: Delaunay) -> tuple[np.ndarray, Any, np.ndarray]:
+    """The face's skin in the triangulation of the mesh and the still anchors: (K x 3 triangles, the eye and mouth
+    openings' left out, oriented so that their source areas are positive; N x N sparse neighbour averaging over
+    their edges, rows summing to 1; N x D each vertex's triangles, padded with K)."""
+    openings = [set(u) | set(l) for u, l, _ in EYES] + [set(M.MOUTH_OPENING)]
+    skin = np.array([t for t in anchored.simplices if not any(set(t) <= hole for hole in openings)])
+    flipped = _doubled_areas(anchored.points, skin) < 0
+    skin[flipped] = skin[flipped][:, [0, 2, 1]]
+    count = len(anchored.points)
+    edges = np.unique(np.sort(np.concatenate([skin[:, [0, 1]], skin[:, [1, 2]], skin[:, [2, 0]]]), 1), axis=0)
+    both_ways = np.concatenate([edges, edges[:, ::-1]])
+    adjacency = csr_matrix((np.ones(len(both_ways)), (both_ways[:, 0], both_ways[:, 1])), shape=(count, count))
+    degree = np.maximum(np.asarray(adjacency.sum(1)).ravel(), 1)
+    neighbours = csr_matrix(adjacency.multiply(1 / degree[:, None]))
+    corners = skin.ravel()  # 3K: each triangle's three vertices
+    order = np.argsort(corners, kind="stable")
+    starts = np.searchsorted(corners[order], np.arange(count))
+    slot = np.arange(len(corners)) - starts[corners[order]]  # each corner's place among its vertex's triangles
+    incidence = np.full((count, slot.max() + 1), len(skin))
+    incidence[corners[order], slot] = order // 3
+    return skin, neighbours, incidence
+
+
 def _doubled_areas(points: np.ndarray, triangles: np.ndarray) -> np.ndarray:
     """Twice the signed areas of `triangles` (K x 3) over `points` (... x N x 2): ... x K."""
     u = points[..., triangles[:, 1], :] - points[..., triangles[:, 0], :]
@@ -680,10 +703,10 @@ def backward_flow(state: "DenseState", target: np.ndarray, iterations: int = NEW
     scale, shift = _units(state.size)  # pixels -> grid_sample units
     x = y - field  # first guess: the forward motion taken back
     for _ in range(iterations):
-        x, moved = _newton_step(packed, x, y, scale, shift)  # (x: a new tensor, `y - field`)
+        x, step_sq = _newton_step(packed, x, y, scale, shift)  # (x: a new tensor, `y - field`)
     # where the last step still moved a node, it has not converged (a lid closing over a short distance: up to
     # 4 px off after two steps, 0.2-0.9 % of the grid): those nodes alone take REFINE_STEPS more
-    t, i, j = (moved > REFINE_FROM**2).nonzero(as_tuple=True)
+    t, i, j = (step_sq > REFINE_FROM**2).nonzero(as_tuple=True)
     if len(t):
         counts = torch.bincount(t, minlength=frames)
         slot = torch.arange(len(t)) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)  # place in its frame
@@ -791,27 +814,10 @@ class DenseMeshWarp(nn.Module):
         anchors = np.concatenate([ring, border])
         anchored = Delaunay(np.concatenate([src[:M.NUM_MESH], anchors]))
         motion_weights = _barycentric_matrix(anchored, grid)
-        openings = [set(u) | set(l) for u, l, _ in EYES] + [set(M.MOUTH_OPENING)]
-        skin = np.array([t for t in anchored.simplices if not any(set(t) <= hole for hole in openings)])
-        flipped = _doubled_areas(anchored.points, skin) < 0
-        skin[flipped] = skin[flipped][:, [0, 2, 1]]  # one orientation: every source area positive
-        edges = np.concatenate([skin[:, [0, 1]], skin[:, [1, 2]], skin[:, [2, 0]]])
-        edges = np.unique(np.sort(edges, 1), axis=0)
-        count = len(anchored.points)
-        adjacency = csr_matrix((np.ones(2 * len(edges)), (np.r_[edges[:, 0], edges[:, 1]], np.r_[edges[:, 1], edges[:, 0]])),
-                               shape=(count, count))
-        degree = np.maximum(np.asarray(adjacency.sum(1)).ravel(), 1)
-        neighbours = csr_matrix(adjacency.multiply(1 / degree[:, None]))
-        corners = skin.ravel()  # 3K: each triangle's three vertices
-        order = np.argsort(corners, kind="stable")
-        starts = np.searchsorted(corners[order], np.arange(count))
-        slot = np.arange(len(corners)) - starts[corners[order]]  # each corner's place among its vertex's triangles
-        incidence = np.full((count, slot.max() + 1), len(skin))
-        incidence[corners[order], slot] = order // 3
         aperture = float(np.mean(M.eye_aperture(src)))
         face = SourceGeometry(delaunay.simplices, anchors, grid, shape, outside, taper, face_mask,
-                              (face_mask.flatten() > 0.5).nonzero()[:, 0], barycentric, motion_weights, skin, neighbours, incidence,
-                              max(1.0, LID_BLUR * aperture), max(0.5, LID_RIM * aperture),
+                              (face_mask.flatten() > 0.5).nonzero()[:, 0], barycentric, motion_weights,
+                              *_skin(anchored), max(1.0, LID_BLUR * aperture), max(0.5, LID_RIM * aperture),
                               _fill([_eye_polygon(src, upper, lower) for upper, lower, _ in EYES], size))
         self._geometry = (key, face)
         return face
