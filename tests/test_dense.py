@@ -744,9 +744,10 @@ def clip_meshes():
 @pytest.mark.parametrize("magnify", [1.0, 3.0])
 def test_the_backward_map_lands_where_it_should_around_closing_lids(face, clip_meshes, magnify):
     """The skin's backward map (Newton steps on the grid) sends each target grid point to a source point that the
-    forward map brings back within 0.25 px, inside the picture's untapered part: around s3_po_05's closing lids,
-    where the skin moves far over a short distance, two steps left nodes up to 4 px off (a ghost of the lid's
-    outline above the closed eye) until the nodes whose last step still moved take more."""
+    forward map brings back within 0.25 px around the eyes as s3_po_05's lids close, where the skin moves far over
+    a short distance: two steps left nodes up to 4 px off there (a ghost of the lid's outline above the closed
+    eye) until the nodes whose last step still moved take more. (Where the drawn mesh itself folds, by the
+    mouth's inner lips, no map lands exactly.)"""
     import torch.nn.functional as F
 
     from mefacial.models import dense as D
