@@ -333,11 +333,15 @@ def _skin(anchored: Delaunay) -> tuple[np.ndarray, Any, np.ndarray]:
     return skin, neighbours, incidence
 
 
+def _cross(u: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """The 2-D cross product of ... x 2 vectors: ..."""
+    return u[..., 0] * w[..., 1] - u[..., 1] * w[..., 0]
+
+
 def _doubled_areas(points: np.ndarray, triangles: np.ndarray) -> np.ndarray:
     """Twice the signed areas of `triangles` (K x 3) over `points` (... x N x 2): ... x K."""
-    u = points[..., triangles[:, 1], :] - points[..., triangles[:, 0], :]
-    w = points[..., triangles[:, 2], :] - points[..., triangles[:, 0], :]
-    return u[..., 0] * w[..., 1] - u[..., 1] * w[..., 0]
+    return _cross(points[..., triangles[:, 1], :] - points[..., triangles[:, 0], :],
+                  points[..., triangles[:, 2], :] - points[..., triangles[:, 0], :])
 
 
 def _first_root(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
@@ -390,7 +394,6 @@ def _unfolded(state: "DenseState", faithful: np.ndarray, magnified: np.ndarray, 
     area = _doubled_areas(base, skin)  # T x K
     floor, ceiling = FOLD_FLOOR * np.minimum(rest, area), np.maximum(rest, area) / FOLD_FLOOR
     u, w = (base[:, skin[:, i]] - base[:, skin[:, 0]] for i in (1, 2))  # T x K x 2: the faithful edges
-    cross = lambda p, q: p[..., 0] * q[..., 1] - p[..., 1] * q[..., 0]  # noqa: E731
     keep = np.ones(base.shape[:2])  # T x N: the share of its extra motion each vertex keeps
     folded = area <= 0  # T x K: the faithful motion folds these already; their corners keep it
     t, k = np.nonzero(folded)
@@ -398,7 +401,7 @@ def _unfolded(state: "DenseState", faithful: np.ndarray, magnified: np.ndarray, 
     for _ in range(passes):
         moved = keep[..., None] * extra
         du, dw = (moved[:, skin[:, i]] - moved[:, skin[:, 0]] for i in (1, 2))
-        grow, curve = cross(u, dw) + cross(du, w), cross(du, dw)  # the area at share s: area + s grow + s^2 curve
+        grow, curve = _cross(u, dw) + _cross(du, w), _cross(du, dw)  # the area at share s: area + s grow + s^2 curve
         allowed = np.minimum(_first_root(area - floor, grow, curve), _first_root(ceiling - area, -grow, -curve))
         allowed[folded] = 1
         if allowed.min() >= 0.98:  # T x K: each triangle within 2 % of its corners' extra motion from its bound
