@@ -1,4 +1,5 @@
-"""Command line: python -m mefacial (or `mefacial`) animate | compare | evaluate | generate | variants | bench | checkpoints.
+"""Command line: python -m mefacial (or `mefacial`) animate | synthesize | compare | evaluate | generate | readout |
+variants | bench | checkpoints.
 
 The animation flags of every subcommand are generated from `mefacial.options.AnimateOptions`. A user error
 (a bad flag or value, a missing file, no weights, no face) prints one line naming the cause and the remedy and
