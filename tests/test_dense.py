@@ -1113,6 +1113,8 @@ def test_the_tracker_plans_a_batch_only_with_another_queued_before_it():
 def test_motion_made_ahead_gives_the_same_frames(engine, monkeypatch):
     """The tracker's thread makes the motion of batches with others queued before them (`Lookahead`): the
     frames are the same whichever thread made each batch's motion."""
+    import time
+
     from mefacial import engine as E
     from mefacial.models import dense as D
     from mefacial.video import read_clip
@@ -1122,8 +1124,20 @@ def test_motion_made_ahead_gives_the_same_frames(engine, monkeypatch):
     render = D.DenseClip.__call__
     frames, ahead = {}, {}
     for mode in ("never", "always"):
-        monkeypatch.setattr(E.Lookahead, "plan", lambda self, points, queued, tracked_all=False, mode=mode:
-                            self.work(points) if mode == "always" and self.work is not None else None)
+        calls = []
+
+        def plan(self, points, queued, tracked_all=False, mode=mode, calls=calls):
+            """"always": every batch but the first (whose arrival makes the renderer's runner, `work`) made ahead,
+            waiting for `work` where the tracker runs ahead of it (whichever thread is faster)."""
+            calls.append(len(points))
+            if mode == "never" or len(calls) == 1:
+                return None
+            deadline = time.monotonic() + 60
+            while self.work is None and time.monotonic() < deadline:
+                time.sleep(0.002)
+            return self.work(points)
+
+        monkeypatch.setattr(E.Lookahead, "plan", plan)
         seen = ahead[mode] = []
 
         def spy(runner, batch, points, planned=None, seen=seen):
@@ -1132,8 +1146,48 @@ def test_motion_made_ahead_gives_the_same_frames(engine, monkeypatch):
 
         monkeypatch.setattr(D.DenseClip, "__call__", spy)
         frames[mode] = engine.animate(face, clip, variant="dense", magnify=2.0, batch_size=4).frames
-    assert not any(ahead["never"]) and sum(ahead["always"]) >= 4  # all but the first batch(es) made ahead
+    assert len(ahead["always"]) == 6 and not any(ahead["never"]) and ahead["always"] == [False] + [True] * 5
     assert np.array_equal(frames["never"], frames["always"])
+
+
+def test_two_threads_can_render_a_fresh_state_at_once(tight_face, monkeypatch):
+    """The engine's two threads may render a clip's first batches at once (the renderer its first, the tracker's
+    thread the clip's last): the pixel grids a state makes on its first render are whole for either thread (one
+    thread caught between making the first and the second ran the other into a missing grid)."""
+    import threading
+    import time
+
+    from mefacial.models import dense as D
+
+    image, points = tight_face
+    model = _model()
+    target = points.astype(np.float64)[None] + np.array([0.0, 1.5]) * (np.arange(len(points)) % 2)[None, :, None]
+
+    def fresh():
+        return model.prepare(_tensor(image), points, points)
+
+    expected = model.render(fresh(), target)["prediction"]
+    state, release, outputs = fresh(), threading.Event(), {}
+    to_grid = D._to_grid
+
+    def held_to_grid(points, size):  # the first thread stops between the two grids, until released
+        if threading.current_thread().name == "first":
+            release.wait(30)
+        return to_grid(points, size)
+
+    monkeypatch.setattr(D, "_to_grid", held_to_grid)
+    first = threading.Thread(target=lambda: outputs.update(first=model.render(state, target)["prediction"]),
+                             name="first")
+    first.start()
+    deadline = time.monotonic() + 30
+    while state.pixels is None and time.monotonic() < deadline:
+        time.sleep(0.001)
+    try:
+        outputs["second"] = model.render(state, target)["prediction"]
+    finally:
+        release.set()
+        first.join(30)
+    assert torch.equal(outputs["first"], expected) and torch.equal(outputs["second"], expected)
 
 
 def test_batches_finished_by_the_tracker_give_the_same_frames(engine, monkeypatch):
@@ -1149,24 +1203,31 @@ def test_batches_finished_by_the_tracker_give_the_same_frames(engine, monkeypatc
 
     clip = read_clip(require(DATA / "driving" / "s3_po_05.gif", "shared clip")).frames[:29]
     face = DATA / "faces" / "asian_female.png"
-    render, results, by_tracker = D.DenseClip.__call__, {}, []
+    render, plan, results, by_tracker = D.DenseClip.__call__, E.Lookahead.plan, {}, []
+    tracked = threading.Event()
+
+    def tracking_seen(self, points, queued, tracked_all=False):
+        if tracked_all:
+            tracked.set()
+        return plan(self, points, queued, tracked_all)
 
     def slow_renderer(runner, batch, points, planned=None):  # the renderer falls behind: batches queue up
         if threading.current_thread() is threading.main_thread():
-            time.sleep(0.03)
+            tracked.wait(60)  # (until the whole clip is tracked, however fast each thread runs)
         else:
             by_tracker.append(len(batch))
         return render(runner, batch, points, planned)
 
-    monkeypatch.setattr(D.DenseClip, "__call__", slow_renderer)
     for mode in ("renderer only", "both"):
+        tracked.clear()
+        monkeypatch.setattr(D.DenseClip, "__call__", slow_renderer)
+        monkeypatch.setattr(E.Lookahead, "plan", tracking_seen)
         if mode == "renderer only":
             monkeypatch.setattr(E.Lookahead, "finish", property(lambda self: None, lambda self, value: None),
                                 raising=False)
         prepared = engine.prepare(face, clip, batch_size=4)
         results[mode] = (engine.collect(prepared, "dense").frames, prepared.meshes["driving"], prepared.driving)
         monkeypatch.undo()
-        monkeypatch.setattr(D.DenseClip, "__call__", slow_renderer)
         assert bool(by_tracker) == (mode == "both"), by_tracker
     for ours, theirs in zip(results["renderer only"], results["both"]):
         assert np.array_equal(ours, theirs)

@@ -933,7 +933,7 @@ class DenseMeshWarp(nn.Module):
             raise ValueError("target_mesh holds NaN / inf (frames without a face)")
         frames, (height, width) = len(target), state.size
         device = state.source.device
-        if state.pixels is None:
+        if state.pixel_units is None:  # (set last: the engine's two threads may render a clip's first batches at once)
             ys, xs = torch.meshgrid(torch.arange(height, dtype=torch.float32),
                                     torch.arange(width, dtype=torch.float32), indexing="ij")
             state.pixels = torch.stack([xs, ys], -1)  # H x W x 2 pixels
