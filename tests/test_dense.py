@@ -1110,11 +1110,57 @@ def test_the_tracker_plans_a_batch_only_with_another_queued_before_it():
     assert lookahead.plan(points, queued=0, tracked_all=True)[0] == "planned"  # nothing left to track
 
 
+def _planning_all_but_the_first():
+    """A `Lookahead.plan` that has the tracker's thread make the motion of every batch but the first (whose arrival
+    makes the renderer's runner, `work`), waiting for `work` where the tracker runs ahead: the same batches whichever
+    thread is faster."""
+    import time
+
+    calls = []
+
+    def plan(self, points, queued, tracked_all=False):
+        calls.append(len(points))
+        if len(calls) == 1:
+            return None
+        deadline = time.monotonic() + 60
+        while self.work is None and time.monotonic() < deadline:
+            time.sleep(0.002)
+        return self.work(points)
+
+    return plan
+
+
+def _renderer_held_until_tracked(monkeypatch, render):
+    """Has the caller's renderer (`DenseClip.__call__` in the main thread) wait until the whole clip is tracked, so
+    batches queue up and the tracker's thread finishes some from the clip's end (`Lookahead.finish`), however fast
+    each thread runs. Returns the list of the batch sizes the tracker's thread rendered."""
+    import threading
+
+    from mefacial import engine as E
+    from mefacial.models import dense as D
+
+    plan, tracked, by_tracker = E.Lookahead.plan, threading.Event(), []
+
+    def tracking_seen(self, points, queued, tracked_all=False):
+        if tracked_all:
+            tracked.set()
+        return plan(self, points, queued, tracked_all)
+
+    def held_renderer(runner, batch, points, planned=None):
+        if threading.current_thread() is threading.main_thread():
+            tracked.wait(60)
+        else:
+            by_tracker.append(len(batch))
+        return render(runner, batch, points, planned)
+
+    monkeypatch.setattr(E.Lookahead, "plan", tracking_seen)
+    monkeypatch.setattr(D.DenseClip, "__call__", held_renderer)
+    return by_tracker
+
+
 def test_motion_made_ahead_gives_the_same_frames(engine, monkeypatch):
     """The tracker's thread makes the motion of batches with others queued before them (`Lookahead`): the
     frames are the same whichever thread made each batch's motion."""
-    import time
-
     from mefacial import engine as E
     from mefacial.models import dense as D
     from mefacial.video import read_clip
@@ -1124,20 +1170,8 @@ def test_motion_made_ahead_gives_the_same_frames(engine, monkeypatch):
     render = D.DenseClip.__call__
     frames, ahead = {}, {}
     for mode in ("never", "always"):
-        calls = []
-
-        def plan(self, points, queued, tracked_all=False, mode=mode, calls=calls):
-            """"always": every batch but the first (whose arrival makes the renderer's runner, `work`) made ahead,
-            waiting for `work` where the tracker runs ahead of it (whichever thread is faster)."""
-            calls.append(len(points))
-            if mode == "never" or len(calls) == 1:
-                return None
-            deadline = time.monotonic() + 60
-            while self.work is None and time.monotonic() < deadline:
-                time.sleep(0.002)
-            return self.work(points)
-
-        monkeypatch.setattr(E.Lookahead, "plan", plan)
+        monkeypatch.setattr(E.Lookahead, "plan", _planning_all_but_the_first() if mode == "always"
+                            else lambda self, points, queued, tracked_all=False: None)
         seen = ahead[mode] = []
 
         def spy(runner, batch, points, planned=None, seen=seen):
@@ -1146,7 +1180,7 @@ def test_motion_made_ahead_gives_the_same_frames(engine, monkeypatch):
 
         monkeypatch.setattr(D.DenseClip, "__call__", spy)
         frames[mode] = engine.animate(face, clip, variant="dense", magnify=2.0, batch_size=4).frames
-    assert len(ahead["always"]) == 6 and not any(ahead["never"]) and ahead["always"] == [False] + [True] * 5
+    assert ahead["always"] == [False] + [True] * 5 and not any(ahead["never"])  # 6 batches: all but the first ahead
     assert np.array_equal(frames["never"], frames["always"])
 
 
@@ -1194,34 +1228,15 @@ def test_batches_finished_by_the_tracker_give_the_same_frames(engine, monkeypatc
     """Once the clip is tracked, the tracker's thread finishes batches from the clip's end while the renderer goes
     through the ones before (`Lookahead.finish`): the frames (and the clip's meshes and model frames) are the same
     whichever thread made each batch, and in order."""
-    import threading
-    import time
-
     from mefacial import engine as E
     from mefacial.models import dense as D
     from mefacial.video import read_clip
 
     clip = read_clip(require(DATA / "driving" / "s3_po_05.gif", "shared clip")).frames[:29]
     face = DATA / "faces" / "asian_female.png"
-    render, plan, results, by_tracker = D.DenseClip.__call__, E.Lookahead.plan, {}, []
-    tracked = threading.Event()
-
-    def tracking_seen(self, points, queued, tracked_all=False):
-        if tracked_all:
-            tracked.set()
-        return plan(self, points, queued, tracked_all)
-
-    def slow_renderer(runner, batch, points, planned=None):  # the renderer falls behind: batches queue up
-        if threading.current_thread() is threading.main_thread():
-            tracked.wait(60)  # (until the whole clip is tracked, however fast each thread runs)
-        else:
-            by_tracker.append(len(batch))
-        return render(runner, batch, points, planned)
-
+    render, results = D.DenseClip.__call__, {}
     for mode in ("renderer only", "both"):
-        tracked.clear()
-        monkeypatch.setattr(D.DenseClip, "__call__", slow_renderer)
-        monkeypatch.setattr(E.Lookahead, "plan", tracking_seen)
+        by_tracker = _renderer_held_until_tracked(monkeypatch, render)  # (the renderer falls behind)
         if mode == "renderer only":
             monkeypatch.setattr(E.Lookahead, "finish", property(lambda self: None, lambda self, value: None),
                                 raising=False)
@@ -1237,7 +1252,6 @@ def test_an_error_in_a_batch_finished_by_the_tracker_stops_the_run(engine, monke
     """An error in a batch the tracker's thread finishes reaches the caller when its turn comes, the thread ends and
     torch's thread count is given back."""
     import threading
-    import time
 
     from mefacial.models import dense as D
     from mefacial.video import read_clip
@@ -1247,11 +1261,10 @@ def test_an_error_in_a_batch_finished_by_the_tracker_stops_the_run(engine, monke
 
     def broken_in_the_tracker(runner, batch, points, planned=None):
         if threading.current_thread() is threading.main_thread():
-            time.sleep(0.03)
             return render(runner, batch, points, planned)
         raise RuntimeError("broken batch")
 
-    monkeypatch.setattr(D.DenseClip, "__call__", broken_in_the_tracker)
+    _renderer_held_until_tracked(monkeypatch, broken_in_the_tracker)
     with pytest.raises(RuntimeError, match="broken batch"):
         engine.animate(DATA / "faces" / "asian_female.png", clip, variant="dense", batch_size=4)
     assert torch.get_num_threads() == threads
@@ -1276,8 +1289,7 @@ def test_an_error_in_work_made_ahead_stops_the_run(engine, monkeypatch):
         raise RuntimeError("broken motion")
 
     monkeypatch.setattr(D.DenseClip, "plan", broken)
-    monkeypatch.setattr(E.Lookahead, "plan",
-                        lambda self, points, queued, tracked_all=False: self.work(points) if self.work else None)
+    monkeypatch.setattr(E.Lookahead, "plan", _planning_all_but_the_first())
     with pytest.raises(RuntimeError, match="broken motion"):
         engine.animate(DATA / "faces" / "asian_female.png", clip, variant="dense", batch_size=4)
     assert torch.get_num_threads() == threads
