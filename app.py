@@ -819,12 +819,16 @@ def build_demo(engine: mefacial.Engine, limits: Limits | None = None) -> gr.Bloc
         return (gr.update(value=[v["id"] for v in variants if ready[v["id"]] is None]),
                 not_ready_markdown(variants, ready))
 
-    def on_backbone(backbone: str):
+    def on_backbone(backbone: str, prior: str | None = None):
         """Offer only what this backbone has (its spec): its priors and motion modes, the EWP confinement where
-        it applies, and movement-scale adaptation back to the backbone's original default (FOMM off, MRAA on)."""
+        it applies, and movement-scale adaptation back to the backbone's original default (FOMM off, MRAA on).
+        The prior goes back to none only where this backbone has no choice of the one chosen (setting it anyway
+        undid a prior picked while this answer was on its way: a slow server)."""
         spec = backbones()[choice(backbone, BACKBONES, "backbone")]
         several = len([v for v in variants if v["backbone"] == backbone]) > 1
-        return (gr.update(choices=prior_choices(backbone), value="none", interactive=several),
+        priors = prior_choices(backbone)
+        kept = several and prior in {key for _, key in priors}
+        return (gr.update(choices=priors, interactive=several, **({} if kept else {"value": "none"})),
                 gr.update(visible=spec.confine, value=False),
                 gr.update(choices=motion_choices(backbone), value=spec.default_motion,
                           interactive=len(spec.motion_modes) > 1),
@@ -964,7 +968,7 @@ def build_demo(engine: mefacial.Engine, limits: Limits | None = None) -> gr.Bloc
             return dict(fn=lambda: values[0] if len(values) == 1 else values, inputs=None, outputs=list(outputs),
                         api_name=False, queue=False, show_progress="hidden")
 
-        g_backbone.change(on_backbone, g_backbone, [g_prior, g_confine, g_motion, g_adapt], api_name=False,
+        g_backbone.change(on_backbone, [g_backbone, g_prior], [g_prior, g_confine, g_motion, g_adapt], api_name=False,
                           queue=False)
         gr.on([g_backbone.change, g_prior.change], variant_note, [g_backbone, g_prior], g_variant, api_name=False,
               queue=False, trigger_mode="always_last")  # the latest choice wins

@@ -271,6 +271,22 @@ def test_missing_weights_are_a_short_plain_error_and_the_panes_stay_normal(page)
     screenshot(page, "app-error.png")
 
 
+def test_a_backbone_keeps_the_prior_it_offers_too(page):
+    """Switching the backbone keeps the chosen prior where the new backbone offers it too (FOMM + AWP -> MRAA +
+    AWP) and goes back to none where it has no such choice (the dense generator's priors, the one-variant warp)."""
+    variant, prior = page.locator("#g-variant"), page.locator("#g-prior")
+    page.locator("#g-backbone").get_by_label("FOMM", exact=True).check()
+    prior.get_by_label("AWP", exact=True).check()
+    expect(variant).to_contain_text("FOMM + AWP", timeout=30_000)
+    page.locator("#g-backbone").get_by_label("MRAA", exact=True).check()
+    expect(variant).to_contain_text("MRAA + AWP", timeout=30_000)
+    expect(prior.get_by_label("AWP", exact=True)).to_be_checked()
+    page.locator("#g-backbone").get_by_label("Training-free dense mesh", exact=True).check()
+    expect(variant).to_contain_text("Runs Training-free dense mesh ·", timeout=30_000)
+    expect(prior.get_by_label("none", exact=True)).to_be_checked()
+    expect(prior.get_by_label("AWP", exact=True)).to_have_count(0)
+
+
 @pytest.mark.parametrize("name, content, title", [
     ("not_a_face.png", b"this is text, not a picture", "Not an image"),
     ("noise.png", None, "No face found"),
