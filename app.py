@@ -819,7 +819,7 @@ def build_demo(engine: mefacial.Engine, limits: Limits | None = None) -> gr.Bloc
         return (gr.update(value=[v["id"] for v in variants if ready[v["id"]] is None]),
                 not_ready_markdown(variants, ready))
 
-    def on_backbone(backbone: str, prior: str | None = None):
+    def on_backbone(backbone: str, prior: str):
         """Offer only what this backbone has (its spec): its priors and motion modes, the EWP confinement where
         it applies, and movement-scale adaptation back to the backbone's original default (FOMM off, MRAA on).
         The prior goes back to none only where this backbone has no choice of the one chosen (setting it anyway

@@ -273,7 +273,7 @@ def test_missing_weights_are_a_short_plain_error_and_the_panes_stay_normal(page)
 
 def test_a_backbone_keeps_the_prior_it_offers_too(page):
     """Switching the backbone keeps the chosen prior where the new backbone offers it too (FOMM + AWP -> MRAA +
-    AWP) and goes back to none where it has no such choice (the dense generator's priors, the one-variant warp)."""
+    AWP) and goes back to none where it has no such choice (the dense generator's priors)."""
     variant, prior = page.locator("#g-variant"), page.locator("#g-prior")
     page.locator("#g-backbone").get_by_label("FOMM", exact=True).check()
     prior.get_by_label("AWP", exact=True).check()
