@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
 from pathlib import Path
 from typing import IO, Iterator
 
 import numpy as np
 import torch
+
+
+_TIMER_LOCK = threading.Lock()  # `timer`'s sums: a clip's two threads (renderer, mesh tracker) add to one dict
 
 
 @contextlib.contextmanager
@@ -22,7 +26,9 @@ def timer(seconds: dict[str, float], key: str, device: torch.device | None = Non
     yield
     if device is not None and device.type == "cuda":
         torch.cuda.synchronize(device)
-    seconds[key] = seconds.get(key, 0.0) + time.perf_counter() - t0
+    elapsed = time.perf_counter() - t0
+    with _TIMER_LOCK:
+        seconds[key] = seconds.get(key, 0.0) + elapsed
 
 
 def from_numpy(array: np.ndarray) -> torch.Tensor:

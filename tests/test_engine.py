@@ -208,3 +208,43 @@ def _try(fn):
         return fn()
     except Exception as exc:  # noqa: BLE001 - the test looks at what came out
         return exc
+
+
+def test_stage_timings_added_from_two_threads_all_count():
+    """`utils.timer` sums a stage's time into one dict from the renderer's and the mesh tracker's threads: a
+    thread switch between reading a sum and writing it back (made certain here by a dict that yields there) must
+    not drop the other thread's time."""
+    import threading
+    import time
+
+    from mefacial.utils import timer
+
+    class Yielding(dict):
+        def get(self, *args):
+            value = super().get(*args)
+            time.sleep(0.001)  # the other thread runs between this read and the write after it
+            return value
+
+    seconds = Yielding()
+
+    def add(n: int) -> None:
+        for _ in range(n):
+            with timer(seconds, "generator"):
+                pass
+
+    threads = [threading.Thread(target=add, args=(30,)) for _ in range(2)]
+    clock, local = time.perf_counter, threading.local()
+
+    def ticks() -> float:  # each thread's own clock, a tick a call: each block takes exactly one tick
+        local.now = getattr(local, "now", 0.0) + 1.0
+        return local.now
+
+    try:
+        time.perf_counter = ticks
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        time.perf_counter = clock
+    assert seconds["generator"] == 60
