@@ -230,6 +230,47 @@ def iris_model(sha256: str = IRIS_SHA256) -> Path:
     return path
 
 
+_NOTICE_LOCK = threading.Lock()
+_notice = {"seen": False}  # LiteRT's notice is printed by a process's first interpreter
+_DELEGATE_NOTICE = b"Created TensorFlow Lite XNNPACK delegate"
+
+
+@contextlib.contextmanager
+def _without_delegate_notice() -> Iterator[None]:
+    """Leave out the line LiteRT prints to the terminal (its C++ log, on file descriptor 2) when a process's first
+    interpreter is made ("INFO: Created TensorFlow Lite XNNPACK delegate for CPU.": no setting silences it, and it
+    names TensorFlow, which a user never installed). What other threads write there meanwhile is written after."""
+    if _notice["seen"]:
+        yield
+        return
+    with _NOTICE_LOCK:  # (two threads may make their first interpreters at once: the second waits here)
+        if _notice["seen"]:
+            yield
+            return
+        try:
+            saved = os.dup(2)
+        except OSError:  # a process started without file descriptor 2: nothing reaches a terminal
+            saved = None
+        if saved is None:
+            yield
+            _notice["seen"] = True
+            return
+        sys.stderr.flush()
+        with tempfile.TemporaryFile() as capture:
+            os.dup2(capture.fileno(), 2)
+            try:
+                yield
+            finally:
+                _notice["seen"] = True  # (only now: another thread's first interpreter waits for the lock till here)
+                sys.stderr.flush()
+                os.dup2(saved, 2)
+                os.close(saved)
+                capture.seek(0)
+                kept = [line for line in capture.read().splitlines(keepends=True) if _DELEGATE_NOTICE not in line]
+                if kept:
+                    os.write(2, b"".join(kept))
+
+
 class _Runner:
     """One LiteRT interpreter of one model, used by one thread at a time (`_models`)."""
 
@@ -244,7 +285,8 @@ class _Runner:
             raise WeightsNotFoundError(f"the face-mesh model {path} is missing from the installed package; "
                                        "reinstall mefacial (face_landmark.tflite ships in mefacial/assets/mediapipe)")
         self.interpreter = Interpreter(model_path=str(path), num_threads=1)
-        self.interpreter.allocate_tensors()
+        with _without_delegate_notice():
+            self.interpreter.allocate_tensors()
         self.input = self.interpreter.get_input_details()[0]["index"]
         self.outputs = [d["index"] for d in self.interpreter.get_output_details()]
 

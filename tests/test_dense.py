@@ -84,6 +84,36 @@ def test_mesh_finds_the_shared_faces_and_clips_offline(monkeypatch):
         assert (points[:, M.REGIONS["eyes"]] > 0).all() and (points[:, M.REGIONS["eyes"]] < size).all()
 
 
+def test_a_process_making_the_face_mesh_prints_no_litert_notice():
+    """LiteRT's "INFO: Created TensorFlow Lite XNNPACK delegate for CPU." (printed by a process's first interpreter,
+    on file descriptor 2) does not reach the user's terminal, also where two threads make their first interpreters
+    at once (the engine finds the source's and the clip's faces so); what the process itself writes there does."""
+    import subprocess
+    import sys
+
+    code = ("import sys, threading; from mefacial import mesh; print('before', file=sys.stderr, flush=True); "
+            "start = threading.Barrier(2); "
+            "make = lambda path: (start.wait(), mesh._Runner(path)); "
+            "threads = [threading.Thread(target=make, args=(p,)) for p in (mesh.FACE_MODEL, mesh.FACE_DETECTOR)]; "
+            "[t.start() for t in threads]; [t.join() for t in threads]; print('after', file=sys.stderr)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.split() == ["before", "after"], done.stderr
+
+
+def test_output_written_while_the_litert_notice_is_held_back_is_kept(monkeypatch, capfd):
+    """What other threads write to the terminal while the first interpreter is made is written after it, in order;
+    only the notice's line is left out."""
+    import os
+
+    monkeypatch.setitem(M._notice, "seen", False)
+    with M._without_delegate_notice():
+        os.write(2, b"one\nINFO: Created TensorFlow Lite XNNPACK delegate for CPU.\ntwo\n")
+    with M._without_delegate_notice():  # the notice comes once: later interpreters are left alone
+        os.write(2, b"three\n")
+    assert capfd.readouterr().err == "one\ntwo\nthree\n"
+
+
 def test_find_face_reads_the_68_landmarks_and_boxes_faces_as_dlib(loose_face):
     """`mesh.find_face` (MediaPipe's face detector + the face model) reads a face's 68 landmarks close to dlib's
     on tightly and loosely framed faces of any size: the face boxes cut from them within a few % of the face
