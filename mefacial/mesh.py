@@ -247,28 +247,30 @@ def _without_delegate_notice() -> Iterator[None]:
         if _notice["seen"]:
             yield
             return
+        capture = saved = None
         try:
+            capture = tempfile.TemporaryFile()
             saved = os.dup(2)
-        except OSError:  # a process started without file descriptor 2: nothing reaches a terminal
-            saved = None
-        if saved is None:
+        except OSError:  # no temporary file, or no file descriptor 2 (a process started without one)
+            if capture is not None:
+                capture.close()
             yield
             _notice["seen"] = True
             return
         sys.stderr.flush()
-        with tempfile.TemporaryFile() as capture:
-            os.dup2(capture.fileno(), 2)
-            try:
-                yield
-            finally:
-                _notice["seen"] = True  # (only now: another thread's first interpreter waits for the lock till here)
-                sys.stderr.flush()
-                os.dup2(saved, 2)
-                os.close(saved)
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            _notice["seen"] = True  # (only now: another thread's first interpreter waits for the lock till here)
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            with capture:
                 capture.seek(0)
                 kept = [line for line in capture.read().splitlines(keepends=True) if _DELEGATE_NOTICE not in line]
-                if kept:
-                    os.write(2, b"".join(kept))
+            if kept:
+                os.write(2, b"".join(kept))
 
 
 class _Runner:

@@ -114,6 +114,22 @@ def test_output_written_while_the_litert_notice_is_held_back_is_kept(monkeypatch
     assert capfd.readouterr().err == "one\ntwo\nthree\n"
 
 
+def test_the_face_mesh_loads_where_no_temporary_file_can_be_made(monkeypatch, capfd):
+    """Holding the notice back needs a temporary file; where none can be made (a read-only box) the interpreter is
+    made all the same, and the notice shows."""
+    import os
+    import tempfile
+
+    def no_file(*args, **kwargs):
+        raise OSError("read-only file system (test)")
+
+    monkeypatch.setitem(M._notice, "seen", False)
+    monkeypatch.setattr(tempfile, "TemporaryFile", no_file)
+    with M._without_delegate_notice():
+        os.write(2, b"INFO: Created TensorFlow Lite XNNPACK delegate for CPU.\n")
+    assert "XNNPACK" in capfd.readouterr().err and M._notice["seen"]
+
+
 def test_find_face_reads_the_68_landmarks_and_boxes_faces_as_dlib(loose_face):
     """`mesh.find_face` (MediaPipe's face detector + the face model) reads a face's 68 landmarks close to dlib's
     on tightly and loosely framed faces of any size: the face boxes cut from them within a few % of the face
