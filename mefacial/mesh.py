@@ -240,37 +240,32 @@ def _without_delegate_notice() -> Iterator[None]:
     """Leave out the line LiteRT prints to the terminal (its C++ log, on file descriptor 2) when a process's first
     interpreter is made ("INFO: Created TensorFlow Lite XNNPACK delegate for CPU.": no setting silences it, and it
     names TensorFlow, which a user never installed). What other threads write there meanwhile is written after."""
-    if _notice["seen"]:
-        yield
-        return
-    with _NOTICE_LOCK:  # (two threads may make their first interpreters at once: the second waits here)
-        if _notice["seen"]:
+    with _NOTICE_LOCK:  # (every interpreter waits here while the first is made: two threads may make theirs at once)
+        first, _notice["seen"] = not _notice["seen"], True
+        saved = capture = None
+        try:
+            if first:
+                saved = os.dup(2)
+                capture = tempfile.TemporaryFile()
+        except OSError:  # no file descriptor 2 (a process started without one), or no temporary file (read-only)
+            if saved is not None:
+                os.close(saved)
+            capture = None
+        if capture is None:
             yield
             return
-        capture = saved = None
-        try:
-            capture = tempfile.TemporaryFile()
-            saved = os.dup(2)
-        except OSError:  # no temporary file, or no file descriptor 2 (a process started without one)
-            if capture is not None:
-                capture.close()
-            yield
-            _notice["seen"] = True
-            return
-        sys.stderr.flush()
-        os.dup2(capture.fileno(), 2)
-        try:
-            yield
-        finally:
-            _notice["seen"] = True  # (only now: another thread's first interpreter waits for the lock till here)
+        with capture:
             sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            with capture:
+            os.dup2(capture.fileno(), 2)
+            try:
+                yield
+            finally:
+                sys.stderr.flush()
+                os.dup2(saved, 2)
+                os.close(saved)
                 capture.seek(0)
                 kept = [line for line in capture.read().splitlines(keepends=True) if _DELEGATE_NOTICE not in line]
-            if kept:
-                os.write(2, b"".join(kept))
+                os.write(2, b"".join(kept))  # (also an error's own message, where the interpreter failed)
 
 
 class _Runner:

@@ -210,7 +210,7 @@ def _try(fn):
         return exc
 
 
-def test_stage_timings_added_from_two_threads_all_count():
+def test_stage_timings_added_from_two_threads_all_count(monkeypatch):
     """`utils.timer` sums a stage's time into one dict from the renderer's and the mesh tracker's threads: a
     thread switch between reading a sum and writing it back (made certain here by a dict that yields there) must
     not drop the other thread's time."""
@@ -233,18 +233,15 @@ def test_stage_timings_added_from_two_threads_all_count():
                 pass
 
     threads = [threading.Thread(target=add, args=(30,)) for _ in range(2)]
-    clock, local = time.perf_counter, threading.local()
+    local = threading.local()
 
     def ticks() -> float:  # each thread's own clock, a tick a call: each block takes exactly one tick
         local.now = getattr(local, "now", 0.0) + 1.0
         return local.now
 
-    try:
-        time.perf_counter = ticks
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-    finally:
-        time.perf_counter = clock
+    monkeypatch.setattr(time, "perf_counter", ticks)
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
     assert seconds["generator"] == 60
