@@ -42,7 +42,7 @@ import mefacial
 from mefacial import checkpoints as weights_registry
 from mefacial import hardware
 from mefacial.console import monotone
-from mefacial.errors import MefacialError, NoFaceError, sentence
+from mefacial.errors import MefacialError, NoFaceError, UnreadableVideoError, sentence
 from mefacial.evaluate import compare_columns, first_line
 from mefacial.grid import Column, prior_panels, render_grid
 from mefacial.landmarks import get_detector
@@ -498,7 +498,12 @@ class Demo:
         """A clip recorded with the webcam becomes the driving clip, checked like an upload."""
         if recording is None:
             return gr.skip()
-        self.check_driving(recording, landmarks)
+        try:
+            self.check_driving(recording, landmarks)
+        except UnreadableVideoError as exc:  # the browser stopped before it handed over any video (an empty file)
+            raise UnreadableVideoError(f"the webcam recording is empty or cut short: {exc}",
+                                       title="Empty recording", page="The recording came through empty",
+                                       fix="Record again and let it run a few seconds before you stop it") from None
         return upload_path(recording, "recording")
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import imageio.v3 as iio
 import numpy as np
 import pytest
+from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
 from playwright.sync_api import expect, sync_playwright
 
 from app_server import APPS, REPO, shared_app
@@ -41,6 +42,17 @@ FACE = REPO / "examples" / "astronaut.png"
 CLIP = REPO / "examples" / "brow_raise.mp4"
 WAIT_MS = 300_000  # a CPU generation under load
 TOAST_TEXT = "[data-testid='toast-text']"
+# Counts the chunks of video the page's MediaRecorder hands over (every 200 ms in Gradio's recorder).
+COUNT_RECORDED_CHUNKS = """() => {
+    const Recorder = window.MediaRecorder;
+    window.recordedChunks = 0;
+    window.MediaRecorder = class extends Recorder {
+        constructor(...args) {
+            super(...args);
+            this.addEventListener('dataavailable', (event) => { if (event.data.size > 0) window.recordedChunks++; });
+        }
+    };
+}"""
 
 
 def chromium() -> Path:
@@ -128,9 +140,17 @@ def screenshot(page, name: str) -> None:
 
 
 def read_toast(page, title: str) -> str:
-    """The HTML of the error message with this short title (waits for it)."""
+    """The HTML of the error message with this short title (waits for it). If it never comes, the failure
+    names the toasts the page did show and the end of the app's log."""
     message = page.locator(TOAST_TEXT).filter(has_text=title).first  # one toast groups the messages of a kind
-    message.wait_for(timeout=WAIT_MS)
+    try:
+        message.wait_for(timeout=WAIT_MS)
+    except PlaywrightTimeoutError:
+        shown = page.locator(TOAST_TEXT).all_inner_texts()
+        app = next((app for url, app in APPS.items() if page.url.startswith(url)), None)
+        log = app.log.read_text()[-3000:] if app and app.log else "(no log)"
+        pytest.fail(f"no {title!r} message within {WAIT_MS / 1000:.0f} s; the page showed {shown}; the app's log "
+                    f"ends:\n{log}")
     return message.inner_html()
 
 
@@ -329,6 +349,7 @@ def test_a_webcam_photo_is_checked_like_an_upload(page):
 
 def test_a_clip_recorded_with_the_webcam_is_checked_like_an_upload(page):
     """Recorded in the page (Chromium's fake camera: a test pattern), then checked as the driving clip."""
+    page.evaluate(COUNT_RECORDED_CHUNKS)
     page.get_by_text("Record a clip with the webcam").first.click()
     record = page.locator("#g-record")
     record.get_by_text("Click to Access Webcam").click()
@@ -338,7 +359,9 @@ def test_a_clip_recorded_with_the_webcam_is_checked_like_an_upload(page):
     start.click()
     stop = record.locator("[title='stop recording']")  # Gradio's icon while it records
     stop.wait_for(timeout=30_000)
-    page.wait_for_timeout(2000)
+    # Gradio's recorder makes the file from the chunks it has when stop is clicked: under load, a fixed wait
+    # could stop it before the first chunk came (an empty file, "Empty recording"), so wait for a second of video.
+    page.wait_for_function("window.recordedChunks >= 5", timeout=60_000)
     stop.click()
     text = assert_page_wording(read_toast(page, "No face found"), "No face found")
     assert "first (onset) frame of the driving clip" in text

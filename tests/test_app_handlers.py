@@ -43,6 +43,19 @@ def test_errors_name_the_uploaded_file_not_the_server_path(tmp_path):
         app.upload_path(None, "source face")
 
 
+def test_an_empty_webcam_recording_says_to_record_again(tmp_path):
+    """A browser that stops recording before its first chunk of video uploads an empty file (Gradio's recorder,
+    on a busy machine): the page says so and asks for a longer recording, not for an mp4 re-export."""
+    empty = tmp_path / "sample.webm"
+    empty.write_bytes(b"")
+    demo = app.Demo(Engine(device="cpu", landmarks="dlib"), app.Limits())
+    with pytest.raises(gr.Error) as caught:
+        app.user_errors(demo.use_recording)({"path": str(empty), "orig_name": "sample.webm"}, "dlib")
+    assert caught.value.title == "Empty recording"
+    assert "Record again" in caught.value.message and "mp4" not in caught.value.message
+    assert demo.use_recording(None) == gr.skip()  # the recording cleared: the driving clip is left as it is
+
+
 def awp_fixture():
     for folder in model_fixture_dirs():
         meta = fixture_meta(folder)
