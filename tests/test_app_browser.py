@@ -167,6 +167,11 @@ def assert_page_wording(html: str, title: str) -> str:
     return text
 
 
+def wait_for_camera(page, elem_id: str) -> None:
+    """Until the webcam's stream shows in #elem_id (Gradio captures nothing before it has a picture)."""
+    page.wait_for_function(f"document.querySelector('#{elem_id} video')?.videoWidth > 0", timeout=60_000)
+
+
 def assert_no_error_state(page, *elem_ids: str) -> None:
     """The panes show no red "Error" badge after a handled error."""
     page.wait_for_timeout(500)
@@ -342,7 +347,7 @@ def test_a_webcam_photo_is_checked_like_an_upload(page):
     source.get_by_text("Click to Access Webcam").click()
     capture = source.get_by_role("button", name="capture photo")
     capture.wait_for(timeout=30_000)
-    page.wait_for_timeout(1500)  # the stream starts
+    wait_for_camera(page, "g-source")
     capture.click()
     assert_page_wording(read_toast(page, "No face found"), "No face found")
 
@@ -355,7 +360,7 @@ def test_a_clip_recorded_with_the_webcam_is_checked_like_an_upload(page):
     record.get_by_text("Click to Access Webcam").click()
     start = record.get_by_role("button", name="start recording")
     start.wait_for(timeout=30_000)
-    page.wait_for_timeout(1500)  # the stream starts
+    wait_for_camera(page, "g-record")
     start.click()
     stop = record.locator("[title='stop recording']")  # Gradio's icon while it records
     stop.wait_for(timeout=30_000)
