@@ -53,6 +53,14 @@ COUNT_RECORDED_CHUNKS = """() => {
         }
     };
 }"""
+# A MediaRecorder whose chunks never reach the page's listeners (stopped before its first chunk).
+DROP_RECORDED_CHUNKS = """() => {
+    window.MediaRecorder = class extends window.MediaRecorder {
+        addEventListener(type, listener, options) {
+            if (type !== 'dataavailable') super.addEventListener(type, listener, options);
+        }
+    };
+}"""
 
 
 def chromium() -> Path:
@@ -350,6 +358,26 @@ def test_a_webcam_photo_is_checked_like_an_upload(page):
     wait_for_camera(page, "g-source")
     capture.click()
     assert_page_wording(read_toast(page, "No face found"), "No face found")
+
+
+def test_a_webcam_recording_stopped_before_any_video_says_to_record_again(page):
+    """A recorder that hands over no video before stop (a busy machine) uploads an empty file: the page says to
+    record again for longer, and the driving clip stays as it was."""
+    page.evaluate(DROP_RECORDED_CHUNKS)
+    page.get_by_text("Record a clip with the webcam").first.click()
+    record = page.locator("#g-record")
+    record.get_by_text("Click to Access Webcam").click()
+    start = record.get_by_role("button", name="start recording")
+    start.wait_for(timeout=30_000)
+    wait_for_camera(page, "g-record")
+    start.click()
+    stop = record.locator("[title='stop recording']")
+    stop.wait_for(timeout=30_000)
+    stop.click()
+    text = assert_page_wording(read_toast(page, "Empty recording"), "Empty recording")
+    assert "Record again" in text
+    expect(page.locator("#g-driving")).to_contain_text(CLIP.stem)  # the example clip is still the driving clip
+    assert_no_error_state(page, "g-record", "g-preview")
 
 
 def test_a_clip_recorded_with_the_webcam_is_checked_like_an_upload(page):
