@@ -360,29 +360,8 @@ def test_a_webcam_photo_is_checked_like_an_upload(page):
     assert_page_wording(read_toast(page, "No face found"), "No face found")
 
 
-def test_a_webcam_recording_stopped_before_any_video_says_to_record_again(page):
-    """A recorder that hands over no video before stop (a busy machine) uploads an empty file: the page says to
-    record again for longer, and the driving clip stays as it was."""
-    page.evaluate(DROP_RECORDED_CHUNKS)
-    page.get_by_text("Record a clip with the webcam").first.click()
-    record = page.locator("#g-record")
-    record.get_by_text("Click to Access Webcam").click()
-    start = record.get_by_role("button", name="start recording")
-    start.wait_for(timeout=30_000)
-    wait_for_camera(page, "g-record")
-    start.click()
-    stop = record.locator("[title='stop recording']")
-    stop.wait_for(timeout=30_000)
-    stop.click()
-    text = assert_page_wording(read_toast(page, "Empty recording"), "Empty recording")
-    assert "Record again" in text
-    expect(page.locator("#g-driving")).to_contain_text(CLIP.stem)  # the example clip is still the driving clip
-    assert_no_error_state(page, "g-record", "g-preview")
-
-
-def test_a_clip_recorded_with_the_webcam_is_checked_like_an_upload(page):
-    """Recorded in the page (Chromium's fake camera: a test pattern), then checked as the driving clip."""
-    page.evaluate(COUNT_RECORDED_CHUNKS)
+def start_recording(page):
+    """Start recording a driving clip with the webcam in the Generate tab; returns Gradio's stop control."""
     page.get_by_text("Record a clip with the webcam").first.click()
     record = page.locator("#g-record")
     record.get_by_text("Click to Access Webcam").click()
@@ -392,6 +371,24 @@ def test_a_clip_recorded_with_the_webcam_is_checked_like_an_upload(page):
     start.click()
     stop = record.locator("[title='stop recording']")  # Gradio's icon while it records
     stop.wait_for(timeout=30_000)
+    return stop
+
+
+def test_a_webcam_recording_stopped_before_any_video_says_to_record_again(page):
+    """A recorder that hands over no video before stop (a busy machine) uploads an empty file: the page says to
+    record again for longer, and the driving clip stays as it was."""
+    page.evaluate(DROP_RECORDED_CHUNKS)
+    start_recording(page).click()
+    text = assert_page_wording(read_toast(page, "Empty recording"), "Empty recording")
+    assert "Record again" in text
+    expect(page.locator("#g-driving")).to_contain_text(CLIP.stem)  # the example clip is still the driving clip
+    assert_no_error_state(page, "g-record", "g-preview")
+
+
+def test_a_clip_recorded_with_the_webcam_is_checked_like_an_upload(page):
+    """Recorded in the page (Chromium's fake camera: a test pattern), then checked as the driving clip."""
+    page.evaluate(COUNT_RECORDED_CHUNKS)
+    stop = start_recording(page)
     # Gradio's recorder makes the file from the chunks it has when stop is clicked: under load, a fixed wait
     # could stop it before the first chunk came (an empty file, "Empty recording"), so wait for a second of video.
     page.wait_for_function("window.recordedChunks >= 5", timeout=60_000)
