@@ -579,16 +579,21 @@ def format_table(report: dict[str, Any]) -> str:
 # ---- training-free generators, end to end ---------------------------------------------------------------
 
 TRAINING_FREE = ("dense", "dense-geometry", "warp")
+TIMING_WINDOW_S = 2.0  # seconds each training-free variant animates the clip for in a repeat (`training_free`)
 
 
 def training_free(variants: Sequence[str] = TRAINING_FREE, data: Path | None = None, frames: int | None = None,
                   repeats: int = 3, reference: str = "warp", log: Callable[[str], None] = lambda message: None,
-                  source: Path | None = None, driving: Path | None = None) -> dict[str, Any]:
+                  source: Path | None = None, driving: Path | None = None,
+                  window: float = TIMING_WINDOW_S) -> dict[str, Any]:
     """The training-free generators end to end through `Engine.animate` (face crops, landmarks or mesh, motion,
     rendering) on the same face and clip, in one run, alternating their order between repeats (other
     processes share the machine); per variant the medians of its ms per frame, per stage and end to end, and
-    the ratio of `reference`'s end-to-end time to its own in each repeat (median). The face and clip: `source`
-    and `driving` where given, else the first of `data`'s faces and clips, else a synthetic swaying face."""
+    the ratio of `reference`'s end-to-end time to its own in each repeat (median). In a repeat each variant
+    animates the clip as many times as fill `window` seconds (at least once) and its times are their means: a
+    fast variant is timed over as long a stretch as a slow one, on machines whose speed swings from second to
+    second. The face and clip: `source` and `driving` where given, else the first of `data`'s faces and clips,
+    else a synthetic swaying face."""
     clip_path = driving or _first_clip(data)
     faces = sorted(p for p in (data / "faces").iterdir() if p.suffix.lower() in video.IMAGE_EXTENSIONS) \
         if data is not None and (data / "faces").is_dir() else []
@@ -617,8 +622,10 @@ def training_free(variants: Sequence[str] = TRAINING_FREE, data: Path | None = N
     times: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
     for r in range(repeats):
         for variant in (variants if r % 2 == 0 else variants[::-1]):
-            result = engine.animate(picture, clip_frames, variant=variant, fps=fps)
-            times[variant].append(result.timings)
+            runs, start = [], time.perf_counter()
+            while not runs or time.perf_counter() - start < window:
+                runs.append(engine.animate(picture, clip_frames, variant=variant, fps=fps).timings)
+            times[variant].append({key: sum(run.get(key, 0.0) for run in runs) / len(runs) for key in runs[0]})
         log(f"repeat {r + 1}/{repeats}: " + ", ".join(f"{v} {1000 * t[-1]['total_s'] / len(clip_frames):.0f} ms/frame"
                                                      for v, t in times.items()))
     rows = []
@@ -629,7 +636,7 @@ def training_free(variants: Sequence[str] = TRAINING_FREE, data: Path | None = N
         rows.append({"variant": variant, "ms_per_frame": per_frame, "speedup_vs": {reference: _median(ratios)},
                      "speedup_range": [min(ratios), max(ratios)]})
     return {"machine": machine(torch.device("cpu")), "inputs": origin, "frames": len(clip_frames), "repeats": repeats,
-            "reference": reference, "rows": rows}
+            "window_s": window, "reference": reference, "rows": rows}
 
 
 def format_training_free(report: dict[str, Any]) -> str:
@@ -637,8 +644,9 @@ def format_training_free(report: dict[str, Any]) -> str:
     lines = [f"Machine: {m.get('cpu', platform.processor())}, {m['cpu_count']} cores, torch {m['torch']}"
              + (f", load average {m['load_average']}" if "load_average" in m else ""),
              f"Inputs: {report['inputs']}; {report['frames']} frames at 256 x 256, {report['repeats']} repeats "
-             "(medians), end to end through Engine.animate; speed-up: the median of each repeat's ratio, the two "
-             "run side by side", "",
+             f"(medians; in each, every variant animates the clip for at least {report['window_s']:g} s, its runs "
+             "averaged), end to end through Engine.animate; speed-up: the median of each repeat's ratio, the two run "
+             "side by side", "",
              f"| variant | read | face crops + landmarks / mesh | generator | end-to-end ms/frame | speed-up vs {reference} "
              "| (range over repeats) |",
              "|---|--:|--:|--:|--:|--:|--:|"]
@@ -692,6 +700,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     bench.add_argument("--driving", type=Path, default=None,
                        help="with --training-free: the driving clip, any format the engine reads (default: the first "
                             "of --data's clips)")
+    bench.add_argument("--window", type=float, default=TIMING_WINDOW_S,
+                       help="with --training-free: seconds each variant animates the clip for in a repeat (runs "
+                            f"averaged, at least one; default {TIMING_WINDOW_S:g})")
     bench.set_defaults(func=main)
 
 
@@ -706,7 +717,7 @@ def main(args: argparse.Namespace) -> int:
             else list(TRAINING_FREE)
         report = training_free(chosen or list(TRAINING_FREE), data=args.data, frames=args.frames, repeats=args.repeats,
                                log=lambda message: print(message, flush=True), source=args.source,
-                               driving=args.driving)
+                               driving=args.driving, window=args.window)
         print(format_training_free(report))
         if args.json is not None:
             args.json.write_text(json.dumps(report, indent=2, default=float))

@@ -167,14 +167,39 @@ def test_training_free_bench_times_any_face_and_clip(tmp_path, capsys):
     examples = REPO / "examples"
     report = tmp_path / "report.json"
     assert cli(["bench", "--training-free", "--source", str(examples / "astronaut.png"), "--driving",
-                str(examples / "brow_raise.mp4"), "--frames", "6", "--repeats", "1", "--json", str(report)]) == 0
+                str(examples / "brow_raise.mp4"), "--frames", "6", "--repeats", "1", "--window", "0",
+                "--json", str(report)]) == 0
     out = capsys.readouterr().out
     assert "brow_raise.mp4 (12 frames of 256 x 256) driving astronaut.png (224 x 224)" in out
+    assert "for at least 0 s" in out and json.loads(report.read_text())["window_s"] == 0
     rows = {row["variant"]: row for row in json.loads(report.read_text())["rows"]}
     assert set(rows) == {"dense", "dense-geometry", "warp"} and json.loads(report.read_text())["frames"] == 6
     assert rows["warp"]["speedup_vs"]["warp"] == 1.0 and all(r["ms_per_frame"]["total"] > 0 for r in rows.values())
     low, high = rows["dense"]["speedup_range"]  # each repeat's ratio, around their median
     assert 0 < low <= rows["dense"]["speedup_vs"]["warp"] <= high and "(range over repeats)" in out
+
+
+def test_training_free_bench_times_each_variant_over_the_same_stretch(monkeypatch):
+    """In a repeat every variant animates the clip until `window` seconds have passed (the fast one several
+    times, the slow one at least once) and its times are the means of its runs."""
+    calls: dict[str, list[float]] = {}
+    animate = Engine.animate
+
+    def counted(self, *args, variant="dense", **kwargs):
+        result = animate(self, *args, variant=variant, **kwargs)
+        calls.setdefault(variant, []).append(result.timings["total_s"])
+        return result
+
+    monkeypatch.setattr(Engine, "animate", counted)
+    examples = REPO / "examples"
+    report = bench.training_free(["dense"], frames=4, repeats=1, window=1.0, source=examples / "astronaut.png",
+                                 driving=examples / "brow_raise.mp4")
+    runs = {variant: times[1:] for variant, times in calls.items()}  # (the first call of each: its warm-up)
+    assert set(runs) == {"dense", "warp"} and len(runs["warp"]) >= 1 and len(runs["dense"]) > 1
+    for row in report["rows"]:
+        assert row["ms_per_frame"]["total"] == pytest.approx(1000 * np.mean(runs[row["variant"]]) / 4)
+    for times in runs.values():  # each stopped once its runs had filled the window
+        assert sum(times[:-1]) < 1.0
 
 
 def test_channels_last_fast_path_equals_contiguous(inputs):
