@@ -250,7 +250,6 @@ def _without_delegate_notice() -> Iterator[None]:
         except OSError:  # no file descriptor 2 (a process started without one), or no temporary file (read-only)
             if saved is not None:
                 os.close(saved)
-            capture = None
         if capture is None:
             yield
             return
