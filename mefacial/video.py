@@ -763,16 +763,13 @@ def _blur_radius(sigma: float) -> int:
 
 
 def _blurred(image: np.ndarray, sigma: float) -> np.ndarray:
-    """OpenCV's Gaussian blur of an h x w x 3 uint8 image (reflected at its borders, `_blur_radius`); a tall,
-    narrow one (a band along a side) is blurred transposed: the same values (OpenCV's 8-bit blur is exact
-    fixed-point arithmetic), in half the time."""
+    """OpenCV's Gaussian blur of an h x w x 3 uint8 image (reflected at its borders, `_blur_radius`), in float32,
+    rounded (4-5x faster than its 8-bit fixed-point blur at these kernel sizes, and within 1 grey level of it)."""
     import cv2
 
     size = 2 * _blur_radius(sigma) + 1
-    if image.shape[0] <= image.shape[1]:
-        return cv2.GaussianBlur(image, (size, size), sigma, borderType=cv2.BORDER_REFLECT)
-    flipped = np.ascontiguousarray(image.transpose(1, 0, 2))
-    return cv2.GaussianBlur(flipped, (size, size), sigma, borderType=cv2.BORDER_REFLECT).transpose(1, 0, 2)
+    blurred = cv2.GaussianBlur(image.astype(np.float32), (size, size), sigma, borderType=cv2.BORDER_REFLECT)
+    return cv2.convertScaleAbs(blurred)  # (rounded half to even; the blur of 0..255 stays in range)
 
 
 def _resize(frames: np.ndarray, size: int | tuple[int, int]) -> torch.Tensor:
@@ -826,8 +823,7 @@ def _resize_uint8(frames: np.ndarray, size: int | tuple[int, int]) -> np.ndarray
     out = np.empty((len(frames), *size, frames.shape[-1]), np.uint8)
     for frame, target in zip(frames, out):
         enlarged = cv2.resize(frame.astype(np.float32), (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
-        np.clip(np.rint(enlarged, out=enlarged), 0, 255, out=enlarged)
-        target[...] = enlarged.reshape(target.shape)
+        cv2.convertScaleAbs(enlarged.reshape(target.shape), dst=target)  # rounded half to even (values in 0..255)
     return out
 
 

@@ -363,7 +363,10 @@ def test_soft_pad_blends_the_blur_of_the_whole_frame(pad):
     outside = np.maximum(outside, np.maximum(np.maximum(left - xs, xs - (left + width - 1)), 0)[None])  # px past
     weight = np.clip(outside / max(4.0, 0.05 * max(height, width)), 0, 1)[..., None]
     for got, mirror in zip(out, mirrored):
-        blurred = cv2.GaussianBlur(mirror, (0, 0), max(2.0, 0.04 * max(height, width)), borderType=cv2.BORDER_REFLECT)
+        sigma = max(2.0, 0.04 * max(height, width))
+        size = int(round(6 * sigma + 1)) | 1  # (the kernel cut at 3 sigma, as OpenCV chooses it for 8-bit images)
+        blurred = cv2.GaussianBlur(mirror.astype(np.float32), (size, size), sigma, borderType=cv2.BORDER_REFLECT)
+        blurred = np.rint(blurred)  # (the blur is rounded before it is blended)
         expected = np.rint(mirror * (1 - weight) + blurred * weight).astype(np.uint8)
         assert np.array_equal(got, expected)
     assert np.array_equal(out[:, top:top + height, left:left + width], frames)
