@@ -226,7 +226,9 @@ def run(cfg: TrainConfig, data_dir: str | Path | None = None, out_dir: str | Pat
     """Train `cfg`; returns the run summary (also written to `<out>/summary.json` by rank 0)."""
     ctx = setup_distributed(cfg.runtime.device)
     try:
-        return _run(cfg, ctx, data_dir, out_dir, max_steps, resume, init)
+        summary = _run(cfg, ctx, data_dir, out_dir, max_steps, resume, init)
+        ctx.barrier()  # every rank done (rank 0 writes the summary last) before any of them shuts the group down
+        return summary
     finally:
         teardown_distributed(ctx)
 
