@@ -38,8 +38,9 @@ For a target (source) face S and a driving clip D_0 .. D_T-1 (all with their
    shading) as an expression-ratio image on luminance: each driving frame is
    aligned to the onset frame through the mesh (the same triangles map target
    pixels to driving pixels), their luminance ratio is smoothed, normalised by its
-   median over the face (no global flicker), masked to the face outside the lids (whose
-   change the layered geometry draws), magnified where it stands out of the frame's noise and is fine (furrows,
+   median over the face (no global flicker), kept whole only beyond what the onset's own pixels within
+   MISALIGNMENT give (the tracker's error is no shading: of it, MISALIGNED_SHADING stays), masked to the
+   face outside the lids (whose change the layered geometry draws), magnified where it stands out of the frame's noise and is fine (furrows,
    not the light or the head's pose: `_magnified_shading`, by at most MAGNIFIED_SHADING) and bounded to
    exp(+-ratio_bound); the target's RGB is multiplied by it, so colour and identity
    stay the target's.
@@ -104,7 +105,8 @@ LID_RIM = 0.25  # x the source's eye aperture: the band inside each drawn lid ma
 SMOOTHING = 3  # rounds of neighbour averaging of the extra motion `magnify` adds (see `_smoothed`)
 FOLD_FLOOR = 0.3  # magnified motion squashes no triangle of the face below this share of its area (see `_unfolded`)
 FINE_SHADING = 0.06  # x the inter-ocular distance: the Gaussian sigma parting fine shading from broad
-MISALIGNMENT = 1.0  # px: the tracking error between a clip's frames that magnified shading allows for at its edges
+MISALIGNMENT = 2.0  # px: the mesh's tracking error between a clip's frames, which the ratio images allow for
+MISALIGNED_SHADING = 0.03  # log luminance: how much of what a misalignment explains the ratio images keep (below)
 MAGNIFIED_SHADING = 0.1  # log luminance: the most `magnify` adds to (or takes from) the driving's shading change
 SUPERSAMPLE = 4  # eye-opening masks are drawn at 4x and averaged (anti-aliased edges)
 
@@ -156,7 +158,7 @@ class DenseState:
     pixel_units: torch.Tensor | None = None  # H x W x 2: the same in grid_sample units (align_corners=False)
     grid_points: torch.Tensor | None = None  # 1 x 2 x h x w: the coarse grid's points (x, y), pixels (CPU)
     onset_luma: torch.Tensor | None = None  # 1 x 1 x h x w: the onset frame's luminance on the grid, blurred
-    onset_edges: torch.Tensor | None = None  # 1 x 1 x h x w: |gradient| of its log, per pixel (`_magnified_shading`)
+    misaligned: torch.Tensor | None = None  # 2 x 1 x h x w: the least and most log ratio a misalignment gives there
     source_eyes: torch.Tensor | None = None  # 1 x 4 x H x W: the source and its eye openings (the eyeball layer's)
 
     def __getattr__(self, name: str) -> Any:
@@ -880,40 +882,58 @@ class DenseMeshWarp(nn.Module):
         face = state.face_points
         if len(face):  # no global brightness change: the face's median ratio is 1
             log_ratio.sub_(_lower_median(log_ratio.flatten(1), face).view(-1, 1, 1, 1).to(log_ratio))
+        noise = self._noise(state, log_ratio) if magnify > 1 else None  # (measured with the misalignment in)
+        # what the onset's own pixels within MISALIGNMENT of a node would give there is the tracker's error, not
+        # shading: the driving's edges 1-2 px off its mesh, hair that does not move with the skin below it (kept
+        # whole, it painted light and dark lines of the driving face's brows, nose, lips and hairline onto the
+        # target). Of it only MISALIGNED_SHADING is kept, unmagnified: what the sub-pixel motion the mesh missed
+        # makes of a facial edge (a 0.5 px shift of a 0.4 log step under the 2.5 px blur), which carries that motion
+        if state.misaligned is None:
+            log_onset = (state.onset_luma + RATIO_EPS).log()
+            reach = max(1, round(MISALIGNMENT / self.grid_step))  # in grid nodes
+            lowest = -F.max_pool2d(-log_onset, 2 * reach + 1, stride=1, padding=reach)
+            highest = F.max_pool2d(log_onset, 2 * reach + 1, stride=1, padding=reach)
+            state.misaligned = torch.cat([lowest, highest]) - log_onset
+        low, high = state.misaligned.to(log_ratio)
+        explained = torch.clamp(log_ratio, low, high)
+        log_ratio.sub_(explained)  # shading: the part beyond what a misalignment gives
         # where the driving face has drifted past its frame's border, the frame holds no skin to compare: no ratio
         mesh = drv[:, :M.NUM_MESH]  # the triangles' corners: grid points lie between them
         if (mesh < 0).any() or (mesh > [width - 1, height - 1]).any():
             seen = (at[..., 0].abs() <= 1 - 1 / width) & (at[..., 1].abs() <= 1 - 1 / height)  # T x h x w: within the pixels
             mask = mask * seen[:, None].to(log_ratio)
         if magnify > 1:
-            log_ratio = self._magnified_shading(state, log_ratio, magnify)
-        elif magnify < 1:
+            log_ratio = self._magnified_shading(state, log_ratio, magnify, noise)
+        log_ratio.add_(explained.clamp_(-MISALIGNED_SHADING, MISALIGNED_SHADING))
+        if magnify < 1:
             log_ratio.mul_(magnify)
         # the renderer samples the ratios where the skin comes from (bilinear)
         return log_ratio.mul_(mask).clamp_(-self.ratio_bound, self.ratio_bound).exp_()
 
-    def _magnified_shading(self, state: DenseState, log_ratio: torch.Tensor, magnify: float) -> torch.Tensor:
-        """T x 1 x h x w log ratios whose fine part (furrows, creases: under FINE_SHADING x the inter-ocular
-        distance across), where it stands out of the frame's noise (3 sigma, estimated from its median absolute
-        value over the face), grows `magnify` times, the excess bent (tanh) to at most MAGNIFIED_SHADING; the
-        broad part (the head's pose under the light, a drifting light) and the noise (camera grain, a clip's
-        dithering, sub-pixel misalignment) keep their faithful strength: magnified, they shaded real clips' faces
-        in patches and bands."""
+    def _fine(self, state: DenseState, log_ratio: torch.Tensor) -> torch.Tensor:
+        """The fine part of T x 1 x h x w log ratios: under FINE_SHADING x the inter-ocular distance across."""
         sigma = FINE_SHADING * float(M.inter_ocular(state.source_mesh)) / self.grid_step
         weight = state.face_mask.to(log_ratio)  # 1 x 1 x h x w: the face, where the ratios mean something
-        broad = _blur(log_ratio * weight, sigma) / _blur(weight, sigma).clamp_min(1e-3)
-        fine = log_ratio - broad
-        if state.onset_edges is None:  # 1 x 1 x h x w: how fast the onset's log luminance changes, per pixel
-            log_onset = (state.onset_luma + RATIO_EPS).log()
-            dy, dx = torch.gradient(log_onset[0, 0], spacing=float(self.grid_step))
-            state.onset_edges = torch.hypot(dx, dy)[None, None]
-        # what stands out of the frame's noise (3 x its MAD-estimated sigma over the face) and of what a
-        # MISALIGNMENT would make of the clip's own edges (brows, nostrils, lips, the jaw line) grows
-        threshold = MISALIGNMENT * state.onset_edges.to(fine)
+        return log_ratio - _blur(log_ratio * weight, sigma) / _blur(weight, sigma).clamp_min(1e-3)
+
+    def _noise(self, state: DenseState, log_ratio: torch.Tensor) -> torch.Tensor | None:
+        """T x 1 x 1 x 1: each frame's noise in its log ratios, 3 sigma estimated from the median absolute value of
+        their fine part over the face (the camera's grain, a clip's dithering); None where no grid node is face."""
         face = state.face_points
-        if len(face):
-            threshold = threshold + 3 * 1.4826 * _lower_median(fine.abs().flatten(1), face).view(-1, 1, 1, 1).to(fine)
-        fine = fine.sign() * (fine.abs() - threshold).clamp_min(0)
+        if not len(face):
+            return None
+        return 3 * 1.4826 * _lower_median(self._fine(state, log_ratio).abs().flatten(1), face).view(-1, 1, 1, 1).to(
+            log_ratio)
+
+    def _magnified_shading(self, state: DenseState, log_ratio: torch.Tensor, magnify: float,
+                           noise: torch.Tensor | None) -> torch.Tensor:
+        """T x 1 x h x w log ratios whose fine part (furrows, creases), where it stands out of the frame's `noise`
+        (`_noise`), grows `magnify` times, the excess bent (tanh) to at most MAGNIFIED_SHADING; the broad part
+        (the head's pose under the light, a drifting light) and the noise (camera grain, a clip's dithering) keep
+        their faithful strength: magnified, they shaded real clips' faces in patches and bands."""
+        fine = self._fine(state, log_ratio)
+        if noise is not None:
+            fine = fine.sign() * (fine.abs() - noise).clamp_min(0)
         return log_ratio.add_(torch.tanh(fine * ((magnify - 1) / MAGNIFIED_SHADING)).mul_(MAGNIFIED_SHADING))
 
     def render(self, state: DenseState, target_mesh: np.ndarray, appearance: torch.Tensor | None = None,
