@@ -40,8 +40,9 @@ For a target (source) face S and a driving clip D_0 .. D_T-1 (all with their
    pixels to driving pixels), their luminance ratio is smoothed, normalised by its
    median over the face (no global flicker), kept whole only beyond what the onset's own pixels within
    MISALIGNMENT give (the tracker's error is no shading: of it, MISALIGNED_SHADING stays), masked to the
-   face outside the lids (whose change the layered geometry draws), magnified where it stands out of the frame's noise and is fine (furrows,
-   not the light or the head's pose: `_magnified_shading`, by at most MAGNIFIED_SHADING) and bounded to
+   face outside the lids (whose change the layered geometry draws), magnified where it stands out of the
+   frame's noise and is fine (furrows, not the light or the head's pose: `_magnified_shading`, by at most
+   MAGNIFIED_SHADING) and bounded to
    exp(+-ratio_bound); the target's RGB is multiplied by it, so colour and identity
    stay the target's.
 
