@@ -777,6 +777,32 @@ def test_appearance_transfer_is_bounded_and_keeps_the_colour(loose_face):
     assert (brighter["ratio"] - 1).abs().mean() < 0.02
 
 
+def test_shading_keeps_the_hue_of_a_highlight(loose_face):
+    """A ratio that brightens a pixel past 1 in one channel scales R, G and B alike (the brightest reaches 1): the
+    pixel keeps the source's hue and stays as bright as it can (a clamp per channel turned a bright skin tone
+    yellower, up to 17 grey levels in one channel on the astronaut driven by the shared clips)."""
+    image, points = loose_face
+    model = _model()
+    source = _tensor(image)
+    state = model.prepare(source, points, points, source)
+    ratio = float(np.exp(model.ratio_bound))  # the brightest shading there is
+    out = model.render(state, points[None], torch.full((1, 1, *source.shape[-2:]), ratio))
+    prediction, (top, left) = out["prediction"], out["eye_box"]
+    outside_eyes = torch.ones_like(prediction[:, :1], dtype=torch.bool)
+    outside_eyes[..., top:top + out["eye_layer"].shape[-2], left:left + out["eye_layer"].shape[-1]] = False
+    past_one = (source * ratio).amax(1, keepdim=True) > 1.0
+    darkest = source.amin(1, keepdim=True)
+    coloured = (source.amax(1, keepdim=True) - darkest > 0.15) & (darkest > 0.1)
+    highlights = past_one & coloured & outside_eyes
+    assert highlights.sum() > 200, "the astronaut has bright coloured pixels to test on"
+    chroma = lambda x: x / x.sum(1, keepdim=True)  # noqa: E731
+    assert (chroma(prediction) - chroma(source)).abs().masked_select(highlights).max() < 0.005
+    assert prediction.amax(1, keepdim=True).masked_select(highlights).min() > 0.999  # as bright as it can be
+    unclipped = ~past_one & outside_eyes
+    assert torch.allclose(prediction.masked_select(unclipped.expand_as(prediction)),
+                          (source * ratio).masked_select(unclipped.expand_as(source)), atol=1e-4)
+
+
 @pytest.fixture(scope="module")
 def clip_meshes():
     """The face meshes of two shared clips at 256 px: 022_3_3 (the lips pressed and moved) and s3_po_05 (the eyes

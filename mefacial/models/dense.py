@@ -43,8 +43,8 @@ For a target (source) face S and a driving clip D_0 .. D_T-1 (all with their
    face outside the lids (whose change the layered geometry draws), magnified where it stands out of the
    frame's noise and is fine (furrows, not the light or the head's pose: `_magnified_shading`, by at most
    MAGNIFIED_SHADING) and bounded to
-   exp(+-ratio_bound); the target's RGB is multiplied by it, so colour and identity
-   stay the target's.
+   exp(+-ratio_bound); the target's RGB is multiplied by it (all three scaled back alike where one would pass
+   1), so colour and identity stay the target's.
 
 Options (config `model_params` or keyword arguments): grid_step (px), ring_scale
 (the still ring around the face oval), ratio_bound, ratio_blur (px), appearance
@@ -972,7 +972,10 @@ class DenseMeshWarp(nn.Module):
             bound = float(np.exp(self.ratio_bound))
             shading = F.grid_sample(appearance.to(device).float().clamp(1 / bound, bound), skin, mode="bilinear",
                                     padding_mode="border", align_corners=False)  # T x 1 x H x W
-            prediction = prediction.mul_(shading).clamp_(0, 1)
+            # shaded, the brightest channel at most 1: R, G and B scaled alike where one would pass 1, so a
+            # highlight keeps its hue (a clamp per channel shifted it)
+            prediction = prediction.mul_(shading)
+            prediction = prediction.div_(prediction.amax(1, keepdim=True).clamp_(min=1))
         # the eyeball layer, drawn in the eyes' box only: inside the target eye opening beyond the lids' rims (and
         # where the eyeball was), the source moved by the iris motion alone
         source = state.source_mesh
