@@ -690,8 +690,8 @@ def action_units_tab(demo: "Demo", default_face: str | None, blocks: gr.Blocks) 
                     a_magnify = gr.Slider(0.5, 5, value=1, step=0.5, label="Magnification (1 = as specified)")
                     a_slowdown = gr.Slider(1, 20, value=10, step=1, label="Playback: slow down by (1 = real time)")
                     a_appearance = gr.Checkbox(True, label="Appearance (furrows, lash line, mouth opening)")
-                a_timing = gr.Image(label="Timing preview (each AU's activation over time)", interactive=False,
-                                    type="filepath", height=200, elem_id="a-timing")
+                a_timing = gr.Image(label="Timing preview (each AU's activation over time)", show_label=False,
+                                    interactive=False, type="filepath", elem_id="a-timing")  # (its title says it)
                 a_button = gr.Button("Synthesise", variant="primary", elem_id="a-button")
             with gr.Column(scale=1):
                 a_result = gr.Video(label="Result", interactive=False, autoplay=True, loop=True, height=320,

@@ -174,8 +174,11 @@ def plot(motion: RegionMotion, path: str | Path | None = None, *, title: str = "
     for k, region in enumerate(motion.regions):
         colour = COLOURS.get(region, PALETTE[k % len(PALETTE)])
         line = [px(float(t), float(v)) for t, v in zip(times, motion.magnitude[:, k])]
+        # a curve that a later one covers (two AUs at the same intensity) is drawn wider, so its edges show
+        covered = any(np.abs(motion.magnitude[:, k] - motion.magnitude[:, j]).max() < 0.005 * v_max
+                      for j in range(k + 1, len(motion.regions)))
         if len(line) > 1:
-            draw.line(line, fill=colour, width=2)
+            draw.line(line, fill=colour, width=6 if covered else 2)
         ly = y0 + 4 + 14 * k
         draw.line([(x1 + 8, ly + 6), (x1 + 24, ly + 6)], fill=colour, width=3)
         draw.text((x1 + 28, ly), region.replace("_", " "), fill=(30, 30, 30), font=font)
@@ -197,8 +200,8 @@ def plot_plan(plan, path: str | Path | None = None) -> np.ndarray:
                           plan.fps)
     first = min(a for a, _ in plan.apex_frames)
     last = max(b for _, b in plan.apex_frames)
-    return plot(curves, path, title=f"{au_lib.describe(plan.specs)}: timing ({plan.num_frames} frames at "
-                f"{plan.fps:g} fps); activation, % of maximum", v_max=100.0,
+    return plot(curves, path, title=f"Timing of {au_lib.describe(plan.specs)} ({plan.num_frames} frames at "
+                f"{plan.fps:g} fps): each AU's activation, % of its maximum", v_max=100.0,
                 marks={"apex": 1000 * first / plan.fps, "apex end": 1000 * last / plan.fps})
 
 

@@ -229,6 +229,21 @@ def test_readout_ignores_head_motion_and_finds_the_moved_region(meshes):
     assert image.shape == (360, 640, 3) and image.dtype == np.uint8
 
 
+def test_the_timing_plot_shows_two_aus_of_the_same_intensity():
+    """AU1C + AU2C (the surprise preset's brows) have the same activation curve: the first is drawn wider under the
+    second, so both colours show on the plot (the second used to hide the first)."""
+    from mefacial import readout
+
+    image = readout.plot_plan(au.plan("1:C,2:C,5:B", TIMING))
+    inside = image[30:-40, 60:-140].reshape(-1, 3)  # the plot area, without the legend
+
+    def shows(colour) -> int:
+        return int((np.abs(inside.astype(int) - colour).sum(1) < 30).sum())
+
+    first, second, third = readout.PALETTE[:3]
+    assert shows(first) > 100 and shows(second) > 100 and shows(third) > 100
+
+
 @pytest.mark.slow
 def test_synthesize_end_to_end(tmp_path, dlib_searches):
     """Engine.synthesize: the clip spans the event, frame 0 is the neutral face, the moved region is what a fresh
