@@ -29,7 +29,9 @@ astronaut) by squints synthesised from FACS AUs on the other (`Engine.synthesize
 the eye narrowing at the driving's apex, output / driving, by dlib and by the face mesh; --magnify-grid writes
 each clip's apex driving the astronaut at magnify 1, 2, 3 and 5 (docs/dense-magnify.jpg); --lid-readback draws each
 face's lids (the two faces, and the clips' onset frames) as `dense` draws an eye read at a share r of its aperture and
-reads them back with both detectors (`lid_readback`). With --transparency, the dense renderer draws the driving's apex (of each clip, on the shared face) and
+reads them back with both detectors (`lid_readback`); --by-direction splits the share of motion carried over into its
+horizontal and vertical parts, read by dlib and by the mesh's 68 equivalents (`MESH_68`, the same AU-point score),
+with the inner and outer eye-corner distances at the driving's eye apex (`by_direction`). With --transparency, the dense renderer draws the driving's apex (of each clip, on the shared face) and
 the source unmoved; dlib's 68 points and the face mesh are re-detected on both, and the motion they read is
 compared with the motion the target mesh asks for (at dlib's points: their barycentric place in the source
 mesh, moved with it), in % of the inter-ocular distance: overall, the eyes' points across (x), and the
@@ -97,7 +99,12 @@ def main() -> None:
                              "(JPEG) into this folder")
     parser.add_argument("--lid-readback", action="store_true",
                         help="only draw each face's lids at known apertures and read them back")
+    parser.add_argument("--by-direction", action="store_true",
+                        help="only split the motion carried over into horizontal and vertical parts, by both readers")
     args = parser.parse_args()
+    if args.by_direction:
+        by_direction(args.data)
+        return
     if args.magnify_grid is not None:
         magnify_grid(args.data, args.magnify_grid)
         return
@@ -227,6 +234,66 @@ def cross_faces(data: Path, engine, settings, landmarks) -> None:
                 lines.append(f"| {face_name} | {clip_name} | {variant} | " + " | ".join(map(fmt, scores)) + " |")
                 print(lines[-1], flush=True)
     print("\n".join(lines))
+
+
+def by_direction(data: Path) -> None:
+    """Each clip driving the shared face (dense, warp): the share of the driving's AU-point motion carried over
+    (`metrics.score_motion_transfer`'s gain) split into its horizontal (x) and vertical (y) parts, which add up to
+    it, read by dlib and by the face mesh's 68 equivalents (`MESH_68`, tracks smoothed), on dlib's scored frames;
+    the horizontal share of the driving's own motion; and the distance between the eyes' inner corners (dlib
+    39-42, mesh 133-362) and outer corners (36-45, 33-263) at the driving's eye apex, over the onset's."""
+    from mefacial import Engine
+    from mefacial import mesh as M
+    from mefacial.evaluate import EvalSettings, landmark_finder
+    from mefacial.landmarks import smooth_tracks
+    from mefacial.metrics import interocular_distance, motion_frames
+    from mefacial.prior import au_points_from_landmarks
+    from mefacial.video import read_clip
+
+    engine = Engine(device="cpu", landmarks="dlib")
+    settings = EvalSettings(landmarks="dlib")
+    landmarks = landmark_finder("dlib", engine.device)
+    face = data / "faces" / "asian_female.png"
+    corners = {"dlib": ((39, 42), (36, 45)), "mesh": ((133, 362), (33, 263))}
+
+    def motion(points: np.ndarray, mask: torch.Tensor) -> torch.Tensor:  # T x 68 x 2 -> scored frames x 18 x 2
+        points = torch.from_numpy(np.asarray(points, np.float64))
+        au = au_points_from_landmarks(points)
+        return ((au - au[:1]) / interocular_distance(points[0]))[mask]
+
+    print("| clip | reader | driving's horizontal share | method | carried | horizontal part | vertical part | "
+          "inner corners at apex | outer corners at apex |\n| --- | --- | --: | --- | --: | --: | --: | --: | --: |")
+    for clip_path in sorted((data / "driving").glob("*.gif")):
+        clip = read_clip(clip_path)
+        results = {v: engine.animate(face, clip.frames, variant=v, options=settings.animate_options())
+                   for v in ("dense", "warp")}
+        driving_frames = results["dense"].model_driving
+        drv68 = landmarks(driving_frames)
+        mask = motion_frames(torch.from_numpy(drv68).float(), settings.min_motion)
+        apex = int(np.argmin(eye_aperture68(drv68)))
+        for reader in ("dlib", "mesh"):
+            def read(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # (68 points, the reader's own)
+                if reader == "dlib":
+                    points = landmarks(frames)
+                    return points, points
+                tracks = smooth_tracks(M.detect_mesh(frames, allow_missing=True))
+                return tracks[:, M.MESH_68], tracks
+
+            def spans(own: np.ndarray) -> str:  # the corner distances at the apex over the onset's
+                span = lambda a, b: np.linalg.norm(own[:, b] - own[:, a], axis=-1)  # noqa: E731
+                return " | ".join(fmt(span(a, b)[apex] / span(a, b)[0]) for a, b in corners[reader])
+
+            points, own = read(driving_frames)
+            drv = motion(points, mask)
+            total = drv.square().sum()
+            horizontal = float(drv[..., 0].square().sum() / total)
+            print(f"| {clip_path.stem} | {reader} | {fmt(horizontal)} | driving | | | | {spans(own)} |")
+            for variant, result in results.items():
+                points, own = read(result.frames)
+                gen = motion(points, mask)
+                parts = [float((gen[..., k] * drv[..., k]).sum() / total) for k in (0, 1)]
+                print(f"| {clip_path.stem} | {reader} | | {variant} | {fmt(sum(parts))} | {fmt(parts[0])} | "
+                      f"{fmt(parts[1])} | {spans(own)} |", flush=True)
 
 
 SQUINTS = ("6:E,7:E", "7:E", "43:C")  # AU specifications of the synthesised driving clips
