@@ -643,6 +643,28 @@ def half_closed_face(tight_face):
     return half, M.detect_mesh(half, role="source")[0]
 
 
+def test_a_closed_eye_shows_no_catch_light_where_the_lid_contour_lies_on_the_eyeball(tight_face):
+    """Where the mesh's upper-lid contour lies on the eyeball's edge (a hooded or an older lid: on a portrait of
+    Grace Hopper the catch-lights sit right under it), the closing lid's margin was drawn from there: the
+    catch-lights came down with it, as two bright dots in the closed eye's lash line. Here catch-lights are painted
+    under the contour (within a pixel) and the eyes closed: no bright pixel is left in the eyes' box, while the
+    open eye keeps them."""
+    image, points = tight_face
+    painted = image.copy()
+    for upper, lower in ((M.RIGHT_EYE_UPPER, M.RIGHT_EYE_LOWER), (M.LEFT_EYE_UPPER, M.LEFT_EYE_LOWER)):
+        for k in (3, 5):
+            x, y = points[upper[k]] + 0.6 * (points[lower[k]] - points[upper[k]]) / np.linalg.norm(
+                points[lower[k]] - points[upper[k]])  # 0.6 px inside the opening
+            painted[int(round(y)) - 1:int(round(y)) + 1, int(round(x)) - 1:int(round(x)) + 1] = 255
+    eyes = points[[i for lid in (M.RIGHT_EYE_UPPER, M.LEFT_EYE_UPPER, M.RIGHT_EYE_LOWER, M.LEFT_EYE_LOWER)
+                   for i in lid]]
+    (x0, y0), (x1, y1) = np.floor(eyes.min(0)).astype(int) - 4, np.ceil(eyes.max(0)).astype(int) + 4
+    frames = _render(_model(appearance=False), painted, points, np.stack([points, _squint(points, 1.0)]))
+    luma = frames[:, y0:y1, x0:x1].mean(-1)  # T x h x w
+    assert (luma[0] > 230).sum() >= 8, "the open eye shows the painted catch-lights"
+    assert (luma[1] > 150).sum() == 0, int(luma[1].max())
+
+
 def test_a_squint_is_carried_to_another_face(loose_face):
     """A squint (AU6 + AU7 at maximum, synthesised on the shared face: the lower lids rise) driving the astronaut:
     the narrowing the face mesh reads on the output at the driving's apex is at least 0.6 of what it reads on the

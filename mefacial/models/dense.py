@@ -33,7 +33,9 @@ For a target (source) face S and a driving clip D_0 .. D_T-1 (all with their
    (`cover_lids`: the margins and lashes hide the eyeball below `lid_margin` of the aperture a mesh reads), a
    closing lid carries its lash band with it, stretching the lid skin beyond (`carry_lash_bands`), and a
    drawn opening under FADE_OPEN of the source's shows the lids around it (lid skin and lash line) instead of
-   the eyeball (`_lid_fade`), so a closing eye reads as closed lids, to a viewer and a landmark detector.
+   the eyeball (`_lid_fade`), so a closing eye reads as closed lids, to a viewer and a landmark detector; what
+   the skin still takes from the source's eyeball outside that opening (a mesh contour lying on the eyeball's
+   edge) is drawn no brighter than the lid skin around it, so no catch-light comes down with a closing lid.
 3. Appearance (`appearance_ratios`): what geometry cannot carry (furrows, lid
    shading) as an expression-ratio image on luminance: each driving frame is
    aligned to the onset frame through the mesh (the same triangles map target
@@ -161,6 +163,7 @@ class DenseState:
     onset_luma: torch.Tensor | None = None  # 1 x 1 x h x w: the onset frame's luminance on the grid, blurred
     misaligned: torch.Tensor | None = None  # 2 x 1 x h x w: the least and most log ratio a misalignment gives there
     source_eyes: torch.Tensor | None = None  # 1 x 4 x H x W: the source and its eye openings (the eyeball layer's)
+    eyeball_reach: torch.Tensor | None = None  # 1 x 1 x H x W: the openings widened by a pixel (`render`)
 
     def __getattr__(self, name: str) -> Any:
         if name == "geometry":  # not set yet (copying)
@@ -1005,7 +1008,8 @@ class DenseMeshWarp(nn.Module):
             eye_grid = state.pixel_units[y0:y1, x0:x1] - shift.to(device)  # the pixels moved back
             if state.source_eyes is None:
                 openings = torch.from_numpy(state.openings)[None, None].to(device)
-                state.source_eyes = torch.cat([state.source, openings], 1)
+                state.eyeball_reach = F.max_pool2d(openings, 3, 1, 1)
+                state.source_eyes = torch.cat([state.source, openings], 1)  # (set last: the threads' check)
             eye_image, was = F.grid_sample(state.source_eyes.expand(frames, -1, -1, -1), eye_grid, mode="bilinear",
                                            padding_mode="reflection", align_corners=False).split([3, 1], 1)
             # the eyeball still visible (T x 1 x h x w): inside the opening beyond the lids' rims (their weights are
@@ -1021,6 +1025,19 @@ class DenseMeshWarp(nn.Module):
                 lids = _blur(region * known, sigma) / _blur(known, sigma).clamp(min=1e-3)  # T x 3 x h x w
                 weight = opening * closing
                 layered = layered * (1 - weight) + lids * weight
+                # where the mesh's lid contour lies on the eyeball, up to a pixel inside the visible opening (a
+                # hooded or an older lid), the skin's map draws a closing lid's margin from the eyeball's edge: its
+                # catch-lights and whites came down as the lash line of a closed eye. What the skin takes from
+                # there (outside the drawn opening) is drawn no brighter than the lid skin around it (luminance,
+                # the hue kept), as the eye closes; darker (the iris's edge) it stays, as lashes.
+                eyeball = F.grid_sample(state.eyeball_reach.expand(frames, -1, -1, -1), skin[:, y0:y1, x0:x1],
+                                        mode="bilinear", padding_mode="zeros", align_corners=False)  # T x 1 x h x w
+                leaked = eyeball * (1 - opening).clamp(min=0) * closing
+                skin_only = known * (1 - leaked) ** 2
+                luma = _luma(layered)  # T x 1 x h x w
+                blurred = _blur(torch.cat([luma * skin_only, skin_only], 1), sigma)
+                lid_luma = blurred[:, :1] / blurred[:, 1:].clamp(min=1e-3)
+                layered = layered * (1 - leaked * (1 - lid_luma / luma.clamp(min=1e-3)).clamp(min=0))
             eye_layer = inside * (1 - closing)
             prediction[..., y0:y1, x0:x1] = layered
         return {"prediction": prediction, "flow": skin, "eye_layer": eye_layer, "eye_box": (y0, x0)}
