@@ -18,7 +18,8 @@ eye contours of the mesh are replaced by the iris model's, and points 468-472
 image's left.
 
 Finding a face (`find_face`): MediaPipe's short-range face detector (BlazeFace,
-`face_detection_short_range.tflite`, shipped too) finds it, the face model is fitted
+`face_detection_short_range.tflite`, shipped too) finds it (where it finds only faces small in the picture,
+a group photo, in the picture's quarters too: DETECTOR_RELIABLE), the face model is fitted
 there, and its vertices at the places of the 68 iBUG landmarks (`MESH_68`) place the
 face boxes of `mefacial.engine` as dlib's landmarks would, in a few ms and with no dlib.
 
@@ -72,6 +73,12 @@ IRIS_INPUT = 64
 DETECTOR_INPUT = 128
 DETECTOR_SCORE = 0.5  # MediaPipe's threshold on the detector's (sigmoid) score
 DETECTOR_OVERLAP = 0.3  # detections overlapping more (intersection over union) are one face (MediaPipe's setting)
+# the short-range detector is made for faces that fill a fair part of a picture: where it finds none at least this
+# share of the picture's longer side, it may have missed faces (a group photo), and it searches the picture's
+# overlapping quarters (DETECTOR_TILE of its longer side each) at a larger scale too, for faces under that share
+# (a larger one found there only is a false detection: the whole picture's search finds those)
+DETECTOR_RELIABLE = 0.2
+DETECTOR_TILE = 0.6
 ROI_SCALE = 1.5  # MediaPipe's face region of interest: 1.5 x the landmarks' extent, square
 IRIS_ROI_SCALE = 2.3  # MediaPipe's eye region: 2.3 x the eye-corner distance, square
 PRESENCE_THRESHOLD = 0.5  # sigmoid of the face-flag output
@@ -447,8 +454,29 @@ def _detector_anchors() -> np.ndarray:
 
 def _detected_faces(image: np.ndarray, models: _Models) -> list[tuple[np.ndarray, float]]:
     """The faces that MediaPipe's short-range face detector finds in an H x W x 3 uint8 picture (letterboxed into
-    its 128 x 128 input), overlapping detections merged (each weighted by its score), the largest first: (box x0,
-    y0, x1, y1 in the picture's pixels; roll, radians: the angle of the line from its right eye to its left one)."""
+    its 128 x 128 input; where it finds no face of DETECTOR_RELIABLE of the picture, in its overlapping quarters
+    too), overlapping detections merged (each weighted by its score), the largest first: (box x0, y0, x1, y1 in
+    the picture's pixels; roll, radians: the angle of the line from its right eye to its left one)."""
+    detections, scores = _detections(image, models)  # n x 8, n
+    height, width = image.shape[:2]
+    reliable = DETECTOR_RELIABLE * max(height, width)
+    sides = lambda found: np.maximum(*(found[:, 2:4] - found[:, :2]).T)  # noqa: E731 - n: each box's longer side
+    if not (sides(detections) >= reliable).any():
+        tile = round(DETECTOR_TILE * max(height, width))  # a face up to (1 - DETECTOR_TILE) / 2 lies in one whole
+        for y in sorted({0, max(height - tile, 0)}):
+            for x in sorted({0, max(width - tile, 0)}):
+                found, found_scores = _detections(image[y:y + tile, x:x + tile], models)
+                small = sides(found) < reliable
+                detections = np.concatenate([detections, found[small] + np.tile([x, y], 4)])
+                scores = np.concatenate([scores, found_scores[small]])
+    faces = _merged(detections, scores)  # k x 8, in the picture
+    faces = faces[np.argsort(-np.prod(faces[:, 2:4] - faces[:, :2], 1))]
+    return [(face[:4], float(np.arctan2(face[7] - face[5], face[6] - face[4]))) for face in faces]
+
+
+def _detections(image: np.ndarray, models: _Models) -> tuple[np.ndarray, np.ndarray]:
+    """The short-range detector's detections in an H x W x 3 uint8 picture, before merging: n x 8 (box x0, y0, x1,
+    y1, then the right and the left eye's x, y, in the picture's pixels) and their scores (n)."""
     import cv2
 
     height, width = image.shape[:2]
@@ -467,9 +495,7 @@ def _detected_faces(image: np.ndarray, models: _Models) -> list[tuple[np.ndarray
     centres, half = regressed[:, :2] + anchors, regressed[:, 2:4] / 2
     eyes = regressed[:, 4:8] + np.tile(anchors, 2)  # n x (right x, y, left x, y)
     detections = np.concatenate([centres - half, centres + half, eyes], 1) * DETECTOR_INPUT  # n x 8
-    faces = _merged((detections - np.tile([left, top], 4)) / scale, scores[found])  # k x 8, in the picture
-    faces = faces[np.argsort(-np.prod(faces[:, 2:4] - faces[:, :2], 1))]
-    return [(face[:4], float(np.arctan2(face[7] - face[5], face[6] - face[4]))) for face in faces]
+    return (detections - np.tile([left, top], 4)) / scale, scores[found]
 
 
 def _merged(detections: np.ndarray, scores: np.ndarray) -> np.ndarray:

@@ -172,8 +172,9 @@ def test_find_face_reads_the_68_landmarks_and_boxes_faces_as_dlib(loose_face):
 
 def test_detect_mesh_finds_the_face_with_the_detector_and_dlib_only_for_small_faces(dlib_searches):
     """Without a box or landmarks, `detect_mesh` (the AU readout's and synthesis's reader) places its first fit
-    from the face detector's boxes, as `find_face` does: no dlib search on the shared face or on it rolled by
-    60 degrees (where dlib finds none); dlib's search only for a face small in a large picture."""
+    from the face detector's boxes, as `find_face` does: no dlib search on the shared face, on it rolled by
+    60 degrees (where dlib finds none) or on a 64 px face in a 640 x 480 picture (found in its quarters); dlib's
+    search only for a face smaller still in its picture."""
     import cv2
 
     from mefacial.video import read_image
@@ -185,12 +186,15 @@ def test_detect_mesh_finds_the_face_with_the_detector_and_dlib_only_for_small_fa
         mesh = M.detect_mesh(picture, role="source")[0]
         reference = M.find_face(picture)
         assert np.abs(mesh[list(M.MESH_68)] - reference).mean() < 0.05 * np.ptp(reference[:, 0])
-    assert not dlib_searches
     small = np.full((480, 640, 3), 128, np.uint8)
     small[200:264, 300:364] = _resized(face, 64)
-    assert M.find_face(small) is None  # too small for the short-range detector
-    mesh = M.detect_mesh(small, role="source")[0]
-    assert dlib_searches and (mesh[:468, 0] > 295).all() and (mesh[:468, 0] < 369).all()
+    assert (M.find_face(small)[:, 0] > 295).all() and (M.find_face(small)[:, 0] < 369).all()
+    assert not dlib_searches
+    smaller = np.full((960, 1280, 3), 128, np.uint8)
+    smaller[400:496, 600:696] = _resized(face, 96)
+    assert M.find_face(smaller) is None  # too small for the short-range detector, even in the quarters
+    mesh = M.detect_mesh(smaller, role="source")[0]
+    assert dlib_searches and (mesh[:468, 0] > 595).all() and (mesh[:468, 0] < 701).all()
 
 
 def test_the_engine_boxes_faces_with_the_mesh_and_dlib_where_it_finds_none(monkeypatch, dlib_searches):
@@ -205,7 +209,7 @@ def test_the_engine_boxes_faces_with_the_mesh_and_dlib_where_it_finds_none(monke
     engine = Engine(device="cpu", landmarks="dlib")
     result = engine.animate(face, clip, variant="dense")
     assert not dlib_searches and result.crop_box is not None
-    monkeypatch.setattr(engine_module, "_mesh_face", lambda image: (True, None))  # as where the mesh finds no face
+    monkeypatch.setattr(engine_module, "_mesh_face", lambda image, small=True: (True, None))  # the mesh finds none
     assert engine.animate(face, clip, variant="dense").crop_box is not None
     assert sorted(kw["role"] for kw in dlib_searches) == ["onset", "source"]
     with pytest.raises(NoFaceError, match="source image"):
@@ -215,6 +219,42 @@ def test_the_engine_boxes_faces_with_the_mesh_and_dlib_where_it_finds_none(monke
         engine.animate(np.full((128, 128, 3), 127, np.uint8), clip, variant="dense")
     assert "dlib detector" in str(raised.value) and "MediaPipe's face detector" in str(raised.value)
     assert raised.value.page == "No face found in the source image"  # (the page's wording names neither)
+
+
+def test_a_group_photo_gets_its_largest_face_where_the_detector_sees_small_faces(monkeypatch, dlib_searches):
+    """The short-range face detector is made for faces that fill a fair part of a picture: in a group photo it can
+    find a smaller face and miss larger ones (insightface's six-person t1.jpg: one face found, tilted down, not the
+    largest). Where it finds no face of DETECTOR_RELIABLE of the picture, it also searches the picture's
+    overlapping quarters at a larger scale (t1.jpg: all six), and the largest face is used, with no dlib search;
+    a portrait is searched once."""
+    from mefacial import Engine
+    from mefacial.video import read_image
+
+    face = read_image(require(DATA / "faces" / "asian_female.png", "shared face"))
+    height, width = 1056, 1600
+    group = np.full((height, width, 3), 90, np.uint8)
+    group[60:220, 80:240] = _resized(face, 160)
+    group[height - 300:height - 60, width - 340:width - 100] = _resized(face[:, ::-1], 240)  # the larger face
+    engine = Engine(device="cpu", landmarks="dlib")
+    assert engine.find_face(group, "source")[:, 0].mean() > width / 2  # (the whole picture's pass finds neither)
+    assert M.detect_mesh(group, role="source")[0][:468, 0].mean() > width / 2
+    assert not dlib_searches
+
+    detections, searched = M._detections, []
+
+    def whole_pass_sees_the_small_face_only(image, models):  # as on t1.jpg
+        searched.append(image.shape)
+        found, scores = detections(image, models)
+        if image.shape == group.shape:
+            keep = found[:, 0] < width / 2
+            found, scores = found[keep], scores[keep]
+        return found, scores
+
+    monkeypatch.setattr(M, "_detections", whole_pass_sees_the_small_face_only)
+    assert engine.find_face(group, "source")[:, 0].mean() > width / 2
+    assert len(searched) == 5 and not dlib_searches  # the picture, then its four quarters
+    searched.clear()
+    assert engine.find_face(face, "source") is not None and len(searched) == 1  # a portrait: once
 
 
 def test_eyes_are_refined_again_only_where_they_may_have_changed(monkeypatch):
