@@ -460,18 +460,22 @@ def _detected_faces(image: np.ndarray, models: _Models) -> list[tuple[np.ndarray
     detections, scores = _detections(image, models)  # n x 8, n
     height, width = image.shape[:2]
     reliable = DETECTOR_RELIABLE * max(height, width)
-    sides = lambda found: np.maximum(*(found[:, 2:4] - found[:, :2]).T)  # noqa: E731 - n: each box's longer side
-    if not (sides(detections) >= reliable).any():
+    if not (_longer_sides(detections) >= reliable).any():
         tile = round(DETECTOR_TILE * max(height, width))  # a face up to (1 - DETECTOR_TILE) / 2 lies in one whole
         for y in sorted({0, max(height - tile, 0)}):
             for x in sorted({0, max(width - tile, 0)}):
                 found, found_scores = _detections(image[y:y + tile, x:x + tile], models)
-                small = sides(found) < reliable
+                small = _longer_sides(found) < reliable
                 detections = np.concatenate([detections, found[small] + np.tile([x, y], 4)])
                 scores = np.concatenate([scores, found_scores[small]])
     faces = _merged(detections, scores)  # k x 8, in the picture
     faces = faces[np.argsort(-np.prod(faces[:, 2:4] - faces[:, :2], 1))]
     return [(face[:4], float(np.arctan2(face[7] - face[5], face[6] - face[4]))) for face in faces]
+
+
+def _longer_sides(boxes: np.ndarray) -> np.ndarray:
+    """n x >= 4 boxes (x0, y0, x1, y1 first) -> n: each box's longer side."""
+    return np.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
 
 
 def _detections(image: np.ndarray, models: _Models) -> tuple[np.ndarray, np.ndarray]:
