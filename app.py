@@ -459,11 +459,16 @@ class Demo:
 
     def check_source(self, source, landmarks="dlib"):
         """A face just uploaded, taken with the webcam or pasted: readable, within the limits, with a face (the
-        picture shows it: no note); a problem is raised at once (a toast), not when Generate is pressed."""
+        picture shows it: no note, except which face moves in a picture of several); a problem is raised at once
+        (a toast), not when Generate is pressed."""
         if source is None:
             return
         image = read_image(upload_path(source, "source face"), limits=self.limits.files)
         self.find_face(image[None], "source", landmarks)
+        faces = self.engine.count_faces(image)
+        if faces > 1:  # (a group photo: say which face moves)
+            gr.Info(f"{faces} faces in this picture: the largest is animated. To animate another, crop the picture "
+                    "to that face.")
 
     def check_driving(self, driving, landmarks="dlib"):
         """A clip just uploaded or recorded: readable, within the limits, a face in its first (onset) frame.

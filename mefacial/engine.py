@@ -442,6 +442,17 @@ class Engine:
             raise NoFaceError(f"{error} MediaPipe's face detector, which searched first, found none either.",
                               frame_index=error.frame_index, page=error.page, fix=error.fix) from None
 
+    @staticmethod
+    def count_faces(image: np.ndarray) -> int:
+        """How many faces a picture (H x W x C, any mode) holds as `find_face` sees them (the largest is used):
+        `mesh.count_faces`; 0 where the face mesh's runtime or models are not installed."""
+        try:
+            from .mesh import count_faces
+
+            return count_faces(video.as_rgb(image))
+        except (WeightsNotFoundError, ImportError):
+            return 0
+
     def _detector(self, landmarks: str | None):
         """The landmark detector named `landmarks` (an option's value), else the engine's."""
         return get_detector(landmarks or self.landmarks, self.device)

@@ -522,15 +522,25 @@ def find_face(image: np.ndarray) -> np.ndarray | None:
     dlib's; `MESH_68`), or None: found by MediaPipe's short-range face detector (a face that fills a fair part of
     the picture: a portrait, a clip's face; rolled any way: the first fit is turned by its eyes) and fitted by
     the face model (no iris model). A few ms: no dlib."""
-    image = _checked(image)[0]
+    return next(_faces(_checked(image)[0]), None)
+
+
+def count_faces(image: np.ndarray) -> int:
+    """How many faces `find_face` sees in a picture (H x W x 3 uint8), the one it takes among them: a group photo's
+    several (what the app tells a visitor: the largest is used)."""
+    return sum(1 for _ in _faces(_checked(image)[0]))
+
+
+def _faces(image: np.ndarray) -> Iterator[np.ndarray]:
+    """The faces of a picture (H x W x 3 uint8) as 68 landmarks each, the largest first: the detector's boxes where
+    the face model fitted there sees a face (elsewhere the box is the detector's mistake)."""
     with _models() as models:
         faces = _detected_faces(image, models)
     for box, roll in faces:
         tracker = MeshTracker(box, roll=roll, refine_eyes=False, allow_missing=True, search=False)
         mesh = tracker.track(image[None])[0]
-        if not np.isnan(mesh[0, 0]):  # (a box where the face model sees no face is the detector's mistake)
-            return mesh[list(MESH_68)]
-    return None
+        if not np.isnan(mesh[0, 0]):
+            yield mesh[list(MESH_68)]
 
 
 def _roi_of_landmarks(points: np.ndarray) -> tuple[np.ndarray, float, float]:

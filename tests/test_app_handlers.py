@@ -56,6 +56,30 @@ def test_an_empty_webcam_recording_says_to_record_again(tmp_path):
     assert demo.use_recording(None) == gr.skip()  # the recording cleared: the driving clip is left as it is
 
 
+def test_a_picture_of_several_faces_says_the_largest_is_animated(tmp_path, monkeypatch):
+    """A group photo uploaded as the source: the page says how many faces it holds and that the largest moves (a
+    visitor otherwise sees one face of several animated with no word why that one); a portrait gets no note."""
+    from mefacial.video import read_image, resize_frames
+
+    face = read_image(FACE)
+    group = np.full((420, 640, 3), 90, np.uint8)
+    group[40:200, 40:200] = resize_frames(face[None], 160, 160)[0]
+    group[120:400, 340:620] = resize_frames(face[None, :, ::-1], 280, 280)[0]
+    path = tmp_path / "group.png"
+    import imageio.v3 as iio
+
+    iio.imwrite(path, group)
+    notes = []
+    monkeypatch.setattr(gr, "Info", lambda message, **kw: notes.append(message))
+    demo = app.Demo(Engine(device="cpu", landmarks="dlib"), app.Limits())
+    demo.check_source({"path": str(path), "orig_name": "group.png"}, "dlib")
+    assert notes == ["2 faces in this picture: the largest is animated. To animate another, crop the picture to "
+                     "that face."]
+    notes.clear()
+    demo.check_source({"path": str(FACE), "orig_name": "astronaut.png"}, "dlib")
+    assert notes == []
+
+
 def awp_fixture():
     for folder in model_fixture_dirs():
         meta = fixture_meta(folder)
