@@ -526,8 +526,8 @@ def find_face(image: np.ndarray) -> np.ndarray | None:
 
 
 def count_faces(image: np.ndarray) -> int:
-    """How many faces `find_face` sees in a picture (H x W x 3 uint8), the one it takes among them: a group photo's
-    several (what the app tells a visitor: the largest is used)."""
+    """How many faces `find_face` sees in a picture (H x W x 3 uint8), of which it takes the largest (what the app
+    tells a visitor who uploads a group photo)."""
     return sum(1 for _ in _faces(_checked(image)[0]))
 
 

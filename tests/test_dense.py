@@ -209,7 +209,7 @@ def test_the_engine_boxes_faces_with_the_mesh_and_dlib_where_it_finds_none(monke
     engine = Engine(device="cpu", landmarks="dlib")
     result = engine.animate(face, clip, variant="dense")
     assert not dlib_searches and result.crop_box is not None
-    monkeypatch.setattr(engine_module, "_mesh_face", lambda image, small=True: (True, None))  # the mesh finds none
+    monkeypatch.setattr(engine_module, "_mesh_face", lambda image: (True, None))  # as where the mesh finds no face
     assert engine.animate(face, clip, variant="dense").crop_box is not None
     assert sorted(kw["role"] for kw in dlib_searches) == ["onset", "source"]
     with pytest.raises(NoFaceError, match="source image"):

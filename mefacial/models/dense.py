@@ -1021,7 +1021,8 @@ class DenseMeshWarp(nn.Module):
             if (fade > 0).any():  # closing eyes: the opening shows the lids around it (lid skin, lash line)
                 opening = torch.from_numpy(np.stack([np.maximum(*[_fill([now - offset], box) for now, _ in eyes])
                                                      for eyes in polygons]))[:, None].to(device)  # T x 1 x h x w
-                known = (1 - opening).clamp(min=0) ** 2
+                outside = (1 - opening).clamp(min=0)
+                known = outside ** 2
                 lids = _blur(region * known, sigma) / _blur(known, sigma).clamp(min=1e-3)  # T x 3 x h x w
                 weight = opening * closing
                 layered = layered * (1 - weight) + lids * weight
@@ -1032,7 +1033,7 @@ class DenseMeshWarp(nn.Module):
                 # the hue kept), as the eye closes; darker (the iris's edge) it stays, as lashes.
                 eyeball = F.grid_sample(state.eyeball_reach.expand(frames, -1, -1, -1), skin[:, y0:y1, x0:x1],
                                         mode="bilinear", padding_mode="zeros", align_corners=False)  # T x 1 x h x w
-                leaked = eyeball * (1 - opening).clamp(min=0) * closing
+                leaked = eyeball * outside * closing
                 skin_only = known * (1 - leaked) ** 2
                 luma = _luma(layered)  # T x 1 x h x w
                 blurred = _blur(torch.cat([luma * skin_only, skin_only], 1), sigma)
