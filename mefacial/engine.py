@@ -168,16 +168,21 @@ def _uses_mesh(spec: Variant) -> bool:
     return spec.spec.points == "mesh"
 
 
+def _on_mesh(call: Callable[[Any, np.ndarray], Any], image: np.ndarray, missing: Any) -> Any:
+    """`call(mesh module, picture as RGB)` for a picture of any image mode, or `missing` where the face mesh's
+    runtime (LiteRT, OpenCV) or models are not installed (a box set up for the learned models alone)."""
+    try:
+        from . import mesh
+
+        return call(mesh, video.as_rgb(image))
+    except (WeightsNotFoundError, ImportError):
+        return missing
+
+
 def _mesh_face(image: np.ndarray) -> tuple[bool, np.ndarray | None]:
     """(whether the face mesh searched, `mesh.find_face` of a picture, any image mode: None where it found no face);
-    it does not search where its runtime (LiteRT, OpenCV) or models are not installed (a box set up for the learned
-    models alone)."""
-    try:
-        from .mesh import find_face
-
-        return True, find_face(video.as_rgb(image))
-    except (WeightsNotFoundError, ImportError):
-        return False, None
+    it does not search where its runtime or models are not installed (`_on_mesh`)."""
+    return _on_mesh(lambda mesh, rgb: (True, mesh.find_face(rgb)), image, (False, None))
 
 
 def _given_meshes(prepared: PreparedClip) -> bool:
@@ -446,12 +451,7 @@ class Engine:
     def count_faces(image: np.ndarray) -> int:
         """How many faces a picture (H x W x C, any mode) holds as `find_face` sees them (the largest is used):
         `mesh.count_faces`; 0 where the face mesh's runtime or models are not installed."""
-        try:
-            from .mesh import count_faces
-
-            return count_faces(video.as_rgb(image))
-        except (WeightsNotFoundError, ImportError):
-            return 0
+        return _on_mesh(lambda mesh, rgb: mesh.count_faces(rgb), image, 0)
 
     def _detector(self, landmarks: str | None):
         """The landmark detector named `landmarks` (an option's value), else the engine's."""
