@@ -31,7 +31,8 @@ each clip's apex driving the astronaut at magnify 1, 2, 3 and 5 (docs/dense-magn
 face's lids (the two faces, and the clips' onset frames) as `dense` draws an eye read at a share r of its aperture and
 reads them back with both detectors (`lid_readback`); --by-direction splits the share of motion carried over into its
 horizontal and vertical parts, read by dlib and by the mesh's 68 equivalents (`MESH_68`, the same AU-point score),
-with the inner and outer eye-corner distances at the driving's eye apex (`by_direction`). With --transparency, the dense renderer draws the driving's apex (of each clip, on the shared face) and
+with the inner and outer eye-corner distances at the driving's eye apex (`by_direction`); --corner-flow reads how the
+skin beside the eye corners moves by optical flow instead, on the driving and the outputs (`corner_flow`). With --transparency, the dense renderer draws the driving's apex (of each clip, on the shared face) and
 the source unmoved; dlib's 68 points and the face mesh are re-detected on both, and the motion they read is
 compared with the motion the target mesh asks for (at dlib's points: their barycentric place in the source
 mesh, moved with it), in % of the inter-ocular distance: overall, the eyes' points across (x), and the
@@ -101,7 +102,12 @@ def main() -> None:
                         help="only draw each face's lids at known apertures and read them back")
     parser.add_argument("--by-direction", action="store_true",
                         help="only split the motion carried over into horizontal and vertical parts, by both readers")
+    parser.add_argument("--corner-flow", action="store_true",
+                        help="only read the skin beside the eye corners by optical flow, on driving and outputs")
     args = parser.parse_args()
+    if args.corner_flow:
+        corner_flow(args.data)
+        return
     if args.by_direction:
         by_direction(args.data)
         return
@@ -236,6 +242,20 @@ def cross_faces(data: Path, engine, settings, landmarks) -> None:
     print("\n".join(lines))
 
 
+def driven_clips(data: Path, engine, settings, landmarks, variants=("dense", "warp")):
+    """Each shared clip driving the shared face: (clip name, {variant: its AnimationResult}, the driving frames as
+    cut for the model, their dlib points, the driving's eye apex: the frame of its smallest 68-point aperture)."""
+    from mefacial.video import read_clip
+
+    face = data / "faces" / "asian_female.png"
+    for clip_path in sorted((data / "driving").glob("*.gif")):
+        clip = read_clip(clip_path)
+        results = {v: engine.animate(face, clip.frames, variant=v, options=settings.animate_options()) for v in variants}
+        driving = results[variants[0]].model_driving
+        drv68 = landmarks(driving)
+        yield clip_path.stem, results, driving, drv68, int(np.argmin(eye_aperture68(drv68)))
+
+
 def by_direction(data: Path) -> None:
     """Each clip driving the shared face (dense, warp): the share of the driving's AU-point motion carried over
     (`metrics.score_motion_transfer`'s gain) split into its horizontal (x) and vertical (y) parts, which add up to
@@ -248,12 +268,10 @@ def by_direction(data: Path) -> None:
     from mefacial.landmarks import smooth_tracks
     from mefacial.metrics import interocular_distance, motion_frames
     from mefacial.prior import au_points_from_landmarks
-    from mefacial.video import read_clip
 
     engine = Engine(device="cpu", landmarks="dlib")
     settings = EvalSettings(landmarks="dlib")
     landmarks = landmark_finder("dlib", engine.device)
-    face = data / "faces" / "asian_female.png"
     corners = {"dlib": ((39, 42), (36, 45)), "mesh": ((133, 362), (33, 263))}
 
     def motion(points: np.ndarray, mask: torch.Tensor) -> torch.Tensor:  # T x 68 x 2 -> scored frames x 18 x 2
@@ -263,14 +281,8 @@ def by_direction(data: Path) -> None:
 
     print("| clip | reader | driving's horizontal share | method | carried | horizontal part | vertical part | "
           "inner corners at apex | outer corners at apex |\n| --- | --- | --: | --- | --: | --: | --: | --: | --: |")
-    for clip_path in sorted((data / "driving").glob("*.gif")):
-        clip = read_clip(clip_path)
-        results = {v: engine.animate(face, clip.frames, variant=v, options=settings.animate_options())
-                   for v in ("dense", "warp")}
-        driving_frames = results["dense"].model_driving
-        drv68 = landmarks(driving_frames)
+    for name, results, driving_frames, drv68, apex in driven_clips(data, engine, settings, landmarks):
         mask = motion_frames(torch.from_numpy(drv68).float(), settings.min_motion)
-        apex = int(np.argmin(eye_aperture68(drv68)))
         for reader in ("dlib", "mesh"):
             def read(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # (68 points, the reader's own)
                 if reader == "dlib":
@@ -287,13 +299,70 @@ def by_direction(data: Path) -> None:
             drv = motion(points, mask)
             total = drv.square().sum()
             horizontal = float(drv[..., 0].square().sum() / total)
-            print(f"| {clip_path.stem} | {reader} | {fmt(horizontal)} | driving | | | | {spans(own)} |")
+            print(f"| {name} | {reader} | {fmt(horizontal)} | driving | | | | {spans(own)} |")
             for variant, result in results.items():
                 points, own = read(result.frames)
                 gen = motion(points, mask)
                 parts = [float((gen[..., k] * drv[..., k]).sum() / total) for k in (0, 1)]
-                print(f"| {clip_path.stem} | {reader} | | {variant} | {fmt(sum(parts))} | {fmt(parts[0])} | "
+                print(f"| {name} | {reader} | | {variant} | {fmt(sum(parts))} | {fmt(parts[0])} | "
                       f"{fmt(parts[1])} | {spans(own)} |", flush=True)
+
+
+CORNER_OFFSETS = (0.03, 0.06, 0.09)  # x the inter-ocular distance: where `corner_flow` reads the skin beyond a corner
+
+
+def corner_flow(data: Path) -> None:
+    """Each clip driving the shared face (dense, warp): how far apart the skin beside the eyes' outer corners and
+    beside their inner corners moves between the onset and the driving's eye apex, read by dense optical flow
+    (OpenCV's DIS, onset -> apex, the median over a window of 0.03 of the inter-ocular distance) at
+    `CORNER_OFFSETS` beyond each corner along the eye line (away from the eye), in % of the inter-ocular
+    distance (- = closer together), on the driving and on each output; beside it, the corners' own distance as
+    the face mesh (33-263, 133-362) and dlib (36-45, 39-42) read it. No landmark detector reads the flow's
+    points, so it says which reader's corners follow the skin where the two disagree."""
+    import cv2
+
+    from mefacial import Engine
+    from mefacial import mesh as M
+    from mefacial.evaluate import EvalSettings, landmark_finder
+
+    engine = Engine(device="cpu", landmarks="dlib")
+    settings = EvalSettings(landmarks="dlib")
+    landmarks = landmark_finder("dlib", engine.device)
+    flow = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
+    corners = {"mesh": ((33, 263), (133, 362)), "dlib": ((36, 45), (39, 42))}  # (outer pair, inner pair)
+
+    def by_flow(frames: np.ndarray, apex: int) -> list[float]:  # outer at each offset, then inner
+        onset = M.detect_mesh(frames[:1])[0].astype(np.float64)
+        iod = M.inter_ocular(onset)
+        axis = (onset[263] - onset[33]) / np.linalg.norm(onset[263] - onset[33])  # image-left to image-right
+        grey = [cv2.cvtColor(frames[i], cv2.COLOR_RGB2GRAY) for i in (0, apex)]
+        field = flow.calc(grey[0], grey[1], None)  # H x W x 2: onset -> apex
+        reach = max(1, round(0.015 * iod))
+
+        def at(point: np.ndarray) -> np.ndarray:
+            x, y = np.round(point).astype(int)
+            return np.median(field[y - reach:y + reach + 1, x - reach:x + reach + 1].reshape(-1, 2), 0)
+
+        out = []
+        for left, right, outward in ((33, 263, 1.0), (133, 362, -1.0)):  # outer corners: beyond them is outward
+            for offset in CORNER_OFFSETS:
+                beyond = outward * offset * iod * axis
+                moved = at(onset[right] + beyond) - at(onset[left] - beyond)
+                out.append(100 * float(moved @ axis) / iod)
+        return out
+
+    print("| clip | frames | read by | outer: " + " | ".join(f"{o:.2f}" for o in CORNER_OFFSETS) + " | inner: "
+          + " | ".join(f"{o:.2f}" for o in CORNER_OFFSETS) + " |\n| --- | --- | --- |" + " --: |" * 6)
+    for clip_name, results, driving, drv68, apex in driven_clips(data, engine, settings, landmarks):
+        for name, frames in (("driving", driving), *((v, r.frames) for v, r in results.items())):
+            print(f"| {clip_name} | {name} | optical flow | "
+                  + " | ".join(f"{v:+.1f}" for v in by_flow(frames, apex)) + " |", flush=True)
+        tracks = M.detect_mesh(driving, allow_missing=True)
+        iod = M.inter_ocular(tracks[0].astype(np.float64))
+        for reader, points in (("mesh", tracks), ("dlib", drv68)):
+            change = [100 * (np.linalg.norm(points[apex, b] - points[apex, a]) - np.linalg.norm(points[0, b] - points[0, a]))
+                      / iod for a, b in corners[reader]]
+            print(f"| {clip_name} | driving | {reader}'s corners | {change[0]:+.1f} | | | {change[1]:+.1f} | | |")
 
 
 SQUINTS = ("6:E,7:E", "7:E", "43:C")  # AU specifications of the synthesised driving clips
