@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 
+from .console import one_line
 from .errors import InputError, MefacialError
 from .options import AnimateOptions
 
@@ -428,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except MefacialError as exc:
-        print(f"error: {' '.join(exc.cli_message.split())}", file=sys.stderr)  # one line: cause and remedy
+        print(f"error: {one_line(exc.cli_message)}", file=sys.stderr)  # one line: cause and remedy
         logging.getLogger("mefacial").debug("traceback", exc_info=True)
         return 2
     except BrokenPipeError:  # the output went to a pager or `head` that stopped reading: not an error

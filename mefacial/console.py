@@ -1,4 +1,5 @@
-"""Output for people: tables, and progress reports that never go backwards, with a bar only on a terminal.
+"""Output for people: tables, one-line error messages, and progress reports that never go backwards, with a bar
+only on a terminal.
 
 The engine reports `progress(fraction, message)` per stage and per batch; stages restart their
 own count, so a raw report can step back (5 % "landmarks" then 4 % "frames 4/101").
@@ -64,6 +65,32 @@ class ConsoleProgress:
             self.bar.close()
         elif exc[0] is None and self.best > 0:
             print(f"{self.desc}: 100% done", file=self.stream, flush=True)
+
+
+def one_line(message: str) -> str:
+    """A message as one line (the command line's errors): a heading line's list items ("  - item" lines) follow it
+    joined by "; " and closed by ".", and runs of white space become one space."""
+    parts: list[str] = []
+    items: list[str] = []
+
+    def close_list() -> None:  # the items gathered so far, after their heading
+        if items:
+            listed = "; ".join(items) + "."
+            if parts:
+                parts[-1] += " " + listed
+            else:
+                parts.append(listed)
+            items.clear()
+
+    for line in message.splitlines():
+        line = line.strip()
+        if line.startswith("- "):
+            items.append(line[2:].strip().rstrip(".,; "))
+        elif line:
+            close_list()
+            parts.append(line)
+    close_list()
+    return " ".join(" ".join(parts).split())
 
 
 def table(rows: list[list], header: list[str]) -> str:

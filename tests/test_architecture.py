@@ -42,6 +42,19 @@ def test_user_errors_are_one_line_with_status_2(argv, cause, capsys, tmp_path, m
     assert "Traceback" not in err
 
 
+def test_missing_weights_read_as_one_line_with_their_lists_kept_apart(capsys, tmp_path, monkeypatch):
+    # the message lists where it looked and what to do, one item a line; flattened with its dashes kept, it read
+    # "... (none exists) What to do, any one of: - No public weights. ... - copy the weights file ..."
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MEFACIAL_CHECKPOINT_DIR", str(tmp_path))
+    monkeypatch.delenv("MEFACIAL_CHECKPOINT_FOMM_AWP", raising=False)
+    assert main(["animate", *EXAMPLE, "--out", "out.mp4", "--variant", "fomm-awp"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("error: No weights for variant 'fomm-awp'"), err
+    assert " - " not in err and "(none exists). What to do, any one of: " in err, err
+    assert "; set MEFACIAL_CHECKPOINT_FOMM_AWP=PATH." in err, err
+
+
 def test_a_bad_flag_through_the_real_command_has_no_traceback(tmp_path):
     run = subprocess.run([sys.executable, "-m", "mefacial", "compare", *EXAMPLE, "--out", str(tmp_path / "g.mp4"),
                           "--tile", "100"], capture_output=True, text=True, cwd=REPO, timeout=120)

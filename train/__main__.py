@@ -13,6 +13,7 @@ import os
 import sys
 from pathlib import Path
 
+from mefacial.console import one_line
 from mefacial.errors import MefacialError
 
 
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = run(cfg, data_dir=args.data, out_dir=args.out, max_steps=args.max_steps, resume=args.resume,
                       init=args.init)
     except MefacialError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(exc.cli_message)}", file=sys.stderr)  # one line: cause and remedy, as `mefacial`'s
         return 2
     if rank == 0:
         print(f"done: step {summary['step']}, last checkpoint {summary['last']}")
