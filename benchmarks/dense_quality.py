@@ -105,24 +105,14 @@ def main() -> None:
     parser.add_argument("--corner-flow", action="store_true",
                         help="only read the skin beside the eye corners by optical flow, on driving and outputs")
     args = parser.parse_args()
-    if args.corner_flow:
-        corner_flow(args.data)
-        return
-    if args.by_direction:
-        by_direction(args.data)
-        return
     if args.magnify_grid is not None:
         magnify_grid(args.data, args.magnify_grid)
         return
-    if args.lid_readback:
-        lid_readback(args.data)
-        return
-    if args.synthetic:
-        synthetic_squints(args.data)
-        return
-    if args.transparency:
-        transparency(args.data)
-        return
+    for flag, measure in (("corner_flow", corner_flow), ("by_direction", by_direction), ("lid_readback", lid_readback),
+                          ("synthetic", synthetic_squints), ("transparency", transparency)):
+        if getattr(args, flag):  # one of the separate measurements instead of the table
+            measure(args.data)
+            return
 
     from mefacial import Engine
     from mefacial import mesh as M
