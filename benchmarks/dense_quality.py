@@ -26,7 +26,8 @@ clips (cross-identity error, motion carried over and eye narrowing for dense, de
 besides the shared one; and --transparency measures what the detectors read on a rendered frame that its
 geometry does not hold; --synthetic drives each of two faces (the shared one and the bundled
 astronaut) by squints synthesised from FACS AUs on the other (`Engine.synthesize`: AU6E+7E, AU7E, AU43C) and reads
-the eye narrowing at the driving's apex, output / driving, by dlib and by the face mesh; --magnify-grid writes
+the eye narrowing at the driving's apex, output / driving, by dlib and by the face mesh, and with no reader
+how much eye both show as drawn (`drawn_opening`); --magnify-grid writes
 each clip's apex driving the astronaut at magnify 1, 2, 3 and 5 (docs/dense-magnify.jpg); --lid-readback draws each
 face's lids (the two faces, and the clips' onset frames) as `dense` draws an eye read at a share r of its aperture and
 reads them back with both detectors (`lid_readback`); --by-direction splits the share of motion carried over into its
@@ -404,27 +405,49 @@ def lid_readback(data: Path) -> None:
                       flush=True)
 
 
+def drawn_opening(source: np.ndarray, meshes: np.ndarray) -> np.ndarray:
+    """T: the area of each eye's opening as drawn (the polygon of its lid margins, T x 478 x 2 meshes) over the
+    source mesh's (478 x 2), mean of both eyes: how much eye a frame shows, read from geometry, no detector."""
+    from mefacial.models.dense import EYES
+
+    def area(points: np.ndarray) -> np.ndarray:  # ... x n x 2 -> ... (shoelace)
+        x, y = points[..., 0], points[..., 1]
+        return 0.5 * np.abs((x * np.roll(y, -1, -1) - np.roll(x, -1, -1) * y).sum(-1))
+
+    outlines = [list(upper) + list(lower)[-2:0:-1] for upper, lower, _ in EYES]  # each eye's margins, around
+    return np.mean([area(meshes[:, ring]) / area(source[ring]) for ring in outlines], 0)
+
+
 def synthetic_squints(data: Path) -> None:
     """Eye narrowing at the driving's apex (dlib's smallest aperture), output / driving, read by dlib and by the
-    face mesh, when a squint synthesised on one face (`SQUINTS`) drives the other with `dense`."""
+    face mesh, when a squint synthesised on one face (`SQUINTS`) drives the other with `dense`; beside it, with no
+    reader, how much eye each shows at the apex of what the synthesis drew (`drawn_opening`): the driving's
+    drawn meshes (the synthesis draws its lids where its AUs put them) against the output's (`dense`'s drawn
+    meshes, from the engine's own tracking of the driving)."""
     from mefacial import Engine
     from mefacial import mesh as M
+    from mefacial.engine import to_tensor
     from mefacial.evaluate import EvalSettings, landmark_finder
+    from mefacial.variants import get_variant
     from mefacial.video import read_image
 
     engine = Engine(device="cpu", landmarks="dlib")
     settings = EvalSettings(landmarks="dlib")
     landmarks = landmark_finder("dlib", engine.device)
+    model, _ = engine.model("dense")
     faces = {"asian_female": read_image(data / "faces" / "asian_female.png"),
              "astronaut": read_image(Path(__file__).resolve().parents[1] / "examples" / "astronaut.png")}
-    lines = ["| AUs | synthesised on (driving) | target face | dlib: output / driving | face mesh: output / driving |",
-             "| --- | --- | --- | --: | --: |"]
+    lines = ["| AUs | synthesised on (driving) | target face | dlib: output / driving | face mesh: output / driving "
+             "| eye shown at the apex, drawn (no reader): driving -> output |", "| --- | --- | --- | --: | --: | --: |"]
     for spec in SQUINTS:
         for name, face in faces.items():
-            driving = engine.synthesize(face, spec).frames
+            synthesised = engine.synthesize(face, spec)
+            driving = synthesised.frames
             drv68 = landmarks(driving)
             apex = int(np.argmin(eye_aperture68(drv68)))
             drv_mesh = M.eye_aperture(M.detect_mesh(driving, allow_missing=True))
+            shown = drawn_opening(synthesised.meshes[0].astype(np.float64), synthesised.meshes.astype(np.float64))
+            drawn_apex = int(np.argmin(shown))
             for other, target in faces.items():
                 if other == name:
                     continue
@@ -432,7 +455,15 @@ def synthetic_squints(data: Path) -> None:
                 out_mesh = M.eye_aperture(M.detect_mesh(result.frames, allow_missing=True))
                 by_dlib = narrowing(landmarks(result.frames), apex) / narrowing(landmarks(result.model_driving), apex)
                 by_mesh = narrowing_mesh(out_mesh, apex) / narrowing_mesh(drv_mesh, apex)
-                lines.append(f"| {spec} | {name} | {other} | {fmt(by_dlib)} | {fmt(by_mesh)} |")
+                prepared = engine.prepare(target, driving, settings.animate_options())
+                (source,), tracked = engine.find_landmarks(prepared, get_variant("dense"))  # as `animate` tracks them
+                source, tracked = source.astype(np.float64), tracked.astype(np.float64)
+                with torch.inference_mode():
+                    state = model.prepare(to_tensor(prepared.source, "cpu").float(), source, tracked[0])
+                    drawn = model.motion(state, tracked).drawn
+                output_shown = drawn_opening(source, drawn)[drawn_apex]
+                lines.append(f"| {spec} | {name} | {other} | {fmt(by_dlib)} | {fmt(by_mesh)} "
+                             f"| {fmt(shown[drawn_apex])} -> {fmt(output_shown)} |")
                 print(lines[-1], flush=True)
     print("\n".join(lines))
 

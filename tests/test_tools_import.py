@@ -7,6 +7,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
@@ -25,3 +26,25 @@ def test_tool_imports(path, monkeypatch):
     module = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, module)
     spec.loader.exec_module(module)  # module level only: each runs its work under `if __name__ == "__main__"`
+
+
+def test_drawn_opening_reads_how_much_eye_a_synthesised_clip_shows():
+    """`dense_quality.drawn_opening`, the squint table's reader-free column: 1 on the neutral face, and as the
+    synthesis shuts the eyes (AU43E), it falls to the share the shut lids keep (CLOSED: the margins meet without
+    crossing) at the apex and back; a lid that only droops (AU43B) shows more than a shut one, less than open."""
+    from mefacial import Engine, au
+    from mefacial.models.dense import CLOSED
+
+    spec = importlib.util.spec_from_file_location("tool_dense_quality", REPO / "benchmarks" / "dense_quality.py")
+    quality = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quality)
+    engine = Engine(device="cpu")
+    timing = au.Timing(onset_ms=40, apex_ms=20, offset_ms=40, fps=100)
+    shown = {}
+    for aus in ("43:E", "43:B"):
+        meshes = engine.synthesize(REPO / "examples" / "astronaut.png", aus, timing).meshes.astype(np.float64)
+        shown[aus] = quality.drawn_opening(meshes[0], meshes)  # T
+    shut = shown["43:E"]
+    assert shut[0] == pytest.approx(1.0) and shut[-1] == pytest.approx(1.0, abs=0.02)
+    assert shut.min() < 2 * CLOSED and int(np.argmin(shut)) in range(4, 7)  # the apex: frames 4-6
+    assert shut.min() < shown["43:B"].min() < 0.9
