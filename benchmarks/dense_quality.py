@@ -408,14 +408,14 @@ def lid_readback(data: Path) -> None:
 def drawn_opening(source: np.ndarray, meshes: np.ndarray) -> np.ndarray:
     """T: the area of each eye's opening as drawn (the polygon of its lid margins, T x 478 x 2 meshes) over the
     source mesh's (478 x 2), mean of both eyes: how much eye a frame shows, read from geometry, no detector."""
-    from mefacial.models.dense import EYES
+    from mefacial.models.dense import EYES, _eye_polygon
 
     def area(points: np.ndarray) -> np.ndarray:  # ... x n x 2 -> ... (shoelace)
         x, y = points[..., 0], points[..., 1]
         return 0.5 * np.abs((x * np.roll(y, -1, -1) - np.roll(x, -1, -1) * y).sum(-1))
 
-    outlines = [list(upper) + list(lower)[-2:0:-1] for upper, lower, _ in EYES]  # each eye's margins, around
-    return np.mean([area(meshes[:, ring]) / area(source[ring]) for ring in outlines], 0)
+    return np.mean([area(_eye_polygon(meshes, upper, lower)) / area(_eye_polygon(source, upper, lower))
+                    for upper, lower, _ in EYES], 0)
 
 
 def synthetic_squints(data: Path) -> None:
@@ -451,12 +451,12 @@ def synthetic_squints(data: Path) -> None:
             for other, target in faces.items():
                 if other == name:
                     continue
-                result = engine.animate(target, driving, variant="dense", options=settings.animate_options())
+                prepared = engine.prepare(target, driving, settings.animate_options())
+                result = engine.collect(prepared, "dense")  # (as `animate`: its meshes stay on `prepared`)
                 out_mesh = M.eye_aperture(M.detect_mesh(result.frames, allow_missing=True))
                 by_dlib = narrowing(landmarks(result.frames), apex) / narrowing(landmarks(result.model_driving), apex)
                 by_mesh = narrowing_mesh(out_mesh, apex) / narrowing_mesh(drv_mesh, apex)
-                prepared = engine.prepare(target, driving, settings.animate_options())
-                (source,), tracked = engine.find_landmarks(prepared, get_variant("dense"))  # as `animate` tracks them
+                (source,), tracked = engine.find_landmarks(prepared, get_variant("dense"))  # the ones it was made from
                 source, tracked = source.astype(np.float64), tracked.astype(np.float64)
                 with torch.inference_mode():
                     state = model.prepare(to_tensor(prepared.source, "cpu").float(), source, tracked[0])

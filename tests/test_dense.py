@@ -188,7 +188,8 @@ def test_detect_mesh_finds_the_face_with_the_detector_and_dlib_only_for_small_fa
         assert np.abs(mesh[list(M.MESH_68)] - reference).mean() < 0.05 * np.ptp(reference[:, 0])
     small = np.full((480, 640, 3), 128, np.uint8)
     small[200:264, 300:364] = _resized(face, 64)
-    assert (M.find_face(small)[:, 0] > 295).all() and (M.find_face(small)[:, 0] < 369).all()
+    found = M.find_face(small)
+    assert (found[:, 0] > 295).all() and (found[:, 0] < 369).all()
     assert not dlib_searches
     smaller = np.full((960, 1280, 3), 128, np.uint8)
     smaller[400:496, 600:696] = _resized(face, 96)
@@ -359,7 +360,7 @@ def test_frames_between_still_neighbours_get_their_mean(monkeypatch):
         frames = read_clip(require(DATA / "driving" / f"{name}.gif", "shared clip")).frames
         start = M.find_face(frames[0])
         faces.clear()
-        held = M.MeshTracker(hold_eyes=True, landmarks=start).track(frames)
+        M.MeshTracker(hold_eyes=True, landmarks=start).track(frames)  # (counts the face model's crops)
         fitted = sum(faces)
         faces.clear()
         skipped = M.MeshTracker(hold_eyes=True, landmarks=start, skip_still=True).track(frames)
@@ -890,7 +891,7 @@ def test_the_backward_map_lands_where_it_should_around_closing_lids(face, clip_m
     model = _model(appearance=False)
     state = model.prepare(_tensor(image), points, clip_meshes["s3_po_05"][0])
     drawn = model.motion(state, clip_meshes["s3_po_05"], magnify).drawn
-    (h, w), (height, width) = state.grid_shape, state.size
+    h, w = state.grid_shape
     motion = np.zeros((len(state.anchors) + M.NUM_MESH, len(drawn), 2))
     motion[:M.NUM_MESH] = (drawn[:, :M.NUM_MESH] - points[:M.NUM_MESH]).transpose(1, 0, 2)
     forward = (state.motion_weights @ motion.reshape(len(motion), -1)).reshape(h, w, len(drawn), 2)
