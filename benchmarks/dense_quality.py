@@ -25,7 +25,7 @@ Instead of that table, --cross-faces scores each clip's onset frame as a further
 clips (cross-identity error, motion carried over and eye narrowing for dense, dense-geometry and warp): faces
 besides the shared one; and --transparency measures what the detectors read on a rendered frame that its
 geometry does not hold; --synthetic drives each of two faces (the shared one and the bundled
-astronaut) by squints synthesised from FACS AUs on the other (`Engine.synthesize`: AU6E+7E, AU7E, AU43C) and reads
+astronaut) by squints synthesised from FACS AUs on the other (`Engine.synthesize`: `SQUINTS`, strong to mild) and reads
 the eye narrowing at the driving's apex, output / driving, by dlib and by the face mesh, and with no reader
 how much eye both show as drawn (`drawn_opening`); --magnify-grid writes
 each clip's apex driving the astronaut at magnify 1, 2, 3 and 5 (docs/dense-magnify.jpg); --lid-readback draws each
@@ -356,7 +356,8 @@ def corner_flow(data: Path) -> None:
             print(f"| {clip_name} | driving | {reader}'s corners | {change[0]:+.1f} | | | {change[1]:+.1f} | | |")
 
 
-SQUINTS = ("6:E,7:E", "7:E", "43:C")  # AU specifications of the synthesised driving clips
+# AU specifications of the synthesised driving clips, strong (E) to mild (B, C: as micro-expressions mostly are)
+SQUINTS = ("6:E,7:E", "6:C,7:C", "6:B,7:B", "7:E", "7:C", "43:C", "43:B")
 READBACK_SHARES = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)  # the eye apertures `lid_readback` asks for (1 = open)
 
 

@@ -708,9 +708,10 @@ def test_a_closed_eye_shows_no_catch_light_where_the_lid_contour_lies_on_the_eye
 
 def test_a_squint_is_carried_to_another_face(loose_face):
     """A squint (AU6 + AU7 at maximum, synthesised on the shared face: the lower lids rise) driving the astronaut:
-    the narrowing the face mesh reads on the output at the driving's apex is at least 0.6 of what it reads on the
-    driving (0.72 measured; 0.53 with the eyeball layer drawn up to the drawn margins, see `_rim_weights`, 0.32
-    when small narrowings were also drawn as read, see `cover_lids`)."""
+    the narrowing the face mesh reads on the output at the driving's apex is within 20 % of what it reads on the
+    driving (1.11 measured; 0.72 with narrowings drawn on the straight line from open to shut, 0.53 with the
+    eyeball layer drawn up to the drawn margins, see `_rim_weights`, 0.32 when small narrowings were also drawn
+    as read, see `cover_lids`)."""
     import mefacial
     from mefacial import au
     from mefacial.video import read_image
@@ -723,7 +724,7 @@ def test_a_squint_is_carried_to_another_face(loose_face):
     output = M.eye_aperture(M.detect_mesh(result.frames))
     apex = int(np.argmin(driving))
     narrowed, reproduced = 1 - driving[apex] / driving[0], 1 - output[apex] / output[0]
-    assert narrowed > 0.1 and reproduced > 0.6 * narrowed, (narrowed, reproduced)
+    assert narrowed > 0.1 and 0.8 * narrowed < reproduced < 1.25 * narrowed, (narrowed, reproduced)
 
 
 def test_the_lids_rims_move_with_the_lids(tight_face):
@@ -758,7 +759,7 @@ def test_the_lids_rims_move_with_the_lids(tight_face):
 
 
 def test_cover_lids_keeps_open_eyes_and_shuts_at_the_margin(loose_face):
-    from mefacial.models.dense import CLOSED, EYES, cover_lids
+    from mefacial.models.dense import CLOSED, EYES, LID_CURVE, cover_lids
 
     _, points = loose_face
     shares = np.array([0.0, 0.05, 0.3, 0.5, 0.7])
@@ -766,12 +767,13 @@ def test_cover_lids_keeps_open_eyes_and_shuts_at_the_margin(loose_face):
     drawn = cover_lids(points, meshes, margin=0.45)
     asked, got = M.eye_aperture(meshes) / M.eye_aperture(points), M.eye_aperture(drawn) / M.eye_aperture(points)
     assert np.array_equal(drawn[[0, -1]], meshes[[0, -1]]), "an eye that does not narrow is drawn as it is"
-    assert abs(got[1] - (asked[1] - 0.45) / 0.55) < 0.01, "on the line from open (1) to shut (the margin)"
+    assert abs(got[1] - (1 - ((1 - asked[1]) / 0.55) ** LID_CURVE)) < 0.01, "on the curve from open (1) to shut"
+    assert got[1] < (asked[1] - 0.45) / 0.55 - 0.03, "a small narrowing drawn larger than the straight line would"
     assert (np.diff(got[:-1]) <= 1e-9).all() and (got[2:-1] < asked[2:-1] - 0.1).all(), "more eyeball hidden, monotonically"
     assert abs(got[4] - CLOSED) < 0.02, "shut (the lids meet without crossing) below the margin"
     others = [v for v in range(M.NUM_VERTICES) if v not in {i for u, l, _ in EYES for i in (*u[1:-1], *l[1:-1])}]
     assert np.array_equal(drawn[:, others], meshes[:, others]), "only the lid margins move; corners and irises kept"
-    assert np.array_equal(cover_lids(points, meshes, margin=0.0)[:-1], meshes[:-1])
+    assert np.array_equal(cover_lids(points, meshes, margin=0.0, curve=1.0)[:-1], meshes[:-1])
 
 
 @pytest.mark.parametrize("which", ["tight", "loose", "half-closed"])
@@ -790,15 +792,18 @@ def test_a_squint_reads_as_one_to_a_landmark_detector(which, tight_face, loose_f
 
 def test_a_closing_upper_lid_reads_back_as_the_driving_read(tight_face):
     """The renderer's closed loop: upper lids retargeted to 0.9, 0.8 and 0.7 of their aperture (what a face mesh
-    read on a driving clip) and drawn by `dense` (`cover_lids`) are read back by the face mesh at that share,
-    within 0.07, on the shared face at 256 px (read: 0.91, 0.84, 0.69). Drawn as read (lid_margin 0) they read
-    0.95 / 0.91 / 0.87, short of the driving; with a margin of 0.6, 0.55 at 0.7, past it. (Smaller eyes read less
-    of it: the astronaut's whole portrait at 256 px 0.98 / 0.94 / 0.83; see `dense_quality.py --lid-readback`.)"""
+    read on a driving clip) and drawn by `dense` (`cover_lids`) are read back by the face mesh, on the shared face
+    at 256 px: within 0.04 of that share where a micro-expression narrows an eye (0.9, 0.8; read 0.88, 0.78),
+    and within 0.15 at 0.7 (read 0.58: the reading steepens as the lid crosses the pupil). On the straight
+    line from open to shut (curve 1) they read 0.91 / 0.84 / 0.69; drawn as read (lid_margin 0), 0.95 / 0.91 /
+    0.87, short of the driving. (Smaller eyes read less of it; see `dense_quality.py --lid-readback`.)"""
     image, points = tight_face
     meshes = np.stack([_squint(points, c) for c in (0.0, 0.1, 0.2, 0.3)])
     asked = M.eye_aperture(meshes) / M.eye_aperture(points)
     read = M.eye_aperture(M.detect_mesh(_render(_model(appearance=False), image, points, meshes)))
-    assert np.abs(read / read[0] - asked).max() < 0.07, (asked, read / read[0])
+    read = read / read[0]
+    assert np.abs(read[1:3] - asked[1:3]).max() < 0.04, (asked, read)
+    assert abs(read[3] - asked[3]) < 0.15 and (np.diff(read) < 0).all(), (asked, read)
 
 
 @pytest.mark.parametrize("which", ["tight", "half-closed"])
