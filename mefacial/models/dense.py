@@ -89,7 +89,8 @@ EYES = ((M.RIGHT_EYE_UPPER, M.RIGHT_EYE_LOWER, M.RIGHT_IRIS), (M.LEFT_EYE_UPPER,
 LIDS = sorted({i for upper, lower, _ in EYES for i in upper[1:-1] + lower[1:-1]})  # the lid margins, corners left out
 KEPT_SHARP = sorted(set(LIDS) | set(M.STABLE_MESH))  # vertices whose magnified motion is not averaged (`_smoothed`)
 CLOSED = 0.15  # a closed eye keeps this share of its aperture (the lids meet without crossing)
-LID_CURVE = 0.75  # how `cover_lids` draws a read narrowing: a share n of the way to shut drawn as n ** LID_CURVE
+LID_CURVE = 0.75  # how `cover_lids` draws a read narrowing: a share n of the way to shut drawn as n ** LID_CURVE,
+LID_KNEE = 0.15  # and below this n on the straight line to there (slope 1.6: the tracker's jitter not enlarged more)
 # each lid's lash band: the mesh's ring just beyond its margin (above the upper margin: the lash line and the fold;
 # below the lower one: its lash line), paired with EYES' upper[1:-1] and lower[1:-1]; a closing lid carries its band
 # by at least LASH_CARRY of the margin's own closing motion. Per eye: (upper lid's ring, lower lid's ring)
@@ -498,14 +499,15 @@ def cover_lids(source: np.ndarray, target: np.ndarray, margin: float = DEFAULTS[
     a closed eye at about 0.4-0.55 of its open aperture (measured on 256 px faces: the published FOMM outputs'
     closed eyes, our own fully closed lids), so an eye read at a share r of its aperture shows less eyeball than
     r, none at r = margin. Of the way from open (r = 1) to shut (r = margin), an eye read at r has gone
-    n = (1 - r) / (1 - margin), and is drawn n ** curve of the way: its opening 1 - n ** curve of the source's,
-    at least CLOSED (as retargeting keeps), each lid taking the cut in proportion to its own closing motion
-    (corners kept), and the lid skin, with its lash line at the margin, is drawn over the rest. The curve (under
-    1) draws small narrowings larger than the straight line would, because detectors read a small drawn
-    narrowing as smaller still (a straight line asked for 0.9 of the aperture read back 0.94-0.98 by the face
-    mesh, a rising lower lid least: `dense_quality.py --lid-readback`): with it a squint carried to another face
-    reads about as narrow as the driving's (`--synthetic`). An eye that does not narrow is unchanged; margin 0
-    with curve 1 draws the retargeted mesh as it is."""
+    n = (1 - r) / (1 - margin), and is drawn n ** curve of the way (below LID_KNEE, on the straight line from
+    open to that point): its opening is the rest, at least CLOSED (as retargeting keeps), each lid taking the
+    cut in proportion to its own closing motion (corners kept), and the lid skin, with its lash line at the
+    margin, is drawn over the rest. The curve (under 1) draws small narrowings larger than the straight line
+    would, because detectors read a small drawn narrowing as smaller still (a straight line asked for 0.9 of the
+    aperture read back 0.94-0.98 by the face mesh, a rising lower lid least: `dense_quality.py --lid-readback`):
+    with it a squint carried to another face reads about as narrow as the driving's (`--synthetic`); the knee
+    keeps it from enlarging the tracker's jitter on an open eye without bound. An eye that does not narrow is
+    unchanged; margin 0 with curve 1 draws the retargeted mesh as it is."""
     out = np.array(target, np.float64, copy=True)
     for (upper, lower, _), normal in zip(EYES, _lid_normals(source)):  # normal: from the upper lid to the lower one
         up, lo = list(upper[1:-1]), list(lower[1:-1])
@@ -513,7 +515,7 @@ def cover_lids(source: np.ndarray, target: np.ndarray, margin: float = DEFAULTS[
         gap = (out[:, lo] - out[:, up]) @ normal  # T x 7
         ratio = gap[:, 1:-1].sum(1) / max(gap_s[1:-1].sum(), 1e-9)  # T: the eye's aperture share (middle pairs)
         closed = np.clip((1 - ratio) / (1 - margin), 0, 1)  # T: how far from open (0) to shut (1) it reads
-        drawn = np.maximum(CLOSED, 1 - closed ** curve)  # T: the drawn opening
+        drawn = np.maximum(CLOSED, 1 - closed * np.maximum(closed, LID_KNEE) ** (curve - 1))  # T: the drawn opening
         shrink = np.clip(np.where(ratio < 1, drawn / np.maximum(ratio, 1e-9), 1.0), 0, 1)  # T: gap multiplier
         down = np.maximum((out[:, up] - source[up]) @ normal, 0).sum(1)  # T: the upper lid's closing motion
         rise = np.maximum((source[lo] - out[:, lo]) @ normal, 0).sum(1)  # T: the lower lid's
