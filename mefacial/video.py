@@ -799,11 +799,20 @@ def to_uint8(frames: torch.Tensor, peak: float = 1.0) -> np.ndarray:
         planes = np.ascontiguousarray(frames.detach().float().numpy())  # T x 3 x H x W
         out = np.empty((planes.shape[0], *planes.shape[2:], 3), np.uint8)
         for t, frame in enumerate(planes):  # (OpenCV converts absolute values: negatives to 0 first, into new planes)
-            cv2.merge([cv2.convertScaleAbs(cv2.threshold(plane, 0, 0, cv2.THRESH_TOZERO)[1], alpha=255 / peak)
-                       for plane in frame], dst=out[t])
+            cv2.merge([cv2.convertScaleAbs(_non_negative(plane), alpha=255 / peak) for plane in frame], dst=out[t])
         return out
     scaled = frames.permute(0, 2, 3, 1).float() * (255 / peak)  # T x H x W x C, a new tensor: rounded in place
     return scaled.round_().clamp_(0, 255).to(torch.uint8).cpu().numpy()
+
+
+def _non_negative(plane: np.ndarray) -> np.ndarray:
+    """A new H x W float32 plane: negatives and NaN set to 0 (OpenCV's threshold keeps a NaN, and what its
+    conversion to uint8 makes of one depends on the CPU: 0 with AVX-512, 255 without)."""
+    import cv2
+
+    out = cv2.threshold(plane, 0, 0, cv2.THRESH_TOZERO)[1]
+    cv2.patchNaNs(out, 0)  # (in place)
+    return out
 
 
 def _resize_uint8(frames: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
