@@ -1027,11 +1027,12 @@ class DenseMeshWarp(nn.Module):
             layered = region * (1 - inside) + eye_image * inside
             closing = torch.where(first[..., 0], fade[:, None, None, 0], fade[:, None, None, 1])[:, None].to(device)
             if (fade > 0).any():  # closing eyes: the opening shows the lids around it (lid skin, lash line)
-                opening = torch.from_numpy(np.stack([np.maximum(*[_fill([now - offset], box) for now, _ in eyes])
+                opening = torch.from_numpy(np.stack([_fill([now - offset for now, _ in eyes], box)  # both eyes
                                                      for eyes in polygons]))[:, None].to(device)  # T x 1 x h x w
                 outside = (1 - opening).clamp(min=0)
                 known = outside ** 2
-                lids = _blur(region * known, sigma) / _blur(known, sigma).clamp(min=1e-3)  # T x 3 x h x w
+                weighted = _blur(torch.cat([region * known, known], 1), sigma)  # T x 4 x h x w (blurred at once)
+                lids = weighted[:, :3] / weighted[:, 3:].clamp(min=1e-3)  # T x 3 x h x w
                 weight = opening * closing
                 layered = layered * (1 - weight) + lids * weight
                 # where the mesh's lid contour lies on the eyeball, up to a pixel inside the visible opening (a
