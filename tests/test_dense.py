@@ -1579,9 +1579,30 @@ def test_ratio_images_ignore_a_driving_face_past_its_frame(tight_face):
     assert np.allclose(ratio.ravel()[past], 1.0)
 
 
+def test_a_frame_shrunk_around_the_box_is_the_whole_frame_shrunk_there():
+    """Tracking a high-resolution clip halves only the region around the face box: inside it, the same pixels as
+    the whole frame halved (2 x 2 block averages), black elsewhere, the picture's size kept."""
+    import cv2
+
+    frame = np.random.default_rng(0).integers(0, 256, (1001, 1503, 3), dtype=np.uint8)
+    for scale in (0.5, 0.25):
+        whole = frame
+        while whole.shape[0] > round(1001 * scale) + 1:
+            whole = cv2.resize(whole, (0, 0), fx=0.5, fy=0.5, interpolation=cv2.INTER_AREA)
+        shrunk = M._shrunk(frame, scale)
+        assert shrunk.shape == (int(1001 * scale), int(1503 * scale), 3)
+        assert np.array_equal(shrunk, whole[:shrunk.shape[0], :shrunk.shape[1]])
+        around = M._shrunk(frame, scale, (300.3, 100.7, 900.2, 700.9))
+        inside = (slice(int(100.7 * scale) + 1, int(700.9 * scale)), slice(int(300.3 * scale) + 1, int(900.2 * scale)))
+        assert np.array_equal(around[inside], shrunk[inside])
+        assert around[:int(100.7 * scale) - 1].max() == 0 and around[:, int(900.2 * scale) + 2:].max() == 0
+        assert not M._shrunk(frame, scale, (-500, -500, -10, -10)).any()
+
+
 def test_large_frames_are_tracked_shrunk_to_the_same_mesh():
-    """A high-resolution clip (here 4x enlarged) is tracked on frames shrunk so its face box fits LARGEST_ROI
-    (the models' crops would alias): the same meshes, in its own pixels, as at the original size."""
+    """A high-resolution clip (here 4x enlarged) is tracked on frames halved until its face box fits LARGEST_ROI
+    (the models' crops would alias), around the box only: the same meshes, in its own pixels, as at the original
+    size."""
     import cv2
     from mefacial.video import read_clip
 
@@ -1589,5 +1610,5 @@ def test_large_frames_are_tracked_shrunk_to_the_same_mesh():
     large = np.stack([cv2.resize(frame, None, fx=4, fy=4, interpolation=cv2.INTER_CUBIC) for frame in frames])
     tracker = M.MeshTracker()
     found = tracker.track(large)
-    assert tracker.scale < 1
+    assert tracker.scale in (0.5, 0.25)
     assert np.abs((found + 0.5) / 4 - 0.5 - M.detect_mesh(frames)).mean() < 0.25  # px of the original size
