@@ -188,6 +188,20 @@ class Recipe:
 
     # ---- shared pieces ----
 
+    def _forward(self, batch: Batch, generator: torch.Generator
+                 ) -> tuple[dict[str, Any], torch.Tensor, L.RandomTPS | None]:
+        """The model on a batch, with this step's random warp where the equivariance losses need it: (the model's
+        outputs, the prediction in full precision, the warp or None); kept as the latest step (`last`)."""
+        tps = transformed = au_transformed = None
+        if self.equivariance:
+            tps, transformed, au_transformed = self._transform(batch, generator)
+        with self.autocast():
+            out = self.forward(batch["source"], batch["driving"], batch.get("source_au"), batch.get("driving_au"),
+                               transformed, au_transformed)
+        self._record(out=out)
+        self.last = {"batch": batch, "out": out, "transformed": transformed}
+        return out, _full(out["prediction"]), tps
+
     def _transform(self, batch: Batch, generator: torch.Generator) -> tuple[L.RandomTPS, torch.Tensor, torch.Tensor | None]:
         """The random warp of this step, the warped driving frames and their AU points (prior variants)."""
         driving = batch["driving"]
@@ -262,16 +276,9 @@ class FOMMRecipe(Recipe):
         return {f"prediction_{s}": pyramid[float(s)] for s in self.disc_scales}
 
     def step(self, batch: Batch, generator: torch.Generator) -> dict[str, float]:
-        source, driving = batch["source"], batch["driving"]
-        tps = transformed = au_transformed = None
-        if self.equivariance:
-            tps, transformed, au_transformed = self._transform(batch, generator)
-        with self.autocast():
-            out = self.forward(source, driving, batch.get("source_au"), batch.get("driving_au"),
-                               transformed, au_transformed)
-        prediction = _full(out["prediction"])
+        driving = batch["driving"]
+        out, prediction, tps = self._forward(batch, generator)
         kp_driving = _float(out["kp_driving"])
-        self._record(out=out)
         losses, real, generated = self._image_losses(prediction, driving, self.pyramid)
         disc = self.model.discriminator  # the generator step only reads it (its gradients are discarded)
         kp_detached = {k: v.detach() for k, v in kp_driving.items() if k in ("value", "jacobian")}
@@ -317,7 +324,6 @@ class FOMMRecipe(Recipe):
                 self._record(disc_gan=losses["disc_gan"].detach(), grad_disc_step=_gradients(self.model.discriminator))
         self.scaler.update()
 
-        self.last = {"batch": batch, "out": out, "transformed": transformed}
         return self._step_values(losses, float((prediction.detach() - driving).abs().mean()))
 
     @torch.no_grad()
@@ -374,15 +380,8 @@ class MRAARecipe(Recipe):
         self.model.avd_network.eval()  # not trained in this stage
 
     def step(self, batch: Batch, generator: torch.Generator) -> dict[str, float]:
-        source, driving = batch["source"], batch["driving"]
-        tps = transformed = au_transformed = None
-        if self.equivariance:
-            tps, transformed, au_transformed = self._transform(batch, generator)
-        with self.autocast():
-            out = self.forward(source, driving, batch.get("source_au"), batch.get("driving_au"),
-                               transformed, au_transformed)
-        prediction = _full(out["prediction"])
-        self._record(out=out)
+        driving = batch["driving"]
+        out, prediction, tps = self._forward(batch, generator)
         losses, _, _ = self._image_losses(prediction, driving, self.pyramid)
         if self.equivariance:
             drv, trn = _float(out["regions_driving"]), _float(out["regions_transformed"])
@@ -400,7 +399,6 @@ class MRAARecipe(Recipe):
         if self.trace is not None:
             self._record(losses_generator={k: v.detach() for k, v in losses.items()}, generator_total=total.detach(),
                          grad_generator_step=_gradients(self.model))
-        self.last = {"batch": batch, "out": out, "transformed": transformed}
         return self._step_values(losses, float((prediction.detach() - driving).abs().mean()))
 
     @torch.no_grad()
