@@ -50,7 +50,7 @@ from mefacial.models import backbones
 from mefacial.options import AnimateOptions
 from mefacial.variants import find_variant, get_variant, variant_ids
 from mefacial.video import Limits as VideoLimits
-from mefacial.video import read_clip, read_image, write_video
+from mefacial.video import read_clip, read_image, resize_frames, write_video
 
 log = logging.getLogger("mefacial.app")
 
@@ -58,6 +58,7 @@ REPO = Path(__file__).resolve().parent
 EXAMPLES = REPO / "examples"
 EXAMPLE_FACE = EXAMPLES / "astronaut.png"
 EXAMPLE_CLIP = EXAMPLES / "brow_raise.mp4"
+PREVIEW_SIDE = 512  # px: the uploaded clip's playable copy is at most this long a side (the page shows it smaller)
 CLIP_TYPES = [".mp4", ".gif", ".webm", ".avi", ".mov", ".mkv", ".m4v"]
 
 # Labels and capabilities come from the backbone specs and the variant registry (mefacial.models, mefacial.variants).
@@ -488,7 +489,11 @@ class Demo:
         if driving is None:
             return None, ""
         clip, info = self.check_driving(driving, default_landmarks(self.engine))
-        video = write_video(self.request_dir() / "driving.mp4", clip.frames, clip.fps)
+        frames, (height, width) = clip.frames, clip.frames.shape[1:3]
+        scale = PREVIEW_SIDE / max(height, width)
+        if scale < 1:  # (a 2048 x 1088 clip's copy at its size took 6 s to encode, after the 3 s of reading it)
+            frames = resize_frames(frames, max(round(height * scale), 2), max(round(width * scale), 2))
+        video = write_video(self.request_dir() / "driving.mp4", frames, clip.fps)
         return str(video), info
 
     def prior_clip(self, driving, frame=0, landmarks="dlib"):

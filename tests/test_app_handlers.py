@@ -159,3 +159,20 @@ def test_movement_scale_adaptation_defaults_to_the_backbones_own(monkeypatch, gi
     with pytest.raises(gr.Error, match="movement-scale adaptation must be one of"):
         demo.generate({"path": str(app.EXAMPLE_FACE)}, {"path": str(app.EXAMPLE_CLIP)}, "mraa", "none",
                       adapt_scale="sometimes")
+
+
+def test_a_large_clip_is_previewed_at_a_bounded_size(tmp_path):
+    """The uploaded clip's playable copy (the preview) of a high-resolution clip is written at most PREVIEW_SIDE
+    px a side, its aspect and frames kept (a 2048 x 1088 clip's full-size copy took 6 s to encode)."""
+    from mefacial.video import read_clip, resize_frames, write_video
+
+    clip = read_clip(require(app.EXAMPLE_CLIP, "bundled example clip"))
+    height, width = clip.frames.shape[1:3]
+    large = tmp_path / "large.mp4"
+    write_video(large, resize_frames(clip.frames[:8], 3 * height, 4 * width), clip.fps)  # wider than tall
+    demo = app.Demo(Engine(device="cpu", landmarks="dlib"), app.Limits())
+    preview, info = demo.preview({"path": str(large), "orig_name": "large.mp4"})
+    frames = read_clip(preview).frames
+    assert frames.shape[0] == 8 and f"{4 * width}x{3 * height}" in info
+    assert max(frames.shape[1:3]) == app.PREVIEW_SIDE
+    assert abs(frames.shape[2] / frames.shape[1] - 4 * width / (3 * height)) < 0.02
