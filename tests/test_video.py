@@ -115,6 +115,28 @@ def test_folder_of_frames_is_sorted_naturally(tmp_path):
     assert sorted(["img_b10", "IMG_b9", "img_a100"], key=video.natural_key) == ["img_a100", "IMG_b9", "img_b10"]
 
 
+def test_a_stream_that_declares_no_duration_reads_whole(tmp_path, clip):
+    """A WebM written to a pipe (as browsers' recorders do) declares no duration, so no frame count: its frames
+    are read all the same, whole or in chunks (the chunk's array grows as frames come)."""
+    import subprocess
+
+    import imageio_ffmpeg
+
+    gif = tmp_path / "clip.gif"
+    video.write_video(gif, clip.frames, clip.fps)
+    piped = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-i", str(gif), "-pix_fmt", "yuv420p",
+                            "-c:v", "libvpx", "-f", "webm", "-"], capture_output=True, check=True).stdout
+    path = tmp_path / "recording.webm"
+    path.write_bytes(piped)
+    with video._FfmpegStream(path, Limits()) as stream:
+        assert stream.expected_frames == 0
+    whole = video.read_clip(path)
+    assert whole.num_frames == clip.num_frames and np.abs(whole.frames.astype(int) - clip.frames).mean() < 8
+    chunks = [c.frames for c in video.iter_clip_chunks(path, chunk=16)]
+    assert [len(c) for c in chunks[:-1]] == [16] * (len(chunks) - 1)
+    assert np.array_equal(np.concatenate(chunks), whole.frames)
+
+
 def test_chunks_stream_the_same_frames(clip, driving_gifs):
     chunks = list(video.iter_clip_chunks(driving_gifs[0], chunk=16))
     assert all(len(c.frames) <= 16 for c in chunks) and all(c.fps == clip.fps for c in chunks)
