@@ -856,11 +856,12 @@ def same_frame(frame: np.ndarray, other: np.ndarray) -> bool:
 
 def crop_to_model(frames: np.ndarray, box: FaceBox, size: int, chunk: int = 64) -> np.ndarray:
     """Crop frames (T x H x W x C or one H x W x C, any mode) to `box` and resize to size x size RGB uint8. A frame
-    equal to the one before (a clip resampled to a higher frame rate) is cut once."""
+    whose box holds what the one before's held (a clip resampled to a higher frame rate) is cut once."""
     single = np.asarray(frames).ndim in (2, 3)
     frames = as_rgb(frames)
     frames = frames[None] if single else frames
-    new = np.array([True] + [not same_frame(a, b) for a, b in zip(frames[1:], frames[:-1])])  # T
+    read = frames[:, max(box.y0, 0):max(box.y1, 0), max(box.x0, 0):max(box.x1, 0)]  # what the crop reads (a view)
+    new = np.array([True] + [not same_frame(a, b) for a, b in zip(read[1:], read[:-1])])  # T
     distinct = frames[new] if not new.all() else frames
     out = np.concatenate([_cut(distinct[i:i + chunk], box, size)
                           for i in range(0, len(distinct), chunk)])  # T' x size x size x 3

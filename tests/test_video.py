@@ -341,10 +341,12 @@ def test_crop_and_paste_back_round_trip(astronaut):
 
 
 def test_a_repeated_frame_is_cut_as_the_one_before(clip, monkeypatch):
-    """Frames equal to the one before are cut once, and come out as cutting each would give them."""
+    """Frames whose box holds what the one before's held are cut once, and come out as cutting each would give
+    them (a frame that differs only outside the box, too)."""
     distinct = clip.frames[:1].repeat(4, 0)
     distinct[1:, 10, 10] = [[0, 0, 0], [255, 255, 255], [9, 9, 9]]
     frames = np.repeat(distinct, [1, 3, 1, 2], axis=0)  # 7 frames, 4 distinct
+    frames[2, 0, 0] = 255 - frames[1, 0, 0]  # outside the box below (its rows start at 3)
     box = video.FaceBox(-6, 3, clip.frames.shape[1] + 4)
     each = np.concatenate([video.crop_to_model(frame, box, 64)[None] for frame in frames])
     cut = video._cut
