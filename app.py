@@ -50,7 +50,7 @@ from mefacial.models import backbones
 from mefacial.options import AnimateOptions
 from mefacial.variants import find_variant, get_variant, variant_ids
 from mefacial.video import Limits as VideoLimits
-from mefacial.video import read_clip, read_image, resize_frames, write_video
+from mefacial.video import fit_frames, read_clip, read_image, write_video
 
 log = logging.getLogger("mefacial.app")
 
@@ -489,10 +489,9 @@ class Demo:
         if driving is None:
             return None, ""
         clip, info = self.check_driving(driving, default_landmarks(self.engine))
-        frames, (height, width) = clip.frames, clip.frames.shape[1:3]
-        scale = PREVIEW_SIDE / max(height, width)
-        if scale < 1:  # (a 2048 x 1088 clip's copy at its size took 6 s to encode, after the 3 s of reading it)
-            frames = resize_frames(frames, max(round(height * scale), 2), max(round(width * scale), 2))
+        frames = clip.frames
+        if max(frames.shape[1:3]) > PREVIEW_SIDE:  # (a 2048 x 1088 clip's copy at its size took 6 s to encode)
+            frames = fit_frames(frames, PREVIEW_SIDE)
         video = write_video(self.request_dir() / "driving.mp4", frames, clip.fps)
         return str(video), info
 

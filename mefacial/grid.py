@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-from .video import resize_frames
+from .video import fit_frames
 
 TILE = 256  # default tile side in pixels
 HEADER = 32  # height of the label strip above each column
@@ -71,10 +71,8 @@ def _font(size: int) -> ImageFont.ImageFont:
 
 def fit_tile(frames: np.ndarray, size: int = TILE) -> np.ndarray:
     """T x H x W x 3 uint8 -> T x size x size x 3: resized to fit (aspect kept), centred on the background."""
-    t, h, w, _ = frames.shape
-    scale = size / max(h, w)
-    new_h, new_w = max(1, round(h * scale)), max(1, round(w * scale))
-    resized = resize_frames(frames, new_h, new_w)  # T x h' x w' x 3 (as they are at the tile's size)
+    resized = fit_frames(frames, size)  # T x h' x w' x 3 (as they are at the tile's size)
+    t, new_h, new_w, _ = resized.shape
     tile = np.empty((t, size, size, 3), dtype=np.uint8)
     tile[:] = BACKGROUND
     top, left = (size - new_h) // 2, (size - new_w) // 2

@@ -848,6 +848,13 @@ def resize_frames(frames: np.ndarray, height: int, width: int, chunk: int = 64) 
     return np.concatenate([_resize_uint8(frames[i:i + chunk], (height, width)) for i in range(0, len(frames), chunk)])
 
 
+def fit_frames(frames: np.ndarray, side: int) -> np.ndarray:
+    """T x h x w x 3 uint8 resized so that the longer side is `side` px, the aspect kept."""
+    height, width = frames.shape[1:3]
+    scale = side / max(height, width)
+    return resize_frames(frames, max(1, round(height * scale)), max(1, round(width * scale)))
+
+
 def same_frame(frame: np.ndarray, other: np.ndarray) -> bool:
     """Whether two frames are equal, pixel for pixel (every 8th row compared first: a frame that differs mostly
     shows it there, at an eighth of the cost)."""
