@@ -33,7 +33,11 @@ face's lids (the two faces, and the clips' onset frames) as `dense` draws an eye
 reads them back with both detectors (`lid_readback`); --by-direction splits the share of motion carried over into its
 horizontal and vertical parts, read by dlib and by the mesh's 68 equivalents (`MESH_68`, the same AU-point score),
 with the inner and outer eye-corner distances at the driving's eye apex (`by_direction`); --corner-flow reads how the
-skin beside the eye corners moves by optical flow instead, on the driving and the outputs (`corner_flow`). With --transparency, the dense renderer draws the driving's apex (of each clip, on the shared face) and
+skin beside the eye corners moves by optical flow instead, on the driving and the outputs (`corner_flow`). --reader-gain reads
+AUs synthesised on the two faces (known geometry) by dlib, the face mesh and optical flow and says how much of the
+motion each reads (`reader_gain`); --synthetic-presets drives each face by the emotion presets synthesised on the
+other and scores the share carried against each reader's driving and against the known motion
+(`synthetic_presets`). With --transparency, the dense renderer draws the driving's apex (of each clip, on the shared face) and
 the source unmoved; dlib's 68 points and the face mesh are re-detected on both, and the motion they read is
 compared with the motion the target mesh asks for (at dlib's points: their barycentric place in the source
 mesh, moved with it), in % of the inter-ocular distance: overall, the eyes' points across (x), and the
@@ -105,11 +109,16 @@ def main() -> None:
                         help="only split the motion carried over into horizontal and vertical parts, by both readers")
     parser.add_argument("--corner-flow", action="store_true",
                         help="only read the skin beside the eye corners by optical flow, on driving and outputs")
+    parser.add_argument("--reader-gain", action="store_true",
+                        help="only measure how much of synthesised AU motion (known geometry) each reader reads")
+    parser.add_argument("--synthetic-presets", action="store_true",
+                        help="only score motion carried over from presets synthesised on one face to another, "
+                             "against each reader's driving and against the known motion")
     args = parser.parse_args()
     if args.magnify_grid is not None:
         magnify_grid(args.data, args.magnify_grid)
         return
-    for flag, measure in (("corner_flow", corner_flow), ("by_direction", by_direction), ("lid_readback", lid_readback),
+    for flag, measure in (("reader_gain", reader_gain), ("synthetic_presets", synthetic_presets), ("corner_flow", corner_flow), ("by_direction", by_direction), ("lid_readback", lid_readback),
                           ("synthetic", synthetic_squints), ("transparency", transparency)):
         if getattr(args, flag):  # one of the separate measurements instead of the table
             measure(args.data)
@@ -359,6 +368,109 @@ def corner_flow(data: Path) -> None:
 # AU specifications of the synthesised driving clips, strong (E) to mild (B, C: as micro-expressions mostly are)
 SQUINTS = ("6:E,7:E", "6:C,7:C", "6:B,7:B", "7:E", "7:C", "43:C", "43:B")
 READBACK_SHARES = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)  # the eye apertures `lid_readback` asks for (1 = open)
+
+
+# what `reader_gain` synthesises, with the dlib landmarks each AU moves most (the mesh and the flow are read at the
+# same places: their `MESH_68` vertices)
+GAIN_SPECS = (("1:C,2:C", tuple(range(17, 27))), ("1:E,2:E", tuple(range(17, 27))), ("4:E", (19, 20, 21, 22, 23, 24)),
+              ("6:E", (40, 41, 46, 47)), ("9:E", (31, 32, 34, 35)), ("12:C", (48, 54)), ("12:E", (48, 54)),
+              ("15:E", (48, 54)), ("43:E", (37, 38, 40, 41, 43, 44, 46, 47)))
+
+
+def reader_gain(data: Path) -> None:
+    """How much of a motion whose geometry is known each reader reads: an AU synthesised on a face
+    (`Engine.synthesize`: the synthesis draws its meshes, so every vertex's motion is known) is read at the apex
+    by dlib, by the face mesh (tracked, unsmoothed) and by dense optical flow (OpenCV's DIS, onset -> apex,
+    sampled at the onset's points) at the landmarks the AU moves (`GAIN_SPECS`); the gain is the read motion
+    projected on the known one (1 = all of it, 0 = none). A reader's gain below 1 on driving and output alike
+    cancels in the share of motion carried over only where it is the same on both faces and on both kinds of
+    frames."""
+    import cv2
+
+    from mefacial import Engine
+    from mefacial import mesh as M
+    from mefacial.evaluate import landmark_finder
+    from mefacial.video import read_image
+
+    engine = Engine(device="cpu", landmarks="dlib")
+    landmarks = landmark_finder("dlib", engine.device)
+    flow = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
+    faces = {"asian_female": read_image(data / "faces" / "asian_female.png"),
+             "astronaut": read_image(Path(__file__).resolve().parents[1] / "examples" / "astronaut.png")}
+    mesh_68 = np.asarray(M.MESH_68)
+    print("| AUs | face | motion at its landmarks (% of the inter-ocular distance) | dlib | face mesh | optical flow |\n"
+          "| --- | --- | --: | --: | --: | --: |")
+    for spec, points in GAIN_SPECS:
+        for name, face in faces.items():
+            synthesised = engine.synthesize(face, spec)
+            frames, drawn = synthesised.frames, synthesised.meshes.astype(np.float64)[:, mesh_68[list(points)]]
+            iod = M.inter_ocular(synthesised.meshes[0].astype(np.float64))
+            apex = int(np.argmax(np.linalg.norm(drawn - drawn[:1], axis=-1).mean(1)))
+            known = drawn[apex] - drawn[0]  # n x 2 pixels
+            read_dlib = landmarks(frames[[0, apex]]).astype(np.float64)[:, list(points)]
+            read_mesh = M.detect_mesh(frames).astype(np.float64)[[0, apex]][:, mesh_68[list(points)]]
+            grey = [cv2.cvtColor(frames[i], cv2.COLOR_RGB2GRAY) for i in (0, apex)]
+            field = flow.calc(grey[0], grey[1], None)  # H x W x 2: onset -> apex
+            at = drawn[0].astype(np.float32)
+            by_flow = cv2.remap(field, at[:, :1], at[:, 1:], cv2.INTER_LINEAR).reshape(-1, 2).astype(np.float64)
+            gains = [float((known * moved).sum() / (known * known).sum())
+                     for moved in (read_dlib[1] - read_dlib[0], read_mesh[1] - read_mesh[0], by_flow)]
+            size = 100 * float(np.linalg.norm(known, axis=-1).mean()) / iod
+            print(f"| {spec} | {name} | {size:.1f} | " + " | ".join(fmt(g) for g in gains) + " |", flush=True)
+
+
+def synthetic_presets(data: Path) -> None:
+    """The share of motion carried over when the driving motion is known: each emotion preset (`au.PRESETS`)
+    synthesised on one face (the shared one, the bundled astronaut) drives the other with `dense` and `warp`; dlib's
+    68 points and the face mesh's (`MESH_68`) are read on driving and output, motion from the onset over each
+    face's inter-ocular distance, on the frames where the synthesised motion is at least 30 % of its peak. The
+    share carried (output motion projected on the driving's) is scored against the driving as the same reader
+    reads it (what the cross-identity routine does) and against the motion the synthesis drew (known: its meshes'
+    points at `MESH_68`); beside it, each reader's gain on the driving (its reading projected on the known motion)
+    and its noise (the power of the rest, over the known motion's): where that noise is as large as the motion,
+    a generator that moves the reader's own points carries the reader's noise over, and the reader counts it."""
+    from mefacial import Engine
+    from mefacial import mesh as M
+    from mefacial.au import PRESETS
+    from mefacial.evaluate import EvalSettings, landmark_finder
+    from mefacial.video import read_image
+
+    engine = Engine(device="cpu", landmarks="dlib")
+    settings = EvalSettings(landmarks="dlib")
+    landmarks = landmark_finder("dlib", engine.device)
+    faces = {"asian_female": read_image(data / "faces" / "asian_female.png"),
+             "astronaut": read_image(Path(__file__).resolve().parents[1] / "examples" / "astronaut.png")}
+    mesh_68 = np.asarray(M.MESH_68)
+
+    def motion(points: np.ndarray) -> np.ndarray:  # T x 68 x 2 -> motion from the onset / inter-ocular distance
+        points = points.astype(np.float64)
+        return (points - points[:1]) / np.linalg.norm(points[0, 36:42].mean(0) - points[0, 42:48].mean(0))
+
+    def share(output: np.ndarray, driving: np.ndarray) -> float:
+        return float((output * driving).sum() / (driving * driving).sum())
+
+    readers = {"dlib": landmarks, "mesh": lambda frames: M.detect_mesh(frames)[:, mesh_68]}
+    print("| preset | driving face | reader | reader's gain on the driving | its noise / motion | method | carried "
+          "(against the reader's driving) | carried (against the known motion) |\n"
+          "| --- | --- | --- | --: | --: | --- | --: | --: |")
+    for preset, (spec, _) in PRESETS.items():
+        for name, face in faces.items():
+            synthesised = engine.synthesize(face, spec)
+            known = motion(synthesised.meshes[:, mesh_68])
+            size = np.linalg.norm(known, axis=-1).mean(1)
+            moving = size >= 0.3 * size.max()
+            known = known[moving]
+            target = next(image for other, image in faces.items() if other != name)
+            results = {variant: engine.animate(target, synthesised.frames, variant=variant,
+                                               options=settings.animate_options()) for variant in ("dense", "warp")}
+            for reader, read in readers.items():
+                driving = motion(read(results["dense"].model_driving))[moving]
+                gain = share(driving, known)
+                noise = float(((driving - gain * known) ** 2).sum() / (known * known).sum())
+                for variant, result in results.items():
+                    output = motion(read(result.frames))[moving]
+                    print(f"| {preset} | {name} | {reader} | {fmt(gain)} | {fmt(noise)} | {variant} | "
+                          f"{fmt(share(output, driving))} | {fmt(share(output, known))} |", flush=True)
 
 
 def lid_readback(data: Path) -> None:
