@@ -390,13 +390,11 @@ def reader_gain(data: Path) -> None:
     from mefacial import Engine
     from mefacial import mesh as M
     from mefacial.evaluate import landmark_finder
-    from mefacial.video import read_image
 
     engine = Engine(device="cpu", landmarks="dlib")
     landmarks = landmark_finder("dlib", engine.device)
     flow = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
-    faces = {"asian_female": read_image(data / "faces" / "asian_female.png"),
-             "astronaut": read_image(Path(__file__).resolve().parents[1] / "examples" / "astronaut.png")}
+    faces = two_faces(data)
     mesh_68 = np.asarray(M.MESH_68)
     print("| AUs | face | motion at its landmarks (% of the inter-ocular distance) | dlib | face mesh | optical flow |\n"
           "| --- | --- | --: | --: | --: | --: |")
@@ -433,18 +431,17 @@ def synthetic_presets(data: Path) -> None:
     from mefacial import mesh as M
     from mefacial.au import PRESETS
     from mefacial.evaluate import EvalSettings, landmark_finder
-    from mefacial.video import read_image
+    from mefacial.metrics import interocular_distance
 
     engine = Engine(device="cpu", landmarks="dlib")
     settings = EvalSettings(landmarks="dlib")
     landmarks = landmark_finder("dlib", engine.device)
-    faces = {"asian_female": read_image(data / "faces" / "asian_female.png"),
-             "astronaut": read_image(Path(__file__).resolve().parents[1] / "examples" / "astronaut.png")}
+    faces = two_faces(data)
     mesh_68 = np.asarray(M.MESH_68)
 
     def motion(points: np.ndarray) -> np.ndarray:  # T x 68 x 2 -> motion from the onset / inter-ocular distance
         points = points.astype(np.float64)
-        return (points - points[:1]) / np.linalg.norm(points[0, 36:42].mean(0) - points[0, 42:48].mean(0))
+        return (points - points[:1]) / float(interocular_distance(torch.from_numpy(points[0])))
 
     def share(output: np.ndarray, driving: np.ndarray) -> float:
         return float((output * driving).sum() / (driving * driving).sum())
@@ -486,13 +483,12 @@ def lid_readback(data: Path) -> None:
     from mefacial.engine import to_tensor, to_uint8
     from mefacial.evaluate import landmark_finder
     from mefacial.models.dense import EYES, DenseMeshWarp, carry_lash_bands, cover_lids
-    from mefacial.video import read_clip, read_image
+    from mefacial.video import read_clip
 
     engine = Engine(device="cpu", landmarks="dlib")
     landmarks = landmark_finder("dlib", engine.device)
     model = DenseMeshWarp(load_config("dense"))
-    faces = {"asian_female": read_image(data / "faces" / "asian_female.png"),
-             "astronaut": read_image(Path(__file__).resolve().parents[1] / "examples" / "astronaut.png")}
+    faces = two_faces(data)
     faces.update({path.stem: read_clip(path).frames[0] for path in sorted((data / "driving").glob("*.gif"))})
     shares = np.array(READBACK_SHARES)
     print("| face | lid | reader | " + " | ".join(f"r = {r:.1f}" for r in shares[1:]) + " |\n"
@@ -542,14 +538,12 @@ def synthetic_squints(data: Path) -> None:
     from mefacial.engine import to_tensor
     from mefacial.evaluate import EvalSettings, landmark_finder
     from mefacial.variants import get_variant
-    from mefacial.video import read_image
 
     engine = Engine(device="cpu", landmarks="dlib")
     settings = EvalSettings(landmarks="dlib")
     landmarks = landmark_finder("dlib", engine.device)
     model, _ = engine.model("dense")
-    faces = {"asian_female": read_image(data / "faces" / "asian_female.png"),
-             "astronaut": read_image(Path(__file__).resolve().parents[1] / "examples" / "astronaut.png")}
+    faces = two_faces(data)
     lines = ["| AUs | synthesised on (driving) | target face | dlib: output / driving | face mesh: output / driving "
              "| eye shown at the apex, drawn (no reader): driving -> output |", "| --- | --- | --- | --: | --: | --: |"]
     for spec in SQUINTS:
@@ -629,6 +623,14 @@ def transparency(data: Path) -> None:
             print(f"| {clip_path.stem} (frame {apex}) | {label} | {np.abs(read68).mean():.2f} "
                   f"| {np.abs(read68[36:48, 0]).mean():.2f} | {np.abs(read_mesh).mean():.2f} | {read_mesh[10, 1]:.2f} |",
                   flush=True)
+
+
+def two_faces(data: Path) -> dict[str, np.ndarray]:
+    """The faces the synthesised measurements use: the shared target face and the bundled astronaut."""
+    from mefacial.video import read_image
+
+    return {"asian_female": read_image(data / "faces" / "asian_female.png"),
+            "astronaut": read_image(Path(__file__).resolve().parents[1] / "examples" / "astronaut.png")}
 
 
 def fmt(value, digits=2) -> str:
