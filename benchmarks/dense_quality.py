@@ -380,7 +380,8 @@ GAIN_SPECS = (("1:C,2:C", tuple(range(17, 27))), ("1:E,2:E", tuple(range(17, 27)
 def reader_gain(data: Path) -> None:
     """How much of a motion whose geometry is known each reader reads: an AU synthesised on a face
     (`Engine.synthesize`: the synthesis draws its meshes, so every vertex's motion is known) is read at the apex
-    by dlib, by the face mesh (tracked, unsmoothed) and by dense optical flow (OpenCV's DIS, onset -> apex,
+    by dlib, by the face mesh (tracked, unsmoothed), by the mesh as `dense` tracks a driving clip (`by_flow`: lips,
+    brows, nose and cheeks read by optical flow as well) and by dense optical flow (OpenCV's DIS, onset -> apex,
     sampled at the onset's points) at the landmarks the AU moves (`GAIN_SPECS`); the gain is the read motion
     projected on the known one (1 = all of it, 0 = none). A reader's gain below 1 on driving and output alike
     cancels in the share of motion carried over only where it is the same on both faces and on both kinds of
@@ -396,8 +397,8 @@ def reader_gain(data: Path) -> None:
     flow = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
     faces = two_faces(data)
     mesh_68 = np.asarray(M.MESH_68)
-    print("| AUs | face | motion at its landmarks (% of the inter-ocular distance) | dlib | face mesh | optical flow |\n"
-          "| --- | --- | --: | --: | --: | --: |")
+    print("| AUs | face | motion at its landmarks (% of the inter-ocular distance) | dlib | face mesh | "
+          "`dense`'s tracking | optical flow |\n| --- | --- | --: | --: | --: | --: | --: |")
     for spec, points in GAIN_SPECS:
         for name, face in faces.items():
             synthesised = engine.synthesize(face, spec)
@@ -407,12 +408,15 @@ def reader_gain(data: Path) -> None:
             known = drawn[apex] - drawn[0]  # n x 2 pixels
             read_dlib = landmarks(frames[[0, apex]]).astype(np.float64)[:, list(points)]
             read_mesh = M.detect_mesh(frames).astype(np.float64)[[0, apex]][:, mesh_68[list(points)]]
+            tracker = M.MeshTracker(hold_eyes=True, skip_still=True, by_flow=True)  # (as the engine's driving tracker)
+            read_tracked = tracker.track(frames).astype(np.float64)[[0, apex]][:, mesh_68[list(points)]]
             grey = [cv2.cvtColor(frames[i], cv2.COLOR_RGB2GRAY) for i in (0, apex)]
             field = flow.calc(grey[0], grey[1], None)  # H x W x 2: onset -> apex
             at = drawn[0].astype(np.float32)
             by_flow = cv2.remap(field, at[:, :1], at[:, 1:], cv2.INTER_LINEAR).reshape(-1, 2).astype(np.float64)
             gains = [float((known * moved).sum() / (known * known).sum())
-                     for moved in (read_dlib[1] - read_dlib[0], read_mesh[1] - read_mesh[0], by_flow)]
+                     for moved in (read_dlib[1] - read_dlib[0], read_mesh[1] - read_mesh[0],
+                                   read_tracked[1] - read_tracked[0], by_flow)]
             size = 100 * float(np.linalg.norm(known, axis=-1).mean()) / iod
             print(f"| {spec} | {name} | {size:.1f} | " + " | ".join(fmt(g) for g in gains) + " |", flush=True)
 

@@ -517,10 +517,10 @@ class Engine:
     @staticmethod
     def _driving_tracker(prepared: PreparedClip) -> MeshTracker:
         """The clip's face-mesh tracker: from the face that placed the onset crop, eyes held between their changes,
-        frames between still neighbours given their mean (`MeshTracker`'s `skip_still`), the lips' motion read by
-        optical flow as well (`lips_by_flow`)."""
+        frames between still neighbours given their mean (`MeshTracker`'s `skip_still`), the motion of lips, brows,
+        nose and cheeks read by optical flow as well (`by_flow`)."""
         return MeshTracker(landmarks=prepared.faces.get("driving"), role="driving", hold_eyes=True, skip_still=True,
-                           lips_by_flow=True)
+                           by_flow=True)
 
     @staticmethod
     def _mesh_in_model(prepared: PreparedClip, meshes: np.ndarray) -> np.ndarray:

@@ -102,14 +102,15 @@ EYE_HOLD_FRAMES = 3
 STILL = 0.01
 STILL_BLOCKS = 16
 STILL_PEAK = 8.0
-# Tracking with `lips_by_flow` (the generators'), the lips' motion from the onset frame is read by pyramidal
-# Lucas-Kanade as well (`_LipFlow`): the face model reads 0.1-0.7 of a lip motion of a pixel or two (a lip-corner
-# pull, depressor, chin raise synthesised with known geometry; `dense_quality.py --reader-gain`), the flow 0.8-1.0.
-LIP_FLOW_WINDOW = 9  # px at the tracking scale: the flow's window
-LIP_FLOW_LEVELS = 1  # pyramid levels above the frame (the flow starts at the mesh's reading, a pixel or two off)
-LIP_FLOW_AGREE = 0.3  # px: a lip point whose flow back to the onset lands further off keeps the mesh's reading
-LIP_FLOW_MAX = 0.05  # x the inter-ocular distance: a larger correction is left to the mesh (an opening mouth)
-LIP_FLOW_SPREAD = 0.08  # x the inter-ocular distance: how far into the skin around a correction reaches
+# Tracking with `by_flow` (the generators'), the motion of the lips, brows, nose and cheeks from the onset frame is
+# read by pyramidal Lucas-Kanade as well (`_FlowReading`): on AUs synthesised with known geometry
+# (`dense_quality.py --reader-gain`) the face model reads 0.3-0.7 of a lip motion of a pixel or two, 0.6-0.8 of a
+# brow raise, 0.4-0.7 of a nose wrinkle; the flow 0.8-1.0.
+FLOW_WINDOW = 9  # px at the tracking scale: the flow's window
+FLOW_LEVELS = 1  # pyramid levels above the frame (the flow starts at the mesh's reading, a pixel or two off)
+FLOW_AGREE = 0.3  # px: a point whose flow back to the onset lands further off keeps the mesh's reading
+FLOW_MAX = 0.05  # x the inter-ocular distance: a larger correction is left to the mesh (an opening mouth)
+FLOW_SPREAD = 0.08  # x the inter-ocular distance: how far into the skin around a correction reaches
 
 # ---- named vertex sets (MediaPipe's topology; indices into the 478 points) ---------------------------------
 # Eye contours in the order of MediaPipe's iris model output (71 points per eye), person's right eye first.
@@ -184,6 +185,10 @@ REGIONS: dict[str, tuple[int, ...]] = {
     "jaw": JAW,
     "face_oval": FACE_OVAL,
 }
+# what `_FlowReading` reads: textured skin whose small motion the face model under-reads; not the eyes, whose lids
+# the iris model reads (a closing lid is no flow: it covers what was there) and `cover_lids` draws
+FLOW_HELD = frozenset(REGIONS["eyes"] + REGIONS["lids"])
+FLOW_VERTICES = tuple(sorted(set(LIPS + RIGHT_BROW + LEFT_BROW + NOSE + CHEEKS) - FLOW_HELD))
 
 
 def eye_aperture(points: np.ndarray) -> np.ndarray:
@@ -639,12 +644,13 @@ class MeshTracker:
     (`_between`, STILL): at most every other distinct frame, and only where the face is still or moves steadily.
     Such a frame that ends a chunk waits for the next one (`track(..., more=True)` gives its mesh with the next
     chunk's; `finish()` gives the meshes of any frames left), so chunks give the meshes of the whole clip.
-    With `lips_by_flow` (the generators' tracking of a driving clip) each fitted frame's lips are read by optical
-    flow from the onset frame as well (`_LipFlow`), where the face model reads little of a subtle lip motion."""
+    With `by_flow` (the generators' tracking of a driving clip) each fitted frame's lips, brows, nose and cheeks are
+    read by optical flow from the onset frame as well (`_FlowReading`), where the face model reads little of a
+    subtle motion."""
 
     def __init__(self, box=None, *, landmarks=None, refine_eyes: bool = True, allow_missing: bool = False,
                  role: str = "driving", hold_eyes: bool = False, search: bool = True, roll: float = 0.0,
-                 skip_still: bool = False, lips_by_flow: bool = False):
+                 skip_still: bool = False, by_flow: bool = False):
         self.box, self.landmarks, self.refine_eyes, self.allow_missing, self.role = (
             box, landmarks, refine_eyes, allow_missing, role)
         self.roll = roll  # the face's roll in `box` (radians: its eye line's angle), where a detector saw it
@@ -658,8 +664,8 @@ class MeshTracker:
         # with `hold_eyes`, the iris model's last reading of each eye, reused while its face-model points stay
         self.eyes: list[_EyeReading | None] | None = [None, None] if hold_eyes else None
         self.skip_still = skip_still
-        self.lips_by_flow = lips_by_flow
-        self.lip_flow: _LipFlow | None = None  # with `lips_by_flow`: the onset's lips, set on the first face fitted
+        self.by_flow = by_flow
+        self.flow: _FlowReading | None = None  # with `by_flow`: the onset's points, set on the first face fitted
         self.face: np.ndarray | None = None  # 468 x 2: the face model's points of the last frame fitted
         self.waiting: np.ndarray | None = None  # frames held back for the next chunk (`more`)
         self.seen = 0  # frames whose meshes were given
@@ -789,60 +795,64 @@ class MeshTracker:
         self.face = mesh
         out = (_refine_eyes(frame, mesh, models, self.eyes) if self.refine_eyes
                else np.concatenate([mesh, np.full((10, 2), np.nan)]))
-        if self.lips_by_flow:
-            if self.lip_flow is None:  # the onset: the lips' motion is read from here
-                self.lip_flow = _LipFlow(frame, out)
+        if self.by_flow:
+            if self.flow is None:  # the onset: the motion is read from here
+                self.flow = _FlowReading(frame, out)
             else:
-                out = self.lip_flow(frame, out)
+                out = self.flow(frame, out)
         return out
 
 
-class _LipFlow:
-    """The lips' motion since the onset frame, read by optical flow where the face model under-reads it: each
-    lip vertex (LIPS) followed from the onset frame by pyramidal Lucas-Kanade, started at the mesh's reading; where
-    the flow back lands within LIP_FLOW_AGREE px of where it started and the correction is under LIP_FLOW_MAX, the
-    difference from the mesh's reading moves that vertex, and the skin around it (a Gaussian of LIP_FLOW_SPREAD
-    over the onset mesh, so lips and skin stay one surface)."""
+class _FlowReading:
+    """The motion since the onset frame of the skin the face model under-reads (FLOW_VERTICES: lips, brows, nose,
+    cheeks), read by optical flow: each such vertex followed from the onset frame by pyramidal Lucas-Kanade, started
+    at the mesh's reading. Where the flow back lands within FLOW_AGREE px of where it started and the correction is
+    under FLOW_MAX, the vertex goes where the flow puts it, and the skin around it follows (the corrections read,
+    weighted by a Gaussian of FLOW_SPREAD over the onset mesh, so flow and skin stay one surface); the eyes
+    (FLOW_HELD) keep the iris model's reading."""
 
     def __init__(self, frame: np.ndarray, mesh: np.ndarray):
         mesh = mesh.astype(np.float64)
         reach = float(inter_ocular(mesh[:NUM_MESH]))
-        lips = mesh[list(LIPS)]
-        # the flow reads a box around the onset's lips only: their motion, the flow's window and pyramid fit in it
-        margin = LIP_FLOW_MAX * reach + LIP_FLOW_WINDOW * 2 ** LIP_FLOW_LEVELS
-        (x0, y0), (x1, y1) = (np.clip(np.floor(lips.min(0) - margin), 0, None).astype(int),
-                              np.ceil(lips.max(0) + margin).astype(int) + 1)
+        points = mesh[list(FLOW_VERTICES)]
+        # the flow reads a box around the onset's points only: their motion, the flow's window and pyramid fit in it
+        margin = FLOW_MAX * reach + FLOW_WINDOW * 2 ** FLOW_LEVELS
+        (x0, y0), (x1, y1) = (np.clip(np.floor(points.min(0) - margin), 0, None).astype(int),
+                              np.ceil(points.max(0) + margin).astype(int) + 1)
         self.box = (slice(y0, min(y1, frame.shape[0])), slice(x0, min(x1, frame.shape[1])))
         self.onset = self._grey(frame)
         self.offset = np.array([x0, y0], np.float32)
-        self.points = (lips - self.offset).astype(np.float32).reshape(-1, 1, 2)  # L x 1 x 2: the onset's lips, in the box
-        distance = np.linalg.norm(mesh[:NUM_MESH, None] - mesh[None, list(LIPS)], axis=-1) / reach  # 468 x L
-        self.weights = np.exp(-0.5 * (distance / LIP_FLOW_SPREAD) ** 2)  # 468 x L (0 far from the lips)
-        self.limit = LIP_FLOW_MAX * reach
+        self.points = (points - self.offset).astype(np.float32).reshape(-1, 1, 2)  # P x 1 x 2: the onset's, in the box
+        distance = np.linalg.norm(mesh[:NUM_MESH, None] - points[None], axis=-1) / reach  # 468 x P
+        self.weights = np.exp(-0.5 * (distance / FLOW_SPREAD) ** 2)  # 468 x P (0 far from the points)
+        self.weights[list(FLOW_HELD)] = 0
+        self.limit = FLOW_MAX * reach
 
     def __call__(self, frame: np.ndarray, mesh: np.ndarray) -> np.ndarray:
-        """The frame's 478 x 2 mesh with its lips (and the skin around them) where the flow puts them."""
+        """The frame's 478 x 2 mesh with the flow's points (and the skin around them) where the flow puts them."""
         import cv2
 
         grey = self._grey(frame)
-        read = (mesh[list(LIPS)] - self.offset).astype(np.float32).reshape(-1, 1, 2)
-        options = dict(winSize=(LIP_FLOW_WINDOW, LIP_FLOW_WINDOW), maxLevel=LIP_FLOW_LEVELS,
-                       flags=cv2.OPTFLOW_USE_INITIAL_FLOW,
+        read = (mesh[list(FLOW_VERTICES)] - self.offset).astype(np.float32).reshape(-1, 1, 2)
+        options = dict(winSize=(FLOW_WINDOW, FLOW_WINDOW), maxLevel=FLOW_LEVELS, flags=cv2.OPTFLOW_USE_INITIAL_FLOW,
                        criteria=(cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, 10, 0.01))
         # (copies: OpenCV writes its result into the starting points it is given)
         moved, found, _ = cv2.calcOpticalFlowPyrLK(self.onset, grey, self.points, read.copy(), **options)
         back, found_back, _ = cv2.calcOpticalFlowPyrLK(grey, self.onset, moved, self.points.copy(), **options)
-        correction = (moved - read)[:, 0].astype(np.float64)  # L x 2
+        correction = (moved - read)[:, 0].astype(np.float64)  # P x 2
         agree = (found[:, 0] == 1) & (found_back[:, 0] == 1) & (np.linalg.norm((back - self.points)[:, 0], axis=-1)
-                                                                  < LIP_FLOW_AGREE)
+                                                                  < FLOW_AGREE)
         agree &= np.linalg.norm(correction, axis=-1) <= self.limit
         if not agree.any():
             return mesh
-        # each vertex: the corrections of the lip points read, weighted by their nearness, times the nearest's weight
+        # each vertex: the corrections read, weighted by their nearness, times the nearest's weight; a point read
+        # by the flow: its own
         weights = self.weights[:, agree]  # 468 x A
         spread = weights * (weights.max(1, keepdims=True) / weights.sum(1, keepdims=True).clip(1e-300))
+        shift = spread @ correction[agree]  # 468 x 2
+        shift[np.asarray(FLOW_VERTICES)[agree]] = correction[agree]
         out = mesh.copy()
-        out[:NUM_MESH] += (spread @ correction[agree]).astype(out.dtype)
+        out[:NUM_MESH] += shift.astype(out.dtype)
         return out
 
     def _grey(self, frame: np.ndarray) -> np.ndarray:

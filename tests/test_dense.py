@@ -380,27 +380,29 @@ def test_frames_between_still_neighbours_get_their_mean(monkeypatch):
         assert len(tracker.finish()) == 1
 
 
-def test_subtle_lip_motion_is_read_by_the_flow(face):
-    """A lip motion of a pixel or two (lip-corner depressor and chin raiser, synthesised: every vertex's motion is
-    known) is read by the generators' tracking (`lips_by_flow`) at most of its size where the face model alone
-    reads little of it; a still clip's lips stay where the face model puts them."""
+@pytest.mark.parametrize("spec, region", [("15:C,17:C", "lips"), ("1:C,2:C", "brows")])
+def test_subtle_motion_is_read_by_the_flow(face, spec, region):
+    """A motion of a pixel or two (lip-corner depressor and chin raiser; inner and outer brow raiser: synthesised,
+    so every vertex's motion is known) is read by the generators' tracking (`by_flow`) at most of its size where
+    the face model alone reads less of it; a still clip's mesh stays where the face model puts it."""
     from mefacial import Engine
 
-    synthesised = Engine(device="cpu").synthesize(face[0], "15:C,17:C")
+    synthesised = Engine(device="cpu").synthesize(face[0], spec)
     frames, drawn = synthesised.frames, synthesised.meshes.astype(np.float64)
-    lips = list(M.LIPS)
-    apex = int(np.argmax(np.linalg.norm(drawn[:, lips] - drawn[:1, lips], axis=-1).mean(1)))
-    known = drawn[apex, lips] - drawn[0, lips]  # L x 2 px
+    moving = list(M.REGIONS[region])
+    apex = int(np.argmax(np.linalg.norm(drawn[:, moving] - drawn[:1, moving], axis=-1).mean(1)))
+    known = drawn[apex, moving] - drawn[0, moving]  # n x 2 px
 
-    def gain(tracks: np.ndarray) -> float:  # the lips' motion read at the apex, projected on the known one
-        read = tracks[apex, lips].astype(np.float64) - tracks[0, lips]
+    def gain(tracks: np.ndarray) -> float:  # the motion read at the apex, projected on the known one
+        read = tracks[apex, moving].astype(np.float64) - tracks[0, moving]
         return float((read * known).sum() / (known * known).sum())
 
     by_mesh = gain(M.MeshTracker(hold_eyes=True, skip_still=True).track(frames))
-    by_flow = gain(M.MeshTracker(hold_eyes=True, skip_still=True, lips_by_flow=True).track(frames))
-    assert by_flow > 0.5 and by_flow > by_mesh + 0.2, (by_mesh, by_flow)  # (measured 0.28-0.33 -> 0.64-0.68)
+    by_flow = gain(M.MeshTracker(hold_eyes=True, skip_still=True, by_flow=True).track(frames))
+    # (measured: lips 0.28-0.33 -> 0.81-0.83, brows 0.44-0.64 -> 0.85-0.96)
+    assert by_flow > 0.7 and by_flow > by_mesh + 0.2, (by_mesh, by_flow)
     still = np.repeat(frames[:1], 6, 0)
-    np.testing.assert_array_equal(M.MeshTracker(lips_by_flow=True).track(still), M.MeshTracker().track(still))
+    np.testing.assert_array_equal(M.MeshTracker(by_flow=True).track(still), M.MeshTracker().track(still))
 
 
 def test_a_blink_between_open_eyes_is_tracked_and_a_lost_face_named(tight_face):
