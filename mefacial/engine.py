@@ -518,7 +518,7 @@ class Engine:
     def _driving_tracker(prepared: PreparedClip) -> MeshTracker:
         """The clip's face-mesh tracker: from the face that placed the onset crop, eyes held between their changes,
         frames between still neighbours given their mean (`MeshTracker`'s `skip_still`), the motion of lips, brows,
-        nose and cheeks read by optical flow as well (`by_flow`)."""
+        nose, cheeks and the skin beside the eye corners read by optical flow as well (`by_flow`)."""
         return MeshTracker(landmarks=prepared.faces.get("driving"), role="driving", hold_eyes=True, skip_still=True,
                            by_flow=True)
 

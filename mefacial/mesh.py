@@ -102,8 +102,8 @@ EYE_HOLD_FRAMES = 3
 STILL = 0.01
 STILL_BLOCKS = 16
 STILL_PEAK = 8.0
-# Tracking with `by_flow` (the generators'), the motion of the lips, brows, nose and cheeks from the onset frame is
-# read by pyramidal Lucas-Kanade as well (`_FlowReading`): on AUs synthesised with known geometry
+# Tracking with `by_flow` (the generators'), the motion of the lips, brows, nose, cheeks and eye corners' skin from
+# the onset frame is read by pyramidal Lucas-Kanade as well (`_FlowReading`): on AUs synthesised with known geometry
 # (`dense_quality.py --reader-gain`) the face model reads 0.3-0.7 of a lip motion of a pixel or two, 0.6-0.8 of a
 # brow raise, 0.4-0.7 of a nose wrinkle; the flow 0.8-1.0.
 FLOW_WINDOW = 9  # px at the tracking scale: the flow's window
@@ -185,10 +185,12 @@ REGIONS: dict[str, tuple[int, ...]] = {
     "jaw": JAW,
     "face_oval": FACE_OVAL,
 }
+# the skin beside each eye's outer and inner corner (the iris model's outer rings), which a squint draws in
+CANTHI_SKIN = (31, 35, 124, 130, 226, 232, 233, 243, 244, 245, 261, 265, 353, 359, 446, 452, 453, 463, 464, 465)
 # what `_FlowReading` reads: textured skin whose small motion the face model under-reads; not the eyes, whose lids
 # the iris model reads (a closing lid is no flow: it covers what was there) and `cover_lids` draws
 FLOW_HELD = frozenset(REGIONS["eyes"] + REGIONS["lids"])
-FLOW_VERTICES = tuple(sorted(set(LIPS + RIGHT_BROW + LEFT_BROW + NOSE + CHEEKS) - FLOW_HELD))
+FLOW_VERTICES = tuple(sorted(set(LIPS + RIGHT_BROW + LEFT_BROW + NOSE + CHEEKS + CANTHI_SKIN) - FLOW_HELD))
 
 
 def eye_aperture(points: np.ndarray) -> np.ndarray:
@@ -644,9 +646,9 @@ class MeshTracker:
     (`_between`, STILL): at most every other distinct frame, and only where the face is still or moves steadily.
     Such a frame that ends a chunk waits for the next one (`track(..., more=True)` gives its mesh with the next
     chunk's; `finish()` gives the meshes of any frames left), so chunks give the meshes of the whole clip.
-    With `by_flow` (the generators' tracking of a driving clip) each fitted frame's lips, brows, nose and cheeks are
-    read by optical flow from the onset frame as well (`_FlowReading`), where the face model reads little of a
-    subtle motion."""
+    With `by_flow` (the generators' tracking of a driving clip) each fitted frame's lips, brows, nose, cheeks and
+    the skin beside the eye corners are read by optical flow from the onset frame as well (`_FlowReading`), where
+    the face model reads little of a subtle motion."""
 
     def __init__(self, box=None, *, landmarks=None, refine_eyes: bool = True, allow_missing: bool = False,
                  role: str = "driving", hold_eyes: bool = False, search: bool = True, roll: float = 0.0,
@@ -805,11 +807,11 @@ class MeshTracker:
 
 class _FlowReading:
     """The motion since the onset frame of the skin the face model under-reads (FLOW_VERTICES: lips, brows, nose,
-    cheeks), read by optical flow: each such vertex followed from the onset frame by pyramidal Lucas-Kanade, started
-    at the mesh's reading. Where the flow back lands within FLOW_AGREE px of where it started and the correction is
-    under FLOW_MAX, the vertex goes where the flow puts it, and the skin around it follows (the corrections read,
-    weighted by a Gaussian of FLOW_SPREAD over the onset mesh, so flow and skin stay one surface); the eyes
-    (FLOW_HELD) keep the iris model's reading."""
+    cheeks, beside the eye corners), read by optical flow: each such vertex followed from the onset frame by
+    pyramidal Lucas-Kanade, started at the mesh's reading. Where the flow back lands within FLOW_AGREE px of where
+    it started and the correction is under FLOW_MAX, the vertex goes where the flow puts it, and the skin around it
+    follows (the corrections read, weighted by a Gaussian of FLOW_SPREAD over the onset mesh, so flow and skin stay
+    one surface); the eyes (FLOW_HELD) keep the iris model's reading."""
 
     def __init__(self, frame: np.ndarray, mesh: np.ndarray):
         mesh = mesh.astype(np.float64)
