@@ -409,11 +409,11 @@ def test_subtle_motion_is_read_by_the_flow(face, spec, region):
     np.testing.assert_array_equal(M.MeshTracker(by_flow=True).track(still), M.MeshTracker().track(still))
 
 
-@pytest.mark.parametrize("motion", ["roll", "shift"])
+@pytest.mark.parametrize("motion", ["roll", "shift", "noise"])
 def test_the_flow_adds_no_expression_to_a_moving_head(face, motion):
-    """A face turned in the picture's plane by 20 degrees or moved by 12 % of its width (no expression): with
-    `by_flow` the tracked meshes stay a similarity of the onset's as closely as the face model's own (the flow
-    reads the skin's motion, not a deformation of its own)."""
+    """A face turned in the picture's plane by 20 degrees, moved by 12 % of its width, or held still under 3 grey
+    levels of noise per frame (no expression): with `by_flow` the tracked meshes stay a similarity of the onset's
+    as closely as the face model's own (the flow reads the skin's motion, not a deformation or jitter of its own)."""
     import cv2
 
     image = face[0]
@@ -424,8 +424,12 @@ def test_the_flow_adds_no_expression_to_a_moving_head(face, motion):
             return cv2.getRotationMatrix2D((w / 2, h / 2), 20 * t, 1.0)
         return np.float32([[1, 0, 0.12 * w * t], [0, 1, 0.05 * h * t]])
 
-    frames = np.stack([cv2.warpAffine(image, moved(t), (w, h), borderMode=cv2.BORDER_REFLECT)
-                       for t in np.linspace(0, 1, 16)])
+    if motion == "noise":
+        noise = np.random.default_rng(0).normal(0, 3, (16, *image.shape))
+        frames = np.clip(image + noise, 0, 255).astype(np.uint8)
+    else:
+        frames = np.stack([cv2.warpAffine(image, moved(t), (w, h), borderMode=cv2.BORDER_REFLECT)
+                           for t in np.linspace(0, 1, 16)])
 
     def non_rigid(tracks: np.ndarray) -> float:  # the largest mean distance from a similarity of the onset / IOD
         tracks = tracks[:, :M.NUM_MESH].astype(np.float64)
@@ -437,7 +441,8 @@ def test_the_flow_adds_no_expression_to_a_moving_head(face, motion):
 
     by_mesh = non_rigid(M.MeshTracker(hold_eyes=True, skip_still=True).track(frames))
     by_flow = non_rigid(M.MeshTracker(hold_eyes=True, skip_still=True, by_flow=True).track(frames))
-    assert by_flow < by_mesh * 1.15 + 0.002, (by_mesh, by_flow)  # (measured 1.5-1.8 % of the IOD either way)
+    # (measured: moving 1.5-1.8 % of the inter-ocular distance either way; noise 0.13-0.39 % -> 0.11-0.27 %)
+    assert by_flow < by_mesh * 1.15 + 0.0005, (by_mesh, by_flow)
 
 
 def test_a_blink_between_open_eyes_is_tracked_and_a_lost_face_named(tight_face):
