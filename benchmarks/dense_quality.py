@@ -382,8 +382,8 @@ def reader_gain(data: Path) -> None:
     (`Engine.synthesize`: the synthesis draws its meshes, so every vertex's motion is known) is read at the apex
     by dlib, by the face mesh (tracked, unsmoothed), by the mesh as `dense` tracks a driving clip (`by_flow`: lips,
     brows, nose, cheeks and eye corners' skin read by optical flow as well) and by dense optical flow (OpenCV's
-    DIS, onset -> apex, sampled at the onset's points) at the landmarks the AU moves (`GAIN_SPECS`); the gain is the read motion
-    projected on the known one (1 = all of it, 0 = none). A reader's gain below 1 on driving and output alike
+    DIS, onset -> apex, sampled at the onset's points) at the landmarks the AU moves (`GAIN_SPECS`); the gain is
+    the read motion projected on the known one (1 = all of it, 0 = none). A reader's gain below 1 on driving and output alike
     cancels in the share of motion carried over only where it is the same on both faces and on both kinds of
     frames."""
     import cv2

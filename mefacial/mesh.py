@@ -816,7 +816,8 @@ class _FlowReading:
     def __init__(self, frame: np.ndarray, mesh: np.ndarray):
         mesh = mesh.astype(np.float64)
         reach = float(inter_ocular(mesh[:NUM_MESH]))
-        points = mesh[list(FLOW_VERTICES)]
+        self.vertices = np.asarray(FLOW_VERTICES)  # P
+        points = mesh[self.vertices]
         # the flow reads a box around the onset's points only: their motion, the flow's window and pyramid fit in it
         margin = FLOW_MAX * reach + FLOW_WINDOW * 2 ** FLOW_LEVELS
         (x0, y0), (x1, y1) = (np.clip(np.floor(points.min(0) - margin), 0, None).astype(int),
@@ -835,7 +836,7 @@ class _FlowReading:
         import cv2
 
         grey = self._grey(frame)
-        read = (mesh[list(FLOW_VERTICES)] - self.offset).astype(np.float32).reshape(-1, 1, 2)
+        read = (mesh[self.vertices] - self.offset).astype(np.float32).reshape(-1, 1, 2)
         options = dict(winSize=(FLOW_WINDOW, FLOW_WINDOW), maxLevel=FLOW_LEVELS, flags=cv2.OPTFLOW_USE_INITIAL_FLOW,
                        criteria=(cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, 10, 0.01))
         # (copies: OpenCV writes its result into the starting points it is given)
@@ -852,7 +853,7 @@ class _FlowReading:
         weights = self.weights[:, agree]  # 468 x A
         spread = weights * (weights.max(1, keepdims=True) / weights.sum(1, keepdims=True).clip(1e-300))
         shift = spread @ correction[agree]  # 468 x 2
-        shift[np.asarray(FLOW_VERTICES)[agree]] = correction[agree]
+        shift[self.vertices[agree]] = correction[agree]
         out = mesh.copy()
         out[:NUM_MESH] += shift.astype(out.dtype)
         return out
