@@ -218,7 +218,7 @@ class ClipRun:
 
     def _generate(self) -> Iterator[np.ndarray]:
         engine, prepared, spec, options = self.engine, self.prepared, self.spec, self.options
-        batch_size = options.batch_size or engine.batch_size
+        batch_size = options.batch_size or engine.batch_size_for(spec)
         animator: ClipAnimator | None = None
         done = 0
         t0 = time.perf_counter()
@@ -292,6 +292,13 @@ class Engine:
         self.compile = compile
         self._cache = ModelCache(self._for_inference)
         self._device_defaults = (batch_size is None, channels_last is None)  # re-chosen by `to(device)`
+
+    def batch_size_for(self, spec: Variant) -> int:
+        """Frames per batch for `spec`: the engine's, or where that is left to its default on the CPU, the
+        backbone's own where it has one (`BackboneSpec.cpu_batch_size`)."""
+        if self._device_defaults[0] and self.device.type == "cpu" and spec.spec.cpu_batch_size:
+            return spec.spec.cpu_batch_size
+        return self.batch_size
 
     # ---- models -------------------------------------------------------------------------
     def inference_context(self) -> contextlib.AbstractContextManager:

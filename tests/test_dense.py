@@ -1285,6 +1285,18 @@ def test_streamed_clip_equals_the_whole_clip(engine):
     assert np.abs(streamed.astype(int) - whole).max() <= 1
 
 
+def test_frames_do_not_depend_on_the_batch(engine):
+    """The engine renders `dense` 8 frames a batch on the CPU (`BackboneSpec.cpu_batch_size`); a frame is the same
+    whichever batch it is rendered in (the eyes' box, the ratio images' median and noise are per frame or cover
+    every frame's eyes)."""
+    from mefacial.video import read_clip
+
+    clip = read_clip(require(DATA / "driving" / "s3_po_05.gif", "shared clip")).frames[:19]
+    face = DATA / "faces" / "asian_female.png"
+    runs = [engine.animate(face, clip, variant="dense", magnify=2.0, batch_size=size).frames for size in (None, 3)]
+    assert np.array_equal(runs[0], runs[1])
+
+
 def test_tracking_alongside_rendering_equals_tracking_first(engine):
     """An in-memory clip's meshes are tracked in a worker thread while the frames are rendered: the same meshes
     and frames as finding every mesh first (`find_landmarks`), kept on the clip for the next variant, and torch's

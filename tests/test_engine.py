@@ -245,3 +245,18 @@ def test_stage_timings_added_from_two_threads_all_count(monkeypatch):
     for thread in threads:
         thread.join()
     assert seconds["generator"] == 60
+
+
+def test_the_cpu_batch_is_the_backbones_own_unless_given():
+    """On the CPU the dense generator renders 8 frames a batch (measured faster than the engine's 4; its frames
+    are the same whatever the batch), the learned backbones the engine's 4; a batch size given to the engine or
+    to one run wins, and on a GPU the engine's default holds."""
+    from mefacial.variants import get_variant
+
+    dense, fomm = get_variant("dense"), get_variant("fomm-none")
+    engine = Engine(device="cpu")
+    assert (engine.batch_size_for(dense), engine.batch_size_for(fomm)) == (8, 4)
+    assert Engine(device="cpu", batch_size=2).batch_size_for(dense) == 2
+    engine._device_defaults, engine.device = (True, True), torch.device("cuda")  # (as `to("cuda")` leaves it)
+    engine.batch_size = 32
+    assert engine.batch_size_for(dense) == 32

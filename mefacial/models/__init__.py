@@ -96,6 +96,8 @@ class BackboneSpec:
     num_points: Callable[["ModelConfig"], int] = lambda config: 0  # keypoints / regions of a config
     points_name: str = "points"  # what num_points counts ("keypoints", "regions")
     tiny_params: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # model_params of a tiny network
+    # frames per batch on the CPU where the engine's batch size is left to its default (None: the engine's, 4)
+    cpu_batch_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.points not in POINT_KINDS:
