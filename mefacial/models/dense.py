@@ -1159,9 +1159,9 @@ SPEC = register_backbone(BackboneSpec(
     adapt_scale=False,  # the motion is mapped by local (per-triangle) maps instead
     priors=("none",),
     needs_weights=False,
-    # 8 frames a batch on the CPU: 5-13 % faster end to end than the engine's 4 on the shared clips (alternating
-    # in one process: the per-batch work of the eyes' layer, the ratio images and Python is shared by more
-    # frames); 12 and 16 no faster (the tracker's thread hands over fewer batches to overlap)
+    # 8 frames a batch on the CPU: 4-13 % faster end to end than the engine's 4 on the shared clips (alternating
+    # in one process, 2026-12-03: the per-batch work of the eyes' layer, the ratio images and Python is shared by
+    # more frames); 12 and 16 no faster (the tracker's thread hands over fewer batches to overlap)
     cpu_batch_size=8,
     variants=(VariantDecl("dense", "dense", "Training-free dense mesh"),
               VariantDecl("dense-geometry", "dense-geometry", "Dense mesh, geometry only", prior_option="geometry",
