@@ -257,6 +257,5 @@ def test_the_cpu_batch_is_the_backbones_own_unless_given():
     engine = Engine(device="cpu")
     assert (engine.batch_size_for(dense), engine.batch_size_for(fomm)) == (8, 4)
     assert Engine(device="cpu", batch_size=2).batch_size_for(dense) == 2
-    engine._device_defaults, engine.device = (True, True), torch.device("cuda")  # (as `to("cuda")` leaves it)
-    engine.batch_size = 32
+    engine.device, engine.batch_size = torch.device("cuda"), 32  # (what `to("cuda")` sets; no GPU needed to ask)
     assert engine.batch_size_for(dense) == 32
