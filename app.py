@@ -553,14 +553,31 @@ def au_choices_from_spec(spec: str) -> list[str]:
     return [chosen.get(n, AU_OFF) for n in au.SUPPORTED]
 
 
-def choices_or_unchanged(spec: str) -> list:
-    """The AU choices of a specification being typed; unchanged while it does not parse yet."""
+def au_text_changed(spec: str) -> list:
+    """What the page makes of a specification being typed: [the note under the presets, Synthesise, one choice per
+    AU]. The choices follow a specification that parses (Synthesise reads them, not the text); one that does not
+    leaves them as they were, says why in the note and turns Synthesise off until it parses, so a typo never
+    synthesises the previous choices. What the choices cannot hold (a fraction, an AU's own timing or delay, one AU
+    at two intensities per side) is named in the note as what Synthesise uses instead."""
     from mefacial import au
 
+    unchanged = [gr.update() for _ in au.SUPPORTED]
+    if not str(spec or "").strip():  # cleared: nothing chosen (Synthesise then asks for an AU)
+        return ["", gr.update(interactive=True), *[AU_OFF for _ in au.SUPPORTED]]
     try:
-        return au_choices_from_spec(spec)
-    except MefacialError:
-        return [gr.update() for _ in au.SUPPORTED]
+        items = au.parse_aus(spec)
+    except MefacialError as error:
+        return [f"**Not a specification yet**: {error.page_message} Synthesise is off until it is.",
+                gr.update(interactive=False), *unchanged]
+    choices = au_choices_from_spec(spec)
+    used = au_spec_from_choices(*choices)
+    kept = {(item.au, item.side) for item in items}
+    lost = (any(item.letter is None or item.timing is not None or item.delay_ms for item in items)
+            or len(kept) != len({item.au for item in items}))
+    note = (f"The page's choices take an intensity letter per AU (one side or both) and the timing below: "
+            f"**{used}** is synthesised (the command line and the Python API take fractions and an AU's own "
+            "timing)." if lost else "")
+    return [note, gr.update(interactive=True), *choices]
 
 
 def synthesis_endpoint(demo: "Demo") -> Callable:
@@ -717,18 +734,23 @@ def action_units_tab(demo: "Demo", default_face: str | None, blocks: gr.Blocks) 
                     for unit in rows[start:start + 6]:  # '-' by default: an AU left out of an API call is not used
                         radios.append(gr.Dropdown(AU_CHOICES, value=AU_OFF, label=f"AU{unit.number} {unit.name}",
                                                   info=unit.muscles, min_width=150))
+    def chosen(*choices) -> list:  # a choice made: the text follows it, the preset's note goes
+        return [au_spec_from_choices(*choices), "", gr.update(interactive=True)]
+
     for radio in radios:
-        radio.input(au_spec_from_choices, radios, a_spec, api_name=False, queue=False)
-    a_spec.input(choices_or_unchanged, a_spec, radios, api_name=False, queue=False, trigger_mode="always_last")
+        radio.input(chosen, radios, [a_spec, a_preset_note, a_button], api_name=False, queue=False)
+    a_spec.input(au_text_changed, a_spec, [a_preset_note, a_button, *radios], api_name=False, queue=False,
+                 trigger_mode="always_last")
+
     def preset(name: str) -> list:
         spec, source = au.PRESETS[name]
-        return [spec, f"**{name}** = {spec}: {source}", *au_choices_from_spec(spec)]
+        return [spec, f"**{name}** = {spec}: {source}", gr.update(interactive=True), *au_choices_from_spec(spec)]
 
     for name, button in zip(au.PRESETS, preset_buttons):
-        button.click(functools.partial(preset, name), None, [a_spec, a_preset_note, *radios], api_name=False,
-                     queue=False)
-    blocks.load(functools.partial(preset, "positive"), None, [a_spec, a_preset_note, *radios], api_name=False,
-                queue=False)  # the page opens with a preset chosen
+        button.click(functools.partial(preset, name), None, [a_spec, a_preset_note, a_button, *radios],
+                     api_name=False, queue=False)
+    blocks.load(functools.partial(preset, "positive"), None, [a_spec, a_preset_note, a_button, *radios],
+                api_name=False, queue=False)  # the page opens with a preset chosen
     timing_inputs = [a_onset, a_apex, a_offset, a_fps, a_lead_in, a_lead_out]
     count = len(radios)
     gr.on([c.change for c in [*radios, *timing_inputs]],

@@ -270,6 +270,22 @@ def test_action_units_preset_synthesises_the_specified_event(page, tmp_path):
     screenshot(page, "app-action-units.png")
 
 
+def test_a_typo_in_the_au_specification_turns_synthesise_off_until_it_parses(page):
+    from mefacial import au
+
+    page.get_by_role("tab", name="Action units").click()
+    field = page.locator("#a-spec textarea, #a-spec input").first
+    expect(field).to_have_value(au.PRESETS["positive"][0], timeout=30_000)  # the page opens on a preset
+    field.fill("")
+    field.press_sequentially("99:C")  # typed (Gradio's input event follows keys, not a filled value)
+    expect(page.locator("#a-preset-note")).to_contain_text("AU99 is not in the library", timeout=30_000)
+    expect(page.locator("#a-button")).to_be_disabled()  # the preset's choices are not synthesised instead
+    field.fill("")
+    field.press_sequentially("4:C")
+    expect(page.locator("#a-button")).to_be_enabled(timeout=30_000)
+    expect(page.locator("#a-preset-note")).not_to_contain_text("positive")  # the preset's note went with it
+
+
 def test_prior_slider_follows_the_clip_and_the_gallery_shows_every_panel(page, clip, tmp_path):
     page.get_by_role("tab", name="Prior").click()
     short = tmp_path / "seven_frames.mp4"

@@ -300,6 +300,29 @@ def test_generate_from_an_au_csv(tmp_path):
 
 
 @pytest.mark.slow
+def test_app_au_text_that_does_not_parse_turns_synthesise_off_and_what_the_choices_cannot_hold_is_named():
+    """Synthesise reads the per-AU choices; a typed specification that does not parse leaves them as they were, so
+    it must not let Synthesise run them (it silently synthesised the previous preset): it says why and turns it off."""
+    import app
+
+    def typed(spec):
+        note, button, *choices = app.au_text_changed(spec)
+        return note, button["interactive"], choices
+
+    for bad in ("99:C", "4:Z", "12:C:0/0/0", "4:"):
+        note, on, choices = typed(bad)
+        assert not on and "Not a specification" in note and all(c == {"__type__": "update"} for c in choices)
+    assert "AU99 is not in the library" in typed("99:C")[0]
+    note, on, choices = typed("4:C,R12:A")
+    assert on and note == "" and app.au_spec_from_choices(*choices) == "4:C,R12:A"
+    for lossy, used in (("12:0.5", "12:C"), ("12:C:80/40/120@20", "12:C"), ("R12:A,L12:B", "L12:B")):
+        note, on, choices = typed(lossy)
+        assert on and app.au_spec_from_choices(*choices) == used and f"**{used}** is synthesised" in note
+    note, on, choices = typed("  ")
+    assert on and note == "" and app.au_spec_from_choices(*choices) == ""  # cleared: nothing chosen
+
+
+@pytest.mark.slow
 def test_app_action_units_handlers(tmp_path):
     """The Action units tab's handlers: radios <-> specification, a synthesis with its readout, a readout of any clip."""
     import app
