@@ -47,7 +47,7 @@ from mefacial.evaluate import compare_columns, first_line
 from mefacial.grid import Column, prior_panels, render_grid
 from mefacial.landmarks import get_detector
 from mefacial.models import backbones
-from mefacial.options import AnimateOptions
+from mefacial.options import AnimateOptions, magnified
 from mefacial.variants import find_variant, get_variant, variant_ids
 from mefacial.video import Limits as VideoLimits
 from mefacial.video import fit_frames, read_clip, read_image, write_video
@@ -353,8 +353,9 @@ class Demo:
                                      progress=self.progress_fn(progress))
         out = self.request_dir()
         slowdown = options.slowdown
+        label = ", ".join(filter(None, (get_variant(variant).label, magnified(options.magnify))))
         columns = [Column("source", result.model_source), Column("driving", result.model_driving),
-                   Column(get_variant(variant).label, result.frames)]
+                   Column(label, result.frames)]
         with ThreadPoolExecutor(1, thread_name_prefix="side-by-side") as pool:  # two encoders at once (ffmpeg)
             grid = pool.submit(lambda: write_video(out / "side_by_side.mp4", render_grid(columns), result.fps,
                                                    slowdown=slowdown))
@@ -362,12 +363,13 @@ class Demo:
             download = video if format == "mp4" else write_video(out / "result.gif", result.frames, result.fps,
                                                                 slowdown=slowdown)
             grid = grid.result()
-        return str(video), str(grid), str(download), self.status_line(result, slowdown)
+        return str(video), str(grid), str(download), self.status_line(result, slowdown, options.magnify)
 
-    def status_line(self, result, slowdown: float) -> str:
+    def status_line(self, result, slowdown: float, magnify: float = 1.0) -> str:
         timings = result.timings
         speed = "real time" if slowdown == 1 else f"slowed down x{slowdown:g}"
-        return (f"**{get_variant(result.variant).label}**: {result.num_frames} frames in "
+        motion = f" · **{magnified(magnify)}** (magnified, not the driving's own)" if magnify != 1 else ""
+        return (f"**{get_variant(result.variant).label}**{motion}: {result.num_frames} frames in "
                 f"{timings.get('total_s', 0):.2f} s "
                 f"({timings.get('ms_per_frame', 0):.0f} ms/frame) on {self.engine.device} {self.engine.precision} · "
                 f"landmarks: {result.landmark_backend or 'none'} · weights: {result.weights} · "
@@ -621,8 +623,9 @@ def synthesize_clip(demo: "Demo", source, aus="6:C,12:C", onset_ms=100.0, apex_m
                        lead_in_ms=number(lead_in_ms, "lead-in (ms)", 0, 2000),
                        lead_out_ms=number(lead_out_ms, "lead-out (ms)", 0, 2000))
     slowdown = number(slowdown, "slow-down factor", 1, 20)
+    magnify = number(magnify, "magnification", 0.5, 5)
     au.plan(str(aus), timing, max_frames=demo.limits.max_frames, max_seconds=demo.limits.max_seconds)  # the app's limits
-    result = demo.engine.synthesize(image, str(aus), timing, magnify=number(magnify, "magnification", 0.5, 5),
+    result = demo.engine.synthesize(image, str(aus), timing, magnify=magnify,
                                     appearance=bool(appearance), progress=demo.progress_fn(progress))
     out = demo.request_dir()
     video = write_video(out / "synthesized.mp4", result.frames, result.fps, slowdown=slowdown)
@@ -638,7 +641,8 @@ def synthesize_clip(demo: "Demo", source, aus="6:C,12:C", onset_ms=100.0, apex_m
               f"({kind}), first frame neutral; apex frames "
               + ", ".join("AU{} {}-{}".format(a["au"], *a["apex_frames"]) for a in units["aus"])
               + f" · {result.timings.get('total_s', 0):.1f} s · "
-              + ("real time" if slowdown == 1 else f"slowed down x{slowdown:g}"))
+              + ("real time" if slowdown == 1 else f"slowed down x{slowdown:g}")
+              + (f" · **{magnified(magnify)}** (magnified)" if magnify != 1 else ""))
     return str(video), str(plot), str(video), status
 
 

@@ -16,7 +16,7 @@ import sys
 
 from .console import one_line
 from .errors import InputError, MefacialError
-from .options import AnimateOptions
+from .options import AnimateOptions, magnified
 
 
 class CliParser(argparse.ArgumentParser):
@@ -99,7 +99,8 @@ def _cmd_animate(args: argparse.Namespace) -> int:
                                 options=options, progress=progress)
     out = write_video(args.out, result.frames, result.fps, slowdown=options.slowdown)
     print(f"{out}: {result.num_frames} frames at {result.fps:g} fps (played at {result.fps / options.slowdown:g}), "
-          f"{result.timings['ms_per_frame']:.0f} ms/frame, weights: {result.weights}, "
+          + (f"{magnified(options.magnify)} (magnified), " if options.magnify != 1 else "")
+          + f"{result.timings['ms_per_frame']:.0f} ms/frame, weights: {result.weights}, "
           f"landmarks: {result.landmark_backend or 'not needed'}")
     return 0
 
@@ -281,13 +282,15 @@ def _cmd_synthesize(args: argparse.Namespace) -> int:
         raise InputError(f"unknown preset {args.preset!r}; presets: {', '.join(au.PRESETS)}")
     spec = au.PRESETS[args.preset][0] if args.preset else args.au
     engine = Engine(device=args.device, precision=args.precision, batch_size=args.batch_size, landmarks=args.landmarks)
-    result = engine.synthesize(args.source, spec, _timing(args), _synthesis_options(args))
+    options = _synthesis_options(args)
+    result = engine.synthesize(args.source, spec, _timing(args), options)
     out = write_video(args.out, result.frames, result.fps, slowdown=args.slowdown)
     units = result.action_units
     apex = ", ".join("AU{} {}-{}".format(a["au"], *a["apex_frames"]) for a in units["aus"])
     print(f"{out}: {units['spec']}, {result.num_frames} frames at {result.fps:g} fps "
           f"({1000 * (result.num_frames - 1) / result.fps:.0f} ms; played at {result.fps / args.slowdown:g} fps), "
-          f"apex frames {apex}, {result.timings['ms_per_frame']:.0f} ms/frame")
+          f"apex frames {apex}, {result.timings['ms_per_frame']:.0f} ms/frame"
+          + (f", {magnified(options.magnify)} (magnified)" if options.magnify != 1 else ""))
     if args.readout:
         motion = readout.region_motion(result.meshes, result.fps)
         readout.plot(motion, args.readout, title=f"{units['spec']}: AU-region motion (% IOD)")

@@ -68,7 +68,7 @@ def compare_columns(engine: Any, source: Any, driving: Any, variants: Sequence[s
     clip), that error is raised.
     """
     from .errors import WeightsNotFoundError
-    from .options import as_options
+    from .options import as_options, magnified
     from .video import read_clip
 
     options = as_options(options, **changes)
@@ -84,8 +84,9 @@ def compare_columns(engine: Any, source: Any, driving: Any, variants: Sequence[s
         if isinstance(outcome, MefacialError):
             reason = NO_WEIGHTS if isinstance(outcome, WeightsNotFoundError) else first_line(outcome)[:160]
             columns.append(Column(variant_label(variant), reason=reason))
-        else:
-            columns.append(Column(variant_label(variant), outcome.frames))
+        else:  # (a magnified column says so: it is not the driving's own motion)
+            label = ", ".join(filter(None, (variant_label(variant), magnified(options.magnify))))
+            columns.append(Column(label, outcome.frames))
     return Comparison(columns, done[0].fps if done else clip.fps, outcomes)
 
 

@@ -134,6 +134,12 @@ class AnimateOptions:
         return cls(**{**given, **fixed})
 
 
+def magnified(magnify: float) -> str:
+    """How a result's motion relates to the driving's, for its labels and summaries: '' when faithful (1), else
+    'motion x2' (a magnified clip must not pass for the driving's own motion)."""
+    return "" if magnify == 1 else f"motion x{magnify:g}"
+
+
 def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 

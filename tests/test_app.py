@@ -59,7 +59,12 @@ def test_gif_download_slowed_down_and_pasted_back(client, clip):
     assert gif.shape[0] == clip.num_frames  # 25 / 4 fps: no frame dropped
     assert gif.shape[1:3] == iio.imread(FACE).shape[:2]  # the face pasted back into the whole picture
     assert iio.immeta(video)["fps"] == pytest.approx(clip.fps / 4, rel=0.01)
-    assert "slowed down x4" in status
+    assert "slowed down x4" in status and "motion x" not in status  # faithful motion needs no mark
+
+
+def test_a_magnified_result_says_so_in_its_status(client):
+    *_, status = client.predict(source=handle_file(FACE), driving=handle_file(CLIP), magnify=2, api_name="/generate")
+    assert "motion x2" in status  # an exaggerated clip must not pass for the driving's own motion
 
 
 def test_compare_by_default_runs_only_the_variants_ready_here(client, clip):

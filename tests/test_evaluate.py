@@ -139,6 +139,17 @@ def test_compare_renders_a_column_per_variant_and_a_strip(material, tmp_path, mo
         assert np.abs(row - warp_tiles[index]).mean() < 4
 
 
+def test_a_magnified_column_says_so_in_its_label(material):
+    from mefacial import Engine
+
+    clip = sorted(material["clips"].glob("*.gif"))[0]
+    engine = Engine(device="cpu", landmarks="dlib")
+    labels = [c.label for c in ev.compare_columns(engine, material["face"], clip, ["warp"], magnify=2).columns]
+    assert labels == ["driving", f"{ev.variant_label('warp')}, motion x2"]  # not the driving's own motion
+    assert [c.label for c in ev.compare_columns(engine, material["face"], clip, ["warp"]).columns][1] == \
+        ev.variant_label("warp")
+
+
 def test_strip_frames_run_from_onset_to_apex():
     clip = np.zeros((30, 8, 8, 3), np.uint8)
     clip[:, :, :, 0] = np.minimum(np.arange(30), 20)[:, None, None] * 10  # motion grows until frame 20
