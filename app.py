@@ -1139,8 +1139,8 @@ def main(argv: list[str] | None = None) -> None:
     if hardware.on_zero_gpu():
         hardware.import_spaces()  # before anything touches CUDA
     try:
-        for variant, _ in args.checkpoint:
-            get_variant(variant)  # an unknown id fails here, listing the known ones
+        for variant, path in args.checkpoint:
+            weights_registry.resolve_checkpoint(get_variant(variant).id, path)  # unknown ids and missing files fail now
         engine = mefacial.Engine(device=hardware.startup_device(args.device), precision=args.precision,
                                  landmarks=args.landmarks, checkpoints=dict(args.checkpoint))
     except MefacialError as exc:

@@ -42,7 +42,7 @@ from .models.blocks import fuse_for_inference
 from .options import MAX_MAGNIFY, AnimateOptions, as_options  # noqa: F401 - MAX_MAGNIFY: public constant
 from .pipeline import ClipAnimator, PreparedClip, StreamingSmoother, to_tensor, to_uint8  # noqa: F401
 from .utils import from_numpy, timer
-from .variants import Variant, get_variant
+from .variants import Variant, get_variant, variant_ids
 
 log = logging.getLogger("mefacial")
 
@@ -185,6 +185,13 @@ def _mesh_face(image: np.ndarray) -> tuple[bool, np.ndarray | None]:
     return _on_mesh(lambda mesh, rgb: (True, mesh.find_face(rgb)), image, (False, None))
 
 
+def _takes_weights(spec: Variant, checkpoint: str | Path | None) -> None:
+    """A checkpoint given for a training-free variant is refused: it would be ignored without a word."""
+    if checkpoint and not spec.needs_weights:
+        raise InputError(f"{spec.id} is training-free and loads no weights; leave out its checkpoint (the learned "
+                         f"variants take one: {', '.join(v for v in variant_ids() if get_variant(v).needs_weights)})")
+
+
 def _given_meshes(prepared: PreparedClip) -> bool:
     """Whether the caller gave face meshes (478 points) for both the source and the clip."""
     from .mesh import NUM_VERTICES
@@ -280,7 +287,9 @@ class Engine:
                         "(see README, Performance); use fp32 on this machine")
         self.landmarks = landmarks
         self.limits = limits
-        self.checkpoint_overrides = dict(checkpoints or {})
+        self.checkpoint_overrides = {get_variant(v).id: path for v, path in (checkpoints or {}).items()}
+        for variant, path in self.checkpoint_overrides.items():
+            _takes_weights(get_variant(variant), path)
         # NHWC convolutions: measured 1.4x faster for FOMM on a 2-core AVX-512 CPU (oneDNN); on CUDA the
         # tensor-core kernels of fp16 / bf16 want it too. Override with channels_last=True / False.
         if channels_last is None:
@@ -309,6 +318,7 @@ class Engine:
         """The model of `variant` on this engine's device, with its weights loaded, and where they came from;
         cached (`ModelCache`: no request waits for another variant's download)."""
         spec = get_variant(variant)
+        _takes_weights(spec, checkpoint)
         return self._cache.get(spec, checkpoint or self.checkpoint_overrides.get(spec.id))
 
     def to(self, device: str | torch.device) -> "Engine":

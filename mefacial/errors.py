@@ -112,7 +112,7 @@ class CheckpointError(MefacialError):
     """A checkpoint is not a checkpoint, or does not fit the chosen architecture."""
 
     title = "Unusable weights"
-    default_fix = "Choose the training-free warp, or another variant marked as ready"
+    default_fix = "Choose a training-free backbone (the dense mesh or the warp), or another variant marked as ready"
     readme = "Weights"
 
 

@@ -176,3 +176,10 @@ def test_a_large_clip_is_previewed_at_a_bounded_size(tmp_path):
     assert frames.shape[0] == 8 and f"{4 * width}x{3 * height}" in info
     assert max(frames.shape[1:3]) == app.PREVIEW_SIDE
     assert abs(frames.shape[2] / frames.shape[1] - 4 * width / (3 * height)) < 0.02
+
+
+def test_the_app_refuses_to_start_with_a_checkpoint_that_is_not_there(tmp_path):
+    with pytest.raises(SystemExit, match="does not exist"):
+        app.main(["--checkpoint", f"fomm-awp={tmp_path / 'nowhere.pth.tar'}", "--device", "cpu"])
+    with pytest.raises(SystemExit, match="training-free"):
+        app.main(["--checkpoint", f"dense={__file__}", "--device", "cpu"])

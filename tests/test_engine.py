@@ -259,3 +259,15 @@ def test_the_cpu_batch_is_the_backbones_own_unless_given():
     assert Engine(device="cpu", batch_size=2).batch_size_for(dense) == 2
     engine.device, engine.batch_size = torch.device("cuda"), 32  # (what `to("cuda")` sets; no GPU needed to ask)
     assert engine.batch_size_for(dense) == 32
+
+
+def test_a_checkpoint_for_a_training_free_variant_is_refused_not_ignored(tmp_path):
+    weights = tmp_path / "w.pth.tar"
+    weights.write_bytes(b"x")
+    with pytest.raises(InputError, match="dense is training-free and loads no weights"):
+        Engine(device="cpu", checkpoints={"dense": str(weights)})
+    with pytest.raises(InputError, match="warp is training-free"):
+        Engine(device="cpu").model("warp", checkpoint=weights)
+    assert Engine(device="cpu", checkpoints={"fomm-awp": str(weights)}).checkpoint_overrides == {
+        "fomm-awp": str(weights)}  # (a learned variant's: loaded, and checked, when it runs)
+

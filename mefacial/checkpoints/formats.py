@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -50,16 +51,31 @@ def read_pickled_checkpoint(path: str | Path) -> dict:
     except FileNotFoundError:
         raise
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for bad files
-        lines = str(exc).splitlines() or [""]
-        detail = next((line.strip() for line in lines if "GLOBAL" in line), lines[0])  # the refused class
-        raise CheckpointError(
-            f"{path} is not a loadable checkpoint ({type(exc).__name__}: {detail[:300]}). "
-            "Only plain tensor checkpoints load (torch.load weights_only=True); re-save it as a state dict "
-            "or convert it with `python -m mefacial checkpoints convert`."
-        ) from None
+        cause, remedy = _unloadable(path, exc)
+        raise CheckpointError(f"{path} is not a loadable checkpoint: {cause}. {remedy}",
+                              page=f"This variant's weights file cannot be loaded: {cause}") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path} holds a {type(data).__name__}, not a dict of state dicts")
     return data
+
+
+def _unloadable(path: Path, error: Exception) -> tuple[str, str]:
+    """(why, what to do) for a file torch.load(weights_only=True) refused, in our words: torch's own message advises
+    loading with weights_only=False, which would let the file run code."""
+    text = str(error)
+    try:
+        with open(path, "rb") as f:
+            zipped = f.read(4) == b"PK\x03\x04"  # torch.save's format: a zip archive
+    except OSError:
+        zipped = False
+    refused = re.search(r"GLOBAL (\S+)", text)
+    if refused:
+        return (f"it pickles a Python object ({refused.group(1)}), which could run code when loaded, so it is not "
+                "read", "Re-save its state dicts alone, or convert it with `python -m mefacial checkpoints convert`.")
+    if zipped or isinstance(error, EOFError) or "central directory" in text or "zip archive" in text:
+        return "the file is damaged or incomplete (a copy or download cut short?)", "Copy or download it again."
+    return ("it is not a PyTorch checkpoint (damaged, or a file of another kind)",
+            "Give the .pth / .pth.tar / .safetensors file of a trained model.")
 
 
 def strip_prefixes(key: str) -> str:
@@ -225,7 +241,8 @@ def load_weights(model: nn.Module, path: str | Path, parts: str | Sequence[str])
     path = prefer_safetensors(path)
     wanted = _parts_of(parts)
     if not path.is_file():
-        raise WeightsNotFoundError(f"checkpoint {path} does not exist")
+        raise WeightsNotFoundError(f"checkpoint {path} does not exist",
+                                   page="The weights file of this variant is missing on the server")
     if not is_safetensors(path):
         return load_original_checkpoint(model, path, wanted)
     flat = flatten_parts(unflatten_parts(read_safetensors(path)), wanted)

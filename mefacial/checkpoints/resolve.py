@@ -44,7 +44,8 @@ def user_file(path: str | Path, source: str, spec: CheckpointSpec | None, what: 
     """An explicit or env path: it must exist (a typo never falls back to other weights)."""
     path = Path(path).expanduser()
     if path.is_dir():
-        raise WeightsNotFoundError(f"{what} {path} is a folder; give the weights file in it (.safetensors or .pth.tar)")
+        raise WeightsNotFoundError(f"{what} {path} is a folder; give the weights file in it (.safetensors or .pth.tar)",
+                                   page="The weights set for this variant are a folder, not a file, on the server")
     if not path.is_file():
         for suffix in (SAFETENSORS_SUFFIX, ".pth.tar"):  # a name given without its suffix
             candidate = path.with_name(path.name + suffix)
@@ -52,8 +53,8 @@ def user_file(path: str | Path, source: str, spec: CheckpointSpec | None, what: 
                 return ResolvedWeights(candidate, source, None, spec)
         raise WeightsNotFoundError(
             f"{what} {path} does not exist (current folder {Path.cwd()}). Check the path, or leave it unset to "
-            "use the registry's weights (`python -m mefacial checkpoints list` shows where they resolve)."
-        )
+            "use the registry's weights (`python -m mefacial checkpoints list` shows where they resolve).",
+            page="The weights file set for this variant is missing on the server")
     return ResolvedWeights(prefer_safetensors(path), source, None, spec)
 
 
