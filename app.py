@@ -1149,7 +1149,14 @@ def main(argv: list[str] | None = None) -> None:
                     queue_size=args.queue_size, output_max_age_s=args.output_max_age)
     stop_on_sigterm()
     demo = build_demo(engine, limits)
-    launch(demo, host=args.host, port=args.port, share=args.share, prevent_thread_lock=True)
+    try:
+        launch(demo, host=args.host, port=args.port, share=args.share, prevent_thread_lock=True)
+    except OSError as exc:  # Gradio's own words name launch()'s parameters, not this program's flags
+        if "port" not in str(exc).lower():
+            raise
+        port = args.port or os.environ.get("GRADIO_SERVER_PORT") or 7860
+        raise SystemExit(f"error: port {port} is taken (another app.py still running?): stop that one, or start "
+                         "this one on another port with --port, e.g. --port 7861") from None
     log.info("serving %s, %.1f s after start", demo.local_url, time.monotonic() - STARTED)
     # The warm-up runs beside the server, once it serves: the page never waits for it.
     threading.Thread(target=start_up_work, args=(engine,), name="warm-up", daemon=True).start()

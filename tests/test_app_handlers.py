@@ -183,3 +183,14 @@ def test_the_app_refuses_to_start_with_a_checkpoint_that_is_not_there(tmp_path):
         app.main(["--checkpoint", f"fomm-awp={tmp_path / 'nowhere.pth.tar'}", "--device", "cpu"])
     with pytest.raises(SystemExit, match="training-free"):
         app.main(["--checkpoint", f"dense={__file__}", "--device", "cpu"])
+
+
+def test_a_taken_port_is_one_line_naming_the_flag_not_a_traceback():
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(SystemExit, match=f"port {port} is taken.*--port"):
+            app.main(["--port", str(port), "--device", "cpu"])
