@@ -160,6 +160,19 @@ class NoFaceError(InputError):
         self.frame_index = frame_index
 
 
+def face_remedy(detector: str, smallest: float, width: int, height: int) -> tuple[str, str]:
+    """(what the command line says to do, what the page says) where `detector` found no face in a `width` x
+    `height` picture and finds faces from about `smallest` px tall: a picture too small to hold one is named so,
+    not sent to be cropped closer."""
+    if min(width, height) < smallest:
+        return (f"this {width}x{height} picture is too small to hold a face the {detector} finds (at least about "
+                f"{smallest:.0f} px tall): use a larger picture of the face",
+                f"Use a larger picture of the face (at least about {smallest:.0f} px tall)")
+    return (f"the {detector} needs a frontal, well-lit face at least about {smallest:.0f} px tall in this "
+            f"{width}x{height} picture: crop closer to the face, avoid strong profile views, occlusions and deep "
+            "shadows", "Use a frontal, well-lit face, cropped close, without strong shadows or a profile view")
+
+
 def is_cli_free(text: str) -> bool:
     """Whether `text` names no flag or environment variable (what a page may show)."""
     return not _ENV_OR_FLAG.search(text)

@@ -43,7 +43,7 @@ from urllib.parse import urlparse
 import numpy as np
 import torch
 
-from .errors import InputError, NoFaceError, WeightsNotFoundError
+from .errors import InputError, NoFaceError, WeightsNotFoundError, face_remedy, sentence
 from .prior import NUM_LANDMARKS
 from .utils import from_numpy
 from .video import as_rgb
@@ -136,10 +136,8 @@ class LandmarkDetector(abc.ABC):
 
     def _no_face(self, index: int, count: int, size: tuple[int, int], role: str) -> NoFaceError:
         smallest = self.min_face_px * max(max(size) / DETECT_MAX_SIDE, 1.0)
-        remedy = (f"The {self.name} detector needs a frontal, well-lit face at least about {smallest:.0f} px tall in "
-                  f"this {size[0]}x{size[1]} picture: crop closer to the face, avoid strong profile views, "
-                  "occlusions and deep shadows")
-        fix = "Use a frontal, well-lit face, cropped close, without strong shadows or a profile view"
+        remedy, fix = face_remedy(f"{self.name} detector", smallest, *size)
+        remedy = sentence(remedy)[:-1]
         if role == "source":
             return NoFaceError(f"no face found in the source image. {remedy}.", frame_index=None,
                                page="No face found in the source image", fix=fix)

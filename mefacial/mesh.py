@@ -56,7 +56,7 @@ from typing import Iterator
 
 import numpy as np
 
-from .errors import InputError, NoFaceError, WeightsNotFoundError
+from .errors import InputError, NoFaceError, WeightsNotFoundError, face_remedy
 from .video import same_frame
 
 ASSETS = Path(__file__).parent / "assets" / "mediapipe"
@@ -83,6 +83,7 @@ DETECTOR_TILE = 0.6
 ROI_SCALE = 1.5  # MediaPipe's face region of interest: 1.5 x the landmarks' extent, square
 IRIS_ROI_SCALE = 2.3  # MediaPipe's eye region: 2.3 x the eye-corner distance, square
 PRESENCE_THRESHOLD = 0.5  # sigmoid of the face-flag output
+SMALLEST_FACE = 60  # px: about the smallest face the mesh's face detector finds (named in its no-face message)
 ROI_REACH = 0.25  # x the box: a frame shrunk for tracking is shrunk this far around the box only (a head that
 # moves further between two frames is lost by the box first)
 RETRACK_SHIFT = 0.08  # a mesh whose centre moved by more than this x the box size gets a new box
@@ -910,11 +911,9 @@ def _shrunk(frame: np.ndarray, scale: float, window: tuple[float, float, float, 
 
 
 def _no_face(index: int, count: int | None, shape: tuple, role: str) -> NoFaceError:
-    remedy = (f"the face mesh needs a frontal or near-frontal face, at least about 60 px tall, in this "
-              f"{shape[2]}x{shape[1]} picture: crop closer to the face, avoid strong profile views, occlusions "
-              "and deep shadows")
+    remedy, fix = face_remedy("face mesh", SMALLEST_FACE, shape[2], shape[1])
     if role == "source":
-        return NoFaceError(f"no face found in the source image: {remedy}.", frame_index=None)
+        return NoFaceError(f"no face found in the source image: {remedy}.", frame_index=None, fix=fix)
     of = f" (of {count})" if count else ""
     return NoFaceError(f"no face in driving frame {index}{of}: {remedy}; trim frames where the face "
                        "leaves the picture.", frame_index=index)

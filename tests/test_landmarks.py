@@ -183,6 +183,17 @@ def test_no_face_raises_naming_the_frame(dlib_detector, landmarks_fixture):
     assert np.isnan(partial.points[1]).all() and np.isfinite(partial.points[[0, 2]]).all()
 
 
+def test_a_picture_too_small_for_a_face_is_called_too_small_not_sent_to_be_cropped(dlib_detector):
+    from mefacial import mesh as M
+
+    tiny = np.full((16, 16, 3), 128, np.uint8)
+    for detect in (lambda: dlib_detector.detect(tiny, role="source"), lambda: M.detect_mesh(tiny, role="source")):
+        with pytest.raises(NoFaceError, match="16x16 picture is too small to hold a face") as error:
+            detect()
+        assert "crop closer" not in str(error.value)
+        assert "Use a larger picture of the face" in error.value.page_message
+
+
 def test_crop_around_real_landmarks_holds_the_face(dlib_detector, astronaut, driving_tracks):
     points = dlib_detector.detect(astronaut, role="source").points[0]
     box = video.face_box(points, astronaut.shape)
