@@ -163,6 +163,16 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     print(f"rank {ranks.rank}/{ranks.world}: {summary.describe()}")
     if summary.manifest is not None:
         print(f"{summary.manifest}: {gen.manifest_totals(summary.manifest)}")
+    return _generation_status(summary)
+
+
+def _generation_status(summary) -> int:
+    """The exit status of a generation run: 1 where every item failed (nothing made or done before; a script must
+    notice), else 0 (failed items are in the manifest, and a rerun retries them)."""
+    if summary.failed and not (summary.ok or summary.skipped):
+        print(f"error: nothing was generated, all {summary.failed} failed: their errors are in the manifest's "
+              "\"status\": \"error\" lines", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -187,7 +197,7 @@ def _generate_aus(args: argparse.Namespace) -> int:
     if summary.manifest is not None:
         print(f"{summary.manifest}: {gen.manifest_totals(summary.manifest)}; labels: "
               f"{os.path.join(args.out, gen.AU_LABELS)}")
-    return 0
+    return _generation_status(summary)
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:

@@ -105,20 +105,27 @@ def _strip_label(stem: str, label: str) -> str:
 
 
 def unique_names(paths: Iterable[str], stem: Callable[[str], str] = _stem) -> dict[str, str]:
-    """Path -> short name: its stem, extended by parent folders ('sub01_EP02_01f') where stems collide."""
+    """Path -> short name: its stem, extended by parent folders ('sub01_EP02_01f') where stems collide, and by its
+    extension ('clip_mp4') where they collide within one folder."""
     paths = sorted(set(paths))
     depth = {p: 0 for p in paths}
+    typed: set[str] = set()  # paths named with their extension
     while True:
         names = {}
         for p in paths:
             parents = [q.name for q in Path(p).parents][: depth[p]][::-1]
-            names[p] = "_".join([*parents, stem(p)])
+            extension = [Path(p).suffix.lstrip(".")] if p in typed else []
+            names[p] = "_".join([*parents, stem(p), *extension])
         groups: dict[str, list[str]] = {}
         for p, n in names.items():
             groups.setdefault(n, []).append(p)
         clashes = [ps for ps in groups.values() if len(ps) > 1]
         grown = False
         for ps in clashes:
+            if len({Path(p).parent for p in ps}) == 1 and not typed.issuperset(ps):  # one folder: other extensions
+                typed.update(ps)
+                grown = True
+                continue
             for p in ps:
                 if depth[p] < len(Path(p).parents) - 1:
                     depth[p] += 1

@@ -104,6 +104,22 @@ def _png(path: Path, frame: np.ndarray) -> None:
     Image.fromarray(frame).save(path)
 
 
+def test_names_stay_short_where_two_files_share_a_stem():
+    assert gen.unique_names(["/data/qa/clip.gif", "/data/qa/clip.mp4"]) == {"/data/qa/clip.gif": "clip_gif",
+                                                                            "/data/qa/clip.mp4": "clip_mp4"}
+    assert gen.unique_names(["/d/sub01/EP02.mp4", "/d/sub02/EP02.mp4", "/d/x.mp4"]) == {
+        "/d/sub01/EP02.mp4": "sub01_EP02", "/d/sub02/EP02.mp4": "sub02_EP02", "/d/x.mp4": "x"}
+
+
+def test_a_run_where_every_pair_fails_exits_with_status_1(tmp_path, capsys):
+    from mefacial.__main__ import main
+
+    pairs = write_csv(tmp_path / "pairs.csv", [[str(tmp_path / "no-face.png"), str(tmp_path / "no-clip.gif"), ""]])
+    assert main(["generate", "--pairs", str(pairs), "--variants", "warp", "--out", str(tmp_path / "gen"),
+                 "--device", "cpu"]) == 1
+    assert "nothing was generated" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("world", [1, 2, 3, 5])
 def test_shards_cover_every_item_once(world):
     items = list(range(23))
