@@ -101,11 +101,12 @@ def resolve_registered(spec: CheckpointSpec, *, offline: bool, progress: bool, v
         cached = hub.cached_hub_file(source)
         if cached is not None:
             return ResolvedWeights(cached, "hf-cache", check_sha256(cached, source) if verify else None, spec, source)
-    looked += [f"Hugging Face cache {hub.hub_cache_dir()}: {source.describe()} is not cached" for source in spec.sources]
+    count = len(spec.sources)  # (the sources are named once, in the error's first line)
+    looked.append(f"Hugging Face cache {hub.hub_cache_dir()}: "
+                  + ("not cached" if count == 1 else f"none of the {count} Hub sources is cached"))
 
     if offline:
-        looked += [f"Hub download of {source.describe()}: skipped, offline mode (HF_HUB_OFFLINE=1 or offline=True)"
-                   for source in spec.sources]
+        looked.append("Hub download: skipped, offline mode (HF_HUB_OFFLINE=1 or offline=True)")
         raise not_found(spec, looked, reason="it is not on this machine and downloads are off")
 
     for index, source in enumerate(spec.sources):
@@ -123,7 +124,6 @@ def resolve_registered(spec: CheckpointSpec, *, offline: bool, progress: bool, v
                 break
             continue
         return ResolvedWeights(path, "hub", check_sha256(path, source) if verify else None, spec, source)
-    count = len(spec.sources)
     raise not_found(spec, looked, reason="the download failed" + (f" from all {count} Hub sources" if count > 1 else ""))
 
 
@@ -141,7 +141,9 @@ def not_found(spec: CheckpointSpec, looked: list[str], reason: str) -> WeightsNo
     folder = checkpoint_dir()
     how_to_get = " ".join(spec.how_to_get.split())
     todo = [how_to_get] if how_to_get else []
-    todo.append(f"copy the weights file to {folder / (spec.variant + '.pth.tar')} (or {spec.variant}.safetensors there)")
+    if "checkpoints/" not in how_to_get:  # (where the registry's advice names the folder already, once is enough)
+        todo.append(f"copy the weights file to {folder / (spec.variant + '.pth.tar')} (or {spec.variant}.safetensors "
+                    "there)")
     if "--checkpoint" not in how_to_get:
         todo.append(f"pass --checkpoint PATH, or set {spec.env_var}=PATH")
     else:
