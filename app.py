@@ -835,9 +835,17 @@ def build_demo(engine: mefacial.Engine, limits: Limits | None = None) -> gr.Bloc
         return backbone is None or len(own) <= 1 or v["backbone"] == backbone
 
     def prior_choices(backbone: str | None = None) -> list[tuple[str, str]]:
-        """The prior choices of one backbone (all of them when None, or when it has one variant, shown disabled)."""
+        """The prior choices of one backbone (all of them when None, or when it has one variant, shown disabled),
+        each in its own variant's words."""
+        labels = {v["prior_option"]: v["prior_label"] for v in variants if backbone and v["backbone"] == backbone}
         keys = [v["prior_option"] for v in variants if offers(backbone, v)]
-        return [(PRIORS.get(k, k), k) for k in dict.fromkeys(["none", *keys])]
+        return [(labels.get(k) or PRIORS.get(k, k), k) for k in dict.fromkeys(["none", *keys])]
+
+    def prior_title(backbone: str | None) -> str:
+        """What the prior radio chooses for a backbone: a facial prior where it has one (EWP, AWP), else a variant
+        (the dense mesh: with or without appearance transfer)."""
+        return ("Facial prior" if backbone is None or any(v["prior"] != "none" for v in variants
+                                                           if v["backbone"] == backbone) else "Variant")
 
     def motion_choices(backbone: str | None = None) -> list[tuple[str, str]]:
         modes = [m for v in variants if offers(backbone, v) for m in v["motion_modes"]]
@@ -868,7 +876,8 @@ def build_demo(engine: mefacial.Engine, limits: Limits | None = None) -> gr.Bloc
         several = len([v for v in variants if v["backbone"] == backbone]) > 1
         priors = prior_choices(backbone)
         kept = several and prior in {key for _, key in priors}
-        return (gr.update(choices=priors, interactive=several, **({} if kept else {"value": "none"})),
+        return (gr.update(choices=priors, interactive=several, label=prior_title(backbone),
+                          **({} if kept else {"value": "none"})),
                 gr.update(visible=spec.confine, value=False),
                 gr.update(choices=motion_choices(backbone), value=spec.default_motion,
                           interactive=len(spec.motion_modes) > 1),
@@ -911,7 +920,7 @@ def build_demo(engine: mefacial.Engine, limits: Limits | None = None) -> gr.Bloc
                         with gr.Row():
                             g_backbone = gr.Radio([(label, b) for b, label in BACKBONES.items()], value="dense",
                                                   label="Backbone", elem_id="g-backbone")
-                            g_prior = gr.Radio(prior_choices("dense"), value="none", label="Facial prior",
+                            g_prior = gr.Radio(prior_choices("dense"), value="none", label=prior_title("dense"),
                                                interactive=True, elem_id="g-prior")
                         g_confine = gr.Checkbox(False, label="Confine the warp to the face (EWP map)", visible=False)
                         g_variant = gr.Markdown(variant_note("dense", "none"), padding=True, elem_id="g-variant")
@@ -927,7 +936,8 @@ def build_demo(engine: mefacial.Engine, limits: Limits | None = None) -> gr.Bloc
                             g_crop = gr.Checkbox(True, label="Crop around the face")
                             g_paste = gr.Checkbox(False, label="Paste back into the full image")
                             g_smooth = gr.Checkbox(True, label="Smooth landmark tracks")
-                        g_landmarks = gr.Radio(landmark_choices, value=landmarks0, label="Landmark backend")
+                        g_landmarks = gr.Radio(landmark_choices, value=landmarks0, label="Landmark backend "
+                                               "(68 points: the warp, FOMM, MRAA; the dense mesh tracks its own)")
                         with gr.Row():
                             g_slowdown = gr.Slider(1, 20, value=1, step=1, label="Playback: slow down by (1 = real time)")
                             g_format = gr.Radio(["mp4", "gif"], value="mp4", label="Download format")

@@ -332,7 +332,10 @@ def test_a_backbone_keeps_the_prior_it_offers_too(page):
     expect(prior.get_by_label("AWP", exact=True)).to_be_checked()
     page.locator("#g-backbone").get_by_label("Training-free dense mesh", exact=True).check()
     expect(variant).to_contain_text("Runs Training-free dense mesh ·", timeout=30_000)
-    expect(prior.get_by_label("none", exact=True)).to_be_checked()
+    from mefacial.variants import get_variant
+
+    expect(prior.get_by_label(get_variant("dense").prior_label, exact=True)).to_be_checked()  # its own words
+    expect(prior).to_contain_text("Variant")  # (no facial prior to choose there: with or without appearance)
     expect(prior.get_by_label("AWP", exact=True)).to_have_count(0)
 
 

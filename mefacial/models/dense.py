@@ -1163,7 +1163,8 @@ SPEC = register_backbone(BackboneSpec(
     # in one process, 2026-12-03: the per-batch work of the eyes' layer, the ratio images and Python is shared by
     # more frames); 12 and 16 no faster (the tracker's thread hands over fewer batches to overlap)
     cpu_batch_size=8,
-    variants=(VariantDecl("dense", "dense", "Training-free dense mesh"),
+    variants=(VariantDecl("dense", "dense", "Training-free dense mesh",
+                          prior_label="geometry and appearance (lids, furrows, shading)"),
               VariantDecl("dense-geometry", "dense-geometry", "Dense mesh, geometry only", prior_option="geometry",
                           prior_label="geometry only (no appearance transfer)")),
 ))
