@@ -439,7 +439,9 @@ def markdown(report: dict[str, Any]) -> str:
                      f"{cell('landmark_error', 3)} | {mean['beats_static']}/{count} |"
                      + "".join(f" {_fmt(entry.get(m), 3)} |" for m in learned))
     if any("motion_transfer" in e for e in report["variants"].values()):
-        lines += ["", f"Cross-identity motion transfer on {len(report['faces'])} faces x {len(report['clips'])} clips "
+        faces, clips = len(report["faces"]), len(report["clips"])
+        lines += ["", f"Cross-identity motion transfer on {faces} face{'s' * (faces != 1)} x {clips} "
+                  f"clip{'s' * (clips != 1)} "
                   "(AU-point motion of the output against the driving clip's, in % of the inter-ocular distance):", "",
                   "| variant | pairs | AU motion error ↓ | static | motion carried over (1 = all) | beats static |",
                   "|---|---|---|---|---|---|"]

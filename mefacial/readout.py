@@ -160,11 +160,11 @@ def plot(motion: RegionMotion, path: str | Path | None = None, *, title: str = "
         _, y = px(0, v)
         draw.line([(x0, y), (x1, y)], fill=(230, 230, 230))
         draw.text((4, y - 6), f"{v:.3g}{unit}", fill=(60, 60, 60), font=font)
-    for k in range(6):  # x labels
-        t = t_max * k / 5
-        x, _ = px(t, 0)
+    step = _nice(t_max / 5)  # x labels at round times (0, 50, 100 ms ...), at most six
+    for t in np.arange(0, t_max + 1e-6, step):
+        x, _ = px(float(t), 0)
         draw.line([(x, y1), (x, y1 + 4)], fill=(60, 60, 60))
-        draw.text((x - 12, y1 + 6), f"{t:.0f}", fill=(60, 60, 60), font=font)
+        draw.text((x - 12, y1 + 6), f"{t:.3g}", fill=(60, 60, 60), font=font)
     draw.text(((x0 + x1) / 2 - 20, height - 14), "time (ms)", fill=(60, 60, 60), font=font)
     draw.rectangle([x0, y0, x1, y1], outline=(120, 120, 120))
     for label, t in (marks or {}).items():
@@ -181,7 +181,8 @@ def plot(motion: RegionMotion, path: str | Path | None = None, *, title: str = "
             draw.line(line, fill=colour, width=6 if covered else 2)
         ly = y0 + 4 + 14 * k
         draw.line([(x1 + 8, ly + 6), (x1 + 24, ly + 6)], fill=colour, width=3)
-        draw.text((x1 + 28, ly), region.replace("_", " "), fill=(30, 30, 30), font=font)
+        draw.text((x1 + 28, ly), region.replace("_", "-"), fill=(30, 30, 30), font=font)  # (the bitmap font's
+        # space is a pixel wide: "lip corner" read "lipcorner")
     if title:
         draw.text((x0, 6), title, fill=(0, 0, 0), font=font)
     array = np.asarray(image)
