@@ -101,8 +101,17 @@ def _cmd_animate(args: argparse.Namespace) -> int:
     print(f"{out}: {result.num_frames} frames at {result.fps:g} fps (played at {result.fps / options.slowdown:g}), "
           + (f"{magnified(options.magnify)} (magnified), " if options.magnify != 1 else "")
           + f"{result.timings['ms_per_frame']:.0f} ms/frame, weights: {result.weights}, "
-          f"landmarks: {result.landmark_backend or 'not needed'}")
+          f"landmarks: {result.landmark_backend or 'not needed'}" + _playback_hint(result, options.slowdown))
     return 0
+
+
+def _playback_hint(result, slowdown: float) -> str:
+    """A hint where the written video plays for under a second at real time (a micro-expression at 100-200 fps is
+    over before a viewer sees it): the flag that slows it down."""
+    seconds = result.num_frames / result.fps * slowdown
+    if slowdown != 1 or seconds >= 1:
+        return ""
+    return f"; it plays for {seconds:.2f} s: --slowdown 10 plays it ten times slower"
 
 
 def _split_variants(text: str) -> list[str]:
@@ -300,7 +309,8 @@ def _cmd_synthesize(args: argparse.Namespace) -> int:
     print(f"{out}: {units['spec']}, {result.num_frames} frames at {result.fps:g} fps "
           f"({1000 * (result.num_frames - 1) / result.fps:.0f} ms; played at {result.fps / args.slowdown:g} fps), "
           f"apex frames {apex}, {result.timings['ms_per_frame']:.0f} ms/frame"
-          + (f", {magnified(options.magnify)} (magnified)" if options.magnify != 1 else ""))
+          + (f", {magnified(options.magnify)} (magnified)" if options.magnify != 1 else "")
+          + _playback_hint(result, args.slowdown))
     if args.readout:
         motion = readout.region_motion(result.meshes, result.fps)
         readout.plot(motion, args.readout, title=f"{units['spec']}: AU-region motion (% IOD)")
