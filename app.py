@@ -687,9 +687,9 @@ def readout_panel(demo: "Demo", video: gr.components.Component, slowdown: gr.com
     return image
 
 
-def action_units_tab(demo: "Demo", default_face: str | None, blocks: gr.Blocks) -> None:
+def action_units_tab(demo: "Demo", default_face: str | None, blocks: gr.Blocks) -> gr.Image:
     """The 'Action units' tab: pick AUs and FACS intensities (or a preset of the literature), the timing and the
-    playback speed; the synthesised clip plays next to its AU-region readout."""
+    playback speed; the synthesised clip plays next to its AU-region readout. Returns its face input."""
     from mefacial import au
 
     with gr.Tab("Action units", id="action-units"):
@@ -765,6 +765,7 @@ def action_units_tab(demo: "Demo", default_face: str | None, blocks: gr.Blocks) 
                     a_appearance, a_slowdown],
                    [a_result, a_readout, a_download, a_status], api_name="synthesize", concurrency_limit=1,
                    preprocess=False)
+    return a_source
 
 
 # ---- layout -------------------------------------------------------------------------------------
@@ -1003,7 +1004,7 @@ def build_demo(engine: mefacial.Engine, limits: Limits | None = None) -> gr.Bloc
             if pairs:
                 gr.Examples(pairs, inputs=[c_source, c_driving], label="Examples")
 
-        action_units_tab(demo_state, str(EXAMPLE_FACE) if EXAMPLE_FACE.exists() else None, demo)
+        a_source = action_units_tab(demo_state, str(EXAMPLE_FACE) if EXAMPLE_FACE.exists() else None, demo)
 
         with gr.Accordion("Variants and weights", open=False):
             v_table = gr.Markdown(variants_markdown(engine, variants), elem_id="variants")
@@ -1026,6 +1027,8 @@ def build_demo(engine: mefacial.Engine, limits: Limits | None = None) -> gr.Bloc
         for source, landmarks in ((g_source, g_landmarks), (p_source, p_landmarks), (c_source, c_landmarks)):
             source.input(user_errors(demo_state.check_source), [source, landmarks], None, api_name=False,
                          show_progress="minimal", **raw).failure(**reset(source, clear=True))
+        a_source.input(user_errors(demo_state.check_source), a_source, None, api_name=False, show_progress="minimal",
+                       **raw).failure(**reset(a_source, clear=True))
         g_driving.change(user_errors(demo_state.preview), g_driving, [g_preview, g_clip_info],
                          api_name="preview_driving", **raw).failure(**reset(g_preview, g_clip_info, clear=True))
         p_driving.change(user_errors(demo_state.prior_clip), [p_driving, p_frame, p_landmarks], [p_frame, p_clip_info],

@@ -339,20 +339,23 @@ def test_a_backbone_keeps_the_prior_it_offers_too(page):
     expect(prior.get_by_label("AWP", exact=True)).to_have_count(0)
 
 
+@pytest.mark.parametrize("tab", ["g", "a"])  # Generate; Action units (Prior and Compare share Generate's check)
 @pytest.mark.parametrize("name, content, title", [
     ("not_a_face.png", b"this is text, not a picture", "Not an image"),
     ("noise.png", None, "No face found"),
 ])
-def test_a_bad_face_is_reported_when_it_is_uploaded(page, tmp_path, name, content, title):
+def test_a_bad_face_is_reported_when_it_is_uploaded(page, tmp_path, name, content, title, tab):
     path = tmp_path / name
     if content is None:
         iio.imwrite(path, np.random.default_rng(0).integers(0, 255, (200, 200, 3), dtype=np.uint8))
     else:
         path.write_bytes(content)
-    page.locator("#g-source input[type=file]").set_input_files(str(path))  # Generate is not pressed
+    if tab == "a":
+        page.get_by_role("tab", name="Action units").click()
+    page.locator(f"#{tab}-source input[type=file]").set_input_files(str(path))  # Generate / Synthesise not pressed
     text = assert_page_wording(read_toast(page, title), title)
     assert content is None or name in text  # an unreadable file is named; "no face" is about the picture shown
-    expect(page.locator("#g-source img")).to_have_count(0, timeout=30_000)  # no broken image left behind
+    expect(page.locator(f"#{tab}-source img")).to_have_count(0, timeout=30_000)  # no broken image left behind
     assert_no_error_state(page, "g-source")
     if content is not None:
         screenshot(page, "app-upload-error.png")
