@@ -42,7 +42,7 @@ import mefacial
 from mefacial import checkpoints as weights_registry
 from mefacial import hardware
 from mefacial.console import monotone
-from mefacial.errors import MefacialError, NoFaceError, UnreadableVideoError, sentence
+from mefacial.errors import ONSET_FIX, MefacialError, NoFaceError, UnreadableVideoError, sentence
 from mefacial.evaluate import compare_columns, first_line
 from mefacial.grid import Column, prior_panels, render_grid
 from mefacial.landmarks import get_detector
@@ -481,7 +481,7 @@ class Demo:
             self.find_face(clip.frames[:1], "driving", landmarks)
         except NoFaceError as exc:  # worded for the clip, not for a one-frame check
             raise NoFaceError(f"no face in the first (onset) frame of the driving clip: {exc}", frame_index=0,
-                              page="No face in the first (onset) frame of the driving clip", fix=exc.fix) from None
+                              page="No face in the first frame of the driving clip", fix=ONSET_FIX) from None
         t, h, w, _ = clip.frames.shape
         return clip, f"{t} frames, {w}x{h}, {clip.fps:g} fps ({t / clip.fps:.2f} s)"
 
@@ -1030,12 +1030,13 @@ def build_demo(engine: mefacial.Engine, limits: Limits | None = None) -> gr.Bloc
         a_source.input(user_errors(demo_state.check_source), a_source, None, api_name=False, show_progress="minimal",
                        **raw).failure(**reset(a_source, clear=True))
         g_driving.change(user_errors(demo_state.preview), g_driving, [g_preview, g_clip_info],
-                         api_name="preview_driving", **raw).failure(**reset(g_preview, g_clip_info, clear=True))
+                         api_name="preview_driving", **raw).failure(  # a refused clip leaves its box, like a face
+                             **reset(g_driving, g_preview, g_clip_info, clear=True))
         p_driving.change(user_errors(demo_state.prior_clip), [p_driving, p_frame, p_landmarks], [p_frame, p_clip_info],
                          api_name=False, **raw).failure(**reset(p_frame, p_clip_info))
         c_driving.change(user_errors(lambda d, lm: demo_state.check_driving(d, lm)[1] if d else ""),
                          [c_driving, c_landmarks], c_clip_info, api_name=False, **raw).failure(
-                             **reset(c_clip_info, clear=True))
+                             **reset(c_driving, c_clip_info, clear=True))
         for record, driving, landmarks in ((g_record, g_driving, g_landmarks), (p_record, p_driving, p_landmarks),
                                            (c_record, c_driving, c_landmarks)):
             record.change(user_errors(demo_state.use_recording), [record, landmarks], driving, api_name=False,

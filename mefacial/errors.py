@@ -173,6 +173,9 @@ def face_remedy(detector: str, smallest: float, width: int, height: int) -> tupl
             "shadows", "Use a frontal, well-lit face, cropped close, without strong shadows or a profile view")
 
 
+ONSET_FIX = "Use a clip that starts with a frontal, well-lit face in the picture (trim any frames before it)"
+
+
 def is_cli_free(text: str) -> bool:
     """Whether `text` names no flag or environment variable (what a page may show)."""
     return not _ENV_OR_FLAG.search(text)

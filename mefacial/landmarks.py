@@ -43,7 +43,7 @@ from urllib.parse import urlparse
 import numpy as np
 import torch
 
-from .errors import InputError, NoFaceError, WeightsNotFoundError, face_remedy, sentence
+from .errors import ONSET_FIX, InputError, NoFaceError, WeightsNotFoundError, face_remedy, sentence
 from .prior import NUM_LANDMARKS
 from .utils import from_numpy
 from .video import as_rgb
@@ -144,8 +144,7 @@ class LandmarkDetector(abc.ABC):
         if role == "onset":
             return NoFaceError(f"no face in the driving clip's first frame, where its face box is placed. {remedy}; "
                                "trim the frames before the face is in the picture.", frame_index=0,
-                               page="No face in the first frame of the driving clip",
-                               fix="Trim the clip so that it starts with a frontal, well-lit face in the picture")
+                               page="No face in the first frame of the driving clip", fix=ONSET_FIX)
         return NoFaceError(f"no face in driving frame {index} (of {count}). {remedy}; trim frames where the face "
                            "leaves the picture.", frame_index=index,
                            page=f"No face in frame {index} of the driving clip ({count} frames)",

@@ -56,7 +56,7 @@ from typing import Iterator
 
 import numpy as np
 
-from .errors import InputError, NoFaceError, WeightsNotFoundError, face_remedy
+from .errors import ONSET_FIX, InputError, NoFaceError, WeightsNotFoundError, face_remedy
 from .video import same_frame
 
 ASSETS = Path(__file__).parent / "assets" / "mediapipe"
@@ -914,6 +914,10 @@ def _no_face(index: int, count: int | None, shape: tuple, role: str) -> NoFaceEr
     remedy, fix = face_remedy("face mesh", SMALLEST_FACE, shape[2], shape[1])
     if role == "source":
         return NoFaceError(f"no face found in the source image: {remedy}.", frame_index=None, fix=fix)
+    if index == 0:  # the onset frame, where the clip's face box is placed
+        return NoFaceError(f"no face in the driving clip's first frame, where its face box is placed: {remedy}; "
+                           "trim the frames before the face is in the picture.", frame_index=0,
+                           page="No face in the first frame of the driving clip", fix=ONSET_FIX)
     of = f" (of {count})" if count else ""
     return NoFaceError(f"no face in driving frame {index}{of}: {remedy}; trim frames where the face "
                        "leaves the picture.", frame_index=index)

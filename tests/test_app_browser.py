@@ -368,6 +368,9 @@ def test_a_corrupt_clip_is_reported_when_it_is_uploaded(page, tmp_path):
     text = assert_page_wording(read_toast(page, "Unreadable clip"), "Unreadable clip")
     assert "broken.mp4" in text
     assert_no_error_state(page, "g-preview", "g-clip-info")
+    expect(page.locator("#g-driving")).not_to_contain_text("broken.mp4", timeout=30_000)  # refused: not kept
+    page.click("#g-button")  # so Generate names the missing clip, not the broken one again
+    assert_page_wording(read_toast(page, "Missing input"), "Missing input")
 
 
 def test_a_webcam_photo_is_checked_like_an_upload(page):
@@ -416,5 +419,5 @@ def test_a_clip_recorded_with_the_webcam_is_checked_like_an_upload(page):
     page.wait_for_function("window.recordedChunks >= 5", timeout=60_000)
     stop.click()
     text = assert_page_wording(read_toast(page, "No face found"), "No face found")
-    assert "first (onset) frame of the driving clip" in text
+    assert "first frame of the driving clip" in text and "starts with a frontal" in text
     assert_no_error_state(page, "g-record", "g-preview")
