@@ -617,7 +617,8 @@ def synthesize_clip(demo: "Demo", source, aus="6:C,12:C", onset_ms=100.0, apex_m
 
     image = read_image(upload_path(source, "source face"), limits=demo.limits.files)
     if not str(aus or "").strip():
-        raise gr.Error("Choose at least one action unit (or a preset) and try again.")
+        raise page_error("No action unit chosen", "No action unit is chosen",
+                         "Choose at least one (or a preset) and try again")
     timing = au.Timing(onset_ms=number(onset_ms, "onset (ms)", 1, 2000), apex_ms=number(apex_ms, "apex (ms)", 1, 2000),
                        offset_ms=number(offset_ms, "offset (ms)", 1, 2000), fps=number(fps, "frame rate", 1, 1000),
                        lead_in_ms=number(lead_in_ms, "lead-in (ms)", 0, 2000),

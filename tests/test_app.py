@@ -165,3 +165,9 @@ def test_concurrent_users_get_their_own_results(app_url, tmp_path, clip):
                 for n, path in ((clip.num_frames, CLIP), (clip.num_frames // 2, short))}
         for expected, job in jobs.items():
             assert frames_of(job.result(timeout=300)[0]).shape[0] == expected
+
+
+def test_synthesis_with_no_action_unit_chosen_is_a_titled_error(client):
+    with pytest.raises(AppError) as caught:  # every AU left at '-'
+        client.predict(source=handle_file(FACE), api_name="/synthesize")
+    assert caught.value.title == "No action unit chosen" and "Choose at least one" in caught.value.message
