@@ -522,8 +522,9 @@ def test_regions_cover_the_face_in_their_places(loose_face):
 
 def test_mesh_errors_name_the_frame():
     blank = np.full((3, 128, 128, 3), 127, np.uint8)
-    with pytest.raises(NoFaceError, match="driving frame 0"):
+    with pytest.raises(NoFaceError, match="driving clip's first frame") as error:  # the onset, where its box goes
         M.detect_mesh(blank)
+    assert error.value.frame_index == 0 and "starts with a frontal" in error.value.page_message
     with pytest.raises(NoFaceError, match="source image"):
         M.detect_mesh(blank[0], role="source")
     assert np.isnan(M.detect_mesh(blank, allow_missing=True)).all()
