@@ -870,8 +870,9 @@ def build_demo(engine: mefacial.Engine, limits: Limits | None = None) -> gr.Bloc
                 not_ready_markdown(variants, ready))
 
     def on_backbone(backbone: str, prior: str):
-        """Offer only what this backbone has (its spec): its priors and motion modes, the EWP confinement where
-        it applies, and movement-scale adaptation back to the backbone's original default (FOMM off, MRAA on).
+        """Offer only what this backbone has (its spec): its priors and motion modes (shown where there is a choice),
+        the EWP confinement where it applies, and movement-scale adaptation (where it applies) back to the backbone's
+        original default (FOMM off, MRAA on).
         The prior goes back to none only where this backbone has no choice of the one chosen (setting it anyway
         undid a prior picked while this answer was on its way: a slow server)."""
         spec = backbones()[choice(backbone, BACKBONES, "backbone")]
@@ -882,8 +883,8 @@ def build_demo(engine: mefacial.Engine, limits: Limits | None = None) -> gr.Bloc
                           **({} if kept else {"value": "none"})),
                 gr.update(visible=spec.confine, value=False),
                 gr.update(choices=motion_choices(backbone), value=spec.default_motion,
-                          interactive=len(spec.motion_modes) > 1),
-                gr.update(interactive=spec.adapt_scale, value="default"))
+                          interactive=len(spec.motion_modes) > 1, visible=len(spec.motion_modes) > 1),
+                gr.update(interactive=spec.adapt_scale, visible=spec.adapt_scale, value="default"))
 
     def face_input(prefix: str, label: str) -> gr.Image:
         return gr.Image(face0, label=label, type="filepath", sources=["upload", "webcam", "clipboard"],
@@ -927,11 +928,12 @@ def build_demo(engine: mefacial.Engine, limits: Limits | None = None) -> gr.Bloc
                         g_confine = gr.Checkbox(False, label="Confine the warp to the face (EWP map)", visible=False)
                         g_variant = gr.Markdown(variant_note("dense", "none"), padding=True, elem_id="g-variant")
                         with gr.Row():
+                            dense = backbones()["dense"]  # (what the page opens on: shown where it has a choice)
                             g_motion = gr.Radio(motion_choices("dense"), value="relative", label="Motion", elem_id="g-motion",
-                                                interactive=False)
+                                                interactive=False, visible=len(dense.motion_modes) > 1)
                             g_adapt = gr.Radio([("as the original (FOMM off, MRAA on)", "default"), ("on", "on"),
                                                 ("off", "off")], value="default", label="Movement-scale adaptation",
-                                               interactive=False, elem_id="g-adapt")
+                                               interactive=False, visible=dense.adapt_scale, elem_id="g-adapt")
                         g_magnify = gr.Slider(1, 5, value=1, step=0.5, label="Magnification (1 = faithful)")
                     with gr.Accordion("Face and output", open=False):
                         with gr.Row():

@@ -330,12 +330,16 @@ def test_a_backbone_keeps_the_prior_it_offers_too(page):
     page.locator("#g-backbone").get_by_label("MRAA", exact=True).check()
     expect(variant).to_contain_text("MRAA + AWP", timeout=30_000)
     expect(prior.get_by_label("AWP", exact=True)).to_be_checked()
+    expect(page.locator("#g-motion")).to_be_visible()  # MRAA's motion modes and scale adaptation: choices
+    expect(page.locator("#g-adapt")).to_be_visible()
     page.locator("#g-backbone").get_by_label("Training-free dense mesh", exact=True).check()
     expect(variant).to_contain_text("Runs Training-free dense mesh ·", timeout=30_000)
     from mefacial.variants import get_variant
 
     expect(prior.get_by_label(get_variant("dense").prior_label, exact=True)).to_be_checked()  # its own words
     expect(prior).to_contain_text("Variant")  # (no facial prior to choose there: with or without appearance)
+    expect(page.locator("#g-motion")).to_be_hidden()  # one motion mode, no scale adaptation: nothing to choose
+    expect(page.locator("#g-adapt")).to_be_hidden()
     expect(prior.get_by_label("AWP", exact=True)).to_have_count(0)
 
 
