@@ -66,6 +66,7 @@ BACKBONES = {name: spec.label for name, spec in backbones().items()}
 PRIORS = {v.prior_option: v.prior_label for v in map(get_variant, variant_ids())}
 MOTIONS = {mode: label for spec in backbones().values() for mode, label in spec.motion_modes.items()}
 LANDMARKS = {"dlib": "dlib (fast, CPU)", "fan": "FAN (face-alignment)", "auto": "auto"}
+LANDMARKS_LABEL = "Landmark backend (68 points: the warp, FOMM, MRAA; the dense mesh tracks its own)"
 
 
 def data_dir() -> Path:
@@ -940,8 +941,7 @@ def build_demo(engine: mefacial.Engine, limits: Limits | None = None) -> gr.Bloc
                             g_crop = gr.Checkbox(True, label="Crop around the face")
                             g_paste = gr.Checkbox(False, label="Paste back into the full image")
                             g_smooth = gr.Checkbox(True, label="Smooth landmark tracks")
-                        g_landmarks = gr.Radio(landmark_choices, value=landmarks0, label="Landmark backend "
-                                               "(68 points: the warp, FOMM, MRAA; the dense mesh tracks its own)")
+                        g_landmarks = gr.Radio(landmark_choices, value=landmarks0, label=LANDMARKS_LABEL)
                         with gr.Row():
                             g_slowdown = gr.Slider(1, 20, value=1, step=1, label="Playback: slow down by (1 = real time)")
                             g_format = gr.Radio(["mp4", "gif"], value="mp4", label="Download format")
@@ -985,7 +985,7 @@ def build_demo(engine: mefacial.Engine, limits: Limits | None = None) -> gr.Bloc
                 with gr.Column(scale=1):
                     c_driving, c_record = clip_input("c", "Driving clip")
                     c_clip_info = gr.Markdown(clip0_info, elem_id="c-clip-info")
-                    c_landmarks = gr.Radio(landmark_choices, value=landmarks0, label="Landmark backend")
+                    c_landmarks = gr.Radio(landmark_choices, value=landmarks0, label=LANDMARKS_LABEL)
                 with gr.Column(scale=2):
                     c_variants = gr.CheckboxGroup([(v["label"], v["id"]) for v in variants],
                                                   value=[v["id"] for v in variants if ready0[v["id"]] is None],
