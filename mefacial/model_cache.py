@@ -13,7 +13,7 @@ from typing import Callable
 
 from torch import nn
 
-from .checkpoints import load_weights, resolve_checkpoint
+from .checkpoints import load_weights, resolve_checkpoint, trained_config
 from .models import build_model
 from .variants import Variant
 
@@ -39,12 +39,14 @@ class ModelCache:
             with self._lock:
                 if key in self._models:  # loaded by the request we waited for
                     return self._models[key]
-            model = build_model(spec.config)
             weights = "none (training-free)"
-            if spec.needs_weights:
+            if spec.needs_weights:  # the architecture the weights were trained with (recorded), else the variant's
                 resolved = resolve_checkpoint(spec.id, checkpoint)
+                model = build_model(trained_config(resolved.path, spec.config))
                 load_weights(model, resolved.path, spec.spec.inference_parts)
                 weights = f"{resolved.path} ({resolved.source})"
+            else:
+                model = build_model(spec.config)
             served = (self.prepare(model), weights)
             with self._lock:
                 self._models[key] = served

@@ -522,6 +522,29 @@ def test_training_checkpoint_describes_its_own_architecture(isolated):
     assert_same_state(loaded(config, isolated / "last.pth.tar").state_dict(), loaded(config, dst).state_dict())
 
 
+def test_the_engine_runs_weights_in_the_architecture_they_were_trained_with(isolated):
+    """A smoke-test run's weights (a small config) load in the engine as the variant they were trained for: its
+    recorded architecture is built (it failed with 'does not fit this architecture'); another backbone's variant
+    says which backbone they are."""
+    from mefacial import Engine
+
+    config = small_config(isolated, "fomm-awp")
+    checkpoint = small_checkpoint(config)
+    checkpoint.update(model_config_json=json.dumps(load_config(config).to_dict(), sort_keys=True))
+    torch.save(checkpoint, isolated / "run.pth.tar")
+    converted = ck.convert_to_safetensors(isolated / "run.pth.tar", isolated / "published", variant="fomm-awp")
+    engine = Engine(device="cpu")
+    for weights in (isolated / "run.pth.tar", converted):
+        model, _ = engine.model("fomm-awp", checkpoint=weights)
+        assert model.config.to_dict() == load_config(config).to_dict()
+        with pytest.raises(CheckpointError, match="holds fomm weights .* choose a fomm variant"):
+            engine.model("mraa-awp", checkpoint=weights)
+    assert ck.trained_config(isolated / "run.pth.tar", load_config("fomm-awp")).name == load_config(config).name
+    original = isolated / "original.pth.tar"  # no record (the published checkpoints): the variant's own config
+    torch.save(small_checkpoint(config), original)
+    assert ck.trained_config(original, load_config("fomm-awp")).name == "fomm-awp"
+
+
 def test_safetensors_with_wrapper_prefixes_loads(isolated):
     model = Tiny()
     state = {f"module.{k}": v.clone() for k, v in Tiny().state_dict().items()}

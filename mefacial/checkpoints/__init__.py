@@ -12,7 +12,7 @@ The names below are the package's public interface (`from mefacial.checkpoints i
 """
 
 from .cli import checkpoints_table, list_checkpoints, register_cli, run_cli
-from .convert import check_architecture, config_of, convert_to_safetensors
+from .convert import check_architecture, config_of, convert_to_safetensors, trained_config
 from .formats import (FORMAT_NAME, FORMAT_VERSION, PICKLE_SUFFIXES, SAFETENSORS_SUFFIX, flatten_parts, is_safetensors,
                       load_original_checkpoint, load_state_dict_strict, load_weights, prefer_safetensors,
                       read_pickled_checkpoint, read_safetensors, read_sidecar, sha256_file, sidecar_path,
@@ -33,6 +33,7 @@ __all__ = [
     "PICKLE_SUFFIXES", "PublishedWeights", "REPO_TYPES", "ResolvedWeights", "SAFETENSORS_SUFFIX", "SOURCES",
     "UnknownVariantError", "WeightsNotFoundError", "cached_hub_file", "check_architecture", "checkpoint_dir",
     "checkpoint_env_var", "config_of", "convert_to_safetensors", "flatten_parts", "get_spec", "hub_cache_dir",
+    "trained_config",
     "hub_endpoint", "hub_offline", "is_safetensors", "list_checkpoints", "load_original_checkpoint",
     "load_registry", "load_state_dict_strict", "load_weights", "local_candidates", "model_card",
     "prefer_safetensors", "push_to_hub", "read_pickled_checkpoint", "read_safetensors", "read_sidecar",

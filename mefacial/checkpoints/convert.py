@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import save_file as save_safetensors
 
 from ..errors import CheckpointError, ConfigError
-from .formats import (FORMAT_NAME, FORMAT_VERSION, SAFETENSORS_SUFFIX, fit_report, flatten_parts, read_pickled_checkpoint,
-                      sha256_file, sidecar_path, strip_prefixes)
+from .formats import (FORMAT_NAME, FORMAT_VERSION, SAFETENSORS_SUFFIX, fit_report, flatten_parts, is_safetensors,
+                      read_pickled_checkpoint, read_sidecar, sha256_file, sidecar_path, strip_prefixes)
 from .resolve import checkpoint_dir
 
 
@@ -120,6 +120,28 @@ def convert_to_safetensors(src: str | Path, dst: str | Path | None = None, confi
     sidecar_path(dst).write_text(json.dumps(sidecar, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return dst
 
+
+
+def trained_config(path: str | Path, published: Any):
+    """The architecture a weights file was trained with, where it records one (a safetensors' sidecar, a train/
+    checkpoint's `model_config_json`; e.g. a tiny smoke-test config), else `published` (the variant's config, which
+    the original checkpoints fit). A record of another backbone than `published`'s is a CheckpointError."""
+    path = Path(path)
+    if is_safetensors(path):
+        record = (read_sidecar(path) or {}).get("config")
+    else:
+        try:  # (memory-mapped: the tensors are not read; an old-format pickle cannot be mapped and records nothing)
+            record = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("model_config_json")
+        except Exception:  # noqa: BLE001 - unreadable here: loading it says why
+            record = None
+        record = json.loads(record) if isinstance(record, str) else None
+    if not isinstance(record, Mapping):
+        return published
+    trained = config_from_dict(record)
+    if trained.backbone != published.backbone:
+        raise CheckpointError(f"{path} holds {trained.backbone} weights (config {trained.name!r}), not "
+                              f"{published.backbone}: choose a {trained.backbone} variant for it")
+    return trained
 
 
 def config_from_dict(data: Mapping[str, Any]):
