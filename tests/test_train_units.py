@@ -58,6 +58,17 @@ def test_config_errors_name_the_field(tmp_path):
         load_train_config("tiny-fomm-awp", ["stage=avd"])
 
 
+@pytest.mark.parametrize("name", ["fomm-awp", "mraa-awp"])
+def test_the_offline_advice_leaves_a_reconstruction_loss(name):
+    """The published configs' reconstruction loss is the perceptual one alone: setting it to 0 (no VGG-19 weights
+    offline) left the GAN terms alone (FOMM) or nothing with a gradient (MRAA crashed); it is refused, naming the
+    L1 to set instead, and the advice given (README, the VGG error) trains."""
+    with pytest.raises(ConfigError, match="no reconstruction loss is left.*reconstruction=10"):
+        load_train_config(name, ["train.loss_weights.perceptual=0"])
+    cfg = load_train_config(name, ["train.loss_weights.perceptual=0", "train.loss_weights.reconstruction=10"])
+    assert cfg.perceptual_weight == 0 and cfg.train.loss_weights["reconstruction"] == 10
+
+
 def test_set_overrides():
     cfg = load_train_config("tiny-mraa-awp", ["train.batch_size=2", "runtime.precision=bf16", "model_overrides.image_size=32"])
     assert cfg.train.batch_size == 2 and cfg.runtime.precision == "bf16" and cfg.model.image_size == 32

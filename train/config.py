@@ -185,6 +185,12 @@ class TrainConfig:
             value = self.train.loss_weights.get(key)
             if isinstance(value, (int, float)) and key != "reconstruction":
                 self.train.loss_weights[key] = [value] * len(defaults[key])
+        if self.stage == "reconstruction" and self.perceptual_weight == 0 and not self.train.loss_weights.get(
+                "reconstruction"):  # (the published configs' reconstruction is the perceptual loss alone)
+            raise ConfigError(f"config {self.name!r}: no reconstruction loss is left (train.loss_weights.perceptual is 0 "
+                              "and train.loss_weights.reconstruction, the pixel L1, is 0): the generator would learn "
+                              "from the GAN and equivariance terms alone. Without the VGG-19 weights, set the L1 "
+                              "instead: --set train.loss_weights.perceptual=0 --set train.loss_weights.reconstruction=10")
         self.variant = self.variant or self.name
 
     @property

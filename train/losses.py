@@ -131,8 +131,8 @@ def ensure_vgg19_weights(download: bool = True) -> Path:
         f"the perceptual loss needs torchvision's VGG19 ImageNet weights, which are not at {path}, and {reason}. "
         f"On a machine with internet download {url} (or run `python -c \"import torchvision; "
         "torchvision.models.vgg19(weights='IMAGENET1K_V1')\"`) and copy the file to that path "
-        "(the folder follows $TORCH_HOME), or set train.loss_weights.perceptual to 0 "
-        "(e.g. `--set train.loss_weights.perceptual=0`) to train without it.")
+        "(the folder follows $TORCH_HOME), or train with the pixel L1 in its place "
+        "(`--set train.loss_weights.perceptual=0 --set train.loss_weights.reconstruction=10`).")
 
 
 VGG_LAYERS_USED = VGG_SLICES[-1][1]  # features[:30]: everything up to relu5_1
