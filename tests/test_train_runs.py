@@ -123,6 +123,10 @@ def test_resume_continues_exactly(dataset_dir, tmp_path):
     assert (checkpoint["step"], checkpoint["epoch"], checkpoint["batch_in_epoch"]) == (4, 0, 4)
     assert {"python", "numpy", "torch"} <= set(checkpoint["rng"]) and set(checkpoint["optimizers"]) == {
         "generator", "kp_detector", "discriminator"}
+    # a new run into a folder holding one would replace it: refused, naming --resume (and nothing is touched)
+    before = (split / "last.pth.tar").read_bytes()
+    assert train.main(["--config", "tiny-fomm-awp", "--data", str(dataset_dir), "--out", str(split)]) == 2
+    assert (split / "last.pth.tar").read_bytes() == before
     # DataLoader workers change nothing either: every sample is seeded by its key
     _train("tiny-fomm-awp", dataset_dir, split, "--max-steps", "8", "--resume", str(split / "last.pth.tar"),
            "--num-workers", "2")

@@ -237,6 +237,9 @@ def _run(cfg: TrainConfig, ctx: DistContext, data_dir, out_dir, max_steps, resum
     root = Path(data_dir or cfg.dataset.root_dir)
     base_dir = Path(out_dir) if out_dir else DEFAULT_RUNS_DIR / cfg.name
     run_dir = base_dir / "avd" if cfg.stage == "avd" else base_dir
+    if resume is None and (run_dir / ckpt.LAST).is_file():  # a new run would replace its checkpoints and logs
+        raise ConfigError(f"{run_dir} holds a run already ({run_dir / ckpt.LAST}): continue it with --resume "
+                          f"{run_dir / ckpt.LAST}, or start a new run in another folder (--out DIR)")
     if init is None and resume is None:
         init = _default_init(cfg, base_dir)
     if cfg.stage == "avd" and init is None and resume is None:
