@@ -56,6 +56,12 @@ def test_config_errors_name_the_field(tmp_path):
         load_train_config("tiny-fomm-awp", ["train.loss_weights.equivariance_shift=1"])
     with pytest.raises(ConfigError, match="AVD stage exists for MRAA only"):
         load_train_config("tiny-fomm-awp", ["stage=avd"])
+    with pytest.raises(ConfigError, match="train: .*'abc'.*any --set"):  # a value of the wrong kind
+        load_train_config("tiny-fomm-awp", ["train.batch_size=abc"])
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("name: x\n  model: [\n")
+    with pytest.raises(ConfigError, match="not valid YAML: .*line 2"):
+        load_train_config(broken)
 
 
 @pytest.mark.parametrize("name", ["fomm-awp", "mraa-awp"])

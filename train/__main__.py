@@ -55,9 +55,11 @@ def main(argv: list[str] | None = None) -> int:
         value = getattr(args, flag)
         if value is not None:
             overrides.append(f"{key}={value}")
+    from .checkpointing import LAST
     from .config import load_train_config
-    from .trainer import run
+    from .trainer import DEFAULT_RUNS_DIR, run
 
+    cfg = None
     try:
         cfg = load_train_config(args.config, overrides)
         summary = run(cfg, data_dir=args.data, out_dir=args.out, max_steps=args.max_steps, resume=args.resume,
@@ -65,6 +67,13 @@ def main(argv: list[str] | None = None) -> int:
     except MefacialError as exc:
         print(f"error: {one_line(exc.cli_message)}", file=sys.stderr)  # one line: cause and remedy, as `mefacial`'s
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: where the run can go on from (its last checkpoint is whole: written atomically)
+        if rank == 0:
+            out = args.out or DEFAULT_RUNS_DIR / (cfg.name if cfg else "")
+            last = (out / "avd" if cfg and cfg.stage == "avd" else out) / LAST
+            print("interrupted" + (f": continue with --resume {last}" if cfg and last.is_file() else
+                                   " before the first checkpoint"), file=sys.stderr)
+        return 130
     if rank == 0:
         print(f"done: step {summary['step']}, last checkpoint {summary['last']}")
     return 0

@@ -221,8 +221,8 @@ def _from_dict(cls: type, data: Any, section: str) -> Any:
         raise ConfigError(f"{section}: unknown key(s) {unknown}; known: {sorted(known)}")
     try:
         return cls(**data)
-    except TypeError as exc:
-        raise ConfigError(f"{section}: {exc}") from None
+    except (TypeError, ValueError) as exc:  # a value of the wrong kind (--set train.batch_size=abc)
+        raise ConfigError(f"{section}: {exc} (check the config's {section} section and any --set)") from None
 
 
 def deep_merge(base: dict, update: dict) -> dict:
@@ -308,7 +308,10 @@ def read_yaml(path_or_name: str | Path) -> tuple[dict[str, Any], str]:
         available = sorted(p.stem for p in TRAIN_CONFIG_DIR.glob("*.yaml"))
         raise ConfigError(f"training config {path} does not exist; available in {TRAIN_CONFIG_DIR}: {available}")
     with open(path, encoding="utf-8") as f:
-        return yaml.safe_load(f) or {}, path.stem
+        try:
+            return yaml.safe_load(f) or {}, path.stem
+        except yaml.YAMLError as exc:  # where the file stops being YAML (line and column), on one line
+            raise ConfigError(f"training config {path} is not valid YAML: {' '.join(str(exc).split())}") from None
 
 
 def load_train_config(path_or_name: str | Path, overrides: list[str] | None = None) -> TrainConfig:
