@@ -217,11 +217,20 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     engine = _engine(args, settings, _checkpoint_overrides(args.checkpoint))
     variants = _split_variants(args.variants)
     faces = find_faces(args.faces) if args.faces else []
-    report = ev.evaluate(engine, find_clips(args.clips), variants, faces, settings,
+    clips = find_clips(args.clips)
+    if not clips:
+        raise InputError(f"no clips under {args.clips} (video or GIF files, or folders of frames)")
+    report = ev.evaluate(engine, clips, variants, faces, settings,
                          learned=() if args.no_learned else ("lpips", "fid"), readout_dir=args.readout)
     paths = ev.write_report(report, args.out)
     print(ev.markdown(report))
     print(f"written: {paths[0]}, {paths[1]}")
+    scored = any(entry["self_reenactment"]["clips"] or entry.get("motion_transfer", {}).get("pairs")
+                 for entry in report["variants"].values())
+    if not scored:  # (a script must notice: every variant failed on every clip)
+        errors = [f"{v}: {next(iter(e['errors'].values()))}" for v, e in report["variants"].items() if e["errors"]]
+        print(f"error: nothing was scored: {'; '.join(errors) or 'no clip could be read'}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -34,6 +34,8 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
+from .errors import InputError
+
 SSIM_SIGMA = 1.5
 SSIM_TRUNCATE = 3.5  # radius int(3.5 * 1.5 + 0.5) = 5: the 11-tap window of Wang et al.
 SSIM_K1, SSIM_K2 = 0.01, 0.03
@@ -203,7 +205,14 @@ def score_self_reenactment(
     """
     if generated.shape != real.shape:
         raise ValueError(f"generated {tuple(generated.shape)} and real {tuple(real.shape)} clips differ in shape")
-    mask = motion_frames(real_landmarks, min_motion)  # T
+    # frames equal to the first are no motion, whatever the landmarks read (the static baseline's PSNR there is
+    # infinite: a clip held still at its start scored inf); where none moves enough, every frame that differs counts
+    differs = (real != real[:1]).flatten(1).any(1)  # T
+    mask = motion_frames(real_landmarks, min_motion) & differs
+    if not bool(mask.any()):
+        mask = differs
+    if not bool(mask.any()):
+        raise InputError("every frame of the clip equals its first: a still clip has no motion to reenact")
     static = real[:1].expand_as(real)
     static_landmarks = real_landmarks[:1].expand_as(real_landmarks)
 

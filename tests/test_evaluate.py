@@ -150,6 +150,17 @@ def test_a_magnified_column_says_so_in_its_label(material):
         ev.variant_label("warp")
 
 
+def test_an_evaluation_that_scores_nothing_is_a_failure(material, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("MEFACIAL_CHECKPOINT_FOMM_AWP", raising=False)
+    (tmp_path / "none").mkdir()
+    assert main(["evaluate", "--clips", str(tmp_path / "none"), "--variants", "warp", "--out", str(tmp_path)]) == 2
+    assert "no clips under" in capsys.readouterr().err
+    assert main(["evaluate", "--clips", str(material["clips"]), "--variants", UNAVAILABLE, "--out", str(tmp_path),
+                 "--device", "cpu", "--no-learned"]) == 1  # every clip failed: a script must notice
+    assert "nothing was scored: fomm-awp: WeightsNotFoundError" in capsys.readouterr().err
+
+
 def test_strip_frames_run_from_onset_to_apex():
     clip = np.zeros((30, 8, 8, 3), np.uint8)
     clip[:, :, :, 0] = np.minimum(np.arange(30), 20)[:, None, None] * 10  # motion grows until frame 20

@@ -111,6 +111,19 @@ def test_self_reenactment_ranks_a_perfect_clip_above_the_static_baseline():
     assert no_landmarks.generated.landmark_error is None and no_landmarks.beats_static
 
 
+def test_frames_equal_to_the_first_are_not_scored_as_motion():
+    """A clip held still at its start (frames equal to the first, all frames counted where none moves enough):
+    the static baseline's PSNR was infinite there, and every variant's comparison with it meaningless."""
+    torch.manual_seed(0)
+    real = torch.rand(6, 3, 24, 24)
+    real[1:3] = real[0]  # frames 1-2: the onset held
+    still = _face_tracks(frames=6)[:1].expand(6, -1, -1)  # no landmark motion: every frame would count
+    scores = metrics.score_self_reenactment(real, real, still, still)
+    assert scores.frames_scored == 3 and math.isfinite(scores.static.psnr)
+    with pytest.raises(ValueError, match="still clip"):
+        metrics.score_self_reenactment(real[:1].expand(6, -1, -1, -1), real[:1].expand(6, -1, -1, -1), still)
+
+
 def test_motion_transfer_is_relative_to_face_size():
     driving = _face_tracks(frames=6)
     bigger = (driving - 60) * 2 + 100  # another face twice as large, same expression
