@@ -416,3 +416,22 @@ def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):
         path.write_bytes(b"x")
     assert checkpointing.remove_stale_temporaries(tmp_path) == [stale]
     assert not stale.exists() and live.exists() and other.exists()
+
+
+def test_init_takes_the_projects_safetensors_too(tmp_path):
+    """`--init` from a converted or downloaded .safetensors (it said the file held none of the parts, listing all
+    its 161 keys): read as {part: state dict}, loaded part by part."""
+    from safetensors.torch import save_file
+
+    from mefacial.models import build_model
+
+    cfg = load_train_config("tiny-fomm-awp")
+    torch.manual_seed(0)
+    source = build_model(cfg.model, for_training=True)
+    save_file({f"{part}.{k}": v.contiguous() for part in ("generator", "kp_detector")
+               for k, v in getattr(source, part).state_dict().items()}, str(tmp_path / "w.safetensors"))
+    target = build_model(cfg.model, for_training=True)
+    loaded = checkpointing.load_parts(target, checkpointing.read_checkpoint(tmp_path / "w.safetensors"))
+    assert loaded == ["generator", "kp_detector"]
+    assert all(torch.equal(a, b) for a, b in zip(source.generator.state_dict().values(),
+                                                 target.generator.state_dict().values()))

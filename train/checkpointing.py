@@ -29,7 +29,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from mefacial.checkpoints import flatten_parts, load_state_dict_strict, read_pickled_checkpoint
+from mefacial.checkpoints import (flatten_parts, is_safetensors, load_state_dict_strict, read_pickled_checkpoint,
+                                  read_safetensors, unflatten_parts)
 from mefacial.errors import CheckpointError
 from mefacial.utils import atomic_write, temporary_path
 from mefacial.models import CHECKPOINT_PARTS
@@ -92,7 +93,9 @@ def load_parts(model: nn.Module, checkpoint: Mapping[str, Any], parts: tuple[str
     wanted = tuple(p for p in CHECKPOINT_PARTS[backbone] if hasattr(model, p))
     chosen = parts if parts is not None else tuple(p for p in wanted if p in checkpoint)
     if not chosen:
-        raise CheckpointError(f"{source} holds none of the {backbone} parts {wanted}; it holds {sorted(checkpoint)}")
+        held = sorted(checkpoint)
+        raise CheckpointError(f"{source} holds none of the {backbone} parts {wanted}; it holds "
+                              f"{held[:8]}{f' and {len(held) - 8} more' if len(held) > 8 else ''}")
     flat = flatten_parts(checkpoint, chosen)
     for part in chosen:
         prefix = f"{part}."
@@ -168,10 +171,13 @@ def build_checkpoint(model: nn.Module, *, config: Mapping[str, Any], variant: st
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A checkpoint of this trainer (or an original-layout one), loaded with weights_only=True."""
+    """A checkpoint of this trainer or an original-layout one (loaded with weights_only=True), or the project's
+    safetensors (`checkpoints convert`, a Hub download), as {part: state dict}."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    if is_safetensors(path):
+        return unflatten_parts(read_safetensors(path))
     return read_pickled_checkpoint(path)
 
 
