@@ -721,6 +721,25 @@ def test_push_uploads_safetensors_config_and_model_card(isolated, fake_api, tmp_
                                           "revision": "c0ffee" * 6 + "c0ff", "sha256": published.sha256}
 
 
+@pytest.mark.parametrize("failure, said", [
+    (huggingface_hub.utils.OfflineModeIsEnabled("offline"), "offline mode is on .*unset it"),
+    (ConnectionRefusedError("refused"), "did not answer .*HF_ENDPOINT"),
+])
+def test_a_failed_upload_is_one_line_saying_what_to_do(isolated, fake_api, tmp_path, monkeypatch, failure, said):
+    """No network, or HF_HUB_OFFLINE: a traceback, or "cannot use: ...; check the path and its permissions"."""
+    config = small_config(tmp_path, "fomm-ewp")
+    src = tmp_path / "trained.pth.tar"
+    torch.save(small_checkpoint(config, 9), src)
+
+    def fail(self, repo_id, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(FakeApi, "create_repo", fail)
+    with pytest.raises(CheckpointError, match=f"cannot publish to me/x on .*{said}") as error:
+        ck.push_to_hub("fomm-ewp", src, "me/x", config=config)
+    assert "\n" not in str(error.value)
+
+
 def test_cli_push_prints_a_registry_entry(isolated, fake_api, tmp_path, capsys):
     config = small_config(tmp_path, "fomm-awp")
     src = tmp_path / "trained.pth.tar"

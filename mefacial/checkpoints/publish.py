@@ -11,12 +11,13 @@ from typing import Any, Mapping
 
 import yaml
 from huggingface_hub import HfApi
+from huggingface_hub.utils import OfflineModeIsEnabled
 
-from ..errors import WeightsNotFoundError
+from ..errors import CheckpointError, WeightsNotFoundError
 from .convert import check_architecture, config_from_dict, config_of, convert_to_safetensors
 from .formats import (FORMAT_NAME, FORMAT_VERSION, is_safetensors, prefer_safetensors, read_safetensors, read_sidecar,
                       sha256_file, sidecar_path, unflatten_parts)
-from .hub import hub_endpoint
+from .hub import hub_endpoint, is_network_error
 from .registry import CheckpointSpec, load_registry
 
 HUB_WEIGHTS_FILENAME = "model.safetensors"  # names inside a repository published by push_to_hub
@@ -85,6 +86,20 @@ def model_card(variant: str, config: Any, *, repo_id: str, metrics: Mapping[str,
     return "\n".join(lines)
 
 
+def _upload_failure(error: Exception) -> str:
+    """Why an upload failed, and what to do, in one line."""
+    if isinstance(error, OfflineModeIsEnabled):
+        return "huggingface_hub's offline mode is on (HF_HUB_OFFLINE=1): unset it to upload"
+    status = getattr(getattr(error, "response", None), "status_code", None)
+    if status in (401, 403):
+        return (f"the Hub refused the upload (HTTP {status}): log in with a token that may write there "
+                "(`hf auth login`, or HF_TOKEN)")
+    if is_network_error(error):
+        return (f"the Hub did not answer ({type(error).__name__}): check the network, or set HF_ENDPOINT to a "
+                "reachable Hub")
+    return f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"
+
+
 def push_to_hub(variant: str, file: str | Path, repo_id: str, private: bool = False, token: str | None = None,
                 metrics: Mapping[str, Any] | None = None, *, config: Any = None,
                 commit_message: str | None = None) -> PublishedWeights:
@@ -121,9 +136,12 @@ def push_to_hub(variant: str, file: str | Path, repo_id: str, private: bool = Fa
             encoding="utf-8")
         digest = sha256_file(staged)
         api = HfApi(endpoint=hub_endpoint(), token=token)
-        repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        commit = api.upload_folder(repo_id=repo_id, folder_path=tmp, repo_type="model",
-                                   commit_message=commit_message or f"Upload mefacial {variant} weights")
+        try:
+            repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+            commit = api.upload_folder(repo_id=repo_id, folder_path=tmp, repo_type="model",
+                                       commit_message=commit_message or f"Upload mefacial {variant} weights")
+        except Exception as exc:  # noqa: BLE001 - the network's and the Hub's errors of every kind: one line
+            raise CheckpointError(f"cannot publish to {repo_id} on {hub_endpoint()}: {_upload_failure(exc)}") from None
     return PublishedWeights(repo_id=repo_id, filename=HUB_WEIGHTS_FILENAME, revision=getattr(commit, "oid", None) or "main",
                             sha256=digest, url=str(getattr(repo_url, "url", repo_url)))
 
