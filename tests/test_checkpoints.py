@@ -579,6 +579,10 @@ def test_not_a_checkpoint_and_other_architectures_are_refused(isolated):
         ck.load_weights(Tiny(), mraa_like, PARTS)
     with pytest.raises(CheckpointError, match="kp_detector"):
         ck.convert_to_safetensors(mraa_like, isolated / "x", "fomm-vox256", "fomm-none")
+    fomm = isolated / "fomm.pth.tar"
+    torch.save(tiny_checkpoint(), fomm)
+    with pytest.raises(CheckpointError, match="holds fomm weights, not mraa ones"):  # named for a variant of another
+        ck.convert_to_safetensors(fomm, isolated / "x", "fomm-vox256", "mraa-awp")
 
     tiny = isolated / "tiny.pth.tar"
     torch.save(tiny_checkpoint(), tiny)

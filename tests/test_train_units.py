@@ -56,6 +56,10 @@ def test_config_errors_name_the_field(tmp_path):
         load_train_config("tiny-fomm-awp", ["train.loss_weights.equivariance_shift=1"])
     with pytest.raises(ConfigError, match="AVD stage exists for MRAA only"):
         load_train_config("tiny-fomm-awp", ["stage=avd"])
+    with pytest.raises(ConfigError, match="'mraa-awp' is not a fomm variant"):  # weights that would load nowhere
+        load_train_config("tiny-fomm-awp", ["variant=mraa-awp"])
+    with pytest.raises(KeyError, match="unknown variant 'fomm-awq'"):
+        load_train_config("tiny-fomm-awp", ["variant=fomm-awq"])
     with pytest.raises(ConfigError, match="train: .*'abc'.*any --set"):  # a value of the wrong kind
         load_train_config("tiny-fomm-awp", ["train.batch_size=abc"])
     broken = tmp_path / "broken.yaml"

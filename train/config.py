@@ -191,6 +191,12 @@ class TrainConfig:
                               "and train.loss_weights.reconstruction, the pixel L1, is 0): the generator would learn "
                               "from the GAN and equivariance terms alone. Without the VGG-19 weights, set the L1 "
                               "instead: --set train.loss_weights.perceptual=0 --set train.loss_weights.reconstruction=10")
+        if self.variant:  # the engine variant the weights are for: one it knows, of this backbone
+            from mefacial.variants import get_variant
+
+            if get_variant(self.variant).backbone != self.model.backbone:
+                raise ConfigError(f"config {self.name!r}: variant {self.variant!r} is not a {self.model.backbone} "
+                                  "variant; name the one these weights are for")
         self.variant = self.variant or self.name
 
     @property

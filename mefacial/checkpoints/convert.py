@@ -91,6 +91,13 @@ def convert_to_safetensors(src: str | Path, dst: str | Path | None = None, confi
     src = Path(src)
     checkpoint = read_pickled_checkpoint(src)
     model_config = config_of(config, variant, checkpoint)
+    if variant is not None:  # a name the engine knows, of the backbone the weights are (they would load nowhere)
+        from ..variants import get_variant
+
+        backbone = get_variant(variant).backbone
+        if backbone != model_config.backbone:
+            raise CheckpointError(f"{src} holds {model_config.backbone} weights, not {backbone} ones as variant "
+                                  f"{variant!r} needs: name a {model_config.backbone} variant")
     check_architecture(checkpoint, model_config, str(src))
     flat, extras, dropped = _tensor_parts(checkpoint, CHECKPOINT_PARTS[model_config.backbone])
     if dst is None:
