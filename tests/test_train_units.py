@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from mefacial.errors import CheckpointError, ConfigError, WeightsNotFoundError
+from mefacial.errors import CheckpointError, ConfigError, MefacialError, WeightsNotFoundError
 from mefacial.prior import NUM_LANDMARKS
 from train import checkpointing, datasets, losses
 from train.config import TRAIN_CONFIG_DIR, load_train_config
@@ -395,6 +395,8 @@ def test_prepare_crops_clips_into_the_training_layout(tmp_path):
     folder.mkdir(parents=True)
     for i, frame in enumerate(frames):
         Image.fromarray(frame).save(folder / f"img{i + 1}.png")
+    with pytest.raises(MefacialError, match="does not exist"):  # a mistyped folder is named as missing
+        prepare.prepare(tmp_path / "srcc", tmp_path / "out", size=48)
     counts = prepare.prepare(src, tmp_path / "out", size=48)
     assert counts == {"train": 2, "test": 0, "skipped": 0}
     entries = datasets.discover_videos(tmp_path / "out")

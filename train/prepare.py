@@ -55,6 +55,8 @@ def prepare(src: str | Path, out: str | Path, size: int = 256, margin: float = 0
     from mefacial.landmarks import get_detector
 
     src, out = Path(src), Path(out)
+    if not src.is_dir():
+        raise MefacialError(f"clip folder {src} does not exist (or is not a folder): give the folder of the clips")
     clips = find_clips(src)
     if not clips:
         raise MefacialError(f"no clips under {src}: expected folders of frames or video files")

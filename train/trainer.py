@@ -292,6 +292,10 @@ def _run(cfg: TrainConfig, ctx: DistContext, data_dir, out_dir, max_steps, resum
         for stale in ckpt.remove_stale_temporaries(run_dir):
             log.info("removed %s, left by a run killed while saving", stale.name)
         (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n", encoding="utf-8")
+        if max_steps and max_steps > total_steps:  # (the schedule's learning rates end there)
+            log.warning("--max-steps %d is past the end of the config's schedule: training to step %d (%d epochs); "
+                        "raise %s.num_epochs to train longer", max_steps, total_steps, stage_params.num_epochs,
+                        "avd" if cfg.stage == "avd" else "train")
         log.info("%s (%s stage): %d videos, %d steps per epoch of %d per rank x %d rank(s), training to step %d on %s",
                  cfg.name, cfg.stage, len(train_set.videos), steps_per_epoch, per_rank_batch, ctx.world_size, stop,
                  ctx.device)
