@@ -15,11 +15,13 @@ from .errors import InputError
 
 @dataclasses.dataclass(frozen=True)
 class Ranks:
-    """This process's place in a torchrun job (RANK, WORLD_SIZE, LOCAL_RANK; 0, 1, 0 when run alone)."""
+    """This process's place in a torchrun job (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE; 0, 1, 0, 1 when run
+    alone)."""
 
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    local_world: int = 1  # the job's processes on this machine
 
     @classmethod
     def from_env(cls) -> "Ranks":
@@ -30,7 +32,7 @@ class Ranks:
             except ValueError:
                 raise InputError(f"${name}={value!r} is not an integer (set by torchrun)") from None
 
-        ranks = cls(number("RANK", 0), number("WORLD_SIZE", 1), number("LOCAL_RANK", 0))
+        ranks = cls(number("RANK", 0), number("WORLD_SIZE", 1), number("LOCAL_RANK", 0), number("LOCAL_WORLD_SIZE", 1))
         if not 0 <= ranks.rank < ranks.world:
             raise InputError(f"RANK={ranks.rank} is not in [0, WORLD_SIZE={ranks.world})")
         return ranks

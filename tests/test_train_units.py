@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import sys
 import urllib.error
 from pathlib import Path
 
@@ -322,6 +323,39 @@ def _sampler(data, replicas, rank, epoch, skip=0):
     sampler = datasets.EpochSampler(data, replicas, rank, seed=0)
     sampler.set_epoch(epoch, skip=skip)
     return sampler
+
+
+def test_loader_workers_fit_the_machines_cpus(monkeypatch, caplog):
+    """More DataLoader workers than CPUs only compete for them (PyTorch warns): capped, said once, per rank."""
+    from train.trainer import DistContext, _loader_workers
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    with caplog.at_level("INFO", logger="train"):
+        assert _loader_workers(8, DistContext()) == 4
+    assert "runtime.num_workers 8 -> 4" in caplog.text
+    assert _loader_workers(8, DistContext(rank=1, world_size=2, local_rank=1, local_world_size=2)) == 2
+    assert _loader_workers(0, DistContext()) == 0 and _loader_workers(3, DistContext()) == 3
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0}, raising=False)
+    assert _loader_workers(4, DistContext(local_world_size=4)) == 1  # at least one
+
+
+def test_progress_in_a_log_file_is_plain_lines(tmp_path, monkeypatch, caplog):
+    """Off a terminal (a log file, a batch job) the run prints a line every log_every steps, no bar's \\r."""
+    import io
+
+    from train.monitor import Monitor
+
+    monkeypatch.setattr("sys.stderr", io.StringIO())  # not a terminal
+    with caplog.at_level("INFO", logger="train"):
+        monitor = Monitor(tmp_path / "run", True, start_step=0, total_steps=7, log_every=3)
+        for step in range(1, 8):
+            monitor.log_step(step, 0, {"l1": 0.5 / step, "reconstruction": 1.0, "gen_gan": 0.1}, {})
+        monitor.close()
+    lines = [r.getMessage() for r in caplog.records]
+    assert [line.split(",")[0] for line in lines] == ["step 1/7", "step 3/7", "step 6/7", "step 7/7"]
+    assert lines[1] == "step 3/7, epoch 0: l1 0.1667, reconstruction 1.0000"
+    assert "\r" not in sys.stderr.getvalue() and monitor.bar is None
+    assert len((tmp_path / "run" / "losses.jsonl").read_text().splitlines()) == 7  # every step, as before
 
 
 def test_discover_reads_frame_folders_and_video_files(tmp_path):

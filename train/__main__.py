@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
                                    " before the first checkpoint"), file=sys.stderr)
         return 130
     if rank == 0:
-        print(f"done: step {summary['step']}, last checkpoint {summary['last']}")
+        best = f", best {summary['best']} (L1 {summary['best_metric']:.4f})" if summary["best"] else ""
+        print(f"done: step {summary['step']}, last checkpoint {summary['last']}{best}")
     return 0
 
 

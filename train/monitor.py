@@ -1,5 +1,6 @@
 """What a run shows while it trains (rank 0 only): losses per step in `losses.jsonl` and TensorBoard,
-a periodic visualisation PNG, and a tqdm bar.
+a periodic visualisation PNG, and a tqdm bar on a terminal (a plain line every `log_every` steps in a log
+file, where a bar's carriage returns would pile up).
 
 The visualisation (`vis/step-XXXXXXX.png`, also in TensorBoard) has one row per
 sample (up to 4): source and driving frames with their keypoints / region
@@ -14,6 +15,7 @@ import colorsys
 import json
 import logging
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +66,9 @@ class Monitor:
             self.writer = SummaryWriter(str(out_dir / "tb"), purge_step=start_step + 1 if start_step else None)
         except ImportError:  # tensorboard is optional at run time
             log.warning("tensorboard is not installed: losses go to %s only (pip install tensorboard)", self.jsonl_path)
-        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
+        self.total_steps = total_steps
+        if sys.stderr is not None and sys.stderr.isatty():
+            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
 
     def log_step(self, step: int, epoch: int, values: dict[str, float], extra: dict[str, float]) -> None:
         if not self.enabled:
@@ -75,10 +79,15 @@ class Monitor:
         if self.writer is not None and (step % self.log_every == 0 or step == 1):
             for key, value in {**values, **extra}.items():
                 self.writer.add_scalar(key if "/" in key else f"loss/{key}", value, step)
-        self.bar.update(1)
-        if step % self.log_every == 0 or step == 1:
+        if self.bar is not None:
+            self.bar.update(1)
+        if step % self.log_every == 0 or step == 1 or step == self.total_steps:
             shown = {k: f"{v:.4f}" for k, v in values.items() if k in ("l1", "perceptual", "reconstruction", "rec_shift")}
-            self.bar.set_postfix(epoch=epoch, **shown)
+            if self.bar is not None:
+                self.bar.set_postfix(epoch=epoch, **shown)
+            else:
+                log.info("step %d/%d, epoch %d: %s", step, self.total_steps, epoch,
+                         ", ".join(f"{k} {v}" for k, v in shown.items()))
 
     def log_metric(self, name: str, value: float, step: int) -> None:
         if self.enabled and self.writer is not None:
@@ -101,7 +110,8 @@ class Monitor:
         self.jsonl.close()
         if self.writer is not None:
             self.writer.close()
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _to_rgb(images: torch.Tensor, size: int) -> np.ndarray:

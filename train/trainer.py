@@ -30,6 +30,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import random
 import time
 from pathlib import Path
@@ -69,6 +70,7 @@ class DistContext:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    local_world_size: int = 1  # the run's processes on this machine
 
     @property
     def is_main(self) -> bool:
@@ -92,7 +94,7 @@ def setup_distributed(device: str = "auto") -> DistContext:
     if chosen.type == "cuda":
         torch.cuda.set_device(chosen)
     init_process_group(ranks, chosen)
-    return DistContext(ranks.rank, ranks.world, ranks.local_rank, chosen)
+    return DistContext(ranks.rank, ranks.world, ranks.local_rank, chosen, ranks.local_world)
 
 
 def teardown_distributed(ctx: DistContext) -> None:
@@ -172,6 +174,19 @@ def _datasets(cfg: TrainConfig, root: Path, ctx: DistContext, num_repeats: int) 
         evaluation = PairDataset(usable, num_repeats=math.ceil(cfg.runtime.eval_pairs / len(usable)),
                                  augmentation=None, **common)
     return train, evaluation
+
+
+def _loader_workers(wanted: int, ctx: DistContext) -> int:
+    """DataLoader workers per rank: `wanted`, at most the CPUs this process may use shared by the machine's ranks
+    (more only compete for them; PyTorch warns). The pairs do not depend on it (each is drawn from its own seed)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    fitting = max(cpus // max(ctx.local_world_size, 1), 1)
+    if wanted > fitting:
+        if ctx.is_main:
+            log.info("runtime.num_workers %d -> %d: %d CPU(s) for %d rank(s) on this machine", wanted, fitting, cpus,
+                     ctx.local_world_size)
+        return fitting
+    return wanted
 
 
 def perceptual_network(cfg: TrainConfig, device: torch.device, is_main: bool = True,
@@ -281,7 +296,8 @@ def _run(cfg: TrainConfig, ctx: DistContext, data_dir, out_dir, max_steps, resum
     if steps_per_epoch == 0:
         raise ConfigError(f"{len(train_set)} training pairs per epoch cannot fill one batch of {per_rank_batch} "
                           f"per rank: raise dataset.num_repeats or lower the batch size")
-    loader = DataLoader(train_set, batch_size=per_rank_batch, sampler=sampler, num_workers=cfg.runtime.num_workers,
+    workers = _loader_workers(cfg.runtime.num_workers, ctx)
+    loader = DataLoader(train_set, batch_size=per_rank_batch, sampler=sampler, num_workers=workers,
                         drop_last=True, pin_memory=ctx.device.type == "cuda",
                         generator=torch.Generator().manual_seed(cfg.runtime.seed))
     total_steps = stage_params.num_epochs * steps_per_epoch
@@ -299,6 +315,9 @@ def _run(cfg: TrainConfig, ctx: DistContext, data_dir, out_dir, max_steps, resum
         log.info("%s (%s stage): %d videos, %d steps per epoch of %d per rank x %d rank(s), training to step %d on %s",
                  cfg.name, cfg.stage, len(train_set.videos), steps_per_epoch, per_rank_batch, ctx.world_size, stop,
                  ctx.device)
+        if eval_set is None:
+            log.info("no test split with faces under %s: best.pth.tar is picked on the training L1 (train.prepare "
+                     "--test-fraction makes one)", root / "test")
     monitor = Monitor(run_dir, ctx.is_main, progress.step, stop, cfg.runtime.log_every)
     if restored_rng is not None:
         ckpt.restore_rng(restored_rng)
