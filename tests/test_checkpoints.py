@@ -10,6 +10,7 @@ import json
 import os
 import shlex
 import socket
+import stat
 import time
 from pathlib import Path
 
@@ -503,6 +504,10 @@ def test_both_formats_load_the_same_weights_and_sidecar_describes_them(isolated)
     assert sidecar["variant"] == "fomm-none" and sidecar["config"] == load_config(config).to_dict()
     assert sidecar["metadata"]["epoch"] == 7 and sidecar["metadata"]["dropped"] == ["optimizer_generator"]
     assert sidecar["metadata"]["source_sha256"] == ck.sha256_file(src)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for written in (dst, isolated / "out" / "small.json"):  # readable as the user's other files (to share, to serve)
+        assert stat.S_IMODE(written.stat().st_mode) == 0o666 & ~umask, written
 
 
 def test_training_checkpoint_describes_its_own_architecture(isolated):

@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
-from safetensors.torch import save_file as save_safetensors
+from safetensors.torch import save as safetensors_bytes
 
 from ..errors import CheckpointError, ConfigError
+from ..utils import atomic_write
 from .formats import (FORMAT_NAME, FORMAT_VERSION, SAFETENSORS_SUFFIX, fit_report, flatten_parts, is_safetensors,
                       read_pickled_checkpoint, read_sidecar, sha256_file, sidecar_path, strip_prefixes)
 from .resolve import checkpoint_dir
@@ -122,9 +123,13 @@ def convert_to_safetensors(src: str | Path, dst: str | Path | None = None, confi
     }
     if isinstance(checkpoint.get("config"), Mapping):  # a train/ checkpoint: keep its recipe with the weights
         sidecar["training_config"] = json.loads(json.dumps(checkpoint["config"], default=str))
-    save_safetensors(flat, str(dst), metadata={"format": FORMAT_NAME, "variant": sidecar["variant"] or "",
-                                               "config": model_config.name})
-    sidecar_path(dst).write_text(json.dumps(sidecar, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    # written through atomic_write (safetensors' own save_file leaves a file only its owner may read, and a
+    # half-written one where it is interrupted)
+    with atomic_write(dst) as f:
+        f.write(safetensors_bytes(flat, metadata={"format": FORMAT_NAME, "variant": sidecar["variant"] or "",
+                                                  "config": model_config.name}))
+    with atomic_write(sidecar_path(dst), "w", encoding="utf-8") as f:
+        f.write(json.dumps(sidecar, indent=2, sort_keys=True) + "\n")
     return dst
 
 
