@@ -57,6 +57,7 @@ from typing import Iterator
 import numpy as np
 
 from .errors import ONSET_FIX, InputError, NoFaceError, WeightsNotFoundError, face_remedy
+from .utils import user_cache_dir
 from .video import same_frame
 
 ASSETS = Path(__file__).parent / "assets" / "mediapipe"
@@ -216,18 +217,11 @@ def inter_ocular(points: np.ndarray) -> np.ndarray:
 # ---- the models ------------------------------------------------------------------------------------------
 
 
-def cache_dir() -> Path:
-    """Where fetched models are kept: $MEFACIAL_CACHE, else $XDG_CACHE_HOME/mefacial (~/.cache/mefacial)."""
-    if os.environ.get("MEFACIAL_CACHE"):
-        return Path(os.environ["MEFACIAL_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mefacial"
-
-
 def iris_model(sha256: str = IRIS_SHA256) -> Path:
     """The iris model's path, fetched on first use: pip downloads the mediapipe wheel (35 MB, no dependencies,
     from the index pip is configured with), its iris model is taken out, checked against `sha256` and kept in
-    `cache_dir()`. Fails fast with what to do where pip cannot reach an index."""
-    path = cache_dir() / "mediapipe" / "iris_landmark.tflite"
+    `user_cache_dir()`. Fails fast with what to do where pip cannot reach an index."""
+    path = user_cache_dir() / "mediapipe" / "iris_landmark.tflite"
     if path.is_file():
         return path
     requirement, platform, version = IRIS_WHEEL

@@ -43,6 +43,14 @@ def first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
+def user_cache_dir() -> Path:
+    """mefacial's own folder for what it keeps between runs: $MEFACIAL_CACHE, else $XDG_CACHE_HOME/mefacial
+    (~/.cache/mefacial)."""
+    if os.environ.get("MEFACIAL_CACHE"):
+        return Path(os.environ["MEFACIAL_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mefacial"
+
+
 def temporary_path(path: str | os.PathLike, pid: int | None = None) -> Path:
     """Where process `pid` (default: this one) writes `path` before renaming it: `.<name>.<pid>.tmp` beside it."""
     path = Path(path)

@@ -9,8 +9,11 @@ import hashlib
 import json
 import os
 import shlex
+import shutil
 import socket
 import stat
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -22,6 +25,7 @@ from hub_server import FakeHub, resolve_path
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from conftest import REPO as REPO_ROOT
 from conftest import fixture_meta, model_fixture_dirs
 from mefacial import checkpoints as ck
 from mefacial.config import CONFIG_DIR, config_from_reference, load_config
@@ -245,6 +249,21 @@ def test_missing_explicit_or_env_path_never_falls_back(isolated, monkeypatch):
     monkeypatch.setenv("MEFACIAL_CHECKPOINT_FOMM_NONE", str(isolated / "gone.pth.tar"))
     with pytest.raises(WeightsNotFoundError, match="MEFACIAL_CHECKPOINT_FOMM_NONE"):
         ck.resolve_checkpoint("fomm-none")
+
+
+def test_an_installed_package_keeps_local_weights_in_the_user_cache(tmp_path):
+    """`pip install .` puts the package in site-packages: its local weights folder is not site-packages/checkpoints
+    but the user cache's; a source checkout (`pip install -e .`) keeps checkpoints/ beside its pyproject.toml."""
+    site = tmp_path / "site-packages"
+    shutil.copytree(REPO_ROOT / "mefacial", site / "mefacial", ignore=shutil.ignore_patterns("__pycache__"))
+    env = {**os.environ, "PYTHONPATH": str(site), "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    for name in ("MEFACIAL_CACHE", ck.ENV_CHECKPOINT_DIR):
+        env.pop(name, None)
+    show = "import mefacial.checkpoints as c; print(c.checkpoint_dir())"
+    installed = subprocess.run([sys.executable, "-c", show], env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert installed.returncode == 0, installed.stderr
+    assert installed.stdout.strip() == str(tmp_path / "cache" / "mefacial" / "checkpoints")
+    assert ck.checkpoint_dir() == REPO_ROOT / "checkpoints" or os.environ.get(ck.ENV_CHECKPOINT_DIR)
 
 
 def test_local_folder_prefers_safetensors_and_registry_basename(isolated):

@@ -16,9 +16,13 @@ from typing import Any
 import yaml
 
 from ..errors import ConfigError, UnknownVariantError
+from ..utils import user_cache_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_CHECKPOINT_DIR = REPO_ROOT / "checkpoints"
+# the local weights folder: checkpoints/ of the source checkout the package runs from (`pip install -e .`), or
+# for an installed package (whose parent folder is site-packages) checkpoints/ in mefacial's user cache
+DEFAULT_CHECKPOINT_DIR = (REPO_ROOT / "checkpoints" if (REPO_ROOT / "pyproject.toml").is_file()
+                          else user_cache_dir() / "checkpoints")
 DEFAULT_REGISTRY = Path(str(resources.files("mefacial") / "registry.yaml"))  # package data
 ENV_REGISTRY = "MEFACIAL_REGISTRY"  # another registry file (a lab's private weights)
 ENV_VARIANT_PREFIX = "MEFACIAL_CHECKPOINT_"  # + variant, upper case, '-' -> '_'
