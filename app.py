@@ -27,6 +27,7 @@ import ctypes
 import ctypes.util
 import functools
 import logging
+import math
 import shutil
 import signal
 import tempfile
@@ -59,6 +60,7 @@ EXAMPLES = REPO / "examples"
 EXAMPLE_FACE = EXAMPLES / "astronaut.png"
 EXAMPLE_CLIP = EXAMPLES / "brow_raise.mp4"
 PREVIEW_SIDE = 512  # px: the uploaded clip's playable copy is at most this long a side (the page shows it smaller)
+PLAYBACK_S = 2.0  # s: a clip's results start slowed down to play about this long (a micro-expression lasts 0.04-0.5 s)
 CLIP_TYPES = [".mp4", ".gif", ".webm", ".avi", ".mov", ".mkv", ".m4v"]
 
 # Labels and capabilities come from the backbone specs and the variant registry (mefacial.models, mefacial.variants).
@@ -66,6 +68,7 @@ BACKBONES = {name: spec.label for name, spec in backbones().items()}
 PRIORS = {v.prior_option: v.prior_label for v in map(get_variant, variant_ids())}
 MOTIONS = {mode: label for spec in backbones().values() for mode, label in spec.motion_modes.items()}
 LANDMARKS = {"dlib": "dlib (fast, CPU)", "fan": "FAN (face-alignment)", "auto": "auto"}
+SLOWDOWN_LABEL = f"Playback: slow down by (1 = real time; set per clip to play about {PLAYBACK_S:g} s)"
 LANDMARKS_LABEL = "Landmark backend (68 points: the warp, FOMM, MRAA; the dense mesh tracks its own)"
 
 
@@ -483,20 +486,26 @@ class Demo:
         except NoFaceError as exc:  # worded for the clip, not for a one-frame check
             raise NoFaceError(f"no face in the first (onset) frame of the driving clip: {exc}", frame_index=0,
                               page="No face in the first frame of the driving clip", fix=ONSET_FIX) from None
-        t, h, w, _ = clip.frames.shape
-        return clip, f"{t} frames, {w}x{h}, {clip.fps:g} fps ({t / clip.fps:.2f} s)"
+        return clip, clip_info(clip)
 
     def preview(self, driving):
         """The uploaded clip checked (with the default landmark backend) and made playable (GIFs and other formats
-        do not play in every browser): (mp4, its size and length)."""
+        do not play in every browser): (mp4, its size and length, the playback slow-down its results start with)."""
         if driving is None:
-            return None, ""
+            return None, "", gr.skip()
         clip, info = self.check_driving(driving, default_landmarks(self.engine))
         frames = clip.frames
         if max(frames.shape[1:3]) > PREVIEW_SIDE:  # (a 2048 x 1088 clip's copy at its size took 6 s to encode)
             frames = fit_frames(frames, PREVIEW_SIDE)
         video = write_video(self.request_dir() / "driving.mp4", frames, clip.fps)
-        return str(video), info
+        return str(video), info, suggested_slowdown(clip)
+
+    def compare_clip(self, driving, landmarks="dlib"):
+        """The Compare tab's clip checked -> (its size and length, the playback slow-down it starts with)."""
+        if driving is None:
+            return "", gr.skip()
+        clip, info = self.check_driving(driving, landmarks)
+        return info, suggested_slowdown(clip)
 
     def prior_clip(self, driving, frame=0, landmarks="dlib"):
         """The Prior tab's clip checked; the frame slider set to its length -> (slider update, note)."""
@@ -795,14 +804,25 @@ def default_landmarks(engine: mefacial.Engine) -> str:
     return engine.landmarks if engine.landmarks in LANDMARKS and engine.landmarks != "auto" else "dlib"
 
 
-def example_clip_info() -> str:
-    """The bundled clip's description, shown with it when the page opens."""
-    try:
-        clip = read_clip(EXAMPLE_CLIP)
-    except MefacialError:
-        return ""
+def clip_info(clip) -> str:
+    """A clip's description, shown under it: frames, size, rate and length."""
     t, h, w, _ = clip.frames.shape
     return f"{t} frames, {w}x{h}, {clip.fps:g} fps ({t / clip.fps:.2f} s)"
+
+
+def suggested_slowdown(clip) -> int:
+    """The playback slow-down a clip's results start with: the whole factor (1-10) that makes them play for at
+    least about PLAYBACK_S (a 0.3 s micro-expression at real time is over before it is seen)."""
+    seconds = clip.num_frames / clip.fps
+    return int(min(10, max(1, math.ceil(PLAYBACK_S / seconds - 1e-6))))
+
+
+def example_clip():
+    """The bundled clip (None where it cannot be read), shown when the page opens."""
+    try:
+        return read_clip(EXAMPLE_CLIP)
+    except MefacialError:
+        return None
 
 
 def not_ready_markdown(variants: list[dict], ready: dict[str, str | None]) -> str:
@@ -828,8 +848,10 @@ def build_demo(engine: mefacial.Engine, limits: Limits | None = None) -> gr.Bloc
     landmarks0 = default_landmarks(engine)
     has_example = EXAMPLE_FACE.exists() and EXAMPLE_CLIP.exists()
     face0, clip0 = (str(EXAMPLE_FACE), str(EXAMPLE_CLIP)) if has_example else (None, None)
-    clip0_info = example_clip_info() if has_example else ""
-    clip0_frames = int(clip0_info.split()[0]) if clip0_info else limits.max_frames
+    example = example_clip() if has_example else None
+    clip0_info = clip_info(example) if example is not None else ""
+    clip0_frames = example.num_frames if example is not None else limits.max_frames
+    slowdown0 = suggested_slowdown(example) if example is not None else 1
 
     def offers(backbone: str | None, v: dict) -> bool:
         """Whether a backbone's menus offer the choices of variant v (a backbone with one variant shows them all,
@@ -943,7 +965,8 @@ def build_demo(engine: mefacial.Engine, limits: Limits | None = None) -> gr.Bloc
                             g_smooth = gr.Checkbox(True, label="Smooth landmark tracks")
                         g_landmarks = gr.Radio(landmark_choices, value=landmarks0, label=LANDMARKS_LABEL)
                         with gr.Row():
-                            g_slowdown = gr.Slider(1, 20, value=1, step=1, label="Playback: slow down by (1 = real time)")
+                            g_slowdown = gr.Slider(1, 20, value=1, step=1, label=SLOWDOWN_LABEL,
+                                                   elem_id="g-slowdown")
                             g_format = gr.Radio(["mp4", "gif"], value="mp4", label="Download format")
                     g_button = gr.Button("Generate", variant="primary", elem_id="g-button")
                     if pairs:
@@ -994,7 +1017,8 @@ def build_demo(engine: mefacial.Engine, limits: Limits | None = None) -> gr.Bloc
                     c_not_ready = gr.Markdown(not_ready_markdown(variants, ready0), elem_id="c-not-ready")
                     with gr.Row():
                         c_magnify = gr.Slider(1, 5, value=1, step=0.5, label="Magnification")
-                        c_slowdown = gr.Slider(1, 20, value=1, step=1, label="Slow down by (1 = real time)")
+                        c_slowdown = gr.Slider(1, 20, value=1, step=1, label=SLOWDOWN_LABEL,
+                                               elem_id="c-slowdown")
                     with gr.Row():
                         c_crop = gr.Checkbox(True, label="Crop around the face")
                         c_paste = gr.Checkbox(False, label="Paste back")
@@ -1032,13 +1056,13 @@ def build_demo(engine: mefacial.Engine, limits: Limits | None = None) -> gr.Bloc
                          show_progress="minimal", **raw).failure(**reset(source, clear=True))
         a_source.input(user_errors(demo_state.check_source), a_source, None, api_name=False, show_progress="minimal",
                        **raw).failure(**reset(a_source, clear=True))
-        g_driving.change(user_errors(demo_state.preview), g_driving, [g_preview, g_clip_info],
+        g_driving.change(user_errors(demo_state.preview), g_driving, [g_preview, g_clip_info, g_slowdown],
                          api_name="preview_driving", **raw).failure(  # a refused clip leaves its box, like a face
                              **reset(g_driving, g_preview, g_clip_info, clear=True))
         p_driving.change(user_errors(demo_state.prior_clip), [p_driving, p_frame, p_landmarks], [p_frame, p_clip_info],
                          api_name=False, **raw).failure(**reset(p_frame, p_clip_info))
-        c_driving.change(user_errors(lambda d, lm: demo_state.check_driving(d, lm)[1] if d else ""),
-                         [c_driving, c_landmarks], c_clip_info, api_name=False, **raw).failure(
+        c_driving.change(user_errors(demo_state.compare_clip), [c_driving, c_landmarks], [c_clip_info, c_slowdown],
+                         api_name=False, **raw).failure(
                              **reset(c_driving, c_clip_info, clear=True))
         for record, driving, landmarks in ((g_record, g_driving, g_landmarks), (p_record, p_driving, p_landmarks),
                                            (c_record, c_driving, c_landmarks)):
@@ -1067,6 +1091,8 @@ def build_demo(engine: mefacial.Engine, limits: Limits | None = None) -> gr.Bloc
         demo.load(functools.partial(variants_markdown, engine, variants), None, v_table, api_name="variants",
                   queue=False)
         demo.load(compare_defaults, None, [c_variants, c_not_ready], api_name=False, queue=False)
+        # the example's playback slow-down is set on the page only: the API's default stays real time
+        demo.load(lambda: (slowdown0, slowdown0), None, [g_slowdown, c_slowdown], api_name=False, queue=False)
     demo.queue(max_size=limits.queue_size, default_concurrency_limit=1)
     demo.mefacial_limits = limits  # read by launch()
     return demo

@@ -114,8 +114,9 @@ def test_bad_uploads_are_answered_with_their_cause_and_the_server_keeps_serving(
     fake_clip.write_text("this is not a video")
     with pytest.raises(AppError, match="clip"):
         client.predict(source=handle_file(FACE), driving=handle_file(fake_clip), api_name="/generate")
-    preview, info = client.predict(driving=handle_file(CLIP), api_name="/preview_driving")
+    preview, info, slowdown = client.predict(driving=handle_file(CLIP), api_name="/preview_driving")
     assert frames_of(preview).shape[0] == clip.num_frames and f"{clip.num_frames} frames" in info
+    assert 1 <= slowdown <= 10
 
 
 def test_uploads_over_the_size_limit_are_refused_by_the_server(app_url, tmp_path):

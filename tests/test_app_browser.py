@@ -21,6 +21,7 @@ import pytest
 from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
 from playwright.sync_api import expect, sync_playwright
 
+from app import suggested_slowdown
 from app_server import APPS, REPO, shared_app
 from mefacial import get_variant, list_variants
 from mefacial.errors import is_cli_free
@@ -207,9 +208,11 @@ def test_the_page_opens_with_the_example_ready_and_generates_with_one_click(page
     page.locator("#g-source img").first.wait_for(timeout=30_000)
     expect(page.locator("#g-clip-info")).to_contain_text(f"{clip.num_frames} frames")
     expect(page.locator("#g-variant")).to_contain_text(get_variant("dense").label)  # the default generator
+    slowdown = suggested_slowdown(clip)  # the 0.48 s example plays about 2 s (x5)
     page.click("#g-button")  # nothing uploaded: the example runs
     video = wait_for_video(page, "g-result")
-    assert video["duration"] == pytest.approx(clip.duration, abs=0.15)
+    assert video["duration"] == pytest.approx(clip.duration * slowdown, abs=0.15)
+    expect(page.locator("#g-status")).to_contain_text(f"slowed down x{slowdown}")
     assert fetch_frames(page, video["src"], tmp_path, "result.mp4").shape[0] == clip.num_frames
     grid = wait_for_video(page, "g-grid")
     assert fetch_frames(page, grid["src"], tmp_path, "grid.mp4").shape[1:3] == (HEADER + TILE, 3 * TILE)

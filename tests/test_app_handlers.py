@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import gradio as gr
 import numpy as np
 import pytest
@@ -171,11 +173,32 @@ def test_a_large_clip_is_previewed_at_a_bounded_size(tmp_path):
     large = tmp_path / "large.mp4"
     write_video(large, resize_frames(clip.frames[:8], 3 * height, 4 * width), clip.fps)  # wider than tall
     demo = app.Demo(Engine(device="cpu", landmarks="dlib"), app.Limits())
-    preview, info = demo.preview({"path": str(large), "orig_name": "large.mp4"})
+    preview, info, slowdown = demo.preview({"path": str(large), "orig_name": "large.mp4"})
     frames = read_clip(preview).frames
     assert frames.shape[0] == 8 and f"{4 * width}x{3 * height}" in info
     assert max(frames.shape[1:3]) == app.PREVIEW_SIDE
     assert abs(frames.shape[2] / frames.shape[1] - 4 * width / (3 * height)) < 0.02
+
+
+def test_a_clip_starts_slowed_down_to_be_seen(tmp_path):
+    """Results start slowed down to play about PLAYBACK_S (a whole factor, 1-10): a 0.25 s micro-expression
+    played at real time is over before a visitor sees it; a clip of several seconds plays at real time."""
+    from mefacial.video import read_clip, write_video
+
+    def clip(frames, fps):
+        return SimpleNamespace(num_frames=frames, fps=fps)
+
+    assert app.suggested_slowdown(clip(50, 200)) == 8  # CASME II: 0.25 s
+    assert app.suggested_slowdown(clip(12, 25)) == 5  # the bundled example: 0.48 s
+    assert app.suggested_slowdown(clip(100, 50)) == 1 and app.suggested_slowdown(clip(300, 30)) == 1
+    assert app.suggested_slowdown(clip(3, 200)) == 10  # at most 10
+    frames = read_clip(require(app.EXAMPLE_CLIP, "bundled example clip")).frames
+    fast = tmp_path / "fast.mp4"
+    write_video(fast, frames, fps=100)  # 0.12 s
+    demo = app.Demo(Engine(device="cpu", landmarks="dlib"), app.Limits())
+    assert demo.preview({"path": str(fast), "orig_name": "fast.mp4"})[2] == 10
+    assert demo.compare_clip({"path": str(fast), "orig_name": "fast.mp4"}, "dlib") == (
+        f"{len(frames)} frames, 256x256, 100 fps (0.12 s)", 10)
 
 
 def test_the_app_refuses_to_start_with_a_checkpoint_that_is_not_there(tmp_path):
