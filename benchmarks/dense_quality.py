@@ -203,17 +203,18 @@ def cross_identity(generated: np.ndarray, driving: np.ndarray, apex: int, settin
 def cross_identity_mesh(generated: np.ndarray, driving: np.ndarray, driving68: np.ndarray, settings
                         ) -> tuple[float, float]:
     """`cross_identity`'s error / still face and share carried over, read by the face mesh instead of dlib: the
-    468 points' motion from frame 0 over the inter-ocular distance (both tracks smoothed), on the frames dlib's
-    score takes (`metrics.motion_frames` of the driving's 68 points)."""
+    468 points' motion from frame 0 in each face's own axes (`metrics.face_frame_motion`, the outer eye corners'
+    axis; both tracks smoothed), on the frames dlib's score takes (`metrics.motion_frames` of the driving's 68
+    points)."""
     from mefacial import mesh as M
     from mefacial.landmarks import smooth_tracks
-    from mefacial.metrics import motion_frames
+    from mefacial.metrics import face_frame_motion, motion_frames
 
     mask = motion_frames(torch.from_numpy(driving68).float(), settings.min_motion).numpy()
 
-    def motion(tracks: np.ndarray) -> np.ndarray:  # T x 478 x 2 -> scored frames x 468 x 2
-        points = smooth_tracks(tracks).astype(np.float64)[:, :M.NUM_MESH]
-        return ((points - points[:1]) / M.inter_ocular(points[0]))[mask]
+    def motion(tracks: np.ndarray) -> np.ndarray:  # T x 478 x 2 -> scored frames x 468 x 2, in the face's axes
+        points = torch.from_numpy(smooth_tracks(tracks).astype(np.float64)[:, :M.NUM_MESH])
+        return face_frame_motion(points, points[0, 263] - points[0, 33]).numpy()[mask]
 
     gen, drv = motion(generated), motion(driving)
     static = np.linalg.norm(drv, axis=-1).mean()
@@ -259,14 +260,15 @@ def driven_clips(data: Path, engine, settings, landmarks, variants=("dense", "wa
 def by_direction(data: Path) -> None:
     """Each clip driving the shared face (dense, warp): the share of the driving's AU-point motion carried over
     (`metrics.score_motion_transfer`'s gain) split into its horizontal (x) and vertical (y) parts, which add up to
-    it, read by dlib and by the face mesh's 68 equivalents (`MESH_68`, tracks smoothed), on dlib's scored frames;
+    it (horizontal: along each face's eye axis), read by dlib and by the face mesh's 68 equivalents (`MESH_68`, tracks
+    smoothed), on dlib's scored frames;
     the horizontal share of the driving's own motion; and the distance between the eyes' inner corners (dlib
     39-42, mesh 133-362) and outer corners (36-45, 33-263) at the driving's eye apex, over the onset's."""
     from mefacial import Engine
     from mefacial import mesh as M
     from mefacial.evaluate import EvalSettings, landmark_finder
     from mefacial.landmarks import smooth_tracks
-    from mefacial.metrics import interocular_distance, motion_frames
+    from mefacial.metrics import eye_axis, face_frame_motion, motion_frames
     from mefacial.prior import au_points_from_landmarks
 
     engine = Engine(device="cpu", landmarks="dlib")
@@ -276,8 +278,7 @@ def by_direction(data: Path) -> None:
 
     def motion(points: np.ndarray, mask: torch.Tensor) -> torch.Tensor:  # T x 68 x 2 -> scored frames x 18 x 2
         points = torch.from_numpy(np.asarray(points, np.float64))
-        au = au_points_from_landmarks(points)
-        return ((au - au[:1]) / interocular_distance(points[0]))[mask]
+        return face_frame_motion(au_points_from_landmarks(points), eye_axis(points[0]))[mask]
 
     print("| clip | reader | driving's horizontal share | method | carried | horizontal part | vertical part | "
           "inner corners at apex | outer corners at apex |\n| --- | --- | --: | --- | --: | --: | --: | --: | --: |")
@@ -435,7 +436,7 @@ def synthetic_presets(data: Path) -> None:
     from mefacial import mesh as M
     from mefacial.au import PRESETS
     from mefacial.evaluate import EvalSettings, landmark_finder
-    from mefacial.metrics import interocular_distance
+    from mefacial.metrics import eye_axis, face_frame_motion
 
     engine = Engine(device="cpu", landmarks="dlib")
     settings = EvalSettings(landmarks="dlib")
@@ -443,9 +444,9 @@ def synthetic_presets(data: Path) -> None:
     faces = two_faces(data)
     mesh_68 = np.asarray(M.MESH_68)
 
-    def motion(points: np.ndarray) -> np.ndarray:  # T x 68 x 2 -> motion from the onset / inter-ocular distance
-        points = points.astype(np.float64)
-        return (points - points[:1]) / float(interocular_distance(torch.from_numpy(points[0])))
+    def motion(points: np.ndarray) -> np.ndarray:  # T x 68 x 2 -> motion from the onset in the face's own axes
+        points = torch.from_numpy(points.astype(np.float64))
+        return face_frame_motion(points, eye_axis(points[0])).numpy()
 
     def share(output: np.ndarray, driving: np.ndarray) -> float:
         return float((output * driving).sum() / (driving * driving).sum())

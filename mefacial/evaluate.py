@@ -12,8 +12,9 @@ Evaluation (`evaluate`) drives the engine and hands the frames and landmarks to
   static baseline, the first frame repeated);
 - cross-identity motion transfer (with `faces`): each face is animated by each
   clip and the AU-point motion of the output (landmarks re-detected on it) is
-  compared with the driving clip's, both divided by their face's inter-ocular
-  distance (`metrics.score_motion_transfer`), next to the static baseline;
+  compared with the driving clip's, both in their own face's axes (turned with its
+  eye axis, divided by its inter-ocular distance: `metrics.score_motion_transfer`),
+  next to the static baseline;
 - LPIPS and FID when their packages and weights are already on this machine
   (never downloaded; skipped with a note otherwise).
 
@@ -191,7 +192,7 @@ def score_reenactment(result: Any, landmarks: Callable[[np.ndarray], np.ndarray]
 def motion_transfer(engine: Any, face: Any, frames: np.ndarray, variant: str, landmarks: Callable[[np.ndarray], np.ndarray],
                     settings: EvalSettings = EvalSettings()) -> dict[str, Any]:
     """Animate another face by the clip and compare the AU-point motion of the output with the clip's
-    (`metrics.score_motion_transfer`: displacements divided by each face's inter-ocular distance)."""
+    (`metrics.score_motion_transfer`: displacements in each face's own axes, over its inter-ocular distance)."""
     result = engine.animate(face, frames, variant=variant, options=settings.animate_options())
     return score_transfer(result, landmarks, settings)
 
@@ -442,7 +443,8 @@ def markdown(report: dict[str, Any]) -> str:
         faces, clips = len(report["faces"]), len(report["clips"])
         lines += ["", f"Cross-identity motion transfer on {faces} face{'s' * (faces != 1)} x {clips} "
                   f"clip{'s' * (clips != 1)} "
-                  "(AU-point motion of the output against the driving clip's, in % of the inter-ocular distance):", "",
+                  "(AU-point motion of the output against the driving clip's, in each face's own axes, in % of its "
+                  "inter-ocular distance):", "",
                   "| variant | pairs | AU motion error ↓ | static | motion carried over (1 = all) | beats static |",
                   "|---|---|---|---|---|---|"]
         for variant, entry in report["variants"].items():

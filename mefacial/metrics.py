@@ -108,6 +108,16 @@ def interocular_distance(landmarks: torch.Tensor) -> torch.Tensor:
     return eye_axis(landmarks).norm(dim=-1)
 
 
+def face_frame_motion(points: torch.Tensor, axis: torch.Tensor) -> torch.Tensor:
+    """Each point's motion from frame 0 in the face's own axes: T x P x 2 pixels and the face's eye axis at frame 0
+    (2: from the eye on the picture's left to the other, `eye_axis`) -> T x P x 2 in inter-ocular distances, x
+    along the eye axis, y across it (down), so that faces of any size and tilt compare."""
+    length = axis.norm()
+    cos, sin = axis / length
+    turn = torch.stack([torch.stack([cos, sin]), torch.stack([-sin, cos])])  # 2 x 2: the eye axis onto +x
+    return (points - points[:1]) @ turn.T / length
+
+
 def landmark_displacement(landmarks: torch.Tensor) -> torch.Tensor:
     """Mean distance of each frame's landmarks from frame 0's, in pixels: T x P x 2 -> T."""
     return (landmarks - landmarks[:1]).norm(dim=-1).mean(-1)
@@ -253,8 +263,9 @@ def score_motion_transfer(generated: torch.Tensor, driving: torch.Tensor, min_mo
 
     generated: T x 68 x 2 landmarks re-detected on the generated clip; driving: T x 68 x 2 on the
     driving clip. Both are reduced to the 18 AU points and their motion relative to frame 0 is
-    divided by the face's inter-ocular distance at frame 0, so faces of any size compare. Frames
-    scored: `motion_frames(driving, min_motion)`.
+    taken in each face's own axes at frame 0 (`face_frame_motion`: turned with its eye axis, divided by its
+    inter-ocular distance), so faces of any size and tilt compare (a brow raised on a tilted driving face is
+    raised along the target face's own up). Frames scored: `motion_frames(driving, min_motion)`.
     """
     from .prior import au_points_from_landmarks
 
@@ -264,7 +275,7 @@ def score_motion_transfer(generated: torch.Tensor, driving: torch.Tensor, min_mo
 
     def motion(landmarks: torch.Tensor) -> torch.Tensor:  # T x 68 x 2 -> scored frames x 18 x 2
         au = au_points_from_landmarks(landmarks.double())  # T x 18 x 2
-        return ((au - au[:1]) / interocular_distance(landmarks[0].double()))[mask]
+        return face_frame_motion(au, eye_axis(landmarks[0].double()))[mask]
 
     gen, drv = motion(generated), motion(driving)
     return MotionTransfer(

@@ -133,3 +133,18 @@ def test_motion_transfer_is_relative_to_face_size():
     still = metrics.score_motion_transfer(bigger[:1].expand_as(bigger), driving)
     assert still.gain == pytest.approx(0.0, abs=1e-9)
     assert still.error == pytest.approx(still.static_error) and not still.beats_static
+
+
+def test_motion_transfer_is_measured_in_each_faces_own_axes():
+    """A face tilted 20 degrees making the same expression moves its points along its own axes: no error; the same
+    motion in the picture's axes on a tilted face is 20 degrees off its expression."""
+    driving = _face_tracks(frames=6).double()
+    angle = math.radians(20)
+    turn = torch.tensor([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]], dtype=torch.float64)
+    tilted = (driving - 60) @ turn.T * 1.5 + 90  # another face, tilted and larger, the same expression
+    same = metrics.score_motion_transfer(tilted, driving)
+    assert same.error == pytest.approx(0.0, abs=1e-9) and same.gain == pytest.approx(1.0)
+    along_the_picture = tilted[:1] + (driving - driving[:1]) * 1.5  # the expression not turned with the face
+    off = metrics.score_motion_transfer(along_the_picture, driving)
+    assert off.error == pytest.approx(2 * math.sin(angle / 2) * off.static_error, rel=1e-6)
+    assert off.gain == pytest.approx(math.cos(angle), rel=1e-6)
