@@ -381,10 +381,12 @@ def build_parser() -> argparse.ArgumentParser:
     generate.set_defaults(func=_cmd_generate)
 
     evaluate = sub.add_parser("evaluate", help="score variants on real clips: self-reenactment and motion transfer")
-    evaluate.add_argument("--clips", required=True, help="folder of clips (videos, GIFs, folders of frames; recursive)")
+    evaluate.add_argument("--clips", required=True, help="folder of clips (videos, GIFs, folders of frames; recursive), "
+                          "or one clip")
     evaluate.add_argument("--variants", default="dense", help="comma-separated variant ids")
     evaluate.add_argument("--out", required=True, help="output folder for scores.json and scores.md")
-    evaluate.add_argument("--faces", help="folder of other faces: adds cross-identity motion-transfer scores")
+    evaluate.add_argument("--faces", help="folder of other faces, or one face image: adds cross-identity "
+                          "motion-transfer scores")
     evaluate.add_argument("--checkpoint", action="append", metavar="VARIANT=PATH", help="weights of one variant (repeatable)")
     evaluate.add_argument("--max-frames", type=_positive_int, default=None,
                           help="score only the first N frames of each clip")

@@ -423,7 +423,8 @@ def _fmt(value: Any, digits: int = 2, scale: float = 1.0) -> str:
 def markdown(report: dict[str, Any]) -> str:
     """The report as Markdown tables: self-reenactment, then motion transfer, then notes and errors."""
     learned = [m for m in ("lpips", "fid") if any(v.get(m) is not None for v in report["variants"].values())]
-    lines = [f"Self-reenactment on {len(report['clips'])} clips (each clip's first frame animated by the clip; "
+    clips = len(report["clips"])
+    lines = [f"Self-reenactment on {clips} clip{'s' * (clips != 1)} (each clip's first frame animated by the clip; "
              "mean over clips of the frames with motion; generated (static first frame)):", "",
              "| variant | clips | PSNR dB ↑ | SSIM ↑ | L1 ↓ | landmark motion error px ↓ | beats static |"
              + "".join(f" {m.upper()} ↓ |" for m in learned),
@@ -440,7 +441,7 @@ def markdown(report: dict[str, Any]) -> str:
                      f"{cell('landmark_error', 3)} | {mean['beats_static']}/{count} |"
                      + "".join(f" {_fmt(entry.get(m), 3)} |" for m in learned))
     if any("motion_transfer" in e for e in report["variants"].values()):
-        faces, clips = len(report["faces"]), len(report["clips"])
+        faces = len(report["faces"])
         lines += ["", f"Cross-identity motion transfer on {faces} face{'s' * (faces != 1)} x {clips} "
                   f"clip{'s' * (clips != 1)} "
                   "(AU-point motion of the output against the driving clip's, in each face's own axes, in % of its "

@@ -215,10 +215,15 @@ def _label_of(path: Path, root: Path) -> str:
 
 
 def find_clips(root: str | os.PathLike) -> list[Path]:
-    """Clips under `root`, recursively: video / GIF files, and folders that hold image frames (not searched further)."""
+    """Clips under `root`, recursively: video / GIF files, and folders that hold image frames (not searched
+    further); `root` may also be one clip (a file, or a folder of its frames)."""
     root = Path(root)
+    if root.is_file():
+        if root.suffix.lower() not in CLIP_EXTENSIONS:
+            raise InputError(f"{root} is not a clip ({', '.join(CLIP_EXTENSIONS)}) nor a folder of clips")
+        return [root]
     if not root.is_dir():
-        raise InputError(f"clip folder {root} does not exist or is not a folder")
+        raise InputError(f"clip folder {root} does not exist")
     clips: list[Path] = []
 
     def walk(folder: Path) -> None:
@@ -230,14 +235,21 @@ def find_clips(root: str | os.PathLike) -> list[Path]:
                 clips.append(entry)
 
     walk(root)
+    if not clips and list_frame_files(root):  # the folder is one clip's frames
+        clips.append(root)
     return clips
 
 
 def find_faces(root: str | os.PathLike) -> list[Path]:
-    """Target faces: image files in `root`, and folders holding one image (MEGC 2021: normalized_asianFemale/)."""
+    """Target faces: image files in `root`, and folders holding one image (MEGC 2021: normalized_asianFemale/);
+    `root` may also be one face image."""
     root = Path(root)
+    if root.is_file():
+        if root.suffix.lower() not in IMAGE_EXTENSIONS:
+            raise InputError(f"{root} is not a face image ({', '.join(IMAGE_EXTENSIONS)}) nor a folder of them")
+        return [root]
     if not root.is_dir():
-        raise InputError(f"face folder {root} does not exist or is not a folder")
+        raise InputError(f"face folder {root} does not exist")
     faces = []
     for entry in sorted(root.iterdir(), key=lambda p: natural_key(p.name)):
         if entry.name.startswith("."):

@@ -98,6 +98,25 @@ def test_megc_layout_pairs_every_face_with_every_clip(tmp_path, material):
     assert sorted(p.output("fomm-awp", "gif") for p in again) == outputs
 
 
+def test_one_face_and_one_clip_stand_for_their_folders(tmp_path, material):
+    """`--megc FACE CLIP` and `evaluate --faces FACE --clips CLIP` take single files (and a folder of one clip's
+    frames) as well as folders of them; anything else names what it wanted."""
+    clip = material["clips"] / f"{material['names'][0]}.gif"
+    pairs = gen.megc_pairs(material["face"], clip)
+    assert [(p.source, p.driving) for p in pairs] == [(str(Path(material["face"]).absolute()), str(clip.absolute()))]
+    frames = tmp_path / "EP01_13"
+    frames.mkdir()
+    for i, frame in enumerate(read_clip(clip).frames[:3]):
+        _png(frames / f"img{i + 1}.png", frame)
+    assert gen.find_clips(frames) == [frames]
+    with pytest.raises(gen.InputError, match="is not a clip"):
+        gen.find_clips(frames / "img1.png")
+    with pytest.raises(gen.InputError, match="is not a face image"):
+        gen.find_faces(clip)
+    with pytest.raises(gen.InputError, match="does not exist"):
+        gen.find_faces(tmp_path / "nowhere")
+
+
 def _png(path: Path, frame: np.ndarray) -> None:
     from PIL import Image
 
