@@ -306,9 +306,7 @@ def _cmd_synthesize(args: argparse.Namespace) -> int:
                          "(--list shows the action units and presets)")
     if args.au and args.preset:
         raise InputError("give either --au or --preset, not both")
-    if args.preset and args.preset not in au.PRESETS:
-        raise InputError(f"unknown preset {args.preset!r}; presets: {', '.join(au.PRESETS)}")
-    spec = au.PRESETS[args.preset][0] if args.preset else args.au
+    spec = au.PRESETS[au.preset_name(args.preset)][0] if args.preset else args.au
     engine = Engine(device=args.device, precision=args.precision, batch_size=args.batch_size, landmarks=args.landmarks)
     options = _synthesis_options(args)
     result = engine.synthesize(args.source, spec, _timing(args), options)

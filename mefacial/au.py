@@ -1050,6 +1050,21 @@ PRESETS: dict[str, tuple[str, str]] = {
 }
 
 
+PRESET_ALIASES = {"happiness": "positive", "happy": "positive", "joy": "positive", "sad": "sadness",
+                  "surprised": "surprise", "angry": "anger", "afraid": "fear", "disgusted": "disgust"}
+
+
+def preset_name(name: str) -> str:
+    """The preset a name means (case-insensitive; common emotion words: happiness -> positive); InputError naming
+    the presets where none."""
+    key = name.strip().lower()
+    key = PRESET_ALIASES.get(key, key)
+    if key not in PRESETS:
+        raise InputError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)} (happiness is 'positive', "
+                         "MEGC's name)")
+    return key
+
+
 def table() -> list[dict]:
     """One row per AU: number, name, muscles, appearance, regions, cues (for the README, the app and the CLI)."""
     return [{"au": a.number, "name": a.name, "muscles": a.muscles, "appearance": a.appearance,

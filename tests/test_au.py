@@ -204,6 +204,11 @@ def test_presets_parse_and_name_their_source():
     for name, (spec, source) in au.PRESETS.items():
         assert au.parse_aus(spec) and len(source) > 20, name
     assert au.PRESETS["positive"][0] == "6:C,12:C" and "CASME II" in au.PRESETS["positive"][1]
+    # a preset is found by its name in any case, or by an everyday emotion word
+    assert au.preset_name("Surprise") == "surprise" and au.preset_name("happiness") == "positive"
+    assert all(alias_of in au.PRESETS for alias_of in au.PRESET_ALIASES.values())
+    with pytest.raises(InputError, match="unknown preset 'smirk'.*positive, surprise"):
+        au.preset_name("smirk")
 
 
 def test_readout_ignores_head_motion_and_finds_the_moved_region(meshes):
