@@ -217,3 +217,11 @@ def test_a_taken_port_is_one_line_naming_the_flag_not_a_traceback():
         port = taken.getsockname()[1]
         with pytest.raises(SystemExit, match=f"port {port} is taken.*--port"):
             app.main(["--port", str(port), "--device", "cpu"])
+
+
+def test_bold_text_is_drawn_in_one_font():
+    """Gradio's bundled semi-bold faces hold a few glyphs ('A', 'B'), so bold text mixed two fonts: the page's
+    theme declares the regular faces only (bold drawn from them), and still no font from the network."""
+    css = app.theme()._get_theme_css()
+    assert "SourceSansPro-Regular" in css and "IBMPlexMono-Regular" in css
+    assert "SemiBold" not in css and "googleapis" not in css
