@@ -26,6 +26,7 @@ import atexit
 import ctypes
 import ctypes.util
 import functools
+import inspect
 import logging
 import math
 import shutil
@@ -1112,10 +1113,16 @@ def theme() -> gr.themes.Base:
 
 
 def launch(demo: gr.Blocks, host: str | None = None, port: int | None = None, share: bool = False, **kwargs):
-    """Launch with the upload limit of the demo's Limits (the server refuses larger files) and the page's CSS."""
+    """Launch with the upload limit of the demo's Limits (the server refuses larger files), the page's CSS and theme.
+
+    Gradio probes its own page once the server runs and stops the program ("When localhost is not accessible, a
+    shareable link must be created") where the first answer takes over 3 s (a busy or cold machine: seen here on
+    2 cores right after a test run) or a proxy setting catches localhost; the page itself serves either way, so the
+    probe (launch's `_frontend`, which it only serves) is skipped."""
     limits: Limits = getattr(demo, "mefacial_limits", Limits())
+    probe = {"_frontend": False} if "_frontend" in inspect.signature(demo.launch).parameters else {}
     return demo.launch(server_name=host, server_port=port, share=share, max_file_size=f"{limits.max_upload_mb}mb",
-                       css=CSS, theme=theme(), **kwargs)
+                       css=CSS, theme=theme(), **probe, **kwargs)
 
 
 def parse_checkpoint(text: str) -> tuple[str, str]:

@@ -225,3 +225,23 @@ def test_bold_text_is_drawn_in_one_font():
     css = app.theme()._get_theme_css()
     assert "SourceSansPro-Regular" in css and "IBMPlexMono-Regular" in css
     assert "SemiBold" not in css and "googleapis" not in css
+
+
+def test_a_slow_first_answer_does_not_stop_the_app(monkeypatch):
+    """Gradio probes its own page at launch and stopped the program where the first answer took over 3 s (a busy
+    machine) or a proxy caught localhost; app.launch skips that probe: the page serves."""
+    import socket
+
+    import httpx
+    import gradio.networking
+
+    monkeypatch.setattr(gradio.networking, "url_ok", lambda url: False)  # the probe as a slow machine answers it
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    demo = app.build_demo(Engine(device="cpu", landmarks="dlib"), app.Limits())
+    try:
+        app.launch(demo, host="127.0.0.1", port=port, prevent_thread_lock=True, quiet=True)
+        assert httpx.get(demo.local_url, timeout=30).status_code == 200
+    finally:
+        demo.close()
