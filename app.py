@@ -45,7 +45,7 @@ from mefacial import checkpoints as weights_registry
 from mefacial import hardware
 from mefacial.console import monotone
 from mefacial.errors import ONSET_FIX, MefacialError, NoFaceError, UnreadableVideoError, sentence
-from mefacial.evaluate import compare_columns, first_line
+from mefacial.evaluate import COMPARE_TIMES, compare_columns, compare_time, first_line
 from mefacial.grid import Column, prior_panels, render_grid
 from mefacial.landmarks import get_detector
 from mefacial.models import backbones
@@ -410,8 +410,10 @@ class Demo:
             if isinstance(outcome, MefacialError):
                 lines.append(f"| {label} | not run: {short_reason(outcome)} |")
             else:
-                lines.append(f"| {label} | {outcome.timings.get('total_s', 0):.2f} s, landmarks "
+                lines.append(f"| {label} | {compare_time(outcome)}, landmarks "
                              f"{outcome.landmark_backend or 'none'}, weights {Path(str(outcome.weights)).name} |")
+        if any(not isinstance(outcome, MefacialError) for outcome in comparison.outcomes.values()):
+            lines += ["", COMPARE_TIMES[0].upper() + COMPARE_TIMES[1:] + "."]
         out = self.request_dir()
         grid = write_video(out / "compare.mp4", render_grid(comparison.columns, heatmaps=bool(heatmaps)),
                            comparison.fps, slowdown=options.slowdown)

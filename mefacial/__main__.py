@@ -250,7 +250,9 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     out = write_video(args.out, grid, comparison.fps, slowdown=options.slowdown)
     for variant, outcome in comparison.outcomes.items():
         print(f"{variant}: " + (f"not run: {ev.first_line(outcome)}" if isinstance(outcome, Exception) else
-                                f"{outcome.timings.get('total_s', 0):.2f} s, weights: {outcome.weights}"))
+                                f"{ev.compare_time(outcome)}, weights: {outcome.weights}"))
+    if any(not isinstance(outcome, Exception) for outcome in comparison.outcomes.values()):
+        print(f"({ev.COMPARE_TIMES})")
     print(f"{out}: {grid.shape[0]} frames, {grid.shape[2]}x{grid.shape[1]}, {len(comparison.columns)} columns")
     if args.strip:
         from PIL import Image

@@ -77,6 +77,8 @@ def test_compare_by_default_runs_only_the_variants_ready_here(client, clip):
     assert frames.shape[1:3] == (HEADER + TILE, (1 + len(ready)) * TILE)  # driving | dense | dense-geometry | warp
     assert table.count("\n|") == 1 + len(ready) and "not run" not in table
     assert all(get_variant(v).label in table for v in ready)
+    # each time with its generator's alone, and what the first variant's time also holds (the clip's face mesh)
+    assert table.count("(generator ") == len(ready) and "those after it reuse them" in table
 
 
 def test_compare_of_every_variant_shows_each_with_its_label_or_reason(client, clip):

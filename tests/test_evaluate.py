@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -113,7 +114,7 @@ def test_unavailable_variants_and_metrics_are_reported(report):
 
 
 @pytest.mark.slow
-def test_compare_renders_a_column_per_variant_and_a_strip(material, tmp_path, monkeypatch):
+def test_compare_renders_a_column_per_variant_and_a_strip(material, tmp_path, monkeypatch, capsys):
     from PIL import Image
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -125,6 +126,8 @@ def test_compare_renders_a_column_per_variant_and_a_strip(material, tmp_path, mo
                  "--strip", str(tmp_path / "strip.png"), "--strip-frames", ",".join(map(str, strip_frames)),
                  "--landmarks", "dlib", "--device", "cpu"])
     assert code == 0
+    said = capsys.readouterr().out
+    assert re.search(r"^warp: [\d.]+ s \(generator [\d.]+ s\)", said, re.M) and ev.COMPARE_TIMES in said
     grid = read_clip(tmp_path / "grid.mp4").frames
     assert grid.shape == (FRAMES, HEADER + tile, 3 * tile, 3)  # driving, warp, placeholder
     warp_tiles = grid[:, HEADER:, tile:2 * tile].astype(int)
