@@ -44,7 +44,7 @@ import mefacial
 from mefacial import checkpoints as weights_registry
 from mefacial import hardware
 from mefacial.console import monotone
-from mefacial.errors import ONSET_FIX, MefacialError, NoFaceError, UnreadableVideoError, sentence
+from mefacial.errors import ONSET_FIX, ONSET_PAGE, MefacialError, NoFaceError, UnreadableVideoError, sentence
 from mefacial.evaluate import COMPARE_TIMES, compare_columns, compare_time, first_line
 from mefacial.grid import Column, prior_panels, render_grid
 from mefacial.landmarks import get_detector
@@ -488,7 +488,7 @@ class Demo:
             self.find_face(clip.frames[:1], "driving", landmarks)
         except NoFaceError as exc:  # worded for the clip, not for a one-frame check
             raise NoFaceError(f"no face in the first (onset) frame of the driving clip: {exc}", frame_index=0,
-                              page="No face in the first frame of the driving clip", fix=ONSET_FIX) from None
+                              page=ONSET_PAGE, fix=ONSET_FIX) from None
         return clip, clip_info(clip)
 
     def preview(self, driving):

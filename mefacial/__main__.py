@@ -217,10 +217,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     engine = _engine(args, settings, _checkpoint_overrides(args.checkpoint))
     variants = _split_variants(args.variants)
     faces = find_faces(args.faces) if args.faces else []
-    clips = find_clips(args.clips)
-    if not clips:
-        raise InputError(f"no clips under {args.clips} (video or GIF files, or folders of frames)")
-    report = ev.evaluate(engine, clips, variants, faces, settings,
+    report = ev.evaluate(engine, find_clips(args.clips), variants, faces, settings,
                          learned=() if args.no_learned else ("lpips", "fid"), readout_dir=args.readout)
     paths = ev.write_report(report, args.out)
     print(ev.markdown(report))

@@ -173,7 +173,16 @@ def face_remedy(detector: str, smallest: float, width: int, height: int) -> tupl
             "shadows", "Use a frontal, well-lit face, cropped close, without strong shadows or a profile view")
 
 
+ONSET_PAGE = "No face in the first frame of the driving clip"
 ONSET_FIX = "Use a clip that starts with a frontal, well-lit face in the picture (trim any frames before it)"
+
+
+def no_face_at_onset(remedy: str) -> NoFaceError:
+    """No face in the driving clip's first (onset) frame, where its face box is placed: one wording for every
+    detector (`remedy`: `face_remedy`'s command-line half)."""
+    return NoFaceError(f"no face in the driving clip's first frame, where its face box is placed. "
+                       f"{sentence(remedy)[:-1]}; trim the frames before the face is in the picture.", frame_index=0,
+                       page=ONSET_PAGE, fix=ONSET_FIX)
 
 
 def is_cli_free(text: str) -> bool:

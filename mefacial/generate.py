@@ -216,7 +216,7 @@ def _label_of(path: Path, root: Path) -> str:
 
 def find_clips(root: str | os.PathLike) -> list[Path]:
     """Clips under `root`, recursively: video / GIF files, and folders that hold image frames (not searched
-    further); `root` may also be one clip (a file, or a folder of its frames)."""
+    further); `root` may also be one clip (a file, or a folder of its frames). None is an InputError."""
     root = Path(root)
     if root.is_file():
         if root.suffix.lower() not in CLIP_EXTENSIONS:
@@ -237,6 +237,8 @@ def find_clips(root: str | os.PathLike) -> list[Path]:
     walk(root)
     if not clips and list_frame_files(root):  # the folder is one clip's frames
         clips.append(root)
+    if not clips:
+        raise InputError(f"no clips under {root} (video or GIF files, or folders of frames)")
     return clips
 
 
@@ -277,8 +279,6 @@ def megc_pairs(faces_dir: str | os.PathLike, clips_dir: str | os.PathLike) -> li
     clips_root = Path(os.path.abspath(clips_dir))
     faces = [Path(os.path.abspath(f)) for f in find_faces(faces_dir)]
     clips = find_clips(clips_root)
-    if not clips:
-        raise InputError(f"no clips (video / GIF files or folders of frames) under {clips_root}")
     face_file = {f: (list_frame_files(f)[0] if f.is_dir() else f) for f in faces}
     face_names = {str(face_file[Path(p)]): n for p, n in unique_names(map(str, faces)).items()}
     pairs = [Pair(str(face_file[f]), str(c), _label_of(c, clips_root)) for c in clips for f in faces]

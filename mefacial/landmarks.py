@@ -43,7 +43,7 @@ from urllib.parse import urlparse
 import numpy as np
 import torch
 
-from .errors import ONSET_FIX, InputError, NoFaceError, WeightsNotFoundError, face_remedy, sentence
+from .errors import InputError, NoFaceError, WeightsNotFoundError, face_remedy, no_face_at_onset, sentence
 from .prior import NUM_LANDMARKS
 from .utils import from_numpy
 from .video import as_rgb
@@ -142,9 +142,7 @@ class LandmarkDetector(abc.ABC):
             return NoFaceError(f"no face found in the source image. {remedy}.", frame_index=None,
                                page="No face found in the source image", fix=fix)
         if role == "onset":
-            return NoFaceError(f"no face in the driving clip's first frame, where its face box is placed. {remedy}; "
-                               "trim the frames before the face is in the picture.", frame_index=0,
-                               page="No face in the first frame of the driving clip", fix=ONSET_FIX)
+            return no_face_at_onset(remedy)
         return NoFaceError(f"no face in driving frame {index} (of {count}). {remedy}; trim frames where the face "
                            "leaves the picture.", frame_index=index,
                            page=f"No face in frame {index} of the driving clip ({count} frames)",

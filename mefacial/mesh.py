@@ -56,7 +56,7 @@ from typing import Iterator
 
 import numpy as np
 
-from .errors import ONSET_FIX, InputError, NoFaceError, WeightsNotFoundError, face_remedy
+from .errors import InputError, NoFaceError, WeightsNotFoundError, face_remedy, no_face_at_onset
 from .utils import user_cache_dir
 from .video import same_frame
 
@@ -909,9 +909,7 @@ def _no_face(index: int, count: int | None, shape: tuple, role: str) -> NoFaceEr
     if role == "source":
         return NoFaceError(f"no face found in the source image: {remedy}.", frame_index=None, fix=fix)
     if index == 0:  # the onset frame, where the clip's face box is placed
-        return NoFaceError(f"no face in the driving clip's first frame, where its face box is placed: {remedy}; "
-                           "trim the frames before the face is in the picture.", frame_index=0,
-                           page="No face in the first frame of the driving clip", fix=ONSET_FIX)
+        return no_face_at_onset(remedy)
     of = f" (of {count})" if count else ""
     return NoFaceError(f"no face in driving frame {index}{of}: {remedy}; trim frames where the face "
                        "leaves the picture.", frame_index=index)
