@@ -327,16 +327,17 @@ def _sampler(data, replicas, rank, epoch, skip=0):
 
 def test_loader_workers_fit_the_machines_cpus(monkeypatch, caplog):
     """More DataLoader workers than CPUs only compete for them (PyTorch warns): capped, said once, per rank."""
+    from mefacial.distributed import Ranks
     from train.trainer import DistContext, _loader_workers
 
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
     with caplog.at_level("INFO", logger="train"):
         assert _loader_workers(8, DistContext()) == 4
     assert "runtime.num_workers 8 -> 4" in caplog.text
-    assert _loader_workers(8, DistContext(rank=1, world_size=2, local_rank=1, local_world_size=2)) == 2
+    assert _loader_workers(8, DistContext(Ranks(rank=1, world=2, local_rank=1, local_world=2))) == 2
     assert _loader_workers(0, DistContext()) == 0 and _loader_workers(3, DistContext()) == 3
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0}, raising=False)
-    assert _loader_workers(4, DistContext(local_world_size=4)) == 1  # at least one
+    assert _loader_workers(4, DistContext(Ranks(local_world=4))) == 1  # at least one
 
 
 def test_progress_in_a_log_file_is_plain_lines(tmp_path, monkeypatch, caplog):

@@ -42,7 +42,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from mefacial.device import pick_device
-from mefacial.distributed import Ranks, init_process_group
+from mefacial.distributed import Ranks, barrier, init_process_group
 from mefacial.errors import CheckpointError, ConfigError
 from mefacial.models import build_model
 
@@ -64,25 +64,21 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 @dataclasses.dataclass(frozen=True)
 class DistContext:
-    """This process's place in the run."""
+    """This process's place in the run (`Ranks`, read from torchrun's environment) and its device."""
 
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
+    ranks: Ranks = Ranks()
     device: torch.device = torch.device("cpu")
-    local_world_size: int = 1  # the run's processes on this machine
 
     @property
     def is_main(self) -> bool:
-        return self.rank == 0
+        return self.ranks.rank == 0
 
     @property
     def distributed(self) -> bool:
-        return self.world_size > 1
+        return self.ranks.distributed
 
     def barrier(self) -> None:
-        if self.distributed:
-            dist.barrier()
+        barrier()
 
 
 def setup_distributed(device: str = "auto") -> DistContext:
@@ -94,7 +90,7 @@ def setup_distributed(device: str = "auto") -> DistContext:
     if chosen.type == "cuda":
         torch.cuda.set_device(chosen)
     init_process_group(ranks, chosen)
-    return DistContext(ranks.rank, ranks.world, ranks.local_rank, chosen, ranks.local_world)
+    return DistContext(ranks, chosen)
 
 
 def teardown_distributed(ctx: DistContext) -> None:
@@ -108,7 +104,7 @@ def _mean_over_ranks(values: dict[str, float], ctx: DistContext) -> dict[str, fl
     keys = sorted(values)
     tensor = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=ctx.device)
     dist.all_reduce(tensor)
-    return {k: float(v) / ctx.world_size for k, v in zip(keys, tensor.tolist())}
+    return {k: float(v) / ctx.ranks.world for k, v in zip(keys, tensor.tolist())}
 
 
 def parameter_digest(model: torch.nn.Module) -> str:
@@ -160,10 +156,10 @@ def _datasets(cfg: TrainConfig, root: Path, ctx: DistContext, num_repeats: int) 
         cache = landmark_cache_dir(root, backend, cfg.dataset.landmark_cache)
         device = ctx.device if ctx.device.type == "cuda" else "cpu"
         # One process per machine detects and writes the cache (atomically), the others then read it.
-        if ctx.local_rank == 0:
+        if ctx.ranks.local_rank == 0:
             landmarks = load_landmarks(train_videos + test_videos, backend, cache, device)
         ctx.barrier()
-        if ctx.local_rank != 0:
+        if ctx.ranks.local_rank != 0:
             landmarks = load_landmarks(train_videos + test_videos, backend, cache, device)
     common = dict(image_size=cfg.model.image_size, seed=cfg.runtime.seed, landmarks=landmarks,
                   au_points=cfg.model.au_points, video_cache=cfg.dataset.video_cache)
@@ -180,11 +176,11 @@ def _loader_workers(wanted: int, ctx: DistContext) -> int:
     """DataLoader workers per rank: `wanted`, at most the CPUs this process may use shared by the machine's ranks
     (more only compete for them; PyTorch warns). The pairs do not depend on it (each is drawn from its own seed)."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    fitting = max(cpus // max(ctx.local_world_size, 1), 1)
+    fitting = max(cpus // max(ctx.ranks.local_world, 1), 1)
     if wanted > fitting:
         if ctx.is_main:
             log.info("runtime.num_workers %d -> %d: %d CPU(s) for %d rank(s) on this machine", wanted, fitting, cpus,
-                     ctx.local_world_size)
+                     ctx.ranks.local_world)
         return fitting
     return wanted
 
@@ -287,11 +283,11 @@ def _run(cfg: TrainConfig, ctx: DistContext, data_dir, out_dir, max_steps, resum
         if ctx.is_main:
             log.info("resumed %s at step %d (epoch %d)", resume, progress.step, progress.epoch)
 
-    per_rank_batch = max(1, stage_params.batch_size // ctx.world_size)
-    if ctx.is_main and per_rank_batch * ctx.world_size != stage_params.batch_size:
+    per_rank_batch = max(1, stage_params.batch_size // ctx.ranks.world)
+    if ctx.is_main and per_rank_batch * ctx.ranks.world != stage_params.batch_size:
         log.warning("batch size %d does not split evenly over %d ranks: using %d per rank",
-                    stage_params.batch_size, ctx.world_size, per_rank_batch)
-    sampler = EpochSampler(train_set, ctx.world_size, ctx.rank, seed=cfg.runtime.seed)
+                    stage_params.batch_size, ctx.ranks.world, per_rank_batch)
+    sampler = EpochSampler(train_set, ctx.ranks.world, ctx.ranks.rank, seed=cfg.runtime.seed)
     steps_per_epoch = sampler.num_samples // per_rank_batch
     if steps_per_epoch == 0:
         raise ConfigError(f"{len(train_set)} training pairs per epoch cannot fill one batch of {per_rank_batch} "
@@ -313,7 +309,7 @@ def _run(cfg: TrainConfig, ctx: DistContext, data_dir, out_dir, max_steps, resum
                         "raise %s.num_epochs to train longer", max_steps, total_steps, stage_params.num_epochs,
                         "avd" if cfg.stage == "avd" else "train")
         log.info("%s (%s stage): %d videos, %d steps per epoch of %d per rank x %d rank(s), training to step %d on %s",
-                 cfg.name, cfg.stage, len(train_set.videos), steps_per_epoch, per_rank_batch, ctx.world_size, stop,
+                 cfg.name, cfg.stage, len(train_set.videos), steps_per_epoch, per_rank_batch, ctx.ranks.world, stop,
                  ctx.device)
         if eval_set is None:
             log.info("no test split with faces under %s: best.pth.tar is picked on the training L1 (train.prepare "
@@ -338,7 +334,7 @@ def _run(cfg: TrainConfig, ctx: DistContext, data_dir, out_dir, max_steps, resum
                 model, config=cfg.to_dict(), variant=cfg.variant, stage=cfg.stage, step=progress.step,
                 epoch=progress.epoch, batch_in_epoch=progress.batch_in_epoch, optimizers=recipe.optimizers,
                 schedulers=recipe.schedulers, scaler=scaler, best_metric=progress.best_metric, metric=metric,
-                world_size=ctx.world_size)
+                world_size=ctx.ranks.world)
             ckpt.atomic_save(payload, run_dir / ckpt.LAST)
             if improved:
                 ckpt.atomic_save(payload, run_dir / ckpt.BEST)
@@ -354,7 +350,7 @@ def _run(cfg: TrainConfig, ctx: DistContext, data_dir, out_dir, max_steps, resum
         sampler.set_epoch(progress.epoch, skip=progress.batch_in_epoch * per_rank_batch)
         for batch in loader:
             batch = {k: v.to(ctx.device, non_blocking=True) for k, v in batch.items()}
-            values = recipe.step(batch, _step_generator(cfg.runtime.seed, progress.step, ctx.rank))
+            values = recipe.step(batch, _step_generator(cfg.runtime.seed, progress.step, ctx.ranks.rank))
             values = _mean_over_ranks(values, ctx)
             if not all(math.isfinite(v) for v in values.values()):
                 raise FloatingPointError(f"non-finite loss at step {progress.step + 1}: {values}; lower the learning "
@@ -382,12 +378,12 @@ def _run(cfg: TrainConfig, ctx: DistContext, data_dir, out_dir, max_steps, resum
 
     digests = [parameter_digest(model)]
     if ctx.distributed:
-        gathered: list[Any] = [None] * ctx.world_size
+        gathered: list[Any] = [None] * ctx.ranks.world
         dist.all_gather_object(gathered, digests[0])
         digests = gathered
     summary = {
         "name": cfg.name, "variant": cfg.variant, "stage": cfg.stage, "step": progress.step, "epoch": progress.epoch,
-        "steps_per_epoch": steps_per_epoch, "world_size": ctx.world_size, "device": str(ctx.device),
+        "steps_per_epoch": steps_per_epoch, "world_size": ctx.ranks.world, "device": str(ctx.device),
         "final_losses": last_values, "best_metric": progress.best_metric, "seconds": round(time.time() - started, 2),
         "parameter_sha256": digests, "replicas_identical": len(set(digests)) == 1,
         "last": str(run_dir / ckpt.LAST), "best": str(run_dir / ckpt.BEST) if (run_dir / ckpt.BEST).exists() else None,
