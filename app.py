@@ -312,9 +312,10 @@ class Demo:
 
     # ---- per-request output folders ------------------------------------------------------------
     def request_dir(self) -> Path:
-        """A new folder for one request's outputs; folders older than output_max_age_s are removed."""
+        """A new folder for one request's outputs; folders older than output_max_age_s are removed (the example
+        clip's preview, beside them, stays)."""
         cutoff = time.time() - self.limits.output_max_age_s
-        for old in self.root.iterdir():
+        for old in self.root.glob("req-*"):
             try:
                 if old.stat().st_mtime < cutoff:
                     shutil.rmtree(old, ignore_errors=True)
@@ -493,15 +494,23 @@ class Demo:
 
     def preview(self, driving):
         """The uploaded clip checked (with the default landmark backend) and made playable (GIFs and other formats
-        do not play in every browser): (mp4, its size and length, the playback slow-down its results start with)."""
+        do not play in every browser) at the slow-down its results start with, so that the two play alike: (mp4,
+        its size and length, that slow-down)."""
         if driving is None:
             return None, "", gr.skip()
-        clip, info = self.check_driving(driving, default_landmarks(self.engine))
-        frames = clip.frames
+        clip, _ = self.check_driving(driving, default_landmarks(self.engine))
+        return (*self.playable(clip, self.request_dir() / "driving.mp4"), suggested_slowdown(clip))
+
+    @staticmethod
+    def playable(clip, path: Path) -> tuple[str, str]:
+        """A clip's preview written to `path` (mp4, at most PREVIEW_SIDE a side, slowed down as its results start)
+        and the line under it."""
+        frames, slowdown = clip.frames, suggested_slowdown(clip)
         if max(frames.shape[1:3]) > PREVIEW_SIDE:  # (a 2048 x 1088 clip's copy at its size took 6 s to encode)
             frames = fit_frames(frames, PREVIEW_SIDE)
-        video = write_video(self.request_dir() / "driving.mp4", frames, clip.fps)
-        return str(video), info, suggested_slowdown(clip)
+        video = write_video(path, frames, clip.fps, slowdown=slowdown)
+        note = f"; the preview plays x{slowdown} slower" if slowdown > 1 else ""
+        return str(video), clip_info(clip) + note
 
     def compare_clip(self, driving, landmarks="dlib"):
         """The Compare tab's clip checked -> (its size and length, the playback slow-down it starts with)."""
@@ -855,6 +864,8 @@ def build_demo(engine: mefacial.Engine, limits: Limits | None = None) -> gr.Bloc
     clip0_info = clip_info(example) if example is not None else ""
     clip0_frames = example.num_frames if example is not None else limits.max_frames
     slowdown0 = suggested_slowdown(example) if example is not None else 1
+    preview0, preview0_info = (Demo.playable(example, demo_state.root / f"{EXAMPLE_CLIP.stem}.mp4")
+                               if example is not None else (None, ""))
 
     def offers(backbone: str | None, v: dict) -> bool:
         """Whether a backbone's menus offer the choices of variant v (a backbone with one variant shows them all,
@@ -942,9 +953,9 @@ def build_demo(engine: mefacial.Engine, limits: Limits | None = None) -> gr.Bloc
                         g_source = face_input("g", "Source face")
                         with gr.Column():
                             g_driving, g_record = clip_input("g", "Driving clip (mp4, gif, webm, avi, mov)")
-                            g_preview = gr.Video(clip0, label="Driving clip", interactive=False, autoplay=True,
+                            g_preview = gr.Video(preview0, label="Driving clip", interactive=False, autoplay=True,
                                                  loop=True, height=160, elem_id="g-preview")
-                            g_clip_info = gr.Markdown(clip0_info, elem_id="g-clip-info")
+                            g_clip_info = gr.Markdown(preview0_info, elem_id="g-clip-info")
                     with gr.Group():
                         with gr.Row():
                             g_backbone = gr.Radio([(label, b) for b, label in BACKBONES.items()], value="dense",

@@ -118,7 +118,7 @@ def test_bad_uploads_are_answered_with_their_cause_and_the_server_keeps_serving(
         client.predict(source=handle_file(FACE), driving=handle_file(fake_clip), api_name="/generate")
     preview, info, slowdown = client.predict(driving=handle_file(CLIP), api_name="/preview_driving")
     assert frames_of(preview).shape[0] == clip.num_frames and f"{clip.num_frames} frames" in info
-    assert 1 <= slowdown <= 10
+    assert 1 <= slowdown <= 10 and read_clip(preview).fps == pytest.approx(clip.fps / slowdown)
 
 
 def test_uploads_over_the_size_limit_are_refused_by_the_server(app_url, tmp_path):

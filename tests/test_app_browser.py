@@ -208,7 +208,9 @@ def test_the_page_opens_with_the_example_ready_and_generates_with_one_click(page
     page.locator("#g-source img").first.wait_for(timeout=30_000)
     expect(page.locator("#g-clip-info")).to_contain_text(f"{clip.num_frames} frames")
     expect(page.locator("#g-variant")).to_contain_text(get_variant("dense").label)  # the default generator
-    slowdown = suggested_slowdown(clip)  # the 0.48 s example plays about 2 s (x5)
+    slowdown = suggested_slowdown(clip)  # the 0.48 s example plays about 2 s (x5), its preview as well
+    assert wait_for_video(page, "g-preview")["duration"] == pytest.approx(clip.duration * slowdown, abs=0.15)
+    expect(page.locator("#g-clip-info")).to_contain_text(f"the preview plays x{slowdown} slower")
     page.click("#g-button")  # nothing uploaded: the example runs
     video = wait_for_video(page, "g-result")
     assert video["duration"] == pytest.approx(clip.duration * slowdown, abs=0.15)

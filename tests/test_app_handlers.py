@@ -196,7 +196,9 @@ def test_a_clip_starts_slowed_down_to_be_seen(tmp_path):
     fast = tmp_path / "fast.mp4"
     write_video(fast, frames, fps=100)  # 0.12 s
     demo = app.Demo(Engine(device="cpu", landmarks="dlib"), app.Limits())
-    assert demo.preview({"path": str(fast), "orig_name": "fast.mp4"})[2] == 10
+    preview, info, slowdown = demo.preview({"path": str(fast), "orig_name": "fast.mp4"})
+    assert slowdown == 10 and info.endswith("(0.12 s); the preview plays x10 slower")
+    assert read_clip(preview).fps == pytest.approx(10)  # the preview plays as its results start: 1.2 s
     assert demo.compare_clip({"path": str(fast), "orig_name": "fast.mp4"}, "dlib") == (
         f"{len(frames)} frames, 256x256, 100 fps (0.12 s)", 10)
 
