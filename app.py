@@ -28,7 +28,6 @@ import ctypes.util
 import functools
 import inspect
 import logging
-import math
 import shutil
 import signal
 import tempfile
@@ -52,7 +51,8 @@ from mefacial.models import backbones
 from mefacial.options import AnimateOptions, magnified
 from mefacial.variants import find_variant, get_variant, variant_ids
 from mefacial.video import Limits as VideoLimits
-from mefacial.video import fit_frames, read_clip, read_image, write_video
+from mefacial.video import suggested_slowdown as video_slowdown
+from mefacial.video import PLAYBACK_S, fit_frames, read_clip, read_image, write_video
 
 log = logging.getLogger("mefacial.app")
 
@@ -61,7 +61,6 @@ EXAMPLES = REPO / "examples"
 EXAMPLE_FACE = EXAMPLES / "astronaut.png"
 EXAMPLE_CLIP = EXAMPLES / "brow_raise.mp4"
 PREVIEW_SIDE = 512  # px: the uploaded clip's playable copy is at most this long a side (the page shows it smaller)
-PLAYBACK_S = 2.0  # s: a clip's results start slowed down to play about this long (a micro-expression lasts 0.04-0.5 s)
 CLIP_TYPES = [".mp4", ".gif", ".webm", ".avi", ".mov", ".mkv", ".m4v"]
 
 # Labels and capabilities come from the backbone specs and the variant registry (mefacial.models, mefacial.variants).
@@ -823,10 +822,9 @@ def clip_info(clip) -> str:
 
 
 def suggested_slowdown(clip) -> int:
-    """The playback slow-down a clip's results start with: the whole factor (1-10) that makes them play for at
-    least about PLAYBACK_S (a 0.3 s micro-expression at real time is over before it is seen)."""
-    seconds = clip.num_frames / clip.fps
-    return int(min(10, max(1, math.ceil(PLAYBACK_S / seconds - 1e-6))))
+    """The playback slow-down a clip's results start with (`mefacial.video.suggested_slowdown`: about PLAYBACK_S
+    of playback)."""
+    return video_slowdown(clip.num_frames / clip.fps)
 
 
 def example_clip():

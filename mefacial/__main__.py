@@ -106,12 +106,15 @@ def _cmd_animate(args: argparse.Namespace) -> int:
 
 
 def _playback_hint(result, slowdown: float) -> str:
-    """A hint where the written video plays for under a second at real time (a micro-expression at 100-200 fps is
-    over before a viewer sees it): the flag that slows it down."""
-    seconds = result.num_frames / result.fps * slowdown
-    if slowdown != 1 or seconds >= 1:
+    """A hint where the video was written at real time and plays for less than PLAYBACK_S (a micro-expression at
+    100-200 fps is over before a viewer sees it): the slow-down the app would start it with."""
+    from .video import suggested_slowdown
+
+    seconds = result.num_frames / result.fps
+    suggested = suggested_slowdown(seconds)
+    if slowdown != 1 or suggested == 1:
         return ""
-    return f"; it plays for {seconds:.2f} s: --slowdown 10 plays it ten times slower"
+    return f"; at real time it plays for {seconds:.2f} s: --slowdown {suggested} plays it for {seconds * suggested:.1f} s"
 
 
 def _split_variants(text: str) -> list[str]:

@@ -41,6 +41,8 @@ from .utils import first_line, from_numpy
 logger = logging.getLogger("mefacial")
 
 DEFAULT_FPS = 25.0  # when a container or a folder of frames carries no frame rate
+PLAYBACK_S = 2.0  # s: a short clip's output is suggested slowed down to play about this long (`suggested_slowdown`)
+MAX_SUGGESTED_SLOWDOWN = 10
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 ANIMATED_IMAGE_EXTENSIONS = (".gif", ".webp", ".apng")  # decoded by Pillow, frame durations from the file
 MP4_EXTENSIONS = (".mp4", ".m4v", ".mov")
@@ -318,6 +320,15 @@ def _raise_too_many_bytes(what: str, frames: int, frame_bytes: int, limit: int) 
         f"{frame_bytes / 2**20:.1f} MiB), above the {limit / 2**30:.1f} GiB held in memory at once; "
         "downscale or trim it, stream it with iter_clip_chunks, or raise Limits.max_clip_bytes.",
         page=f"{what} decodes to {frames * frame_bytes / 2**30:.1f} GiB or more, more than this server holds at once")
+
+
+def suggested_slowdown(seconds: float) -> int:
+    """The whole playback slow-down (1 to MAX_SUGGESTED_SLOWDOWN) that makes a clip lasting `seconds` at real time
+    play for at least about PLAYBACK_S: a micro-expression lasts 0.04-0.5 s, and at real time it is over before a
+    viewer sees it. A clip of PLAYBACK_S or more plays at real time."""
+    if not seconds > 0:
+        return 1
+    return int(min(MAX_SUGGESTED_SLOWDOWN, max(1, math.ceil(PLAYBACK_S / seconds - 1e-6))))
 
 
 def _check_fps(fps: float) -> float:

@@ -183,6 +183,7 @@ def test_a_large_clip_is_previewed_at_a_bounded_size(tmp_path):
 def test_a_clip_starts_slowed_down_to_be_seen(tmp_path):
     """Results start slowed down to play about PLAYBACK_S (a whole factor, 1-10): a 0.25 s micro-expression
     played at real time is over before a visitor sees it; a clip of several seconds plays at real time."""
+    from mefacial import video
     from mefacial.video import read_clip, write_video
 
     def clip(frames, fps):
@@ -192,6 +193,7 @@ def test_a_clip_starts_slowed_down_to_be_seen(tmp_path):
     assert app.suggested_slowdown(clip(12, 25)) == 5  # the bundled example: 0.48 s
     assert app.suggested_slowdown(clip(100, 50)) == 1 and app.suggested_slowdown(clip(300, 30)) == 1
     assert app.suggested_slowdown(clip(3, 200)) == 10  # at most 10
+    assert video.suggested_slowdown(0.25) == 8 and video.suggested_slowdown(0) == 1  # (what the app and CLI use)
     frames = read_clip(require(app.EXAMPLE_CLIP, "bundled example clip")).frames
     fast = tmp_path / "fast.mp4"
     write_video(fast, frames, fps=100)  # 0.12 s

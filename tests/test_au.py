@@ -250,10 +250,10 @@ def test_the_timing_plot_shows_two_aus_of_the_same_intensity():
 
 
 @pytest.mark.slow
-def test_synthesize_end_to_end(tmp_path, dlib_searches):
+def test_synthesize_end_to_end(tmp_path, dlib_searches, capsys):
     """Engine.synthesize: the clip spans the event, frame 0 is the neutral face, the moved region is what a fresh
     mesh detection on the output reads back (the face found, boxed and read by the face mesh: no dlib search);
-    the CLI writes the video and the readout."""
+    the CLI writes the video and the readout, and says how to slow the 0.22 s clip down to be seen."""
     import mefacial
     from mefacial.__main__ import main
     from mefacial import readout
@@ -274,6 +274,8 @@ def test_synthesize_end_to_end(tmp_path, dlib_searches):
                  "--offset-ms", "120", "--fps", "200", "--out", str(out), "--readout", str(plot),
                  "--landmarks", "dlib"]) == 0
     assert out.stat().st_size > 0 and plot.stat().st_size > 0
+    # 45 frames at 200 fps: 0.225 s at real time; x9 plays 2.0 s, as the app would start it
+    assert "at real time it plays for 0.23 s: --slowdown 9 plays it for 2.0 s" in capsys.readouterr().out
     assert main(["synthesize", "--source", str(EXAMPLE), "--au", "3:C", "--out", str(out)]) == 2  # a clear error
 
 
