@@ -268,8 +268,7 @@ def by_direction(data: Path) -> None:
     from mefacial import mesh as M
     from mefacial.evaluate import EvalSettings, landmark_finder
     from mefacial.landmarks import smooth_tracks
-    from mefacial.metrics import eye_axis, face_frame_motion, motion_frames
-    from mefacial.prior import au_points_from_landmarks
+    from mefacial.metrics import au_point_motion, motion_frames
 
     engine = Engine(device="cpu", landmarks="dlib")
     settings = EvalSettings(landmarks="dlib")
@@ -277,8 +276,7 @@ def by_direction(data: Path) -> None:
     corners = {"dlib": ((39, 42), (36, 45)), "mesh": ((133, 362), (33, 263))}
 
     def motion(points: np.ndarray, mask: torch.Tensor) -> torch.Tensor:  # T x 68 x 2 -> scored frames x 18 x 2
-        points = torch.from_numpy(np.asarray(points, np.float64))
-        return face_frame_motion(au_points_from_landmarks(points), eye_axis(points[0]))[mask]
+        return au_point_motion(torch.from_numpy(np.asarray(points, np.float64)))[mask]
 
     print("| clip | reader | driving's horizontal share | method | carried | horizontal part | vertical part | "
           "inner corners at apex | outer corners at apex |\n| --- | --- | --: | --- | --: | --: | --: | --: | --: |")

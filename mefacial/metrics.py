@@ -118,6 +118,15 @@ def face_frame_motion(points: torch.Tensor, axis: torch.Tensor) -> torch.Tensor:
     return (points - points[:1]) @ turn.T / length
 
 
+def au_point_motion(landmarks: torch.Tensor) -> torch.Tensor:
+    """The 18 AU points' motion from frame 0 in the face's own axes (`face_frame_motion`, the eye axis of its
+    68 landmarks at frame 0): T x 68 x 2 -> T x 18 x 2 (float64)."""
+    from .prior import au_points_from_landmarks
+
+    landmarks = landmarks.double()
+    return face_frame_motion(au_points_from_landmarks(landmarks), eye_axis(landmarks[0]))
+
+
 def landmark_displacement(landmarks: torch.Tensor) -> torch.Tensor:
     """Mean distance of each frame's landmarks from frame 0's, in pixels: T x P x 2 -> T."""
     return (landmarks - landmarks[:1]).norm(dim=-1).mean(-1)
@@ -263,21 +272,14 @@ def score_motion_transfer(generated: torch.Tensor, driving: torch.Tensor, min_mo
 
     generated: T x 68 x 2 landmarks re-detected on the generated clip; driving: T x 68 x 2 on the
     driving clip. Both are reduced to the 18 AU points and their motion relative to frame 0 is
-    taken in each face's own axes at frame 0 (`face_frame_motion`: turned with its eye axis, divided by its
+    taken in each face's own axes at frame 0 (`au_point_motion`: turned with its eye axis, divided by its
     inter-ocular distance), so faces of any size and tilt compare (a brow raised on a tilted driving face is
     raised along the target face's own up). Frames scored: `motion_frames(driving, min_motion)`.
     """
-    from .prior import au_points_from_landmarks
-
     if generated.shape != driving.shape or generated.dim() != 3:
         raise ValueError(f"expected two T x 68 x 2 tracks of the same shape, got {tuple(generated.shape)} and {tuple(driving.shape)}")
     mask = motion_frames(driving, min_motion)  # T
-
-    def motion(landmarks: torch.Tensor) -> torch.Tensor:  # T x 68 x 2 -> scored frames x 18 x 2
-        au = au_points_from_landmarks(landmarks.double())  # T x 18 x 2
-        return face_frame_motion(au, eye_axis(landmarks[0].double()))[mask]
-
-    gen, drv = motion(generated), motion(driving)
+    gen, drv = au_point_motion(generated)[mask], au_point_motion(driving)[mask]  # scored frames x 18 x 2
     return MotionTransfer(
         error=float((gen - drv).norm(dim=-1).mean()),
         static_error=float(drv.norm(dim=-1).mean()),
