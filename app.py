@@ -491,13 +491,13 @@ class Demo:
                               page=ONSET_PAGE, fix=ONSET_FIX) from None
         return clip, clip_info(clip)
 
-    def preview(self, driving):
-        """The uploaded clip checked (with the default landmark backend) and made playable (GIFs and other formats
-        do not play in every browser) at the slow-down its results start with, so that the two play alike: (mp4,
-        its size and length, that slow-down)."""
+    def preview(self, driving, landmarks=None):
+        """The uploaded clip checked (with `landmarks`, else the default landmark backend) and made playable (GIFs
+        and other formats do not play in every browser) at the slow-down its results start with, so that the two
+        play alike: (mp4, its size and length, that slow-down)."""
         if driving is None:
             return None, "", gr.skip()
-        clip, _ = self.check_driving(driving, default_landmarks(self.engine))
+        clip, _ = self.check_driving(driving, landmarks or default_landmarks(self.engine))
         return (*self.playable(clip, self.request_dir() / "driving.mp4"), suggested_slowdown(clip))
 
     @staticmethod
@@ -511,20 +511,15 @@ class Demo:
         note = f"; the preview plays x{slowdown} slower" if slowdown > 1 else ""
         return str(video), clip_info(clip) + note
 
-    def compare_clip(self, driving, landmarks="dlib"):
-        """The Compare tab's clip checked -> (its size and length, the playback slow-down it starts with)."""
-        if driving is None:
-            return "", gr.skip()
-        clip, info = self.check_driving(driving, landmarks)
-        return info, suggested_slowdown(clip)
-
     def prior_clip(self, driving, frame=0, landmarks="dlib"):
-        """The Prior tab's clip checked; the frame slider set to its length -> (slider update, note)."""
+        """The Prior tab's clip checked and made playable; the frame slider set to its length -> (slider update,
+        the preview, its size and length)."""
         if driving is None:
-            return gr.update(maximum=self.limits.max_frames - 1), ""
-        clip, info = self.check_driving(driving, landmarks)
+            return gr.update(maximum=self.limits.max_frames - 1), None, ""
+        clip, _ = self.check_driving(driving, landmarks)
+        video, info = self.playable(clip, self.request_dir() / "driving.mp4")
         last = clip.num_frames - 1
-        return gr.update(maximum=max(last, 1), value=min(int(frame or 0), last), interactive=last > 0), info
+        return gr.update(maximum=max(last, 1), value=min(int(frame or 0), last), interactive=last > 0), video, info
 
     def use_recording(self, recording, landmarks="dlib"):
         """A clip recorded with the webcam becomes the driving clip, checked like an upload."""
@@ -859,7 +854,6 @@ def build_demo(engine: mefacial.Engine, limits: Limits | None = None) -> gr.Bloc
     has_example = EXAMPLE_FACE.exists() and EXAMPLE_CLIP.exists()
     face0, clip0 = (str(EXAMPLE_FACE), str(EXAMPLE_CLIP)) if has_example else (None, None)
     example = example_clip() if has_example else None
-    clip0_info = clip_info(example) if example is not None else ""
     clip0_frames = example.num_frames if example is not None else limits.max_frames
     slowdown0 = suggested_slowdown(example) if example is not None else 1
     preview0, preview0_info = (Demo.playable(example, demo_state.root / f"{EXAMPLE_CLIP.stem}.mp4")
@@ -933,6 +927,12 @@ def build_demo(engine: mefacial.Engine, limits: Limits | None = None) -> gr.Bloc
                               elem_id=f"{prefix}-record")
         return file, record
 
+    def clip_preview(prefix: str) -> tuple[gr.Video, gr.Markdown]:
+        """The driving clip playing (slowed down as its results start) and the line under it."""
+        preview = gr.Video(preview0, label="Driving clip", interactive=False, autoplay=True, loop=True, height=160,
+                           elem_id=f"{prefix}-preview")
+        return preview, gr.Markdown(preview0_info, elem_id=f"{prefix}-clip-info")
+
     landmark_choices = [(label, k) for k, label in LANDMARKS.items()]
     ready0 = readiness(engine, variants)
 
@@ -951,9 +951,7 @@ def build_demo(engine: mefacial.Engine, limits: Limits | None = None) -> gr.Bloc
                         g_source = face_input("g", "Source face")
                         with gr.Column():
                             g_driving, g_record = clip_input("g", "Driving clip (mp4, gif, webm, avi, mov)")
-                            g_preview = gr.Video(preview0, label="Driving clip", interactive=False, autoplay=True,
-                                                 loop=True, height=160, elem_id="g-preview")
-                            g_clip_info = gr.Markdown(preview0_info, elem_id="g-clip-info")
+                            g_preview, g_clip_info = clip_preview("g")
                     with gr.Group():
                         with gr.Row():
                             g_backbone = gr.Radio([(label, b) for b, label in BACKBONES.items()], value="dense",
@@ -999,7 +997,7 @@ def build_demo(engine: mefacial.Engine, limits: Limits | None = None) -> gr.Bloc
                 p_source = face_input("p", "Face")
                 with gr.Column():
                     p_driving, p_record = clip_input("p", "Driving clip (optional)")
-                    p_clip_info = gr.Markdown(clip0_info, elem_id="p-clip-info")
+                    p_preview, p_clip_info = clip_preview("p")
                     p_frame = gr.Slider(0, max(clip0_frames - 1, 1), value=0, step=1, label="Driving frame",
                                         elem_id="p-frame")
                     p_landmarks = gr.Radio(landmark_choices, value=landmarks0, label="Landmark backend")
@@ -1019,7 +1017,7 @@ def build_demo(engine: mefacial.Engine, limits: Limits | None = None) -> gr.Bloc
                     c_source = face_input("c", "Source face")
                 with gr.Column(scale=1):
                     c_driving, c_record = clip_input("c", "Driving clip")
-                    c_clip_info = gr.Markdown(clip0_info, elem_id="c-clip-info")
+                    c_preview, c_clip_info = clip_preview("c")
                     c_landmarks = gr.Radio(landmark_choices, value=landmarks0, label=LANDMARKS_LABEL)
                 with gr.Column(scale=2):
                     c_variants = gr.CheckboxGroup([(v["label"], v["id"]) for v in variants],
@@ -1071,11 +1069,12 @@ def build_demo(engine: mefacial.Engine, limits: Limits | None = None) -> gr.Bloc
         g_driving.change(user_errors(demo_state.preview), g_driving, [g_preview, g_clip_info, g_slowdown],
                          api_name="preview_driving", **raw).failure(  # a refused clip leaves its box, like a face
                              **reset(g_driving, g_preview, g_clip_info, clear=True))
-        p_driving.change(user_errors(demo_state.prior_clip), [p_driving, p_frame, p_landmarks], [p_frame, p_clip_info],
-                         api_name=False, **raw).failure(**reset(p_frame, p_clip_info))
-        c_driving.change(user_errors(demo_state.compare_clip), [c_driving, c_landmarks], [c_clip_info, c_slowdown],
+        p_driving.change(user_errors(demo_state.prior_clip), [p_driving, p_frame, p_landmarks],
+                         [p_frame, p_preview, p_clip_info], api_name=False, **raw).failure(
+                             **reset(p_driving, p_preview, p_clip_info, clear=True))
+        c_driving.change(user_errors(demo_state.preview), [c_driving, c_landmarks], [c_preview, c_clip_info, c_slowdown],
                          api_name=False, **raw).failure(
-                             **reset(c_driving, c_clip_info, clear=True))
+                             **reset(c_driving, c_preview, c_clip_info, clear=True))
         for record, driving, landmarks in ((g_record, g_driving, g_landmarks), (p_record, p_driving, p_landmarks),
                                            (c_record, c_driving, c_landmarks)):
             record.change(user_errors(demo_state.use_recording), [record, landmarks], driving, api_name=False,

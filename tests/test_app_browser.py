@@ -248,6 +248,8 @@ def test_compare_ticks_what_runs_here_and_lists_the_rest_with_a_reason(page, cli
         if v["needs_weights"]:
             assert v["label"] in not_ready
     assert "downloads on first use" not in not_ready and "downloads are off" in not_ready  # FOMM, offline
+    slowdown = suggested_slowdown(clip)  # the example's preview plays here as on the Generate tab
+    assert wait_for_video(page, "c-preview")["duration"] == pytest.approx(clip.duration * slowdown, abs=0.15)
     page.click("#c-button")  # the example is loaded: one click
     frames = fetch_frames(page, wait_for_video(page, "c-grid")["src"], tmp_path, "compare.mp4")
     assert frames.shape[0] == clip.num_frames
@@ -293,10 +295,13 @@ def test_a_typo_in_the_au_specification_turns_synthesise_off_until_it_parses(pag
 
 def test_prior_slider_follows_the_clip_and_the_gallery_shows_every_panel(page, clip, tmp_path):
     page.get_by_role("tab", name="Prior").click()
+    example_preview = wait_for_video(page, "p-preview")["src"]
     short = tmp_path / "seven_frames.mp4"
     write_video(short, clip.frames[:7], clip.fps)
     put_clip(page, "p", short)
     expect(page.locator("#p-clip-info")).to_contain_text("7 frames", timeout=60_000)
+    preview = wait_for_video(page, "p-preview", other_than=example_preview)  # the clip plays where its frame is picked
+    assert fetch_frames(page, preview["src"], tmp_path, "preview.mp4").shape[0] == 7
     expect(page.locator("#p-frame input[type=range]")).to_have_attribute("max", "6", timeout=30_000)
     page.locator("#p-frame input[type=number]").fill("6")
     page.locator("#p-frame input[type=number]").press("Enter")

@@ -201,8 +201,12 @@ def test_a_clip_starts_slowed_down_to_be_seen(tmp_path):
     preview, info, slowdown = demo.preview({"path": str(fast), "orig_name": "fast.mp4"})
     assert slowdown == 10 and info.endswith("(0.12 s); the preview plays x10 slower")
     assert read_clip(preview).fps == pytest.approx(10)  # the preview plays as its results start: 1.2 s
-    assert demo.compare_clip({"path": str(fast), "orig_name": "fast.mp4"}, "dlib") == (
-        f"{len(frames)} frames, 256x256, 100 fps (0.12 s)", 10)
+    # the Compare tab's preview (its landmark backend given) and the Prior tab's play alike
+    compare_preview, compare_info, compare_slowdown = demo.preview({"path": str(fast), "orig_name": "fast.mp4"}, "dlib")
+    assert (compare_info, compare_slowdown) == (info, slowdown) and read_clip(compare_preview).fps == pytest.approx(10)
+    slider, prior_preview, prior_info = demo.prior_clip({"path": str(fast), "orig_name": "fast.mp4"}, 20, "dlib")
+    assert prior_info == info and read_clip(prior_preview).fps == pytest.approx(10)
+    assert slider["maximum"] == len(frames) - 1 and slider["value"] == len(frames) - 1  # (frame 20: the last)
 
 
 def test_the_app_refuses_to_start_with_a_checkpoint_that_is_not_there(tmp_path):
