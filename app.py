@@ -61,6 +61,9 @@ EXAMPLES = REPO / "examples"
 EXAMPLE_FACE = EXAMPLES / "astronaut.png"
 EXAMPLE_CLIP = EXAMPLES / "brow_raise.mp4"
 PREVIEW_SIDE = 512  # px: the uploaded clip's playable copy is at most this long a side (the page shows it smaller)
+# px: a picture the results are pasted back into is fitted to this long a side first (a 12-megapixel photo's
+# frames are 36 MB each: 300 of them held 11 GB, and browsers play H.264 only up to about 4096 x 2304)
+PASTE_SIDE = 1280
 CLIP_TYPES = [".mp4", ".gif", ".webm", ".avi", ".mov", ".mkv", ".m4v"]
 
 # Labels and capabilities come from the backbone specs and the variant registry (mefacial.models, mefacial.variants).
@@ -333,6 +336,17 @@ class Demo:
         return image, clip
 
     @staticmethod
+    def paste_target(image: Any, paste_back: bool) -> tuple[Any, str]:
+        """The source picture as the results are pasted back into it: fitted to PASTE_SIDE where it is larger
+        (the face itself is drawn at the model's 256 px either way); and a note saying so, or ""."""
+        height, width = image.shape[:2]
+        if not paste_back or max(height, width) <= PASTE_SIDE:
+            return image, ""
+        image = fit_frames(image[None], PASTE_SIDE)[0]
+        return image, (f"pasted back into the picture fitted to {image.shape[1]}x{image.shape[0]} "
+                       f"(from {width}x{height})")
+
+    @staticmethod
     def options(**controls: Any) -> AnimateOptions:
         """The AnimateOptions of the form's controls, matched by name; a bad value is an InputError naming it."""
         if "landmarks" in controls:
@@ -354,6 +368,7 @@ class Demo:
             magnify=number(magnify, "magnification", 1, 5), crop=crop, paste_back=paste_back, landmarks=landmarks,
             smooth=smooth, confine=confine, slowdown=number(slowdown, "slow-down factor", 1, 20))
         image, clip = self.read_inputs(source, driving)
+        image, pasted = self.paste_target(image, options.paste_back)
         result = self.engine.animate(image, clip.frames, variant=variant, options=options.replace(fps=clip.fps),
                                      progress=self.progress_fn(progress))
         out = self.request_dir()
@@ -368,9 +383,9 @@ class Demo:
             download = video if format == "mp4" else write_video(out / "result.gif", result.frames, result.fps,
                                                                 slowdown=slowdown)
             grid = grid.result()
-        return str(video), str(grid), str(download), self.status_line(result, slowdown, options.magnify)
+        return str(video), str(grid), str(download), self.status_line(result, slowdown, options.magnify, pasted)
 
-    def status_line(self, result, slowdown: float, magnify: float = 1.0) -> str:
+    def status_line(self, result, slowdown: float, magnify: float = 1.0, pasted: str = "") -> str:
         timings = result.timings
         speed = "real time" if slowdown == 1 else f"slowed down x{slowdown:g}"
         motion = f" · **{magnified(magnify)}** (magnified, not the driving's own)" if magnify != 1 else ""
@@ -378,7 +393,7 @@ class Demo:
                 f"{timings.get('total_s', 0):.2f} s "
                 f"({timings.get('ms_per_frame', 0):.0f} ms/frame) on {self.engine.device} {self.engine.precision} · "
                 f"landmarks: {result.landmark_backend or 'none'} · weights: {result.weights} · "
-                f"{result.fps:g} fps, {speed}")
+                f"{result.fps:g} fps, {speed}" + (f" · {pasted}" if pasted else ""))
 
     # ---- Compare --------------------------------------------------------------------------------
     def compare(self, source, driving, variants=None, magnify=1.0, crop=True, paste_back=False, landmarks="dlib",
@@ -399,6 +414,7 @@ class Demo:
         options = self.options(magnify=number(magnify, "magnification", 1, 5), crop=crop, paste_back=paste_back,
                                landmarks=landmarks, smooth=smooth, slowdown=number(slowdown, "slow-down factor", 1, 20))
         image, clip = self.read_inputs(source, driving)
+        image, pasted = self.paste_target(image, options.paste_back)
         comparison = compare_columns(self.engine, image, clip.frames, chosen, options.replace(fps=clip.fps),
                                      progress=self.progress_fn(progress))
         for column, outcome in zip(comparison.columns[1:], comparison.outcomes.values()):  # driving first
@@ -414,6 +430,8 @@ class Demo:
                              f"{outcome.landmark_backend or 'none'}, weights {Path(str(outcome.weights)).name} |")
         if any(not isinstance(outcome, MefacialError) for outcome in comparison.outcomes.values()):
             lines += ["", COMPARE_TIMES[0].upper() + COMPARE_TIMES[1:] + "."]
+        if pasted:
+            lines += ["", pasted[0].upper() + pasted[1:] + "."]
         out = self.request_dir()
         grid = write_video(out / "compare.mp4", render_grid(comparison.columns, heatmaps=bool(heatmaps)),
                            comparison.fps, slowdown=options.slowdown)

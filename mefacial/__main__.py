@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import sys
+import time
 
 from .console import one_line
 from .errors import InputError, MefacialError
@@ -88,16 +89,21 @@ def _engine(args: argparse.Namespace, options: AnimateOptions, checkpoints: dict
 
 def _cmd_animate(args: argparse.Namespace) -> int:
     from .console import ConsoleProgress
-    from .video import check_output, write_video
+    from .video import VideoWriter, check_output
 
     options = AnimateOptions.from_args(args)
     options.for_variant(args.variant)  # an unknown variant or a motion mode it lacks fails before any work
-    check_output(args.out)
+    out = check_output(args.out)
     engine = _engine(args, options)
+    started = time.perf_counter()
+    model, _ = engine.model(args.variant, args.checkpoint)  # missing weights fail before any face search
     with ConsoleProgress(args.variant) as progress:  # a bar on a terminal, plain lines in a log
-        result = engine.animate(args.source, args.driving, variant=args.variant, checkpoint=args.checkpoint,
-                                options=options, progress=progress)
-    out = write_video(args.out, result.frames, result.fps, slowdown=options.slowdown)
+        prepared = engine.prepare(args.source, args.driving, options, size=model.config.image_size,
+                                  progress=progress)
+        # the frames go to the file as they are made: pasted back into a large photo they are tens of MB each
+        with VideoWriter(out, prepared.fps, options.slowdown) as writer:
+            result = engine.collect(prepared, args.variant, options, checkpoint=args.checkpoint, progress=progress,
+                                    started=started, sink=writer.write)
     print(f"{out}: {result.num_frames} frames at {result.fps:g} fps (played at {result.fps / options.slowdown:g}), "
           + (f"{magnified(options.magnify)} (magnified), " if options.magnify != 1 else "")
           + f"{result.timings['ms_per_frame']:.0f} ms/frame, weights: {result.weights}, "

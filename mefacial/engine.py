@@ -24,7 +24,7 @@ import logging
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -71,10 +71,11 @@ class AnimationResult:
     options: AnimateOptions | None = None  # as run (adapt_scale resolved)
     meshes: np.ndarray | None = None  # T x V x 2: the output's face mesh (synthesised clips: the moved meshes)
     action_units: dict | None = None  # synthesised clips: the AU specification, intensities and timing
+    frame_count: int | None = None  # where the frames went to a sink instead of `frames` (Engine.collect)
 
     @property
     def num_frames(self) -> int:
-        return int(self.frames.shape[0])
+        return int(self.frames.shape[0]) if self.frame_count is None else self.frame_count
 
 
 @dataclasses.dataclass
@@ -198,6 +199,30 @@ def _given_meshes(prepared: PreparedClip) -> bool:
 
     return (prepared.given_source is not None and prepared.given_driving is not None
             and prepared.given_source.shape[-2] == NUM_VERTICES and prepared.given_driving.shape[-2] == NUM_VERTICES)
+
+
+def _gathered(batches: Iterable[np.ndarray], total: int | None, sink: Callable[[np.ndarray], None] | None
+              ) -> tuple[np.ndarray, int]:
+    """(T x H x W x 3 frames, T) of a run's batches, or each batch given to `sink` and none kept (0 x H x W x 3).
+    With `total` known the frames fill one array in place: a list of batches and its concatenation would hold
+    every frame twice."""
+    kept: list[np.ndarray] = []
+    frames, count = None, 0
+    for batch in batches:
+        if sink is not None:
+            sink(batch)
+        elif total is None:  # (a stream: its length is known at its end)
+            kept.append(batch)
+        else:
+            if frames is None:
+                frames = np.empty((total, *batch.shape[1:]), batch.dtype)
+            frames[count:count + len(batch)] = batch
+        count += len(batch)
+    if kept:
+        frames = np.concatenate(kept)
+    elif frames is None:  # (all went to the sink)
+        frames = np.zeros((0, *batch.shape[1:]), batch.dtype)
+    return frames[:count], count
 
 
 class ClipRun:
@@ -786,12 +811,12 @@ class Engine:
     def animate(self, source: Any, driving: Any, variant: str = DEFAULT_VARIANT, checkpoint: str | Path | None = None,
                 options: AnimateOptions | None = None, *, source_landmarks: np.ndarray | None = None,
                 driving_landmarks: np.ndarray | None = None, progress: ProgressFn | None = None,
-                **changes: Any) -> AnimationResult:
+                sink: Callable[[np.ndarray], None] | None = None, **changes: Any) -> AnimationResult:
         """Animate the face in `source` with the motion of the face in `driving`: `prepare` + `run`, collected.
 
         `options` (an `AnimateOptions`, or its fields by keyword: motion, adapt_scale, magnify, crop, paste_back,
         margin, landmarks, smooth, confine, batch_size, fps, ...) say how; see `prepare` for the inputs.
-        `progress(fraction, message)` is called after each batch.
+        `progress(fraction, message)` is called after each batch. `sink`: see `collect`.
         """
         options = as_options(options, **changes)
         spec = get_variant(variant)
@@ -801,13 +826,16 @@ class Engine:
         model, _ = self.model(spec, checkpoint)  # fail on missing weights before any detection
         prepared = self.prepare(source, driving, options, size=model.config.image_size, progress=report,
                                 source_landmarks=source_landmarks, driving_landmarks=driving_landmarks)
-        return self.collect(prepared, spec, options, checkpoint=checkpoint, progress=report, started=started)
+        return self.collect(prepared, spec, options, checkpoint=checkpoint, progress=report, started=started,
+                            sink=sink)
 
     def collect(self, prepared: PreparedClip, variant: str | Variant, options: AnimateOptions | None = None, *,
                 checkpoint: str | Path | None = None, progress: ProgressFn | None = None,
-                started: float | None = None) -> AnimationResult:
+                started: float | None = None, sink: Callable[[np.ndarray], None] | None = None) -> AnimationResult:
         """`run` one variant over an in-memory prepared clip and gather its frames and what they were made from
-        into an AnimationResult (timings from `started`, default now)."""
+        into an AnimationResult (timings from `started`, default now). With `sink` (a `video.VideoWriter`'s
+        `write`) each batch of frames goes there as it is made and the result keeps none (`frames` is empty,
+        `num_frames` counts them): a clip pasted back into a 12-megapixel photo holds 36 MB a frame."""
         spec = get_variant(variant)
         options = options or prepared.options
         report = progress or (lambda fraction, message: None)
@@ -817,11 +845,11 @@ class Engine:
             self.find_landmarks(prepared, spec)
         report(0.05, f"{spec.id}: {prepared.num_frames} frames")
         clip_run = self.run(prepared, spec, options, checkpoint=checkpoint, progress=report)
-        frames = np.concatenate(list(clip_run))
+        frames, count = _gathered(clip_run, prepared.num_frames, sink)
         timings = {"read_s": prepared.timings["read_s"], "landmarks_s": prepared.timings["landmarks_s"],
                    **clip_run.timings}
         timings["total_s"] = time.perf_counter() - started
-        timings["ms_per_frame"] = 1000 * timings["total_s"] / len(frames)
+        timings["ms_per_frame"] = 1000 * timings["total_s"] / count
         if _uses_mesh(spec):
             src_points, drv_points = prepared.meshes["source"], prepared.meshes["driving"]
         else:
@@ -837,7 +865,7 @@ class Engine:
             driving_au=None if drv_au is None else drv_au.cpu().numpy(),
             prior_map=clip_run.prior_map, model_source=prepared.source, model_driving=prepared.driving,
             landmark_backend=clip_run.landmark_backend, crop_box=prepared.source_box, timings=timings,
-            options=clip_run.options,
+            options=clip_run.options, frame_count=None if sink is None else count,
         )
 
     def synthesize(self, source: Any, aus: Any, timing: Any = None, options: Any = None,

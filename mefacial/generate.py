@@ -481,7 +481,7 @@ def generate(pairs: Sequence[Pair], variants: Sequence[str], out_dir: str | os.P
     failure is recorded and the run goes on; returns the counts.
     """
     from .variants import get_variant
-    from .video import write_video
+    from .video import VideoWriter
 
     variants = [get_variant(v).id for v in variants]  # an unknown id fails here, before any work
     out_dir = Path(out_dir)
@@ -498,9 +498,10 @@ def generate(pairs: Sequence[Pair], variants: Sequence[str], out_dir: str | os.P
     options = settings.animate_options()
     prepared: dict[int, Any] = {}  # model size -> this pair's PreparedClip (or the error preparing it)
 
-    def animate(pair: Pair, variant: str, started: float):
+    def animate(pair: Pair, variant: str, started: float, path: Path):
         """One variant on the pair, whose inputs are read, cut and tracked once for all its variants (dense and
-        dense-geometry share the face meshes, the 68-point variants the landmarks)."""
+        dense-geometry share the face meshes, the 68-point variants the landmarks), written to `path` frame
+        batch by frame batch (pasted back into a large photo, a frame is tens of MB)."""
         spec = get_variant(variant)
         options.for_variant(spec)  # a motion mode the variant lacks fails before any work
         model, _ = engine.model(spec)  # and missing weights, before any detection
@@ -512,7 +513,8 @@ def generate(pairs: Sequence[Pair], variants: Sequence[str], out_dir: str | os.P
                 prepared[size] = exc
         if isinstance(prepared[size], Exception):
             raise prepared[size]
-        return engine.collect(prepared[size], spec, options, started=started)
+        with VideoWriter(path, prepared[size].fps, settings.slowdown) as writer:
+            return engine.collect(prepared[size], spec, options, started=started, sink=writer.write)
 
     with ManifestPart(out_dir, ranks.rank) as part:
         for pair in ranks.shard(pairs):  # a rank takes whole pairs, each prepared once for all its variants
@@ -535,12 +537,11 @@ def generate(pairs: Sequence[Pair], variants: Sequence[str], out_dir: str | os.P
                         raise InputError(pair.error)
                     if variant in broken:  # the variant cannot run at all: same error, no new attempt
                         raise InputError(f"{variant} cannot run: {broken[variant]}") from broken[variant]
-                    result = animate(pair, variant, started)
                     final = out_dir / record["output"]
                     final.parent.mkdir(parents=True, exist_ok=True)
                     tmp = partial / final.name
-                    video = write_video(tmp, result.frames, result.fps, slowdown=settings.slowdown)
-                    os.replace(video, final)  # atomic
+                    result = animate(pair, variant, started, tmp)
+                    os.replace(tmp, final)  # atomic
                     info = weights[variant]
                     if info["path"] is not None and info["path"] not in result.weights:  # e.g. an injected model
                         info = {"path": None, "source": "engine", "sha256": None}

@@ -553,45 +553,27 @@ def write_video(path: str | os.PathLike, frames: np.ndarray | Sequence[np.ndarra
     needs). GIF frame delays are whole centiseconds and browsers slow delays under
     20 ms down to 100 ms, so a GIF faster than 50 fps keeps every k-th frame (k as
     small as reaches 20 ms) and delays are rounded on a running clock, keeping
-    the total duration. `quality` (1..10) sets the mp4 compression.
+    the total duration. `quality` (1..10) sets the mp4 compression. `VideoWriter`
+    writes the same file batch by batch.
     """
-    path = Path(path)
     frames = as_rgb(np.stack(frames) if not isinstance(frames, np.ndarray) else frames)
-    if frames.ndim != 4:
-        frames = frames[None]
-    playback_fps = _check_fps(fps) / _check_fps(slowdown)
-    suffix = path.suffix.lower()
-    if suffix == ".gif":
-        _write_gif(path, frames, playback_fps)
-    elif suffix in MP4_EXTENSIONS:
-        _write_mp4(path, frames, playback_fps, quality)
-    else:
-        raise InputError(f"cannot write {path}: unknown video type {suffix!r}; use .mp4 (H.264) or .gif")
-    return path
+    with VideoWriter(path, fps, slowdown, quality) as writer:
+        writer.write(frames if frames.ndim == 4 else frames[None])
+    return writer.path
+
+
+def gif_step(fps: float) -> int:
+    """A GIF at `fps` keeps every gif_step-th frame: 1 up to 50 fps (browsers slow shorter delays down)."""
+    return max(1, math.ceil(GIF_MIN_DELAY_MS * fps / 1000 - 1e-9))
 
 
 def gif_schedule(num_frames: int, fps: float) -> tuple[np.ndarray, np.ndarray]:
     """Which frames a GIF at `fps` keeps, and their delays in ms (multiples of 10, at least 20)."""
-    period = 1000.0 / fps
-    step = max(1, math.ceil(GIF_MIN_DELAY_MS / period - 1e-9))  # drop frames only above 50 fps
+    period, step = 1000.0 / fps, gif_step(fps)
     kept = np.arange(0, num_frames, step)
     clock = np.rint(np.arange(1, len(kept) + 1) * period * step / GIF_DELAY_STEP_MS) * GIF_DELAY_STEP_MS
     delays = np.diff(clock, prepend=0.0).astype(int)
     return kept, delays
-
-
-def _write_gif(path: Path, frames: np.ndarray, fps: float) -> None:
-    kept, delays = gif_schedule(len(frames), fps)
-    if len(kept) < len(frames):
-        logger.info("GIF at %.1f fps keeps every %d-th frame (browsers need delays of at least %d ms); "
-                    "slow it down or write mp4 to keep all %d frames",
-                    fps, kept[1] - kept[0] if len(kept) > 1 else 1, GIF_MIN_DELAY_MS, len(frames))
-    images = [Image.fromarray(frames[i]) for i in kept]
-    try:
-        images[0].save(path, save_all=True, append_images=images[1:], duration=[int(d) for d in delays],
-                       loop=0, optimize=False)
-    except OSError as err:
-        raise MefacialError(f"cannot write {path}: {err}; check that the folder exists and is writable.") from err
 
 
 # x264's speed preset: "veryfast" encodes in half the time of its default ("medium"; 50 frames at 256 px 94
@@ -599,26 +581,109 @@ def _write_gif(path: Path, frames: np.ndarray, fps: float) -> None:
 MP4_PRESET = "veryfast"
 
 
-def _write_mp4(path: Path, frames: np.ndarray, fps: float, quality: int) -> None:
-    import imageio_ffmpeg
+class VideoWriter:
+    """`write_video`'s file written batch by batch, in memory bounded by a batch for an mp4 (a GIF keeps its
+    frames until `close`): `with VideoWriter(path, fps, slowdown) as writer: writer.write(batch)` for each
+    n x H x W x C batch in order (all of one size). The file is written beside `path` and takes its name when
+    the block ends without an error (a file already there stays as it was until then); after an error, nothing
+    is left."""
 
-    height, width = frames.shape[1:3]
-    pad = ((0, 0), (0, height % 2), (0, width % 2), (0, 0))  # yuv420p needs even sizes
-    if any(p[1] for p in pad):
-        frames = np.pad(frames, pad, mode="edge")
-    writer = imageio_ffmpeg.write_frames(
-        str(path), (frames.shape[2], frames.shape[1]), fps=Fraction(fps).limit_denominator(1001),
-        codec="libx264", pix_fmt_out="yuv420p", quality=quality, macro_block_size=1,
-        ffmpeg_log_level="error", output_params=["-movflags", "+faststart", "-preset", MP4_PRESET])
-    try:
-        writer.send(None)  # starts ffmpeg
-        for frame in frames:
-            writer.send(np.ascontiguousarray(frame))
-        writer.close()
-    except (OSError, RuntimeError) as err:
-        writer.close()
-        raise MefacialError(f"cannot write {path}: ffmpeg failed ({first_line(err)}); check that the folder "
-                            "exists, is writable and has space.") from err
+    def __init__(self, path: str | os.PathLike, fps: float, slowdown: float = 1.0, quality: int = 8):
+        self.path = Path(path)
+        self.fps = _check_fps(fps) / _check_fps(slowdown)  # the playback rate
+        self.quality = quality
+        self.suffix = self.path.suffix.lower()
+        if self.suffix != ".gif" and self.suffix not in MP4_EXTENSIONS:
+            raise InputError(f"cannot write {self.path}: unknown video type {self.suffix!r}; use .mp4 (H.264) or .gif")
+        self.partial = self.path.with_name(f".{self.path.stem}.partial{self.path.suffix}")  # (its type: its suffix)
+        self.count = 0  # frames given
+        self._encoder = None  # the mp4's ffmpeg, started with the first frame (its size)
+        self._images: list[Image.Image] = []  # the GIF's kept frames
+        self._step = gif_step(self.fps)
+
+    def __enter__(self) -> "VideoWriter":
+        return self
+
+    def __exit__(self, kind, error, trace) -> None:
+        if error is None:
+            self.close()
+            return
+        if self._encoder is not None:
+            try:
+                self._encoder.close()
+            except (OSError, RuntimeError):
+                pass  # (the error that ended the block is the one to see)
+        self.partial.unlink(missing_ok=True)
+
+    def write(self, frames: np.ndarray) -> None:
+        """Append n x H x W x C uint8 frames (any image mode)."""
+        frames = as_rgb(frames)
+        if self.suffix == ".gif":
+            first = (-self.count) % self._step  # the first frame of this batch the GIF keeps
+            self._images += [Image.fromarray(frame) for frame in frames[first::self._step]]
+        else:
+            height, width = frames.shape[1:3]
+            pad = ((0, 0), (0, height % 2), (0, width % 2), (0, 0))  # yuv420p needs even sizes
+            if any(p[1] for p in pad):
+                frames = np.pad(frames, pad, mode="edge")
+            if self._encoder is None:
+                self._encoder = self._start_mp4(frames.shape[2], frames.shape[1])
+            try:
+                for frame in frames:
+                    self._encoder.send(np.ascontiguousarray(frame))
+            except (OSError, RuntimeError) as err:
+                self._encoder.close()
+                raise self._failed(err) from err
+        self.count += len(frames)
+
+    def close(self) -> None:
+        """Finish the file (nothing written: an InputError)."""
+        if not self.count:
+            raise InputError(f"cannot write {self.path}: no frames were given")
+        try:
+            if self.suffix == ".gif":
+                self._close_gif()
+            else:
+                try:
+                    self._encoder.close()
+                except (OSError, RuntimeError) as err:
+                    raise self._failed(err) from err
+            os.replace(self.partial, self.path)
+        except BaseException:
+            self.partial.unlink(missing_ok=True)
+            raise
+
+    def _start_mp4(self, width: int, height: int):
+        import imageio_ffmpeg
+
+        encoder = imageio_ffmpeg.write_frames(
+            str(self.partial), (width, height), fps=Fraction(self.fps).limit_denominator(1001),
+            codec="libx264", pix_fmt_out="yuv420p", quality=self.quality, macro_block_size=1,
+            ffmpeg_log_level="error", output_params=["-movflags", "+faststart", "-preset", MP4_PRESET])
+        try:
+            encoder.send(None)  # starts ffmpeg
+        except (OSError, RuntimeError) as err:
+            encoder.close()
+            raise self._failed(err) from err
+        return encoder
+
+    def _failed(self, err: Exception) -> MefacialError:
+        return MefacialError(f"cannot write {self.path}: ffmpeg failed ({first_line(err)}); check that the folder "
+                             "exists, is writable and has space.")
+
+    def _close_gif(self) -> None:
+        kept, delays = gif_schedule(self.count, self.fps)
+        if len(kept) < self.count:
+            logger.info("GIF at %.1f fps keeps every %d-th frame (browsers need delays of at least %d ms); "
+                        "slow it down or write mp4 to keep all %d frames",
+                        self.fps, self._step, GIF_MIN_DELAY_MS, self.count)
+        images = self._images
+        try:
+            images[0].save(self.partial, format="GIF", save_all=True, append_images=images[1:],
+                           duration=[int(d) for d in delays], loop=0, optimize=False)
+        except OSError as err:
+            raise MefacialError(f"cannot write {self.path}: {err}; check that the folder exists and is "
+                                "writable.") from err
 
 
 # ----------------------------------------------------------------------------- face crop

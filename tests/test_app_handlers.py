@@ -253,3 +253,26 @@ def test_a_slow_first_answer_does_not_stop_the_app(monkeypatch):
         assert httpx.get(demo.local_url, timeout=30).status_code == 200
     finally:
         demo.close()
+
+
+def test_a_large_photo_is_fitted_before_the_results_are_pasted_back_into_it(tmp_path):
+    """Pasted back into a large photo, the results are made in it fitted to PASTE_SIDE (a 12-megapixel photo's 300
+    frames held 11 GB and make an mp4 browsers do not play), and the status and the Compare table say so; a
+    picture within PASTE_SIDE, or a result not pasted back, keeps its size."""
+    from PIL import Image
+
+    from mefacial.video import read_clip, read_image, resize_frames
+
+    face = read_image(FACE)
+    large = tmp_path / "large.jpg"
+    Image.fromarray(resize_frames(face[None], 1536, 2048)[0]).save(large)  # wider than tall
+    demo = app.Demo(Engine(device="cpu", landmarks="dlib"), app.Limits())
+    video, _, _, status = demo.generate({"path": str(large)}, {"path": str(app.EXAMPLE_CLIP)}, paste_back=True,
+                                        progress=lambda *a, **k: None)
+    width, height = app.PASTE_SIDE, app.PASTE_SIDE * 3 // 4
+    assert read_clip(video).frames.shape[1:3] == (height, width)
+    assert status.endswith(f"pasted back into the picture fitted to {width}x{height} (from 2048x1536)")
+    grid, table = demo.compare({"path": str(large)}, {"path": str(app.EXAMPLE_CLIP)}, ["dense"], paste_back=True,
+                               progress=lambda *a, **k: None)
+    assert table.endswith(f"Pasted back into the picture fitted to {width}x{height} (from 2048x1536).")
+    assert demo.paste_target(face, True) == (face, "") and demo.paste_target(read_image(large), False)[1] == ""

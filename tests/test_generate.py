@@ -278,11 +278,11 @@ def test_a_killed_write_is_never_counted_as_done(single_run, tmp_path, pairs_csv
     pending = next(r for r in manifest(out).values() if r["status"] == "ok")
     (out / pending["output"]).unlink()
 
-    def dying_write(path, frames, fps, slowdown=1.0):
-        Path(path).write_bytes(b"half a video")
+    def dying_write(writer, frames):
+        writer.partial.write_bytes(b"half a video")
         raise KeyboardInterrupt  # the process is killed mid-write
 
-    monkeypatch.setattr("mefacial.video.write_video", dying_write)
+    monkeypatch.setattr("mefacial.video.VideoWriter.write", dying_write)
     with pytest.raises(KeyboardInterrupt):
         gen.generate(gen.read_pairs(pairs_csv), [VARIANT], out, engine, gen.Settings(landmarks="dlib"))
     assert not (out / pending["output"]).exists()  # nothing half-written in the dataset tree

@@ -103,6 +103,42 @@ def test_mp4_is_h264_yuv420p_with_even_size(tmp_path):
     assert video.read_clip(path).num_frames == 5
 
 
+def test_a_video_written_batch_by_batch_is_the_file_written_at_once(tmp_path, clip):
+    """VideoWriter (what the CLI streams its output through) writes write_video's file: mp4 and GIF, batches of
+    3 frames, an odd size padded, a 200 fps GIF's kept frames and delays across batch borders."""
+    import imageio_ffmpeg
+
+    frames = clip.frames[:11, :-1]  # an odd height
+    for suffix, fps in ((".mp4", 25.0), (".gif", 200.0), (".gif", 25.0)):
+        whole = video.write_video(tmp_path / f"whole{suffix}", frames, fps)
+        with video.VideoWriter(tmp_path / f"batches{suffix}", fps) as writer:
+            for start in range(0, len(frames), 3):
+                writer.write(frames[start:start + 3])
+        assert writer.count == len(frames)
+        a, b = video.read_clip(whole), video.read_clip(writer.path)
+        assert a.fps == b.fps and np.array_equal(a.frames, b.frames), suffix
+        if suffix == ".gif":
+            assert a.num_frames == len(video.gif_schedule(len(frames), fps)[0])
+            with Image.open(whole) as x, Image.open(writer.path) as y:
+                assert [x.seek(i) or x.info["duration"] for i in range(x.n_frames)] == \
+                       [y.seek(i) or y.info["duration"] for i in range(y.n_frames)]
+    meta = next(imageio_ffmpeg.read_frames(str(tmp_path / "batches.mp4")))
+    assert meta["size"] == (frames.shape[2], frames.shape[1] + 1)
+    with pytest.raises(video.InputError, match="no frames"):
+        with video.VideoWriter(tmp_path / "empty.mp4", 25.0):
+            pass
+    existing = tmp_path / "kept.mp4"  # a run that fails half-way leaves the file that was there, and no part
+    existing.write_bytes(b"an earlier result")
+    with pytest.raises(RuntimeError, match="the run failed"):
+        with video.VideoWriter(existing, 25.0) as writer:
+            writer.write(frames[:3])
+            raise RuntimeError("the run failed")
+    assert existing.read_bytes() == b"an earlier result"
+    assert not [p.name for p in tmp_path.iterdir() if "partial" in p.name or p.name == "empty.mp4"]
+    with pytest.raises(video.InputError, match="unknown video type"):
+        video.VideoWriter(tmp_path / "clip.avi", 25.0)
+
+
 def test_folder_of_frames_is_sorted_naturally(tmp_path):
     for index in (10, 2, 1, 33):
         Image.fromarray(np.full((8, 10), index, np.uint8)).save(tmp_path / f"frame{index}.png")
