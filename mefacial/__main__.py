@@ -300,7 +300,7 @@ def _cmd_synthesize(args: argparse.Namespace) -> int:
     from . import au, readout
     from .engine import Engine
     from .errors import InputError
-    from .video import write_video
+    from .video import VideoWriter, check_output
 
     if args.list:
         for row in au.table():
@@ -315,10 +315,11 @@ def _cmd_synthesize(args: argparse.Namespace) -> int:
     if args.au and args.preset:
         raise InputError("give either --au or --preset, not both")
     spec = au.PRESETS[au.preset_name(args.preset)][0] if args.preset else args.au
+    out = check_output(args.out)
     engine = Engine(device=args.device, precision=args.precision, batch_size=args.batch_size, landmarks=args.landmarks)
-    options = _synthesis_options(args)
-    result = engine.synthesize(args.source, spec, _timing(args), options)
-    out = write_video(args.out, result.frames, result.fps, slowdown=args.slowdown)
+    options, timing = _synthesis_options(args), _timing(args)
+    with VideoWriter(out, timing.fps, args.slowdown) as writer:  # batch by batch (pasted back: tens of MB a frame)
+        result = engine.synthesize(args.source, spec, timing, options, sink=writer.write)
     units = result.action_units
     apex = ", ".join("AU{} {}-{}".format(a["au"], *a["apex_frames"]) for a in units["aus"])
     print(f"{out}: {units['spec']}, {result.num_frames} frames at {result.fps:g} fps "

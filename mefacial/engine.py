@@ -201,7 +201,7 @@ def _given_meshes(prepared: PreparedClip) -> bool:
             and prepared.given_source.shape[-2] == NUM_VERTICES and prepared.given_driving.shape[-2] == NUM_VERTICES)
 
 
-def _gathered(batches: Iterable[np.ndarray], total: int | None, sink: Callable[[np.ndarray], None] | None
+def gather_frames(batches: Iterable[np.ndarray], total: int | None, sink: Callable[[np.ndarray], None] | None
               ) -> tuple[np.ndarray, int]:
     """(T x H x W x 3 frames, T) of a run's batches, or each batch given to `sink` and none kept (0 x H x W x 3).
     With `total` known the frames fill one array in place: a list of batches and its concatenation would hold
@@ -845,7 +845,7 @@ class Engine:
             self.find_landmarks(prepared, spec)
         report(0.05, f"{spec.id}: {prepared.num_frames} frames")
         clip_run = self.run(prepared, spec, options, checkpoint=checkpoint, progress=report)
-        frames, count = _gathered(clip_run, prepared.num_frames, sink)
+        frames, count = gather_frames(clip_run, prepared.num_frames, sink)
         timings = {"read_s": prepared.timings["read_s"], "landmarks_s": prepared.timings["landmarks_s"],
                    **clip_run.timings}
         timings["total_s"] = time.perf_counter() - started
@@ -869,7 +869,8 @@ class Engine:
         )
 
     def synthesize(self, source: Any, aus: Any, timing: Any = None, options: Any = None,
-                   progress: ProgressFn | None = None, **overrides) -> AnimationResult:
+                   progress: ProgressFn | None = None, sink: Callable[[np.ndarray], None] | None = None,
+                   **overrides) -> AnimationResult:
         """A micro-expression of the face in `source` from a FACS specification, with no driving clip.
 
         `aus`: '4:C,7:B' (AU:intensity A-E; see `mefacial.au.parse_aus`) or a list of `au.AUSpec`; `timing`: an
@@ -877,11 +878,11 @@ class Engine:
         `options`: a `synthesis.SynthesisOptions` (crop, margin, paste_back, magnify, appearance, landmarks; the
         animation options' fields of the same names are taken too), or its fields as keyword arguments. Returns
         the same `AnimationResult` as `animate`, with the moved meshes and the specification (`meshes`,
-        `action_units`)."""
+        `action_units`). `sink`: as `collect`'s (the frames go there batch by batch, the result keeps none)."""
         from .synthesis import SynthesisOptions, synthesize
 
         options = dataclasses.replace(SynthesisOptions.of(options), **overrides)
-        return synthesize(self, source, aus, timing, options, progress)
+        return synthesize(self, source, aus, timing, options, progress, sink)
 
     def compare(self, source: Any, driving: Any, variants: Sequence[str], options: AnimateOptions | None = None, *,
                 source_landmarks: np.ndarray | None = None, driving_landmarks: np.ndarray | None = None,

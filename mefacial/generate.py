@@ -695,8 +695,9 @@ def generate_aus(rows: Sequence[AURow], out_dir: str | os.PathLike, engine: Any,
                  on_item: Callable[[dict | None], None] | None = None) -> Summary:
     """Synthesise this rank's share of AU rows into `out_dir/au/<label>/<name>.<fmt>`, one manifest line each
     (the spec, intensities, timing, apex frames, status); resumable as `generate` (same settings -> skipped)."""
+    from .au import Timing
     from .synthesis import SynthesisOptions
-    from .video import write_video
+    from .video import VideoWriter
 
     if fmt not in OUTPUT_FORMATS:
         raise InputError(f"output format {fmt!r} is not supported; use one of {OUTPUT_FORMATS}")
@@ -725,10 +726,12 @@ def generate_aus(rows: Sequence[AURow], out_dir: str | os.PathLike, engine: Any,
             try:
                 if row.error:
                     raise InputError(row.error)
-                result = engine.synthesize(row.face, row.aus, row.timing, options)
                 final = out_dir / record["output"]
                 final.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(write_video(partial / final.name, result.frames, result.fps, slowdown=slowdown), final)
+                timing = row.timing or Timing()
+                with VideoWriter(partial / final.name, timing.fps, slowdown) as writer:  # batch by batch
+                    result = engine.synthesize(row.face, row.aus, timing, options, sink=writer.write)
+                os.replace(writer.path, final)
                 record.update(status="ok", error=None, frames=result.num_frames, fps=result.fps,
                               action_units=result.action_units, labels=au_label_columns(result.action_units),
                               timings=result.timings)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -46,10 +46,13 @@ class SynthesisOptions(AnimateOptions):
 
 
 def synthesize(engine: Any, source: Any, aus: str | Sequence, timing: au.Timing | None = None,
-               options: SynthesisOptions | None = None, progress: Callable[[float, str], None] | None = None):
+               options: SynthesisOptions | None = None, progress: Callable[[float, str], None] | None = None,
+               sink: Callable[[np.ndarray], None] | None = None):
     """The clip of `source` performing the AU specification `aus` ('4:C,7:B', or AUSpecs) with `timing`;
-    returns an `AnimationResult` whose `meshes` are the moved meshes and `action_units` the specification."""
-    from .engine import AnimationResult, to_tensor, to_uint8
+    returns an `AnimationResult` whose `meshes` are the moved meshes and `action_units` the specification.
+    `sink`: each batch of frames goes there as it is made (pasted back where asked), and the result keeps none
+    (`Engine.collect`)."""
+    from .engine import AnimationResult, gather_frames, to_tensor, to_uint8
     from .mesh import detect_mesh
     from .models.dense import carry_lash_bands
 
@@ -83,27 +86,32 @@ def synthesize(engine: Any, source: Any, aus: str | Sequence, timing: au.Timing 
     cues = au.appearance(face.shape[:2], neutral, targets, plan, gain=options.magnify) if options.appearance else None
     timings["motion_s"] = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    frames = []
     total = plan.num_frames
-    with engine.inference_context():
-        state = model.prepare(to_tensor(face, engine.device), neutral)
-        for start in range(0, total, engine.batch_size):
-            batch = slice(start, min(start + engine.batch_size, total))
-            ratio = None if cues is None else torch.from_numpy(cues.source_ratio(batch))[:, None]  # B x 1 x H x W
-            out = to_uint8(model.render(state, targets[batch], ratio)["prediction"])
-            frames.append(out if cues is None else cues.apply_output(out, batch.start))
-            report(0.05 + 0.95 * batch.stop / total, f"frames {batch.stop}/{total}")
-    rendered = np.concatenate(frames)
-    timings["generator_s"] = time.perf_counter() - t0
-    if options.paste_back:
-        rendered = video.paste_back(rendered, image, box)
+    seconds = {"generator": 0.0}
+
+    def batches() -> Iterator[np.ndarray]:  # n x S x S x 3, or pasted back n x H x W x 3
+        with engine.inference_context():
+            t0 = time.perf_counter()
+            state = model.prepare(to_tensor(face, engine.device), neutral)
+            seconds["generator"] += time.perf_counter() - t0
+            for start in range(0, total, engine.batch_size):
+                t0 = time.perf_counter()
+                batch = slice(start, min(start + engine.batch_size, total))
+                ratio = None if cues is None else torch.from_numpy(cues.source_ratio(batch))[:, None]  # B x 1 x H x W
+                out = to_uint8(model.render(state, targets[batch], ratio)["prediction"])
+                out = out if cues is None else cues.apply_output(out, batch.start)
+                seconds["generator"] += time.perf_counter() - t0
+                yield video.paste_back(out, image, box) if options.paste_back else out
+                report(0.05 + 0.95 * batch.stop / total, f"frames {batch.stop}/{total}")
+
+    rendered, count = gather_frames(batches(), total, sink)
+    timings["generator_s"] = seconds["generator"]
     timings["total_s"] = time.perf_counter() - started
     timings["ms_per_frame"] = 1000 * timings["total_s"] / total
     return AnimationResult(
         frames=rendered, fps=plan.fps, variant=RENDER_VARIANT, weights=weights, model_source=face,
         landmark_backend="mediapipe face mesh", crop_box=box, timings=timings, meshes=targets.astype(np.float32),
-        action_units=labels(plan))
+        action_units=labels(plan), frame_count=None if sink is None else count)
 
 
 def labels(plan: au.Plan) -> dict[str, Any]:

@@ -11,7 +11,7 @@ import logging
 import numpy as np
 import pytest
 
-from mefacial import au
+from mefacial import au, video
 from mefacial.errors import InputError, InputTooLargeError
 from mefacial.video import read_image
 
@@ -276,6 +276,10 @@ def test_synthesize_end_to_end(tmp_path, dlib_searches, capsys):
     assert out.stat().st_size > 0 and plot.stat().st_size > 0
     # 45 frames at 200 fps: 0.225 s at real time; x9 plays 2.0 s, as the app would start it
     assert "at real time it plays for 0.23 s: --slowdown 9 plays it for 2.0 s" in capsys.readouterr().out
+    pasted = tmp_path / "pasted.mp4"  # written batch by batch, each pasted back into the whole picture
+    assert main(["synthesize", "--source", str(EXAMPLE), "--au", "4:C,7:B", "--onset-ms", "60", "--apex-ms", "40",
+                 "--offset-ms", "120", "--fps", "200", "--out", str(pasted), "--paste-back"]) == 0
+    assert video.read_clip(pasted).frames.shape[:3] == (45, *video.read_image(EXAMPLE).shape[:2])
     assert main(["synthesize", "--source", str(EXAMPLE), "--au", "3:C", "--out", str(out)]) == 2  # a clear error
 
 
