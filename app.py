@@ -52,7 +52,7 @@ from mefacial.options import AnimateOptions, magnified
 from mefacial.variants import find_variant, get_variant, variant_ids
 from mefacial.video import Limits as VideoLimits
 from mefacial.video import suggested_slowdown as video_slowdown
-from mefacial.video import PLAYBACK_S, fit_frames, read_clip, read_image, write_video
+from mefacial.video import PLAYBACK_S, VideoWriter, fit_frames, read_clip, read_image, write_video
 
 log = logging.getLogger("mefacial.app")
 
@@ -635,7 +635,7 @@ def synthesis_endpoint(demo: "Demo") -> Callable:
     defaults = inspect.signature(synthesize_clip).parameters
     timing = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=defaults[name].default)
               for name in ("onset_ms", "apex_ms", "offset_ms", "fps", "lead_in_ms", "lead_out_ms", "magnify",
-                           "appearance", "slowdown")]
+                           "appearance", "slowdown", "paste_back")]
     handler.__signature__ = inspect.Signature(
         [inspect.Parameter("source", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
         + [inspect.Parameter(f"au{n}", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=AU_OFF) for n in au.SUPPORTED]
@@ -644,12 +644,14 @@ def synthesis_endpoint(demo: "Demo") -> Callable:
 
 
 def synthesize_clip(demo: "Demo", source, aus="6:C,12:C", onset_ms=100.0, apex_ms=60.0, offset_ms=140.0, fps=200,
-                    lead_in_ms=0.0, lead_out_ms=0.0, magnify=1.0, appearance=True, slowdown=10.0,
+                    lead_in_ms=0.0, lead_out_ms=0.0, magnify=1.0, appearance=True, slowdown=10.0, paste_back=False,
                     progress=gr.Progress()):
-    """Synthesise the face performing the AU specification -> (mp4, readout png, download, status)."""
+    """Synthesise the face performing the AU specification -> (mp4, readout png, download, status). With
+    `paste_back`, the face is pasted back into the picture (fitted to PASTE_SIDE), the video written as it is made."""
     from mefacial import au, readout
 
     image = read_image(upload_path(source, "source face"), limits=demo.limits.files)
+    image, pasted = demo.paste_target(image, bool(paste_back))
     if not str(aus or "").strip():
         raise page_error("No action unit chosen", "No action unit is chosen",
                          "Choose at least one (or a preset) and try again")
@@ -660,10 +662,12 @@ def synthesize_clip(demo: "Demo", source, aus="6:C,12:C", onset_ms=100.0, apex_m
     slowdown = number(slowdown, "slow-down factor", 1, 20)
     magnify = number(magnify, "magnification", 0.5, 5)
     au.plan(str(aus), timing, max_frames=demo.limits.max_frames, max_seconds=demo.limits.max_seconds)  # the app's limits
-    result = demo.engine.synthesize(image, str(aus), timing, magnify=magnify,
-                                    appearance=bool(appearance), progress=demo.progress_fn(progress))
     out = demo.request_dir()
-    video = write_video(out / "synthesized.mp4", result.frames, result.fps, slowdown=slowdown)
+    video = out / "synthesized.mp4"
+    with VideoWriter(video, timing.fps, slowdown) as writer:
+        result = demo.engine.synthesize(image, str(aus), timing, magnify=magnify, appearance=bool(appearance),
+                                        paste_back=bool(paste_back), progress=demo.progress_fn(progress),
+                                        sink=writer.write)
     units = result.action_units
     motion = readout.region_motion(result.meshes, result.fps)
     marks = {"apex": 1000 * min(a["apex_frames"][0] for a in units["aus"]) / result.fps,
@@ -677,7 +681,8 @@ def synthesize_clip(demo: "Demo", source, aus="6:C,12:C", onset_ms=100.0, apex_m
               + ", ".join("AU{} {}-{}".format(a["au"], *a["apex_frames"]) for a in units["aus"])
               + f" · {result.timings.get('total_s', 0):.1f} s · "
               + ("real time" if slowdown == 1 else f"slowed down x{slowdown:g}")
-              + (f" · **{magnified(magnify)}** (magnified)" if magnify != 1 else ""))
+              + (f" · **{magnified(magnify)}** (magnified)" if magnify != 1 else "")
+              + (f" · {pasted}" if pasted else ""))
     return str(video), str(plot), str(video), status
 
 
@@ -755,6 +760,7 @@ def action_units_tab(demo: "Demo", default_face: str | None, blocks: gr.Blocks) 
                     a_magnify = gr.Slider(0.5, 5, value=1, step=0.5, label="Magnification (1 = as specified)")
                     a_slowdown = gr.Slider(1, 20, value=10, step=1, label="Playback: slow down by (1 = real time)")
                     a_appearance = gr.Checkbox(True, label="Appearance (furrows, lash line, mouth opening)")
+                    a_paste = gr.Checkbox(False, label="Paste back into the full image", elem_id="a-paste")
                 a_timing = gr.Image(label="Timing preview (each AU's activation over time)", show_label=False,
                                     interactive=False, type="filepath", elem_id="a-timing")  # (its title says it)
                 a_button = gr.Button("Synthesise", variant="primary", elem_id="a-button")
@@ -797,7 +803,7 @@ def action_units_tab(demo: "Demo", default_face: str | None, blocks: gr.Blocks) 
           [*radios, *timing_inputs], a_timing, api_name=False, trigger_mode="always_last")
     a_button.click(synthesis_endpoint(demo),
                    [a_source, *radios, a_onset, a_apex, a_offset, a_fps, a_lead_in, a_lead_out, a_magnify,
-                    a_appearance, a_slowdown],
+                    a_appearance, a_slowdown, a_paste],
                    [a_result, a_readout, a_download, a_status], api_name="synthesize", concurrency_limit=1,
                    preprocess=False)
     return a_source

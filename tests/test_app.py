@@ -170,6 +170,14 @@ def test_concurrent_users_get_their_own_results(app_url, tmp_path, clip):
             assert frames_of(job.result(timeout=300)[0]).shape[0] == expected
 
 
+def test_synthesis_pasted_back_through_the_api_is_the_pictures_size(client):
+    from mefacial.video import read_image
+
+    video, _, _, status = client.predict(source=handle_file(FACE), au12="C", onset_ms=40, apex_ms=20, offset_ms=40,
+                                         fps=100, paste_back=True, api_name="/synthesize")
+    assert frames_of(video).shape[1:3] == read_image(FACE).shape[:2] and "AU12C" in status
+
+
 def test_synthesis_with_no_action_unit_chosen_is_a_titled_error(client):
     with pytest.raises(AppError) as caught:  # every AU left at '-'
         client.predict(source=handle_file(FACE), api_name="/synthesize")

@@ -257,8 +257,8 @@ def test_a_slow_first_answer_does_not_stop_the_app(monkeypatch):
 
 def test_a_large_photo_is_fitted_before_the_results_are_pasted_back_into_it(tmp_path):
     """Pasted back into a large photo, the results are made in it fitted to PASTE_SIDE (a 12-megapixel photo's 300
-    frames held 11 GB and make an mp4 browsers do not play), and the status and the Compare table say so; a
-    picture within PASTE_SIDE, or a result not pasted back, keeps its size."""
+    frames held 11 GB and make an mp4 browsers do not play), on the Generate, Compare and Action units tabs, and
+    their status or table says so; a picture within PASTE_SIDE, or a result not pasted back, keeps its size."""
     from PIL import Image
 
     from mefacial.video import read_clip, read_image, resize_frames
@@ -275,4 +275,8 @@ def test_a_large_photo_is_fitted_before_the_results_are_pasted_back_into_it(tmp_
     grid, table = demo.compare({"path": str(large)}, {"path": str(app.EXAMPLE_CLIP)}, ["dense"], paste_back=True,
                                progress=lambda *a, **k: None)
     assert table.endswith(f"Pasted back into the picture fitted to {width}x{height} (from 2048x1536).")
+    video, _, _, status = app.synthesize_clip(demo, str(large), "6:C,12:C", 40, 20, 40, 100, paste_back=True,
+                                              progress=lambda *a, **k: None)  # the Action units tab
+    assert read_clip(video).frames.shape[1:3] == (height, width)
+    assert status.endswith(f"pasted back into the picture fitted to {width}x{height} (from 2048x1536)")
     assert demo.paste_target(face, True) == (face, "") and demo.paste_target(read_image(large), False)[1] == ""
