@@ -814,8 +814,9 @@ class Engine:
                 sink: Callable[[np.ndarray], None] | None = None, **changes: Any) -> AnimationResult:
         """Animate the face in `source` with the motion of the face in `driving`: `prepare` + `run`, collected.
 
-        `options` (an `AnimateOptions`, or its fields by keyword: motion, adapt_scale, magnify, crop, paste_back,
-        margin, landmarks, smooth, confine, batch_size, fps, ...) say how; see `prepare` for the inputs.
+        `options` (an `AnimateOptions` or a dict of its fields, or its fields by keyword: motion, adapt_scale,
+        magnify, crop, paste_back, margin, landmarks, smooth, confine, batch_size, fps, ...) say how; see `prepare`
+        for the inputs.
         `progress(fraction, message)` is called after each batch. `sink`: see `collect`.
         """
         options = as_options(options, **changes)
@@ -876,12 +877,12 @@ class Engine:
         `aus`: '4:C,7:B' (AU:intensity A-E; see `mefacial.au.parse_aus`) or a list of `au.AUSpec`; `timing`: an
         `au.Timing` (onset / apex / offset ms, fps, lead-in / lead-out; default a 300 ms event at 200 fps);
         `options`: a `synthesis.SynthesisOptions` (crop, margin, paste_back, magnify, appearance, landmarks; the
-        animation options' fields of the same names are taken too), or its fields as keyword arguments. Returns
-        the same `AnimationResult` as `animate`, with the moved meshes and the specification (`meshes`,
-        `action_units`). `sink`: as `collect`'s (the frames go there batch by batch, the result keeps none)."""
+        animation options' fields of the same names are taken too) or a dict of its fields, or its fields as
+        keyword arguments. Returns the same `AnimationResult` as `animate`, with the moved meshes and the
+        specification (`meshes`, `action_units`). `sink`: as `collect`'s (the frames go there batch by batch, the result keeps none)."""
         from .synthesis import SynthesisOptions, synthesize
 
-        options = dataclasses.replace(SynthesisOptions.of(options), **overrides)
+        options = SynthesisOptions.of(options).replace(**overrides)
         return synthesize(self, source, aus, timing, options, progress, sink)
 
     def compare(self, source: Any, driving: Any, variants: Sequence[str], options: AnimateOptions | None = None, *,

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-from typing import Any
+from typing import Any, Mapping
 
 from .errors import InputError
 
@@ -149,6 +149,11 @@ def _check(ok: bool, name: str, value: Any, remedy: str) -> None:
         raise InputError(f"option {name!r} = {value!r} is not valid: {remedy}")
 
 
-def as_options(options: AnimateOptions | None = None, **changes: Any) -> AnimateOptions:
-    """`options` (default AnimateOptions()) with keyword changes, validated."""
+def as_options(options: AnimateOptions | Mapping[str, Any] | None = None, **changes: Any) -> AnimateOptions:
+    """`options` (an AnimateOptions or a dict of its fields; default AnimateOptions()) with keyword changes,
+    validated."""
+    if isinstance(options, Mapping):
+        options, changes = None, {**options, **changes}
+    elif options is not None and not isinstance(options, AnimateOptions):
+        raise InputError(f"options must be an AnimateOptions or a dict of its fields, got {type(options).__name__}")
     return (options or AnimateOptions()).replace(**changes)

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from . import au
 from . import video
+from .errors import InputError
 from .options import AnimateOptions
 
 RENDER_VARIANT = "dense"  # the generator whose renderer draws the moved meshes
@@ -37,10 +38,14 @@ class SynthesisOptions(AnimateOptions):
 
     @classmethod
     def of(cls, options: Any) -> "SynthesisOptions":
-        """These options from any options object with some of the same fields (e.g. `AnimateOptions`); None -> the
-        defaults."""
+        """These options from an `AnimateOptions` (its fields of the same names) or a dict of these fields (checked);
+        None -> the defaults."""
         if options is None or isinstance(options, cls):
             return options or cls()
+        if isinstance(options, Mapping):
+            return cls().replace(**options)
+        if not isinstance(options, AnimateOptions):
+            raise InputError(f"options must be a SynthesisOptions or a dict of its fields, got {type(options).__name__}")
         names = [f.name for f in dataclasses.fields(cls)]
         return cls(**{n: getattr(options, n) for n in names if getattr(options, n, None) is not None})
 

@@ -390,5 +390,11 @@ def test_synthesis_options_from_other_options_objects():
     assert isinstance(options, AnimateOptions) and options.slowdown == 4
     assert (options.crop, options.margin, options.magnify, options.appearance) == (False, 0.2, 2.0, True)
     assert SynthesisOptions.of(None) == SynthesisOptions()
+    assert SynthesisOptions.of({"paste_back": True, "appearance": False}) == SynthesisOptions(paste_back=True,
+                                                                                             appearance=False)
+    with pytest.raises(InputError, match="unknown animation option"):
+        SynthesisOptions.of({"pasteback": True})  # a misspelt name is not dropped silently
+    with pytest.raises(InputError, match="got str"):
+        SynthesisOptions.of("paste_back")
     with pytest.raises(InputError, match="magnify"):
         SynthesisOptions(magnify=0)

@@ -86,6 +86,13 @@ def test_options_are_validated_with_the_field_and_a_remedy():
         AnimateOptions(crop=False, paste_back=True)
     with pytest.raises(InputError, match="unknown animation option"):
         AnimateOptions().replace(magnfy=2)
+    from mefacial.options import as_options  # what Engine.animate / prepare / compare take as `options`
+
+    assert as_options({"magnify": 2, "crop": False}, crop=True) == AnimateOptions(magnify=2)  # keywords win
+    with pytest.raises(InputError, match="unknown animation option"):
+        as_options({"magnfy": 2})
+    with pytest.raises(InputError, match="AnimateOptions or a dict of its fields, got list"):
+        as_options([("magnify", 2)])
     assert AnimateOptions(motion="avd").for_variant("mraa-awp").adapt_scale is True
     with pytest.raises(InputError, match="not available for fomm-awp"):
         AnimateOptions(motion="avd").for_variant("fomm-awp")
