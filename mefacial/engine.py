@@ -879,7 +879,8 @@ class Engine:
         `options`: a `synthesis.SynthesisOptions` (crop, margin, paste_back, magnify, appearance, landmarks; the
         animation options' fields of the same names are taken too) or a dict of its fields, or its fields as
         keyword arguments. Returns the same `AnimationResult` as `animate`, with the moved meshes and the
-        specification (`meshes`, `action_units`). `sink`: as `collect`'s (the frames go there batch by batch, the result keeps none)."""
+        specification (`meshes`, `action_units`). `sink`: as `collect`'s (the frames go there batch by batch,
+        the result keeps none)."""
         from .synthesis import SynthesisOptions, synthesize
 
         options = SynthesisOptions.of(options).replace(**overrides)

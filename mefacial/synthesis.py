@@ -45,7 +45,8 @@ class SynthesisOptions(AnimateOptions):
         if isinstance(options, Mapping):
             return cls().replace(**options)
         if not isinstance(options, AnimateOptions):
-            raise InputError(f"options must be a SynthesisOptions or a dict of its fields, got {type(options).__name__}")
+            raise InputError("options must be a SynthesisOptions or a dict of its fields, got "
+                             f"{type(options).__name__}")
         names = [f.name for f in dataclasses.fields(cls)]
         return cls(**{n: getattr(options, n) for n in names if getattr(options, n, None) is not None})
 
