@@ -516,18 +516,18 @@ class Demo:
         if driving is None:
             return None, "", gr.skip()
         clip, _ = self.check_driving(driving, landmarks or default_landmarks(self.engine))
-        return (*self.playable(clip, self.request_dir() / "driving.mp4"), suggested_slowdown(clip))
+        return self.playable(clip, self.request_dir() / "driving.mp4")
 
     @staticmethod
-    def playable(clip, path: Path) -> tuple[str, str]:
-        """A clip's preview written to `path` (mp4, at most PREVIEW_SIDE a side, slowed down as its results start)
-        and the line under it."""
+    def playable(clip, path: Path) -> tuple[str, str, int]:
+        """A clip's preview written to `path` (mp4, at most PREVIEW_SIDE a side, slowed down as its results start),
+        the line under it and that slow-down."""
         frames, slowdown = clip.frames, suggested_slowdown(clip)
         if max(frames.shape[1:3]) > PREVIEW_SIDE:  # (a 2048 x 1088 clip's copy at its size took 6 s to encode)
             frames = fit_frames(frames, PREVIEW_SIDE)
         video = write_video(path, frames, clip.fps, slowdown=slowdown)
         note = f"; the preview plays x{slowdown} slower" if slowdown > 1 else ""
-        return str(video), clip_info(clip) + note
+        return str(video), clip_info(clip) + note, slowdown
 
     def prior_clip(self, driving, frame=0, landmarks="dlib"):
         """The Prior tab's clip checked and made playable; the frame slider set to its length -> (slider update,
@@ -535,7 +535,7 @@ class Demo:
         if driving is None:
             return gr.update(maximum=self.limits.max_frames - 1), None, ""
         clip, _ = self.check_driving(driving, landmarks)
-        video, info = self.playable(clip, self.request_dir() / "driving.mp4")
+        video, info, _ = self.playable(clip, self.request_dir() / "driving.mp4")
         last = clip.num_frames - 1
         return gr.update(maximum=max(last, 1), value=min(int(frame or 0), last), interactive=last > 0), video, info
 
@@ -651,7 +651,6 @@ def synthesize_clip(demo: "Demo", source, aus="6:C,12:C", onset_ms=100.0, apex_m
     from mefacial import au, readout
 
     image = read_image(upload_path(source, "source face"), limits=demo.limits.files)
-    image, pasted = demo.paste_target(image, bool(paste_back))
     if not str(aus or "").strip():
         raise page_error("No action unit chosen", "No action unit is chosen",
                          "Choose at least one (or a preset) and try again")
@@ -662,6 +661,7 @@ def synthesize_clip(demo: "Demo", source, aus="6:C,12:C", onset_ms=100.0, apex_m
     slowdown = number(slowdown, "slow-down factor", 1, 20)
     magnify = number(magnify, "magnification", 0.5, 5)
     au.plan(str(aus), timing, max_frames=demo.limits.max_frames, max_seconds=demo.limits.max_seconds)  # the app's limits
+    image, pasted = demo.paste_target(image, bool(paste_back))
     out = demo.request_dir()
     video = out / "synthesized.mp4"
     with VideoWriter(video, timing.fps, slowdown) as writer:
@@ -879,9 +879,8 @@ def build_demo(engine: mefacial.Engine, limits: Limits | None = None) -> gr.Bloc
     face0, clip0 = (str(EXAMPLE_FACE), str(EXAMPLE_CLIP)) if has_example else (None, None)
     example = example_clip() if has_example else None
     clip0_frames = example.num_frames if example is not None else limits.max_frames
-    slowdown0 = suggested_slowdown(example) if example is not None else 1
-    preview0, preview0_info = (Demo.playable(example, demo_state.root / f"{EXAMPLE_CLIP.stem}.mp4")
-                               if example is not None else (None, ""))
+    preview0, preview0_info, slowdown0 = (Demo.playable(example, demo_state.root / f"{EXAMPLE_CLIP.stem}.mp4")
+                                          if example is not None else (None, "", 1))
 
     def offers(backbone: str | None, v: dict) -> bool:
         """Whether a backbone's menus offer the choices of variant v (a backbone with one variant shows them all,

@@ -633,6 +633,7 @@ class VideoWriter:
                     self._encoder.send(np.ascontiguousarray(frame))
             except (OSError, RuntimeError) as err:
                 self._encoder.close()
+                self._encoder = None  # (closed: the block's end does not close it again)
                 raise self._failed(err) from err
         self.count += len(frames)
 
