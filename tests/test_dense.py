@@ -625,6 +625,49 @@ def test_head_motion_is_carried_bounded_and_never_magnified(tight_face, loose_fa
                 assert D.HEAD_SHIFT * 0.8 < moved <= D.HEAD_SHIFT * 1.01, moved
 
 
+def test_a_moving_head_bends_no_kinks_into_the_face_outline(face):
+    """The head's motion fades out smoothly around the face, so a head that drifts or turns moves the face's
+    outline without bending it: contours just outside the face (its oval, smoothed, scaled by 1.01-1.03, sampled
+    every 4 px: twice the motion grid's step) keep their shape, turning by at most 4.5 degrees more or less
+    anywhere along them (here 0.1-3.1). Carried through the still ring's triangles, a drift of a tenth of the
+    inter-ocular distance bent them by up to 18 degrees on the tight face (5 on Grace Hopper's), and a drifting
+    driving clip bit notches into the target's cheek."""
+    import torch.nn.functional as F
+
+    from mefacial.models import dense as D
+
+    image, points = face
+    state = _model(appearance=False).prepare(_tensor(image), points)
+    size = np.array(state.size[::-1])  # W, H
+    oval = points[list(M.FACE_OVAL)].astype(np.float64)
+    centre = oval.mean(0)
+    ends = np.concatenate([oval, oval[:1]])
+    outline = np.concatenate([np.linspace(a, b, 16, endpoint=False) for a, b in zip(ends[:-1], ends[1:])])
+    series = np.fft.fft((outline - centre) @ np.array([1, 1j]))
+    perimeter = np.abs(np.diff(np.concatenate([outline, outline[:1]]) @ np.array([1, 1j]))).sum()
+    count = int(perimeter / 4)  # samples 4 px apart, the oval's shape without its vertices' corners (8 harmonics)
+    smooth = np.fft.ifft(np.concatenate([series[:9], np.zeros(count - 17), series[-8:]]) * count / len(series))
+    smooth = np.stack([smooth.real, smooth.imag], 1)
+
+    def turning(curve):  # n x 2 -> n - 2: the angle between successive segments
+        step = np.diff(curve, axis=0)
+        return np.angle(np.exp(1j * np.diff(np.arctan2(step[:, 1], step[:, 0]))))
+
+    iod = M.inter_ocular(points)
+    for shift, degrees in (((0.1, 0.0), 0.0), ((0.05, 0.1), 0.0), ((0.0, 0.0), 3.0)):
+        turn = np.radians(degrees)
+        rotation = np.array([[np.cos(turn), -np.sin(turn)], [np.sin(turn), np.cos(turn)]])
+        moved = (points - centre) @ rotation.T + centre + np.array(shift) * iod
+        field = D.forward_motion(state, moved[None])  # 1 x 2 x h x w
+        for scale in (1.01, 1.02, 1.03):
+            contour = centre + smooth * scale
+            at = torch.from_numpy(D._to_grid(contour, state.size)).float().view(1, 1, -1, 2)
+            landed = contour + F.grid_sample(field, at, align_corners=False)[0, :, 0].T.numpy()
+            away = ((contour > 0.08 * size) & (contour < 0.92 * size)).all(1)  # where the edge's taper is not
+            bend = np.degrees(np.abs(turning(landed) - turning(contour)))[away[1:-1]]
+            assert bend.max() < 4.5, (shift, degrees, scale, float(bend.max()))
+
+
 def test_motion_follows_the_faces_proportions(tight_face, loose_face):
     """Retargeted in local frames: a drop of the upper lids that closes half the driving eye closes about half of
     the target's eye, whatever the two faces' eye sizes."""
@@ -989,10 +1032,7 @@ def test_the_backward_map_lands_where_it_should_around_closing_lids(face, clip_m
     state = model.prepare(_tensor(image), points, clip_meshes["s3_po_05"][0])
     drawn = model.motion(state, clip_meshes["s3_po_05"], magnify).drawn
     h, w = state.grid_shape
-    motion = np.zeros((len(state.anchors) + M.NUM_MESH, len(drawn), 2))
-    motion[:M.NUM_MESH] = (drawn[:, :M.NUM_MESH] - points[:M.NUM_MESH]).transpose(1, 0, 2)
-    forward = (state.motion_weights @ motion.reshape(len(motion), -1)).reshape(h, w, len(drawn), 2)
-    field = torch.from_numpy(forward).permute(2, 3, 0, 1).float().contiguous()  # T x 2 x h x w
+    field = D.forward_motion(state, drawn)  # T x 2 x h x w
     y = D._grid_points(state).expand(len(drawn), -1, -1, -1)
     x = y + D.backward_flow(state, drawn)
     scale, shift = D._units(state.size)

@@ -20,8 +20,9 @@ For a target (source) face S and a driving clip D_0 .. D_T-1 (all with their
    a head that drifts or turns far in the driving clip would tear the face from it; the small sway of a
    still-sitting subject passes as it is.
 2. Geometry (`render`): a piecewise-affine map from the source mesh to the target
-   mesh of frame t (a fixed triangulation of the source mesh plus still anchors on a
-   ring around the face and on the picture border), evaluated on a grid of every
+   mesh of frame t on the face; around it the head's motion fades out smoothly and the rest of the mesh's
+   motion through a fixed triangulation of the source mesh plus still anchors on a
+   ring around the face and on the picture border (`forward_motion`), evaluated on a grid of every
    `grid_step` pixels for all frames at once (one sparse product) and inverted there
    by Newton steps (`backward_flow`: two over the grid, four more where a node has not converged), then
    upsampled bilinearly: dense, continuous
@@ -63,7 +64,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.sparse import csr_matrix
+from scipy.sparse import csr_matrix, hstack
 from scipy.spatial import Delaunay
 from torch import nn
 
@@ -130,7 +131,8 @@ class SourceGeometry:
     #                          tapered to 0 at the picture's edge as the motion is)
     face_points: torch.Tensor  # n: flat grid indices where face_mask > 0.5 (the ratio images' median)
     barycentric: Any  # G x V sparse float32 (scipy CSR): grid points as barycentric combinations of mesh vertices
-    motion_weights: Any  # G x (468 + A) sparse (scipy CSR): grid points in the triangles of the mesh + still anchors
+    motion_weights: Any  # G x (468 + A + 3) sparse (scipy CSR): grid points in the triangles of the mesh + still anchors,
+    #                      then (x, y, 1) x the share of the head's motion they follow (1 on the face, 0 at the ring)
     skin: np.ndarray  # K' x 3: triangles of the mesh + still anchors (indices past 467: anchors), the eye and mouth
     #                   openings' left out (what `_unfolded` keeps from folding)
     neighbours: Any  # N x N sparse (scipy CSR), rows summing to 1: each vertex's neighbours on the skin (`_smoothed`)
@@ -621,6 +623,18 @@ def _fill(polygons: list[np.ndarray], size: tuple[int, int]) -> np.ndarray:
     return out
 
 
+def _distance_to_edges(points: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """Each point's distance to the nearest of the segments: P x 2 points, E x 2 x 2 segments -> P (in blocks)."""
+    start, along = edges[:, 0], edges[:, 1] - edges[:, 0]  # E x 2
+    length_sq = np.maximum((along * along).sum(-1), 1e-12)
+    out = np.empty(len(points))
+    for block in range(0, len(points), 8192):
+        offset = points[block:block + 8192, None] - start  # p x E x 2
+        share = np.clip((offset * along).sum(-1) / length_sq, 0, 1)  # p x E
+        out[block:block + 8192] = np.linalg.norm(offset - share[..., None] * along, axis=-1).min(1)
+    return out
+
+
 def _barycentric_matrix(delaunay: Delaunay, grid: np.ndarray) -> csr_matrix:
     """G x N sparse matrix of the grid points' barycentric weights in a Delaunay triangulation of N points; rows of
     points outside it are empty."""
@@ -699,20 +713,35 @@ def _with_derivatives(field: torch.Tensor, step_x: float, step_y: float) -> torc
     return packed
 
 
+def forward_motion(state: "DenseState", target: np.ndarray) -> torch.Tensor:
+    """The skin's forward map on the coarse grid: T x 2 x h x w displacement (pixels) of each source grid point in
+    frames whose meshes are `target` (T x V x 2). On the face it is piecewise affine in the triangles of the source
+    mesh. Around it, the head's motion (the similarity taking the source's face oval onto the target's) fades out
+    smoothly (the share of it each point follows is in `motion_weights`), and what is left of the mesh's motion fades out through the triangles of the mesh
+    and the still anchors: the same map on the face, and a drifting head bends no kinks into its outline."""
+    frames, (h, w) = len(target), state.grid_shape
+    source, oval = state.source_mesh[:M.NUM_MESH], list(M.FACE_OVAL)
+    scale, rotation, shift = M.fit_similarity(np.broadcast_to(source[oval], (frames, len(oval), 2)), target[:, oval])
+    linear = np.swapaxes(scale[:, None, None] * rotation - np.eye(2), 1, 2)  # T x 2 x 2: the head moves p by p @ it + shift
+    points = len(state.anchors) + M.NUM_MESH
+    rows = np.zeros((points + 3, frames, 2))  # what `motion_weights` weighs
+    rows[:M.NUM_MESH] = (target[:, :M.NUM_MESH] - source - source @ linear - shift[:, None]).transpose(1, 0, 2)
+    rows[points:] = np.concatenate([linear, shift[:, None]], 1).transpose(1, 0, 2)  # the head's motion: 3 x T x 2
+    forward = state.motion_weights @ rows.reshape(points + 3, -1)  # G x 2T
+    return torch.from_numpy(forward.reshape(h, w, frames, 2)).permute(2, 3, 0, 1).to(
+        torch.float32, memory_format=torch.contiguous_format)
+
+
 def backward_flow(state: "DenseState", target: np.ndarray, iterations: int = NEWTON_STEPS) -> torch.Tensor:
     """The backward map of the skin on the coarse grid, all frames at once: T x 2 x h x w displacement (pixels)
     from each target grid point to the source point that lands there, tapered to 0 at the picture's edge.
 
-    The forward map (source -> target) is piecewise affine on a fixed triangulation of the source mesh and the
-    still anchors (one sparse product for every frame's grid); it is inverted by Newton steps on the grid
-    (x <- x - (I + J)^-1 (x + d(x) - y), d and its Jacobian J sampled bilinearly), batched over the frames:
-    `iterations` over the whole grid, then REFINE_STEPS more at the nodes whose last step was over REFINE_FROM."""
+    The forward map (source -> target, `forward_motion`: one sparse product for every frame's grid) is inverted
+    by Newton steps on the grid (x <- x - (I + J)^-1 (x + d(x) - y), d and its Jacobian J sampled bilinearly),
+    batched over the frames: `iterations` over the whole grid, then REFINE_STEPS more at the nodes whose last step
+    was over REFINE_FROM."""
     frames, (h, w), (height, width) = len(target), state.grid_shape, state.size
-    points = len(state.anchors) + M.NUM_MESH
-    motion = np.zeros((points, frames, 2))
-    motion[:M.NUM_MESH] = (target[:, :M.NUM_MESH] - state.source_mesh[:M.NUM_MESH]).transpose(1, 0, 2)
-    forward = (state.motion_weights @ motion.reshape(points, -1)).reshape(h, w, frames, 2)  # at source grid points
-    field = torch.from_numpy(forward).permute(2, 3, 0, 1).to(torch.float32, memory_format=torch.contiguous_format)  # T x 2 x h x w: d(x)
+    field = forward_motion(state, target)  # T x 2 x h x w: d(x)
     packed = _with_derivatives(field, width / w, height / h)  # T x 6 x h x w: d, dd/dx, dd/dy
     packed[:, 2].add_(1)  # d/dx and d/dy of x + d(x): I + J
     packed[:, 5].add_(1)
@@ -830,7 +859,19 @@ class DenseMeshWarp(nn.Module):
         face_mask = face_mask * torch.from_numpy(taper).float().view(1, 1, *shape)
         anchors = np.concatenate([ring, border])
         anchored = Delaunay(np.concatenate([src[:M.NUM_MESH], anchors]))
-        motion_weights = _barycentric_matrix(anchored, grid)
+        # the head's motion fades out around the face smoothly (a smoothstep of the distance from the mesh), reaching
+        # 0 at the distance of the ring's nearest point, or at the picture's edge where that is nearer: carried
+        # through the ring's triangles, a drifting head bent the face's outline
+        band = max((self.ring_scale - 1) * float(np.linalg.norm(oval - centre, axis=1).min()), 1.0)
+        head_weight = inside.astype(np.float32)  # G
+        near = ~inside & (grid > src.min(0) - band).all(1) & (grid < src.max(0) + band).all(1)  # (the irises are inside)
+        out = _distance_to_edges(grid[near], src[delaunay.convex_hull])  # n px from the mesh
+        reach = (band ** -4 + (out + edge[near] + 1e-6) ** -4) ** -0.25  # n: the nearer of the two, smoothly
+        share = np.clip(1 - out / reach, 0, 1)
+        head_weight[near] = share * share * (3 - 2 * share)
+        motion_weights = hstack([_barycentric_matrix(anchored, grid),
+                                 csr_matrix(np.concatenate([grid, np.ones((len(grid), 1))], 1) * head_weight[:, None])],
+                                format="csr")
         aperture = float(np.mean(M.eye_aperture(src)))
         face = SourceGeometry(delaunay.simplices, anchors, grid, shape, outside, taper, face_mask,
                               (face_mask.flatten() > 0.5).nonzero()[:, 0], barycentric, motion_weights,
