@@ -87,7 +87,7 @@ PRESENCE_THRESHOLD = 0.5  # sigmoid of the face-flag output
 SMALLEST_FACE = 60  # px: about the smallest face the mesh's face detector finds (named in its no-face message)
 ROI_REACH = 0.25  # x the box: a frame shrunk for tracking is shrunk this far around the box only (a head that
 # moves further between two frames is lost by the box first)
-RETRACK_SHIFT = 0.08  # a mesh whose centre moved by more than this x the box size gets a new box
+RETRACK_SHIFT = 0.08  # a mesh whose centre moved by more than this x the box size gets a new box (and a refit)
 LARGEST_ROI = 2 * FACE_INPUT  # px: a clip whose face box is larger is tracked on frames halved until it fits
 # Tracking with `hold_eyes` (the generators' tracking, for speed), the iris model refines an eye of a frame only
 # where it may read something new: when the face model's points of that eye moved by more than EYE_HOLD x the
@@ -787,8 +787,11 @@ class MeshTracker:
                 self.eyes = [None, None]
             return None
         centre, size, _ = _box_of(mesh)
-        if np.linalg.norm(centre - roi[0]) > RETRACK_SHIFT * roi[1]:
-            self.roi = _box_of(mesh)  # follow a moving head from the next frame on
+        if np.linalg.norm(centre - roi[0]) > RETRACK_SHIFT * roi[1]:  # the head moved: follow it, this frame too
+            self.roi = _box_of(mesh)  # (fitted in the box the face had left, a jump's frame was off by a quarter
+            refit, presence = _fit_face(frame, self.roi, models)  # of the jump, and the output's face torn there)
+            if presence >= PRESENCE_THRESHOLD:
+                mesh = refit
         self.face = mesh
         out = (_refine_eyes(frame, mesh, models, self.eyes) if self.refine_eyes
                else np.concatenate([mesh, np.full((10, 2), np.nan)]))

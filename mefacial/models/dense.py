@@ -131,8 +131,9 @@ class SourceGeometry:
     #                          tapered to 0 at the picture's edge as the motion is)
     face_points: torch.Tensor  # n: flat grid indices where face_mask > 0.5 (the ratio images' median)
     barycentric: Any  # G x V sparse float32 (scipy CSR): grid points as barycentric combinations of mesh vertices
-    motion_weights: Any  # G x (468 + A + 3) sparse (scipy CSR): grid points in the triangles of the mesh + still anchors,
-    #                      then (x, y, 1) x the share of the head's motion they follow (1 on the face, 0 at the ring)
+    motion_weights: Any  # G x (468 + A + 3) sparse (scipy CSR): grid points in the triangles of the mesh + still
+    #                      anchors, then (x, y, 1) x the share of the head's motion they follow (1 on the face, 0 at
+    #                      the ring)
     skin: np.ndarray  # K' x 3: triangles of the mesh + still anchors (indices past 467: anchors), the eye and mouth
     #                   openings' left out (what `_unfolded` keeps from folding)
     neighbours: Any  # N x N sparse (scipy CSR), rows summing to 1: each vertex's neighbours on the skin (`_smoothed`)
@@ -717,12 +718,14 @@ def forward_motion(state: "DenseState", target: np.ndarray) -> torch.Tensor:
     """The skin's forward map on the coarse grid: T x 2 x h x w displacement (pixels) of each source grid point in
     frames whose meshes are `target` (T x V x 2). On the face it is piecewise affine in the triangles of the source
     mesh. Around it, the head's motion (the similarity taking the source's face oval onto the target's) fades out
-    smoothly (the share of it each point follows is in `motion_weights`), and what is left of the mesh's motion fades out through the triangles of the mesh
-    and the still anchors: the same map on the face, and a drifting head bends no kinks into its outline."""
+    smoothly (the share of it each point follows is in `motion_weights`), and what is left of the mesh's motion
+    fades out through the triangles of the mesh and the still anchors: the same map on the face, and a drifting
+    head bends no kinks into its outline."""
     frames, (h, w) = len(target), state.grid_shape
     source, oval = state.source_mesh[:M.NUM_MESH], list(M.FACE_OVAL)
     scale, rotation, shift = M.fit_similarity(np.broadcast_to(source[oval], (frames, len(oval), 2)), target[:, oval])
-    linear = np.swapaxes(scale[:, None, None] * rotation - np.eye(2), 1, 2)  # T x 2 x 2: the head moves p by p @ it + shift
+    linear = np.swapaxes(scale[:, None, None] * rotation - np.eye(2), 1, 2)  # T x 2 x 2: the head moves p by
+    # p @ linear + shift
     points = len(state.anchors) + M.NUM_MESH
     rows = np.zeros((points + 3, frames, 2))  # what `motion_weights` weighs
     rows[:M.NUM_MESH] = (target[:, :M.NUM_MESH] - source - source @ linear - shift[:, None]).transpose(1, 0, 2)
