@@ -62,6 +62,7 @@ FAN_FACE_DETECTORS = {  # face-alignment detector -> (module, keys of its models
 FAN_NETWORK = "2DFAN-4"
 
 SMOOTH_WINDOW = 9  # frames; see smooth_tracks
+SMOOTH_JUMP = 0.1  # x the points' spread: a move of their centre between two frames kept whole (smooth_tracks)
 SMOOTH_POLYORDER = 2
 SMOOTH_SECONDS = 0.18  # what the 9-frame window spans on the 50 fps real clips it was measured on
 
@@ -349,7 +350,9 @@ def smooth_tracks(tracks: np.ndarray, window: int = SMOOTH_WINDOW, polyorder: in
     clips: see `measure_stabilisation`). The default of 9 frames suits
     micro-expression clips at 50 fps and more; `smoothing_window(fps)` gives
     the window of a clip (5 at 25-30 fps). Clips shorter than `window` use the
-    longest odd window they hold.
+    longest odd window they hold. A face that jumps between two frames (its
+    points' centre moving by over SMOOTH_JUMP of their spread: a cut, a jerk of
+    the head) keeps the jump whole.
     """
     tracks = np.asarray(tracks, dtype=np.float32)
     if tracks.ndim != 3 or tracks.shape[-1] != 2:
@@ -364,12 +367,22 @@ def smooth_tracks(tracks: np.ndarray, window: int = SMOOTH_WINDOW, polyorder: in
     # scipy's filter (mode "interp") as weighted sums of frames, each output frame from its own window in a fixed
     # order: a clip smoothed in chunks (StreamingSmoother) gets the same bits, and short chunks go 8x faster
     weights, half = _savgol_weights(window, polyorder), window // 2  # window x window
+    # a face that jumps between two frames (a cut, a jerk of the head: its points' centre moves by over SMOOTH_JUMP
+    # of their spread) keeps its jump whole: smeared over the window, its frames there read a face half way (and
+    # what is read through the tracks, the dense generator's shading, was read off the face). The filter keeps
+    # constants (its weights sum to 1), so taking the jumps out and putting them back leaves the rest as it was.
     x = tracks.astype(np.float64)
+    centre = x.mean(1)  # T x 2
+    spread = np.sqrt(((x - centre[:, None]) ** 2).sum(-1).mean(1))  # T: the points' rms distance from their centre
+    step = np.diff(centre, axis=0)  # T-1 x 2
+    jumps = np.where((np.linalg.norm(step, axis=1) > SMOOTH_JUMP * spread[1:])[:, None], step, 0.0)
+    offset = np.concatenate([np.zeros((1, 2)), np.cumsum(jumps, axis=0)])[:, None]  # T x 1 x 2
+    x = x - offset
     out = np.empty_like(x)
     out[half:frames - half] = sum(weights[half, k] * x[k:frames - window + 1 + k] for k in range(window))
     out[:half] = sum(weights[:half, k, None, None] * x[k] for k in range(window))  # the first window's fit
     out[frames - half:] = sum(weights[half + 1:, k, None, None] * x[frames - window + k] for k in range(window))
-    return out.astype(np.float32)
+    return (out + offset).astype(np.float32)
 
 
 @functools.lru_cache(maxsize=None)
