@@ -688,6 +688,28 @@ def test_a_moving_head_bends_no_kinks_into_the_face_outline(face):
             assert bend.max() < 4.5, (shift, degrees, scale, float(bend.max()))
 
 
+def test_a_dropping_jaw_moves_nothing_above_the_forehead(loose_face):
+    """The head's motion that fades out around the face is read on the points facial actions barely move
+    (`STABLE_MESH`), so a jaw dropping by 0.15 of the inter-ocular distance is no head motion: the hair above the
+    forehead stays where it was (read on the whole face oval, it moved by 0.13 px)."""
+    from mefacial.models import dense as D
+
+    image, points = loose_face
+    state = _model(appearance=False).prepare(_tensor(image), points)
+    iod = M.inter_ocular(points)
+    mouth = points[list(M.MOUTH_OPENING)].mean(0)
+    below = np.clip((points[:, 1] - mouth[1]) / (points[:M.NUM_MESH, 1].max() - mouth[1]), 0, 1)  # 1 at the chin
+    dropped = points.astype(np.float64).copy()
+    dropped[:, 1] += 0.15 * iod * below
+    field = D.forward_motion(state, dropped[None])[0].numpy()  # 2 x h x w
+    grid = state.grid.reshape(*state.grid_shape, 2)
+    top = points[:M.NUM_MESH, 1].min()
+    above = ((grid[..., 1] < top - 2) & (grid[..., 1] > top - 0.3 * iod)
+             & (np.abs(grid[..., 0] - points[:M.NUM_MESH, 0].mean()) < 0.5 * iod))
+    assert above.sum() > 30  # grid nodes (45)
+    assert np.abs(field[:, above]).max() < 0.02
+
+
 def test_motion_follows_the_faces_proportions(tight_face, loose_face):
     """Retargeted in local frames: a drop of the upper lids that closes half the driving eye closes about half of
     the target's eye, whatever the two faces' eye sizes."""
