@@ -718,16 +718,16 @@ def forward_motion(state: "DenseState", target: np.ndarray) -> torch.Tensor:
     """The skin's forward map on the coarse grid: T x 2 x h x w displacement (pixels) of each source grid point in
     frames whose meshes are `target` (T x V x 2). On the face it is piecewise affine in the triangles of the source
     mesh. Around it, the head's motion (the similarity taking the source's `STABLE_MESH` points, which facial
-    actions barely move, onto the target's: a dropping jaw is no head motion) fades out
-    smoothly (the share of it each point follows is in `motion_weights`), and what is left of the mesh's motion
-    fades out through the triangles of the mesh and the still anchors: the same map on the face, and a drifting
-    head bends no kinks into its outline."""
+    actions barely move, onto the target's: a dropping jaw is no head motion) fades out smoothly (the share of it
+    each point follows is in `motion_weights`), and what is left of the mesh's motion fades out through the
+    triangles of the mesh and the still anchors: the same map on the face, and a drifting head bends no kinks
+    into its outline."""
     frames, (h, w) = len(target), state.grid_shape
     source, stable = state.source_mesh[:M.NUM_MESH], list(M.STABLE_MESH)
     scale, rotation, shift = M.fit_similarity(np.broadcast_to(source[stable], (frames, len(stable), 2)),
                                               target[:, stable])
-    linear = np.swapaxes(scale[:, None, None] * rotation - np.eye(2), 1, 2)  # T x 2 x 2: the head moves p by
-    # p @ linear + shift
+    # the head moves a point p (a row) by p @ linear + shift
+    linear = np.swapaxes(scale[:, None, None] * rotation - np.eye(2), 1, 2)  # T x 2 x 2
     points = len(state.anchors) + M.NUM_MESH
     rows = np.zeros((points + 3, frames, 2))  # what `motion_weights` weighs
     rows[:M.NUM_MESH] = (target[:, :M.NUM_MESH] - source - source @ linear - shift[:, None]).transpose(1, 0, 2)
