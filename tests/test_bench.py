@@ -80,8 +80,11 @@ def test_loop_of_mraa_with_prior_runs_the_hourglass_the_original_discards(inputs
 
 
 @pytest.mark.parametrize("length", [1, 2, 5, 9, 10, 23, 40])
-def test_streaming_smoother_equals_whole_clip_smoothing(length):
+@pytest.mark.parametrize("jump", [0.0, 20.0])
+def test_streaming_smoother_equals_whole_clip_smoothing(length, jump):
+    """Chunk by chunk, the same tracks as the whole clip's, also where the face jumps (kept whole) half way."""
     tracks = np.random.default_rng(length).normal(size=(length, 68, 2)).astype(np.float32)
+    tracks[length // 2:] += jump
     for chunk in (1, 4, 9, 64):
         smoother = StreamingSmoother()
         parts = [smoother.push(tracks[i:i + chunk]) for i in range(0, length, chunk)] + [smoother.finish()]
