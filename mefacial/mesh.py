@@ -88,6 +88,9 @@ SMALLEST_FACE = 60  # px: about the smallest face the mesh's face detector finds
 ROI_REACH = 0.25  # x the box: a frame shrunk for tracking is shrunk this far around the box only (a head that
 # moves further between two frames is lost by the box first)
 RETRACK_SHIFT = 0.08  # a mesh whose centre moved by more than this x the box size gets a new box (and a refit)
+LOST_SHAPE = 0.04  # x the inter-ocular distance: a fit this far (mean) from a similarity of the last frame's mesh
+# lost the face between them: the face detector searches the frame (measured 0.009-0.019 on the shared clips, on
+# drifting, turning and zooming heads and on strong synthesised AUs at a third of their frames; 0.09 after a jump)
 LARGEST_ROI = 2 * FACE_INPUT  # px: a clip whose face box is larger is tracked on frames halved until it fits
 # Tracking with `hold_eyes` (the generators' tracking, for speed), the iris model refines an eye of a frame only
 # where it may read something new: when the face model's points of that eye moved by more than EYE_HOLD x the
@@ -564,6 +567,23 @@ def _roi_of_landmarks(points: np.ndarray) -> tuple[np.ndarray, float, float]:
     return (low + high) / 2 - [0, 0.1 * (high - low)[1]], float(max(high - low)) * ROI_SCALE, angle
 
 
+def _roi_of_box(box, roll: float = 0.0) -> tuple[np.ndarray, float, float]:
+    """A region of interest from a face box (x0, y0, x1, y1) turned by `roll` (radians): (centre, side, angle)."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+    if not (x1 > x0 and y1 > y0):
+        raise InputError(f"box must be (x0, y0, x1, y1) with x1 > x0 and y1 > y0, got {tuple(box)}")
+    return np.array([(x0 + x1) / 2, (y0 + y1) / 2]), max(x1 - x0, y1 - y0) * ROI_SCALE, roll
+
+
+def _bent(before: np.ndarray, after: np.ndarray) -> float:
+    """How far a face mesh is from a similarity of another (468+ x 2 each): the mean distance of its points from
+    where the similarity closest to it puts the other's, over the other's inter-ocular distance."""
+    before, after = before[:NUM_MESH].astype(np.float64), after[:NUM_MESH].astype(np.float64)
+    scale, rotation, shift = fit_similarity(before, after)
+    moved = scale * before @ rotation.T + shift
+    return float(np.linalg.norm(after - moved, axis=1).mean() / max(float(inter_ocular(before)), 1e-9))
+
+
 def _initial_box(frame: np.ndarray, box, landmarks, models: _Models, search: bool = True, roll: float = 0.0
                  ) -> tuple[np.ndarray, float, float] | None:
     """A region of interest for the first frame: from `box` (x0, y0, x1, y1; turned by `roll`, radians) or the
@@ -572,15 +592,9 @@ def _initial_box(frame: np.ndarray, box, landmarks, models: _Models, search: boo
     picture (a face crop); None when no face."""
     height, width = frame.shape[:2]
 
-    def roi_of_box(box, roll):
-        x0, y0, x1, y1 = (float(v) for v in box)
-        if not (x1 > x0 and y1 > y0):
-            raise InputError(f"box must be (x0, y0, x1, y1) with x1 > x0 and y1 > y0, got {tuple(box)}")
-        return np.array([(x0 + x1) / 2, (y0 + y1) / 2]), max(x1 - x0, y1 - y0) * ROI_SCALE, roll
-
     def candidates():
         if box is not None:
-            yield roi_of_box(box, roll)
+            yield _roi_of_box(box, roll)
         if landmarks is not None:
             points = np.asarray(landmarks, np.float64)
             if points.shape != (68, 2) or not np.isfinite(points).all():
@@ -589,7 +603,7 @@ def _initial_box(frame: np.ndarray, box, landmarks, models: _Models, search: boo
         if not search:
             return
         for found_box, found_roll in _detected_faces(frame, models):
-            yield roi_of_box(found_box, found_roll)
+            yield _roi_of_box(found_box, found_roll)
         from .landmarks import get_detector
 
         found = get_detector("dlib").detect(frame[None], allow_missing=True)
@@ -768,6 +782,20 @@ class MeshTracker:
             if reading is not None:
                 reading.age += frames
 
+    def _found_again(self, frame: np.ndarray, previous: np.ndarray, mesh: np.ndarray | None, models: _Models
+                     ) -> np.ndarray | None:
+        """Where the face left the box between two frames (a cut, a jump of the head: no face in the box, or a fit
+        far from a similarity of the last frame's mesh, LOST_SHAPE, bent to what the box still holds), the face
+        detector searches the frame: of `mesh` (None: no face) and the fits in its boxes, the one least bent from
+        the last mesh is kept, and its box (None where none has a face)."""
+        least = np.inf if mesh is None else _bent(previous, mesh)
+        for box, roll in _detected_faces(frame, models):
+            refit, presence = _fit_face(frame, _roi_of_box(box, roll), models)
+            if presence >= PRESENCE_THRESHOLD and _bent(previous, refit) < least:
+                mesh, least = refit, _bent(previous, refit)
+                self.roi = _box_of(mesh)
+        return mesh
+
     def _fit(self, frame: np.ndarray, previous: np.ndarray | None, index: int, count: int | None, shape: tuple,
              models: _Models, ahead: tuple | None = None) -> np.ndarray | None:
         """One frame's 478 x 2 mesh (the frame shrunk to the tracking scale) from the current box (`roi`,
@@ -780,18 +808,22 @@ class MeshTracker:
             roi = _box_of(previous.astype(np.float64))  # the head moved: the previous frame's box
             mesh, presence = _fit_face(frame, roi, models)
         self.roi, self.face = roi, None
-        if presence < PRESENCE_THRESHOLD:
-            if not self.allow_missing:
-                raise _no_face(index, count, shape, self.role)
-            if self.eyes is not None:  # the readings were of the face before it was lost
-                self.eyes = [None, None]
-            return None
+        if presence < PRESENCE_THRESHOLD:  # nor there: the face jumped further, or left the picture
+            mesh = None if previous is None else self._found_again(frame, previous, None, models)
+            if mesh is None:
+                if not self.allow_missing:
+                    raise _no_face(index, count, shape, self.role)
+                if self.eyes is not None:  # the readings were of the face before it was lost
+                    self.eyes = [None, None]
+                return None
         centre, size, _ = _box_of(mesh)
         if np.linalg.norm(centre - roi[0]) > RETRACK_SHIFT * roi[1]:  # the head moved: follow it, this frame too
             self.roi = _box_of(mesh)  # (fitted in the box the face had left, a jump's frame was off by a quarter
             refit, presence = _fit_face(frame, self.roi, models)  # of the jump, and the output's face torn there)
             if presence >= PRESENCE_THRESHOLD:
                 mesh = refit
+        if previous is not None and _bent(previous, mesh) > LOST_SHAPE:
+            mesh = self._found_again(frame, previous, mesh, models)
         self.face = mesh
         out = (_refine_eyes(frame, mesh, models, self.eyes) if self.refine_eyes
                else np.concatenate([mesh, np.full((10, 2), np.nan)]))

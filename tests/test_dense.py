@@ -445,15 +445,18 @@ def test_the_flow_adds_no_expression_to_a_moving_head(face, motion):
     assert by_flow < by_mesh * 1.15 + 0.0005, (by_mesh, by_flow)
 
 
+@pytest.mark.parametrize("share", [0.5, 1.5])
 @pytest.mark.parametrize("tracker", [{}, {"hold_eyes": True, "skip_still": True, "by_flow": True}])
-def test_a_head_that_jumps_is_followed_in_the_frame_it_jumps(face, tracker):
-    """A face that jumps between two frames (a cut, a jerk of the head) by half its inter-ocular distance: the
-    frame it jumps in is fitted again in the box of where it now is, so its mesh is the onset's moved by the jump
-    (within 0.4-1.1 % of the inter-ocular distance here). Fitted in the box it had left, the mesh was 2-5 % off,
-    and the output's face was torn at the cut. (A jump of a whole inter-ocular distance loses the face.)"""
+def test_a_head_that_jumps_is_followed_in_the_frame_it_jumps(face, tracker, share):
+    """A face that jumps between two frames (a cut, a jerk of the head) by half its inter-ocular distance, or one
+    and a half: the frame it jumps in is fitted again where it now is, so its mesh is the onset's moved by the
+    jump (within 0.2-1.8 % of the inter-ocular distance here). Fitted in the box it had left, the mesh was 2-5 %
+    off for half a distance (and the output's face torn at the cut); from one distance on, the fit there bent
+    the mesh to what the box still held (9 % from the onset's shape) or found no face, until the face detector
+    searched the frame."""
     image, points = face
     h, w = image.shape[:2]
-    jump = int(0.5 * M.inter_ocular(points))
+    jump = int(share * M.inter_ocular(points))
     canvas = np.full((h, w + jump, 3), 110, np.uint8)
     frames = np.stack([canvas] * 6)
     for t in range(6):
@@ -462,7 +465,7 @@ def test_a_head_that_jumps_is_followed_in_the_frame_it_jumps(face, tracker):
     meshes = M.MeshTracker(**tracker).track(frames)[:, :M.NUM_MESH].astype(np.float64)
     expected = meshes[0] + [jump, 0]
     off = np.linalg.norm(meshes[3:] - expected, axis=-1).mean(-1) / M.inter_ocular(meshes[0])  # 3
-    assert off.max() < 0.015, off  # (2-5 % before)
+    assert off.max() < 0.025, off
 
 
 def test_a_blink_between_open_eyes_is_tracked_and_a_lost_face_named(tight_face):
