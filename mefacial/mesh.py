@@ -791,9 +791,9 @@ class MeshTracker:
         least = np.inf if mesh is None else _bent(previous, mesh)
         for box, roll in _detected_faces(frame, models):
             refit, presence = _fit_face(frame, _roi_of_box(box, roll), models)
-            if presence >= PRESENCE_THRESHOLD and _bent(previous, refit) < least:
-                mesh, least = refit, _bent(previous, refit)
-                self.roi = _box_of(mesh)
+            bent = _bent(previous, refit) if presence >= PRESENCE_THRESHOLD else np.inf
+            if bent < least:
+                mesh, least, self.roi = refit, bent, _box_of(refit)
         return mesh
 
     def _fit(self, frame: np.ndarray, previous: np.ndarray | None, index: int, count: int | None, shape: tuple,

@@ -554,8 +554,7 @@ def _lid_fade(source: np.ndarray, target: np.ndarray) -> np.ndarray:
         up, lo = list(upper[2:7]), list(lower[2:7])
         gap_s = max(float(((source[lo] - source[up]) @ normal).sum()), 1e-9)
         shares.append(((target[:, lo] - target[:, up]) @ normal).sum(1) / gap_s)  # T
-    x = np.clip((FADE_OPEN - np.stack(shares, 1)) / (FADE_OPEN - CLOSED), 0, 1)
-    return x * x * (3 - 2 * x)
+    return _smoothstep((FADE_OPEN - np.stack(shares, 1)) / (FADE_OPEN - CLOSED))
 
 
 def _rim_weights(target: np.ndarray, source: np.ndarray, rim: float, offset: np.ndarray, box: tuple[int, int]
@@ -622,6 +621,12 @@ def _fill(polygons: list[np.ndarray], size: tuple[int, int]) -> np.ndarray:
         cv2.fillPoly(canvas, [scaled], 255, lineType=cv2.LINE_8, shift=4)
     out[y0:y1, x0:x1] = cv2.resize(canvas, (x1 - x0, y1 - y0), interpolation=cv2.INTER_AREA) / 255.0
     return out
+
+
+def _smoothstep(x: np.ndarray) -> np.ndarray:
+    """0 below 0, 1 above 1, and 3x^2 - 2x^3 between (flat at both ends)."""
+    x = np.clip(x, 0, 1)
+    return x * x * (3 - 2 * x)
 
 
 def _distance_to_edges(points: np.ndarray, edges: np.ndarray) -> np.ndarray:
@@ -847,8 +852,7 @@ class DenseMeshWarp(nn.Module):
         # still and nothing is sampled from outside the picture, however tightly the face is framed
         ramp = max(BORDER_TAPER * max(size), 1.0)
         edge = np.minimum(grid - grid.min(0), grid.max(0) - grid).min(1)  # from the outermost nodes (the edge pixels')
-        taper = np.clip(edge / ramp, 0, 1)
-        taper = taper * taper * (3 - 2 * taper)
+        taper = _smoothstep(edge / ramp)
         # ratio images apply on the face (inside its oval), not around the eyes (the layered lids draw them); the
         # lid regions end in a narrow tip at the eye's outer side, where a closing driving eye's brightening
         # leaked past them as a light spot (and, at magnify 2, above it, below the brow's tail, where a driving's
@@ -872,8 +876,7 @@ class DenseMeshWarp(nn.Module):
         near = ~inside & (grid > src.min(0) - band).all(1) & (grid < src.max(0) + band).all(1)  # (the irises are inside)
         out = _distance_to_edges(grid[near], src[delaunay.convex_hull])  # n px from the mesh
         reach = (band ** -4 + (out + edge[near] + 1e-6) ** -4) ** -0.25  # n: the nearer of the two, smoothly
-        share = np.clip(1 - out / reach, 0, 1)
-        head_weight[near] = share * share * (3 - 2 * share)
+        head_weight[near] = _smoothstep(1 - out / reach)
         motion_weights = hstack([_barycentric_matrix(anchored, grid),
                                  csr_matrix(np.concatenate([grid, np.ones((len(grid), 1))], 1) * head_weight[:, None])],
                                 format="csr")
