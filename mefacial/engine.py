@@ -33,8 +33,8 @@ from torch import nn
 from . import prior as prior_lib
 from . import video
 from .device import PRECISIONS, check_precision, inference_context, native_bf16, pick_device  # noqa: F401
-from .errors import InputError, InputTooLargeError, MefacialError, NoFaceError, WeightsNotFoundError
-from .landmarks import get_detector, smooth_tracks, smoothing_window
+from .errors import CutInClipError, InputError, InputTooLargeError, MefacialError, NoFaceError, WeightsNotFoundError
+from .landmarks import SAME_PERSON, face_descriptor, get_detector, smooth_tracks, smoothing_window
 from .mesh import NUM_VERTICES, MeshTracker, detect_mesh
 from .model_cache import ModelCache
 from .models import au_points, get_backbone
@@ -413,13 +413,14 @@ class Engine:
         given_src = None if source_landmarks is None else np.asarray(source_landmarks, np.float32).reshape(-1, 2)
         given_drv = None if driving_landmarks is None else np.asarray(driving_landmarks, np.float32)
         if streamed:
-            chunks = self._driving_chunks(driving, chunk, options.fps)
+            chunks = self._one_person(self._driving_chunks(driving, chunk, options.fps))
             first, fps = next(chunks, (None, None))
             if first is None:
                 raise InputError("the driving clip holds no frames")
         else:
             clip = video.read_clip(driving, fps=options.fps, limits=self.limits)
             first, fps = clip.frames, clip.fps
+            self._check_one_person(first, fps)
             if given_drv is not None and (given_drv.ndim != 3 or len(given_drv) != len(first)):
                 raise InputError(f"driving_landmarks must be T x P x 2 for the {len(first)} frames, got "
                                  f"{given_drv.shape}")
@@ -488,6 +489,42 @@ class Engine:
                 raise
             raise NoFaceError(f"{error} MediaPipe's face detector, which searched first, found none either.",
                               frame_index=error.frame_index, page=error.page, fix=error.fix) from None
+
+    def _check_one_person(self, frames: np.ndarray, fps: float, first: int = 0, before: np.ndarray | None = None
+                          ) -> None:
+        """Raise CutInClipError where a clip (T x H x W x 3, its first frame numbered `first`, after the frame
+        `before` where it is a stream's later chunk) cuts from one person's face to another's: at a sudden change of
+        the picture (`video.sudden_changes`: none in a micro-expression clip) whose faces, before and after, dlib's
+        face recognition tells apart (`SAME_PERSON`). The motion of every generator is measured from the clip's
+        first face, so another person's face would read as a large expression. A jump of the head or camera, a
+        flash, a face leaving the picture pass (one person, or no face to compare: the tracker says where a face
+        is missing)."""
+        for t in video.sudden_changes(frames, before):
+            try:
+                before_face, face = ((frames[t - 1] if t else before), frames[t])
+                descriptors = [face_descriptor(image, self.find_face(image)) for image in (before_face, face)]
+            except NoFaceError:
+                continue
+            except (ImportError, WeightsNotFoundError) as error:  # (dlib or its models not installed)
+                logger.warning("clip not checked for cuts to another person: %s", error)
+                return
+            distance = float(np.linalg.norm(descriptors[0] - descriptors[1]))
+            if distance > SAME_PERSON:
+                at, seconds = first + t, (first + t) / fps
+                raise CutInClipError(
+                    f"the driving clip cuts to another person's face at frame {at} ({seconds:.2f} s; dlib's face "
+                    f"descriptors {distance:.2f} apart, one person within {SAME_PERSON}). Every generator measures "
+                    "the motion from the clip's first face, so another face would read as a large expression: "
+                    f"trim the clip to one shot (the frames before {at}, or from {at} on).",
+                    page=f"The driving clip cuts to another person's face at {seconds:.2f} s (frame {at})")
+
+    def _one_person(self, chunks: Iterator[tuple[np.ndarray, float]]) -> Iterator[tuple[np.ndarray, float]]:
+        """The stream's chunks, each checked with `_check_one_person` (from the last frame of the one before)."""
+        last, count = None, 0
+        for frames, fps in chunks:
+            self._check_one_person(frames, fps, count, last)
+            last, count = frames[-1].copy(), count + len(frames)
+            yield frames, fps
 
     @staticmethod
     def count_faces(image: np.ndarray) -> int:

@@ -150,6 +150,13 @@ class InputTooLargeError(InputError):
     readme = "Limits"
 
 
+class CutInClipError(InputError):
+    """The driving clip cuts from one person's face to another's."""
+
+    title = "The clip changes person"
+    default_fix = "Use a clip of one shot of one face: trim it before or after the cut"
+
+
 class NoFaceError(InputError):
     """No face was found where one is needed."""
 

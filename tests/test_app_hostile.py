@@ -24,9 +24,10 @@ from gradio_client.exceptions import AppError
 from PIL import Image
 
 from app_server import APPS, MAX_UPLOAD_MB, REPO, files_under
+from conftest import DATA, require
 from hostile_files import encode, gif_bomb, png_header_only, png_rgb16
 from mefacial import get_variant
-from mefacial.errors import (InputTooLargeError, NoFaceError, NotAnImageError, UnreadableVideoError,
+from mefacial.errors import (CutInClipError, InputTooLargeError, NoFaceError, NotAnImageError, UnreadableVideoError,
                              is_cli_free)
 from mefacial.video import read_clip, write_video
 
@@ -160,6 +161,17 @@ def test_refused_uploads_name_their_cause_and_leave_nothing_behind(app_url, clie
     assert request_dirs(app_url) == outputs, "a refused request wrote outputs"
     client.predict(**good)  # still serving
     assert app.open_files() <= held, f"refused requests left files open in the app: {app.open_files() - held}"
+
+
+def test_a_clip_cutting_to_another_person_is_refused_on_the_page(client, files, tmp_path):
+    clip = read_clip(EXAMPLE_CLIP)  # the astronaut's brow raise, then a shared clip's subject from frame 6
+    other = read_clip(sorted(require(DATA / "driving", "micro-expression clips").glob("*.gif"))[0]).frames[:4]
+    other = np.stack([np.asarray(Image.fromarray(frame).resize(clip.frames.shape[2:0:-1])) for frame in other])
+    cut = write_video(tmp_path / "cut.mp4", np.concatenate([clip.frames[:6], other]), 25.0)
+    with pytest.raises(AppError) as caught:
+        client.predict(source=handle_file(files["face.png"]), driving=handle_file(cut), api_name="/generate")
+    assert caught.value.title == CutInClipError.title and "frame 6" in str(caught.value) and "0.24 s" in str(caught.value)
+    assert_page_wording(CutInClipError.title, str(caught.value))
 
 
 def test_a_1_gb_upload_is_refused_without_filling_the_disk(app_url):

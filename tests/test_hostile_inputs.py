@@ -31,7 +31,7 @@ from conftest import DATA, FIXTURES, fixture_meta, left_open, open_files, requir
 from hostile_files import encode, gif_bomb, png_header_only, png_rgb16
 from mefacial import Engine, video
 from mefacial.landmarks import get_detector
-from mefacial.errors import (CheckpointError, InputError, InputTooLargeError, MefacialError, NoFaceError,
+from mefacial.errors import (CheckpointError, CutInClipError, InputError, InputTooLargeError, MefacialError, NoFaceError,
                              NotAnImageError, UnreadableVideoError)
 from mefacial.video import Limits
 
@@ -231,6 +231,34 @@ def test_face_leaving_the_clip_names_the_frame(engine, face):
     with pytest.raises(NoFaceError, match="frame 4") as caught:
         engine.animate(face, clip, variant="warp")
     assert caught.value.frame_index == 4
+
+
+def test_a_clip_that_cuts_to_another_person_is_refused_naming_the_frame(engine):
+    """Every generator measures motion from the clip's first face: another person's face after a cut would read
+    as a large expression, so the clip is refused, naming the frame, in memory and as a stream (the cut at a chunk
+    border, where the check joins the chunk before)."""
+    gifs = sorted(require(DATA / "driving", "micro-expression clips").glob("*.gif"))
+    one, other = (video.resize_frames(video.read_clip(path).frames[:16], 160, 160) for path in gifs[:2])
+    clip = np.concatenate([one, other])  # two people (the shared clips' subjects), cut at frame 16
+    source = DATA / "faces" / "asian_female.png"
+    with pytest.raises(CutInClipError, match="frame 16") as caught:
+        engine.prepare(source, clip, fps=25)
+    assert_message_helps(caught.value)
+    assert "0.64 s" in caught.value.page_message and "trim" in caught.value.page_message.lower()
+    prepared = engine.prepare(source, clip, fps=25, stream=True, chunk=8)
+    with pytest.raises(CutInClipError, match="frame 16"):
+        for _ in engine.run(prepared, "warp"):
+            pass
+
+
+def test_one_person_jumping_or_flashed_is_no_cut(engine, face):
+    """A sudden change of the picture with one person in it (the head or camera jumping, a flash) passes."""
+    canvas = np.full((6, 240, 400, 3), 128, np.uint8)
+    canvas[:3, :, 0:240] = face
+    canvas[3:, :, 150:390] = face  # the head jumps by 150 px at frame 3
+    canvas[5] = np.clip(canvas[5].astype(np.int16) + 90, 0, 255)  # and a flash at frame 5
+    assert sorted(video.sudden_changes(canvas)) == [3, 5]
+    engine.prepare(face, canvas, fps=25)  # (no error)
 
 
 # ----------------------------------------------------------------------------- broken weights

@@ -105,7 +105,7 @@ def test_dlib_detector_works_in_a_forked_child(dlib_detector, astronaut):
 def test_dlib_predictor_found_without_importing_the_package():
     import sys
 
-    path = lm.dlib_predictor_path()
+    path = lm.dlib_model_path()
     assert path.is_file() and path.name == lm.DLIB_PREDICTOR_FILE
     assert "face_recognition_models" not in sys.modules  # its __init__ needs pkg_resources
 

@@ -492,3 +492,16 @@ def test_to_uint8_rounds_half_to_even_and_saturates_as_torch_does(monkeypatch):
     assert np.array_equal(video.to_uint8(frames[:, :1]), reference(frames[:, :1]))
     monkeypatch.setattr(video, "_opencv", lambda: None)
     assert np.array_equal(video.to_uint8(frames), out)
+
+
+def test_sudden_changes_find_a_cut_and_pass_motion_and_flicker(driving_gifs):
+    frames = video.read_clip(driving_gifs[0]).frames  # a real micro-expression clip: no sudden change
+    assert video.sudden_changes(frames) == []
+    rng = np.random.default_rng(0)
+    flicker = np.clip(frames * rng.uniform(0.85, 1.15, (len(frames), 1, 1, 1)), 0, 255).astype(np.uint8)
+    assert video.sudden_changes(flicker) == []  # a light flickering by 15 % a frame changes every frame alike
+    cut = np.concatenate([frames[:10], frames[::-1][:10, ::-1]])  # another shot from frame 10
+    assert video.sudden_changes(cut) == [10]
+    assert video.sudden_changes(frames[:1]) == []
+    assert video.sudden_changes(cut[9:11]) == [1] and video.sudden_changes(cut[10:11], before=cut[9]) == [0]
+    assert video.sudden_changes(cut[10:], before=cut[9]) == [0] and video.sudden_changes(cut[11:], cut[10]) == []
