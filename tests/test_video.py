@@ -505,3 +505,13 @@ def test_sudden_changes_find_a_cut_and_pass_motion_and_flicker(driving_gifs):
     assert video.sudden_changes(frames[:1]) == []
     assert video.sudden_changes(cut[9:11]) == [1] and video.sudden_changes(cut[10:11], before=cut[9]) == [0]
     assert video.sudden_changes(cut[10:], before=cut[9]) == [0] and video.sudden_changes(cut[11:], cut[10]) == []
+
+
+def test_same_frame_is_exact_whichever_row_differs():
+    frame = np.random.default_rng(0).integers(0, 256, (33, 20, 3), np.uint8)
+    assert video.same_frame(frame, frame.copy())
+    for row in (0, 16, 5):  # every 8th row, the middle row, a row neither reads first
+        other = frame.copy()
+        other[row, 7, 1] ^= 1
+        assert not video.same_frame(frame, other)
+    assert not video.same_frame(frame, frame[:32])
