@@ -90,6 +90,10 @@ class PriorView:
     landmark_backend: str | None = None
 
 
+SHOT_ZOOM = 1.15  # a face 15 % larger or smaller than in the frame before, at a sudden change: another shot. The eyes'
+# distance read by `find_face` at a head's jump: 1.00-1.005 (0.94 with the face cut by the picture's edge); a cut to a
+# 1.35x closer shot reads 1.25 (its output's mouth and chin bent), a 0.85x one 0.85, a 1.15x one 1.12 (passes: the
+# output's face then zooms within its bound, and its shading shifts a little)
 TRACK_CHUNK = 4  # frames per face-mesh tracking step of an in-memory clip (`Engine._tracked_chunks`)
 DEFAULT_VARIANT = "dense"  # the training-free dense face-mesh generator: runs offline, needs no weights
 MESH_BACKEND = "mesh (MediaPipe face mesh + iris, LiteRT)"
@@ -413,14 +417,14 @@ class Engine:
         given_src = None if source_landmarks is None else np.asarray(source_landmarks, np.float32).reshape(-1, 2)
         given_drv = None if driving_landmarks is None else np.asarray(driving_landmarks, np.float32)
         if streamed:
-            chunks = self._one_person(self._driving_chunks(driving, chunk, options.fps))
+            chunks = self._one_shot(self._driving_chunks(driving, chunk, options.fps))
             first, fps = next(chunks, (None, None))
             if first is None:
                 raise InputError("the driving clip holds no frames")
         else:
             clip = video.read_clip(driving, fps=options.fps, limits=self.limits)
             first, fps = clip.frames, clip.fps
-            self._check_one_person(first, fps)
+            self._check_one_shot(first, fps)
             if given_drv is not None and (given_drv.ndim != 3 or len(given_drv) != len(first)):
                 raise InputError(f"driving_landmarks must be T x P x 2 for the {len(first)} frames, got "
                                  f"{given_drv.shape}")
@@ -490,39 +494,51 @@ class Engine:
             raise NoFaceError(f"{error} MediaPipe's face detector, which searched first, found none either.",
                               frame_index=error.frame_index, page=error.page, fix=error.fix) from None
 
-    def _check_one_person(self, frames: np.ndarray, fps: float, first: int = 0, before: np.ndarray | None = None
-                          ) -> None:
+    def _check_one_shot(self, frames: np.ndarray, fps: float, first: int = 0, before: np.ndarray | None = None
+                        ) -> None:
         """Raise CutInClipError where a clip (T x H x W x 3, its first frame numbered `first`, after the frame
-        `before` where it is a stream's later chunk) cuts from one person's face to another's: at a sudden change of
-        the picture (`video.sudden_changes`: none in a micro-expression clip) whose faces, before and after, dlib's
-        face recognition tells apart (`SAME_PERSON`). The motion of every generator is measured from the clip's
-        first face, so another person's face would read as a large expression. A jump of the head or camera, a
-        flash, a face leaving the picture pass (one person, or no face to compare: the tracker says where a face
-        is missing)."""
+        `before` where it is a stream's later chunk) cuts to another shot: at a sudden change of the picture
+        (`video.sudden_changes`: none in a micro-expression clip), a face of another person (dlib's face
+        recognition, `SAME_PERSON`) or one whose size jumps (`SHOT_ZOOM`: a new framing). The motion of every
+        generator is measured from the clip's first face, as framed there: another face, or the same one framed
+        anew, would read as a large expression. A jump of the head or camera, a flash, a face leaving the picture
+        pass (the tracker follows the face, or says where it is missing)."""
         for t in video.sudden_changes(frames, before):
+            images = ((frames[t - 1] if t else before), frames[t])
             try:
-                before_face, face = ((frames[t - 1] if t else before), frames[t])
-                descriptors = [face_descriptor(image, self.find_face(image)) for image in (before_face, face)]
-            except NoFaceError:
+                faces = [self.find_face(image) for image in images]
+            except NoFaceError:  # (nothing to compare)
                 continue
+            try:
+                descriptors = [face_descriptor(image, face) for image, face in zip(images, faces)]
+                distance = float(np.linalg.norm(descriptors[0] - descriptors[1]))
+            except NoFaceError:  # (a face cut by the picture's edge: too little of it to tell who it is)
+                distance = 0.0
             except (ImportError, WeightsNotFoundError) as error:  # (dlib or its models not installed)
                 logger.warning("clip not checked for cuts to another person: %s", error)
-                return
-            distance = float(np.linalg.norm(descriptors[0] - descriptors[1]))
+                distance = 0.0
+            zoom = float(np.exp(np.diff(np.log([np.linalg.norm(face[36:42].mean(0) - face[42:48].mean(0))
+                                                 for face in faces]))[0]))  # the eyes' distance, after / before
+            at, seconds = first + t, (first + t) / fps
             if distance > SAME_PERSON:
-                at, seconds = first + t, (first + t) / fps
-                raise CutInClipError(
-                    f"the driving clip cuts to another person's face at frame {at} ({seconds:.2f} s; dlib's face "
-                    f"descriptors {distance:.2f} apart, one person within {SAME_PERSON}). Every generator measures "
-                    "the motion from the clip's first face, so another face would read as a large expression: "
-                    f"trim the clip to one shot (the frames before {at}, or from {at} on).",
-                    page=f"The driving clip cuts to another person's face at {seconds:.2f} s (frame {at})")
+                what = "another person's face"
+                why = f"dlib's face descriptors {distance:.2f} apart, one person within {SAME_PERSON}"
+            elif abs(np.log(zoom)) > np.log(SHOT_ZOOM):
+                what = "another shot of the face"
+                why = f"the face {zoom:.2f}x as large from one frame to the next"
+            else:
+                continue
+            raise CutInClipError(
+                f"the driving clip cuts to {what} at frame {at} ({seconds:.2f} s; {why}). Every generator measures "
+                "the motion from the clip's first face as framed there, so the face after the cut would read as a "
+                f"large expression: trim the clip to one shot (the frames before {at}, or from {at} on).",
+                page=f"The driving clip cuts to {what} at {seconds:.2f} s (frame {at})")
 
-    def _one_person(self, chunks: Iterator[tuple[np.ndarray, float]]) -> Iterator[tuple[np.ndarray, float]]:
-        """The stream's chunks, each checked with `_check_one_person` (from the last frame of the one before)."""
+    def _one_shot(self, chunks: Iterator[tuple[np.ndarray, float]]) -> Iterator[tuple[np.ndarray, float]]:
+        """The stream's chunks, each checked with `_check_one_shot` (from the last frame of the one before)."""
         last, count = None, 0
         for frames, fps in chunks:
-            self._check_one_person(frames, fps, count, last)
+            self._check_one_shot(frames, fps, count, last)
             last, count = frames[-1].copy(), count + len(frames)
             yield frames, fps
 

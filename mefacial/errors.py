@@ -151,9 +151,9 @@ class InputTooLargeError(InputError):
 
 
 class CutInClipError(InputError):
-    """The driving clip cuts from one person's face to another's."""
+    """The driving clip cuts to another person's face, or to another shot of the face."""
 
-    title = "The clip changes person"
+    title = "Cut in the driving clip"
     default_fix = "Use a clip of one shot of one face: trim it before or after the cut"
 
 

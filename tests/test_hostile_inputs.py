@@ -251,6 +251,19 @@ def test_a_clip_that_cuts_to_another_person_is_refused_naming_the_frame(engine):
             pass
 
 
+def test_a_cut_to_a_closer_shot_of_the_face_is_refused(engine, face):
+    """The same person framed anew (here 1.4x closer) would read as a large expression too."""
+    import cv2
+
+    closer = cv2.resize(face, None, fx=1.4, fy=1.4, interpolation=cv2.INTER_CUBIC)[48:288, 48:288]
+    clip = np.stack([face] * 3 + [closer] * 3)
+    with pytest.raises(CutInClipError, match="another shot of the face at frame 3") as caught:
+        engine.prepare(face, clip, fps=25)
+    assert_message_helps(caught.value)
+    engine.prepare(face, np.stack([face] * 3 + [cv2.resize(face, None, fx=1.05, fy=1.05)[6:246, 6:246]] * 3),
+                   fps=25)  # (a head moving closer by 5 % in a frame passes)
+
+
 def test_one_person_jumping_or_flashed_is_no_cut(engine, face):
     """A sudden change of the picture with one person in it (the head or camera jumping, a flash) passes."""
     canvas = np.full((6, 240, 400, 3), 128, np.uint8)
