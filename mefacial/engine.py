@@ -517,8 +517,8 @@ class Engine:
             except (ImportError, WeightsNotFoundError) as error:  # (dlib or its models not installed)
                 logger.warning("clip not checked for cuts to another person: %s", error)
                 distance = 0.0
-            zoom = float(np.exp(np.diff(np.log([np.linalg.norm(face[36:42].mean(0) - face[42:48].mean(0))
-                                                 for face in faces]))[0]))  # the eyes' distance, after / before
+            before_eyes, after_eyes = (np.linalg.norm(face[36:42].mean(0) - face[42:48].mean(0)) for face in faces)
+            zoom = float(after_eyes / before_eyes)  # (the distance between the eyes' centres)
             at, seconds = first + t, (first + t) / fps
             if distance > SAME_PERSON:
                 what = "another person's face"
