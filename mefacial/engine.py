@@ -94,6 +94,9 @@ SHOT_ZOOM = 1.15  # a face 15 % larger or smaller than in the frame before, at a
 # distance read by `find_face` at a head's jump: 1.00-1.005 (0.94 with the face cut by the picture's edge); a cut to a
 # 1.35x closer shot reads 1.25 (its output's mouth and chin bent), a 0.85x one 0.85, a 1.15x one 1.12 (passes: the
 # output's face then zooms within its bound, and its shading shifts a little)
+OVEREXPOSED = 0.3  # share of a face's pixels at 250 or more in a channel beyond which it is not compared by who it is:
+# the descriptor of a face doubled in brightness (37-94 % of it clipped) lay 0.43-0.51 from the original's; faces as
+# filmed: 0-8 %
 TRACK_CHUNK = 4  # frames per face-mesh tracking step of an in-memory clip (`Engine._tracked_chunks`)
 DEFAULT_VARIANT = "dense"  # the training-free dense face-mesh generator: runs offline, needs no weights
 MESH_BACKEND = "mesh (MediaPipe face mesh + iris, LiteRT)"
@@ -195,6 +198,30 @@ def _takes_weights(spec: Variant, checkpoint: str | Path | None) -> None:
     if checkpoint and not spec.needs_weights:
         raise InputError(f"{spec.id} is training-free and loads no weights; leave out its checkpoint (the learned "
                          f"variants take one: {', '.join(v for v in variant_ids() if get_variant(v).needs_weights)})")
+
+
+def _overexposed(image: np.ndarray, face: np.ndarray) -> bool:
+    """Whether over OVEREXPOSED of a picture's pixels (H x W x 3 uint8) in the box of its face's brows, eyes, nose and
+    mouth (68 x 2 landmarks) are clipped bright (a channel at 250 or more)."""
+    (x0, y0), (x1, y1) = np.clip(np.rint([face[17:].min(0), face[17:].max(0) + 1]), 0, image.shape[1::-1]).astype(int)
+    box = image[y0:y1, x0:x1]
+    return box.size > 0 and float((box.max(-1) >= 250).mean()) > OVEREXPOSED
+
+
+def _identity_distance(images: Sequence[np.ndarray], faces: Sequence[np.ndarray]) -> float:
+    """How far apart dlib's face descriptors put the faces (68 x 2 landmarks each) of two pictures (H x W x 3
+    uint8): over SAME_PERSON, two people. 0 where it cannot tell: a face clipped by a flash (`_overexposed`), cut by
+    the picture's edge, or dlib's recognition model not installed."""
+    if any(_overexposed(image, face) for image, face in zip(images, faces)):
+        return 0.0
+    try:
+        first, second = (face_descriptor(image, face) for image, face in zip(images, faces))
+    except NoFaceError:
+        return 0.0
+    except (ImportError, WeightsNotFoundError) as error:
+        logger.warning("clip not checked for cuts to another person: %s", error)
+        return 0.0
+    return float(np.linalg.norm(first - second))
 
 
 def _given_meshes(prepared: PreparedClip) -> bool:
@@ -509,14 +536,7 @@ class Engine:
                 faces = [self.find_face(image) for image in images]
             except NoFaceError:  # (nothing to compare)
                 continue
-            try:
-                descriptors = [face_descriptor(image, face) for image, face in zip(images, faces)]
-                distance = float(np.linalg.norm(descriptors[0] - descriptors[1]))
-            except NoFaceError:  # (a face cut by the picture's edge: too little of it to tell who it is)
-                distance = 0.0
-            except (ImportError, WeightsNotFoundError) as error:  # (dlib or its models not installed)
-                logger.warning("clip not checked for cuts to another person: %s", error)
-                distance = 0.0
+            distance = _identity_distance(images, faces)
             before_eyes, after_eyes = (np.linalg.norm(face[36:42].mean(0) - face[42:48].mean(0)) for face in faces)
             zoom = float(after_eyes / before_eyes)  # (the distance between the eyes' centres)
             at, seconds = first + t, (first + t) / fps
