@@ -219,7 +219,7 @@ def _identity_distance(images: Sequence[np.ndarray], faces: Sequence[np.ndarray]
     except NoFaceError:
         return 0.0
     except (ImportError, WeightsNotFoundError) as error:
-        logger.warning("clip not checked for cuts to another person: %s", error)
+        log.warning("clip not checked for cuts to another person: %s", error)
         return 0.0
     return float(np.linalg.norm(first - second))
 
@@ -324,6 +324,75 @@ class ClipRun:
         if animator is not None:
             self.timings["networks_s"] = time.perf_counter() - t0
             self.timings.update({f"{stage}_s": seconds for stage, seconds in animator.seconds.items()})
+
+
+class OneShot:
+    """Refuses a driving clip that cuts to another shot (CutInClipError): at each sudden change of the picture
+    (`video.sudden_changes`: none in a micro-expression clip), a face of another person than the clip's first one
+    (dlib's face recognition, `_identity_distance` over SAME_PERSON) or one whose size jumps from the frame before
+    (SHOT_ZOOM: a new framing). Every generator measures the motion from the clip's first face as framed there:
+    another face, or the same one framed anew, would read as a large expression. A jump of the head or camera, a
+    flash, a face leaving the picture pass (the tracker follows the face, or says where it is missing); a cut
+    through black frames is caught by the comparison with the first face. `check` a whole clip, or a stream's
+    `chunks` one after another."""
+
+    def __init__(self, find_face: Callable[[np.ndarray], np.ndarray]) -> None:
+        self.find_face = find_face  # picture -> its face's 68 landmarks (NoFaceError where none)
+        self.onset: tuple[np.ndarray, np.ndarray | None] | None = None  # the clip's first picture and its face
+        self.last: np.ndarray | None = None  # the frame before the next chunk
+        self.count = 0  # frames checked
+
+    def check(self, frames: np.ndarray, fps: float) -> None:
+        """The clip's next frames (T x H x W x 3 uint8; all of them for a clip in memory)."""
+        if self.onset is None and len(frames):
+            self.onset = (frames[0], None)
+        for t in video.sudden_changes(frames, self.last):
+            self._compare(frames[t - 1] if t else self.last, frames[t], self.count + t, fps)
+        if len(frames):
+            self.last, self.count = frames[-1].copy(), self.count + len(frames)
+
+    def chunks(self, chunks: Iterator[tuple[np.ndarray, float]]) -> Iterator[tuple[np.ndarray, float]]:
+        """A stream's (chunk, fps), each checked before it is passed on."""
+        for frames, fps in chunks:
+            self.check(frames, fps)
+            yield frames, fps
+
+    def _face(self, image: np.ndarray) -> np.ndarray | None:
+        try:
+            return self.find_face(image)
+        except NoFaceError:
+            return None
+
+    def _compare(self, before: np.ndarray, after: np.ndarray, index: int, fps: float) -> None:
+        face = self._face(after)
+        if face is None:  # (nothing to compare: the tracker says where the face is missing)
+            return
+        onset, onset_face = self.onset
+        if onset_face is None:
+            onset_face = self._face(onset)
+            self.onset = (onset, onset_face)
+        previous = self._face(before)
+        distance = 0.0 if onset_face is None else _identity_distance((onset, after), (onset_face, face))
+        zoom = 1.0 if previous is None else float(_eye_distance(face) / _eye_distance(previous))
+        if distance > SAME_PERSON:
+            what = "another person's face"
+            why = f"dlib's face descriptors {distance:.2f} from the first face's, one person's within {SAME_PERSON}"
+        elif abs(np.log(zoom)) > np.log(SHOT_ZOOM):
+            what = "another shot of the face"
+            why = f"the face {zoom:.2f}x as large from one frame to the next"
+        else:
+            return
+        seconds = index / fps
+        raise CutInClipError(
+            f"the driving clip cuts to {what} at frame {index} ({seconds:.2f} s; {why}). Every generator measures "
+            "the motion from the clip's first face as framed there, so the face after the cut would read as a "
+            f"large expression: trim the clip to one shot (the frames before {index}, or from {index} on).",
+            page=f"The driving clip cuts to {what} at {seconds:.2f} s (frame {index})")
+
+
+def _eye_distance(face: np.ndarray) -> float:
+    """Distance between the eye centres of 68 landmarks (68 x 2 pixels)."""
+    return float(np.linalg.norm(face[36:42].mean(0) - face[42:48].mean(0)))
 
 
 class Engine:
@@ -444,14 +513,14 @@ class Engine:
         given_src = None if source_landmarks is None else np.asarray(source_landmarks, np.float32).reshape(-1, 2)
         given_drv = None if driving_landmarks is None else np.asarray(driving_landmarks, np.float32)
         if streamed:
-            chunks = self._one_shot(self._driving_chunks(driving, chunk, options.fps))
+            chunks = OneShot(self.find_face).chunks(self._driving_chunks(driving, chunk, options.fps))
             first, fps = next(chunks, (None, None))
             if first is None:
                 raise InputError("the driving clip holds no frames")
         else:
             clip = video.read_clip(driving, fps=options.fps, limits=self.limits)
             first, fps = clip.frames, clip.fps
-            self._check_one_shot(first, fps)
+            OneShot(self.find_face).check(first, fps)
             if given_drv is not None and (given_drv.ndim != 3 or len(given_drv) != len(first)):
                 raise InputError(f"driving_landmarks must be T x P x 2 for the {len(first)} frames, got "
                                  f"{given_drv.shape}")
@@ -520,47 +589,6 @@ class Engine:
                 raise
             raise NoFaceError(f"{error} MediaPipe's face detector, which searched first, found none either.",
                               frame_index=error.frame_index, page=error.page, fix=error.fix) from None
-
-    def _check_one_shot(self, frames: np.ndarray, fps: float, first: int = 0, before: np.ndarray | None = None
-                        ) -> None:
-        """Raise CutInClipError where a clip (T x H x W x 3, its first frame numbered `first`, after the frame
-        `before` where it is a stream's later chunk) cuts to another shot: at a sudden change of the picture
-        (`video.sudden_changes`: none in a micro-expression clip), a face of another person (dlib's face
-        recognition, `SAME_PERSON`) or one whose size jumps (`SHOT_ZOOM`: a new framing). The motion of every
-        generator is measured from the clip's first face, as framed there: another face, or the same one framed
-        anew, would read as a large expression. A jump of the head or camera, a flash, a face leaving the picture
-        pass (the tracker follows the face, or says where it is missing)."""
-        for t in video.sudden_changes(frames, before):
-            images = ((frames[t - 1] if t else before), frames[t])
-            try:
-                faces = [self.find_face(image) for image in images]
-            except NoFaceError:  # (nothing to compare)
-                continue
-            distance = _identity_distance(images, faces)
-            before_eyes, after_eyes = (np.linalg.norm(face[36:42].mean(0) - face[42:48].mean(0)) for face in faces)
-            zoom = float(after_eyes / before_eyes)  # (the distance between the eyes' centres)
-            at, seconds = first + t, (first + t) / fps
-            if distance > SAME_PERSON:
-                what = "another person's face"
-                why = f"dlib's face descriptors {distance:.2f} apart, one person within {SAME_PERSON}"
-            elif abs(np.log(zoom)) > np.log(SHOT_ZOOM):
-                what = "another shot of the face"
-                why = f"the face {zoom:.2f}x as large from one frame to the next"
-            else:
-                continue
-            raise CutInClipError(
-                f"the driving clip cuts to {what} at frame {at} ({seconds:.2f} s; {why}). Every generator measures "
-                "the motion from the clip's first face as framed there, so the face after the cut would read as a "
-                f"large expression: trim the clip to one shot (the frames before {at}, or from {at} on).",
-                page=f"The driving clip cuts to {what} at {seconds:.2f} s (frame {at})")
-
-    def _one_shot(self, chunks: Iterator[tuple[np.ndarray, float]]) -> Iterator[tuple[np.ndarray, float]]:
-        """The stream's chunks, each checked with `_check_one_shot` (from the last frame of the one before)."""
-        last, count = None, 0
-        for frames, fps in chunks:
-            self._check_one_shot(frames, fps, count, last)
-            last, count = frames[-1].copy(), count + len(frames)
-            yield frames, fps
 
     @staticmethod
     def count_faces(image: np.ndarray) -> int:

@@ -32,7 +32,7 @@ from hostile_files import encode, gif_bomb, png_header_only, png_rgb16
 from mefacial import Engine, video
 from mefacial.landmarks import get_detector
 from mefacial.errors import (CheckpointError, CutInClipError, InputError, InputTooLargeError, MefacialError, NoFaceError,
-                             NotAnImageError, UnreadableVideoError)
+                             NotAnImageError, UnreadableVideoError, WeightsNotFoundError)
 from mefacial.video import Limits
 
 EXIF_ORIENTATION = 0x0112
@@ -249,6 +249,27 @@ def test_a_clip_that_cuts_to_another_person_is_refused_naming_the_frame(engine):
     with pytest.raises(CutInClipError, match="frame 16"):
         for _ in engine.run(prepared, "warp"):
             pass
+    faded = np.concatenate([one, np.zeros_like(one[:2]), other])  # through black frames: no face either side
+    with pytest.raises(CutInClipError, match="another person's face at frame 18"):
+        engine.prepare(source, faded, fps=25)
+
+
+def test_without_dlibs_recognition_model_a_cut_is_not_judged_by_who(engine, monkeypatch, caplog):
+    """Where face-recognition-models lacks the network, the check says so in the log and compares sizes only."""
+    import mefacial.engine as engine_module
+
+    def missing(image, points):
+        raise WeightsNotFoundError("dlib's dlib_face_recognition_resnet_model_v1.dat was not found")
+
+    monkeypatch.setattr(engine_module, "face_descriptor", missing)
+    gifs = sorted(require(DATA / "driving", "micro-expression clips").glob("*.gif"))
+    one, other = (video.resize_frames(video.read_clip(path).frames[:4], 160, 160) for path in gifs[:2])
+    with caplog.at_level("WARNING", logger="mefacial"):
+        try:
+            engine.prepare(one[0], np.concatenate([one, other]), fps=25)
+        except CutInClipError as error:  # (where the two faces' sizes differ by over SHOT_ZOOM)
+            assert "another person" not in str(error)
+    assert "not checked for cuts to another person" in caplog.text
 
 
 def test_a_cut_to_a_closer_shot_of_the_face_is_refused(engine, face):
