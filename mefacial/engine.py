@@ -338,14 +338,16 @@ class OneShot:
 
     def __init__(self, find_face: Callable[[np.ndarray], np.ndarray]) -> None:
         self.find_face = find_face  # picture -> its face's 68 landmarks (NoFaceError where none)
-        self.onset: tuple[np.ndarray, np.ndarray | None] | None = None  # the clip's first picture and its face
+        self.onset: np.ndarray | None = None  # the clip's first picture
+        self.onset_face: np.ndarray | None = None  # and its face, once read (`onset_read`)
+        self.onset_read = False
         self.last: np.ndarray | None = None  # the frame before the next chunk
         self.count = 0  # frames checked
 
     def check(self, frames: np.ndarray, fps: float) -> None:
         """The clip's next frames (T x H x W x 3 uint8; all of them for a clip in memory)."""
         if self.onset is None and len(frames):
-            self.onset = (frames[0], None)
+            self.onset = frames[0].copy()  # (a copy: a view would hold a stream's whole first chunk)
         for t in video.sudden_changes(frames, self.last):
             self._compare(frames[t - 1] if t else self.last, frames[t], self.count + t, fps)
         if len(frames):
@@ -367,12 +369,10 @@ class OneShot:
         face = self._face(after)
         if face is None:  # (nothing to compare: the tracker says where the face is missing)
             return
-        onset, onset_face = self.onset
-        if onset_face is None:
-            onset_face = self._face(onset)
-            self.onset = (onset, onset_face)
+        if not self.onset_read:
+            self.onset_face, self.onset_read = self._face(self.onset), True
         previous = self._face(before)
-        distance = 0.0 if onset_face is None else _identity_distance((onset, after), (onset_face, face))
+        distance = 0.0 if self.onset_face is None else _identity_distance((self.onset, after), (self.onset_face, face))
         zoom = 1.0 if previous is None else float(_eye_distance(face) / _eye_distance(previous))
         if distance > SAME_PERSON:
             what = "another person's face"
