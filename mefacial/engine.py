@@ -36,6 +36,7 @@ from .device import PRECISIONS, check_precision, inference_context, native_bf16,
 from .errors import CutInClipError, InputError, InputTooLargeError, MefacialError, NoFaceError, WeightsNotFoundError
 from .landmarks import SAME_PERSON, face_descriptor, get_detector, smooth_tracks, smoothing_window
 from .mesh import NUM_VERTICES, MeshTracker, detect_mesh
+from .metrics import interocular_distance
 from .model_cache import ModelCache
 from .models import au_points, get_backbone
 from .models.blocks import fuse_for_inference
@@ -94,9 +95,6 @@ SHOT_ZOOM = 1.15  # a face 15 % larger or smaller than in the frame before, at a
 # distance read by `find_face` at a head's jump: 1.00-1.005 (0.94 with the face cut by the picture's edge); a cut to a
 # 1.35x closer shot reads 1.25 (its output's mouth and chin bent), a 0.85x one 0.85, a 1.15x one 1.12 (passes: the
 # output's face then zooms within its bound, and its shading shifts a little)
-OVEREXPOSED = 0.3  # share of a face's pixels at 250 or more in a channel beyond which it is not compared by who it is:
-# the descriptor of a face doubled in brightness (37-94 % of it clipped) lay 0.43-0.51 from the original's; faces as
-# filmed: 0-8 %
 TRACK_CHUNK = 4  # frames per face-mesh tracking step of an in-memory clip (`Engine._tracked_chunks`)
 DEFAULT_VARIANT = "dense"  # the training-free dense face-mesh generator: runs offline, needs no weights
 MESH_BACKEND = "mesh (MediaPipe face mesh + iris, LiteRT)"
@@ -200,20 +198,10 @@ def _takes_weights(spec: Variant, checkpoint: str | Path | None) -> None:
                          f"variants take one: {', '.join(v for v in variant_ids() if get_variant(v).needs_weights)})")
 
 
-def _overexposed(image: np.ndarray, face: np.ndarray) -> bool:
-    """Whether over OVEREXPOSED of a picture's pixels (H x W x 3 uint8) in the box of its face's brows, eyes, nose and
-    mouth (68 x 2 landmarks) are clipped bright (a channel at 250 or more)."""
-    (x0, y0), (x1, y1) = np.clip(np.rint([face[17:].min(0), face[17:].max(0) + 1]), 0, image.shape[1::-1]).astype(int)
-    box = image[y0:y1, x0:x1]
-    return box.size > 0 and float((box.max(-1) >= 250).mean()) > OVEREXPOSED
-
-
 def _identity_distance(images: Sequence[np.ndarray], faces: Sequence[np.ndarray]) -> float:
     """How far apart dlib's face descriptors put the faces (68 x 2 landmarks each) of two pictures (H x W x 3
-    uint8): over SAME_PERSON, two people. 0 where it cannot tell: a face clipped by a flash (`_overexposed`), cut by
-    the picture's edge, or dlib's recognition model not installed."""
-    if any(_overexposed(image, face) for image, face in zip(images, faces)):
-        return 0.0
+    uint8): over SAME_PERSON, two people. 0 where it cannot tell: a face clipped by a flash or cut by the picture's
+    edge (`face_descriptor` refuses it), or dlib's recognition model not installed."""
     try:
         first, second = (face_descriptor(image, face) for image, face in zip(images, faces))
     except NoFaceError:
@@ -373,7 +361,8 @@ class OneShot:
             self.onset_face, self.onset_read = self._face(self.onset), True
         previous = self._face(before)
         distance = 0.0 if self.onset_face is None else _identity_distance((self.onset, after), (self.onset_face, face))
-        zoom = 1.0 if previous is None else float(_eye_distance(face) / _eye_distance(previous))
+        zoom = 1.0 if previous is None else float(interocular_distance(torch.from_numpy(face))
+                                                  / interocular_distance(torch.from_numpy(previous)))
         if distance > SAME_PERSON:
             what = "another person's face"
             why = f"dlib's face descriptors {distance:.2f} from the first face's, one person's within {SAME_PERSON}"
@@ -388,11 +377,6 @@ class OneShot:
             "the motion from the clip's first face as framed there, so the face after the cut would read as a "
             f"large expression: trim the clip to one shot (the frames before {index}, or from {index} on).",
             page=f"The driving clip cuts to {what} at {seconds:.2f} s (frame {index})")
-
-
-def _eye_distance(face: np.ndarray) -> float:
-    """Distance between the eye centres of 68 landmarks (68 x 2 pixels)."""
-    return float(np.linalg.norm(face[36:42].mean(0) - face[42:48].mean(0)))
 
 
 class Engine:

@@ -59,6 +59,9 @@ DLIB_RECOGNITION_FILE = "dlib_face_recognition_resnet_model_v1.dat"  # dlib's fa
 SAME_PERSON = 0.45  # dlib face descriptor distance above which two faces are two people. Measured: one person's
 # frames within 0.21 (expressions, head jumps, flickering and side light), 0.34 where the picture's edge cuts the face
 # (`face_descriptor` refuses faces cut by more than a little); two people 0.53 (the two closest tried) to 0.92
+OVEREXPOSED = 0.3  # share of a face's pixels clipped bright (a channel at 250 or more) beyond which it is not
+# described: a face doubled in brightness (37-94 % of it clipped) lay 0.43-0.51 from the original (faces as
+# filmed: 0-8 %)
 FAN_FACE_DETECTORS = {  # face-alignment detector -> (module, keys of its models_urls)
     "sfd": ("face_alignment.detection.sfd.sfd_detector", ("s3fd",)),
     "blazeface": ("face_alignment.detection.blazeface.blazeface_detector", ("blazeface_weights", "blazeface_anchors")),
@@ -206,13 +209,16 @@ def _face_recognizer():
 def face_descriptor(image: np.ndarray, points: np.ndarray) -> np.ndarray:
     """dlib's 128-d descriptor of who the face is (its face recognition network, 99.4 % on LFW): image H x W x 3
     uint8, points its 68 landmarks (68 x 2 pixels, iBUG order), which align the face. Descriptors of one person lie
-    within SAME_PERSON of each other. A face whose brows, eyes, nose or mouth run past the picture's edge raises
-    NoFaceError."""
+    within SAME_PERSON of each other. A face whose brows, eyes, nose or mouth run past the picture's edge, or whose
+    box around them is over OVEREXPOSED clipped bright (a flash), raises NoFaceError."""
     dlib, recognizer = _face_recognizer()
     height, width = image.shape[:2]
     inner = points[17:]  # brows, eyes, nose, mouth (a tight crop cuts the jaw line, which tells little of who it is)
     if (inner.min(0) < 0).any() or inner[:, 0].max() >= width or inner[:, 1].max() >= height:
         raise NoFaceError("the face runs past the picture's edge: too little of it to tell who it is")
+    (x0, y0), (x1, y1) = np.floor(inner.min(0)).astype(int), np.ceil(inner.max(0)).astype(int) + 1
+    if float((image[y0:y1, x0:x1].max(-1) >= 250).mean()) > OVEREXPOSED:
+        raise NoFaceError("the face is overexposed: too little of it to tell who it is")
     box = dlib.rectangle(*(int(v) for v in np.rint([*points.min(0), *points.max(0)])))
     shape = dlib.full_object_detection(box, [dlib.point(*(int(v) for v in np.rint(p))) for p in points])
     return np.asarray(recognizer.compute_face_descriptor(np.ascontiguousarray(image), shape), np.float32)
