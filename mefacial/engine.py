@@ -797,7 +797,7 @@ class Engine:
                         return
                     with timer(seconds, "track"):
                         found = self._mesh_in_model(prepared, tracker.track(prepared.frames[i:j], count,
-                                                                            more=j < count))
+                                                                            more=j < count, kept=True))
                     if smoother is not None:
                         found = smoother.push(found) if j < count else np.concatenate([smoother.push(found),
                                                                                        smoother.finish()])

@@ -52,7 +52,7 @@ import tempfile
 import threading
 import zipfile
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -678,19 +678,23 @@ class MeshTracker:
         self.by_flow = by_flow
         self.flow: _FlowReading | None = None  # with `by_flow`: the onset's points, set on the first face fitted
         self.face: np.ndarray | None = None  # 468 x 2: the face model's points of the last frame fitted
-        self.waiting: np.ndarray | None = None  # frames held back for the next chunk (`more`)
+        self.waiting: list[np.ndarray] | None = None  # H x W x 3 frames held back for the next chunk (`more`)
         self.seen = 0  # frames whose meshes were given
 
-    def track(self, frames: np.ndarray, count: int | None = None, more: bool = False) -> np.ndarray:
+    def track(self, frames: np.ndarray, count: int | None = None, more: bool = False, kept: bool = False
+              ) -> np.ndarray:
         """N x H x W x 3 uint8 -> N x 478 x 2 float32 meshes, tracking on from the previous chunk. `count`: the
         clip's length, for error messages (unknown while streaming). With `more` (more chunks follow) a frame
         waiting for its next neighbour (`skip_still`) and its repeats are held back: their meshes come first in
-        the next call's (or `finish()`'s), and fewer than N are given here."""
+        the next call's (or `finish()`'s), and fewer than N are given here. `kept`: the caller keeps these frames
+        unchanged (an in-memory clip), so the last and waiting ones are not copied for the next call (a copy of
+        a 2048 x 1088 frame takes about 1 ms)."""
         frames = _checked(frames)
-        if self.waiting is not None:
-            frames, self.waiting = np.concatenate([self.waiting, frames]), None
+        shape = frames.shape
+        if self.waiting is not None:  # (a list: a high-resolution chunk is not copied to join them)
+            frames, self.waiting = [*self.waiting, *frames], None
         with _models() as models:
-            return self._track(frames, count, models, more)
+            return self._track(frames, shape, count, models, more, kept)
 
     def finish(self) -> np.ndarray:
         """The meshes (n x 478 x 2) of the frames held back by the last `track(..., more=True)`, if any."""
@@ -698,9 +702,11 @@ class MeshTracker:
             return np.zeros((0, NUM_VERTICES, 2), np.float32)
         frames, self.waiting = self.waiting, None
         with _models() as models:
-            return self._track(frames, None, models, more=False)
+            return self._track(frames, (len(frames), *frames[0].shape), None, models, more=False, kept=True)
 
-    def _track(self, frames: np.ndarray, count: int | None, models: _Models, more: bool) -> np.ndarray:
+    def _track(self, frames: Sequence[np.ndarray], shape: tuple, count: int | None, models: _Models, more: bool,
+               kept: bool) -> np.ndarray:
+        """`track` on a sequence of H x W x 3 frames (`shape`: a chunk's N x H x W x 3, for error messages)."""
         out = np.full((len(frames), NUM_VERTICES, 2), np.nan, np.float32)
         if self.roi is None and self.seen == 0:
             self.roi = _initial_box(frames[0], self.box, self.landmarks, models, self.search, self.roll)
@@ -708,7 +714,7 @@ class MeshTracker:
                 if self.allow_missing:
                     self.seen += len(frames)  # no face on the onset frame: none is tracked
                     return out
-                raise _no_face(0, count, frames.shape, self.role)
+                raise _no_face(0, count, shape, self.role)
             centre, size, angle = self.roi
             self.scale = 0.5 ** max(0, int(np.ceil(np.log2(size / LARGEST_ROI) - 1e-9)))  # halved until it fits
             self.roi = ((centre + 0.5) * self.scale - 0.5, size * self.scale, angle)
@@ -733,7 +739,7 @@ class MeshTracker:
                 while after < end and same_frame(frames[after], frames[index]):
                     after += 1
                 if after == end and more:  # it comes with the next chunk: so does this frame
-                    self.waiting = frames[index:].copy()
+                    self.waiting = [frame if kept else frame.copy() for frame in frames[index:]]
                     end = index
                     break
             frame = self._shrunk(frames[index])  # (not for a frame that waits: it is shrunk with the next chunk)
@@ -745,25 +751,26 @@ class MeshTracker:
                 if ahead[2] >= PRESENCE_THRESHOLD and _between(self.face, ahead[1], latest, frame, following,
                                                                self.roi):
                     self._age_eyes(after - index)  # (the frames between)
-                    mesh = self._fit(following, previous, self.seen + after, count, frames.shape, models, ahead)
+                    mesh = self._fit(following, previous, self.seen + after, count, shape, models, ahead)
                     out[index:after] = (previous + mesh) / 2
                     out[after] = mesh
                     index, latest = after + 1, following
                     continue
                 if after > index + 1:  # (a repeat of this frame follows: the fit ahead is not the next)
                     ahead = None
-            mesh = self._fit(frame, previous if had_face else None, self.seen + index, count, frames.shape, models)
+            mesh = self._fit(frame, previous if had_face else None, self.seen + index, count, shape, models)
             if mesh is not None:
                 out[index] = mesh
             index, latest = index + 1, frame
             if ahead is not None and index < end:  # the next frame, fitted ahead (again where its box changed)
                 mesh = self._fit(following, out[index - 1] if mesh is not None else None, self.seen + index, count,
-                                 frames.shape, models, ahead)
+                                 shape, models, ahead)
                 if mesh is not None:
                     out[index] = mesh
                 index, latest = index + 1, following
         if end:
-            self.previous, self.last_frame, self.last_shrunk = out[end - 1].copy(), frames[end - 1].copy(), latest
+            self.previous, self.last_shrunk = out[end - 1].copy(), latest
+            self.last_frame = frames[end - 1] if kept else frames[end - 1].copy()
         self.seen += end
         out = out[:end]
         return out if self.scale == 1 else ((out + 0.5) / self.scale - 0.5).astype(np.float32)

@@ -347,8 +347,8 @@ def test_frames_between_still_neighbours_get_their_mean(monkeypatch):
     """Tracking for a generator (`skip_still`), a frame whose face lies between the frame before and the next
     distinct one gets the mean of their meshes, the models not run on it: on the shared clips far fewer face-model
     runs, every point within a fraction of a pixel of tracking every frame after smoothing, the eyes' apertures
-    within 5 %; a clip tracked in chunks of any size (a frame that ends one waits for the next) gets the meshes
-    of the whole clip."""
+    within 5 %; a clip tracked in chunks of any size (a frame that ends one waits for the next), its frames
+    copied for the next chunk or `kept` by the caller, gets the meshes of the whole clip."""
     from mefacial.landmarks import smooth_tracks
     from mefacial.video import read_clip
 
@@ -370,9 +370,9 @@ def test_frames_between_still_neighbours_get_their_mean(monkeypatch):
         assert error.max() < 1.0 and error.mean() < 0.15, name  # (measured at most 0.73 and 0.1)
         aperture = np.abs(M.eye_aperture(smooth_tracks(skipped)) - M.eye_aperture(every))
         assert aperture.max() < 0.05 * M.eye_aperture(every).mean(), name  # (measured at most 3.7 %)
-        for size in (1, 3, 4, 7):
+        for size, kept in ((1, False), (3, True), (4, False), (4, True), (7, False)):
             tracker = M.MeshTracker(hold_eyes=True, landmarks=start, skip_still=True)
-            parts = [tracker.track(frames[i:i + size], more=True) for i in range(0, len(frames), size)]
+            parts = [tracker.track(frames[i:i + size], more=True, kept=kept) for i in range(0, len(frames), size)]
             np.testing.assert_array_equal(np.concatenate([*parts, tracker.finish()]), skipped)
         second = next(i for i in range(1, len(frames)) if not np.array_equal(frames[i], frames[0]))
         tracker = M.MeshTracker(hold_eyes=True, landmarks=start, skip_still=True)
