@@ -133,30 +133,34 @@ _TRACKERS_LOCK = threading.Lock()
 
 
 @functools.lru_cache(maxsize=None)
-def _threadpools():
-    """threadpoolctl's view of the thread pools loaded in this process, made once (2 ms: it scans the loaded
-    libraries); the BLAS found there by the first tracked run is the one every later run limits."""
-    from threadpoolctl import ThreadpoolController
+def one_blas_thread() -> None:
+    """numpy's and scipy's BLAS (OpenBLAS) kept on one thread for the rest of the process, set once (by the
+    first Engine). Their work here is small matrices, where BLAS threads only spin between calls (the mesh
+    tracker: 7-12 ms a frame with them, 6.3 without; the warp's spline alike with one or two). And a threaded
+    OpenBLAS call hangs for good where another thread starts a subprocess meanwhile (its fork handler stops
+    the BLAS threads the call waits for): the app's preview of an upload runs ffmpeg while a Generate builds
+    the source's triangulation (scipy's Delaunay: a threaded solve). Changing their number during a run would
+    race the same way, so it is set once and left."""
+    import scipy.linalg  # noqa: F401 - loads scipy's own OpenBLAS, so that it is limited too
+    from threadpoolctl import threadpool_limits
 
-    return ThreadpoolController()
+    threadpool_limits(limits=1, user_api="blas")  # (not restored: for the process)
 
 
-_trackers: dict[str, Any] = {"running": 0, "restore": None}  # the clips being tracked, what to restore after them
+_trackers: dict[str, Any] = {"running": 0, "restore": None}  # the clips being tracked, torch's threads before them
 
 
 @contextlib.contextmanager
 def _core_for_trackers() -> Iterator[None]:
     """While clips' face meshes are tracked in worker threads, the trackers keep a core: torch one thread fewer
-    (its threads wait for each other where one lacks a core) and numpy's BLAS on one (its threads spin between
-    calls; measured 7-12 ms/frame, 6.3 held to one). Overlapping runs (two requests of the app) share the
-    setting; the last to end restores what the first found."""
+    (its threads wait for each other where one lacks a core). Overlapping runs (two requests of the app) share
+    the setting; the last to end restores what the first found."""
     with _TRACKERS_LOCK:
         if _trackers["running"] == 0:
             threads = torch.get_num_threads()
-            blas = _threadpools().limit(limits=1, user_api="blas")
             if threads > 1:
                 torch.set_num_threads(threads - 1)
-            _trackers["restore"] = (blas, threads)
+            _trackers["restore"] = threads
         _trackers["running"] += 1
     try:
         yield
@@ -164,9 +168,7 @@ def _core_for_trackers() -> Iterator[None]:
         with _TRACKERS_LOCK:
             _trackers["running"] -= 1
             if _trackers["running"] == 0:
-                blas, threads = _trackers["restore"]
-                blas.restore_original_limits()  # (it also puts back OpenMP's thread count as it found it)
-                torch.set_num_threads(threads)
+                torch.set_num_threads(_trackers["restore"])
 
 
 def _uses_mesh(spec: Variant) -> bool:
@@ -386,6 +388,7 @@ class Engine:
                  landmarks: str = "auto", checkpoints: dict[str, str | Path] | None = None,
                  limits: video.Limits = video.DEFAULT_LIMITS, *, channels_last: bool | None = None,
                  fuse: bool = True, compile: bool = False):
+        one_blas_thread()
         self.device = pick_device(device)
         self.precision = precision
         self.dtype = check_precision(precision, self.device)
