@@ -75,6 +75,16 @@ def test_animate_writes_its_video_batch_by_batch(capsys, tmp_path, monkeypatch):
     assert capsys.readouterr().out.startswith(f"{out}: {clip.num_frames} frames at {clip.fps:g} fps")
 
 
+def test_the_commands_time_says_how_much_went_to_reading_a_large_clip():
+    """`animate`'s line gives the run's time; where reading the clip took a good part of it (a large raw clip),
+    it says so, so that its time a frame is not taken for the generator's."""
+    from mefacial.__main__ import _time_taken
+
+    assert _time_taken({"total_s": 3.3, "ms_per_frame": 33.0, "read_s": 2.0}) == (
+        "3.3 s (33 ms/frame, 2.0 s of it reading the clip)")
+    assert _time_taken({"total_s": 1.3, "ms_per_frame": 28.4, "read_s": 0.05}) == "1.3 s (28 ms/frame)"
+
+
 def test_a_bad_flag_through_the_real_command_has_no_traceback(tmp_path):
     run = subprocess.run([sys.executable, "-m", "mefacial", "compare", *EXAMPLE, "--out", str(tmp_path / "g.mp4"),
                           "--tile", "100"], capture_output=True, text=True, cwd=REPO, timeout=120)
