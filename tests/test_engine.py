@@ -272,7 +272,6 @@ def test_a_checkpoint_for_a_training_free_variant_is_refused_not_ignored(tmp_pat
         "fomm-awp": str(weights)}  # (a learned variant's: loaded, and checked, when it runs)
 
 
-
 SUBPROCESS_DURING_BLAS = """
 import subprocess, sys, threading, time
 import numpy as np
@@ -308,13 +307,14 @@ def test_a_subprocess_started_during_a_blas_call_does_not_hang_the_engines_proce
     call waits for good where another thread starts a subprocess meanwhile (found in the app: a Generate hung
     building the source's triangulation while the upload's preview ran ffmpeg). Without the Engine, the same
     loops stall the triangulations for seconds on a 2-core machine (in every run measured)."""
+    import json
     import subprocess
     import sys
 
     result = subprocess.run([sys.executable, "-c", SUBPROCESS_DURING_BLAS, "engine"], capture_output=True, text=True,
                             timeout=120)
     threads, outcome = result.stdout.split("\n")[:2]
-    assert set(eval(threads)) == {1}, result.stdout  # every BLAS the process loaded
+    assert set(json.loads(threads)) == {1}, result.stdout  # every BLAS the process loaded
     assert outcome.startswith("done"), result.stdout + result.stderr
     count, longest = outcome.split()[1:]
     # measured: 2500-3100 triangulations, none waiting over 13 ms (without the Engine: 2-41, one waiting 6-7.5 s)
