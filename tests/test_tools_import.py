@@ -48,3 +48,22 @@ def test_drawn_opening_reads_how_much_eye_a_synthesised_clip_shows():
     assert shut[0] == pytest.approx(1.0) and shut[-1] == pytest.approx(1.0, abs=0.02)
     assert shut.min() < 2 * CLOSED and int(np.argmin(shut)) in range(4, 7)  # the apex: frames 4-6
     assert shut.min() < shown["43:B"].min() < 0.9
+
+
+def test_raw_sized_clip_centres_the_enlarged_face_on_the_presets_canvas():
+    """`raw_sized_clip.enlarge` (the README's raw-sized Speed rows): the canvas has the preset's size, the clip
+    is scaled to the preset's face width and centred (its centre pixel lands on the canvas's), the rest is the
+    flat background, and the SAMM preset is grey."""
+    spec = importlib.util.spec_from_file_location("tool_raw_sized_clip", REPO / "benchmarks" / "raw_sized_clip.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    frames = np.zeros((2, 16, 16, 3), np.uint8)
+    frames[:, 6:10, 6:10] = (200, 40, 10)  # a coloured centre
+    for preset, (width, height, face, grey) in tool.PRESETS.items():
+        out = tool.enlarge(frames, width, height, face, grey)
+        assert out.shape == (2, height, width, 3), preset
+        centre = out[1, height // 2, width // 2]
+        assert (len(set(centre)) == 1) == grey and centre.max() > 30, preset
+        assert (out[:, 0, 0] == tool.BACKGROUND).all() and (out[:, -1, -1] == tool.BACKGROUND).all(), preset
+        face_rows = np.flatnonzero((out[0, :, :, :] != tool.BACKGROUND).any((1, 2)))
+        assert abs(len(face_rows) - face) <= 2, preset  # a square clip: as tall as wide, `face` px
