@@ -589,12 +589,23 @@ def au_choices_from_spec(spec: str) -> list[str]:
     return [chosen.get(n, AU_OFF) for n in au.SUPPORTED]
 
 
+def au_preset_note(spec: str) -> str:
+    """The note under the presets for a specification that is one of them ('**surprise** = 1:C,2:C,5:B: its
+    source'), else ''."""
+    from mefacial import au
+
+    text = str(spec or "").replace(" ", "")
+    return next((f"**{name}** = {preset}: {source}" for name, (preset, source) in au.PRESETS.items()
+                 if preset == text), "")
+
+
 def au_text_changed(spec: str) -> list:
-    """What the page makes of a specification being typed: [the note under the presets, Synthesise, one choice per
-    AU]. The choices follow a specification that parses (Synthesise reads them, not the text); one that does not
-    leaves them as they were, says why in the note and turns Synthesise off until it parses, so a typo never
-    synthesises the previous choices. What the choices cannot hold (a fraction, an AU's own timing or delay, one AU
-    at two intensities per side) is named in the note as what Synthesise uses instead."""
+    """What the page makes of a specification typed, pasted or written by the page (a preset, a choice): [the note
+    under the presets, Synthesise, one choice per AU]. The choices follow a specification that parses (Synthesise
+    reads them, not the text); one that does not leaves them as they were, says why in the note and turns
+    Synthesise off until it parses, so a typo never synthesises the previous choices. What the choices cannot hold
+    (a fraction, an AU's own timing or delay, one AU at two intensities per side) is named in the note as what
+    Synthesise uses instead; a preset's text is named as that preset."""
     from mefacial import au
 
     unchanged = [gr.update() for _ in au.SUPPORTED]
@@ -612,7 +623,7 @@ def au_text_changed(spec: str) -> list:
             or len(kept) != len({item.au for item in items}))
     note = (f"The page's choices take an intensity letter per AU (one side or both) and the timing below: "
             f"**{used}** is synthesised (the command line and the Python API take fractions and an AU's own "
-            "timing)." if lost else "")
+            "timing)." if lost else au_preset_note(spec))
     return [note, gr.update(interactive=True), *choices]
 
 
@@ -779,17 +790,20 @@ def action_units_tab(demo: "Demo", default_face: str | None, blocks: gr.Blocks) 
                     for unit in rows[start:start + 6]:  # '-' by default: an AU left out of an API call is not used
                         radios.append(gr.Dropdown(AU_CHOICES, value=AU_OFF, label=f"AU{unit.number} {unit.name}",
                                                   info=unit.muscles, min_width=150))
-    def chosen(*choices) -> list:  # a choice made: the text follows it, the preset's note goes
-        return [au_spec_from_choices(*choices), "", gr.update(interactive=True)]
+    def chosen(*choices) -> list:  # a choice made: the text follows it, and the note (a preset's where it is one)
+        spec = au_spec_from_choices(*choices)
+        return [spec, au_preset_note(spec), gr.update(interactive=True)]
 
     for radio in radios:
         radio.input(chosen, radios, [a_spec, a_preset_note, a_button], api_name=False, queue=False)
-    a_spec.input(au_text_changed, a_spec, [a_preset_note, a_button, *radios], api_name=False, queue=False,
-                 trigger_mode="always_last")
+    # (`change`, not `input`: Gradio's input event follows keys, so a pasted specification was left unread, and
+    # Synthesise ran the choices before it; `change` also follows the page's own writes, and finds them as written)
+    a_spec.change(au_text_changed, a_spec, [a_preset_note, a_button, *radios], api_name=False, queue=False,
+                  trigger_mode="always_last")
 
     def preset(name: str) -> list:
-        spec, source = au.PRESETS[name]
-        return [spec, f"**{name}** = {spec}: {source}", gr.update(interactive=True), *au_choices_from_spec(spec)]
+        spec = au.PRESETS[name][0]
+        return [spec, au_preset_note(spec), gr.update(interactive=True), *au_choices_from_spec(spec)]
 
     for name, button in zip(au.PRESETS, preset_buttons):
         button.click(functools.partial(preset, name), None, [a_spec, a_preset_note, a_button, *radios],

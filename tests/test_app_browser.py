@@ -90,7 +90,8 @@ def browser(app_url):
 
 @pytest.fixture
 def page(browser, app_url):
-    context = browser.new_context(viewport={"width": 1400, "height": 1000}, permissions=["camera"])
+    context = browser.new_context(viewport={"width": 1400, "height": 1000},
+                                  permissions=["camera", "clipboard-read", "clipboard-write"])
     page = context.new_page()
     page.goto(app_url[0])
     page.wait_for_selector("#g-button")
@@ -283,14 +284,35 @@ def test_a_typo_in_the_au_specification_turns_synthesise_off_until_it_parses(pag
     page.get_by_role("tab", name="Action units").click()
     field = page.locator("#a-spec textarea, #a-spec input").first
     expect(field).to_have_value(au.PRESETS["positive"][0], timeout=30_000)  # the page opens on a preset
+    expect(page.locator("#a-preset-note")).to_contain_text("positive", timeout=30_000)  # named, with its source
     field.fill("")
-    field.press_sequentially("99:C")  # typed (Gradio's input event follows keys, not a filled value)
+    field.press_sequentially("99:C")  # typed
     expect(page.locator("#a-preset-note")).to_contain_text("AU99 is not in the library", timeout=30_000)
     expect(page.locator("#a-button")).to_be_disabled()  # the preset's choices are not synthesised instead
     field.fill("")
     field.press_sequentially("4:C")
     expect(page.locator("#a-button")).to_be_enabled(timeout=30_000)
     expect(page.locator("#a-preset-note")).not_to_contain_text("positive")  # the preset's note went with it
+
+
+def test_a_pasted_au_specification_is_read_as_a_typed_one(page):
+    """Gradio's input event follows keys: a specification pasted whole was left unread, and Synthesise ran the
+    choices before it (the preset's). Pasted (Ctrl+V) or filled in at once, it is read as if typed."""
+    page.get_by_role("tab", name="Action units").click()
+    field = page.locator("#a-spec textarea, #a-spec input").first
+    expect(page.locator("#a-preset-note")).to_contain_text("positive", timeout=30_000)
+    page.evaluate("navigator.clipboard.writeText('4:C,99:C')")
+    field.click()
+    page.keyboard.press("Control+A")
+    page.keyboard.press("Control+V")
+    expect(field).to_have_value("4:C,99:C")
+    expect(page.locator("#a-preset-note")).to_contain_text("AU99 is not in the library", timeout=30_000)
+    expect(page.locator("#a-button")).to_be_disabled()
+    field.fill("1:C, 2:C, 5:B")  # the surprise preset's, set at once as a paste sets it
+    expect(page.locator("#a-preset-note")).to_contain_text("surprise", timeout=30_000)  # named as that preset
+    expect(page.locator("#a-button")).to_be_enabled()
+    for number, letter in ((1, "C"), (2, "C"), (5, "B"), (6, "-"), (12, "-")):  # what Synthesise reads
+        expect(page.get_by_label(re.compile(rf"^AU{number} "))).to_have_value(letter, timeout=30_000)
 
 
 def test_prior_slider_follows_the_clip_and_the_gallery_shows_every_panel(page, clip, tmp_path):

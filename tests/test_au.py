@@ -331,6 +331,10 @@ def test_app_au_text_that_does_not_parse_turns_synthesise_off_and_what_the_choic
         assert on and app.au_spec_from_choices(*choices) == used and f"**{used}** is synthesised" in note
     note, on, choices = typed("  ")
     assert on and note == "" and app.au_spec_from_choices(*choices) == ""  # cleared: nothing chosen
+    for name, (spec, source) in au.PRESETS.items():  # a preset's text, however spaced, is named as that preset
+        note, on, choices = typed(spec.replace(",", ", "))
+        assert on and note.startswith(f"**{name}** = {spec}") and source in note
+        assert app.au_spec_from_choices(*choices) == spec and app.au_preset_note(spec) == note
 
 
 @pytest.mark.slow
