@@ -20,6 +20,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from mefacial.errors import MefacialError  # noqa: E402
 from mefacial.video import read_clip, write_video  # noqa: E402
 
 PRESETS = {  # (width, height, face px, grey)
@@ -53,7 +54,10 @@ def main() -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), required=True)
     parser.add_argument("--frames", type=int, default=None, help="at most this many frames (default: all)")
     args = parser.parse_args()
-    clip = read_clip(args.clip)
+    try:
+        clip = read_clip(args.clip)
+    except MefacialError as error:
+        sys.exit(f"raw_sized_clip.py: {error}")
     frames = clip.frames[:args.frames] if args.frames else clip.frames
     enlarged = enlarge(np.asarray(frames), *PRESETS[args.preset])
     write_video(args.out, enlarged, clip.fps)
