@@ -790,26 +790,20 @@ def action_units_tab(demo: "Demo", default_face: str | None, blocks: gr.Blocks) 
                     for unit in rows[start:start + 6]:  # '-' by default: an AU left out of an API call is not used
                         radios.append(gr.Dropdown(AU_CHOICES, value=AU_OFF, label=f"AU{unit.number} {unit.name}",
                                                   info=unit.muscles, min_width=150))
-    def chosen(*choices) -> list:  # a choice made: the text follows it, and the note (a preset's where it is one)
-        spec = au_spec_from_choices(*choices)
-        return [spec, au_preset_note(spec), gr.update(interactive=True)]
+    def chosen(*choices) -> str:  # a choice made: the text follows it (and the rest follows the text, below)
+        return au_spec_from_choices(*choices)
 
     for radio in radios:
-        radio.input(chosen, radios, [a_spec, a_preset_note, a_button], api_name=False, queue=False)
-    # (`change`, not `input`: Gradio's input event follows keys, so a pasted specification was left unread, and
-    # Synthesise ran the choices before it; `change` also follows the page's own writes, and finds them as written)
+        radio.input(chosen, radios, a_spec, api_name=False, queue=False)
+    # The text is where the choices, the note and Synthesise's state come from, however it was written (typed,
+    # pasted, by a preset or a choice): `change`, not `input`, whose Gradio event follows keys (a pasted
+    # specification was left unread, and Synthesise ran the choices before it).
     a_spec.change(au_text_changed, a_spec, [a_preset_note, a_button, *radios], api_name=False, queue=False,
                   trigger_mode="always_last")
-
-    def preset(name: str) -> list:
-        spec = au.PRESETS[name][0]
-        return [spec, au_preset_note(spec), gr.update(interactive=True), *au_choices_from_spec(spec)]
-
     for name, button in zip(au.PRESETS, preset_buttons):
-        button.click(functools.partial(preset, name), None, [a_spec, a_preset_note, a_button, *radios],
-                     api_name=False, queue=False)
-    blocks.load(functools.partial(preset, "positive"), None, [a_spec, a_preset_note, a_button, *radios],
-                api_name=False, queue=False)  # the page opens with a preset chosen
+        button.click(lambda name=name: au.PRESETS[name][0], None, a_spec, api_name=False, queue=False)
+    blocks.load(lambda: au.PRESETS["positive"][0], None, a_spec, api_name=False,
+                queue=False)  # the page opens with a preset chosen
     timing_inputs = [a_onset, a_apex, a_offset, a_fps, a_lead_in, a_lead_out]
     count = len(radios)
     gr.on([c.change for c in [*radios, *timing_inputs]],
