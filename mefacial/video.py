@@ -40,6 +40,14 @@ from .utils import first_line, from_numpy
 
 logger = logging.getLogger("mefacial")
 
+# imageio-ffmpeg starts ffmpeg with `preexec_fn=os.setpgrp` (so that Ctrl-C reaches Python, not ffmpeg): Python code
+# run between fork and exec, which the subprocess module's documentation calls unsafe where threads run, and which
+# can leave the caller waiting for good on a child stuck before exec (imageio-ffmpeg issue #58). Here threads always
+# run (the mesh tracker, torch's, the app's two encoders at once), so ffmpeg starts without it, by the library's own
+# switch (read at each start): Popen then execs at once (vfork), running no fork handlers. Ctrl-C stops ffmpeg too;
+# `VideoWriter` removes the partial file either way.
+os.environ.setdefault("IMAGEIO_FFMPEG_NO_PREVENT_SIGINT", "1")
+
 DEFAULT_FPS = 25.0  # when a container or a folder of frames carries no frame rate
 PLAYBACK_S = 2.0  # s: a short clip's output is suggested slowed down to play about this long (`suggested_slowdown`)
 MAX_SUGGESTED_SLOWDOWN = 10

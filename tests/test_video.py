@@ -139,6 +139,26 @@ def test_a_video_written_batch_by_batch_is_the_file_written_at_once(tmp_path, cl
         video.VideoWriter(tmp_path / "clip.avi", 25.0)
 
 
+def test_ffmpeg_is_started_with_no_python_code_between_fork_and_exec(tmp_path, clip):
+    """imageio-ffmpeg's default runs os.setpgrp in the forked child (unsafe with threads: a child stuck before exec
+    hangs the caller); mefacial turns it off, so the encoder stays in this process's group."""
+    import os
+
+    def children() -> set[int]:
+        return {int(pid) for task in Path("/proc/self/task").iterdir()
+                for pid in (task / "children").read_text().split()}
+
+    if not Path(f"/proc/self/task/{os.getpid()}/children").exists():
+        pytest.skip("no /proc/PID/task/TID/children here (a Linux kernel option)")
+    before = children()
+    with video.VideoWriter(tmp_path / "out.mp4", 25.0) as writer:
+        writer.write(clip.frames[:2])  # (ffmpeg runs from the first frame until the writer closes)
+        encoders = children() - before
+        assert len(encoders) == 1
+        assert os.getpgid(encoders.pop()) == os.getpgrp()
+    assert video.read_clip(writer.path).num_frames == 2
+
+
 def test_folder_of_frames_is_sorted_naturally(tmp_path):
     for index in (10, 2, 1, 33):
         Image.fromarray(np.full((8, 10), index, np.uint8)).save(tmp_path / f"frame{index}.png")
