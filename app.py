@@ -25,6 +25,7 @@ import argparse
 import atexit
 import ctypes
 import ctypes.util
+import faulthandler
 import functools
 import inspect
 import logging
@@ -1193,14 +1194,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def stop_on_sigterm() -> None:
+def handle_signals() -> None:
     """Shut down on SIGTERM (docker stop, a Space restart) as on Ctrl-C: Gradio closes the server and
-    deletes its cached files, and the request folders are removed at exit."""
+    deletes its cached files, and the request folders are removed at exit. On SIGUSR1 (`kill -USR1 PID`),
+    write every thread's stack to standard error and go on serving: where a request that never ends is."""
 
     def interrupt(signum, frame):
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, interrupt)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
 
 
 def warm_up(engine: mefacial.Engine) -> float | None:
@@ -1247,7 +1250,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"error: {exc.cli_message}") from None
     limits = Limits(max_upload_mb=args.max_upload_mb, max_frames=args.max_frames, max_seconds=args.max_seconds,
                     queue_size=args.queue_size, output_max_age_s=args.output_max_age)
-    stop_on_sigterm()
+    handle_signals()
     demo = build_demo(engine, limits)
     try:
         launch(demo, host=args.host, port=args.port, share=args.share, prevent_thread_lock=True)

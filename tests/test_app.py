@@ -7,6 +7,8 @@ the training-free warp variant on the bundled examples (16 frames).
 from __future__ import annotations
 
 import concurrent.futures
+import signal
+import time
 from pathlib import Path
 
 import httpx
@@ -16,7 +18,7 @@ import pytest
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 
-from app_server import MAX_FRAMES, MAX_UPLOAD_MB, REPO
+from app_server import APPS, MAX_FRAMES, MAX_UPLOAD_MB, REPO
 from mefacial import get_variant, list_variants
 from mefacial.grid import HEADER, TILE
 from mefacial.video import read_clip, write_video
@@ -168,6 +170,21 @@ def test_concurrent_users_get_their_own_results(app_url, tmp_path, clip):
                 for n, path in ((clip.num_frames, CLIP), (clip.num_frames // 2, short))}
         for expected, job in jobs.items():
             assert frames_of(job.result(timeout=300)[0]).shape[0] == expected
+
+
+def test_sigusr1_writes_the_threads_stacks_to_the_log_and_the_app_serves_on(app_url, client, clip):
+    app = APPS[app_url]
+    before = app.log.read_text(errors="replace")
+    app.process.send_signal(signal.SIGUSR1)
+    for _ in range(50):  # (written by the app's signal handler, at once; read back within 5 s)
+        dump = app.log.read_text(errors="replace")[len(before):]
+        if "(most recent call first)" in dump and "in block_thread" in dump:
+            break
+        time.sleep(0.1)
+    assert "(most recent call first)" in dump, dump  # faulthandler's format, one block per thread
+    assert "in block_thread" in dump and "warm_up" not in dump  # the main thread serving; the warm-up is done
+    video, *_ = client.predict(source=handle_file(FACE), driving=handle_file(CLIP), api_name="/generate")
+    assert frames_of(video).shape[0] == clip.num_frames
 
 
 def test_synthesis_pasted_back_through_the_api_is_the_pictures_size(client):

@@ -6,12 +6,15 @@ or as Gradio's "queue full" rejection, nothing else. Afterwards the app's reside
 within RSS_BOUND_MB of its value after the first request and stops growing (PLATEAU_MB over the
 second half of the run), and once the outputs' maximum age has
 passed its per-request folders and Gradio's cached copies are gone; SIGTERM removes the rest.
-The figures are printed (run with -s to see them).
+The figures are printed (run with -s to see them). A request unanswered after STALL_S fails the test with
+what the app's threads were doing then (the app writes their stacks on SIGUSR1) and whether it still served
+another client, instead of waiting for pytest's timeout.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import signal
 import statistics
 import threading
 import time
@@ -34,9 +37,24 @@ REQUESTS = 50
 QUEUE_SIZE = 2
 MAX_AGE_S = 20  # --output-max-age of the app under test
 RSS_BOUND_MB = 250  # growth allowed after the first request: allocator caches and concurrent peaks
+STALL_S = 180  # a request waits behind 2 others of 4-7 frames (a few seconds): this long is a hang
 PLATEAU_MB = 80  # growth allowed over the second half of the run: a per-request leak would keep climbing
 FACE = REPO / "examples" / "astronaut.png"
 CLIP = REPO / "examples" / "brow_raise.mp4"
+
+
+def stalled_app(app, url: str, clip: Path) -> str:
+    """What a stalled request's app was doing: whether a new client is still served, and its threads' stacks."""
+    try:
+        Client(url, verbose=False).submit(source=handle_file(FACE), driving=handle_file(clip),
+                                          api_name="/generate").result(timeout=60)
+        served = "the app still served a new client"
+    except Exception as exc:  # noqa: BLE001 - described, not raised: the stall is the failure
+        served = f"a new client was not served either ({type(exc).__name__})"
+    app.process.send_signal(signal.SIGUSR1)  # the app writes every thread's stack to its log
+    time.sleep(2)
+    log = app.log.read_text(errors="replace")
+    return f"{served}; the end of the app's log, with its threads' stacks:\n{log[-12000:]}"
 
 
 def test_four_users_fifty_requests(tmp_path):
@@ -58,9 +76,9 @@ def test_four_users_fifty_requests(tmp_path):
         def user(number: int) -> None:
             client = Client(url, verbose=False)
             for _ in range(shares[number] - (number == 0)):  # user 0 already sent the first request
+                job = client.submit(source=handle_file(FACE), driving=handle_file(clips[number]), api_name="/generate")
                 try:
-                    video, _, _, status = client.predict(source=handle_file(FACE),
-                                                         driving=handle_file(clips[number]), api_name="/generate")
+                    video, _, _, status = job.result(timeout=STALL_S)
                     frames = iio.imread(video).shape[0]
                     outcome = "served" if frames == 4 + number and f"{frames} frames" in status else "wrong"
                     if outcome == "wrong":
@@ -71,6 +89,11 @@ def test_four_users_fifty_requests(tmp_path):
                 except AppError as exc:
                     outcome = "wrong"
                     wrong.append(f"user {number}: {exc}")
+                except concurrent.futures.TimeoutError:
+                    wrong.append(f"user {number}: no answer after {STALL_S} s ({job.status().code}); "
+                                 + stalled_app(app, url, clips[0]))
+                    job.cancel()
+                    return  # (this client's later requests would only repeat it)
                 with lock:
                     outcomes[outcome] = outcomes.get(outcome, 0) + 1
                     rss.append(app.rss_mb())
@@ -80,13 +103,13 @@ def test_four_users_fifty_requests(tmp_path):
             for job in [pool.submit(user, n) for n in range(USERS)]:
                 job.result(timeout=600)
         elapsed = time.monotonic() - started
+        assert not wrong, "\n".join(wrong)
         rss_after, files_after = app.rss_mb(), app.open_files()
         half = statistics.median(rss[len(rss) // 2 - 3:len(rss) // 2 + 3])
         print(f"\nsoak: {REQUESTS} requests from {USERS} users in {elapsed:.0f} s: {outcomes['served']} served, "
               f"{outcomes['rejected']} rejected (queue full); RSS {rss_first:.0f} MiB after the first request, "
               f"{rss_after:.0f} MiB after all (bound +{RSS_BOUND_MB}), {half:.0f} MiB at half-time; "
               f"open files {len(files_first)} -> {len(files_after)}")
-        assert not wrong, wrong
         assert outcomes["served"] + outcomes["rejected"] == REQUESTS
         assert outcomes["rejected"] > 0, "no request met a full queue: the test did not load the app"
         assert outcomes["served"] >= REQUESTS // 4
