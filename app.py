@@ -1203,7 +1203,8 @@ def handle_signals() -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, interrupt)
-    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    if hasattr(signal, "SIGUSR1"):  # (not on Windows)
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
 
 
 def warm_up(engine: mefacial.Engine) -> float | None:
