@@ -139,8 +139,9 @@ def one_blas_thread() -> None:
     tracker: 7-12 ms a frame with them, 6.3 without; the warp's spline alike with one or two). And a threaded
     OpenBLAS call hangs for good where another thread starts a subprocess meanwhile (its fork handler stops
     the BLAS threads the call waits for): the app's preview of an upload runs ffmpeg while a Generate builds
-    the source's triangulation (scipy's Delaunay: a threaded solve). Changing their number during a run would
-    race the same way, so it is set once and left."""
+    the source's triangulation (scipy's Delaunay: a threaded solve; mefacial's own ffmpeg starts now run no fork
+    handlers, `mefacial.video`, but any library's fork would). Changing their number during a run would race the
+    same way, so it is set once and left."""
     import scipy.linalg  # noqa: F401 - loads scipy's own OpenBLAS, so that it is limited too
     from threadpoolctl import threadpool_limits
 
