@@ -58,8 +58,7 @@ def main() -> None:
         clip = read_clip(args.clip)
     except MefacialError as error:
         sys.exit(f"raw_sized_clip.py: {error}")
-    frames = clip.frames[:args.frames] if args.frames else clip.frames
-    enlarged = enlarge(np.asarray(frames), *PRESETS[args.preset])
+    enlarged = enlarge(clip.frames[:args.frames], *PRESETS[args.preset])  # (all of them where None)
     write_video(args.out, enlarged, clip.fps)
     print(f"{args.out}: {len(enlarged)} frames of {enlarged.shape[2]} x {enlarged.shape[1]} at {clip.fps:g} fps")
 

@@ -14,6 +14,14 @@ REPO = Path(__file__).resolve().parent.parent
 TOOLS = sorted([*REPO.glob("benchmarks/*.py"), *REPO.glob("scripts/*.py")])
 
 
+def load_tool(name: str):
+    """benchmarks/NAME.py as a module (its functions, none of its work)."""
+    spec = importlib.util.spec_from_file_location(f"tool_{name}", REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_the_tools_are_found():
     assert {"dense_quality.py", "gpu_check.py", "au_strips.py"} <= {path.name for path in TOOLS}
 
@@ -35,9 +43,7 @@ def test_drawn_opening_reads_how_much_eye_a_synthesised_clip_shows():
     from mefacial import Engine, au
     from mefacial.models.dense import CLOSED
 
-    spec = importlib.util.spec_from_file_location("tool_dense_quality", REPO / "benchmarks" / "dense_quality.py")
-    quality = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(quality)
+    quality = load_tool("dense_quality")
     engine = Engine(device="cpu")
     timing = au.Timing(onset_ms=40, apex_ms=20, offset_ms=40, fps=100)
     shown = {}
@@ -54,9 +60,7 @@ def test_raw_sized_clip_centres_the_enlarged_face_on_the_presets_canvas():
     """`raw_sized_clip.enlarge` (the README's raw-sized Speed rows): the canvas has the preset's size, the clip
     is scaled to the preset's face width and centred (its centre pixel lands on the canvas's), the rest is the
     flat background, and the SAMM preset is grey."""
-    spec = importlib.util.spec_from_file_location("tool_raw_sized_clip", REPO / "benchmarks" / "raw_sized_clip.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("raw_sized_clip")
     frames = np.zeros((2, 16, 16, 3), np.uint8)
     frames[:, 6:10, 6:10] = (200, 40, 10)  # a coloured centre
     for preset, (width, height, face, grey) in tool.PRESETS.items():
