@@ -9,6 +9,7 @@ exits with status 2, without a traceback.
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import logging
 import os
@@ -21,10 +22,31 @@ from .options import AnimateOptions, magnified
 
 
 class CliParser(argparse.ArgumentParser):
-    """argparse with one-line errors (cause, then where the flags are listed) and exit status 2."""
+    """argparse with one-line errors (cause, then where the flags are listed) and exit status 2; a flag the
+    command does not know is named with the closest one it does, and its command's --help."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"error: {message}; see `{self.prog} --help`\n")
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        parsed, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            command = self._command_parser(parsed)
+            known = [flag for action in command._actions for flag in action.option_strings]
+            guesses = [close[0] for word in unknown if word.startswith("-")
+                       for close in [difflib.get_close_matches(word.split("=")[0], known, n=1, cutoff=0.6)] if close]
+            hint = f" (did you mean {' / '.join(guesses)}?)" if guesses else ""
+            command.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
+        return parsed
+
+    def _command_parser(self, parsed: argparse.Namespace) -> argparse.ArgumentParser:
+        """The parser of the (innermost) subcommand `parsed` was read with; this one where there is none."""
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                command = action.choices.get(getattr(parsed, action.dest, None))
+                if isinstance(command, CliParser):
+                    return command._command_parser(parsed)
+        return self
 
 
 def _tile(text: str) -> int:

@@ -42,6 +42,32 @@ def test_user_errors_are_one_line_with_status_2(argv, cause, capsys, tmp_path, m
     assert "Traceback" not in err
 
 
+@pytest.mark.parametrize("argv, named", [
+    (["synthesize", "--source", "face.png", "--aus", "1:C,2:C"], "--aus 1:C,2:C (did you mean --au?); see "
+                                                                  "`python -m mefacial synthesize --help`"),
+    (["animate", *EXAMPLE, "--out", "out.mp4", "--magnfy=2", "extra"], "--magnfy=2 extra (did you mean --magnify?); "
+                                                                         "see `python -m mefacial animate --help`"),
+    (["checkpoints", "list", "--jsn"], "--jsn (did you mean --json?); see `python -m mefacial checkpoints list --help`"),
+    (["variants", "--frobnicate"], "--frobnicate; see `python -m mefacial variants --help`"),
+])
+def test_an_unknown_flag_is_named_with_the_closest_one_and_its_commands_help(argv, named, capsys):
+    assert main(argv) == 2
+    assert capsys.readouterr().err == f"error: unrecognized arguments: {named}\n"
+
+
+def test_the_training_commands_name_an_unknown_flag_in_one_line_too(capsys):
+    from train.__main__ import main as train
+    from train.prepare import main as prepare
+
+    for command, argv, named in ((train, ["--config", "fomm-awp", "--max-stpes", "3"], "--max-stpes 3 (did you mean "
+                                  "--max-steps?); see `python -m train --help`"),
+                                 (prepare, ["raw", "out", "--sise", "3"], "--sise 3 (did you mean --size?); see "
+                                  "`python -m train.prepare --help`")):
+        with pytest.raises(SystemExit) as exit:
+            command(argv)
+        assert exit.value.code == 2 and capsys.readouterr().err == f"error: unrecognized arguments: {named}\n"
+
+
 def test_missing_weights_read_as_one_line_with_their_lists_kept_apart(capsys, tmp_path, monkeypatch):
     # the message lists where it looked and what to do, one item a line; flattened with its dashes kept, it read
     # "... (none exists) What to do, any one of: - No public weights. ... - copy the weights file ..."

@@ -14,11 +14,12 @@ import sys
 from pathlib import Path
 
 from mefacial.console import one_line
+from mefacial.__main__ import CliParser
 from mefacial.errors import MefacialError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CliParser(
         prog="python -m train",
         description="Train FOMM / MRAA (with none / EWP / AWP facial priors) on face videos. "
                     "Under torchrun each process trains one DDP replica.",

@@ -14,7 +14,6 @@ same on every machine and a subject never appears in both splits.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import logging
 import sys
@@ -23,6 +22,7 @@ from pathlib import Path
 from PIL import Image
 
 from mefacial import video
+from mefacial.__main__ import CliParser
 from mefacial.errors import MefacialError, NoFaceError
 
 from .datasets import VIDEO_EXTENSIONS
@@ -89,7 +89,7 @@ def prepare(src: str | Path, out: str | Path, size: int = 256, margin: float = 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train.prepare", description=__doc__.split("\n\n")[0])
+    parser = CliParser(prog="python -m train.prepare", description=__doc__.split("\n\n")[0])
     parser.add_argument("src", type=Path, help="dataset root (e.g. CASME2_RAW_selected, SAMM, SMIC/HS)")
     parser.add_argument("out", type=Path, help="output folder for python -m train --data")
     parser.add_argument("--size", type=int, default=256, help="frame size of the model (default 256)")
