@@ -43,6 +43,7 @@ import gradio as gr
 import mefacial
 from mefacial import checkpoints as weights_registry
 from mefacial import hardware
+from mefacial.__main__ import CliParser
 from mefacial.console import monotone
 from mefacial.errors import ONSET_FIX, ONSET_PAGE, MefacialError, NoFaceError, UnreadableVideoError, sentence
 from mefacial.evaluate import COMPARE_TIMES, compare_columns, compare_time, first_line
@@ -1175,7 +1176,7 @@ def parse_checkpoint(text: str) -> tuple[str, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = CliParser(prog="python app.py", description=__doc__.splitlines()[0])
     parser.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1, or $GRADIO_SERVER_NAME)")
     parser.add_argument("--port", type=int, default=None, help="port (default 7860, or $GRADIO_SERVER_PORT)")
     parser.add_argument("--share", action="store_true", help="also serve on a temporary public gradio.live link")

@@ -55,11 +55,14 @@ def test_an_unknown_flag_is_named_with_the_closest_one_and_its_commands_help(arg
     assert capsys.readouterr().err == f"error: unrecognized arguments: {named}\n"
 
 
-def test_the_training_commands_name_an_unknown_flag_in_one_line_too(capsys):
+def test_the_app_and_the_training_commands_name_an_unknown_flag_in_one_line_too(capsys):
+    from app import main as app
     from train.__main__ import main as train
     from train.prepare import main as prepare
 
-    for command, argv, named in ((train, ["--config", "fomm-awp", "--max-stpes", "3"], "--max-stpes 3 (did you mean "
+    for command, argv, named in ((app, ["--qeue-size", "3"], "--qeue-size 3 (did you mean --queue-size?); see "
+                                  "`python app.py --help`"),
+                                 (train, ["--config", "fomm-awp", "--max-stpes", "3"], "--max-stpes 3 (did you mean "
                                   "--max-steps?); see `python -m train --help`"),
                                  (prepare, ["raw", "out", "--sise", "3"], "--sise 3 (did you mean --size?); see "
                                   "`python -m train.prepare --help`")):
