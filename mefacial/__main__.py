@@ -126,11 +126,20 @@ def _cmd_animate(args: argparse.Namespace) -> int:
         with VideoWriter(out, prepared.fps, options.slowdown) as writer:
             result = engine.collect(prepared, args.variant, options, checkpoint=args.checkpoint, progress=progress,
                                     started=started, sink=writer.write)
-    print(f"{out}: {result.num_frames} frames at {result.fps:g} fps (played at {result.fps / options.slowdown:g}), "
+    print(f"{out}: {result.num_frames} frame{'s' * (result.num_frames != 1)} at {result.fps:g} fps (played at {result.fps / options.slowdown:g}), "
           + (f"{magnified(options.magnify)} (magnified), " if options.magnify != 1 else "")
           + f"{_time_taken(result.timings)}, weights: {result.weights}, "
-          f"landmarks: {result.landmark_backend or 'not needed'}" + _playback_hint(result, options.slowdown))
+          f"landmarks: {result.landmark_backend or 'not needed'}"
+          + (_still_driving_note(args.driving) if result.num_frames == 1 and options.motion == "relative"
+             else _playback_hint(result, options.slowdown)))
     return 0
+
+
+def _still_driving_note(driving: str) -> str:
+    """Where the driving 'clip' was a single frame (a photo given for the clip): relative motion is measured from
+    its first frame, so there was none to carry."""
+    return (f"; note: the driving clip {driving} is a single frame (a still image?), and motion is measured from "
+            "its first frame, so the face is unchanged: pass a video or GIF of the micro-expression")
 
 
 def _time_taken(timings: dict[str, float]) -> str:

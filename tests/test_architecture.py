@@ -104,6 +104,15 @@ def test_animate_writes_its_video_batch_by_batch(capsys, tmp_path, monkeypatch):
     assert capsys.readouterr().out.startswith(f"{out}: {clip.num_frames} frames at {clip.fps:g} fps")
 
 
+def test_a_still_image_given_as_the_driving_clip_is_pointed_out(capsys, tmp_path):
+    """A photo passed for the clip is a one-frame clip: its relative motion is none, and the line says so instead
+    of suggesting a slow-down."""
+    out = tmp_path / "out.mp4"
+    assert main(["animate", "--source", EXAMPLE[1], "--driving", EXAMPLE[1], "--out", str(out)]) == 0
+    line = capsys.readouterr().out
+    assert line.startswith(f"{out}: 1 frame at ") and "is a single frame" in line and "--slowdown" not in line, line
+
+
 def test_the_commands_time_says_how_much_went_to_reading_a_large_clip():
     """`animate`'s line gives the run's time; where reading the clip took a good part of it (a large raw clip),
     it says so, so that its time a frame is not taken for the generator's."""
