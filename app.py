@@ -391,11 +391,15 @@ class Demo:
         timings = result.timings
         speed = "real time" if slowdown == 1 else f"slowed down x{slowdown:g}"
         motion = f" · **{magnified(magnify)}** (magnified, not the driving's own)" if magnify != 1 else ""
-        return (f"**{get_variant(result.variant).label}**{motion}: {result.num_frames} frames in "
-                f"{timings.get('total_s', 0):.2f} s "
+        notes = [pasted] if pasted else []
+        if result.num_frames == 1 and result.options is not None and result.options.motion == "relative":
+            # (a still picture uploaded as the clip: relative motion is measured from its only frame)
+            notes.append("the driving clip is a single frame, so there was no motion to carry: upload a clip")
+        return (f"**{get_variant(result.variant).label}**{motion}: {result.num_frames} "
+                f"frame{'s' * (result.num_frames != 1)} in {timings.get('total_s', 0):.2f} s "
                 f"({timings.get('ms_per_frame', 0):.0f} ms/frame) on {self.engine.device} {self.engine.precision} · "
                 f"landmarks: {result.landmark_backend or 'none'} · weights: {result.weights} · "
-                f"{result.fps:g} fps, {speed}" + (f" · {pasted}" if pasted else ""))
+                f"{result.fps:g} fps, {speed}" + "".join(f" · {note}" for note in notes))
 
     # ---- Compare --------------------------------------------------------------------------------
     def compare(self, source, driving, variants=None, magnify=1.0, crop=True, paste_back=False, landmarks="dlib",

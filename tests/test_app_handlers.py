@@ -280,3 +280,17 @@ def test_a_large_photo_is_fitted_before_the_results_are_pasted_back_into_it(tmp_
     assert read_clip(video).frames.shape[1:3] == (height, width)
     assert status.endswith(f"pasted back into the picture fitted to {width}x{height} (from 2048x1536)")
     assert demo.paste_target(face, True) == (face, "") and demo.paste_target(read_image(large), False)[1] == ""
+
+
+def test_a_one_frame_clip_is_pointed_out_in_the_status(tmp_path):
+    """A single frame uploaded as the clip (a one-frame GIF) animates, and the status says why the face did not
+    move, in the page's words ('1 frame', not '1 frames')."""
+    from mefacial.video import read_clip, write_video
+
+    still = write_video(tmp_path / "still.gif", read_clip(app.EXAMPLE_CLIP).frames[:1], 25)
+    demo = app.Demo(Engine(device="cpu", landmarks="dlib"), app.Limits())
+    _, _, _, status = demo.generate({"path": str(FACE)}, {"path": str(still)}, progress=lambda *a, **k: None)
+    assert ": 1 frame in " in status and status.endswith(" · the driving clip is a single frame, so there was no "
+                                                         "motion to carry: upload a clip"), status
+    _, _, _, status = demo.generate({"path": str(FACE)}, {"path": str(app.EXAMPLE_CLIP)}, progress=lambda *a, **k: None)
+    assert "single frame" not in status and " frames in " in status, status
