@@ -43,8 +43,7 @@ import gradio as gr
 import mefacial
 from mefacial import checkpoints as weights_registry
 from mefacial import hardware
-from mefacial.__main__ import CliParser
-from mefacial.console import monotone
+from mefacial.console import CliParser, monotone
 from mefacial.errors import ONSET_FIX, ONSET_PAGE, MefacialError, NoFaceError, UnreadableVideoError, sentence
 from mefacial.evaluate import COMPARE_TIMES, compare_columns, compare_time, first_line
 from mefacial.grid import Column, prior_panels, render_grid

@@ -9,44 +9,15 @@ exits with status 2, without a traceback.
 from __future__ import annotations
 
 import argparse
-import difflib
 import json
 import logging
 import os
 import sys
 import time
 
-from .console import one_line
+from .console import CliParser, one_line
 from .errors import InputError, MefacialError
 from .options import AnimateOptions, magnified
-
-
-class CliParser(argparse.ArgumentParser):
-    """argparse with one-line errors (cause, then where the flags are listed) and exit status 2; a flag the
-    command does not know is named with the closest one it does, and its command's --help."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"error: {message}; see `{self.prog} --help`\n")
-
-    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
-        parsed, unknown = self.parse_known_args(args, namespace)
-        if unknown:
-            command = self._command_parser(parsed)
-            known = [flag for action in command._actions for flag in action.option_strings]
-            guesses = [close[0] for word in unknown if word.startswith("-")
-                       for close in [difflib.get_close_matches(word.split("=")[0], known, n=1, cutoff=0.6)] if close]
-            hint = f" (did you mean {' / '.join(guesses)}?)" if guesses else ""
-            command.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
-        return parsed
-
-    def _command_parser(self, parsed: argparse.Namespace) -> argparse.ArgumentParser:
-        """The parser of the (innermost) subcommand `parsed` was read with; this one where there is none."""
-        for action in self._actions:
-            if isinstance(action, argparse._SubParsersAction):
-                command = action.choices.get(getattr(parsed, action.dest, None))
-                if isinstance(command, CliParser):
-                    return command._command_parser(parsed)
-        return self
 
 
 def _tile(text: str) -> int:
@@ -126,7 +97,8 @@ def _cmd_animate(args: argparse.Namespace) -> int:
         with VideoWriter(out, prepared.fps, options.slowdown) as writer:
             result = engine.collect(prepared, args.variant, options, checkpoint=args.checkpoint, progress=progress,
                                     started=started, sink=writer.write)
-    print(f"{out}: {result.num_frames} frame{'s' * (result.num_frames != 1)} at {result.fps:g} fps (played at {result.fps / options.slowdown:g}), "
+    print(f"{out}: {result.num_frames} frame{'s' * (result.num_frames != 1)} at {result.fps:g} fps "
+          f"(played at {result.fps / options.slowdown:g}), "
           + (f"{magnified(options.magnify)} (magnified), " if options.magnify != 1 else "")
           + f"{_time_taken(result.timings)}, weights: {result.weights}, "
           f"landmarks: {result.landmark_backend or 'not needed'}"

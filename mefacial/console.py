@@ -1,5 +1,5 @@
-"""Output for people: tables, one-line error messages, and progress reports that never go backwards, with a bar
-only on a terminal.
+"""Output for people: tables, one-line error messages (the command lines' flags' too: `CliParser`), and progress
+reports that never go backwards, with a bar only on a terminal.
 
 The engine reports `progress(fraction, message)` per stage and per batch; stages restart their
 own count, so a raw report can step back (5 % "landmarks" then 4 % "frames 4/101").
@@ -9,6 +9,8 @@ is a terminal and otherwise writes one plain line at most every `every` seconds 
 
 from __future__ import annotations
 
+import argparse
+import difflib
 import sys
 import time
 from typing import Callable, TextIO
@@ -99,3 +101,31 @@ def table(rows: list[list], header: list[str]) -> str:
     lines = ["  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows]]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+class CliParser(argparse.ArgumentParser):
+    """argparse with one-line errors (cause, then where the flags are listed) and exit status 2; a flag the
+    command does not know is named with the closest one it does, and its command's --help."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"error: {message}; see `{self.prog} --help`\n")
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        parsed, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            command = self._command_parser(parsed)
+            known = [flag for action in command._actions for flag in action.option_strings]
+            guesses = [close[0] for word in unknown if word.startswith("-")
+                       for close in [difflib.get_close_matches(word.split("=")[0], known, n=1, cutoff=0.6)] if close]
+            hint = f" (did you mean {' / '.join(guesses)}?)" if guesses else ""
+            command.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
+        return parsed
+
+    def _command_parser(self, parsed: argparse.Namespace) -> argparse.ArgumentParser:
+        """The parser of the (innermost) subcommand `parsed` was read with; this one where there is none."""
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                command = action.choices.get(getattr(parsed, action.dest, None))
+                if isinstance(command, CliParser):
+                    return command._command_parser(parsed)
+        return self

@@ -13,8 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from mefacial.console import one_line
-from mefacial.__main__ import CliParser
+from mefacial.console import CliParser, one_line
 from mefacial.errors import MefacialError
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from PIL import Image
 
 from mefacial import video
-from mefacial.__main__ import CliParser
+from mefacial.console import CliParser
 from mefacial.errors import MefacialError, NoFaceError
 
 from .datasets import VIDEO_EXTENSIONS
