@@ -43,7 +43,7 @@ import gradio as gr
 import mefacial
 from mefacial import checkpoints as weights_registry
 from mefacial import hardware
-from mefacial.console import CliParser, monotone
+from mefacial.console import CliParser, counted, monotone
 from mefacial.errors import ONSET_FIX, ONSET_PAGE, MefacialError, NoFaceError, UnreadableVideoError, sentence
 from mefacial.evaluate import COMPARE_TIMES, compare_columns, compare_time, first_line
 from mefacial.grid import Column, prior_panels, render_grid
@@ -394,8 +394,8 @@ class Demo:
         if result.num_frames == 1 and result.options is not None and result.options.motion == "relative":
             # (a still picture uploaded as the clip: relative motion is measured from its only frame)
             notes.append("the driving clip is a single frame, so there was no motion to carry: upload a clip")
-        return (f"**{get_variant(result.variant).label}**{motion}: {result.num_frames} "
-                f"frame{'s' * (result.num_frames != 1)} in {timings.get('total_s', 0):.2f} s "
+        return (f"**{get_variant(result.variant).label}**{motion}: {counted(result.num_frames, 'frame')} in "
+                f"{timings.get('total_s', 0):.2f} s "
                 f"({timings.get('ms_per_frame', 0):.0f} ms/frame) on {self.engine.device} {self.engine.precision} · "
                 f"landmarks: {result.landmark_backend or 'none'} · weights: {result.weights} · "
                 f"{result.fps:g} fps, {speed}" + "".join(f" · {note}" for note in notes))
@@ -850,7 +850,7 @@ def default_landmarks(engine: mefacial.Engine) -> str:
 def clip_info(clip) -> str:
     """A clip's description, shown under it: frames, size, rate and length."""
     t, h, w, _ = clip.frames.shape
-    return f"{t} frames, {w}x{h}, {clip.fps:g} fps ({t / clip.fps:.2f} s)"
+    return f"{counted(t, 'frame')}, {w}x{h}, {clip.fps:g} fps ({t / clip.fps:.2f} s)"
 
 
 def suggested_slowdown(clip) -> int:

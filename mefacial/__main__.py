@@ -15,7 +15,7 @@ import os
 import sys
 import time
 
-from .console import CliParser, one_line
+from .console import CliParser, counted, one_line
 from .errors import InputError, MefacialError
 from .options import AnimateOptions, magnified
 
@@ -97,7 +97,7 @@ def _cmd_animate(args: argparse.Namespace) -> int:
         with VideoWriter(out, prepared.fps, options.slowdown) as writer:
             result = engine.collect(prepared, args.variant, options, checkpoint=args.checkpoint, progress=progress,
                                     started=started, sink=writer.write)
-    print(f"{out}: {result.num_frames} frame{'s' * (result.num_frames != 1)} at {result.fps:g} fps "
+    print(f"{out}: {counted(result.num_frames, 'frame')} at {result.fps:g} fps "
           f"(played at {result.fps / options.slowdown:g}), "
           + (f"{magnified(options.magnify)} (magnified), " if options.magnify != 1 else "")
           + f"{_time_taken(result.timings)}, weights: {result.weights}, "

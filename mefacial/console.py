@@ -69,6 +69,11 @@ class ConsoleProgress:
             print(f"{self.desc}: 100% done", file=self.stream, flush=True)
 
 
+def counted(count: int, noun: str) -> str:
+    """'1 frame', '45 frames'."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def one_line(message: str) -> str:
     """A message as one line (the command line's errors): a heading line's list items ("  - item" lines) follow it
     joined by "; " and closed by ".", and runs of white space become one space."""

@@ -142,7 +142,8 @@ def test_unusual_but_valid_uploads_are_animated(client, files):
         video, _, _, status = client.predict(source=handle_file(files[source]), driving=handle_file(files[driving]),
                                              api_name="/generate")
         assert iio.imread(video).shape[0] == frames, source
-        assert f"{frames} frames" in status
+        assert f": {frames} frame{'s' * (frames != 1)} in " in status, status
+        assert ("the driving clip is a single frame" in status) == (frames == 1), status  # (nothing moved: said)
 
 
 def test_refused_uploads_name_their_cause_and_leave_nothing_behind(app_url, client, files):
