@@ -110,21 +110,40 @@ def table(rows: list[list], header: list[str]) -> str:
 
 class CliParser(argparse.ArgumentParser):
     """argparse with one-line errors (cause, then where the flags are listed) and exit status 2; a flag the
-    command does not know is named with the closest one it does, and its command's --help."""
+    command does not know is named with the closest one it does, and its command's --help (also where argparse
+    would first have complained of a required flag missing: `--output x.mp4` for `--out x.mp4`)."""
+
+    _given: list[str] = []  # the words this parser read last (a subcommand's parser gets its own)
 
     def error(self, message: str) -> None:  # type: ignore[override]
+        if message.startswith("the following arguments are required"):
+            unknown = [word for word in self._given if word.startswith("--") and not self._knows(word)]
+            if unknown:
+                message = self._unrecognized(unknown)
         self.exit(2, f"error: {message}; see `{self.prog} --help`\n")
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        self._given = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args, namespace)
 
     def parse_args(self, args=None, namespace=None):  # type: ignore[override]
         parsed, unknown = self.parse_known_args(args, namespace)
         if unknown:
             command = self._command_parser(parsed)
-            known = [flag for action in command._actions for flag in action.option_strings]
-            guesses = [close[0] for word in unknown if word.startswith("-")
-                       for close in [difflib.get_close_matches(word.split("=")[0], known, n=1, cutoff=0.6)] if close]
-            hint = f" (did you mean {' / '.join(guesses)}?)" if guesses else ""
-            command.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
+            command.error(command._unrecognized(unknown))
         return parsed
+
+    def _knows(self, word: str) -> bool:
+        """Whether `word` (`--flag` or `--flag=value`) is one of this parser's flags, or an abbreviation of one."""
+        name = word.split("=")[0]
+        return any(flag.startswith(name) for action in self._actions for flag in action.option_strings)
+
+    def _unrecognized(self, unknown: list[str]) -> str:
+        known = [flag for action in self._actions for flag in action.option_strings]
+        guesses = [close[0] for word in unknown if word.startswith("-")
+                   for close in [difflib.get_close_matches(word.split("=")[0], known, n=1, cutoff=0.6)] if close]
+        hint = f" (did you mean {' / '.join(guesses)}?)" if guesses else ""
+        return f"unrecognized arguments: {' '.join(unknown)}{hint}"
 
     def _command_parser(self, parsed: argparse.Namespace) -> argparse.ArgumentParser:
         """The parser of the (innermost) subcommand `parsed` was read with; this one where there is none."""

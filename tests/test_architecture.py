@@ -49,6 +49,9 @@ def test_user_errors_are_one_line_with_status_2(argv, cause, capsys, tmp_path, m
                                                                          "see `python -m mefacial animate --help`"),
     (["checkpoints", "list", "--jsn"], "--jsn (did you mean --json?); see `python -m mefacial checkpoints list --help`"),
     (["variants", "--frobnicate"], "--frobnicate; see `python -m mefacial variants --help`"),
+    # a misspelt required flag: named as such, not as the required one missing
+    (["animate", *EXAMPLE, "--output", "out.mp4"], "--output (did you mean --out?); see "
+                                                   "`python -m mefacial animate --help`"),
 ])
 def test_an_unknown_flag_is_named_with_the_closest_one_and_its_commands_help(argv, named, capsys):
     assert main(argv) == 2
