@@ -8,6 +8,7 @@ this module only knows architectures, so it does no I/O beyond reading configs.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 
 from .config import ModelConfig, load_config
@@ -114,7 +115,9 @@ def get_variant(variant_id: str | Variant) -> Variant:
     try:
         return variants[variant_id]
     except (KeyError, TypeError):
-        raise UnknownVariantError(f"unknown variant {variant_id!r}; known: {', '.join(variants)}") from None
+        close = difflib.get_close_matches(str(variant_id), list(variants), n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise UnknownVariantError(f"unknown variant {variant_id!r}{hint}; known: {', '.join(variants)}") from None
 
 
 def find_variant(backbone: str, prior_option: str) -> Variant:

@@ -25,6 +25,8 @@ EXAMPLE = ["--source", str(REPO / "examples" / "astronaut.png"), "--driving", st
     (["animate", *EXAMPLE, "--out", "out.txt"], "unknown type"),
     (["animate", *EXAMPLE, "--out", "/nonexistent-folder/out.mp4"], "does not exist"),
     (["animate", *EXAMPLE, "--out", "out.mp4", "--variant", "nope"], "unknown variant"),
+    (["animate", *EXAMPLE, "--out", "out.mp4", "--variant", "dens"], "unknown variant 'dens' (did you mean dense?)"),
+    (["bench", "--training-free", "--variants", "dense,wrap"], "unknown variant 'wrap' (did you mean warp?)"),
     (["animate", *EXAMPLE, "--out", "out.mp4", "--variant", "warp", "--motion", "avd"], "not available for warp"),
     (["animate", *EXAMPLE, "--out", "out.mp4", "--batch-size", "0"], "batch_size"),
     (["animate", *EXAMPLE, "--out", "out.mp4", "--no-crop", "--paste-back"], "crop"),
