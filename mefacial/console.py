@@ -118,8 +118,12 @@ class CliParser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         if message.startswith("the following arguments are required"):
             unknown = [word for word in self._given if word.startswith("--") and not self._knows(word)]
+            commands = next((action for action in self._actions if isinstance(action, argparse._SubParsersAction)
+                             and message.endswith(f": {action.dest}")), None)
             if unknown:
                 message = self._unrecognized(unknown)
+            elif commands is not None:  # (argparse names the subcommand by its attribute: "checkpoints_command")
+                message = f"name a command: {', '.join(commands.choices)}"
         self.exit(2, f"error: {message}; see `{self.prog} --help`\n")
 
     def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]

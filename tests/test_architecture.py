@@ -34,6 +34,8 @@ EXAMPLE = ["--source", str(REPO / "examples" / "astronaut.png"), "--driving", st
     (["compare", *EXAMPLE, "--out", "grid.mp4", "--strip-frames", "a,b", "--strip", "s.png"], "frame numbers"),
     (["compare", *EXAMPLE, "--out", "grid.mp4", "--variants", "warp,zzz"], "unknown variant"),
     (["animate"], "required"),
+    ([], "name a command: variants, animate, "),
+    (["checkpoints"], "name a command: list, convert, push"),
     (["nosuch"], "invalid choice"),
 ])
 def test_user_errors_are_one_line_with_status_2(argv, cause, capsys, tmp_path, monkeypatch):
