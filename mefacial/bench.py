@@ -46,6 +46,7 @@ from .device import pick_device
 from .engine import (PRECISIONS, ClipAnimator, Engine, check_precision, native_bf16, to_tensor,
                      to_uint8)
 from .errors import InputError
+from .generate import find_clips, find_faces
 from .landmarks import get_detector, smooth_tracks
 from .models import ClipSettings, build_model
 from .utils import timer as timed  # wall time of a block, GPU work included
@@ -71,9 +72,15 @@ class BenchInputs:
     origin: str  # where the frames came from
 
 
-def _first_clip(data: Path | None) -> Path | None:
-    clips = sorted((data / "driving").glob("*.gif")) if data is not None and (data / "driving").is_dir() else []
-    return clips[0] if clips and (data / "faces").is_dir() and any((data / "faces").iterdir()) else None
+def _data_inputs(data: Path | None) -> tuple[Path | None, Path | None]:
+    """The first driving clip and the first face of a data folder laid out as MEFACIAL_DATA is (driving/: videos,
+    GIFs or folders of frames; faces/: images, or folders of one), found as `generate` finds them; None for
+    a part the folder lacks (an empty one is an error naming it)."""
+    if data is None:
+        return None, None
+    clip = find_clips(data / "driving")[0] if (data / "driving").is_dir() else None
+    face = find_faces(data / "faces")[0] if (data / "faces").is_dir() else None
+    return clip, (video.list_frame_files(face)[0] if face is not None and face.is_dir() else face)
 
 
 def _sway(image: np.ndarray, frames: int) -> np.ndarray:
@@ -145,9 +152,8 @@ def bench_inputs(size: int, frames: int, data: Path | None = None, landmarks: st
                            f"synthetic: scikit-image astronaut, {size}x{size}, swaying {SWAY_PX} px; synthetic "
                            "landmarks (a fixed 68-point layout moved with the sway, not detected)")
     detector = get_detector(landmarks)
-    clip = _first_clip(data)
-    if clip is not None:
-        face = sorted(p for p in (data / "faces").iterdir() if p.suffix.lower() in video.IMAGE_EXTENSIONS)[0]
+    clip, face = _data_inputs(data)
+    if clip is not None and face is not None:
         source = video.resize_frames(video.read_image(face)[None], size, size)[0]
         real = video.read_clip(clip).frames
         order = np.concatenate([np.arange(len(real)), np.arange(len(real) - 2, 0, -1)]) if len(real) > 1 else [0]
@@ -594,10 +600,8 @@ def training_free(variants: Sequence[str] = TRAINING_FREE, data: Path | None = N
     fast variant is timed over as long a stretch as a slow one, on machines whose speed swings from second to
     second. The face and clip: `source` and `driving` where given, else the first of `data`'s faces and clips,
     else a synthetic swaying face."""
-    clip_path = driving or _first_clip(data)
-    faces = sorted(p for p in (data / "faces").iterdir() if p.suffix.lower() in video.IMAGE_EXTENSIONS) \
-        if data is not None and (data / "faces").is_dir() else []
-    face = source or (faces[0] if faces else None)
+    data_clip, data_face = _data_inputs(data)
+    clip_path, face = driving or data_clip, source or data_face
     if face is not None:
         picture, name = video.read_image(face), Path(face).name
     else:
@@ -682,7 +686,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     bench.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1 ...")
     bench.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     bench.add_argument("--data", type=Path, default=Path(os.environ["MEFACIAL_DATA"]) if os.environ.get("MEFACIAL_DATA") else None,
-                       help="folder with driving/*.gif and faces/ (default: $MEFACIAL_DATA; else a synthetic face)")
+                       help="folder with driving/ (clips) and faces/ (images), as MEFACIAL_DATA (default: $MEFACIAL_DATA; "
+                            "else a synthetic face)")
     bench.add_argument("--compile", action="store_true", help="torch.compile the batched steps")
     bench.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                        help="NHWC tensors on the fast path (default: the engine's choice for the device)")

@@ -182,6 +182,22 @@ def test_training_free_bench_times_any_face_and_clip(tmp_path, capsys):
     assert 0 < low <= rows["dense"]["speedup_vs"]["warp"] <= high and "(range over repeats)" in out
 
 
+def test_training_free_bench_takes_a_data_folders_first_clip_of_any_kind(tmp_path, capsys):
+    """`--data`: the first clip of driving/ (a video here; it took only GIFs and fell back to a synthetic face)
+    and the first face of faces/ (a folder holding one image, as MEGC's), found as `generate` finds them."""
+    examples = REPO / "examples"
+    (tmp_path / "driving").mkdir()
+    (tmp_path / "faces" / "normalized_astronaut").mkdir(parents=True)
+    (tmp_path / "driving" / "brow_raise.mp4").write_bytes((examples / "brow_raise.mp4").read_bytes())
+    (tmp_path / "faces" / "normalized_astronaut" / "face.png").write_bytes((examples / "astronaut.png").read_bytes())
+    assert cli(["bench", "--training-free", "--variants", "dense", "--data", str(tmp_path), "--frames", "4",
+                "--repeats", "1", "--window", "0"]) == 0
+    assert "brow_raise.mp4 (12 frames of 256 x 256) driving face.png (224 x 224)" in capsys.readouterr().out
+    (tmp_path / "driving" / "brow_raise.mp4").unlink()  # a folder with no clip: said, not replaced
+    assert cli(["bench", "--training-free", "--variants", "dense", "--data", str(tmp_path)]) == 2
+    assert "no clips under" in capsys.readouterr().err
+
+
 def test_training_free_bench_times_each_variant_over_the_same_stretch(monkeypatch):
     """In a repeat every variant animates the clip until `window` seconds have passed (the fast one several
     times, the slow one at least once) and its times are the means of its runs."""
