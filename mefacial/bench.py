@@ -46,7 +46,7 @@ from .device import pick_device
 from .engine import (PRECISIONS, ClipAnimator, Engine, check_precision, native_bf16, to_tensor,
                      to_uint8)
 from .errors import InputError
-from .generate import find_clips, find_faces
+from .generate import face_image, find_clips, find_faces
 from .landmarks import get_detector, smooth_tracks
 from .models import ClipSettings, build_model
 from .utils import timer as timed  # wall time of a block, GPU work included
@@ -79,8 +79,8 @@ def _data_inputs(data: Path | None) -> tuple[Path | None, Path | None]:
     if data is None:
         return None, None
     clip = find_clips(data / "driving")[0] if (data / "driving").is_dir() else None
-    face = find_faces(data / "faces")[0] if (data / "faces").is_dir() else None
-    return clip, (video.list_frame_files(face)[0] if face is not None and face.is_dir() else face)
+    face = face_image(find_faces(data / "faces")[0]) if (data / "faces").is_dir() else None
+    return clip, face
 
 
 def _sway(image: np.ndarray, frames: int) -> np.ndarray:

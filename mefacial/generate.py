@@ -269,6 +269,11 @@ def find_faces(root: str | os.PathLike) -> list[Path]:
     return faces
 
 
+def face_image(face: Path) -> Path:
+    """The image of a face `find_faces` found: the file itself, or the one image of a face folder."""
+    return list_frame_files(face)[0] if face.is_dir() else face
+
+
 def megc_pairs(faces_dir: str | os.PathLike, clips_dir: str | os.PathLike) -> list[Pair]:
     """Every target face x every source clip (MEGC 2021 / 2022 generation task), labelled from the clip names.
 
@@ -279,7 +284,7 @@ def megc_pairs(faces_dir: str | os.PathLike, clips_dir: str | os.PathLike) -> li
     clips_root = Path(os.path.abspath(clips_dir))
     faces = [Path(os.path.abspath(f)) for f in find_faces(faces_dir)]
     clips = find_clips(clips_root)
-    face_file = {f: (list_frame_files(f)[0] if f.is_dir() else f) for f in faces}
+    face_file = {f: face_image(f) for f in faces}
     face_names = {str(face_file[Path(p)]): n for p, n in unique_names(map(str, faces)).items()}
     pairs = [Pair(str(face_file[f]), str(c), _label_of(c, clips_root)) for c in clips for f in faces]
     return name_pairs(pairs, face_names)
